@@ -1,0 +1,70 @@
+"""Eager coroutine start and the notion of "who is running" used by the locks.
+
+Owns:
+  * ``start(coro, done)``: run a coroutine synchronously until it first suspends, and keep
+    driving it from future callbacks afterwards.  A request whose driver work completes without
+    waiting (a page-cache hit, a cached L2 table) therefore costs no ``asyncio.Task`` and no
+    loop iteration: this is the server's hot path.  ``done(result, exc)`` is called exactly once.
+  * ``current_owner()``: the identity a lock records as its holder.  Inside ``start`` it is the
+    eager runner; inside an ordinary task it is the task.
+
+Invariants: a coroutine run by ``start`` only awaits asyncio futures (or ``asyncio.sleep(0)``),
+never needs ``asyncio.current_task()`` and is never cancelled (the server drains requests instead).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+_current: _Runner | None = None
+
+
+def current_owner() -> object:
+    """The running eager runner or asyncio task (``None`` outside both)."""
+    return _current if _current is not None else asyncio.current_task()
+
+
+class _Runner:
+    __slots__ = ("coro", "done", "__weakref__")
+
+    def __init__(self, coro: Coroutine[Any, Any, Any], done: Callable[[Any, BaseException | None], None]):
+        self.coro = coro
+        self.done = done
+
+    def step(self, exc: BaseException | None = None) -> None:
+        global _current
+        previous, _current = _current, self
+        try:
+            if exc is None:
+                fut = self.coro.send(None)
+            else:
+                fut = self.coro.throw(exc)
+        except StopIteration as stop:
+            _current = previous
+            self.done(stop.value, None)
+            return
+        except BaseException as error:  # noqa: BLE001 - handed to the callback, never lost
+            _current = previous
+            self.done(None, error)
+            return
+        _current = previous
+        if fut is None:  # bare yield, as asyncio.sleep(0) does
+            asyncio.get_running_loop().call_soon(self.step)
+        else:
+            fut._asyncio_future_blocking = False
+            fut.add_done_callback(self.wakeup)
+
+    def wakeup(self, fut: asyncio.Future) -> None:
+        try:
+            fut.result()
+        except BaseException as error:  # noqa: BLE001
+            self.step(error)
+        else:
+            self.step()
+
+
+def start(coro: Coroutine[Any, Any, Any], done: Callable[[Any, BaseException | None], None]) -> None:
+    """Run ``coro`` now, up to its first suspension; ``done(result, exc)`` when it finishes."""
+    _Runner(coro, done).step()

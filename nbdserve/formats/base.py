@@ -1,0 +1,137 @@
+"""The format-driver contract: what every driver (raw, qcow2, qed, vpc, vhdx) implements.
+
+A driver owns the bytes of one image file (one layer of a chain).  The image layer
+(``nbdserve.image``) sits above it and guarantees, for every call below:
+  * ``0 <= offset``, ``offset + length <= self.size``, ``length > 0``;
+  * ``offset`` and ``length`` are multiples of ``self.limits.align`` (it does read-modify-write
+    for anything smaller) and ``length <= self.limits.max_transfer``;
+  * the image is writable when a writing method is called (``readonly`` is False).
+So drivers do not re-check ranges.  They do check everything read from the file.
+
+Block status: ``block_status(offset, length)`` describes ONE run starting at ``offset`` (length
+``<= length``); the image layer loops, merges runs and walks the backing chain.  A run's ``state``
+is a combination of
+  * ``ALLOCATED``: this layer decides the content (clear: "ask the backing image"; with no
+    backing image the range reads as zeroes);
+  * ``DATA``: host storage holds the data (clear with ALLOCATED: a zero cluster / hole);
+  * ``ZERO``: the range is known to read as zeroes.
+
+Reads fill caller buffers in place.  For ranges that are not ALLOCATED the driver fills in data
+from ``self.read_backing`` (which the image layer sets; it reads the backing chain or zeroes);
+copy-on-write uses the same function.  A driver never opens its backing file itself: it reports
+``backing`` (file name and recorded format) from ``open`` and the image layer opens it.
+
+Errors: ``NbdError(errno)`` for a failed request, ``OSError`` passes through, ``CorruptImage``
+when metadata turns out to be bad at run time (the request fails with EIO).  ``open`` raises
+``ImageError`` subclasses with a one-line reason naming the field.
+
+Locking: each driver documents, at every method that assumes it, which lock it holds.  Metadata
+(tables, refcounts, headers, allocation cursors) changes only under the driver's CoMutex; data I/O
+to allocated clusters happens outside it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import ClassVar, NamedTuple
+
+from ..blockfile import BlockFile
+from ..cache import ClusterCache
+
+# Block-status state bits (driver level; the image layer maps them to NBD flags).
+DATA = 1
+ZERO = 2
+ALLOCATED = 4
+
+
+class Extent(NamedTuple):
+    length: int
+    state: int
+
+
+@dataclass(frozen=True)
+class Limits:
+    align: int = 1  # request alignment in bytes (a power of two)
+    max_transfer: int = 32 << 20  # largest read/write the driver takes in one call
+
+
+@dataclass(frozen=True)
+class Caps:
+    native_zero: bool = False  # pwrite_zeroes is cheaper than writing zero bytes
+    native_trim: bool = False  # pdiscard frees space
+    fast_zero: bool = False  # pwrite_zeroes(fast=True) is metadata-only
+
+
+@dataclass(frozen=True)
+class BackingRef:
+    name: str  # as recorded in the image
+    format: str | None  # as recorded, or None (then probed, never raw-by-guess)
+
+
+@dataclass
+class OpenOptions:
+    """Per-export knobs a driver may read (unknown ones are ignored)."""
+
+    snapshot: str | None = None  # qcow2 internal snapshot to serve (read-only)
+    vpc_size: str = "auto"  # VHD virtual size rule: auto | chs | current
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+ReadBacking = Callable[[int, memoryview], Awaitable[None]]
+
+
+async def read_zeroes(offset: int, buf: memoryview) -> None:
+    """``read_backing`` for a layer without a backing image."""
+    buf[:] = bytes(len(buf))
+
+
+class FormatDriver:
+    """Base class with the contract above; the defaults emulate what a driver lacks."""
+
+    format_name: ClassVar[str]
+
+    size: int
+    readonly: bool
+    file: BlockFile
+    limits: Limits = Limits()
+    caps: Caps = Caps()
+    backing: BackingRef | None = None
+    read_backing: ReadBacking = staticmethod(read_zeroes)
+
+    @classmethod
+    def probe(cls, head: bytes, file_size: int) -> int:
+        """0..100: how sure the driver is that ``head`` (first 512 bytes) is its format."""
+        return 0
+
+    @classmethod
+    async def open(
+        cls, file: BlockFile, *, readonly: bool, cache: ClusterCache, options: OpenOptions
+    ) -> FormatDriver:
+        raise NotImplementedError
+
+    async def preadv(self, offset: int, buf: memoryview) -> None:
+        raise NotImplementedError
+
+    async def pwritev(self, offset: int, data: memoryview, *, fua: bool) -> None:
+        raise NotImplementedError
+
+    async def pwrite_zeroes(self, offset: int, length: int, *, may_trim: bool, fast: bool, fua: bool) -> None:
+        """Only called when ``caps.native_zero``; raise NbdError(ENOTSUP) if ``fast`` cannot be honoured."""
+        raise NotImplementedError
+
+    async def pdiscard(self, offset: int, length: int) -> None:
+        """Only called when ``caps.native_trim``.  A hint: the driver may do less."""
+        raise NotImplementedError
+
+    async def flush(self) -> None:
+        raise NotImplementedError
+
+    async def block_status(self, offset: int, length: int) -> Extent:
+        return Extent(length, ALLOCATED | DATA)
+
+    async def cache_hint(self, offset: int, length: int) -> None:
+        """NBD_CMD_CACHE: warm metadata for the range.  Failure must not change semantics."""
+
+    async def close(self) -> None:
+        """Flush metadata, mark the image clean, release the file."""

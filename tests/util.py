@@ -1,0 +1,178 @@
+"""Shared test helpers: run tools, serve an image with nbdserve / qemu-nbd / nbdkit, wait on sockets.
+
+Readiness is never a sleep: servers are started with ``--fork`` (the parent exits once the socket
+listens) and processes are awaited through pidfds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+NBDSERVE = [sys.executable, "-m", "nbdserve"]
+# Debian's python (with the libnbd bindings) first on PATH, for nbdsh and friends.
+TOOL_ENV = {**os.environ, "PATH": f"/usr/bin:{os.environ.get('PATH', '')}", "PYTHONPATH": str(REPO)}
+
+
+def run(*cmd: str | os.PathLike, check: bool = True, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
+    """Run a command, capture text output; on failure the assertion shows stdout and stderr."""
+    kw.setdefault("env", TOOL_ENV)
+    p = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, **kw)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, cmd))} exited {p.returncode}\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+def qemu_img(*args: str | os.PathLike, check: bool = True) -> subprocess.CompletedProcess:
+    return run("qemu-img", *args, check=check)
+
+
+def qemu_io(fmt: str, image: str | os.PathLike, *cmds: str) -> subprocess.CompletedProcess:
+    argv: list[str | os.PathLike] = ["qemu-io", "-f", fmt]
+    for c in cmds:
+        argv += ["-c", c]
+    return run(*argv, image)
+
+
+def wait_pid_exit(pid: int, timeout: float = 30.0) -> bool:
+    """Wait for any process (not only a child) to exit; True if it did within ``timeout``."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        r, _, _ = select.select([fd], [], [], timeout)
+        return bool(r)
+    finally:
+        os.close(fd)
+
+
+def read_pid(path: Path) -> int:
+    return int(path.read_text().strip())
+
+
+@dataclass
+class Served:
+    """A running server on a Unix socket."""
+
+    sock: Path
+    pid: int
+    log: Path
+    export: str = ""
+
+    @property
+    def uri(self) -> str:
+        return f"nbd+unix:///{self.export}?socket={self.sock}"
+
+    def uri_for(self, export: str) -> str:
+        return f"nbd+unix:///{export}?socket={self.sock}"
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> None:
+        try:
+            os.kill(self.pid, sig)
+        except ProcessLookupError:
+            return
+        if not wait_pid_exit(self.pid, timeout):
+            os.kill(self.pid, signal.SIGKILL)
+            wait_pid_exit(self.pid, 10)
+            raise AssertionError(f"server {self.pid} did not exit on signal {sig}:\n{self.log_text()}")
+
+    def alive(self) -> bool:
+        try:
+            os.kill(self.pid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+_counter = iter(range(1_000_000))
+
+
+def _paths(workdir: Path, tag: str) -> tuple[Path, Path, Path]:
+    n = next(_counter)
+    return workdir / f"{tag}{n}.sock", workdir / f"{tag}{n}.pid", workdir / f"{tag}{n}.log"
+
+
+@contextlib.contextmanager
+def serve(workdir: Path, *args: str | os.PathLike, export: str = "", check_stop: bool = True) -> Iterator[Served]:
+    """Run ``nbdserve --fork -k SOCK ARGS...``; yields once the socket listens; stops it after."""
+    sock, pidfile, log = _paths(workdir, "nbdserve")
+    with open(log, "w") as logf:
+        p = subprocess.run(
+            [*NBDSERVE, "--fork", "--pid-file", str(pidfile), "-k", str(sock), *map(str, args)],
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            env=TOOL_ENV,
+            timeout=120,
+        )
+    if p.returncode != 0:
+        raise AssertionError(f"nbdserve failed to start ({p.returncode}):\n{log.read_text()}")
+    srv = Served(sock, read_pid(pidfile), log, export)
+    try:
+        yield srv
+    finally:
+        if srv.alive():
+            srv.stop() if check_stop else srv.stop(signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def qemu_nbd(workdir: Path, image: str | os.PathLike, fmt: str, *args: str, export: str = "") -> Iterator[Served]:
+    """The oracle: ``qemu-nbd --fork --persistent -k SOCK``; yields once listening."""
+    sock, pidfile, log = _paths(workdir, "qemu-nbd")
+    cmd = ["qemu-nbd", "--fork", "--persistent", "--pid-file", str(pidfile), "-k", str(sock), "-f", fmt]
+    cmd += ["-x", export, *args, str(image)]
+    with open(log, "w") as logf:
+        p = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT, timeout=120)
+    if p.returncode != 0:
+        raise AssertionError(f"qemu-nbd failed to start:\n{log.read_text()}")
+    srv = Served(sock, read_pid(pidfile), log, export)
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def nbdinfo_map(uri: str, context: str = "base:allocation") -> list[dict]:
+    """``nbdinfo --map --json``: a list of {offset, length, type, description}."""
+    return json.loads(run("nbdinfo", "--json", f"--map={context}", uri).stdout)
+
+
+def merged_map(uri: str, context: str = "base:allocation") -> list[tuple[int, int, int]]:
+    """The map as (offset, length, type) with adjacent equal types merged."""
+    out: list[tuple[int, int, int]] = []
+    for e in nbdinfo_map(uri, context):
+        if out and out[-1][2] == e["type"] and out[-1][0] + out[-1][1] == e["offset"]:
+            out[-1] = (out[-1][0], out[-1][1] + e["length"], e["type"])
+        else:
+            out.append((e["offset"], e["length"], e["type"]))
+    return out
+
+
+def nbd_connect(uri: str):
+    """A connected libnbd handle (Python bindings)."""
+    import nbd
+
+    h = nbd.NBD()
+    h.add_meta_context("base:allocation")
+    h.connect_uri(uri)
+    return h
+
+
+def connect_raw_socket(path: Path, timeout: float = 10.0) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    s.connect(str(path))
+    return s
