@@ -38,7 +38,7 @@ DEFAULT_CACHE_SIZE = 64 << 20
 class TableKind:
     """One kind of fixed-size metadata table in one file (e.g. "L2 tables of disk.qcow2")."""
 
-    __slots__ = ("cache", "file", "name", "size", "decode", "encode")
+    __slots__ = ("cache", "decode", "encode", "file", "name", "size")
 
     def __init__(
         self,
@@ -62,7 +62,7 @@ class TableKind:
 
 
 class CacheEntry:
-    __slots__ = ("kind", "offset", "value", "pins", "dirty", "after", "sync_before", "ready")
+    __slots__ = ("after", "dirty", "kind", "offset", "pins", "ready", "sync_before", "value")
 
     def __init__(self, kind: TableKind, offset: int) -> None:
         self.kind = kind

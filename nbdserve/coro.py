@@ -27,7 +27,7 @@ def current_owner() -> object:
 
 
 class _Runner:
-    __slots__ = ("coro", "done", "__weakref__")
+    __slots__ = ("__weakref__", "coro", "done")
 
     def __init__(self, coro: Coroutine[Any, Any, Any], done: Callable[[Any, BaseException | None], None]):
         self.coro = coro
@@ -45,7 +45,7 @@ class _Runner:
             _current = previous
             self.done(stop.value, None)
             return
-        except BaseException as error:  # noqa: BLE001 - handed to the callback, never lost
+        except BaseException as error:
             _current = previous
             self.done(None, error)
             return
@@ -59,7 +59,7 @@ class _Runner:
     def wakeup(self, fut: asyncio.Future) -> None:
         try:
             fut.result()
-        except BaseException as error:  # noqa: BLE001
+        except BaseException as error:
             self.step(error)
         else:
             self.step()

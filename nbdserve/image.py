@@ -177,7 +177,9 @@ class Image:
         if tail_start > head_end:
             if self.driver.caps.native_zero:
                 if self._rmw is None:
-                    await self.driver.pwrite_zeroes(head_end, tail_start - head_end, may_trim=may_trim, fast=fast, fua=False)
+                    await self.driver.pwrite_zeroes(
+                        head_end, tail_start - head_end, may_trim=may_trim, fast=fast, fua=False
+                    )
                 else:
                     await self._rmw.rdlock()
                     try:
@@ -353,9 +355,7 @@ def resolve_backing(image_path: str, name: str, allowed: tuple[str, ...]) -> str
     base = os.path.dirname(os.path.realpath(image_path))
     candidate = os.path.realpath(os.path.join(base, name))
     if not any(os.path.commonpath([candidate, d]) == d for d in allowed):
-        raise ImageError(
-            image_path, f"backing file {name!r} resolves to {candidate}, outside the allowed directories"
-        )
+        raise ImageError(image_path, f"backing file {name!r} resolves to {candidate}, outside the allowed directories")
     if not os.path.exists(candidate):
         raise ImageError(image_path, f"backing file {name!r} not found (looked for {candidate})")
     return candidate

@@ -27,7 +27,7 @@ from .coro import current_owner
 class CoMutex:
     """A FIFO mutual-exclusion lock for coroutines.  ``async with mutex: ...``."""
 
-    __slots__ = ("_owner", "_locked", "_waiters", "name")
+    __slots__ = ("_locked", "_owner", "_waiters", "name")
 
     def __init__(self, name: str = "") -> None:
         self.name = name
@@ -119,7 +119,7 @@ class CoQueue:
 class CoRwLock:
     """Many readers or one writer.  A queued writer makes later readers wait (no starvation)."""
 
-    __slots__ = ("_readers", "_writer", "_queue")
+    __slots__ = ("_queue", "_readers", "_writer")
 
     def __init__(self) -> None:
         self._readers = 0

@@ -105,9 +105,7 @@ class FormatDriver:
         return 0
 
     @classmethod
-    async def open(
-        cls, file: BlockFile, *, readonly: bool, cache: ClusterCache, options: OpenOptions
-    ) -> FormatDriver:
+    async def open(cls, file: BlockFile, *, readonly: bool, cache: ClusterCache, options: OpenOptions) -> FormatDriver:
         raise NotImplementedError
 
     async def preadv(self, offset: int, buf: memoryview) -> None:

@@ -1,0 +1,178 @@
+"""Command line -> ``ServerConfig`` -> ``server.app.run``.  No serving logic lives here.
+
+Flags follow qemu-nbd where it has one (``-p -b -k -x -f -r -D -e -t -s -l --fork --pid-file``);
+``--export``, ``--config``, ``--stdio`` and ``--cache-size`` are nbdserve's own.  With no image at
+all, a sparse demo image is created and served.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from . import __version__
+from .config import (
+    DEFAULT_PORT,
+    FORMATS,
+    ConfigError,
+    ExportConfig,
+    ServerConfig,
+    load_toml,
+    merge,
+    parse_export_spec,
+    parse_size,
+    validate,
+)
+
+DEMO_SIZE = 1 << 30
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="nbdserve",
+        description="Serve disk images (raw, qcow2, qed, vpc, vhdx) over the NBD protocol.",
+        epilog="With no IMAGE, --export or --config, a sparse 1 GiB demo image is created and served.",
+    )
+    p.add_argument("image", nargs="?", metavar="IMAGE", help="image file to serve (export name: -x, default '')")
+    g = p.add_argument_group("listening")
+    g.add_argument("-p", "--port", type=int, help=f"TCP port (default {DEFAULT_PORT})")
+    g.add_argument("-b", "--bind", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
+    g.add_argument("-k", "--socket", metavar="PATH", help="listen on a Unix socket instead of TCP")
+    g.add_argument("--stdio", action="store_true", help="serve one connection on stdin/stdout (a socket)")
+    g.add_argument("-e", "--shared", type=int, metavar="N", help="at most N clients at once (default 0: unlimited)")
+    g.add_argument("-t", "--persistent", action="store_true", help="keep serving after clients leave (the default)")
+    g.add_argument("--oneshot", action="store_true", help="exit when the last client disconnects")
+    g.add_argument("--fork", action="store_true", help="go to the background once listening")
+    g.add_argument("--pid-file", metavar="PATH", help="write the server's pid here")
+    g = p.add_argument_group("the image given as IMAGE")
+    g.add_argument("-x", "--export-name", default="", metavar="NAME", help="export name (default '')")
+    g.add_argument(
+        "-f",
+        "--format",
+        choices=FORMATS,
+        help="image format (default: probe; raw needs -f raw for images with another format's magic)",
+    )
+    g.add_argument("-r", "--read-only", action="store_true", help="serve read-only")
+    g.add_argument("-D", "--description", default="", help="export description shown to clients")
+    g.add_argument("-s", "--snapshot", action="store_true", help="write to a temporary overlay, discarded at exit")
+    g.add_argument("-l", "--load-snapshot", metavar="NAME", help="serve a qcow2 internal snapshot (read-only)")
+    g.add_argument("--vpc-size", choices=("auto", "chs", "current"), default="auto", help="VHD virtual size rule")
+    g.add_argument(
+        "-A", "--allocation-depth", action="store_true", help="accepted for qemu-nbd compatibility (always on)"
+    )
+    g = p.add_argument_group("many exports")
+    g.add_argument(
+        "--export",
+        action="append",
+        default=[],
+        metavar="NAME=PATH[,format=F][,readonly]",
+        help="add an export (repeatable)",
+    )
+    g.add_argument("--config", metavar="FILE.toml", help="read [server] settings and [[export]] tables")
+    g = p.add_argument_group("tuning and limits")
+    g.add_argument("--cache-size", type=parse_size, metavar="SIZE", help="shared metadata cache budget (default 64M)")
+    g.add_argument(
+        "--backing-dir",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="directory backing files may live in (repeatable; default: the image's own directory)",
+    )
+    g.add_argument(
+        "--handshake-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="drop clients that have not finished the handshake (default 10)",
+    )
+    g.add_argument(
+        "--max-options", type=int, metavar="N", help="options allowed per handshake (default 32 + 4 per export)"
+    )
+    g.add_argument("--max-option-length", type=parse_size, metavar="SIZE", help="largest option accepted (default 64K)")
+    g.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv for every request error)")
+    g.add_argument("-q", "--quiet", action="store_true", help="log only errors")
+    p.add_argument("-V", "--version", action="version", version=f"nbdserve {__version__}")
+    return p
+
+
+def demo_image() -> str:
+    """A sparse 1 GiB raw image with a short greeting at offset 0 (created once, then reused)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    path = os.path.join(base, "nbdserve", "demo.img")
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + ".tmp", "wb") as f:
+            f.write(b"nbdserve demo image: write anything you like here.\n")
+            f.truncate(DEMO_SIZE)
+        os.replace(path + ".tmp", path)
+    return path
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    base = ServerConfig()
+    exports: list[ExportConfig] = []
+    if args.config:
+        server, file_exports = load_toml(args.config)
+        base = merge(base, **server)
+        exports += file_exports
+    exports += [parse_export_spec(s) for s in args.export]
+    demo = False
+    if args.image is None and not exports:
+        args.image, demo = demo_image(), True
+    if args.image is not None:
+        exports.append(
+            ExportConfig(
+                name=args.export_name,
+                path=args.image,
+                format=args.format,
+                readonly=args.read_only,
+                description=args.description or ("nbdserve demo image" if demo else ""),
+                snapshot=args.snapshot,
+                load_snapshot=args.load_snapshot,
+                vpc_size=args.vpc_size,
+            )
+        )
+    cfg = merge(
+        base,
+        exports=tuple(exports),
+        port=args.port,
+        bind=args.bind,
+        socket=args.socket,
+        shared=args.shared,
+        pid_file=args.pid_file,
+        cache_size=args.cache_size,
+        handshake_timeout=args.handshake_timeout,
+        max_options=args.max_options,
+        max_option_length=args.max_option_length,
+        backing_dirs=tuple(args.backing_dir) or None,
+    )
+    return validate(
+        merge(
+            cfg,
+            stdio=args.stdio,
+            fork=args.fork,
+            oneshot=args.oneshot or None,
+            verbose=args.verbose,
+            quiet=args.quiet,
+            demo=demo,
+        )
+    )
+
+
+def setup_logging(cfg: ServerConfig) -> None:
+    level = logging.ERROR if cfg.quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(cfg.verbose, 2)]
+    logging.basicConfig(level=level, format="nbdserve: %(message)s", stream=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+    except ConfigError as e:
+        print(f"nbdserve: {e}", file=sys.stderr)
+        return 2
+    setup_logging(cfg)
+    from .server.app import run
+
+    return run(cfg)

@@ -1,0 +1,397 @@
+"""Sans-IO codec for the transmission phase: requests in, replies out.
+
+Owns:
+  * ``RequestParser``: an incremental request decoder shaped like asyncio's BufferedProtocol
+    (``get_buffer``/``buffer_updated``), so the server receives straight into it with no copies;
+    WRITE payloads are received directly into their own buffer.  Compact (28-byte) or extended
+    (32-byte) headers.
+  * ``check_request``: the protocol's validity rules for one request against an export
+    (flags, ranges, alignment, read-only), giving the errno the spec prescribes.
+  * ``ReplyEncoder``: simple replies, structured chunks and extended-header chunks, packed into
+    caller-owned buffers where a payload follows (one write per reply).
+
+Invariants: a request's payload is buffered only up to ``max_payload``; a larger payload (up to
+``drain_limit``) is discarded as it arrives and the request is marked ``oversize``; beyond that the
+peer is cut off (``ProtocolError``).  No method performs I/O.
+"""
+
+from __future__ import annotations
+
+import errno
+import struct
+
+from . import constants as C
+from .handshake import ProtocolError
+
+_REQ = struct.Struct(">IHHQQI")
+_EXT_REQ = struct.Struct(">IHHQQQ")
+_SIMPLE = struct.Struct(">IIQ")
+_CHUNK = struct.Struct(">IHHQI")
+_EXT_CHUNK = struct.Struct(">IHHQQQ")
+_U64 = struct.Struct(">Q")
+_HOLE = struct.Struct(">QI")
+_ERR = struct.Struct(">IH")
+
+SIMPLE_REPLY_SIZE = _SIMPLE.size  # 16
+CHUNK_SIZE = _CHUNK.size  # 20
+EXT_CHUNK_SIZE = _EXT_CHUNK.size  # 32
+
+
+class Request:
+    """One decoded request.  ``payload`` is the WRITE data (or None); ``oversize`` means the
+    payload exceeded ``max_payload`` and was discarded."""
+
+    __slots__ = ("cookie", "flags", "length", "offset", "oversize", "payload", "type")
+
+    def __init__(self, type_: int, flags: int, cookie: int, offset: int, length: int) -> None:
+        self.type = type_
+        self.flags = flags
+        self.cookie = cookie
+        self.offset = offset
+        self.length = length
+        self.payload: bytearray | None = None
+        self.oversize = False
+
+    def __repr__(self) -> str:
+        name = C.CMD_NAMES.get(self.type, str(self.type))
+        return f"<Request {name} flags=0x{self.flags:x} cookie={self.cookie} off={self.offset} len={self.length}>"
+
+
+_HEADER, _PAYLOAD, _DRAIN = 0, 1, 2
+
+
+class RequestParser:
+    """Incremental request decoder; see the module docstring.
+
+    ``get_buffer()`` returns where the next bytes must go; after writing ``n`` bytes there call
+    ``buffer_updated(n)``; then ``next_event()`` until it returns None.
+    """
+
+    def __init__(
+        self,
+        *,
+        extended: bool = False,
+        max_payload: int = C.DEFAULT_MAX_PAYLOAD,
+        drain_limit: int = 1 << 30,
+        buffer_size: int = 256 << 10,
+    ) -> None:
+        self.extended = extended
+        self.max_payload = max_payload
+        self.drain_limit = drain_limit
+        self._buf = bytearray(buffer_size)
+        self._view = memoryview(self._buf)
+        self._start = 0  # first unparsed byte
+        self._end = 0  # end of received bytes
+        self._state = _HEADER
+        self._pending: Request | None = None  # request whose payload is being received
+        self._pview: memoryview | None = None
+        self._pfill = 0
+        self._drain = 0
+        self._ready: Request | None = None
+
+    @property
+    def idle(self) -> bool:
+        """True between requests (no partial header or payload buffered)."""
+        return self._state == _HEADER and self._start == self._end
+
+    # -- input ------------------------------------------------------------------------------
+
+    def get_buffer(self) -> memoryview:
+        if self._state == _PAYLOAD:
+            return self._pview[self._pfill :]
+        if self._start == self._end:
+            self._start = self._end = 0
+        elif len(self._buf) - self._end < 4096:
+            # compact: move the partial header to the front
+            n = self._end - self._start
+            self._buf[:n] = self._buf[self._start : self._end]
+            self._start, self._end = 0, n
+        return self._view[self._end :]
+
+    def buffer_updated(self, n: int) -> None:
+        if self._state == _PAYLOAD:
+            self._pfill += n
+        else:
+            self._end += n
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Convenience for tests and the stdio path: copy ``data`` in via get_buffer."""
+        data = memoryview(data)
+        while data:
+            if self._state == _HEADER and self._end == len(self._buf) and self._start == 0:
+                raise AssertionError("receive_data: call next_event() before feeding more")
+            buf = self.get_buffer()
+            n = min(len(buf), len(data))
+            if n == 0:
+                raise AssertionError("receive_data: call next_event() before feeding more")
+            buf[:n] = data[:n]
+            self.buffer_updated(n)
+            data = data[n:]
+            if self._state == _PAYLOAD and self._pfill == len(self._pview):
+                self._finish_payload()
+
+    # -- decoding ---------------------------------------------------------------------------
+
+    def next_event(self) -> Request | None:
+        if self._ready is not None:
+            req, self._ready = self._ready, None
+            return req
+        if self._state == _PAYLOAD:
+            if self._pfill < len(self._pview):
+                return None
+            return self._finish_payload_take()
+        if self._state == _DRAIN:
+            avail = self._end - self._start
+            n = min(avail, self._drain)
+            self._start += n
+            self._drain -= n
+            if self._drain:
+                return None
+            self._state = _HEADER
+        avail = self._end - self._start
+        if self.extended:
+            if avail < 32:
+                return None
+            magic, flags, type_, cookie, offset, length = _EXT_REQ.unpack_from(self._buf, self._start)
+            if magic != C.EXTENDED_REQUEST_MAGIC:
+                raise ProtocolError(f"bad extended request magic 0x{magic:x}")
+            self._start += 32
+            payload_len = length if flags & C.CMD_FLAG_PAYLOAD_LEN else 0
+        else:
+            if avail < 28:
+                return None
+            magic, flags, type_, cookie, offset, length = _REQ.unpack_from(self._buf, self._start)
+            if magic != C.REQUEST_MAGIC:
+                raise ProtocolError(f"bad request magic 0x{magic:x}")
+            self._start += 28
+            payload_len = length if type_ == C.CMD_WRITE else 0
+        req = Request(type_, flags, cookie, offset, length)
+        if not payload_len:
+            return req
+        if payload_len > self.max_payload:
+            if payload_len > self.drain_limit:
+                raise ProtocolError(f"request payload of {payload_len} bytes is over the limit")
+            req.oversize = True
+            self._drain = payload_len
+            self._state = _DRAIN
+            n = min(self._end - self._start, self._drain)
+            self._start += n
+            self._drain -= n
+            if not self._drain:
+                self._state = _HEADER
+            return req
+        payload = bytearray(payload_len)
+        n = min(self._end - self._start, payload_len)
+        payload[:n] = self._view[self._start : self._start + n]
+        self._start += n
+        req.payload = payload
+        if n == payload_len:
+            return req
+        self._pending = req
+        self._pview = memoryview(payload)
+        self._pfill = n
+        self._state = _PAYLOAD
+        return None
+
+    def _finish_payload(self) -> None:
+        self._ready = self._finish_payload_take()
+
+    def _finish_payload_take(self) -> Request:
+        req = self._pending
+        self._pending = None
+        self._pview = None
+        self._state = _HEADER
+        assert req is not None
+        return req
+
+
+def encode_request(
+    type_: int, cookie: int, offset: int, length: int, flags: int = 0, payload: bytes = b"", *, extended: bool = False
+) -> bytes:
+    """Client-side request encoding (tests and the raw-socket client)."""
+    if extended:
+        return _EXT_REQ.pack(C.EXTENDED_REQUEST_MAGIC, flags, type_, cookie, offset, length) + payload
+    return _REQ.pack(C.REQUEST_MAGIC, flags, type_, cookie, offset, length) + payload
+
+
+# -- request rules --------------------------------------------------------------------------
+
+_ALLOWED_FLAGS = {
+    C.CMD_READ: C.CMD_FLAG_FUA | C.CMD_FLAG_DF,
+    C.CMD_WRITE: C.CMD_FLAG_FUA,
+    C.CMD_DISC: C.CMD_FLAG_FUA,
+    C.CMD_FLUSH: C.CMD_FLAG_FUA,
+    C.CMD_TRIM: C.CMD_FLAG_FUA,
+    C.CMD_CACHE: C.CMD_FLAG_FUA,
+    C.CMD_WRITE_ZEROES: C.CMD_FLAG_FUA | C.CMD_FLAG_NO_HOLE | C.CMD_FLAG_FAST_ZERO,
+    C.CMD_BLOCK_STATUS: C.CMD_FLAG_FUA | C.CMD_FLAG_REQ_ONE,
+}
+_RANGED = (C.CMD_READ, C.CMD_WRITE, C.CMD_TRIM, C.CMD_CACHE, C.CMD_WRITE_ZEROES, C.CMD_BLOCK_STATUS)
+_WRITES = (C.CMD_WRITE, C.CMD_TRIM, C.CMD_WRITE_ZEROES)
+
+
+def check_request(
+    req: Request,
+    *,
+    size: int,
+    export_flags: int,
+    extended: bool,
+    structured: bool,
+    max_payload: int,
+    have_contexts: bool,
+) -> tuple[int, str] | None:
+    """None if ``req`` may be executed, else (errno, message) to reply with.
+
+    The rules, in the order applied: unknown command; flags not defined for the command (or not
+    advertised); payload rules (extended headers); read-only; range (writes: ENOSPC, others:
+    EINVAL); per-command length limits.
+    """
+    t = req.type
+    allowed = _ALLOWED_FLAGS.get(t)
+    if allowed is None:
+        return errno.EINVAL, f"unknown command {t}"
+    flags = req.flags
+    if extended:
+        allowed |= C.CMD_FLAG_PAYLOAD_LEN
+    if flags & ~allowed:
+        return errno.EINVAL, f"flags 0x{flags & ~allowed:x} are not valid for {C.CMD_NAMES[t]}"
+    if flags & C.CMD_FLAG_DF and not structured:
+        return errno.EINVAL, "DF needs structured replies"
+    if flags & C.CMD_FLAG_FAST_ZERO and not export_flags & C.FLAG_SEND_FAST_ZERO:
+        return errno.EINVAL, "FAST_ZERO was not advertised"
+    if extended and t == C.CMD_WRITE and not flags & C.CMD_FLAG_PAYLOAD_LEN:
+        return errno.EINVAL, "WRITE without PAYLOAD_LEN under extended headers"
+    if req.oversize:
+        return errno.EINVAL, f"payload of {req.length} bytes exceeds the maximum of {max_payload}"
+    if extended and flags & C.CMD_FLAG_PAYLOAD_LEN and t != C.CMD_WRITE:
+        return errno.EINVAL, f"{C.CMD_NAMES[t]} does not take a payload"
+    if t in _WRITES and export_flags & C.FLAG_READ_ONLY:
+        return errno.EPERM, "export is read-only"
+    if t in (C.CMD_DISC, C.CMD_FLUSH):
+        return None
+    if t in _RANGED:
+        end = req.offset + req.length
+        if end > size:
+            return (errno.ENOSPC if t in (C.CMD_WRITE, C.CMD_WRITE_ZEROES) else errno.EINVAL), (
+                f"range {req.offset}+{req.length} is beyond the end of the export ({size})"
+            )
+    if t == C.CMD_READ and req.length > max_payload:
+        return errno.EINVAL, f"read of {req.length} bytes exceeds the maximum of {max_payload}"
+    if t == C.CMD_BLOCK_STATUS:
+        if not have_contexts:
+            return errno.EINVAL, "no metadata context was negotiated"
+        if req.length == 0:
+            return errno.EINVAL, "block status of zero length"
+    if t in (C.CMD_TRIM, C.CMD_WRITE_ZEROES) and req.length == 0:
+        return None
+    return None
+
+
+# -- replies --------------------------------------------------------------------------------
+
+
+class ReplyEncoder:
+    """Encodes replies for one connection's negotiated mode (simple / structured / extended)."""
+
+    __slots__ = ("extended", "structured")
+
+    def __init__(self, *, structured: bool = False, extended: bool = False) -> None:
+        self.extended = extended
+        self.structured = structured or extended
+
+    # simple replies ----------------------------------------------------------------------
+
+    def simple(self, cookie: int, error: int = 0) -> bytes:
+        assert not self.extended, "simple replies are forbidden with extended headers"
+        return _SIMPLE.pack(C.SIMPLE_REPLY_MAGIC, error, cookie)
+
+    def simple_read_buffer(self, cookie: int, length: int) -> tuple[bytearray, memoryview]:
+        """A buffer holding the simple reply header; the data goes into the returned view."""
+        out = bytearray(SIMPLE_REPLY_SIZE + length)
+        _SIMPLE.pack_into(out, 0, C.SIMPLE_REPLY_MAGIC, 0, cookie)
+        return out, memoryview(out)[SIMPLE_REPLY_SIZE:]
+
+    # structured / extended chunks --------------------------------------------------------
+
+    @property
+    def chunk_size(self) -> int:
+        return EXT_CHUNK_SIZE if self.extended else CHUNK_SIZE
+
+    def _header_into(self, buf, pos: int, flags: int, type_: int, cookie: int, offset: int, length: int) -> None:
+        if self.extended:
+            _EXT_CHUNK.pack_into(buf, pos, C.EXTENDED_REPLY_MAGIC, flags, type_, cookie, offset, length)
+        else:
+            _CHUNK.pack_into(buf, pos, C.STRUCTURED_REPLY_MAGIC, flags, type_, cookie, length)
+
+    def chunk(self, flags: int, type_: int, cookie: int, offset: int, payload: bytes = b"") -> bytes:
+        out = bytearray(self.chunk_size + len(payload))
+        self._header_into(out, 0, flags, type_, cookie, offset, len(payload))
+        out[self.chunk_size :] = payload
+        return bytes(out)
+
+    def done(self, cookie: int, offset: int) -> bytes:
+        """Success with no payload: a simple reply, or NONE+DONE under extended headers."""
+        if self.extended:
+            return self.chunk(C.REPLY_FLAG_DONE, C.REPLY_TYPE_NONE, cookie, offset)
+        return _SIMPLE.pack(C.SIMPLE_REPLY_MAGIC, 0, cookie)
+
+    def data_buffer(self, cookie: int, req_offset: int, offset: int, length: int, *, done: bool):
+        """An OFFSET_DATA chunk buffer; returns (buffer, view for the data)."""
+        hs = self.chunk_size
+        out = bytearray(hs + 8 + length)
+        self._header_into(
+            out, 0, C.REPLY_FLAG_DONE if done else 0, C.REPLY_TYPE_OFFSET_DATA, cookie, req_offset, 8 + length
+        )
+        _U64.pack_into(out, hs, offset)
+        return out, memoryview(out)[hs + 8 :]
+
+    def hole(self, cookie: int, req_offset: int, offset: int, length: int, *, done: bool) -> bytes:
+        return self.chunk(
+            C.REPLY_FLAG_DONE if done else 0, C.REPLY_TYPE_OFFSET_HOLE, cookie, req_offset, _HOLE.pack(offset, length)
+        )
+
+    def none(self, cookie: int, offset: int) -> bytes:
+        return self.chunk(C.REPLY_FLAG_DONE, C.REPLY_TYPE_NONE, cookie, offset)
+
+    def error(
+        self, cookie: int, offset: int, error: int, message: str = "", *, error_offset: int | None = None
+    ) -> bytes:
+        """A final error: a simple reply unless structured replies are on."""
+        if not self.structured:
+            return _SIMPLE.pack(C.SIMPLE_REPLY_MAGIC, error, cookie)
+        msg = message.encode("utf-8")[: C.MAX_STRING]
+        payload = _ERR.pack(error, len(msg)) + msg
+        if error_offset is None:
+            return self.chunk(C.REPLY_FLAG_DONE, C.REPLY_TYPE_ERROR, cookie, offset, payload)
+        return self.chunk(
+            C.REPLY_FLAG_DONE, C.REPLY_TYPE_ERROR_OFFSET, cookie, offset, payload + _U64.pack(error_offset)
+        )
+
+    def block_status(
+        self, cookie: int, offset: int, context_id: int, extents: list[tuple[int, int]], *, done: bool
+    ) -> bytes:
+        """One status chunk for one context: ``extents`` is a list of (length, flags)."""
+        flags = C.REPLY_FLAG_DONE if done else 0
+        if self.extended:
+            body = struct.pack(f">II{2 * len(extents)}Q", context_id, len(extents), *[v for e in extents for v in e])
+            return self.chunk(flags, C.REPLY_TYPE_BLOCK_STATUS_EXT, cookie, offset, body)
+        body = struct.pack(f">I{2 * len(extents)}I", context_id, *[v for e in extents for v in e])
+        return self.chunk(flags, C.REPLY_TYPE_BLOCK_STATUS, cookie, offset, body)
+
+
+def decode_reply_header(data: bytes, *, extended: bool = False) -> tuple:
+    """Client-side helper for tests: decode one reply header at the start of ``data``.
+
+    Returns ("simple", error, cookie) or ("chunk", flags, type, cookie, offset, length).
+    """
+    (magic,) = struct.unpack_from(">I", data)
+    if magic == C.SIMPLE_REPLY_MAGIC:
+        _, err, cookie = _SIMPLE.unpack_from(data)
+        return ("simple", err, cookie)
+    if magic == C.STRUCTURED_REPLY_MAGIC:
+        _, flags, type_, cookie, length = _CHUNK.unpack_from(data)
+        return ("chunk", flags, type_, cookie, None, length)
+    if magic == C.EXTENDED_REPLY_MAGIC:
+        _, flags, type_, cookie, offset, length = _EXT_CHUNK.unpack_from(data)
+        return ("chunk", flags, type_, cookie, offset, length)
+    raise ValueError(f"bad reply magic 0x{magic:x}")

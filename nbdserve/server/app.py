@@ -1,0 +1,136 @@
+"""Running the server: fork, pid file, readiness, signals, and the orderly end.
+
+Owns ``run(cfg) -> exit status``.  Order of events:
+  1. bind the listening sockets (errors are reported before anything else);
+  2. with ``--fork``, fork; the parent waits on a pipe until the child reports "ready" (or an
+     error, which the parent prints) and then exits, so "the command returned" means "serving";
+  3. open every export (one-line errors), write the pid file, notify systemd (READY=1);
+  4. serve until SIGTERM/SIGINT (or, one-shot, the last client leaving); then stop listening,
+     finish in-flight requests, flush and close every image, remove the pid file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+
+from ..cache import ClusterCache
+from ..config import ConfigError, ServerConfig
+from ..errors import ImageError
+from ..loop import new_event_loop
+from .exports import close_exports, open_exports
+from .listeners import Server, bind_sockets, describe
+
+log = logging.getLogger("nbdserve")
+
+
+def run(cfg: ServerConfig) -> int:
+    try:
+        socks = [] if cfg.stdio else bind_sockets(cfg)
+    except ConfigError as e:
+        print(f"nbdserve: {e}", file=sys.stderr)
+        return 1
+    ready_w = None
+    if cfg.fork:
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid:
+            os.close(w)
+            for s in socks:
+                s.close()
+            return _parent_wait(r)
+        os.close(r)
+        os.setsid()
+        ready_w = w
+        devnull = os.open(os.devnull, os.O_RDWR)
+        os.dup2(devnull, 0)
+        os.close(devnull)
+    loop = new_event_loop()
+    try:
+        return loop.run_until_complete(_serve(cfg, socks, ready_w))
+    finally:
+        loop.run_until_complete(loop.shutdown_default_executor())
+        loop.close()
+
+
+def _parent_wait(r: int) -> int:
+    msg = b""
+    while True:
+        chunk = os.read(r, 4096)
+        if not chunk:
+            break
+        msg += chunk
+    if msg == b"ready":
+        return 0
+    print(msg.decode(errors="replace") or "nbdserve: server exited during start-up", file=sys.stderr)
+    return 1
+
+
+def _report(ready_w: int | None, text: str) -> None:
+    if ready_w is None:
+        if text != "ready":
+            print(text, file=sys.stderr)
+        return
+    os.write(ready_w, text.encode())
+    os.close(ready_w)
+
+
+def _sd_notify(state: str) -> None:
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    if path.startswith("@"):
+        path = "\0" + path[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.connect(path)
+            s.sendall(state.encode())
+    except OSError as e:
+        log.warning("sd_notify failed: %s", e)
+
+
+async def _serve(cfg: ServerConfig, socks: list[socket.socket], ready_w: int | None) -> int:
+    loop = asyncio.get_running_loop()
+    cache = ClusterCache(cfg.cache_size)
+    try:
+        exports = await open_exports(cfg, cache)
+    except ImageError as e:
+        _report(ready_w, f"nbdserve: {e}")
+        return 1
+    server = Server(cfg, exports, loop)
+    try:
+        if cfg.stdio:
+            await server.serve_stdio()
+        else:
+            await server.listen(socks)
+    except (ConfigError, OSError) as e:
+        await close_exports(exports)
+        _report(ready_w, f"nbdserve: {e}")
+        return 1
+    if cfg.pid_file:
+        with open(cfg.pid_file, "w") as f:
+            f.write(f"{os.getpid()}\n")
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, server.shutdown)
+    if not cfg.stdio and not cfg.quiet:
+        for uri in describe(socks, cfg):
+            names = [e.name for e in exports]
+            shown = uri if names == [""] else ", ".join(uri.rstrip("/") + "/" + n.lstrip("/") for n in names)
+            log.warning("serving %s", shown) if cfg.demo else log.info("serving %s", shown)
+    _sd_notify("READY=1")
+    _report(ready_w, "ready")
+    await server.stopped
+    _sd_notify("STOPPING=1")
+    log.info("shutting down: flushing and closing images")
+    await close_exports(exports)
+    if cfg.pid_file:
+        try:
+            os.unlink(cfg.pid_file)
+        except OSError:
+            pass
+    log.debug("cache statistics: %s", cache.stats())
+    return 0

@@ -1,0 +1,91 @@
+"""The exports a server offers: each an open image shared by all of its connections.
+
+Owns ``Export`` (name, description, the open ``Image`` or the one-line reason it failed to open)
+and ``ExportTable`` (lookup by name, in configuration order).  An image is opened once, at
+start-up, and shared by every connection, which is what makes multi-conn true: all connections of
+an export see one driver, one cache and one file.
+
+An export that fails to open stays listed with ``image = None`` and its reason; clients asking for
+it get that reason as an error, and every other export keeps serving.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from ..cache import ClusterCache
+from ..config import ExportConfig, ServerConfig
+from ..errors import ImageError
+from ..formats.base import OpenOptions
+from ..image import BackingPolicy, Image, ImageSpec, open_image
+
+log = logging.getLogger("nbdserve")
+
+
+@dataclass
+class Export:
+    name: str
+    description: str
+    readonly: bool
+    image: Image | None
+    error: str = ""
+    connections: int = 0
+
+    @property
+    def size(self) -> int:
+        return self.image.size if self.image is not None else 0
+
+
+class ExportTable:
+    def __init__(self, exports: list[Export]) -> None:
+        self._by_name = {e.name: e for e in exports}
+
+    def get(self, name: str) -> Export | None:
+        return self._by_name.get(name)
+
+    def __iter__(self) -> Iterator[Export]:
+        return iter(self._by_name.values())
+
+    def __len__(self) -> int:
+        return len(self._by_name)
+
+
+def image_spec(e: ExportConfig, cfg: ServerConfig) -> ImageSpec:
+    return ImageSpec(
+        path=e.path,
+        format=e.format,
+        readonly=e.readonly or e.load_snapshot is not None,
+        snapshot_overlay=e.snapshot,
+        options=OpenOptions(snapshot=e.load_snapshot, vpc_size=e.vpc_size),
+        backing=BackingPolicy(allowed_dirs=cfg.backing_dirs),
+    )
+
+
+async def open_exports(cfg: ServerConfig, cache: ClusterCache) -> ExportTable:
+    """Open every configured export.  With a single export, a failure raises ``ImageError``."""
+    out = []
+    for e in cfg.exports:
+        try:
+            image = await open_image(image_spec(e, cfg), cache)
+        except ImageError as err:
+            if len(cfg.exports) == 1:
+                raise
+            log.error("export %r not available: %s", e.name, err)
+            out.append(Export(e.name, e.description, True, None, str(err)))
+            continue
+        if image.readonly and not e.readonly and e.load_snapshot is None:
+            log.warning("export %r: %s is read-only; serving it read-only", e.name, e.path)
+        out.append(Export(e.name, e.description, image.readonly, image))
+    return ExportTable(out)
+
+
+async def close_exports(table: ExportTable) -> None:
+    for e in table:
+        if e.image is not None:
+            try:
+                await e.image.close()
+            except Exception as err:
+                log.error("export %r: error while closing: %s", e.name, err)
+            e.image = None

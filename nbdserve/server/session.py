@@ -1,0 +1,392 @@
+"""One client connection: the handshake, then the transmission phase.
+
+Owns ``Session``, an asyncio ``BufferedProtocol``.  Bytes are received straight into the codec's
+buffers (WRITE payloads into their own buffer); every complete request is validated by
+``check_request`` and started eagerly (``coro.start``), so a request whose I/O completes without
+waiting is answered before the next one is parsed, with no Task.  Requests that do wait run
+concurrently and are answered out of order.
+
+Invariants:
+  * At most ``max_requests`` requests and ``max_inflight_bytes`` bytes are in flight per
+    connection; beyond that the session stops parsing and pauses reading (back-pressure), and it
+    pauses reading too while the transport's write buffer is full.
+  * Each reply is written with one ``write``/``writelines`` call, so replies never interleave.
+  * DISC and server shutdown stop reading, let in-flight requests finish and reply, then close.
+  * A protocol violation ends only this connection (``transport.abort``); request errors are
+    replies, never disconnections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+from typing import TYPE_CHECKING
+
+from .. import coro
+from ..errors import ImageError, NbdError, error_of, nbd_errno
+from ..image import STATE_ZERO
+from ..protocol import constants as C
+from ..protocol.handshake import ProtocolError, ServerHandshake
+from ..protocol.transmission import ReplyEncoder, Request, RequestParser, check_request
+from .options import CLOSE, TRANSMIT, Negotiation
+
+if TYPE_CHECKING:
+    from .exports import Export
+    from .listeners import Server
+
+log = logging.getLogger("nbdserve")
+
+_HANDSHAKE, _TRANSMISSION, _CLOSED = 0, 1, 2
+_MAX_EXTENTS = 1 << 16
+
+
+class Session(asyncio.BufferedProtocol):
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        cfg = server.cfg
+        self.cfg = cfg
+        self.transport: asyncio.Transport | None = None
+        self.peer = "?"
+        self.phase = _HANDSHAKE
+        self.hs = ServerHandshake(max_option_length=cfg.max_option_length, max_options=cfg.option_limit())
+        self.neg = Negotiation(server.exports)
+        self._hbuf = memoryview(bytearray(64 << 10))
+        self._deadline: asyncio.TimerHandle | None = None
+        # transmission state
+        self.export: Export | None = None
+        self.image = None
+        self.parser: RequestParser | None = None
+        self.enc: ReplyEncoder | None = None
+        self.export_flags = 0
+        self.inflight = 0
+        self.inflight_bytes = 0
+        self._pumping = False
+        self._read_paused = False
+        self._write_paused = False
+        self._stopping = False  # DISC received or server shutting down: parse nothing more
+        self.closed: asyncio.Future = server.loop.create_future()
+
+    # -- connection life cycle --------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "local"
+        self.server.sessions.add(self)
+        log.debug("%s: connected", self.peer)
+        if self.cfg.handshake_timeout > 0:
+            self._deadline = self.server.loop.call_later(self.cfg.handshake_timeout, self._handshake_timeout)
+        self.transport.write(self.hs.greeting())
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.phase == _TRANSMISSION and self.export is not None:
+            self.export.connections -= 1
+        self.phase = _CLOSED
+        if self._deadline is not None:
+            self._deadline.cancel()
+        self.server.sessions.discard(self)
+        log.debug("%s: disconnected%s", self.peer, f" ({exc})" if exc else "")
+        if not self.closed.done():
+            self.closed.set_result(None)
+        self.server.session_ended()
+
+    def eof_received(self) -> bool:
+        # The client closed its side: finish what is in flight, then close.
+        self._stop()
+        return True
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._update_reading()
+
+    def _handshake_timeout(self) -> None:
+        if self.phase == _HANDSHAKE:
+            log.warning("%s: handshake not finished within %ss; disconnecting", self.peer, self.cfg.handshake_timeout)
+            self._abort()
+
+    def _abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def shutdown(self) -> None:
+        """Server shutdown: drop a handshaking client, drain a transmitting one."""
+        if self.phase == _HANDSHAKE:
+            self._abort()
+        else:
+            self._stop()
+
+    def _stop(self) -> None:
+        self._stopping = True
+        self._update_reading()
+        self._maybe_close()
+
+    def _maybe_close(self) -> None:
+        if self._stopping and self.inflight == 0 and self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    # -- receiving --------------------------------------------------------------------------
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self.phase == _TRANSMISSION:
+            return self.parser.get_buffer()
+        return self._hbuf
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self.phase == _TRANSMISSION:
+            self.parser.buffer_updated(nbytes)
+            self._pump()
+        elif self.phase == _HANDSHAKE:
+            self.hs.receive_data(self._hbuf[:nbytes])
+            self._negotiate()
+
+    def _negotiate(self) -> None:
+        try:
+            while self.phase == _HANDSHAKE:
+                ev = self.hs.next_event()
+                if ev is None:
+                    return
+                out = self.neg.answer(ev)
+                if out.data:
+                    self.transport.write(out.data)
+                if out.action == CLOSE:
+                    log.info("%s: closing during handshake: %s", self.peer, out.reason)
+                    self.phase = _CLOSED
+                    self.transport.close()
+                    return
+                if out.action == TRANSMIT:
+                    self._start_transmission(out.export)
+        except ProtocolError as e:
+            log.warning("%s: protocol error during handshake: %s", self.peer, e)
+            self.phase = _CLOSED
+            self._abort()
+
+    def _start_transmission(self, export: Export) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        neg = self.neg
+        self.export = export
+        export.connections += 1
+        self.image = export.image
+        self.export_flags = neg.transmission_flags(export)
+        self.parser = RequestParser(extended=neg.extended, max_payload=C.DEFAULT_MAX_PAYLOAD)
+        self.enc = ReplyEncoder(structured=neg.structured, extended=neg.extended)
+        self.phase = _TRANSMISSION
+        log.info(
+            "%s: serving export %r (%s%s)",
+            self.peer,
+            export.name,
+            "extended headers" if neg.extended else "structured replies" if neg.structured else "simple replies",
+            ", " + ", ".join(n for _, n in neg.contexts) if neg.contexts else "",
+        )
+        leftover = self.hs.take_buffered()
+        if leftover:
+            self.parser.receive_data(leftover)
+            self._pump()
+
+    def _throttled(self) -> bool:
+        return self.inflight >= self.cfg.max_requests or self.inflight_bytes >= self.cfg.max_inflight_bytes
+
+    def _update_reading(self) -> None:
+        t = self.transport
+        if t is None or t.is_closing():
+            return
+        want_pause = self._stopping or self._write_paused or self._throttled()
+        if want_pause and not self._read_paused:
+            t.pause_reading()
+            self._read_paused = True
+        elif not want_pause and self._read_paused:
+            t.resume_reading()
+            self._read_paused = False
+
+    def _pump(self) -> None:
+        """Parse and start requests until the buffer is empty or we are throttled."""
+        if self._pumping:
+            return
+        self._pumping = True
+        try:
+            parser = self.parser
+            while not self._stopping and self.phase == _TRANSMISSION and not self._throttled():
+                try:
+                    req = parser.next_event()
+                except ProtocolError as e:
+                    log.warning("%s: protocol error: %s", self.peer, e)
+                    self._abort()
+                    return
+                if req is None:
+                    break
+                self._dispatch(req)
+        finally:
+            self._pumping = False
+        self._update_reading()
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def _dispatch(self, req: Request) -> None:
+        t = req.type
+        if t == C.CMD_DISC:
+            log.debug("%s: DISC", self.peer)
+            self._stop()
+            return
+        bad = check_request(
+            req,
+            size=self.image.size,
+            export_flags=self.export_flags,
+            extended=self.neg.extended,
+            structured=self.enc.structured,
+            max_payload=C.DEFAULT_MAX_PAYLOAD,
+            have_contexts=bool(self.neg.contexts),
+        )
+        if bad is not None:
+            err, msg = bad
+            log.debug("%s: rejected %r: %s", self.peer, req, msg)
+            self._send(self.enc.error(req.cookie, req.offset, nbd_errno(err), msg))
+            return
+        handler = _HANDLERS[t]
+        cost = req.length if t in (C.CMD_READ, C.CMD_WRITE) else 0
+        self.inflight += 1
+        self.inflight_bytes += cost
+
+        def done(_result: object, exc: BaseException | None) -> None:
+            self.inflight -= 1
+            self.inflight_bytes -= cost
+            if exc is not None:
+                self._fail(req, exc)
+            if self._stopping:
+                self._maybe_close()
+            elif not self._pumping:
+                self._pump()
+
+        coro.start(handler(self, req), done)
+
+    def _fail(self, req: Request, exc: BaseException) -> None:
+        if not isinstance(exc, Exception):
+            raise exc  # KeyboardInterrupt, SystemExit: not a request error
+        err, msg = error_of(exc)
+        fast = req.type == C.CMD_WRITE_ZEROES and bool(req.flags & C.CMD_FLAG_FAST_ZERO)
+        expected = isinstance(exc, NbdError) and err != errno.EIO
+        bug = not isinstance(exc, (NbdError, OSError, ImageError))
+        log.log(logging.DEBUG if expected else logging.WARNING, "%s: %r failed: %s", self.peer, req, msg, exc_info=bug)
+        self._send(self.enc.error(req.cookie, req.offset, nbd_errno(err, fast_zero=fast), msg))
+
+    def _send(self, data: bytes | bytearray) -> None:
+        t = self.transport
+        if t is not None and not t.is_closing():
+            t.write(data)
+
+    def _sendv(self, chunks: list) -> None:
+        t = self.transport
+        if t is not None and not t.is_closing():
+            t.writelines(chunks)
+
+    # Handlers: each replies on success; an exception becomes an error reply (see _fail).
+
+    async def _read(self, req: Request) -> None:
+        enc, image, off, n, cookie = self.enc, self.image, req.offset, req.length, req.cookie
+        if not enc.structured:
+            buf, view = enc.simple_read_buffer(cookie, n)
+            if n:
+                await image.read(off, view)
+            self._send(buf)
+            return
+        if n == 0:
+            self._send(enc.none(cookie, off))
+            return
+        if req.flags & C.CMD_FLAG_DF:
+            runs = None
+        else:
+            runs = await image.runs(off, n)
+            if len(runs) == 1 and not runs[0].flags & STATE_ZERO:
+                runs = None
+        if runs is None:
+            buf, view = enc.data_buffer(cookie, off, off, n, done=True)
+            await image.read(off, view)
+            self._send(buf)
+            return
+        chunks = []
+        pos, last = off, len(runs) - 1
+        for i, r in enumerate(runs):
+            if r.flags & STATE_ZERO:
+                chunks.append(enc.hole(cookie, off, pos, r.length, done=i == last))
+            else:
+                buf, view = enc.data_buffer(cookie, off, pos, r.length, done=i == last)
+                await image.read(pos, view)
+                chunks.append(buf)
+            pos += r.length
+        self._sendv(chunks)
+
+    async def _write(self, req: Request) -> None:
+        if req.length:
+            await self.image.write(req.offset, memoryview(req.payload), fua=bool(req.flags & C.CMD_FLAG_FUA))
+        self._send(self.enc.done(req.cookie, req.offset))
+
+    async def _flush(self, req: Request) -> None:
+        await self.image.flush()
+        self._send(self.enc.done(req.cookie, req.offset))
+
+    async def _trim(self, req: Request) -> None:
+        if req.length:
+            await self.image.trim(req.offset, req.length, fua=bool(req.flags & C.CMD_FLAG_FUA))
+        self._send(self.enc.done(req.cookie, req.offset))
+
+    async def _write_zeroes(self, req: Request) -> None:
+        f = req.flags
+        if req.length:
+            await self.image.write_zeroes(
+                req.offset,
+                req.length,
+                may_trim=not f & C.CMD_FLAG_NO_HOLE,
+                fast=bool(f & C.CMD_FLAG_FAST_ZERO),
+                fua=bool(f & C.CMD_FLAG_FUA),
+            )
+        self._send(self.enc.done(req.cookie, req.offset))
+
+    async def _cache(self, req: Request) -> None:
+        try:
+            await self.image.cache_hint(req.offset, req.length)
+        except Exception as e:
+            log.debug("%s: cache hint failed: %s", self.peer, e)
+        self._send(self.enc.done(req.cookie, req.offset))
+
+    async def _block_status(self, req: Request) -> None:
+        enc, off, n = self.enc, req.offset, req.length
+        one = bool(req.flags & C.CMD_FLAG_REQ_ONE)
+        runs = await self.image.runs(off, n, limit=1 if one else _MAX_EXTENTS)
+        contexts = self.neg.contexts
+        chunks = []
+        for i, (cid, name) in enumerate(contexts):
+            key = 1 if name == C.CONTEXT_BASE_ALLOCATION else 2
+            extents: list[tuple[int, int]] = []
+            for r in runs:
+                value = r[key]
+                if extents and extents[-1][1] == value:
+                    extents[-1] = (extents[-1][0] + r.length, value)
+                else:
+                    extents.append((r.length, value))
+            if one:
+                extents = extents[:1]
+            chunks.append(enc.block_status(req.cookie, off, cid, extents, done=i == len(contexts) - 1))
+        self._sendv(chunks)
+
+
+_HANDLERS = {
+    C.CMD_READ: Session._read,
+    C.CMD_WRITE: Session._write,
+    C.CMD_FLUSH: Session._flush,
+    C.CMD_TRIM: Session._trim,
+    C.CMD_WRITE_ZEROES: Session._write_zeroes,
+    C.CMD_CACHE: Session._cache,
+    C.CMD_BLOCK_STATUS: Session._block_status,
+}
