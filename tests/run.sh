@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Install everything the test suite needs on a Debian 12 machine, then run the whole suite.
+#   bash tests/run.sh            # everything, VM end-to-end tests included
+#   bash tests/run.sh --no-vm    # skip the VM tests (any other pytest arguments pass through too)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+PKGS=(qemu-utils qemu-system-x86 libnbd-bin python3-libnbd nbdkit fio nbd-client busybox-static
+      e2fsprogs cpio python3-venv python3-dev gcc)
+missing=()
+for p in "${PKGS[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p"); done
+# The VM tests fetch a Debian cloud kernel with apt-get download: they need fresh package lists.
+if [ ${#missing[@]} -gt 0 ] || [ -z "$(ls /var/lib/apt/lists/*Packages* 2>/dev/null | head -1)" ]; then
+  $SUDO apt-get update -qq
+fi
+if [ ${#missing[@]} -gt 0 ]; then
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+# Debian's python: its libnbd bindings (python3-libnbd) are visible through system site-packages.
+if [ ! -x .venv/bin/python ]; then
+  /usr/bin/python3 -m venv --system-site-packages .venv
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+
+.venv/bin/ruff check nbdserve tests bench
+exec .venv/bin/python -m pytest -q "$@"
