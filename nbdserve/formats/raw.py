@@ -5,17 +5,58 @@ ALLOCATED|ZERO: it reads as zeroes and no backing image sits below raw), TRIM by
 WRITE_ZEROES by punching (may_trim) or FALLOC_FL_ZERO_RANGE (NO_HOLE), both "fast" only when the
 filesystem supports them.
 
+Known-data cache: SEEK_HOLE can cost time proportional to the distance to the next hole (tmpfs
+scans page by page: milliseconds on a dense file), so ranges found to be data are remembered in
+``DataRanges``.  Reporting a range as data is always a correct answer (only ZERO and HOLE claim
+anything), so the cache needs no invalidation for writes; our own punches drop the ranges they touch
+so trimmed space is reported as a hole again.
+
 No metadata, so no lock: concurrent requests go straight to the file.
 """
 
 from __future__ import annotations
 
+import bisect
 import errno
 
 from ..blockfile import BlockFile
 from ..cache import ClusterCache
 from ..errors import NbdError
 from .base import ALLOCATED, DATA, ZERO, Caps, Extent, FormatDriver, Limits, OpenOptions
+
+
+class DataRanges:
+    """Disjoint ranges [start, end) known to hold data, at most ``limit`` of them."""
+
+    def __init__(self, limit: int = 1024) -> None:
+        self.starts: list[int] = []
+        self.ends: list[int] = []
+        self.limit = limit
+
+    def end_of(self, offset: int) -> int:
+        """End of the known data range containing ``offset``, or 0 if none does."""
+        i = bisect.bisect_right(self.starts, offset) - 1
+        if i >= 0 and offset < self.ends[i]:
+            return self.ends[i]
+        return 0
+
+    def add(self, start: int, end: int) -> None:
+        self.forget(start, end)
+        if len(self.starts) >= self.limit:
+            self.starts.clear()
+            self.ends.clear()
+        i = bisect.bisect_left(self.starts, start)
+        self.starts.insert(i, start)
+        self.ends.insert(i, end)
+
+    def forget(self, start: int, end: int) -> None:
+        i = bisect.bisect_right(self.starts, start) - 1
+        i = max(i, 0)
+        while i < len(self.starts) and self.starts[i] < end:
+            if self.ends[i] > start:
+                del self.starts[i], self.ends[i]
+            else:
+                i += 1
 
 
 class RawDriver(FormatDriver):
@@ -27,6 +68,7 @@ class RawDriver(FormatDriver):
         self.size = file.size
         self.limits = Limits(align=1)
         self.caps = Caps(native_zero=not readonly, native_trim=not readonly, fast_zero=not readonly)
+        self.known_data = DataRanges()
 
     @classmethod
     def probe(cls, head: bytes, file_size: int) -> int:
@@ -45,7 +87,10 @@ class RawDriver(FormatDriver):
             await self.file.flush()
 
     async def pwrite_zeroes(self, offset: int, length: int, *, may_trim: bool, fast: bool, fua: bool) -> None:
-        done = (may_trim and self.file.punch_hole(offset, length)) or self.file.zero_range(offset, length)
+        punched = may_trim and self.file.punch_hole(offset, length)
+        if punched:
+            self.known_data.forget(offset, offset + length)
+        done = punched or self.file.zero_range(offset, length)
         if not done:
             if fast:
                 raise NbdError(errno.ENOTSUP, "zeroing is not faster than writing on this file")
@@ -54,15 +99,20 @@ class RawDriver(FormatDriver):
             await self.file.flush()
 
     async def pdiscard(self, offset: int, length: int) -> None:
-        self.file.punch_hole(offset, length)
+        if self.file.punch_hole(offset, length):
+            self.known_data.forget(offset, offset + length)
 
     async def flush(self) -> None:
         await self.file.flush()
 
     async def block_status(self, offset: int, length: int) -> Extent:
         end = offset + length
+        known = self.known_data.end_of(offset)
+        if known:
+            return Extent(min(known, end) - offset, ALLOCATED | DATA)
         hole = self.file.next_hole(offset)
         if hole > offset:
+            self.known_data.add(offset, hole)
             return Extent(min(hole, end) - offset, ALLOCATED | DATA)
         data = self.file.next_data(offset)
         return Extent(min(data, end) - offset, ALLOCATED | ZERO)

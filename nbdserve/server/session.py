@@ -10,7 +10,8 @@ Invariants:
   * At most ``max_requests`` requests and ``max_inflight_bytes`` bytes are in flight per
     connection; beyond that the session stops parsing and pauses reading (back-pressure), and it
     pauses reading too while the transport's write buffer is full.
-  * Each reply is written with one ``write``/``writelines`` call, so replies never interleave.
+  * Each reply is written with one ``write``/``writelines`` call, so replies never interleave;
+    replies produced while parsing one receive are collected and written with one call.
   * DISC and server shutdown stop reading, let in-flight requests finish and reply, then close.
   * A protocol violation ends only this connection (``transport.abort``); request errors are
     replies, never disconnections.
@@ -40,6 +41,9 @@ log = logging.getLogger("nbdserve")
 
 _HANDSHAKE, _TRANSMISSION, _CLOSED = 0, 1, 2
 _MAX_EXTENTS = 1 << 16
+# Structured reads at least this long send unallocated/zero ranges as OFFSET_HOLE chunks; shorter
+# reads always send data (a block-status lookup would cost more than the zeroes it saves).
+SPARSE_READ_MIN = 64 << 10
 
 
 class Session(asyncio.BufferedProtocol):
@@ -63,6 +67,10 @@ class Session(asyncio.BufferedProtocol):
         self.inflight = 0
         self.inflight_bytes = 0
         self._pumping = False
+        # An oversize WRITE is answered (EINVAL) only once its payload has been discarded: a
+        # client still sending the payload is not ready for the reply (libnbd drops the link).
+        self._held: Request | None = None
+        self._batch: list | None = None  # replies collected during one _pump
         self._read_paused = False
         self._write_paused = False
         self._stopping = False  # DISC received or server shutting down: parse nothing more
@@ -216,6 +224,7 @@ class Session(asyncio.BufferedProtocol):
         if self._pumping:
             return
         self._pumping = True
+        self._batch = []
         try:
             parser = self.parser
             while not self._stopping and self.phase == _TRANSMISSION and not self._throttled():
@@ -227,9 +236,21 @@ class Session(asyncio.BufferedProtocol):
                     return
                 if req is None:
                     break
+                if self._held is not None:  # a request follows: the held payload is drained
+                    self._dispatch(self._held)
+                    self._held = None
+                if req.oversize:
+                    self._held = req
+                    continue
                 self._dispatch(req)
+            if self._held is not None and parser.idle:
+                self._dispatch(self._held)
+                self._held = None
         finally:
             self._pumping = False
+            batch, self._batch = self._batch, None
+            if batch:
+                self._sendv(batch)
         self._update_reading()
 
     # -- requests ---------------------------------------------------------------------------
@@ -282,11 +303,19 @@ class Session(asyncio.BufferedProtocol):
         self._send(self.enc.error(req.cookie, req.offset, nbd_errno(err, fast_zero=fast), msg))
 
     def _send(self, data: bytes | bytearray) -> None:
+        """Send one reply: batched while pumping (one write for every reply a receive produced)."""
+        if self._batch is not None:
+            self._batch.append(data)
+            return
         t = self.transport
         if t is not None and not t.is_closing():
             t.write(data)
 
     def _sendv(self, chunks: list) -> None:
+        """Send the chunks of one reply (or a batch) together."""
+        if self._batch is not None:
+            self._batch.extend(chunks)
+            return
         t = self.transport
         if t is not None and not t.is_closing():
             t.writelines(chunks)
@@ -304,7 +333,7 @@ class Session(asyncio.BufferedProtocol):
         if n == 0:
             self._send(enc.none(cookie, off))
             return
-        if req.flags & C.CMD_FLAG_DF:
+        if n < SPARSE_READ_MIN or req.flags & C.CMD_FLAG_DF:
             runs = None
         else:
             runs = await image.runs(off, n)
