@@ -71,7 +71,7 @@ class CacheEntry:
         self.pins = 0
         self.dirty = False
         self.after: list[CacheEntry] = []
-        self.sync_before = False
+        self.sync_before = 0
         self.ready: asyncio.Future | None = None  # set while the first read is in flight
 
 
@@ -167,7 +167,7 @@ class ClusterCache:
             if dep is not entry and dep not in entry.after:
                 entry.after.append(dep)
         if sync_before:
-            entry.sync_before = True
+            entry.sync_before += 1  # a generation: data written up to now must be synced first
 
     def invalidate(self, kind: TableKind, offset: int) -> None:
         """Forget a clean, unpinned table (its cluster was freed)."""
@@ -178,7 +178,7 @@ class ClusterCache:
 
     # -- write-back -------------------------------------------------------------------------
 
-    async def writeback(self, entries: Iterable[CacheEntry]) -> None:
+    async def writeback(self, entries: Iterable[CacheEntry], _active: frozenset[int] = frozenset()) -> None:
         """Write the given dirty entries and, first, everything they depend on; then sync."""
         todo: list[CacheEntry] = []
         seen: set[int] = set()
@@ -195,7 +195,7 @@ class ClusterCache:
 
         for e in entries:
             visit(e)
-        await self._write_ordered(todo)
+        await self._write_ordered(todo, _active)
 
     async def flush(self, file: BlockFile) -> None:
         """Write back every dirty entry of ``file`` in dependency order, then fdatasync it."""
@@ -205,33 +205,49 @@ class ClusterCache:
         else:
             await file.flush()
 
-    async def _write_ordered(self, todo: list[CacheEntry]) -> None:
-        """``todo`` is in dependency order (dependencies first).  Syncs between layers."""
+    async def _write_ordered(self, todo: list[CacheEntry], active: frozenset[int] = frozenset()) -> None:
+        """``todo`` is in dependency order (dependencies first).  Syncs between layers.
+
+        Every await (a sync) lets drivers dirty entries again, so the conditions for writing an
+        entry (no dirty dependency, the syncs it needs done) are re-checked after each await and
+        the write itself follows the last check with no await in between.  ``active``: entries
+        being written by callers up the stack (a dependency cycle is not followed again).
+        """
         files: set[BlockFile] = set()
         written: set[int] = set()
         unsynced = False
         for e in todo:
-            if not e.dirty:
+            if id(e) in active:  # an outer call is writing it
                 continue
-            needs_sync = e.sync_before or any(id(d) in written for d in e.after)
-            if needs_sync and unsynced:
-                for f in files:
-                    await f.flush()
-                unsynced = False
-            elif e.sync_before:
-                await e.kind.file.flush()
-            if not e.dirty:  # written by someone else while we synced
-                continue
-            e.dirty = False
-            e.after = []
-            e.sync_before = False
-            e.kind.file.pwrite(e.kind.encode(e.value), e.offset)
-            self.writebacks += 1
-            written.add(id(e))
-            files.add(e.kind.file)
-            unsynced = True
+            while e.dirty:
+                pending = [d for d in e.after if d.dirty and id(d) not in active]
+                if pending:  # dirtied (again) since the order was computed
+                    await self.writeback(pending, active | {id(e)})
+                    continue
+                if unsynced and (e.sync_before or any(id(d) in written for d in e.after)):
+                    for f in files:
+                        await f.flush()
+                    unsynced = False
+                    continue
+                if e.sync_before:
+                    gen = e.sync_before
+                    await e.kind.file.flush()
+                    if e.sync_before == gen:  # no new copy-on-write data while we synced
+                        e.sync_before = 0
+                    continue
+                e.dirty = False
+                e.after = []
+                e.kind.file.pwrite(e.kind.encode(e.value), e.offset)
+                self.writebacks += 1
+                written.add(id(e))
+                files.add(e.kind.file)
+                unsynced = True
         for f in files:
             await f.flush()
+
+    async def make_room(self) -> None:
+        """Evict down to the budget; for callers that added tables with ``put_new`` (no miss)."""
+        await self._make_room()
 
     async def _make_room(self) -> None:
         self.peak = max(self.peak, self.used)

@@ -9,9 +9,13 @@ from __future__ import annotations
 
 from ..errors import UnsupportedImage
 from .base import FormatDriver
+from .qcow2 import Qcow2Driver
+from .qed import QedDriver
 from .raw import RawDriver
+from .vhd import VhdDriver
+from .vhdx import VhdxDriver
 
-DRIVERS: tuple[type[FormatDriver], ...] = (RawDriver,)
+DRIVERS: tuple[type[FormatDriver], ...] = (RawDriver, Qcow2Driver, QedDriver, VhdDriver, VhdxDriver,)
 
 BY_NAME: dict[str, type[FormatDriver]] = {d.format_name: d for d in DRIVERS}
 

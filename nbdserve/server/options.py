@@ -12,8 +12,8 @@ Policy decisions (NOTLS mode, as the spec defines it):
     wildcards in LIST and ignored in SET; unknown namespaces and leaves are ignored.  SET before
     structured replies -> ERR_INVALID.  A SET replaces the selection even when it fails.  GO for
     another export than the one contexts were selected for drops them.
-  * EXPORT_NAME of an unknown export, or after extended headers, ends the connection (it cannot
-    carry an error).
+  * EXPORT_NAME of an unknown export, with a malformed name, or after extended headers, ends the
+    connection (it cannot carry an error).
 """
 
 from __future__ import annotations
@@ -61,6 +61,10 @@ class Negotiation:
         if isinstance(ev, H.SimpleOption):
             return self._simple(ev)
         if isinstance(ev, H.InvalidOption):
+            if ev.option == C.OPT_EXPORT_NAME:  # cannot carry an error reply
+                return Outcome(action=CLOSE, reason=f"bad EXPORT_NAME: {ev.message}")
+            if ev.option == C.OPT_SET_META_CONTEXT:  # a SET replaces the selection even when it fails
+                self.contexts, self.contexts_export = (), None
             return Outcome(H.rep_error(ev.option, ev.error, ev.message))
         if isinstance(ev, H.UnknownOption):
             return Outcome(H.rep_error(ev.option, C.REP_ERR_UNSUP, f"option {ev.option} is not supported"))

@@ -1,0 +1,416 @@
+"""qcow2 refcounts: the refcount table, refcount blocks of any width (1..64 bits), allocation.
+
+Owns:
+  * ``RefBlock``: one decoded refcount block.  Widths of 8 bits and more are an ``array`` of the
+    matching type, byte-swapped once per load/store; widths 1, 2 and 4 stay packed in a
+    ``bytearray`` (LSB-first inside each byte, as the spec says).
+  * ``Refcounts``: the in-memory refcount table (``array('Q')``, validated at open), refcount
+    blocks through the shared cache, the allocation cursor (lowest cluster that may be free),
+    allocation of contiguous cluster runs, increments/decrements with range checks, creation of
+    missing refcount blocks (placed inside the range they describe, so they describe themselves)
+    and growth of the refcount table (new blocks + new table past the covered area, then one
+    12-byte header switch);
+  * ``rebuild``: a full recount for dirty images (lazy refcounts after a crash).
+
+Every method is called with the driver's metadata lock held.
+
+Ordering (crash consistency): a new refcount block is durable before the table entry that
+points at it; a new refcount table (and its blocks) is durable before the header points at it;
+the old table is freed only after that.  The caller makes L2 tables depend on the refcount blocks
+returned by ``alloc`` (refcount durable before the reference) and writes back the L2 tables
+that dropped a reference before it calls ``decref`` (no reference on disk to a free cluster).
+"""
+
+from __future__ import annotations
+
+import errno
+import struct
+import sys
+from array import array
+
+from ...blockfile import BlockFile
+from ...cache import CacheEntry, ClusterCache
+from ...errors import CorruptImage, NbdError
+from .header import FIELD_REFCOUNT_TABLE
+from .tables import COMPRESSED, COPIED, OFFSET_MASK, compressed_geometry, decode_be64, encode_be64
+
+REFTABLE_RESERVED = 0x1FF
+MAX_HOST_OFFSET = 1 << 56
+_SWAP = sys.byteorder == "little"
+_TYPECODE = {8: "B", 16: "H", 32: "I", 64: "Q"}
+
+
+class RefBlock:
+    """One refcount block; ``get(i)``/``set(i, v)`` by entry index."""
+
+    __slots__ = ("bits", "data", "mask")
+
+    def __init__(self, bits: int, data: array | bytearray) -> None:
+        self.bits = bits
+        self.data = data
+        self.mask = (1 << bits) - 1
+
+    @classmethod
+    def decode(cls, bits: int, raw: bytearray) -> RefBlock:
+        if bits >= 8:
+            a = array(_TYPECODE[bits])
+            a.frombytes(raw)
+            if _SWAP and bits > 8:
+                a.byteswap()
+            return cls(bits, a)
+        return cls(bits, raw)
+
+    @classmethod
+    def empty(cls, bits: int, cluster_size: int) -> RefBlock:
+        return cls.decode(bits, bytearray(cluster_size))
+
+    def encode(self) -> bytes | bytearray:
+        if self.bits < 8:
+            return self.data
+        if _SWAP and self.bits > 8:
+            a = array(self.data.typecode, self.data)
+            a.byteswap()
+            return a.tobytes()
+        return self.data.tobytes()
+
+    def get(self, i: int) -> int:
+        if self.bits >= 8:
+            return self.data[i]
+        bit = i * self.bits
+        return (self.data[bit >> 3] >> (bit & 7)) & self.mask
+
+    def set(self, i: int, value: int) -> None:
+        if self.bits >= 8:
+            self.data[i] = value
+            return
+        bit = i * self.bits
+        shift = bit & 7
+        byte = self.data[bit >> 3]
+        self.data[bit >> 3] = (byte & ~(self.mask << shift)) | (value << shift)
+
+    def first_free(self, start: int, stop: int) -> int:
+        """Index of the first zero entry in [start, stop), or -1."""
+        if self.bits >= 8:
+            try:
+                return self.data.index(0, start, stop)
+            except ValueError:
+                return -1
+        for i in range(start, stop):
+            if self.get(i) == 0:
+                return i
+        return -1
+
+
+class Refcounts:
+    """Refcount table + blocks of one image.  All methods: called with the driver lock held."""
+
+    def __init__(
+        self,
+        path: str,
+        file: BlockFile,
+        cache: ClusterCache,
+        cluster_bits: int,
+        refcount_order: int,
+        table_offset: int,
+        table_clusters: int,
+    ) -> None:
+        self.path = path
+        self.file = file
+        self.cache = cache
+        self.cluster_bits = cluster_bits
+        self.cs = 1 << cluster_bits
+        self.bits = 1 << refcount_order
+        self.max = (1 << self.bits) - 1
+        self.block_entries = self.cs * 8 // self.bits
+        self.block_shift = self.block_entries.bit_length() - 1
+        self.table_offset = table_offset
+        self.table_clusters = table_clusters
+        bits = self.bits
+        self.kind = cache.kind(
+            file,
+            name="refcount block",
+            size=self.cs,
+            decode=lambda raw: RefBlock.decode(bits, raw),
+            encode=RefBlock.encode,
+        )
+        raw = file.pread(table_clusters * self.cs, table_offset)
+        self.table = decode_be64(raw)
+        mask = REFTABLE_RESERVED | (self.cs - 1)
+        for i, e in enumerate(self.table):
+            if e & mask:
+                raise CorruptImage(path, f"refcount table entry {i} (0x{e:x}) has reserved bits set or is unaligned")
+            if e and e + self.cs > file.size:
+                raise CorruptImage(path, f"refcount table entry {i}: block 0x{e:x} beyond end of file")
+        self.cursor = 0  # every cluster below it is in use
+
+    # -- lookups ----------------------------------------------------------------------------
+
+    async def _block(self, index: int) -> CacheEntry | None:
+        """The refcount block ``index`` pinned, or None if the table has no block there."""
+        if index >= len(self.table) or self.table[index] == 0:
+            return None
+        return await self.cache.get(self.kind, self.table[index])
+
+    async def get(self, cluster: int) -> int:
+        entry = await self._block(cluster >> self.block_shift)
+        if entry is None:
+            return 0
+        try:
+            return entry.value.get(cluster & (self.block_entries - 1))
+        finally:
+            self.cache.release(entry)
+
+    # -- updates ----------------------------------------------------------------------------
+
+    async def update(self, cluster: int, delta: int) -> CacheEntry:
+        """Add ``delta`` to one refcount; returns the block's cache entry (unpinned, dirty)."""
+        index = cluster >> self.block_shift
+        entry = await self._block(index)
+        if entry is None:
+            if delta < 0:
+                raise CorruptImage(self.path, f"refcount of cluster {cluster} would drop below zero")
+            entry = await self._new_block(index, cluster)
+        try:
+            blk: RefBlock = entry.value
+            i = cluster & (self.block_entries - 1)
+            value = blk.get(i) + delta
+            if value < 0:
+                raise CorruptImage(self.path, f"refcount of cluster {cluster} would drop below zero")
+            if value > self.max:
+                raise NbdError(errno.ERANGE, f"refcount of cluster {cluster} would exceed {self.max}")
+            blk.set(i, value)
+            self.cache.mark_dirty(entry)
+            if value == 0 and cluster < self.cursor:
+                self.cursor = cluster
+            return entry
+        finally:
+            self.cache.release(entry)
+
+    async def decref(self, clusters) -> None:
+        """Drop one reference from each cluster.  The caller has made the dropping L2 durable."""
+        for c in clusters:
+            await self.update(c, -1)
+
+    async def alloc(self, count: int) -> tuple[int, int, CacheEntry]:
+        """Allocate up to ``count`` contiguous free clusters (refcount 0 -> 1).
+
+        Returns (first cluster, how many, the refcount block entry that now counts them); a
+        run never crosses a refcount block, so callers loop for more.
+        """
+        while True:
+            c = self.cursor
+            index = c >> self.block_shift
+            if index >= len(self.table):
+                await self._grow_table(index)
+                continue
+            if self.table[index] == 0:
+                entry = await self._new_block(index, c)  # takes cluster c itself
+                self.cache.release(entry)
+                continue
+            entry = await self.cache.get(self.kind, self.table[index])
+            try:
+                blk: RefBlock = entry.value
+                base = index << self.block_shift
+                first = blk.first_free(c - base, self.block_entries)
+                if first < 0:
+                    self.cursor = base + self.block_entries
+                    continue
+                start = base + first
+                if (start + count) << self.cluster_bits > MAX_HOST_OFFSET:
+                    raise NbdError(errno.ENOSPC, "image file offsets exhausted")
+                n = 1
+                blk.set(first, 1)
+                stop = min(first + count, self.block_entries)
+                while first + n < stop and blk.get(first + n) == 0:
+                    blk.set(first + n, 1)
+                    n += 1
+                self.cache.mark_dirty(entry)
+                self.cursor = start + n
+                return start, n, entry
+            finally:
+                self.cache.release(entry)
+
+    async def _new_block(self, index: int, at_cluster: int) -> CacheEntry:
+        """Create refcount block ``index`` (whose range is all free) at ``at_cluster`` inside it.
+
+        Written and synced before the table entry pointing at it is written (and synced).
+        Returns the entry pinned.
+        """
+        assert at_cluster >> self.block_shift == index
+        blk = RefBlock.empty(self.bits, self.cs)
+        blk.set(at_cluster & (self.block_entries - 1), 1)
+        offset = at_cluster << self.cluster_bits
+        entry = self.cache.put_new(self.kind, offset, blk)
+        await self.cache.writeback([entry])
+        self.table[index] = offset
+        self.file.pwrite(struct.pack(">Q", offset), self.table_offset + index * 8)
+        await self.file.flush()
+        if self.cursor == at_cluster:
+            self.cursor += 1
+        await self.cache.make_room()  # ``entry`` is pinned, so it stays
+        return entry
+
+    async def _grow_table(self, need_index: int) -> None:
+        """Make the table cover block ``need_index``: new blocks + new table past the covered area."""
+        old_n = len(self.table)
+        start = old_n << self.block_shift  # first cluster no block covers: all free
+        new_n = max(2 * old_n, need_index + 1)
+        while True:
+            table_clusters = -(-new_n * 8 // self.cs)
+            nblocks = 1
+            while -(-(nblocks + table_clusters) // self.block_entries) > nblocks:
+                nblocks += 1
+            if new_n >= old_n + nblocks:
+                break
+            new_n = old_n + nblocks
+        if table_clusters * self.cs > 8 << 20:
+            raise NbdError(errno.ENOSPC, "refcount table would exceed 8 MiB")
+        used = nblocks + table_clusters
+        new_table = array("Q", self.table)
+        new_table.extend([0] * (table_clusters * self.cs // 8 - old_n))
+        entries = []
+        for j in range(nblocks):
+            blk = RefBlock.empty(self.bits, self.cs)
+            lo = start + j * self.block_entries
+            for c in range(lo, min(lo + self.block_entries, start + used)):
+                blk.set(c - lo, 1)
+            offset = (start + j) << self.cluster_bits
+            new_table[old_n + j] = offset
+            entries.append(self.cache.put_new(self.kind, offset, blk))
+        await self.cache.writeback(entries)
+        for e in entries:
+            self.cache.release(e)
+        await self.cache.make_room()
+        table_offset = (start + nblocks) << self.cluster_bits
+        self.file.pwrite(encode_be64(new_table), table_offset)
+        await self.file.flush()
+        self.file.pwrite(struct.pack(">QI", table_offset, table_clusters), FIELD_REFCOUNT_TABLE)
+        await self.file.flush()
+        old_offset, old_clusters = self.table_offset, self.table_clusters
+        self.table = new_table
+        self.table_offset, self.table_clusters = table_offset, table_clusters
+        first_old = old_offset >> self.cluster_bits
+        await self.decref(range(first_old, first_old + old_clusters))
+        self.cursor = min(self.cursor, first_old)
+
+    def covers_table(self, cluster: int) -> bool:
+        """True if ``cluster`` belongs to the refcount table (for the metadata overlap guard)."""
+        first = self.table_offset >> self.cluster_bits
+        return first <= cluster < first + self.table_clusters
+
+
+async def rebuild(
+    path: str,
+    file: BlockFile,
+    cluster_bits: int,
+    refcount_order: int,
+    extended_l2: bool,
+    l1_tables: list[tuple[int, array]],
+    other_extents: list[tuple[int, int]],
+    active_l1_offset: int,
+) -> tuple[int, int]:
+    """Recount every reference and write fresh refcount structures past the end of the file.
+
+    For a dirty image (lazy refcounts left stale by a crash).  ``l1_tables`` are (offset, table)
+    for the active L1 (first) and each snapshot L1; ``other_extents`` are (offset, length) of
+    further metadata (header cluster, snapshot table).  COPIED flags of the active L1 and its L2
+    tables are corrected to match the new counts.  The new table is synced before the header
+    points at it; returns (refcount_table_offset, refcount_table_clusters).  The old refcount
+    structures are no longer counted, so they become free clusters.  Called before the image is
+    shared (no lock needed).
+    """
+    cs = 1 << cluster_bits
+    nclusters = -(-file.size // cs)
+    counts = array("I", bytes(4 * nclusters))
+
+    def add_range(offset: int, length: int, what: str) -> None:
+        first, last = offset >> cluster_bits, (offset + length - 1) >> cluster_bits
+        if last >= nclusters:
+            raise CorruptImage(path, f"{what} at 0x{offset:x} beyond end of file")
+        for c in range(first, last + 1):
+            counts[c] += 1
+
+    for offset, length in other_extents:
+        add_range(offset, length, "metadata")
+    step = 2 if extended_l2 else 1
+    l2_cache: dict[int, array] = {}
+    for l1_offset, l1 in l1_tables:
+        if len(l1):
+            add_range(l1_offset, len(l1) * 8, "L1 table")
+        for l1e in l1:
+            l2off = l1e & OFFSET_MASK
+            if not l2off:
+                continue
+            add_range(l2off, cs, "L2 table")
+            t = l2_cache.get(l2off)
+            if t is None:
+                t = decode_be64(file.pread(cs, l2off))
+                l2_cache[l2off] = t
+            for i in range(0, len(t), step):
+                e = t[i]
+                if e & COMPRESSED:
+                    host, length = compressed_geometry(e, cluster_bits)
+                    add_range(host & ~511, length + (host & 511), "compressed cluster")
+                elif e & OFFSET_MASK:
+                    add_range(e & OFFSET_MASK, cs, "data cluster")
+    bits = 1 << refcount_order
+    limit = (1 << bits) - 1
+    over = next((c for c, n in enumerate(counts) if n > limit), None)
+    if over is not None:
+        raise CorruptImage(path, f"cluster {over} has {counts[over]} references, more than refcount_bits allow")
+
+    # COPIED flags of the active tables follow the recount.
+    active = l1_tables[0][1]
+    l1_changed = False
+    for i, l1e in enumerate(active):
+        l2off = l1e & OFFSET_MASK
+        if not l2off:
+            continue
+        want = l2off | (COPIED if counts[l2off >> cluster_bits] == 1 else 0)
+        if want != l1e:
+            active[i] = want
+            l1_changed = True
+        t = l2_cache[l2off]
+        changed = False
+        for j in range(0, len(t), step):
+            e = t[j]
+            if e & COMPRESSED or not e & OFFSET_MASK:
+                continue
+            flag = COPIED if counts[(e & OFFSET_MASK) >> cluster_bits] == 1 else 0
+            if e & COPIED != flag:
+                t[j] = (e & ~COPIED) | flag
+                changed = True
+        if changed:
+            file.pwrite(encode_be64(t), l2off)
+    if l1_changed:
+        file.pwrite(encode_be64(active), active_l1_offset)
+
+    # New refcount blocks + table, placed at the end of the file.
+    block_entries = cs * 8 // bits
+    start = nclusters
+    nblocks = 1
+    while True:
+        table_clusters = -(-nblocks * 8 // cs)
+        need = -(-(start + nblocks + table_clusters) // block_entries)
+        if need <= nblocks:
+            break
+        nblocks = need
+    if table_clusters * cs > 8 << 20:
+        raise CorruptImage(path, "image too large to rebuild its refcount table")
+    counts.extend([1] * (nblocks + table_clusters))
+    table = array("Q", bytes(table_clusters * cs))
+    for j in range(nblocks):
+        blk = RefBlock.empty(bits, cs)
+        lo = j * block_entries
+        for c in range(lo, min(lo + block_entries, len(counts))):
+            if counts[c]:
+                blk.set(c - lo, counts[c])
+        offset = (start + j) << cluster_bits
+        table[j] = offset
+        file.pwrite(blk.encode(), offset)
+    table_offset = (start + nblocks) << cluster_bits
+    file.pwrite(encode_be64(table), table_offset)
+    await file.flush()
+    file.pwrite(struct.pack(">QI", table_offset, table_clusters), FIELD_REFCOUNT_TABLE)
+    await file.flush()
+    return table_offset, table_clusters

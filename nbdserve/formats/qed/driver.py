@@ -1,0 +1,552 @@
+"""The QED driver: reads, allocating writes, zero clusters, block status, NEED_CHECK handling.
+
+Owns one open QED image: its header (``QedHeader``), the L1 table (in memory, written through),
+the L2 tables (decoded in the shared cluster cache, written through) and the allocation cursor
+``file_end`` (new clusters are appended there).
+
+Locking: ``self.lock`` (one CoMutex per image) guards the header, the L1 table, every L2 update and
+the allocation cursor.  Allocating requests hold it from lookup to table update, so one allocating
+request runs at a time and the lookup is repeated after waiting for it (two writes to one
+unallocated cluster never allocate it twice).  Reads, and writes whose clusters are all allocated,
+take no lock: with the L2 table cached they do not suspend at all.
+
+Crash ordering (formats.md §3.3):
+  * NEED_CHECK is set in the header and synced before the first allocation after open or after a
+    flush cleared it (with or without a backing file, so a crash always triggers the repair);
+  * data clusters are written (copy-on-write head and tail included) before the L2 entry that
+    points at them; with a backing file the data is synced first, since a lost data cluster would
+    otherwise hide the backing data it replaced;
+  * a new L2 table is written whole and synced before the L1 entry points at it;
+  * a flush syncs, then clears NEED_CHECK and syncs the header again; close does the same.
+Opening read-write with NEED_CHECK set runs ``check_and_repair`` first.
+
+Zero clusters (L2 entry 1) read as zeroes.  A partial write into one fills the rest of the new
+cluster with zeroes, never with backing data (QEMU 7.2 copies backing data there; we follow the
+spec).  WRITE_ZEROES and TRIM turn whole unallocated or zero clusters into zero clusters and zero
+allocated clusters in place (punching host holes where allowed).
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import os
+from array import array
+from bisect import bisect_right
+
+from ...blockfile import BlockFile
+from ...cache import CacheEntry, ClusterCache
+from ...errors import CorruptImage, NbdError
+from ...locks import CoMutex
+from ..base import ALLOCATED, DATA, ZERO, BackingRef, Caps, Extent, FormatDriver, Limits, OpenOptions
+from .check import check_and_repair
+from .header import (
+    F_BACKING_FILE,
+    F_BACKING_FORMAT_NO_PROBE,
+    F_NEED_CHECK,
+    HEADER_LEN,
+    MAGIC,
+    QedHeader,
+)
+from .tables import SECTOR, UNALLOCATED, ZERO_CLUSTER, decode_table, encode_table, entry_sectors
+
+log = logging.getLogger(__name__)
+
+# Kinds of run returned by ``_run``.
+RUN_UNALLOCATED = 0
+RUN_ZERO = 1
+RUN_DATA = 2
+
+_STATE = {RUN_UNALLOCATED: 0, RUN_ZERO: ALLOCATED | ZERO, RUN_DATA: ALLOCATED | DATA}
+
+NO_TABLE = array("Q")  # sentinel for "the L1 entry is empty" (compared by identity)
+
+
+class QedDriver(FormatDriver):
+    format_name = "qed"
+
+    def __init__(
+        self, file: BlockFile, readonly: bool, cache: ClusterCache, h: QedHeader, l1: array, file_end: int
+    ) -> None:
+        self.file = file
+        self.path = file.path
+        self.readonly = readonly
+        self.cache = cache
+        self.h = h
+        self.l1 = l1
+        self.file_end = file_end  # cluster-aligned; the next allocation goes here
+        self.size = h.image_size
+        self.limits = Limits(align=1)
+        writable = not readonly
+        self.caps = Caps(native_zero=writable, native_trim=writable, fast_zero=writable)
+        self.lock = CoMutex(f"qed {file.path}")
+        self.cluster_size = h.cluster_size
+        self.cluster_bits = h.cluster_bits
+        self.cluster_mask = h.cluster_size - 1
+        self.header_bytes = h.header_bytes
+        nelems = h.table_nelems
+        self.l2_mask = nelems - 1
+        self.l1_shift = self.cluster_bits + nelems.bit_length() - 1
+        self.l2_kind = cache.kind(
+            file, name="QED L2 table", size=h.table_bytes, decode=decode_table, encode=encode_table
+        )
+        self.tables: list[int] = []  # sorted start offsets of the L1 and all L2 tables (overlap guard)
+        self._sector0 = bytearray()  # the first header sector as read (header updates rewrite it whole)
+
+    # -- opening ----------------------------------------------------------------------------
+
+    @classmethod
+    def probe(cls, head: bytes, file_size: int) -> int:
+        return 100 if head[:4] == MAGIC else 0
+
+    @classmethod
+    async def open(cls, file: BlockFile, *, readonly: bool, cache: ClusterCache, options: OpenOptions) -> QedDriver:
+        path = file.path
+        head = file.pread(min(SECTOR, file.size), 0)
+        h = QedHeader.parse(path, head, file.size)
+        file_end = file.size & ~(h.cluster_size - 1)
+        l1 = decode_table(file.pread(h.table_bytes, h.l1_table_offset))
+        drv = cls(file, readonly, cache, h, l1, file_end)
+        drv._sector0 = head
+        if h.features & F_BACKING_FILE:
+            raw = bytes(file.pread(h.backing_filename_size, h.backing_filename_offset)).split(b"\0", 1)[0]
+            if not raw:
+                raise CorruptImage(path, "backing file name is empty")
+            fmt = "raw" if h.features & F_BACKING_FORMAT_NO_PROBE else None
+            drv.backing = BackingRef(os.fsdecode(raw), fmt)
+        if not readonly:
+            if h.features & F_NEED_CHECK:
+                await drv._repair()
+            if h.autoclear_features:  # no autoclear bits are defined: clear them all
+                h.autoclear_features = 0
+                drv._write_header()
+                await file.flush()
+        drv._index_tables()
+        return drv
+
+    async def _repair(self) -> None:
+        """Run the consistency check with repairs, then mark the image clean.
+
+        Called during open, before anything is served (no lock needed).
+        """
+        r = check_and_repair(self.file, self.h, self.l1, self.file_end)
+        self.file_end = r.file_end
+        if r.cleared_l1 or r.cleared_l2 or r.truncated_leaks or r.leaks:
+            log.warning(
+                "%s: repaired after an unclean shutdown: %d invalid L1 and %d invalid L2 entries cleared, "
+                "%d leaked clusters truncated, %d leaked clusters left",
+                self.path,
+                r.cleared_l1,
+                r.cleared_l2,
+                r.truncated_leaks,
+                r.leaks,
+            )
+        await self.file.flush()
+        self.h.features &= ~F_NEED_CHECK
+        self._write_header()
+        await self.file.flush()
+
+    def _index_tables(self) -> None:
+        """Validate every L1 entry and record where the tables are; tables must not overlap."""
+        h, end = self.h, self.file_end
+        found = [(h.l1_table_offset, "the L1 table")]
+        for i, off in enumerate(self.l1):
+            if off == UNALLOCATED:
+                continue
+            if not h.table_offset_ok(off, end):
+                raise CorruptImage(
+                    self.path,
+                    f"L1 entry {i}: L2 table offset 0x{off:x} is unaligned, in the header or beyond end of file",
+                )
+            found.append((off, f"L1 entry {i}'s L2 table"))
+        found.sort()
+        for (a, what_a), (b, what_b) in itertools.pairwise(found):
+            if a + h.table_bytes > b:
+                raise CorruptImage(self.path, f"{what_b} at 0x{b:x} overlaps {what_a} at 0x{a:x}")
+        self.tables = [off for off, _ in found]
+
+    def _write_header(self) -> None:
+        """Rewrite the first header sector with the current header.  Called with self.lock held
+        (or during open)."""
+        sector = bytearray(self._sector0)
+        sector[:HEADER_LEN] = self.h.encode()
+        self.file.pwrite(sector, 0)
+        self._sector0 = sector
+
+    # -- lookup -----------------------------------------------------------------------------
+
+    def _peek_table(self, l1_index: int) -> array | None:
+        """The cached L2 table for ``l1_index``, ``NO_TABLE`` if the L1 entry is empty, else None."""
+        off = self.l1[l1_index]
+        if off == UNALLOCATED:
+            return NO_TABLE
+        e = self.cache.peek(self.l2_kind, off)
+        return None if e is None else e.value
+
+    async def _get_table(self, l1_index: int) -> CacheEntry | None:
+        """The L2 table entry for ``l1_index``, pinned (release it), or None if the L1 entry is empty."""
+        off = self.l1[l1_index]
+        if off == UNALLOCATED:
+            return None
+        return await self.cache.get(self.l2_kind, off)
+
+    async def _table(self, l1_index: int) -> array:
+        """The L2 table for a read (``NO_TABLE`` for an empty L1 entry); valid until the next await."""
+        table = self._peek_table(l1_index)
+        if table is None:
+            e = await self._get_table(l1_index)
+            if e is None:  # the entry changed while we waited
+                return NO_TABLE
+            self.cache.release(e)
+            table = e.value
+        return table
+
+    def _bad_entry(self, pos: int, value: int) -> NbdError:
+        return NbdError(
+            errno.EINVAL,
+            f"{self.path}: L2 entry for guest offset 0x{pos:x} holds invalid data cluster offset 0x{value:x}",
+        )
+
+    def _run(self, table: array, pos: int, seg_end: int, contiguous: bool) -> tuple[int, int, int]:
+        """(kind, end, host offset of ``pos``) of the run of like clusters starting at ``pos``.
+
+        ``seg_end`` must not pass the end of ``table``'s range.  With ``contiguous`` a data run
+        also requires consecutive host clusters (for I/O); without, any valid data clusters (for
+        block status).  Raises ``NbdError(EINVAL)`` for an invalid data offset at ``pos``.
+        """
+        cb, cs = self.cluster_bits, self.cluster_size
+        i = (pos >> cb) & self.l2_mask
+        value = table[i]
+        next_pos = ((pos >> cb) + 1) << cb
+        if value > ZERO_CLUSTER:
+            file_end = self.file_end
+            if value & self.cluster_mask or not self.header_bytes <= value < file_end:
+                raise self._bad_entry(pos, value)
+            want = value + cs
+            while next_pos < seg_end:
+                i += 1
+                nxt = table[i]
+                if contiguous:
+                    if nxt != want or want >= file_end:
+                        break
+                    want += cs
+                elif nxt <= ZERO_CLUSTER or nxt & self.cluster_mask or not self.header_bytes <= nxt < file_end:
+                    break
+                next_pos += cs
+            return RUN_DATA, min(next_pos, seg_end), value + (pos & self.cluster_mask)
+        while next_pos < seg_end and table[i + 1] == value:
+            i += 1
+            next_pos += cs
+        return (RUN_ZERO if value == ZERO_CLUSTER else RUN_UNALLOCATED), min(next_pos, seg_end), 0
+
+    def _guard(self, host: int, length: int) -> None:
+        """Refuse data I/O that would land on the L1 table or an L2 table."""
+        tables = self.tables
+        k = bisect_right(tables, host + length - 1) - 1
+        if k >= 0 and tables[k] + self.h.table_bytes > host:
+            raise CorruptImage(
+                self.path, f"data cluster range 0x{host:x}+{length} overlaps the table at 0x{tables[k]:x}"
+            )
+
+    # -- reads ------------------------------------------------------------------------------
+
+    async def preadv(self, offset: int, buf: memoryview) -> None:
+        end = offset + len(buf)
+        pos = offset
+        shift = self.l1_shift
+        while pos < end:
+            l1_index = pos >> shift
+            seg_end = (l1_index + 1) << shift
+            if seg_end > end:
+                seg_end = end
+            l2_offset = self.l1[l1_index]
+            e = self.cache.peek(self.l2_kind, l2_offset) if l2_offset else None
+            table = e.value if e is not None else await self._table(l1_index)
+            if table is NO_TABLE:
+                await self.read_backing(pos, buf[pos - offset : seg_end - offset])
+                pos = seg_end
+                continue
+            kind, run_end, host = self._run(table, pos, seg_end, True)
+            part = buf[pos - offset : run_end - offset]
+            if kind == RUN_DATA:
+                self.file.pread_into(part, host)
+            elif kind == RUN_ZERO:
+                part[:] = bytes(len(part))
+            else:
+                await self.read_backing(pos, part)
+            pos = run_end
+
+    async def block_status(self, offset: int, length: int) -> Extent:
+        l1_index = offset >> self.l1_shift
+        seg_end = min(offset + length, (l1_index + 1) << self.l1_shift)
+        table = self._peek_table(l1_index)
+        if table is None:
+            table = await self._table(l1_index)
+        if table is NO_TABLE:
+            return Extent(seg_end - offset, 0)
+        kind, run_end, _ = self._run(table, offset, seg_end, False)
+        return Extent(run_end - offset, _STATE[kind])
+
+    async def cache_hint(self, offset: int, length: int) -> None:
+        """Load the L2 tables covering the range."""
+        for l1_index in range(offset >> self.l1_shift, ((offset + length - 1) >> self.l1_shift) + 1):
+            if self._peek_table(l1_index) is None:
+                await self._table(l1_index)
+
+    # -- writes -----------------------------------------------------------------------------
+
+    async def pwritev(self, offset: int, data: memoryview, *, fua: bool) -> None:
+        if not self._write_in_place(offset, data):
+            await self.lock.lock()
+            try:
+                await self._write_locked(offset, data)
+            finally:
+                self.lock.unlock()
+        if fua:
+            await self.file.flush()
+
+    def _write_in_place(self, offset: int, data: memoryview) -> bool:
+        """Write without the lock if every cluster is allocated and its L2 table cached; else False
+        (and nothing written)."""
+        end = offset + len(data)
+        pos = offset
+        shift = self.l1_shift
+        plan: list[tuple[int, int, int]] = []
+        while pos < end:
+            l1_index = pos >> shift
+            table = self._peek_table(l1_index)
+            if table is None or table is NO_TABLE:
+                return False
+            seg_end = min(end, (l1_index + 1) << shift)
+            kind, run_end, host = self._run(table, pos, seg_end, True)
+            if kind != RUN_DATA:
+                return False
+            self._guard(host, run_end - pos)
+            plan.append((pos, run_end, host))
+            pos = run_end
+        for start, stop, host in plan:
+            self.file.pwrite(data[start - offset : stop - offset], host)
+        return True
+
+    async def _write_locked(self, offset: int, data: memoryview) -> None:
+        """Write, allocating clusters as needed.  Called with self.lock held."""
+        end = offset + len(data)
+        pos = offset
+        shift = self.l1_shift
+        while pos < end:
+            l1_index = pos >> shift
+            seg_end = min(end, (l1_index + 1) << shift)
+            entry = await self._get_table(l1_index)
+            if entry is None:
+                await self._allocate(pos, seg_end, data[pos - offset : seg_end - offset], l1_index, None)
+                pos = seg_end
+                continue
+            try:
+                kind, run_end, host = self._run(entry.value, pos, seg_end, True)
+                if kind == RUN_DATA:
+                    self._guard(host, run_end - pos)
+                    self.file.pwrite(data[pos - offset : run_end - offset], host)
+                else:
+                    run_end = self._unallocated_end(entry.value, pos, seg_end)
+                    await self._allocate(pos, run_end, data[pos - offset : run_end - offset], l1_index, entry)
+            finally:
+                self.cache.release(entry)
+            pos = run_end
+
+    def _unallocated_end(self, table: array, pos: int, seg_end: int) -> int:
+        """End of the run of clusters (unallocated or zero, mixed) that an allocation covers."""
+        cb = self.cluster_bits
+        i = (pos >> cb) & self.l2_mask
+        next_pos = ((pos >> cb) + 1) << cb
+        while next_pos < seg_end and table[i + 1] <= ZERO_CLUSTER:
+            i += 1
+            next_pos += self.cluster_size
+        return min(next_pos, seg_end)
+
+    async def _ensure_need_check(self) -> None:
+        """Set NEED_CHECK on disk before metadata changes.  Called with self.lock held."""
+        self.lock.assert_locked()
+        if not self.h.features & F_NEED_CHECK:
+            self.h.features |= F_NEED_CHECK
+            self._write_header()
+            await self.file.flush()
+
+    def _alloc_clusters(self, n: int) -> int:
+        """Reserve ``n`` clusters at the end of the file.  Called with self.lock held.
+
+        The file never extends past ``file_end`` between allocations, so the new clusters read as
+        zeroes until written (a partial cluster left at the end of the file is cut off first).
+        """
+        if self.file.size > self.file_end:
+            self.file.truncate(self.file_end)
+        host = self.file_end
+        self.file_end += n * self.cluster_size
+        return host
+
+    async def _allocate(self, pos: int, stop: int, data: memoryview, l1_index: int, entry: CacheEntry | None) -> None:
+        """Allocate clusters for the guest range ``[pos, stop)`` (unallocated or zero clusters of
+        one L2 table, or all of an absent table), write ``data`` there with copy-on-write of the
+        partial head and tail clusters, then point the tables at them.  Called with self.lock held.
+        """
+        cs, cb = self.cluster_size, self.cluster_bits
+        first = pos & ~self.cluster_mask
+        last = -(-stop // cs) * cs
+        n = (last - first) >> cb
+        table = None if entry is None else entry.value
+        await self._ensure_need_check()
+        host = self._alloc_clusters(n)
+        if pos > first:
+            await self._cow(first, pos, host, table)
+        self.file.pwrite(data, host + (pos - first))
+        if last > stop:
+            await self._cow(stop, last, host + (stop - first), table)
+        if self.file.size < host + n * cs:
+            self.file.truncate(host + n * cs)
+        if self.backing is not None:
+            await self.file.flush()  # the data must be durable before a table points at it
+        i0 = (first >> cb) & self.l2_mask
+        values = range(host, host + n * cs, cs)
+        if entry is None:
+            await self._new_table(l1_index, i0, values)
+        else:
+            self._update_table(entry, i0, values)
+
+    async def _cow(self, start: int, stop: int, host: int, table: array | None) -> None:
+        """Fill ``[start, stop)`` (part of one newly allocated cluster) with what it read as
+        before: backing data for an unallocated cluster, zeroes for a zero cluster.  The new
+        cluster lies past the old end of file, so zeroes need no write.  Called with self.lock held.
+        """
+        value = UNALLOCATED if table is None else table[(start >> self.cluster_bits) & self.l2_mask]
+        if value != UNALLOCATED or self.backing is None:
+            return
+        buf = bytearray(stop - start)
+        inside = min(stop, self.size) - start
+        if inside > 0:
+            await self.read_backing(start, memoryview(buf)[:inside])
+        self.file.pwrite(buf, host)
+
+    def _update_table(self, entry: CacheEntry, i0: int, values: range | list[int]) -> None:
+        """Set L2 entries ``i0..`` and write their sectors through.  Called with self.lock held."""
+        table = entry.value
+        i1 = i0 + len(values) - 1
+        table[i0 : i1 + 1] = array("Q", values)
+        rel, blob = entry_sectors(table, i0, i1)
+        self.file.pwrite(blob, entry.offset + rel)
+
+    async def _new_table(self, l1_index: int, i0: int, values: range | list[int]) -> None:
+        """Create the L2 table for ``l1_index`` holding ``values`` at ``i0..``: write it whole and
+        sync, then point the L1 entry at it.  Called with self.lock held."""
+        h = self.h
+        off = self._alloc_clusters(h.table_size)
+        table = array("Q", [0]) * h.table_nelems
+        table[i0 : i0 + len(values)] = array("Q", values)
+        entry = self.cache.put_new(self.l2_kind, off, table)
+        try:
+            await self.cache.writeback([entry])  # written and synced before the L1 points at it
+        finally:
+            self.cache.release(entry)
+        self.tables.append(off)  # allocated past every existing table: the list stays sorted
+        self.l1[l1_index] = off
+        rel, blob = entry_sectors(self.l1, l1_index, l1_index)
+        self.file.pwrite(blob, h.l1_table_offset + rel)
+
+    # -- zeroing ----------------------------------------------------------------------------
+
+    async def pwrite_zeroes(self, offset: int, length: int, *, may_trim: bool, fast: bool, fua: bool) -> None:
+        cs = self.cluster_size
+        end = offset + length
+        head_end = min(end, -(-offset // cs) * cs)
+        tail_start = max(head_end, end & ~self.cluster_mask)
+        if fast and (head_end > offset or tail_start < end):
+            raise NbdError(errno.ENOTSUP, "fast zeroing needs whole clusters")
+        if fast and not (self.file.can_punch or self.file.can_zero_range):
+            raise NbdError(errno.ENOTSUP, "the host file cannot zero ranges quickly")
+        await self.lock.lock()
+        try:
+            if head_end > offset:
+                await self._zero_partial(offset, head_end)
+            if tail_start > head_end:
+                await self._zero_clusters(head_end, tail_start, may_trim)
+            if end > tail_start:
+                await self._zero_partial(tail_start, end)
+        finally:
+            self.lock.unlock()
+        if fua:
+            await self.file.flush()
+
+    async def pdiscard(self, offset: int, length: int) -> None:
+        """TRIM the whole clusters in the range (they become zero clusters); partial ones are kept."""
+        cs = self.cluster_size
+        start = -(-offset // cs) * cs
+        stop = (offset + length) & ~self.cluster_mask
+        if stop > start:
+            await self.lock.lock()
+            try:
+                await self._zero_clusters(start, stop, True)
+            finally:
+                self.lock.unlock()
+
+    async def _zero_partial(self, start: int, stop: int) -> None:
+        """Zero part of one cluster: nothing to do if it already reads as zeroes, else write
+        zero bytes.  Called with self.lock held."""
+        table = await self._table(start >> self.l1_shift)
+        value = UNALLOCATED if table is NO_TABLE else table[start >> self.cluster_bits & self.l2_mask]
+        if value == ZERO_CLUSTER or (value == UNALLOCATED and self.backing is None):
+            return
+        await self._write_locked(start, memoryview(bytes(stop - start)))
+
+    async def _zero_clusters(self, start: int, stop: int, may_trim: bool) -> None:
+        """Make whole clusters ``[start, stop)`` read as zeroes: unallocated and zero clusters become
+        zero clusters (entry 1), allocated ones are zeroed in place.  Called with self.lock held."""
+        cb, shift = self.cluster_bits, self.l1_shift
+        pos = start
+        while pos < stop:
+            l1_index = pos >> shift
+            seg_end = min(stop, (l1_index + 1) << shift)
+            i0 = (pos >> cb) & self.l2_mask
+            count = (seg_end - pos) >> cb
+            entry = await self._get_table(l1_index)
+            if entry is None:
+                await self._ensure_need_check()
+                await self._new_table(l1_index, i0, [ZERO_CLUSTER] * count)
+                pos = seg_end
+                continue
+            try:
+                table = entry.value
+                while pos < seg_end:
+                    kind, run_end, host = self._run(table, pos, seg_end, True)
+                    if kind == RUN_DATA:
+                        self._guard(host, run_end - pos)
+                        self._zero_host(host, run_end - pos, may_trim)
+                    elif kind == RUN_UNALLOCATED:
+                        await self._ensure_need_check()
+                        n = (run_end - pos) >> cb
+                        self._update_table(entry, (pos >> cb) & self.l2_mask, [ZERO_CLUSTER] * n)
+                    pos = run_end
+            finally:
+                self.cache.release(entry)
+
+    def _zero_host(self, host: int, length: int, may_trim: bool) -> None:
+        """Zero allocated host clusters in place (punching holes if allowed).  Called with self.lock held."""
+        f = self.file
+        if not ((may_trim and f.punch_hole(host, length)) or f.zero_range(host, length)):
+            f.write_zeroes(host, length)
+
+    # -- flush and close --------------------------------------------------------------------
+
+    async def flush(self) -> None:
+        """Sync everything, then mark the image clean (NEED_CHECK cleared and synced)."""
+        await self.lock.lock()
+        try:
+            await self.file.flush()
+            if self.h.features & F_NEED_CHECK:
+                self.h.features &= ~F_NEED_CHECK
+                self._write_header()
+                await self.file.flush()
+        finally:
+            self.lock.unlock()
+
+    async def close(self) -> None:
+        if not self.readonly:
+            await self.flush()

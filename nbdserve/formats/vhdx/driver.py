@@ -1,0 +1,592 @@
+"""The VHDX driver: dynamic, fixed and differencing images, 512 and 4096-byte logical sectors.
+
+Owns one open VHDX file: open-time validation (``header``, ``metadata``, ``bat``), log replay
+(into the file when writable; into an in-memory overlay when read-only), reads through the BAT
+(payload block states, sector bitmaps of differencing disks, the parent via ``read_backing``),
+allocating writes, WRITE_ZEROES / TRIM as block-state changes, and block status.
+
+Crash-consistency protocol (every step that matters is ordered by an fdatasync):
+  1. Before the first visible change of a session the header is rewritten (non-current slot,
+     sequence + 1) with a new file_write_guid and data_write_guid, and synced.
+  2. An allocation writes the whole payload block at ``ROUND_UP(EOF, 1 MiB)`` (the rest of the
+     block is zeroes or, in a differencing disk, the parent's data) and syncs it.
+  3. The BAT sectors that change go into one log entry, which is synced; the first entry of a
+     log cycle (log_guid 0 in the header) is followed by a header naming a new log_guid, synced.
+  4. Only then are the BAT sectors written in place (not synced: replay covers them).
+  5. ``flush`` syncs the file and, if a log cycle is open, writes a header with log_guid 0 and
+     syncs again: after a flush the log is empty and QEMU can open the file read-only.
+A crash anywhere leaves either the old mapping (leaked space) or a log whose replay gives the new.
+
+Locking: ``self.lock`` (one CoMutex) guards the BAT, the log, the headers and allocation.  Data
+I/O to FULLY_PRESENT blocks runs without it, and a read or write whose BAT page is cached never
+suspends.  Allocation happens only with the lock held, after re-reading the entry, so two
+writers never allocate one block twice.  BAT pages live in the shared cluster cache and are
+never dirty there: they are updated in memory and on disk together under the lock.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import uuid
+from array import array
+
+from ...blockfile import BlockFile
+from ...cache import ClusterCache
+from ...errors import CorruptImage, ImageError, NbdError, UnsupportedImage
+from ...locks import CoMutex
+from ..base import ALLOCATED, DATA, ZERO, BackingRef, Caps, Extent, FormatDriver, Limits, OpenOptions
+from . import bat as B
+from .bat import Geometry, check_bat, decode_page, encode_page, reads_from
+from .header import (
+    FILE_IDENTIFIER,
+    HEADER_OFFSETS,
+    HEADER_SIZE,
+    REGION_TABLE_OFFSETS,
+    REGION_TABLE_SIZE,
+    ZERO_GUID,
+    Header,
+    MiB,
+    choose_header,
+    guid_str,
+    parse_region_tables,
+)
+from .log import SECTOR, LogReader, build_entry, desc_sectors, find_active_sequence, iter_changes
+from .metadata import Metadata, parse_linkage, parse_metadata
+
+OVERLAY_LIMIT = 64 << 20  # bytes of replayed log data a read-only open keeps in memory
+COPY_CHUNK = 4 << 20  # parent data copied per step when a differencing block is allocated
+
+
+def _new_guid() -> bytes:
+    return uuid.uuid4().bytes_le
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+class _ReplayedView:
+    """A read-only view of a file with a pending log applied in memory (read-only opens)."""
+
+    def __init__(self, file: BlockFile, changes: list[tuple[int, bytes | None, int]], size: int) -> None:
+        self.file = file
+        self.path = file.path
+        self.size = size
+        self.readonly = True
+        self.changes = changes
+
+    def pread_into(self, buf: memoryview | bytearray, offset: int) -> None:
+        self.file.pread_into(buf, offset)
+        end = offset + len(buf)
+        view = memoryview(buf)
+        for foff, data, length in self.changes:
+            lo, hi = max(offset, foff), min(end, foff + length)
+            if lo < hi:
+                if data is None:
+                    view[lo - offset : hi - offset] = bytes(hi - lo)
+                else:
+                    view[lo - offset : hi - offset] = data[lo - foff : hi - foff]
+
+    def pread(self, length: int, offset: int) -> bytearray:
+        buf = bytearray(length)
+        self.pread_into(buf, offset)
+        return buf
+
+    async def flush(self) -> None:
+        return None
+
+
+class VhdxDriver(FormatDriver):
+    format_name = "vhdx"
+
+    def __init__(self, file: BlockFile, readonly: bool, cache: ClusterCache) -> None:
+        self.file = file
+        self.readonly = readonly
+        self.cache = cache
+        self.lock = CoMutex("vhdx")
+        self.rf: BlockFile | _ReplayedView = file
+        self.header: Header
+        self.meta: Metadata
+        self.geo: Geometry
+        self.bat_offset = 0
+        self.session_guid = _new_guid()
+        self._visible = False  # header GUIDs updated in this session
+        self._log_dirty = False  # the header names a log_guid that flush must clear
+        self._log_pos = -1  # next write position in the current log cycle; -1: no cycle open
+        self._log_seq = 0
+
+    # -- open -------------------------------------------------------------------------------
+
+    @classmethod
+    def probe(cls, head: bytes, file_size: int) -> int:
+        return 100 if head[:8] == FILE_IDENTIFIER else 0
+
+    @classmethod
+    async def open(cls, file: BlockFile, *, readonly: bool, cache: ClusterCache, options: OpenOptions) -> VhdxDriver:
+        self = cls(file, readonly or file.readonly, cache)
+        await self._open()
+        return self
+
+    async def _open(self) -> None:
+        file, path = self.file, self.file.path
+        if file.size < MiB:
+            raise CorruptImage(path, f"file size {file.size} is smaller than the 1 MiB VHDX header section")
+        if bytes(file.pread(8, 0)) != FILE_IDENTIFIER:
+            raise CorruptImage(path, "file identifier is not 'vhdxfile'")
+        copies = (bytes(file.pread(HEADER_SIZE, HEADER_OFFSETS[0])), bytes(file.pread(HEADER_SIZE, HEADER_OFFSETS[1])))
+        self.header = choose_header(path, copies, file.size)
+        await self._replay_log()
+        rf = self.rf
+        tables = (bytes(rf.pread(REGION_TABLE_SIZE, off)) for off in REGION_TABLE_OFFSETS)
+        regions = parse_region_tables(path, tuple(tables), self.header, rf.size)  # type: ignore[arg-type]
+        moff = regions.metadata_offset
+        self.meta = meta = parse_metadata(path, lambda off, n: rf.pread(n, moff + off), regions.metadata_length)
+        self.size = meta.virtual_disk_size
+        self.geo = geo = Geometry(meta.virtual_disk_size, meta.block_size, meta.logical_sector_size, meta.has_parent)
+        if geo.entries * 8 > regions.bat_length:
+            raise CorruptImage(
+                path, f"BAT region of {regions.bat_length} bytes is too small for {geo.entries} entries"
+            )
+        self.bat_offset = regions.bat_offset
+        self.bat_kind = self.cache.kind(
+            rf, name="VHDX BAT page", size=B.PAGE_SIZE, decode=decode_page, encode=encode_page  # type: ignore[arg-type]
+        )
+        h = self.header
+        reserved = [(0, MiB), (regions.bat_offset, regions.bat_offset + regions.bat_length)]
+        reserved.append((regions.metadata_offset, regions.metadata_offset + regions.metadata_length))
+        if h.log_length:
+            reserved.append((h.log_offset, h.log_offset + h.log_length))
+        check_bat(path, self._bat_pages(geo.entries), geo, rf.size, reserved)
+        if meta.has_parent:
+            self.backing = self._find_parent()
+        self.limits = Limits(align=meta.logical_sector_size)
+        writable = not self.readonly
+        self.caps = Caps(native_zero=writable, native_trim=writable, fast_zero=writable)
+        if writable and h.log_length == 0:
+            raise UnsupportedImage(path, "header log_length is 0: metadata writes cannot be journalled")
+        self._log_dirty = h.log_guid != ZERO_GUID
+
+    def _bat_pages(self, entries: int):
+        """(first index, decoded entries) for the used part of the BAT, 1 MiB at a time."""
+        per = MiB // 8
+        for base in range(0, entries, per):
+            n = min(per, entries - base)
+            yield base, decode_page(self.rf.pread(n * 8, self.bat_offset + base * 8))
+
+    async def _replay_log(self) -> None:
+        """Replay a pending log: into the file when writable, into a view when read-only."""
+        reader = LogReader(self.file, self.header)
+        entries = find_active_sequence(reader)
+        if not entries:
+            return
+        path = self.file.path
+        size = self.file.size
+        end = max([size] + [_round_up(e.last_file_offset, MiB) for e in entries])
+        if self.readonly:
+            changes: list[tuple[int, bytes | None, int]] = []
+            held = 0
+            for e in entries:
+                for change in iter_changes(reader, e, size):
+                    held += SECTOR
+                    if held > OVERLAY_LIMIT:
+                        raise UnsupportedImage(path, "log too large to replay in memory for a read-only open")
+                    changes.append(change)
+            self.rf = _ReplayedView(self.file, changes, end)
+            return
+        for e in entries:  # validate every descriptor before the first write
+            for _ in iter_changes(reader, e, size):
+                pass
+        for e in entries:
+            for foff, data, length in iter_changes(reader, e, size):
+                if data is not None:
+                    self.file.pwrite(data, foff)
+                elif not self.file.zero_range(foff, length):
+                    self.file.write_zeroes(foff, length)
+        if self.file.size < end:
+            self.file.truncate(end)
+        await self.file.flush()
+        await self._write_header(log_guid=ZERO_GUID)
+
+    def _find_parent(self) -> BackingRef:
+        """The parent named by the locator (relative_path first), with its linkage checked."""
+        path = self.file.path
+        loc = self.meta.parent_locator
+        here = os.path.dirname(os.path.realpath(path))
+        tried = []
+        for key in ("relative_path", "volume_path", "absolute_win32_path"):
+            value = loc.get(key)
+            if not value:
+                continue
+            name = value.replace("\\", "/")
+            if key == "relative_path":
+                name = os.path.join(here, name)
+            elif not name.startswith("/"):
+                tried.append(f"{key} {value!r}")
+                continue
+            tried.append(f"{key} {value!r} -> {name}")
+            if os.path.isfile(name):
+                self._check_linkage(name, loc)
+                return BackingRef(os.path.realpath(name), "vhdx")
+        raise ImageError(path, "parent VHDX not found (" + "; ".join(tried) + ")")
+
+    def _check_linkage(self, parent: str, loc: dict[str, str]) -> None:
+        path = self.file.path
+        try:
+            pf = BlockFile(parent, readonly=True)
+        except OSError as e:
+            raise ImageError(path, f"cannot open parent {parent}: {e.strerror}") from None
+        try:
+            if pf.size < MiB or bytes(pf.pread(8, 0)) != FILE_IDENTIFIER:
+                raise CorruptImage(path, f"parent {parent} is not a VHDX file")
+            copies = (bytes(pf.pread(HEADER_SIZE, HEADER_OFFSETS[0])), bytes(pf.pread(HEADER_SIZE, HEADER_OFFSETS[1])))
+            ph = choose_header(parent, copies, pf.size)
+        finally:
+            pf.close()
+        wanted = [parse_linkage(path, loc[k]) for k in ("parent_linkage", "parent_linkage2") if k in loc]
+        if ph.data_write_guid not in wanted:
+            raise CorruptImage(
+                path,
+                f"parent_linkage {loc['parent_linkage']} does not match data_write_guid "
+                f"{guid_str(ph.data_write_guid)} of parent {parent}",
+            )
+
+    # -- BAT access -------------------------------------------------------------------------
+
+    def _peek(self, index: int) -> int | None:
+        e = self.cache.peek(self.bat_kind, self.bat_offset + (index // B.ENTRIES_PER_PAGE) * B.PAGE_SIZE)
+        return None if e is None else e.value[index % B.ENTRIES_PER_PAGE]
+
+    async def _entry(self, index: int) -> int:
+        e = await self.cache.get(self.bat_kind, self.bat_offset + (index // B.ENTRIES_PER_PAGE) * B.PAGE_SIZE)
+        try:
+            return e.value[index % B.ENTRIES_PER_PAGE]
+        finally:
+            self.cache.release(e)
+
+    async def _bitmap_runs(self, block: int, in_block: int, length: int) -> list[tuple[int, bool]]:
+        """(bytes, present here) runs of a PARTIALLY_PRESENT block from its sector bitmap."""
+        geo = self.geo
+        sb = await self._entry(geo.bitmap_index(block))
+        if sb & B.STATE_MASK != B.SB_PRESENT:
+            raise CorruptImage(self.file.path, f"block {block} is partially present but its sector bitmap is not")
+        lss = geo.logical_sector_size
+        first = ((block % geo.chunk_ratio) * geo.block_size + in_block) // lss
+        count = length // lss
+        raw = self.rf.pread((first + count + 7) // 8 - first // 8, (sb & B.OFFSET_MASK) + first // 8)
+        bits = int.from_bytes(raw, "little") >> (first % 8)
+        runs: list[tuple[int, bool]] = []
+        i = 0
+        while i < count:
+            y = bits >> i
+            lowest = (~y & (y + 1)) if y & 1 else (y & -y)  # first bit that differs from bit 0
+            run = min(lowest.bit_length() - 1 if lowest else count - i, count - i)
+            runs.append((run * lss, bool(y & 1)))
+            i += run
+        return runs
+
+    # -- reads ------------------------------------------------------------------------------
+
+    async def preadv(self, offset: int, buf: memoryview) -> None:
+        bs = self.geo.block_size
+        has_parent = self.geo.has_parent
+        pos, n = 0, len(buf)
+        while pos < n:
+            off = offset + pos
+            block, in_block = divmod(off, bs)
+            seg = min(n - pos, bs - in_block)
+            view = buf[pos : pos + seg]
+            index = block + block // self.geo.chunk_ratio
+            e = self._peek(index)
+            if e is None:
+                e = await self._entry(index)
+            how = reads_from(e & B.STATE_MASK, has_parent)
+            if how == B.READ_FILE:
+                self.rf.pread_into(view, (e & B.OFFSET_MASK) + in_block)
+            elif how == B.READ_ZERO:
+                view[:] = bytes(seg)
+            elif how == B.READ_PARENT:
+                await self.read_backing(off, view)
+            else:
+                await self._read_partial(block, in_block, view, e)
+            pos += seg
+
+    async def _read_partial(self, block: int, in_block: int, view: memoryview, e: int) -> None:
+        host = (e & B.OFFSET_MASK) + in_block
+        at = 0
+        base = block * self.geo.block_size + in_block
+        for length, here in await self._bitmap_runs(block, in_block, len(view)):
+            part = view[at : at + length]
+            if here:
+                self.rf.pread_into(part, host + at)
+            else:
+                await self.read_backing(base + at, part)
+            at += length
+
+    # -- writes -----------------------------------------------------------------------------
+
+    async def pwritev(self, offset: int, data: memoryview, *, fua: bool) -> None:
+        bs = self.geo.block_size
+        pos, n = 0, len(data)
+        while pos < n:
+            off = offset + pos
+            block, in_block = divmod(off, bs)
+            seg = min(n - pos, bs - in_block)
+            e = self._peek(block + block // self.geo.chunk_ratio) if self._visible else None
+            if e is not None and e & B.STATE_MASK == B.FULLY_PRESENT:
+                self.file.pwrite(data[pos : pos + seg], (e & B.OFFSET_MASK) + in_block)
+            else:
+                async with self.lock:
+                    await self._write_locked(block, in_block, data[pos : pos + seg])
+            pos += seg
+        if fua:
+            await self.file.flush()
+
+    async def _write_locked(self, block: int, in_block: int, view: memoryview) -> None:
+        """Write inside one block, allocating it if needed.  Called with self.lock held."""
+        self.lock.assert_locked()
+        await self._make_visible()
+        e = await self._entry(self.geo.payload_index(block))
+        if e & B.STATE_MASK == B.FULLY_PRESENT:
+            self.file.pwrite(view, (e & B.OFFSET_MASK) + in_block)
+            return
+        change = await self._fill_block(block, in_block, view, e)
+        await self._commit(change)
+
+    async def _fill_block(self, block: int, in_block: int, view: memoryview, e: int) -> dict[int, int]:
+        """Make a FULLY_PRESENT copy of ``block`` holding ``view`` at ``in_block``; sync it.
+
+        Returns the BAT change to commit.  A PARTIALLY_PRESENT block is completed in place from
+        the parent; any other state gets a new block at the 1 MiB-rounded end of file, filled with
+        zeroes or the parent's data.  Called with self.lock held.
+        """
+        geo, file = self.geo, self.file
+        bs = geo.block_size
+        start = block * bs
+        inside = min(bs, self.size - start)  # bytes of this block inside the virtual disk
+        how = reads_from(e & B.STATE_MASK, geo.has_parent)
+        if how == B.READ_BITMAP:
+            host = e & B.OFFSET_MASK
+            at = 0
+            for length, here in await self._bitmap_runs(block, 0, inside):
+                if not here:
+                    await self._copy_parent(start + at, host + at, length)
+                at += length
+        else:
+            host = _round_up(file.size, MiB)
+            file.truncate(host + bs)
+            if how == B.READ_PARENT:
+                await self._copy_parent(start, host, in_block)
+                tail = in_block + len(view)
+                await self._copy_parent(start + tail, host + tail, max(0, inside - tail))
+        file.pwrite(view, host + in_block)
+        await file.flush()
+        return {geo.payload_index(block): host | B.FULLY_PRESENT}
+
+    async def _copy_parent(self, vpos: int, host: int, length: int) -> None:
+        """Copy the parent's data for virtual ``[vpos, vpos+length)`` to ``host``.  Lock held."""
+        done = 0
+        while done < length:
+            n = min(COPY_CHUNK, length - done)
+            buf = memoryview(bytearray(n))
+            await self.read_backing(vpos + done, buf)
+            if any(buf):
+                self.file.pwrite(buf, host + done)
+            done += n
+
+    async def _make_visible(self) -> None:
+        """Before the first change of a session: new file and data write GUIDs.  Lock held."""
+        if not self._visible:
+            await self._write_header(file_write_guid=self.session_guid, data_write_guid=_new_guid())
+            self._visible = True
+
+    async def _write_header(self, **changes: bytes) -> None:
+        """Write the next header into the non-current slot and sync.  Lock held (or opening)."""
+        new = self.header.successor(**changes)
+        self.file.pwrite(new.encode(), HEADER_OFFSETS[new.slot])
+        await self.file.flush()
+        self.header = new
+
+    async def _commit(self, changes: dict[int, int]) -> None:
+        """Apply BAT ``changes`` {index: entry}: log entry (synced), then in place.  Lock held."""
+        self.lock.assert_locked()
+        pages = {}
+        try:
+            for index in changes:
+                page_off = self.bat_offset + (index // B.ENTRIES_PER_PAGE) * B.PAGE_SIZE
+                if page_off not in pages:
+                    pages[page_off] = await self.cache.get(self.bat_kind, page_off)
+            sectors: dict[int, array] = {}
+            for index, value in changes.items():
+                byte = index * 8
+                sector_off = self.bat_offset + byte // SECTOR * SECTOR
+                if sector_off not in sectors:
+                    page = pages[self.bat_offset + (index // B.ENTRIES_PER_PAGE) * B.PAGE_SIZE].value
+                    first = (sector_off - self.bat_offset) // 8 % B.ENTRIES_PER_PAGE
+                    sectors[sector_off] = array("Q", page[first : first + SECTOR // 8])
+                sectors[sector_off][(byte % SECTOR) // 8] = value
+            encoded = [(off, encode_page(a)) for off, a in sorted(sectors.items())]
+            await self._log_write(encoded)
+            for index, value in changes.items():
+                pages[self.bat_offset + (index // B.ENTRIES_PER_PAGE) * B.PAGE_SIZE].value[
+                    index % B.ENTRIES_PER_PAGE
+                ] = value
+            for off, data in encoded:
+                self.file.pwrite(data, off)
+        finally:
+            for entry in pages.values():
+                self.cache.release(entry)
+
+    async def _log_write(self, sectors: list[tuple[int, bytes]]) -> None:
+        """Append one synced log entry for ``sectors``; open a log cycle if needed.  Lock held."""
+        h = self.header
+        length = (desc_sectors(len(sectors)) + len(sectors)) * SECTOR
+        if length > h.log_length:
+            raise NbdError(errno.ENOSPC, f"{self.file.path}: log too small for a {length}-byte entry")
+        if self._log_pos >= 0 and self._log_pos + length > h.log_length:
+            await self._flush_locked()  # log full: checkpoint, then a new cycle
+        new_cycle = self._log_pos < 0
+        if new_cycle:
+            guid = _new_guid()
+            self._log_pos = 0
+            self._log_seq = 1
+        else:
+            guid = h.log_guid
+        entry = build_entry(guid, self._log_seq, 0, sectors, self.file.size)
+        self.file.pwrite(entry, h.log_offset + self._log_pos)
+        await self.file.flush()
+        self._log_pos += length
+        self._log_seq += 1
+        if new_cycle:
+            await self._write_header(log_guid=guid)
+            self._log_dirty = True
+
+    # -- zeroes and trim --------------------------------------------------------------------
+
+    def _segments(self, offset: int, length: int):
+        bs = self.geo.block_size
+        end = offset + length
+        while offset < end:
+            block, in_block = divmod(offset, bs)
+            seg = min(end - offset, bs - in_block)
+            whole = in_block == 0 and (seg == bs or offset + seg == self.size)
+            yield block, in_block, seg, whole
+            offset += seg
+
+    async def pwrite_zeroes(self, offset: int, length: int, *, may_trim: bool, fast: bool, fua: bool) -> None:
+        """Whole blocks become ZERO (freeing their space) unless they hold data that must stay
+        allocated (NO_HOLE, or LeaveBlockAllocated); those and partial blocks holding data are
+        zeroed in place; partial blocks that read from the parent are allocated.  ``fast``
+        refuses (ENOTSUP, before any change) whatever needs data writes."""
+        geo = self.geo
+        async with self.lock:
+            plan = []
+            for block, in_block, seg, whole in self._segments(offset, length):
+                e = await self._entry(geo.payload_index(block))
+                state = e & B.STATE_MASK
+                how = reads_from(state, geo.has_parent)
+                keep = state == B.FULLY_PRESENT and (self.meta.leave_block_allocated or not may_trim)
+                if whole and not keep:
+                    if state != B.ZERO:
+                        plan.append(("state", block, e, 0, 0))
+                elif how != B.READ_ZERO:
+                    plan.append(("data", block, e, in_block, seg))
+            if fast and any(p[0] == "data" for p in plan):
+                in_place = all(p[2] & B.STATE_MASK == B.FULLY_PRESENT for p in plan if p[0] == "data")
+                if not (in_place and self.file.can_zero_range):
+                    raise NbdError(errno.ENOTSUP, "zeroing part of a VHDX block needs data writes")
+            if not plan:
+                return
+            await self._make_visible()
+            changes: dict[int, int] = {}
+            freed: list[int] = []
+            for kind, block, e, in_block, seg in plan:
+                if kind == "state":
+                    changes[geo.payload_index(block)] = B.ZERO
+                    if e & B.STATE_MASK == B.FULLY_PRESENT:
+                        freed.append(e & B.OFFSET_MASK)
+                else:
+                    e = await self._entry(geo.payload_index(block))
+                    if e & B.STATE_MASK == B.FULLY_PRESENT:
+                        host = (e & B.OFFSET_MASK) + in_block
+                        if not self.file.zero_range(host, seg):
+                            if fast:
+                                raise NbdError(errno.ENOTSUP, "the file system cannot zero a range quickly")
+                            self.file.write_zeroes(host, seg)
+                    else:
+                        await self._commit(await self._fill_block(block, in_block, memoryview(bytes(seg)), e))
+            if changes:
+                await self._commit(changes)
+            for host in freed:
+                self.file.punch_hole(host, geo.block_size)
+        if fua:
+            await self.file.flush()
+
+    async def pdiscard(self, offset: int, length: int) -> None:
+        """Whole blocks that hold data become UNMAPPED (their space is punched); a hint only."""
+        if self.meta.leave_block_allocated:
+            return
+        geo = self.geo
+        async with self.lock:
+            changes: dict[int, int] = {}
+            freed: list[int] = []
+            for block, _, _, whole in self._segments(offset, length):
+                if not whole:
+                    continue
+                e = await self._entry(geo.payload_index(block))
+                if e & B.STATE_MASK in (B.FULLY_PRESENT, B.PARTIALLY_PRESENT):
+                    changes[geo.payload_index(block)] = B.UNMAPPED
+                    freed.append(e & B.OFFSET_MASK)
+            if not changes:
+                return
+            await self._make_visible()
+            await self._commit(changes)
+            for host in freed:
+                self.file.punch_hole(host, geo.block_size)
+
+    # -- flush, status, close ---------------------------------------------------------------
+
+    async def flush(self) -> None:
+        async with self.lock:
+            await self._flush_locked()
+
+    async def _flush_locked(self) -> None:
+        """Sync data and in-place BAT writes, then empty the log (log_guid 0).  Lock held."""
+        await self.file.flush()
+        if self._log_dirty:
+            await self._write_header(log_guid=ZERO_GUID)
+            self._log_dirty = False
+        self._log_pos = -1
+
+    async def block_status(self, offset: int, length: int) -> Extent:
+        geo = self.geo
+        bs = geo.block_size
+        block, in_block = divmod(offset, bs)
+        e = await self._entry(geo.payload_index(block))
+        how = reads_from(e & B.STATE_MASK, geo.has_parent)
+        if how == B.READ_BITMAP:
+            n, here = (await self._bitmap_runs(block, in_block, min(length, bs - in_block)))[0]
+            return Extent(n, ALLOCATED | DATA if here else 0)
+        state = self._status_of(e)
+        n = min(length, bs - in_block)
+        while n < length and n < (1 << 30):
+            block += 1
+            e = await self._entry(geo.payload_index(block))
+            if reads_from(e & B.STATE_MASK, geo.has_parent) == B.READ_BITMAP or self._status_of(e) != state:
+                break
+            n = min(length, n + bs)
+        return Extent(n, state)
+
+    def _status_of(self, e: int) -> int:
+        s = e & B.STATE_MASK
+        if s == B.FULLY_PRESENT:
+            return ALLOCATED | DATA
+        if s == B.ZERO:
+            return ALLOCATED | ZERO
+        return 0
+
+    async def close(self) -> None:
+        if not self.readonly:
+            await self.flush()
+        if self.rf is not self.file:
+            self.cache.discard_file(self.rf)  # type: ignore[arg-type]

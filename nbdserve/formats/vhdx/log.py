@@ -1,0 +1,201 @@
+"""VHDX metadata log: finding and replaying the active sequence, and writing entries (MS-VHDX 2.3).
+
+The log is a circular buffer of 4 KiB sectors at the header's log_offset / log_length.  An entry
+is ``[header + descriptors][more descriptor sectors][data sectors]``; its CRC-32C covers the whole
+entry_length with the checksum field zeroed.  A data descriptor carries bytes 0..7 and
+4092..4095 of its target sector, the data sector the other 4084 bytes plus the sequence number
+split in two halves.  A zero descriptor zeroes a 4 KiB-multiple range.
+
+Owns:
+  * ``find_active_sequence``: scan every sector for valid entries (signature, length, sequence,
+    log GUID, descriptors, data sectors, CRC), chain them (next entry right after, sequence + 1),
+    and pick the chain ending with the highest sequence; replay starts at the last entry's tail
+    when that entry is in the chain (the spec's rule), else at the chain's start (QEMU's rule);
+  * ``iter_changes``: the (file offset, data or zero length) writes an entry describes, each
+    checked against the log region and a bound on the file size;
+  * ``build_entry``: the bytes of a new entry of data descriptors (the writer side).
+
+Bounded memory: an entry is streamed sector by sector; only descriptor sectors are held.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import crc32c
+
+from ...blockfile import BlockFile
+from ...errors import CorruptImage
+from .header import Header, MiB
+
+SECTOR = 4096
+# loge, checksum, entry_length, tail, sequence_number, descriptor_count, reserved, log_guid,
+# flushed_file_offset, last_file_offset
+ENTRY_HEADER = struct.Struct("<4sIIIQII16sQQ")
+# desc: signature, trailing_bytes, leading_bytes, file_offset, sequence_number
+# zero: signature, reserved, zero_length, file_offset, sequence_number
+DESCRIPTOR = struct.Struct("<4sIQQQ")
+MAX_FILE_END = 1 << 48  # replay never writes past 256 TiB
+
+
+def desc_sectors(count: int) -> int:
+    """Sectors holding the entry header (two descriptor slots) and ``count`` descriptors."""
+    return -(-(count + 2) // 128)
+
+
+@dataclass(frozen=True)
+class EntryInfo:
+    pos: int  # offset inside the log
+    length: int
+    sequence: int
+    tail: int
+    descriptor_count: int
+    flushed_file_offset: int
+    last_file_offset: int
+
+
+class LogReader:
+    """Reads the circular log of one file as described by ``header``."""
+
+    def __init__(self, file: BlockFile, header: Header) -> None:
+        self.file = file
+        self.header = header
+        self.offset = header.log_offset
+        self.length = header.log_length
+
+    def sector(self, pos: int) -> bytearray:
+        return self.file.pread(SECTOR, self.offset + pos % self.length)
+
+    def descriptors(self, info: EntryInfo) -> bytearray:
+        n = desc_sectors(info.descriptor_count)
+        buf = bytearray()
+        for i in range(n):
+            buf += self.sector(info.pos + i * SECTOR)
+        return buf
+
+    def entry_at(self, pos: int) -> EntryInfo | None:
+        """The valid entry starting at ``pos``, or None."""
+        first = self.sector(pos)
+        sig, _, length, tail, seq, count, _, guid, flushed, last = ENTRY_HEADER.unpack_from(first)
+        if sig != b"loge" or guid != self.header.log_guid or seq == 0:
+            return None
+        if length == 0 or length % SECTOR or length > self.length or tail % SECTOR or tail >= self.length:
+            return None
+        nd = desc_sectors(count)
+        if nd * SECTOR > length:
+            return None
+        descs = bytearray(first)
+        for i in range(1, nd):
+            descs += self.sector(pos + i * SECTOR)
+        crc = crc32c.crc32c(memoryview(descs)[:4])
+        crc = crc32c.crc32c(b"\0\0\0\0", crc)
+        crc = crc32c.crc32c(memoryview(descs)[8:], crc)
+        data_needed = 0
+        for i in range(count):
+            dsig, _, zlen, foff, dseq = DESCRIPTOR.unpack_from(descs, ENTRY_HEADER.size + i * DESCRIPTOR.size)
+            if dseq != seq or foff % SECTOR:
+                return None
+            if dsig == b"desc":
+                data_needed += 1
+            elif dsig != b"zero" or zlen % SECTOR:
+                return None
+        if (nd + data_needed) * SECTOR > length:
+            return None
+        for i in range(nd, length // SECTOR):
+            sec = self.sector(pos + i * SECTOR)
+            if i < nd + data_needed:
+                dsig, hi = struct.unpack_from("<4sI", sec)
+                (lo,) = struct.unpack_from("<I", sec, SECTOR - 4)
+                if dsig != b"data" or (hi << 32 | lo) != seq:
+                    return None
+            crc = crc32c.crc32c(sec, crc)
+        if crc != struct.unpack_from("<I", first, 4)[0]:
+            return None
+        return EntryInfo(pos, length, seq, tail, count, flushed, last)
+
+
+def find_active_sequence(reader: LogReader) -> list[EntryInfo]:
+    """The entries to replay, oldest first (empty: nothing to replay)."""
+    if reader.header.log_guid == bytes(16) or reader.length == 0:
+        return []
+    found: dict[int, EntryInfo] = {}
+    pos = 0
+    while pos < reader.length:
+        e = reader.entry_at(pos)
+        if e is None:
+            pos += SECTOR
+        else:
+            found[e.pos] = e
+            pos += e.length
+    best: list[EntryInfo] = []
+    for start in found.values():
+        chain = [start]
+        used = start.length
+        while True:
+            nxt = found.get((chain[-1].pos + chain[-1].length) % reader.length)
+            if nxt is None or nxt.sequence != chain[-1].sequence + 1 or used + nxt.length > reader.length:
+                break
+            chain.append(nxt)
+            used += nxt.length
+        if not best or chain[-1].sequence > best[-1].sequence:
+            best = chain
+    if best:
+        tail = best[-1].tail
+        for i, e in enumerate(best):
+            if e.pos == tail:
+                return best[i:]
+    return best
+
+
+def iter_changes(
+    reader: LogReader, info: EntryInfo, file_size: int
+) -> Iterator[tuple[int, bytes | None, int]]:
+    """(file_offset, 4 KiB data or None for zeroes, length) for each descriptor of ``info``."""
+    path = reader.file.path
+    limit = max(file_size, -(-info.last_file_offset // MiB) * MiB)
+    if info.flushed_file_offset > file_size:
+        raise CorruptImage(
+            path, f"log entry {info.sequence}: flushed_file_offset 0x{info.flushed_file_offset:x} is past end of file"
+        )
+    if limit > MAX_FILE_END:
+        raise CorruptImage(path, f"log entry {info.sequence}: last_file_offset 0x{info.last_file_offset:x} too large")
+    descs = reader.descriptors(info)
+    data_pos = info.pos + desc_sectors(info.descriptor_count) * SECTOR
+    log_start, log_end = reader.offset, reader.offset + reader.length
+    for i in range(info.descriptor_count):
+        sig, trailing, lead_or_len, foff, _ = DESCRIPTOR.unpack_from(descs, ENTRY_HEADER.size + i * DESCRIPTOR.size)
+        length = SECTOR if sig == b"desc" else lead_or_len
+        if foff < MiB or foff + length > limit or (foff < log_end and log_start < foff + length):
+            raise CorruptImage(
+                path, f"log entry {info.sequence}: descriptor {i} target 0x{foff:x}+0x{length:x} is outside the file"
+                " or inside the header section or the log"
+            )
+        if sig == b"desc":
+            sec = reader.sector(data_pos)
+            data_pos += SECTOR
+            yield foff, struct.pack("<Q", lead_or_len) + bytes(sec[8:4092]) + struct.pack("<I", trailing), SECTOR
+        elif length:
+            yield foff, None, length
+
+
+def build_entry(
+    log_guid: bytes, sequence: int, tail: int, sectors: list[tuple[int, bytes]], file_size: int
+) -> bytearray:
+    """A log entry of one data descriptor per (4 KiB-aligned file offset, 4 KiB contents)."""
+    count = len(sectors)
+    nd = desc_sectors(count)
+    length = (nd + count) * SECTOR
+    buf = bytearray(length)
+    ENTRY_HEADER.pack_into(buf, 0, b"loge", 0, length, tail, sequence, count, 0, log_guid, file_size, file_size)
+    for i, (foff, data) in enumerate(sectors):
+        lead, = struct.unpack_from("<Q", data)
+        trail, = struct.unpack_from("<I", data, SECTOR - 4)
+        DESCRIPTOR.pack_into(buf, ENTRY_HEADER.size + i * DESCRIPTOR.size, b"desc", trail, lead, foff, sequence)
+        at = (nd + i) * SECTOR
+        struct.pack_into("<4sI", buf, at, b"data", sequence >> 32)
+        buf[at + 8 : at + 4092] = data[8:4092]
+        struct.pack_into("<I", buf, at + 4092, sequence & 0xFFFFFFFF)
+    struct.pack_into("<I", buf, 4, crc32c.crc32c(buf))
+    return buf

@@ -1,0 +1,127 @@
+"""The e2e scenarios, host side: build the image, serve it, run the VM, stop the server, check.
+
+``boot_scenario`` (QEMU's NBD client, root filesystem on the export) and ``attach_scenario``
+(the Linux nbd-client, single and multi-connection) each return the VM's result after every
+host-side check passed, or raise ``vmkit.ScenarioFailed`` saying where and why (with the serial
+console's tail).  The tests call them; the negative control calls ``boot_scenario`` through a
+proxy that corrupts writes and expects a failure.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+from util import run
+from vmkit import (
+    Kernel,
+    MiB,
+    Seed,
+    VmResult,
+    build_rootfs,
+    convert,
+    create_image,
+    debugfs_dump,
+    e2fsck_clean,
+    guest_data,
+    image_map,
+    qemu_img_check,
+    reads_as_hole,
+    run_vm,
+    sha256,
+    tcp_server,
+    to_raw,
+)
+
+# Formats whose driver frees discarded ranges, so that a TRIM reads back as zeroes and the range
+# is a hole in the image afterwards.  For the others a TRIM may leave the data (it is a hint).
+TRIM_FREES = frozenset({"raw", "qcow2"})
+EXPORT = "disk"
+
+
+@dataclass(frozen=True)
+class Guest:
+    kernel: Kernel
+    initrd: Path
+
+
+# A wrapper around the server's port: yields the port the VM connects to.
+PortWrapper = Callable[[int], AbstractContextManager[int]]
+
+
+def boot_scenario(work: Path, guest: Guest, fmt: str, via: PortWrapper = nullcontext) -> VmResult:
+    seed = Seed.make()
+    raw = build_rootfs(work, seed)
+    image = work / f"root.{fmt}"
+    if fmt == "raw":
+        shutil.move(raw, image)
+    else:
+        convert(raw, "raw", image, fmt)
+    with tcp_server(work, image, fmt, EXPORT) as srv, via(srv.port) as port:
+        res = run_vm(work, guest.kernel, guest.initrd, "boot", disk_uri=f"nbd://127.0.0.1:{port}/{EXPORT}")
+        res.expect_ok("boot")
+        srv.stop()
+    data = guest_data()
+    check = _dumper(res, work, _check_filesystem(res, image, fmt))
+    check("/e2e/written.bin", data[: 3 * MiB])
+    check("/seed/b.bin", seed.files["seed/b.bin"])
+    return res
+
+
+def attach_scenario(work: Path, guest: Guest, fmt: str) -> VmResult:
+    image = create_image(work / f"disk.{fmt}", fmt, 64 * MiB)
+    with tcp_server(work, image, fmt, EXPORT) as srv:
+        res = run_vm(
+            work, guest.kernel, guest.initrd, "attach", net=True, params={"port": str(srv.port), "export": EXPORT}
+        )
+        res.expect_ok("attach")
+        srv.stop()
+    data = guest_data()
+    size = json.loads(run("qemu-img", "info", "--output=json", "-f", fmt, image).stdout)["virtual-size"]
+    res.host_check(
+        res.info.get("size") == str(size), f"the guest saw {res.info.get('size')} bytes, the image has {size}"
+    )
+    raw = _check_filesystem(res, image, fmt)
+    check = _dumper(res, work, raw)
+    check("/one.bin", data[: 2 * MiB])
+    check("/two.bin", data[2 * MiB : 3 * MiB])
+    for i in range(1, 8):
+        check(f"/dir/f{i}", data[i * 4097 : 2 * i * 4097])
+
+    # The tail [48M, 56M) held the data file; [52M, 56M) was discarded; [56M, 64M) never written.
+    content = raw.read_bytes()
+    kept, trimmed, rest = content[48 * MiB : 52 * MiB], content[52 * MiB : 56 * MiB], content[56 * MiB : 64 * MiB]
+    res.host_check(kept == data[: 4 * MiB], "the image's [48M, 52M) differs from what the guest wrote")
+    res.host_check(res.info.get("tail-kept") == sha256(kept), "the guest read back [48M, 52M) differently")
+    res.host_check(rest == bytes(len(rest)), "the never-written [56M, 64M) is not zero")
+    zero = bytes(4 * MiB)
+    res.host_check(trimmed in (zero, data[4 * MiB :]), "the discarded [52M, 56M) is neither zero nor the old data")
+    res.host_check(res.info.get("tail-trimmed") == sha256(trimmed), "the guest read the discarded range differently")
+    if fmt in TRIM_FREES:
+        res.host_check(trimmed == zero, f"{fmt}: the discarded [52M, 56M) does not read as zeroes")
+        hole = reads_as_hole(image_map(image, fmt), 52 * MiB, 56 * MiB)
+        res.host_check(hole, f"{fmt}: qemu-img map does not report the discarded [52M, 56M) as a hole")
+    return res
+
+
+def _check_filesystem(res: VmResult, image: Path, fmt: str) -> Path:
+    """``qemu-img check`` the image, convert it to raw, ``e2fsck -fn`` that; returns the raw file."""
+    qemu_img_check(res, image, fmt)
+    raw = to_raw(image, fmt)
+    e2fsck_clean(res, raw)
+    return raw
+
+
+def _dumper(res: VmResult, work: Path, raw: Path) -> Callable[[str, bytes], None]:
+    out = work / "dump"
+
+    def check(path: str, want: bytes) -> None:
+        out.unlink(missing_ok=True)
+        got = debugfs_dump(raw, path, out)
+        res.host_check(got == want, f"{path} in the image: {len(got)} bytes, sha256 {sha256(got)}; want {sha256(want)}")
+
+    return check

@@ -1,0 +1,361 @@
+"""How nbdserve can be started and stopped: --stdio, socket activation (libnbd and
+systemd-socket-activate), TCP, --export/--config with several exports, the -e connection limit,
+graceful SIGTERM, --fork error reporting, and a broken export beside working ones.
+
+Readiness is never a sleep: forked servers return once listening; foreground servers are awaited
+through sd_notify's READY=1 on a NOTIFY_SOCKET the test owns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import nbd
+import pytest
+
+from tests.interop import nbdclient as raw
+from tests.interop.conftest import SIZE, MiB, expected_bytes, write_sparse_raw
+from tests.util import NBDSERVE, REPO, TOOL_ENV, Served, read_pid, run, serve
+
+SERVER_ARGV = [sys.executable, "-m", "nbdserve"]
+
+
+@pytest.fixture
+def repo_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """libnbd starts the server with this process's environment: make ``-m nbdserve`` importable."""
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+
+
+def check_rw(h: nbd.NBD, size: int = SIZE) -> None:
+    assert h.get_size() == size
+    assert h.pread(4096, 0) == b"\x11" * 4096
+    h.pwrite(b"\xc3" * 4096, 2 * MiB)
+    h.flush()
+    assert h.pread(4096, 2 * MiB) == b"\xc3" * 4096
+
+
+@contextlib.contextmanager
+def foreground(tmp_path: Path, *args: str | os.PathLike):
+    """``nbdserve ARGS`` as a child process (no --fork), so its exit status can be checked.
+
+    Yields (process, log path) once the server has sent READY=1 to our NOTIFY_SOCKET.
+    """
+    notify_path = tmp_path / "notify.sock"
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(notify_path))
+    notify.settimeout(60)
+    log = tmp_path / "foreground.log"
+    with open(log, "w") as logf:
+        proc = subprocess.Popen(
+            [*NBDSERVE, *map(str, args)],
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            env={**TOOL_ENV, "NOTIFY_SOCKET": str(notify_path)},
+        )
+    try:
+        try:
+            msg = notify.recv(4096)
+        except TimeoutError:
+            raise AssertionError(f"no READY=1 from the server:\n{log.read_text()}") from None
+        assert b"READY=1" in msg, msg
+        yield proc, log
+    finally:
+        notify.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+# -- --stdio and socket activation --------------------------------------------------------------
+
+
+def test_stdio_through_connect_command(tmp_path: Path, repo_on_path: None) -> None:
+    img = write_sparse_raw(tmp_path / "stdio.img")
+    h = nbd.NBD()
+    h.connect_command([*SERVER_ARGV, "--stdio", "-f", "raw", str(img)])
+    check_rw(h)
+    h.shutdown()
+    del h  # reaps the server, which flushed and closed the image on the way out
+    assert img.read_bytes()[2 * MiB : 2 * MiB + 4096] == b"\xc3" * 4096
+
+
+def test_stdio_refuses_a_non_socket_stdin(tmp_path: Path) -> None:
+    img = write_sparse_raw(tmp_path / "stdio.img")
+    p = run(*NBDSERVE, "--stdio", "-f", "raw", img, check=False, input="")
+    assert p.returncode != 0
+    assert "socket" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_libnbd_socket_activation(tmp_path: Path, repo_on_path: None) -> None:
+    img = write_sparse_raw(tmp_path / "sa.img")
+    h = nbd.NBD()
+    h.connect_systemd_socket_activation([*SERVER_ARGV, "-f", "raw", str(img)])
+    check_rw(h)
+    h.shutdown()
+    del h
+    assert img.read_bytes()[2 * MiB : 2 * MiB + 4096] == b"\xc3" * 4096
+
+
+@pytest.mark.skipif(shutil.which("systemd-socket-activate") is None, reason="systemd-socket-activate missing")
+def test_systemd_socket_activate(tmp_path: Path) -> None:
+    img = write_sparse_raw(tmp_path / "ssa.img")
+    sock = tmp_path / "ssa.sock"
+    proc = subprocess.Popen(
+        ["systemd-socket-activate", "-l", str(sock), *NBDSERVE, "-f", "raw", str(img)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=TOOL_ENV,
+        text=True,
+    )
+    try:
+        # It binds and listens, says so, then execs the server (the listening socket is fd 3).
+        for line in proc.stderr:
+            if line.startswith("Execing"):
+                break
+        else:
+            raise AssertionError("systemd-socket-activate did not start the server")
+        h = nbd.NBD()
+        h.connect_unix(str(sock))
+        check_rw(h)
+        h.shutdown()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+# -- TCP, several exports ----------------------------------------------------------------------
+
+
+def test_tcp(tmp_path: Path) -> None:
+    img = write_sparse_raw(tmp_path / "tcp.img")
+    pidfile, log = tmp_path / "tcp.pid", tmp_path / "tcp.log"
+    with open(log, "w") as logf:
+        p = subprocess.run(
+            [*NBDSERVE, "--fork", "--pid-file", str(pidfile), "-v", "-b", "127.0.0.1", "-p", "0", "-f", "raw", str(img)],
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            env=TOOL_ENV,
+            timeout=60,
+        )
+    assert p.returncode == 0, log.read_text()
+    srv = Served(Path(), read_pid(pidfile), log)
+    try:
+        m = re.search(r"serving nbd://127\.0\.0\.1:(\d+)/", log.read_text())
+        assert m, log.read_text()
+        port = int(m.group(1))
+        assert port != 0
+        h = nbd.NBD()
+        h.connect_tcp("127.0.0.1", str(port))
+        check_rw(h)
+        h.shutdown()
+        out = run("nbdinfo", "--size", f"nbd://127.0.0.1:{port}/").stdout
+        assert int(out) == SIZE
+    finally:
+        srv.stop()
+    assert not pidfile.exists()  # removed on a clean exit
+
+
+def test_config_and_export_flags(tmp_path: Path) -> None:
+    one = write_sparse_raw(tmp_path / "one.img")
+    two = write_sparse_raw(tmp_path / "two.img", size=2 * MiB, runs=((0, 4096, 0x11),))
+    three = write_sparse_raw(tmp_path / "three.img", size=1 * MiB, runs=((0, 4096, 0x11),))
+    cfg = tmp_path / "nbdserve.toml"
+    cfg.write_text(
+        f"""
+[server]
+handshake-timeout = 5
+
+[[export]]
+name = "one"
+path = "{one}"
+format = "raw"
+description = "first export"
+
+[[export]]
+name = "two"
+path = "{two}"
+format = "raw"
+readonly = true
+"""
+    )
+    with serve(tmp_path, "--config", cfg, "--export", f"three={three},format=raw") as srv:
+        listed = run("nbdinfo", "--list", "--json", srv.uri).stdout
+        names = {e["export-name"]: e for e in json.loads(listed)["exports"]}
+        assert set(names) == {"one", "two", "three"}
+        assert names["one"]["description"] == "first export"
+        h = nbd.NBD()
+        h.connect_uri(srv.uri_for("one"))
+        check_rw(h)
+        h.shutdown()
+        h = nbd.NBD()
+        h.connect_uri(srv.uri_for("two"))
+        assert h.get_size() == 2 * MiB and h.is_read_only()
+        assert h.pread(4096, 0) == b"\x11" * 4096
+        h.shutdown()
+        h = nbd.NBD()
+        h.connect_uri(srv.uri_for("three"))
+        assert h.get_size() == 1 * MiB and not h.is_read_only()
+        h.shutdown()
+        # An unknown export name is refused (and does not disturb the server).
+        h = nbd.NBD()
+        with pytest.raises(nbd.Error):
+            h.connect_uri(srv.uri_for("four"))
+        assert srv.alive()
+
+
+def test_bad_image_in_a_multi_export_config_leaves_the_others_serving(tmp_path: Path) -> None:
+    good = write_sparse_raw(tmp_path / "good.img")
+    bad = tmp_path / "bad.img"
+    bad.mkdir()  # exists, but cannot be opened as an image
+    with serve(tmp_path, "--export", f"good={good},format=raw", "--export", f"bad={bad},format=raw") as srv:
+        assert "bad" in srv.log_text()
+        h = nbd.NBD()
+        with pytest.raises(nbd.Error):
+            h.connect_uri(srv.uri_for("bad"))
+        h = nbd.NBD()
+        h.connect_uri(srv.uri_for("good"))
+        check_rw(h)
+        h.shutdown()
+
+
+# -- limits and life cycle ---------------------------------------------------------------------
+
+
+def test_shared_limit_refuses_a_second_client(served_one: Served) -> None:
+    first = nbd.NBD()
+    first.connect_uri(served_one.uri)
+    second = nbd.NBD()
+    with pytest.raises(nbd.Error):
+        second.connect_uri(served_one.uri)
+    assert first.pread(4096, 0) == b"\x11" * 4096  # the first client is unaffected
+    first.shutdown()
+    # Once the first client has gone the slot is free again.  The server notices the close
+    # asynchronously, so try a bounded number of times (each attempt is a full handshake).
+    for _ in range(100):
+        third = nbd.NBD()
+        try:
+            third.connect_uri(served_one.uri)
+        except nbd.Error:
+            continue
+        assert third.pread(4096, 0) == b"\x11" * 4096
+        third.shutdown()
+        break
+    else:
+        raise AssertionError("the connection slot was never freed")
+
+
+@pytest.fixture
+def served_one(tmp_path: Path):
+    img = write_sparse_raw(tmp_path / "one.img")
+    with serve(tmp_path, "-e", "1", "-f", "raw", img) as srv:
+        yield srv
+
+
+def test_sigterm_drains_in_flight_requests(tmp_path: Path) -> None:
+    img = write_sparse_raw(tmp_path / "drain.img")
+    sock = tmp_path / "drain.sock"
+    with foreground(tmp_path, "-k", sock, "-f", "raw", img) as (proc, log):
+        c = raw.RawClient(sock)
+        c.greet()
+        c.go()
+        c.pwrite(4 * MiB, os.urandom(8 * MiB))  # dirty pages: every FUA write below must sync them
+        # One send: 16 FUA writes, then a READ.  The READ is answered at once, so its reply
+        # proves the server has parsed (and started) every write before it.
+        batch = b""
+        for i in range(16):
+            payload = bytes([0x40 + i]) * 4096
+            batch += struct.pack(">IHHQQI", raw.REQUEST_MAGIC, raw.FLAG_FUA, raw.CMD_WRITE, 100 + i, i * 4096, 4096)
+            batch += payload
+            c._pending[100 + i] = (raw.CMD_WRITE, i * 4096, 4096)
+        batch += struct.pack(">IHHQQI", raw.REQUEST_MAGIC, 0, raw.CMD_READ, 999, 2 * MiB, 4096)
+        c._pending[999] = (raw.CMD_READ, 2 * MiB, 4096)
+        c.send(batch)
+        early = []
+        while True:
+            r = c.reply()
+            if r.cookie == 999:
+                break
+            early.append(r.cookie)
+        proc.send_signal(signal.SIGTERM)
+        late = []
+        while len(early) + len(late) < 16:
+            r = c.reply()
+            assert r.error == 0, f"request {r.cookie} failed with errno {r.error}: {r.message}"
+            late.append(r.cookie)
+        assert sorted(early + late) == list(range(100, 116))
+        assert c.wait_closed(30)  # then the server closes the connection...
+        assert proc.wait(timeout=30) == 0  # ...and exits cleanly
+        c.close()
+    text = log.read_text()
+    assert "Traceback" not in text, text
+    data = img.read_bytes()
+    for i in range(16):
+        assert data[i * 4096 : (i + 1) * 4096] == bytes([0x40 + i]) * 4096
+    # at least one write was still in flight when the signal arrived (else nothing was drained)
+    assert late, "every write finished before SIGTERM; the drain was not exercised"
+
+
+def test_sigterm_with_an_idle_client_and_a_handshaking_one(tmp_path: Path) -> None:
+    img = write_sparse_raw(tmp_path / "idle.img")
+    sock = tmp_path / "idle.sock"
+    with foreground(tmp_path, "-k", sock, "-f", "raw", img) as (proc, _log):
+        idle = raw.RawClient(sock)
+        idle.greet()
+        idle.go()
+        assert idle.pread(0, 4096) == b"\x11" * 4096
+        half = raw.RawClient(sock)
+        half.greet()  # never finishes the handshake
+        proc.send_signal(signal.SIGTERM)
+        assert half.wait_closed(30)
+        assert idle.wait_closed(30)
+        assert proc.wait(timeout=30) == 0
+        idle.close()
+        half.close()
+    assert expected_bytes() == img.read_bytes()
+
+
+# -- --fork error reporting ----------------------------------------------------------------------
+
+
+def fork_server(tmp_path: Path, *args: str | os.PathLike) -> subprocess.CompletedProcess:
+    return run(*NBDSERVE, "--fork", "--pid-file", tmp_path / "f.pid", *args, check=False, timeout=60)
+
+
+def test_fork_reports_a_missing_image(tmp_path: Path) -> None:
+    p = fork_server(tmp_path, "-k", tmp_path / "s", "-f", "raw", tmp_path / "nope.img")
+    assert p.returncode != 0
+    assert "nope.img" in p.stderr and "Traceback" not in p.stderr
+    assert not (tmp_path / "f.pid").exists()
+
+
+def test_fork_reports_an_image_that_cannot_be_opened(tmp_path: Path) -> None:
+    (tmp_path / "dir.img").mkdir()
+    p = fork_server(tmp_path, "-k", tmp_path / "s", "-f", "raw", tmp_path / "dir.img")
+    assert p.returncode != 0
+    assert "dir.img" in p.stderr and "Traceback" not in p.stderr
+    assert not (tmp_path / "f.pid").exists()
+
+
+def test_fork_reports_a_busy_port(tmp_path: Path) -> None:
+    img = write_sparse_raw(tmp_path / "busy.img")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        p = fork_server(tmp_path, "-b", "127.0.0.1", "-p", str(port), "-f", "raw", img)
+    assert p.returncode != 0
+    assert str(port) in p.stderr and "Traceback" not in p.stderr
+    assert not (tmp_path / "f.pid").exists()
