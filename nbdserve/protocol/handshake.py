@@ -263,6 +263,11 @@ def _parse_meta(option: int, data: bytes) -> Event:
 # -- replies --------------------------------------------------------------------------------
 
 
+def message_bytes(message: str) -> bytes:
+    """``message`` as UTF-8, cut to at most ``MAX_STRING`` bytes without splitting a character."""
+    return message.encode("utf-8")[: C.MAX_STRING].decode("utf-8", "ignore").encode("utf-8")
+
+
 def option_reply(option: int, reply_type: int, data: bytes = b"") -> bytes:
     return _REP_HDR.pack(C.REPLY_MAGIC, option, reply_type, len(data)) + data
 
@@ -273,7 +278,7 @@ def rep_ack(option: int) -> bytes:
 
 def rep_error(option: int, error: int, message: str = "") -> bytes:
     assert error & C.REP_FLAG_ERROR, "rep_error needs a REP_ERR_* type"
-    return option_reply(option, error, message.encode("utf-8")[: C.MAX_STRING])
+    return option_reply(option, error, message_bytes(message))
 
 
 def rep_server(name: str, description: str = "") -> bytes:

@@ -21,7 +21,7 @@ import errno
 import struct
 
 from . import constants as C
-from .handshake import ProtocolError
+from .handshake import ProtocolError, message_bytes
 
 _REQ = struct.Struct(">IHHQQI")
 _EXT_REQ = struct.Struct(">IHHQQQ")
@@ -282,8 +282,6 @@ def check_request(
             return errno.EINVAL, "no metadata context was negotiated"
         if req.length == 0:
             return errno.EINVAL, "block status of zero length"
-    if t in (C.CMD_TRIM, C.CMD_WRITE_ZEROES) and req.length == 0:
-        return None
     return None
 
 
@@ -359,7 +357,7 @@ class ReplyEncoder:
         """A final error: a simple reply unless structured replies are on."""
         if not self.structured:
             return _SIMPLE.pack(C.SIMPLE_REPLY_MAGIC, error, cookie)
-        msg = message.encode("utf-8")[: C.MAX_STRING]
+        msg = message_bytes(message)
         payload = _ERR.pack(error, len(msg)) + msg
         if error_offset is None:
             return self.chunk(C.REPLY_FLAG_DONE, C.REPLY_TYPE_ERROR, cookie, offset, payload)

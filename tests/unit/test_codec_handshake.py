@@ -123,6 +123,8 @@ DECODE = [
      [F1, inv(C.OPT_INFO, C.REP_ERR_INVALID)]),
     ("info-namelen-huge", f"{FIXED} {OPT} 00000006 0000000a ffffffff {DISK} 0000",
      [F1, inv(C.OPT_INFO, C.REP_ERR_INVALID)]),
+    ("info-namelen-leaves-no-room-for-count", f"{FIXED} {OPT} 00000006 00000009 00000005 {DISK} 61",
+     [F1, inv(C.OPT_INFO, C.REP_ERR_INVALID)]),
     ("info-shorter-than-6", f"{FIXED} {OPT} 00000006 00000003 000000", [F1, inv(C.OPT_INFO, C.REP_ERR_INVALID)]),
     ("info-empty", f"{FIXED} {OPT} 00000006 00000000", [F1, inv(C.OPT_INFO, C.REP_ERR_INVALID)]),
     ("go-count-exceeds-requests", f"{FIXED} {OPT} 00000007 0000000c 00000004 {DISK} 0002 0000",
@@ -145,6 +147,8 @@ DECODE = [
      [F1, inv(C.OPT_LIST_META_CONTEXT, C.REP_ERR_INVALID)]),
     ("meta-namelen-past-data", f"{FIXED} {OPT} 0000000a 00000008 00000009 00000000",
      [F1, inv(C.OPT_SET_META_CONTEXT, C.REP_ERR_INVALID)]),
+    ("meta-namelen-leaves-no-room-for-count", f"{FIXED} {OPT} 00000009 0000000a 00000004 {DISK} 0000",
+     [F1, inv(C.OPT_LIST_META_CONTEXT, C.REP_ERR_INVALID)]),
     ("meta-count-exceeds-data", f"{FIXED} {OPT} 00000009 0000000c 00000000 00000002 00000000",
      [F1, inv(C.OPT_LIST_META_CONTEXT, C.REP_ERR_INVALID)]),
     ("meta-query-past-option-end", f"{FIXED} {OPT} 0000000a 0000000e 00000000 00000001 00000005 6261",
@@ -322,3 +326,9 @@ def test_error_message_capped_at_max_string() -> None:
 def test_rep_error_refuses_non_error_type() -> None:
     with pytest.raises(AssertionError):
         rep_error(C.OPT_GO, C.REP_ACK)
+
+
+def test_error_message_cut_on_a_character_boundary() -> None:
+    out = rep_error(C.OPT_GO, C.REP_ERR_UNKNOWN, "a" + "\u00e9" * 3000)  # 6001 bytes; byte 4096 splits an 'é'
+    assert out[:20] == h(f"{REP} 00000007 80000006 00000fff")
+    assert out[20:].decode("utf-8") == "a" + "\u00e9" * 2047

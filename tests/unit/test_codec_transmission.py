@@ -389,15 +389,15 @@ def test_reply_encoder_modes() -> None:
 
 # -- property: valid requests, split anywhere, decode to themselves ------------------------
 
-_COMPACT_FLAGS = {R: [0, 1, 4, 5], W: [0, 1], D: [0], F: [0, 1], T: [0, 1], CA: [0, 1], WZ: [0, 1, 2, 16, 19],
+_VALID_FLAGS = {R: [0, 1, 4, 5], W: [0, 1], D: [0], F: [0, 1], T: [0, 1], CA: [0, 1], WZ: [0, 1, 2, 16, 19],
                   BS: [0, 1, 8, 9]}  # fmt: skip
 u64 = st.integers(0, (1 << 64) - 1)
 
 
 @st.composite
 def _request(draw, extended: bool) -> tuple:
-    type_ = draw(st.sampled_from(sorted(_COMPACT_FLAGS)))
-    flags = draw(st.sampled_from(_COMPACT_FLAGS[type_]))
+    type_ = draw(st.sampled_from(sorted(_VALID_FLAGS)))
+    flags = draw(st.sampled_from(_VALID_FLAGS[type_]))
     cookie, offset = draw(u64), draw(u64)
     if type_ == W:
         payload = draw(st.binary(max_size=300))
@@ -430,6 +430,7 @@ def test_property_split_requests_decode_to_themselves(case) -> None:
         while pos < b:  # the BufferedProtocol path: never more than get_buffer() offers
             buf = parser.get_buffer()
             n = min(len(buf), b - pos)
+            assert n > 0, "get_buffer() offered no room"
             buf[:n] = wire[pos : pos + n]
             parser.buffer_updated(n)
             pos += n
@@ -437,3 +438,11 @@ def test_property_split_requests_decode_to_themselves(case) -> None:
                 out.append(fields(req))
     assert out == [(t, f, c, o, n, p or None, ov) for t, f, c, o, n, p, ov in reqs]
     assert parser.idle
+
+
+@pytest.mark.parametrize("enc", [SR_ENC, EH_ENC], ids=["structured", "extended"])
+def test_error_chunk_message_capped_on_a_character_boundary(enc: ReplyEncoder) -> None:
+    out = enc.error(COOKIE, 0, errno.EIO, "a" + "\u00e9" * 3000)  # 6001 bytes; byte 4096 splits an 'é'
+    payload = out[enc.chunk_size :]
+    assert payload[:6] == h("00000005 0fff")
+    assert payload[6:].decode("utf-8") == "a" + "\u00e9" * 2047

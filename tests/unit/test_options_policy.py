@@ -201,12 +201,9 @@ CASES = [
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory):
     d = tmp_path_factory.mktemp("exports")
-    (d / "disk.img").write_bytes(b"")
-    (d / "ro.img").write_bytes(b"")
-    with open(d / "disk.img", "r+b") as f:
-        f.truncate(1 << 20)
-    with open(d / "ro.img", "r+b") as f:
-        f.truncate(64 << 10)
+    for name, size in (("disk.img", 1 << 20), ("ro.img", 64 << 10)):
+        with open(d / name, "wb") as f:
+            f.truncate(size)
     cache = ClusterCache()
 
     async def open_both():
