@@ -242,7 +242,8 @@ class Image:
                 if inside:
                     await self.backing._runs(offset, inside, depth + 1, out, limit)
                 if inside < n:
-                    _append(out, Run(n - inside, STATE_HOLE | STATE_ZERO, 0))
+                    # past the end of a shorter backing file: zeroes, attributed to that file (as QEMU does)
+                    _append(out, Run(n - inside, STATE_HOLE | STATE_ZERO, depth + 1))
             else:
                 _append(out, Run(n, STATE_HOLE | STATE_ZERO, 0))
             offset += n

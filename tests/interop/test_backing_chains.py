@@ -119,3 +119,16 @@ def test_image_with_format_magic_is_not_served_as_raw_without_f_raw(tmp_path, fm
     size = img.stat().st_size
     with serve(tmp_path, "-r", "-f", "raw", img) as srv:  # explicit: the file's bytes
         assert int(run("nbdinfo", "--size", srv.uri).stdout) == size
+
+
+def test_short_backing_files_match_qemu_nbd_depths(tmp_path):
+    """Past the end of a shorter backing file the range reads as zeroes and belongs to that file."""
+    qemu_img("create", "-q", "-f", "raw", tmp_path / "base.raw", "4M")
+    qemu_io("raw", tmp_path / "base.raw", "write -P 0x41 0 64k")
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", tmp_path / "mid.qcow2", "8M")
+    top = tmp_path / "top.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2", top, "16M")
+    with serve(tmp_path, "-r", top) as ours, qemu_nbd(tmp_path, top, "qcow2", "-r", "-A") as ref:
+        assert merged_map(ours.uri, "qemu:allocation-depth") == merged_map(ref.uri, "qemu:allocation-depth")
+        assert merged_map(ours.uri) == merged_map(ref.uri)
+        run("qemu-img", "compare", "-f", "raw", "-F", "raw", ours.uri, ref.uri)

@@ -6,11 +6,13 @@ Owns ``check_and_repair``.  It repairs what QEMU's ``qed_check(fix=true)`` repai
   * an L2 entry that is not a valid data-cluster offset is cleared likewise;
   * leaked clusters at the end of the file (allocated by a write whose table update never reached
     the disk) are cut off by truncating the file; QEMU only counts them.  Leaks in the middle of
-    the file cannot be reclaimed in QED (there is no free list) and are only counted.
+    the file (QED has no free list) are filled by moving data clusters down from the end of the
+    file, as far as the last table; whatever cannot be moved is only counted.
 A cluster referenced twice cannot be repaired safely and is refused (``CorruptImage``).
 
-Memory is bounded by one bit per cluster of the file plus one table at a time.  Runs before the
-driver serves anything, so it takes no lock; the caller syncs and clears NEED_CHECK afterwards.
+Memory is bounded by one bit per cluster of the file plus one table at a time (compaction adds
+an entry per table cluster and per cluster it moves).  Runs before the driver serves anything, so
+it takes no lock; the caller syncs and clears NEED_CHECK afterwards.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ class CheckResult:
     cleared_l1: int = 0  # invalid L1 entries cleared
     cleared_l2: int = 0  # invalid L2 entries cleared
     truncated_leaks: int = 0  # leaked clusters cut off the end of the file
+    relocated: int = 0  # data clusters moved down into leaked clusters (then cut off the end)
     leaks: int = 0  # leaked clusters left in the middle of the file
     file_end: int = 0  # the cluster-aligned end of the file after the repair
 
@@ -53,6 +56,65 @@ class _Used:
 
     def count(self) -> int:
         return int.from_bytes(self.map, "little").bit_count()
+
+    def is_set(self, c: int) -> bool:
+        return bool(self.map[c >> 3] & (1 << (c & 7)))
+
+    def clear(self, c: int) -> None:
+        self.map[c >> 3] &= ~(1 << (c & 7)) & 0xFF
+        while self.last >= 0 and not self.is_set(self.last):
+            self.last -= 1
+
+
+def _compact(file: BlockFile, h: QedHeader, l1: array, used: _Used) -> int:
+    """Move data clusters from the end of the file down into leaked clusters, so the leaks end up
+    at the end of the file where truncation reclaims them.  Tables are not moved: compaction
+    stops at the last table.  Returns the number of clusters moved.
+
+    Crash-safe: the copies are synced before any L2 entry points at them (until then they are
+    leaks themselves), and the L2 updates are synced before the caller truncates the old clusters.
+    """
+    bits, first = h.cluster_bits, h.header_size
+    target = first + used.count()  # the end of the file if every leak were reclaimed
+    table_clusters = {
+        (start >> bits) + k for start in {h.l1_table_offset, *l1} - {UNALLOCATED} for k in range(h.table_size)
+    }
+    # Where each data cluster at or past ``target`` is referenced: cluster -> (L2 offset, index).
+    refs: dict[int, tuple[int, int]] = {}
+    for l2_offset in sorted(set(l1) - {UNALLOCATED}):
+        for j, offset in enumerate(decode_table(file.pread(h.table_bytes, l2_offset))):
+            if offset > ZERO_CLUSTER and offset >> bits >= target:
+                refs[offset >> bits] = (l2_offset, j)
+    free = (c for c in range(first, target) if not used.is_set(c))
+    moves: list[tuple[int, int]] = []
+    for c in range(used.last, target - 1, -1):
+        if not used.is_set(c):
+            continue
+        if c in table_clusters or c not in refs:
+            break
+        dst = next(free, None)
+        if dst is None or dst >= c:
+            break
+        moves.append((c, dst))
+    if not moves:
+        return 0
+    for src, dst in moves:
+        file.pwrite(file.pread(h.cluster_size, src << bits), dst << bits)
+    file.flush_sync()
+    by_table: dict[int, list[tuple[int, int]]] = {}
+    for src, dst in moves:
+        l2_offset, j = refs[src]
+        by_table.setdefault(l2_offset, []).append((j, dst << bits))
+    for l2_offset, changes in by_table.items():
+        table = decode_table(file.pread(h.table_bytes, l2_offset))
+        for j, offset in changes:
+            table[j] = offset
+        file.pwrite(encode_table(table), l2_offset)
+    file.flush_sync()
+    for src, dst in moves:
+        used.map[dst >> 3] |= 1 << (dst & 7)
+        used.clear(src)
+    return len(moves)
 
 
 def check_and_repair(file: BlockFile, h: QedHeader, l1: array, file_end: int) -> CheckResult:
@@ -89,6 +151,8 @@ def check_and_repair(file: BlockFile, h: QedHeader, l1: array, file_end: int) ->
     if result.cleared_l1:
         file.pwrite(encode_table(l1), h.l1_table_offset)
     first = h.header_size
+    if (used.last + 1) - first > used.count():  # free clusters below the last used one
+        result.relocated = _compact(file, h, l1, used)
     new_end = max(used.last + 1, first) << bits
     if new_end < file_end or file.size > file_end:
         result.truncated_leaks = (file_end - new_end) // cs if new_end < file_end else 0

@@ -17,7 +17,8 @@ Crash ordering (formats.md §3.3):
     points at them; with a backing file the data is synced first, since a lost data cluster would
     otherwise hide the backing data it replaced;
   * a new L2 table is written whole and synced before the L1 entry points at it;
-  * a flush syncs, then clears NEED_CHECK and syncs the header again; close does the same.
+  * a flush syncs, then, if no metadata changed for 5 s (QEMU's idle timer), clears NEED_CHECK and
+    syncs the header again; close always does (a crash with it still set only costs a check).
 Opening read-write with NEED_CHECK set runs ``check_and_repair`` first.
 
 Zero clusters (L2 entry 1) read as zeroes.  A partial write into one fills the rest of the new
@@ -32,6 +33,7 @@ import errno
 import itertools
 import logging
 import os
+import time
 from array import array
 from bisect import bisect_right
 
@@ -61,6 +63,8 @@ RUN_DATA = 2
 _STATE = {RUN_UNALLOCATED: 0, RUN_ZERO: ALLOCATED | ZERO, RUN_DATA: ALLOCATED | DATA}
 
 NO_TABLE = array("Q")  # sentinel for "the L1 entry is empty" (compared by identity)
+
+NEED_CHECK_IDLE = 5.0  # seconds; see QedDriver.need_check_idle
 
 
 class QedDriver(FormatDriver):
@@ -92,6 +96,11 @@ class QedDriver(FormatDriver):
             file, name="QED L2 table", size=h.table_bytes, decode=decode_table, encode=encode_table
         )
         self.tables: list[int] = []  # sorted start offsets of the L1 and all L2 tables (overlap guard)
+        # A flush clears NEED_CHECK only this many seconds after the last metadata change (as
+        # QEMU's 5 s timer): flush-heavy allocating workloads then do not pay two extra header
+        # writes and syncs per flush.  Close always clears it.
+        self.need_check_idle = NEED_CHECK_IDLE
+        self._last_change = 0.0  # time.monotonic() of the last metadata change
         self._sector0 = bytearray()  # the first header sector as read (header updates rewrite it whole)
 
     # -- opening ----------------------------------------------------------------------------
@@ -112,7 +121,9 @@ class QedDriver(FormatDriver):
         if h.features & F_BACKING_FILE:
             raw = bytes(file.pread(h.backing_filename_size, h.backing_filename_offset)).split(b"\0", 1)[0]
             if not raw:
-                raise CorruptImage(path, "backing file name is empty")
+                raise CorruptImage(
+                    path, f"backing file name at backing_filename_offset 0x{h.backing_filename_offset:x} is empty"
+                )
             fmt = "raw" if h.features & F_BACKING_FORMAT_NO_PROBE else None
             drv.backing = BackingRef(os.fsdecode(raw), fmt)
         if not readonly:
@@ -132,13 +143,14 @@ class QedDriver(FormatDriver):
         """
         r = check_and_repair(self.file, self.h, self.l1, self.file_end)
         self.file_end = r.file_end
-        if r.cleared_l1 or r.cleared_l2 or r.truncated_leaks or r.leaks:
+        if r.cleared_l1 or r.cleared_l2 or r.truncated_leaks or r.leaks or r.relocated:
             log.warning(
                 "%s: repaired after an unclean shutdown: %d invalid L1 and %d invalid L2 entries cleared, "
-                "%d leaked clusters truncated, %d leaked clusters left",
+                "%d data clusters moved, %d leaked clusters truncated, %d leaked clusters left",
                 self.path,
                 r.cleared_l1,
                 r.cleared_l2,
+                r.relocated,
                 r.truncated_leaks,
                 r.leaks,
             )
@@ -194,10 +206,8 @@ class QedDriver(FormatDriver):
     async def _table(self, l1_index: int) -> array:
         """The L2 table for a read (``NO_TABLE`` for an empty L1 entry); valid until the next await."""
         table = self._peek_table(l1_index)
-        if table is None:
-            e = await self._get_table(l1_index)
-            if e is None:  # the entry changed while we waited
-                return NO_TABLE
+        if table is None:  # the L1 entry is set, the table not cached
+            e = await self.cache.get(self.l2_kind, self.l1[l1_index])
             self.cache.release(e)
             table = e.value
         return table
@@ -367,6 +377,7 @@ class QedDriver(FormatDriver):
     async def _ensure_need_check(self) -> None:
         """Set NEED_CHECK on disk before metadata changes.  Called with self.lock held."""
         self.lock.assert_locked()
+        self._last_change = time.monotonic()
         if not self.h.features & F_NEED_CHECK:
             self.h.features |= F_NEED_CHECK
             self._write_header()
@@ -384,6 +395,13 @@ class QedDriver(FormatDriver):
         self.file_end += n * self.cluster_size
         return host
 
+    def _unalloc(self, host: int) -> None:
+        """Give back the clusters from ``host`` on after a failed allocation, so that no leak is
+        left in the middle of the file.  Called with self.lock held (nothing was allocated since)."""
+        self.file_end = host
+        if self.file.size > host:
+            self.file.truncate(host)
+
     async def _allocate(self, pos: int, stop: int, data: memoryview, l1_index: int, entry: CacheEntry | None) -> None:
         """Allocate clusters for the guest range ``[pos, stop)`` (unallocated or zero clusters of
         one L2 table, or all of an absent table), write ``data`` there with copy-on-write of the
@@ -396,15 +414,19 @@ class QedDriver(FormatDriver):
         table = None if entry is None else entry.value
         await self._ensure_need_check()
         host = self._alloc_clusters(n)
-        if pos > first:
-            await self._cow(first, pos, host, table)
-        self.file.pwrite(data, host + (pos - first))
-        if last > stop:
-            await self._cow(stop, last, host + (stop - first), table)
-        if self.file.size < host + n * cs:
-            self.file.truncate(host + n * cs)
-        if self.backing is not None:
-            await self.file.flush()  # the data must be durable before a table points at it
+        try:
+            if pos > first:
+                await self._cow(first, pos, host, table)
+            self.file.pwrite(data, host + (pos - first))
+            if last > stop:
+                await self._cow(stop, last, host + (stop - first), table)
+            if self.file.size < host + n * cs:
+                self.file.truncate(host + n * cs)
+            if self.backing is not None:
+                await self.file.flush()  # the data must be durable before a table points at it
+        except BaseException:
+            self._unalloc(host)
+            raise
         i0 = (first >> cb) & self.l2_mask
         values = range(host, host + n * cs, cs)
         if entry is None:
@@ -536,11 +558,16 @@ class QedDriver(FormatDriver):
     # -- flush and close --------------------------------------------------------------------
 
     async def flush(self) -> None:
-        """Sync everything, then mark the image clean (NEED_CHECK cleared and synced)."""
+        """Sync everything; mark the image clean if no metadata changed for ``need_check_idle``."""
+        await self._flush(time.monotonic() - self._last_change >= self.need_check_idle)
+
+    async def _flush(self, mark_clean: bool) -> None:
+        """Sync, then (``mark_clean``) clear NEED_CHECK and sync the header.  Holding the lock
+        means no allocation is half done."""
         await self.lock.lock()
         try:
             await self.file.flush()
-            if self.h.features & F_NEED_CHECK:
+            if mark_clean and self.h.features & F_NEED_CHECK:
                 self.h.features &= ~F_NEED_CHECK
                 self._write_header()
                 await self.file.flush()
@@ -549,4 +576,4 @@ class QedDriver(FormatDriver):
 
     async def close(self) -> None:
         if not self.readonly:
-            await self.flush()
+            await self._flush(True)
