@@ -452,9 +452,10 @@ def environment(cfg: Config) -> list[str]:
                 cpu = line.split(":", 1)[1].strip()
                 break
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    rev = tool_version(["git", "-C", str(REPO), "describe", "--always", "--dirty"])
     return [
         f"- Host: {platform.node()}, {cpu}, {os.cpu_count()} CPUs, Linux {platform.release()}, load {load} at start",
-        f"- Python {platform.python_version()}; {tool_version(['qemu-nbd', '--version'])}; "
+        f"- nbdserve git {rev}; Python {platform.python_version()}; {tool_version(['qemu-nbd', '--version'])}; "
         f"{tool_version(['nbdkit', '--version'])}; {tool_version(['fio', '--version'])}; "
         f"{tool_version(['nbdcopy', '--version'])}",
         f"- Image: {cfg.size / MiB:g} MiB virtual, filled with non-zero data, on {cfg.workdir} "

@@ -43,6 +43,16 @@ def systemd_sockets() -> list[socket.socket]:
     return socks
 
 
+def _unix_socket_live(path: str) -> bool:
+    """True if something accepts connections on the Unix socket ``path`` (so it is not stale)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+        except OSError:
+            return False
+    return True
+
+
 def bind_sockets(cfg: ServerConfig) -> list[socket.socket]:
     """The listening sockets for ``cfg`` (not for --stdio).  Raises ConfigError on failure."""
     activated = systemd_sockets()
@@ -52,6 +62,8 @@ def bind_sockets(cfg: ServerConfig) -> list[socket.socket]:
         path = cfg.socket
         try:
             if stat.S_ISSOCK(os.stat(path).st_mode):
+                if _unix_socket_live(path):
+                    raise ConfigError(f"cannot listen on {path}: another server is listening there")
                 os.unlink(path)  # a stale socket from an earlier run
         except FileNotFoundError:
             pass
@@ -61,7 +73,7 @@ def bind_sockets(cfg: ServerConfig) -> list[socket.socket]:
             s.listen(128)
         except OSError as e:
             s.close()
-            raise ConfigError(f"cannot listen on {path}: {e.strerror}") from None
+            raise ConfigError(f"cannot listen on {path}: {e.strerror or e}") from None
         return [s]
     try:
         infos = socket.getaddrinfo(cfg.bind or None, cfg.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
@@ -80,7 +92,7 @@ def bind_sockets(cfg: ServerConfig) -> list[socket.socket]:
             s.close()
             for o in socks:
                 o.close()
-            raise ConfigError(f"cannot listen on {cfg.bind}:{cfg.port}: {e.strerror}") from None
+            raise ConfigError(f"cannot listen on {cfg.bind}:{cfg.port}: {e.strerror or e}") from None
         socks.append(s)
     return socks
 
