@@ -7,10 +7,9 @@ image (in that order).  Export names must be unique.  Nothing here opens files o
 
 from __future__ import annotations
 
-import os
 import re
 import tomllib
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from .cache import DEFAULT_CACHE_SIZE
@@ -163,8 +162,6 @@ def validate(cfg: ServerConfig) -> ServerConfig:
             raise ConfigError(f"export {e.name!r}: unknown format {e.format!r} (one of {', '.join(FORMATS)})")
         if e.vpc_size not in ("auto", "chs", "current"):
             raise ConfigError(f"export {e.name!r}: vpc-size must be auto, chs or current")
-        if not os.path.exists(e.path):
-            raise ConfigError(f"export {e.name!r}: {e.path}: no such file")
     if not cfg.exports:
         raise ConfigError("nothing to serve: give an IMAGE, --export or --config")
     if cfg.stdio and (cfg.fork or cfg.socket):
@@ -186,7 +183,6 @@ __all__ = [
     "ConfigError",
     "ExportConfig",
     "ServerConfig",
-    "field",
     "load_toml",
     "merge",
     "parse_export_spec",

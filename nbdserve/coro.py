@@ -37,10 +37,7 @@ class _Runner:
         global _current
         previous, _current = _current, self
         try:
-            if exc is None:
-                fut = self.coro.send(None)
-            else:
-                fut = self.coro.throw(exc)
+            fut = self.coro.send(None) if exc is None else self.coro.throw(exc)
         except StopIteration as stop:
             _current = previous
             self.done(stop.value, None)

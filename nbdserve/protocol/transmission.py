@@ -58,6 +58,9 @@ class Request:
 
 
 _HEADER, _PAYLOAD, _DRAIN = 0, 1, 2
+# A WRITE payload is received into parts of at most this size, allocated as its bytes arrive, so
+# a client that sends a header and stalls pins at most one part, not the announced length.
+PAYLOAD_STEP = 1 << 20
 
 
 class RequestParser:
@@ -78,14 +81,17 @@ class RequestParser:
         self.extended = extended
         self.max_payload = max_payload
         self.drain_limit = drain_limit
+        assert buffer_size <= PAYLOAD_STEP, "a payload's first bytes must fit its first part"
         self._buf = bytearray(buffer_size)
         self._view = memoryview(self._buf)
         self._start = 0  # first unparsed byte
         self._end = 0  # end of received bytes
         self._state = _HEADER
         self._pending: Request | None = None  # request whose payload is being received
-        self._pview: memoryview | None = None
+        self._parts: list[bytearray] = []  # the payload received so far, in parts
+        self._pview: memoryview | None = None  # the part being filled
         self._pfill = 0
+        self._ptodo = 0  # payload bytes not yet allocated
         self._drain = 0
         self._ready: Request | None = None
 
@@ -98,6 +104,8 @@ class RequestParser:
 
     def get_buffer(self) -> memoryview:
         if self._state == _PAYLOAD:
+            if self._pfill == len(self._pview) and self._ptodo:
+                self._next_part()
             return self._pview[self._pfill :]
         if self._start == self._end:
             self._start = self._end = 0
@@ -127,8 +135,8 @@ class RequestParser:
             buf[:n] = data[:n]
             self.buffer_updated(n)
             data = data[n:]
-            if self._state == _PAYLOAD and self._pfill == len(self._pview):
-                self._finish_payload()
+            if self._state == _PAYLOAD and self._payload_complete():
+                self._ready = self._finish_payload()
 
     # -- decoding ---------------------------------------------------------------------------
 
@@ -137,9 +145,7 @@ class RequestParser:
             req, self._ready = self._ready, None
             return req
         if self._state == _PAYLOAD:
-            if self._pfill < len(self._pview):
-                return None
-            return self._finish_payload_take()
+            return self._finish_payload() if self._payload_complete() else None
         if self._state == _DRAIN:
             avail = self._end - self._start
             n = min(avail, self._drain)
@@ -180,28 +186,32 @@ class RequestParser:
             if not self._drain:
                 self._state = _HEADER
             return req
-        payload = bytearray(payload_len)
-        n = min(self._end - self._start, payload_len)
-        payload[:n] = self._view[self._start : self._start + n]
-        self._start += n
-        req.payload = payload
-        if n == payload_len:
-            return req
+        n = min(self._end - self._start, payload_len)  # <= the ring buffer <= PAYLOAD_STEP
         self._pending = req
-        self._pview = memoryview(payload)
+        self._ptodo = payload_len
+        self._next_part()
+        self._pview[:n] = self._view[self._start : self._start + n]
+        self._start += n
         self._pfill = n
         self._state = _PAYLOAD
-        return None
+        return self._finish_payload() if self._payload_complete() else None
 
-    def _finish_payload(self) -> None:
-        self._ready = self._finish_payload_take()
+    def _next_part(self) -> None:
+        part = bytearray(min(self._ptodo, PAYLOAD_STEP))
+        self._ptodo -= len(part)
+        self._parts.append(part)
+        self._pview = memoryview(part)
+        self._pfill = 0
 
-    def _finish_payload_take(self) -> Request:
-        req = self._pending
-        self._pending = None
-        self._pview = None
-        self._state = _HEADER
+    def _payload_complete(self) -> bool:
+        return self._pfill == len(self._pview) and not self._ptodo
+
+    def _finish_payload(self) -> Request:
+        req, parts = self._pending, self._parts
         assert req is not None
+        req.payload = parts[0] if len(parts) == 1 else bytearray().join(parts)
+        self._pending, self._parts, self._pview = None, [], None
+        self._state = _HEADER
         return req
 
 

@@ -9,9 +9,10 @@ concurrently and are answered out of order.
 Invariants:
   * At most ``max_requests`` requests and ``max_inflight_bytes`` bytes are in flight per
     connection; beyond that the session stops parsing and pauses reading (back-pressure), and it
-    pauses reading too while the transport's write buffer is full.
+    pauses reading (and parsing) too while the transport's write buffer is full.
   * Each reply is written with one ``write``/``writelines`` call, so replies never interleave;
-    replies produced while parsing one receive are collected and written with one call.
+    replies produced while parsing one receive are collected and written together (a batch is
+    written early once it holds ``_BATCH_LIMIT`` bytes, so write back-pressure is noticed).
   * DISC and server shutdown stop reading, let in-flight requests finish and reply, then close.
   * A protocol violation ends only this connection (``transport.abort``); request errors are
     replies, never disconnections.
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import itertools
 import logging
 import socket
 from typing import TYPE_CHECKING
@@ -40,7 +42,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("nbdserve")
 
 _HANDSHAKE, _TRANSMISSION, _CLOSED = 0, 1, 2
+_connection_ids = itertools.count(1)  # names Unix-socket peers in the log
 _MAX_EXTENTS = 1 << 16
+# Replies collected in one _pump are written once they reach this size, so the transport can
+# signal pause_writing and stop the parsing of more requests: a client that does not read its
+# replies makes the server buffer about this plus one reply, not every reply it asked for.
+_BATCH_LIMIT = 256 << 10
 # Structured reads at least this long send unallocated/zero ranges as OFFSET_HOLE chunks; shorter
 # reads always send data (a block-status lookup would cost more than the zeroes it saves).
 SPARSE_READ_MIN = 64 << 10
@@ -71,6 +78,7 @@ class Session(asyncio.BufferedProtocol):
         # client still sending the payload is not ready for the reply (libnbd drops the link).
         self._held: Request | None = None
         self._batch: list | None = None  # replies collected during one _pump
+        self._batch_bytes = 0
         self._read_paused = False
         self._write_paused = False
         self._stopping = False  # DISC received or server shutting down: parse nothing more
@@ -87,7 +95,7 @@ class Session(asyncio.BufferedProtocol):
             except OSError:
                 pass
         peer = transport.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "local"
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else f"local#{next(_connection_ids)}"
         self.server.sessions.add(self)
         log.debug("%s: connected", self.peer)
         if self.cfg.handshake_timeout > 0:
@@ -117,7 +125,10 @@ class Session(asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self._write_paused = False
-        self._update_reading()
+        if self.phase == _TRANSMISSION and not self._pumping:
+            self._pump()  # requests parsed-ready in the buffer need no new bytes to proceed
+        else:
+            self._update_reading()
 
     def _handshake_timeout(self) -> None:
         if self.phase == _HANDSHAKE:
@@ -225,9 +236,10 @@ class Session(asyncio.BufferedProtocol):
             return
         self._pumping = True
         self._batch = []
+        self._batch_bytes = 0
         try:
             parser = self.parser
-            while not self._stopping and self.phase == _TRANSMISSION and not self._throttled():
+            while not (self._stopping or self._write_paused) and self.phase == _TRANSMISSION and not self._throttled():
                 try:
                     req = parser.next_event()
                 except ProtocolError as e:
@@ -243,6 +255,8 @@ class Session(asyncio.BufferedProtocol):
                     self._held = req
                     continue
                 self._dispatch(req)
+                if self._batch_bytes >= _BATCH_LIMIT:
+                    self._flush_batch()  # may pause writing, which ends this loop
             if self._held is not None and parser.idle:
                 self._dispatch(self._held)
                 self._held = None
@@ -302,10 +316,19 @@ class Session(asyncio.BufferedProtocol):
         log.log(logging.DEBUG if expected else logging.WARNING, "%s: %r failed: %s", self.peer, req, msg, exc_info=bug)
         self._send(self.enc.error(req.cookie, req.offset, nbd_errno(err, fast_zero=fast), msg))
 
+    def _flush_batch(self) -> None:
+        """Write the replies collected so far in this _pump (called while pumping)."""
+        batch, self._batch = self._batch, []
+        self._batch_bytes = 0
+        t = self.transport
+        if t is not None and not t.is_closing():
+            t.writelines(batch)
+
     def _send(self, data: bytes | bytearray) -> None:
         """Send one reply: batched while pumping (one write for every reply a receive produced)."""
         if self._batch is not None:
             self._batch.append(data)
+            self._batch_bytes += len(data)
             return
         t = self.transport
         if t is not None and not t.is_closing():
@@ -315,6 +338,7 @@ class Session(asyncio.BufferedProtocol):
         """Send the chunks of one reply (or a batch) together."""
         if self._batch is not None:
             self._batch.extend(chunks)
+            self._batch_bytes += sum(map(len, chunks))
             return
         t = self.transport
         if t is not None and not t.is_closing():

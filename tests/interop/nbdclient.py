@@ -85,12 +85,13 @@ class RawClient:
     # -- bytes --------------------------------------------------------------------------------
 
     def recv_exact(self, n: int) -> bytes:
-        out = bytearray()
-        while len(out) < n:
-            chunk = self.sock.recv(n - len(out))
-            if not chunk:
-                raise Closed(f"server closed after {len(out)} of {n} bytes")
-            out += chunk
+        out = bytearray(n)
+        view, got = memoryview(out), 0
+        while got < n:
+            k = self.sock.recv_into(view[got:])
+            if not k:
+                raise Closed(f"server closed after {got} of {n} bytes")
+            got += k
         return bytes(out)
 
     def send(self, data: bytes) -> None:
@@ -147,7 +148,8 @@ class RawClient:
         raw = name.encode()
         if contexts:
             qs = b"".join(struct.pack(">I", len(q.encode())) + q.encode() for q in contexts)
-            replies = self.option(OPT_SET_META_CONTEXT, struct.pack(">I", len(raw)) + raw + struct.pack(">I", len(contexts)) + qs)
+            data = struct.pack(">I", len(raw)) + raw + struct.pack(">I", len(contexts)) + qs
+            replies = self.option(OPT_SET_META_CONTEXT, data)
             assert replies[-1][0] == REP_ACK, replies
             for rtype, payload in replies[:-1]:
                 assert rtype == REP_META_CONTEXT
@@ -170,6 +172,10 @@ class RawClient:
             hdr = struct.pack(">IHHQQI", REQUEST_MAGIC, flags, cmd, cookie, offset, length)
         self._pending[cookie] = (cmd, offset, length)
         self.send(hdr + payload)
+
+    def expect(self, cookie: int, cmd: int, offset: int, length: int) -> None:
+        """Record a request the caller sent by hand (with ``send``) so its reply can be decoded."""
+        self._pending[cookie] = (cmd, offset, length)
 
     def reply(self) -> Reply:
         """Read chunks until one request's reply is complete; returns it (any cookie)."""
@@ -204,11 +210,12 @@ class RawClient:
                 return r
 
     def _absorb(self, r: Reply, ctype: int, payload: bytes, cmd: int, req_off: int, req_len: int) -> None:
-        if cmd == CMD_READ and r.data is None:
+        if ctype in (CHUNK_DATA, CHUNK_HOLE) and r.data is None:
+            assert cmd == CMD_READ, "a data or hole chunk for a command other than READ"
             r.data = bytearray(req_len)
         if ctype == CHUNK_DATA:
             (off,) = struct.unpack_from(">Q", payload)
-            data = payload[8:]
+            data = memoryview(payload)[8:]
             assert req_off <= off and off + len(data) <= req_off + req_len, "data chunk outside the request"
             r.data[off - req_off : off - req_off + len(data)] = data
         elif ctype == CHUNK_HOLE:
@@ -251,6 +258,7 @@ class RawClient:
             flags |= FLAG_PAYLOAD_LEN
         return self.call(CMD_WRITE, offset, len(data), flags, data)
 
-    def disconnect(self) -> None:
-        self.request(CMD_DISC, 0)
-        self._pending.pop(0, None)
+    def disconnect(self, cookie: int = 0) -> None:
+        """Send DISC (which has no reply, so it is not recorded as pending)."""
+        self.request(CMD_DISC, cookie)
+        del self._pending[cookie]

@@ -17,7 +17,6 @@ import signal
 import socket
 import struct
 import subprocess
-import sys
 from pathlib import Path
 
 import nbd
@@ -26,8 +25,6 @@ import pytest
 from tests.interop import nbdclient as raw
 from tests.interop.conftest import SIZE, MiB, expected_bytes, write_sparse_raw
 from tests.util import NBDSERVE, REPO, TOOL_ENV, Served, read_pid, run, serve
-
-SERVER_ARGV = [sys.executable, "-m", "nbdserve"]
 
 
 @pytest.fixture
@@ -82,7 +79,7 @@ def foreground(tmp_path: Path, *args: str | os.PathLike):
 def test_stdio_through_connect_command(tmp_path: Path, repo_on_path: None) -> None:
     img = write_sparse_raw(tmp_path / "stdio.img")
     h = nbd.NBD()
-    h.connect_command([*SERVER_ARGV, "--stdio", "-f", "raw", str(img)])
+    h.connect_command([*NBDSERVE, "--stdio", "-f", "raw", str(img)])
     check_rw(h)
     h.shutdown()
     del h  # reaps the server, which flushed and closed the image on the way out
@@ -99,7 +96,7 @@ def test_stdio_refuses_a_non_socket_stdin(tmp_path: Path) -> None:
 def test_libnbd_socket_activation(tmp_path: Path, repo_on_path: None) -> None:
     img = write_sparse_raw(tmp_path / "sa.img")
     h = nbd.NBD()
-    h.connect_systemd_socket_activation([*SERVER_ARGV, "-f", "raw", str(img)])
+    h.connect_systemd_socket_activation([*NBDSERVE, "-f", "raw", str(img)])
     check_rw(h)
     h.shutdown()
     del h
@@ -118,12 +115,10 @@ def test_systemd_socket_activate(tmp_path: Path) -> None:
         text=True,
     )
     try:
-        # It binds and listens, says so, then execs the server (the listening socket is fd 3).
-        for line in proc.stderr:
-            if line.startswith("Execing"):
-                break
-        else:
-            raise AssertionError("systemd-socket-activate did not start the server")
+        # It binds and listens, says so, and execs the server (listening socket on fd 3) when
+        # the first client knocks; that client waits in the listen backlog meanwhile.
+        line = proc.stderr.readline()
+        assert line.startswith("Listening on"), line
         h = nbd.NBD()
         h.connect_unix(str(sock))
         check_rw(h)
@@ -144,7 +139,7 @@ def test_tcp(tmp_path: Path) -> None:
     pidfile, log = tmp_path / "tcp.pid", tmp_path / "tcp.log"
     with open(log, "w") as logf:
         p = subprocess.run(
-            [*NBDSERVE, "--fork", "--pid-file", str(pidfile), "-v", "-b", "127.0.0.1", "-p", "0", "-f", "raw", str(img)],
+            [*NBDSERVE, "--fork", "--pid-file", str(pidfile), "-v", "-b", "127.0.0.1", "-p", "0", "-f", "raw", img],
             stdout=logf,
             stderr=subprocess.STDOUT,
             env=TOOL_ENV,
@@ -220,11 +215,17 @@ def test_bad_image_in_a_multi_export_config_leaves_the_others_serving(tmp_path: 
     good = write_sparse_raw(tmp_path / "good.img")
     bad = tmp_path / "bad.img"
     bad.mkdir()  # exists, but cannot be opened as an image
-    with serve(tmp_path, "--export", f"good={good},format=raw", "--export", f"bad={bad},format=raw") as srv:
-        assert "bad" in srv.log_text()
-        h = nbd.NBD()
-        with pytest.raises(nbd.Error):
-            h.connect_uri(srv.uri_for("bad"))
+    corrupt = tmp_path / "corrupt.qcow2"  # qcow2 magic and version 3, nonsense after that
+    corrupt.write_bytes(b"QFI\xfb" + struct.pack(">I", 3) + b"\xff" * 504)
+    args = ["--export", f"good={good},format=raw", "--export", f"bad={bad},format=raw"]
+    with serve(tmp_path, *args, "--export", f"corrupt={corrupt}") as srv:
+        log = srv.log_text()
+        assert "'bad' not available" in log and "'corrupt' not available" in log, log
+        assert "Traceback" not in log
+        for name in ("bad", "corrupt"):
+            h = nbd.NBD()
+            with pytest.raises(nbd.Error):
+                h.connect_uri(srv.uri_for(name))
         h = nbd.NBD()
         h.connect_uri(srv.uri_for("good"))
         check_rw(h)
@@ -265,13 +266,14 @@ def served_one(tmp_path: Path):
 
 
 def test_sigterm_drains_in_flight_requests(tmp_path: Path) -> None:
-    img = write_sparse_raw(tmp_path / "drain.img")
+    img = write_sparse_raw(tmp_path / "drain.img", size=64 * MiB)
     sock = tmp_path / "drain.sock"
-    with foreground(tmp_path, "-k", sock, "-f", "raw", img) as (proc, log):
+    with foreground(tmp_path, "-v", "-k", sock, "-f", "raw", img) as (proc, log):
         c = raw.RawClient(sock)
         c.greet()
         c.go()
-        c.pwrite(4 * MiB, os.urandom(8 * MiB))  # dirty pages: every FUA write below must sync them
+        for off in (8 * MiB, 32 * MiB):  # 48 MiB of dirty pages: the FUA writes below sync them
+            c.pwrite(off, os.urandom(24 * MiB))
         # One send: 16 FUA writes, then a READ.  The READ is answered at once, so its reply
         # proves the server has parsed (and started) every write before it.
         batch = b""
@@ -279,9 +281,9 @@ def test_sigterm_drains_in_flight_requests(tmp_path: Path) -> None:
             payload = bytes([0x40 + i]) * 4096
             batch += struct.pack(">IHHQQI", raw.REQUEST_MAGIC, raw.FLAG_FUA, raw.CMD_WRITE, 100 + i, i * 4096, 4096)
             batch += payload
-            c._pending[100 + i] = (raw.CMD_WRITE, i * 4096, 4096)
+            c.expect(100 + i, raw.CMD_WRITE, i * 4096, 4096)
         batch += struct.pack(">IHHQQI", raw.REQUEST_MAGIC, 0, raw.CMD_READ, 999, 2 * MiB, 4096)
-        c._pending[999] = (raw.CMD_READ, 2 * MiB, 4096)
+        c.expect(999, raw.CMD_READ, 2 * MiB, 4096)
         c.send(batch)
         early = []
         while True:
@@ -301,6 +303,7 @@ def test_sigterm_drains_in_flight_requests(tmp_path: Path) -> None:
         c.close()
     text = log.read_text()
     assert "Traceback" not in text, text
+    assert "flushing and closing images" in text, text
     data = img.read_bytes()
     for i in range(16):
         assert data[i * 4096 : (i + 1) * 4096] == bytes([0x40 + i]) * 4096
@@ -330,22 +333,35 @@ def test_sigterm_with_an_idle_client_and_a_handshaking_one(tmp_path: Path) -> No
 # -- --fork error reporting ----------------------------------------------------------------------
 
 
-def fork_server(tmp_path: Path, *args: str | os.PathLike) -> subprocess.CompletedProcess:
-    return run(*NBDSERVE, "--fork", "--pid-file", tmp_path / "f.pid", *args, check=False, timeout=60)
+def fork_server(tmp_path: Path, *args: str | os.PathLike) -> tuple[int, str]:
+    """``nbdserve --fork ARGS`` expected to fail: (exit status, output).  Output goes through a file,
+    not a pipe (a daemon keeps its stderr open); a daemon started by mistake is stopped at once."""
+    pidfile, log = tmp_path / "f.pid", tmp_path / "fork.log"
+    with open(log, "w") as logf:
+        rc = subprocess.run(
+            [*NBDSERVE, "--fork", "--pid-file", str(pidfile), *map(str, args)],
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            env=TOOL_ENV,
+            timeout=60,
+        ).returncode
+    if rc == 0 and pidfile.exists():
+        Served(Path(), read_pid(pidfile), log).stop()
+    return rc, log.read_text()
 
 
 def test_fork_reports_a_missing_image(tmp_path: Path) -> None:
-    p = fork_server(tmp_path, "-k", tmp_path / "s", "-f", "raw", tmp_path / "nope.img")
-    assert p.returncode != 0
-    assert "nope.img" in p.stderr and "Traceback" not in p.stderr
+    rc, out = fork_server(tmp_path, "-k", tmp_path / "s", "-f", "raw", tmp_path / "nope.img")
+    assert rc != 0
+    assert "nope.img" in out and "Traceback" not in out
     assert not (tmp_path / "f.pid").exists()
 
 
 def test_fork_reports_an_image_that_cannot_be_opened(tmp_path: Path) -> None:
     (tmp_path / "dir.img").mkdir()
-    p = fork_server(tmp_path, "-k", tmp_path / "s", "-f", "raw", tmp_path / "dir.img")
-    assert p.returncode != 0
-    assert "dir.img" in p.stderr and "Traceback" not in p.stderr
+    rc, out = fork_server(tmp_path, "-k", tmp_path / "s", "-f", "raw", tmp_path / "dir.img")
+    assert rc != 0
+    assert "dir.img" in out and "Traceback" not in out
     assert not (tmp_path / "f.pid").exists()
 
 
@@ -355,7 +371,44 @@ def test_fork_reports_a_busy_port(tmp_path: Path) -> None:
         busy.bind(("127.0.0.1", 0))
         busy.listen(1)
         port = busy.getsockname()[1]
-        p = fork_server(tmp_path, "-b", "127.0.0.1", "-p", str(port), "-f", "raw", img)
-    assert p.returncode != 0
-    assert str(port) in p.stderr and "Traceback" not in p.stderr
+        rc, out = fork_server(tmp_path, "-b", "127.0.0.1", "-p", str(port), "-f", "raw", img)
+    assert rc != 0
+    assert str(port) in out and "Traceback" not in out
     assert not (tmp_path / "f.pid").exists()
+
+
+def test_fork_refuses_a_unix_socket_in_use(tmp_path: Path) -> None:
+    img = write_sparse_raw(tmp_path / "live.img")
+    with serve(tmp_path, "-f", "raw", img) as first:
+        rc, out = fork_server(tmp_path, "-k", first.sock, "-f", "raw", img)
+        assert rc != 0
+        assert str(first.sock) in out and "Traceback" not in out
+        h = nbd.NBD()  # the first server still owns its socket
+        h.connect_uri(first.uri)
+        assert h.pread(4096, 0) == b"\x11" * 4096
+        h.shutdown()
+
+
+def test_a_stale_unix_socket_is_replaced(tmp_path: Path) -> None:
+    img = write_sparse_raw(tmp_path / "stale.img")
+    sock = tmp_path / "stale.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.bind(str(sock))  # left behind, nobody listening
+    log = tmp_path / "stale.log"
+    with open(log, "w") as logf:  # a file, not a pipe: the daemon keeps its stderr open
+        rc = subprocess.run(
+            [*NBDSERVE, "--fork", "--pid-file", str(tmp_path / "f.pid"), "-k", str(sock), "-f", "raw", str(img)],
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            env=TOOL_ENV,
+            timeout=60,
+        ).returncode
+    assert rc == 0, log.read_text()
+    srv = Served(sock, read_pid(tmp_path / "f.pid"), log)
+    try:
+        h = nbd.NBD()
+        h.connect_unix(str(sock))
+        assert h.pread(4096, 0) == b"\x11" * 4096
+        h.shutdown()
+    finally:
+        srv.stop()

@@ -215,6 +215,16 @@ def test_fast_zero_on_a_sparse_file(h: nbd.NBD, sparse_raw: Path) -> None:
 # -- concurrency -------------------------------------------------------------------------------
 
 
+def completion(sink: list[int], tag: int):
+    """A libnbd completion callback appending ``tag`` to ``sink``."""
+
+    def cb(err) -> int:
+        sink.append(tag)
+        return 1
+
+    return cb
+
+
 def test_replies_out_of_order(h: nbd.NBD) -> None:
     """A FLUSH (fdatasync in a worker thread, with 8 MiB dirty) issued before small reads, which
     the server answers at once, completes after them."""
@@ -222,16 +232,8 @@ def test_replies_out_of_order(h: nbd.NBD) -> None:
     for _attempt in range(3):
         h.pwrite(os.urandom(8 * MiB), 4 * MiB)  # dirty data, so the flush has work to do
         order: list[int] = []
-
-        def done(tag: int):
-            def cb(err) -> int:
-                order.append(tag)
-                return 1
-
-            return cb
-
         bufs = [nbd.Buffer(4096) for _ in range(32)]
-        callbacks = [done(t) for t in issued]
+        callbacks = [completion(order, t) for t in issued]
         h.aio_flush(completion=callbacks[0])  # issue everything back to back
         for i in range(32):
             h.aio_pread(bufs[i], i * 4096, completion=callbacks[i + 1])
@@ -315,11 +317,16 @@ def test_cache(h: nbd.NBD) -> None:
 
 
 def test_trim_reads_back_zero_and_deallocates(h: nbd.NBD, sparse_raw: Path) -> None:
+    assert block_status(h, 128 << 10, 1 * MiB)["base:allocation"] == [(128 << 10, 0)]
     h.trim(64 << 10, 1 * MiB)
     h.flush()
     assert h.pread(128 << 10, 1 * MiB) == bytes(64 << 10) + b"\x5a" * (64 << 10)
-    assert (1 * MiB, 1 * MiB + (128 << 10)) not in seek_data_ranges(sparse_raw)
     assert all(not (s < 1 * MiB + (64 << 10) and e > 1 * MiB) for s, e in seek_data_ranges(sparse_raw))
+    # Block status (asked before the trim too) now reports the trimmed part as a hole.
+    assert block_status(h, 128 << 10, 1 * MiB)["base:allocation"] == [
+        (64 << 10, nbd.STATE_HOLE | nbd.STATE_ZERO),
+        (64 << 10, 0),
+    ]
 
 
 def test_write_zeroes_with_and_without_no_hole(h: nbd.NBD, sparse_raw: Path) -> None:
@@ -329,6 +336,7 @@ def test_write_zeroes_with_and_without_no_hole(h: nbd.NBD, sparse_raw: Path) -> 
     h.pwrite(b"\x31" * (1 * MiB), 4 * MiB)
     h.flush()
     allocated = blocks()
+    assert block_status(h, 1 * MiB, 4 * MiB)["base:allocation"] == [(1 * MiB, 0)]
     # NO_HOLE: reads back zero and the blocks stay allocated.
     h.zero(512 << 10, 4 * MiB, nbd.CMD_FLAG_NO_HOLE)
     h.flush()
@@ -343,3 +351,69 @@ def test_write_zeroes_with_and_without_no_hole(h: nbd.NBD, sparse_raw: Path) -> 
     assert block_status(h, 512 << 10, 4 * MiB + (512 << 10))["base:allocation"] == [
         (512 << 10, nbd.STATE_HOLE | nbd.STATE_ZERO)
     ]
+
+
+# -- negotiation variants ----------------------------------------------------------------------
+
+
+def test_simple_replies(served, sparse_raw: Path) -> None:
+    h = nbd.NBD()
+    h.set_request_structured_replies(False)
+    h.connect_uri(served.uri)
+    h.set_strict_mode(0)
+    try:
+        assert not h.get_structured_replies_negotiated()
+        assert not h.can_df()
+        assert h.pread(2 * MiB, 0) == bytes(expected_bytes()[: 2 * MiB])
+        h.pwrite(b"\x3c" * 1000, 7000)
+        assert h.pread(1000, 7000) == b"\x3c" * 1000
+        assert errnum(h.pread, 20, SIZE - 10) == errno.EINVAL
+        assert errnum(h.pread, 512, 0, flags=nbd.CMD_FLAG_DF) == errno.EINVAL  # DF needs structured
+        assert errnum(h.pwrite, b"x" * 20, SIZE - 10) == errno.ENOSPC
+        assert h.pread(0, 0) == b""
+        h.flush()
+    finally:
+        h.shutdown()
+    with open(sparse_raw, "rb") as f:
+        f.seek(7000)
+        assert f.read(1000) == b"\x3c" * 1000
+
+
+@pytest.mark.parametrize("flags", [0, nbd.HANDSHAKE_FLAG_FIXED_NEWSTYLE], ids=["newstyle", "fixed-no-zeroes-off"])
+def test_old_handshake_flags(served, flags: int) -> None:
+    """Without FIXED_NEWSTYLE only EXPORT_NAME may be used; without NO_ZEROES its reply is padded."""
+    h = nbd.NBD()
+    h.set_handshake_flags(flags)
+    h.connect_uri(served.uri)
+    try:
+        assert h.get_size() == SIZE
+        assert h.pread(4096, 0) == b"\x11" * 4096
+    finally:
+        h.shutdown()
+
+
+def test_option_mode_info_list_and_contexts(pool, served) -> None:
+    h = nbd.NBD()
+    h.set_opt_mode(True)
+    h.connect_uri(served.uri)
+    try:
+        names: list[tuple[str, str]] = []
+        h.opt_list(lambda name, desc: names.append((name, desc)) or 0)
+        assert (served.export, "") in names and ("ro", "") in names
+        contexts: list[str] = []
+        h.opt_list_meta_context(lambda name: contexts.append(name) or 0)
+        assert sorted(contexts) == ["base:allocation", "qemu:allocation-depth"]
+        h.set_export_name("no-such-export")
+        with pytest.raises(nbd.Error):
+            h.opt_info()
+        h.set_export_name("ro")
+        h.opt_info()
+        assert h.is_read_only() and h.get_size() == SIZE
+        h.set_export_name(served.export)
+        h.add_meta_context("base:allocation")
+        h.opt_go()
+        assert not h.is_read_only()
+        assert h.can_meta_context("base:allocation")
+        assert block_status(h, 4096, 0)["base:allocation"] == [(4096, 0)]
+    finally:
+        h.shutdown()

@@ -10,7 +10,7 @@ import json
 import re
 from pathlib import Path
 
-from tests.interop.conftest import DATA_RUNS, MiB, SIZE, expected_bytes, random_raw, write_sparse_raw
+from tests.interop.conftest import DATA_RUNS, SIZE, MiB, expected_bytes, random_raw, write_sparse_raw
 from tests.util import qemu_img, qemu_nbd, run, serve
 
 
@@ -79,7 +79,8 @@ def test_qemu_img_convert_from_and_to_nbd(tmp_path: Path) -> None:
     with open(target, "wb") as f:
         f.truncate(4 * MiB)
     with serve(tmp_path, "-f", "raw", target) as srv:
-        qemu_img("convert", "-n", "-f", "raw", "-O", "raw", src, srv.uri)
+        # 16 coroutines writing out of order (-W): many requests in flight on qemu's NBD client.
+        qemu_img("convert", "-n", "-W", "-m", "16", "-S", "64k", "-f", "raw", "-O", "raw", src, srv.uri)
         qemu_img("compare", "-f", "raw", "-F", "raw", src, srv.uri)
         # Out of the server again, into qcow2 and raw files.
         qemu_img("convert", "-f", "raw", "-O", "qcow2", srv.uri, tmp_path / "back.qcow2")
