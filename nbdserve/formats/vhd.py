@@ -25,12 +25,21 @@ appended at the end of the file.  The dynamic header's checksum is checked with 
 (QEMU does not check it at all).
 
 Block layout: BAT entry = sector number of the block's sector bitmap (0xFFFFFFFF: unallocated);
-the bitmap (ROUND_UP(block_size/512/8, 512) bytes, bit 7 of byte 0 = first sector) is followed by
-``block_size`` bytes of data.  A set bit means "this image holds the sector"; a clear bit means
-"ask the parent" (differencing) or "zeroes" (dynamic).  Block status is exact per sector, so
-``limits.align`` is 512.  QEMU ignores the bitmaps (it reads an allocated block whole and sets
-every bit when it writes); sectors whose bit we leave clear are never written, so they read as
-zeroes through QEMU as well.
+the bitmap (one bit per sector rounded up to whole sectors, bit 7 of byte 0 = first sector; QEMU
+computes 0 bytes for blocks under 4 KiB, we follow the specification) is followed by
+``block_size`` bytes of data.  Any power-of-two block size from 512 bytes up is read and written.
+A set bit means "this image holds the sector"; a clear bit means "ask the parent"
+(differencing) or "zeroes" (dynamic).  Block status is exact per sector, so ``limits.align`` is
+512.  QEMU ignores the bitmaps (it reads an allocated block whole and sets every bit when it
+writes): in the dynamic blocks we allocate, sectors left clear were never written, so QEMU reads
+them as zeroes too.  ``_full`` (one bit per BAT entry) remembers blocks whose bitmap is all set;
+bits are never cleared, so the hint stays true and the hot read path skips the bitmap.
+
+WRITE_ZEROES is native: ranges that already read as zeroes (unallocated dynamic blocks, clear
+sectors of a dynamic image) are left alone and present sectors are zeroed in place (punch /
+zero-range / zero bytes), so zeroing never allocates in a dynamic image.  A differencing image
+must hide its parent, so there zeroes are written like data.  TRIM is not supported (a hint:
+the image layer drops it).  FAST_ZERO is refused (not metadata-only).
 
 Differencing images name their parent in the locators (``W2ru`` relative and ``W2ku`` absolute
 Windows paths, UTF-16LE; ``MacX`` file URLs) and in the UTF-16BE parent name.  The first
@@ -47,6 +56,12 @@ Block allocation order: (1) append the new trailing footer after the new block a
 (3) the BAT entry (cache, ``after`` the bitmap).  Data goes to the block outside the lock; the
 bitmap bits are set afterwards, written back with ``sync_before`` (data durable first).
 
+Open-time checks (bad input gives a one-line ``ImageError`` naming the field): footer cookie and
+checksum, disk_type, size limit; dynamic header cookie, block_size, max_table_entries (capped
+before anything is read), table_offset; every BAT entry inside the file; blocks not overlapping
+each other, the footer copy, the dynamic header, the BAT or parent-locator data; at most
+MAX_BLOCKS allocated blocks (memory stays bounded: the BAT is scanned a chunk at a time).
+
 Locking: ``self.lock`` (a CoMutex) guards the BAT, the bitmaps, ``free_offset`` and the footer.
 Reads and writes of data in allocated blocks run without it.  Allocation re-checks the BAT entry
 under the lock, so concurrent writes into one unallocated block allocate it once.
@@ -60,6 +75,8 @@ import itertools
 import logging
 import os
 import struct
+import sys
+import urllib.parse
 import uuid
 from array import array
 from typing import Any
@@ -87,8 +104,10 @@ BAT_PAGE = 4096  # bytes of BAT per cache entry
 BAT_PAGE_ENTRIES = BAT_PAGE // 4
 SCAN_CHUNK = 1 << 20  # bytes of BAT decoded at a time during the open-time scan
 MAX_BLOCKS = 1 << 21  # allocated blocks; 2M x 2 MiB blocks is twice the largest VHD
-MAX_LOCATOR = 64 << 10
-ZERO_CHUNK = bytes(1 << 20)  # bytes; a parent path longer than this is not a path
+MAX_LOCATOR = 64 << 10  # bytes; a parent path longer than this is not a path
+ZERO_CHUNK = bytes(1 << 20)
+STATUS_BLOCKS = 4096  # blocks looked at per block_status call
+SWAP = sys.byteorder == "little"  # BAT entries are big-endian
 
 DISK_FIXED = 2
 DISK_DYNAMIC = 3
@@ -111,25 +130,6 @@ def vhd_checksum(buf: bytes | bytearray, at: int) -> int:
     """One's complement of the byte sum, with the 4-byte checksum field at ``at`` counted as 0."""
     total = sum(buf) - sum(buf[at : at + 4])
     return ~total & 0xFFFFFFFF
-
-
-def chs_geometry(sectors: int) -> tuple[int, int, int]:
-    """(cylinders, heads, sectors_per_track) for a sector count: the VHD specification's rule."""
-    sectors = min(sectors, 65535 * 16 * 255)
-    if sectors >= 65535 * 16 * 63:
-        spt, heads = 255, 16
-        cth = sectors // spt
-    else:
-        spt = 17
-        cth = sectors // spt
-        heads = max(4, (cth + 1023) // 1024)
-        if cth >= heads * 1024 or heads > 16:
-            spt, heads = 31, 16
-            cth = sectors // spt
-        if cth >= heads * 1024:
-            spt, heads = 63, 16
-            cth = sectors // spt
-    return cth // heads, heads, spt
 
 
 class Footer:
@@ -208,16 +208,18 @@ def set_bits(bm: bytearray, s: int, e: int) -> None:
 
 
 def _decode_bat(buf: bytearray) -> array:
-    a = array("I", bytes(buf))
-    if struct.pack("=I", 1) != struct.pack(">I", 1):
+    a = array("I")
+    a.frombytes(buf)
+    if SWAP:
         a.byteswap()
     return a
 
 
 def _encode_bat(a: array) -> bytes:
+    if not SWAP:
+        return a.tobytes()
     b = array("I", a)
-    if struct.pack("=I", 1) != struct.pack(">I", 1):
-        b.byteswap()
+    b.byteswap()
     return b.tobytes()
 
 
@@ -409,8 +411,8 @@ class VhdDriver(FormatDriver):
             except UnicodeDecodeError:
                 raise CorruptImage(path, f"parent locator {i} ({code.decode()}) is not valid text") from None
             text = text.rstrip("\0")
-            if code == b"MacX":
-                text = text.removeprefix("file://")
+            if code == b"MacX":  # file:// URL
+                text = urllib.parse.unquote(urllib.parse.urlsplit(text).path)
             else:
                 text = text.replace("\\", "/")
                 if len(text) >= 2 and text[1] == ":":  # C:/dir/parent.vhd: only the name means anything here
@@ -588,8 +590,7 @@ class VhdDriver(FormatDriver):
         kind, page_off = self._bat_loc(idx)
         page = await cache.get(kind, page_off)
         try:
-            if page.value[idx % BAT_PAGE_ENTRIES] != UNALLOCATED:  # cannot happen: we hold the lock
-                raise CorruptImage(file.path, f"BAT entry {idx} changed during allocation")
+            assert page.value[idx % BAT_PAGE_ENTRIES] == UNALLOCATED, "BAT changed without the lock"
             block = at // SECTOR
             bm = cache.put_new(self._bitmap_kind, at, bytearray(self.bitmap_size))
             page.value[idx % BAT_PAGE_ENTRIES] = block
@@ -681,6 +682,7 @@ class VhdDriver(FormatDriver):
         shift, bs = self.block_shift, self.block_size
         state = None
         pos = offset
+        end = min(end, offset + STATUS_BLOCKS * bs)  # one call stays short; the image layer loops
         while pos < end:
             inblk = pos & (bs - 1)
             cnt = min(bs - inblk, end - pos)
@@ -702,6 +704,17 @@ class VhdDriver(FormatDriver):
             if run < cnt:
                 break
         return Extent(pos - offset, state)
+
+    async def cache_hint(self, offset: int, length: int) -> None:
+        """NBD_CMD_CACHE: load the BAT pages and sector bitmaps of the range (at most STATUS_BLOCKS)."""
+        if self.fixed:
+            return
+        first = offset >> self.block_shift
+        last = min((offset + length - 1) >> self.block_shift, first + STATUS_BLOCKS - 1)
+        for idx in range(first, last + 1):
+            block = await self._bat(idx)
+            if block != UNALLOCATED and not self._is_full(idx):
+                self._note_full(idx, await self._bitmap(block))
 
     async def close(self) -> None:
         if not self.readonly:

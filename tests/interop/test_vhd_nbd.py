@@ -90,3 +90,30 @@ def test_vhd_kill9_keeps_flushed_writes(tmp_path, round):
         if not any(touched[pos : pos + 512]):
             assert got[pos : pos + 512] == flushed[pos : pos + 512], f"flushed sector at {pos} lost"
     vhdgen.verify(img)
+
+
+def test_vhd_differencing_chain_over_nbd(tmp_path):
+    """QEMU cannot read differencing VHDs (it ignores the parent): the generator is the oracle."""
+    bs = 64 * 1024
+    base = vhdgen.Spec(
+        size=4 * MiB, block_size=bs, blocks={0: vhdgen.Block(b"\x11" * bs), 5: vhdgen.Block(b"\x22" * bs)}
+    )
+    vhdgen.write(tmp_path / "base.vhd", base)
+    child = vhdgen.Spec(
+        size=4 * MiB,
+        block_size=bs,
+        disk_type=4,
+        parent_uuid=base.unique_id,
+        parent_name="base.vhd",
+        locators=[(b"W2ru", ".\\base.vhd")],
+        blocks={0: vhdgen.Block(b"\x33" * bs, set(range(8, 16))), 9: vhdgen.Block(b"\x44" * bs)},
+    )
+    vhdgen.write(tmp_path / "child.vhd", child)
+    want = vhdgen.expected(child, vhdgen.expected(base))
+    out = tmp_path / "out.raw"
+    with serve(tmp_path, "-r", "-f", "vpc", tmp_path / "child.vhd") as srv:
+        run("nbdcopy", srv.uri, out)
+        # unallocated in the whole chain: hole,zero (type 3); everything else data (type 0)
+        holes = [(o, n) for o, n, t in merged_map(srv.uri) if t == 3]
+    assert out.read_bytes() == want
+    assert holes == [(bs, 4 * bs), (6 * bs, 3 * bs), (10 * bs, 4 * MiB - 10 * bs)]
