@@ -104,10 +104,11 @@ boot_stage2() {
 
 # ---- attach: the Linux NBD client (nbd.ko + nbd-client) -------------------------------------
 
-# Device layout (64 MiB export): ext4 in [0, 48M); the whole data file in [48M, 56M), of which
-# [52M, 56M) is then discarded; [56M, 64M) is never written.
-TAIL=48
-TRIM=52
+# Device layout (64 MiB export): ext4 in [0, 40M); the data file in [40M, 48M) and again in
+# [48M, 56M), which is then discarded; [56M, 64M) is never written.  (The discarded range is
+# aligned to 8 MiB: a driver may free only whole clusters or blocks.)
+TAIL=40
+TRIM=48
 
 connect() {
     /sbin/nbd-client 10.0.2.2 "$E2E_PORT" /dev/nbd0 -N "$E2E_EXPORT" "$@" || fail "nbd-client $* failed"
@@ -136,11 +137,13 @@ attach_pass1() {
     (cd /mnt/dir && sha256sum -c -s ../dir.sums) || fail "small-files-verify"
     umount /mnt || fail "umount 1"
     step fs-1-ok
-    dd if=$DATA of=/dev/nbd0 bs=1M seek=$TAIL conv=fsync 2>/dev/null || fail "write tail"
-    blkdiscard -o "$(mib $TRIM)" -l "$(mib 4)" /dev/nbd0 || fail "blkdiscard"
+    for at in $TAIL $TRIM; do
+        dd if=$DATA of=/dev/nbd0 bs=1M seek="$at" conv=fsync 2>/dev/null || fail "write data at ${at}M"
+    done
+    blkdiscard -o "$(mib $TRIM)" -l "$(mib 8)" /dev/nbd0 || fail "blkdiscard"
     drop_caches
-    say "INFO tail-kept=$(range_sum $TAIL $((TRIM - TAIL)))"
-    say "INFO tail-trimmed=$(range_sum $TRIM 4)"
+    say "INFO tail-kept=$(range_sum $TAIL 8)"
+    say "INFO tail-trimmed=$(range_sum $TRIM 8)"
     disconnect
     step pass-1-ok
 }

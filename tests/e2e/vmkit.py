@@ -13,7 +13,8 @@ What it owns:
     127.0.0.1, started with ``--fork`` so it listens when the parent exits.
   * ``run_vm()``: one QEMU run, bounded by a timeout; the serial console goes to a file and is
     parsed into markers (see ``guest_init.sh``).
-  * The host-side checks of an image after the server stopped (``check_image``).
+  * The host-side checks of an image once the server stopped: ``qemu_img_check``, ``to_raw``,
+    ``e2fsck_clean``, ``debugfs_dump``, ``image_map`` and ``reads_as_hole``.
 
 Invariants: nothing waits by sleeping (servers fork once listening; QEMU is waited for with a
 timeout); every failure raises ``ScenarioFailed`` whose message ends with the serial console's tail.
@@ -37,6 +38,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
 from util import NBDSERVE, TOOL_ENV, run, wait_pid_exit
 
 HERE = Path(__file__).resolve().parent
@@ -53,7 +55,7 @@ FORMATS = ("raw", "qcow2", "qed", "vpc", "vhdx")
 
 
 class ScenarioFailed(AssertionError):
-    """A scenario failed.  ``where``: "boot" (no E2E-BOOTED), "guest" (E2E-FAIL), "timeout",
+    """A scenario failed.  ``where``: "guest" (E2E-FAIL), "boot" (no E2E-BOOTED), "timeout",
     "exit" (the VM ended without a verdict) or "host" (a host-side check of the image)."""
 
     def __init__(self, where: str, reason: str, serial: str = "") -> None:
@@ -63,8 +65,6 @@ class ScenarioFailed(AssertionError):
 
 
 def require_tools() -> None:
-    import pytest
-
     missing = [t for t in ("qemu-system-x86_64", "busybox", "apt-get", "dpkg-deb", "cpio") if not shutil.which(t)]
     missing += [b for b in HOST_BINARIES if not os.access(b, os.X_OK)]
     if missing:
@@ -160,7 +160,7 @@ def _fetch_kernel(pkg: str, dest: Path) -> None:
 # ---- initramfs and root filesystem ----------------------------------------------------------
 
 
-def _busybox_tree(root: Path, skip: set[str] = frozenset()) -> None:
+def _busybox_tree(root: Path, skip: tuple[str, ...] = ()) -> None:
     """A fresh tree: busybox as /bin/busybox with a symlink per applet in /bin (except ``skip``)."""
     shutil.rmtree(root, ignore_errors=True)
     (root / "bin").mkdir(parents=True)
@@ -187,7 +187,7 @@ def _copy_with_libs(root: Path, binary: str) -> None:
 
 def build_initramfs(work: Path, k: Kernel) -> Path:
     root = work / "initramfs"
-    _busybox_tree(root, skip={Path(b).name for b in HOST_BINARIES})
+    _busybox_tree(root, skip=tuple(Path(b).name for b in HOST_BINARIES))
     for b in HOST_BINARIES:
         _copy_with_libs(root, b)
     shutil.copy("/etc/mke2fs.conf", root / "etc/mke2fs.conf")
@@ -320,16 +320,22 @@ def format_available(fmt: str) -> bool:
 
 @contextlib.contextmanager
 def tcp_server(work: Path, image: Path, fmt: str, export: str = "disk") -> Iterator[TcpServer]:
-    """Serve ``image`` on 127.0.0.1:PORT as ``export``; yields once listening; SIGKILLs leftovers."""
-    port = free_port()
-    pidfile, log = work / f"server-{port}.pid", work / f"server-{port}.log"
-    common = ["-b", "127.0.0.1", "-p", str(port), "-x", export, "-f", fmt, "--fork", "--pid-file", str(pidfile)]
-    if server_kind() == "qemu-nbd":
-        cmd = ["qemu-nbd", *common, "--persistent", "--shared=8", "--discard=unmap", str(image)]
-    else:
-        cmd = [*NBDSERVE, *common, str(image)]
-    with open(log, "w") as logf:
-        p = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT, timeout=120, cwd=work, env=TOOL_ENV)
+    """Serve ``image`` on 127.0.0.1:PORT as ``export``; yields once listening; SIGKILLs leftovers.
+
+    The port is found free by binding port 0; if another process takes it before the server
+    binds it, the start is retried on a new port (three attempts)."""
+    for _attempt in range(3):
+        port = free_port()
+        pidfile, log = work / f"server-{port}.pid", work / f"server-{port}.log"
+        common = ["-b", "127.0.0.1", "-p", str(port), "-x", export, "-f", fmt, "--fork", "--pid-file", str(pidfile)]
+        if server_kind() == "qemu-nbd":
+            cmd = ["qemu-nbd", *common, "--persistent", "--shared=8", "--discard=unmap", str(image)]
+        else:
+            cmd = [*NBDSERVE, *common, str(image)]
+        with open(log, "w") as logf:
+            p = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT, timeout=120, cwd=work, env=TOOL_ENV)
+        if p.returncode == 0 or "Address already in use" not in log.read_text():
+            break
     if p.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed to start:\n{log.read_text()}")
     srv = TcpServer(port, export, int(pidfile.read_text()), log)
@@ -375,10 +381,10 @@ class VmResult:
         return r
 
     def expect_ok(self, scenario: str) -> None:
-        if not self.booted:
-            raise ScenarioFailed("boot", "the guest never reported E2E-BOOTED", self.serial)
         if self.fail is not None:
             raise ScenarioFailed("guest", self.fail, self.serial)
+        if not self.booted:
+            raise ScenarioFailed("boot", "the guest never reported E2E-BOOTED", self.serial)
         if self.ok != scenario:
             raise ScenarioFailed("exit", f"the VM ended without E2E-OK {scenario}", self.serial)
 
@@ -407,7 +413,7 @@ def run_vm(
     if disk_uri:
         cmd += ["-drive", f"file={disk_uri},format=raw,if=virtio"]
     if net:
-        cmd += ["-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0"]
+        cmd += ["-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0,romfile="]
     t0 = time.monotonic()
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)

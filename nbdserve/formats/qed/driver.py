@@ -498,7 +498,12 @@ class QedDriver(FormatDriver):
             await self.file.flush()
 
     async def pdiscard(self, offset: int, length: int) -> None:
-        """TRIM the whole clusters in the range (they become zero clusters); partial ones are kept."""
+        """TRIM the whole clusters in the range; partial ones are kept.
+
+        Allocated clusters stay mapped and have their host space punched (they read as zeroes):
+        QED has no refcounts, so unmapping a cluster would leave it leaked for ``qemu-img check``.
+        Unallocated clusters become zero clusters, hiding any backing data.
+        """
         cs = self.cluster_size
         start = -(-offset // cs) * cs
         stop = (offset + length) & ~self.cluster_mask
