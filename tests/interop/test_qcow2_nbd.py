@@ -104,6 +104,19 @@ def test_qcow2_chain_vs_qemu_nbd(tmp_path):
         assert_same_export(q, o)
 
 
+def test_qcow2_snapshot_mode_overlay(tmp_path):
+    """``-s``: writes land in a temporary overlay; the image itself is never written."""
+    img = tmp_path / "ro.qcow2"
+    make(img, "compat=1.1")
+    before = img.read_bytes()
+    with serve(tmp_path, "-s", "-f", "qcow2", img) as o:
+        run("qemu-io", "-f", "raw", "-c", "write -P 0x71 3M 8k", "-c", "write -z 0 4k", o.uri)
+        reads = ["-c", "read -P 0x71 3M 8k", "-c", "read -P 0 0 4k", "-c", "read -P 0xab 4k 60k"]
+        out = run("qemu-io", "-f", "raw", *reads, o.uri).stdout
+        assert "verification failed" not in out and out.count("read ") == 3, out
+    assert img.read_bytes() == before
+
+
 WRITE_SCRIPT = [
     "write -P 0x61 0 4k",
     "write -P 0x62 70k 200k",
@@ -170,7 +183,7 @@ def test_qcow2_kill9_keeps_flushed_writes(tmp_path, round):
     pending: list[tuple[int, int]] = []  # ranges written since the last completed flush
     with serve(tmp_path, "-f", "qcow2", img, check_stop=False) as srv:
         h = nbd_connect(srv.uri)
-        for i in range(rng.randint(5, 60)):
+        for _ in range(rng.randint(5, 60)):
             off = rng.randrange(0, 16 * MiB - 70000)
             n = rng.randint(1, 70000)
             if rng.random() < 0.2:

@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import os
@@ -42,6 +43,7 @@ from nbdserve.locks import CoQueue
 
 K = 1024
 M = 1024 * K
+SLOW = os.environ.get("NBDSERVE_SLOW") == "1"
 
 # The §7.1 fill script (qemu-io commands).
 FILL = [
@@ -369,7 +371,7 @@ async def apply_ops(img: Image, model: bytearray, ops, *, v2_backing: bool, back
 def test_writes_against_model(tmp_path, variant):
     opts, with_backing = WRITE_VARIANTS[variant]
 
-    @settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+    @settings(max_examples=60 if SLOW else 6, deadline=None, suppress_health_check=list(HealthCheck))
     @given(ops=st.lists(op_st, min_size=1, max_size=25))
     def check(ops):
         path, model = make_write_image(tmp_path, opts, with_backing)
@@ -482,6 +484,70 @@ def test_concurrent_writers_share_cluster_allocations(tmp_path):
     compare_with_model(path, model, tmp_path)
 
 
+@settings(max_examples=40 if SLOW else 5, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    streams=st.lists(
+        st.lists(st.tuples(st.integers(0, 255 * 1024), st.integers(1, 20 * K), st.booleans()), min_size=1, max_size=8),
+        min_size=2,
+        max_size=5,
+    )
+)
+def test_concurrent_overlapping_writers(tmp_path_factory, streams):
+    """Streams writing overlapping ranges at once (yielding at every backing read): afterwards
+    every byte holds a value some operation wrote there (or the backing data if none did), and
+    the image is consistent (a double allocation would lose a cluster or leak one)."""
+    tmp = tmp_path_factory.mktemp("overlap")
+    base = tmp / "b.raw"
+    qemu_img("create", "-q", "-f", "raw", base, "256K")
+    qemu_io("raw", base, "write -P 0xfe 0 256K")
+    path = tmp / "o.qcow2"
+    opts = "cluster_size=4k" if len(streams) % 2 else "extended_l2=on,cluster_size=16k"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", opts, "-b", "b.raw", "-F", "raw", path, "256K")
+    size = 256 * K
+    ops = []
+    value = 1
+    for s_ops in streams:
+        mine = []
+        for off, n, zero in s_ops:
+            n = min(n, size - off)
+            mine.append((off, n, 0 if zero else value))
+            value = value % 250 + 1
+        ops.append(mine)
+
+    async def main():
+        img = await opened(path)
+        real = img.driver.read_backing
+
+        async def yielding_backing(off, buf):  # the real backing read, after a yield
+            await asyncio.sleep(0)
+            await real(off, buf)
+
+        img.driver.read_backing = yielding_backing
+
+        async def stream(mine):
+            for off, n, v in mine:
+                await asyncio.sleep(0)
+                if v == 0:
+                    await img.write_zeroes(off, n, may_trim=True, fast=False, fua=False)
+                else:
+                    await img.write(off, memoryview(bytes([v]) * n), fua=False)
+
+        try:
+            await asyncio.gather(*(stream(m) for m in ops))
+            return await read_all(img)
+        finally:
+            await img.close()
+
+    got = run(main())
+    flat = [op for mine in ops for op in mine]
+    cuts = sorted({0, size} | {off for off, _, _ in flat} | {off + n for off, n, _ in flat})
+    for lo, hi in itertools.pairwise(cuts):
+        allowed = {v for off, n, v in flat if off <= lo and hi <= off + n} or {0xFE}
+        assert set(got[lo:hi]) <= allowed, (lo, hi, set(got[lo:hi]), allowed)
+    check_clean(path)
+    compare_with_model(path, got, tmp)
+
+
 def test_concurrent_mixed_ops(tmp_path):
     path = tmp_path / "m.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", path, "4M")
@@ -522,14 +588,14 @@ def test_concurrent_mixed_ops(tmp_path):
 def test_refcount_table_growth(tmp_path):
     """512-byte clusters with 64-bit refcounts: the refcount table must grow several times."""
     path = tmp_path / "g.qcow2"
-    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=512,refcount_bits=64", path, "16M")
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=512,refcount_bits=64", path, "6M")
     before = struct.unpack_from(">QI", path.read_bytes(), 48)
-    data = random.Random(5).randbytes(16 * M)
+    data = random.Random(5).randbytes(6 * M)
 
     async def main():
         img = await opened(path)
         try:
-            for pos in range(0, 16 * M, 1 * M):
+            for pos in range(0, 6 * M, 1 * M):
                 await img.write(pos, memoryview(data)[pos : pos + M], fua=False)
         finally:
             await img.close()
@@ -566,10 +632,14 @@ def test_writes_into_compressed_and_snapshot_shared_clusters(tmp_path):
     assert qemu_raw(path, tmp_path, "-l", "snapshot.name=s1") == snap  # the snapshot is untouched
 
 
-def test_dirty_image_is_repaired_on_read_write_open(tmp_path):
+@pytest.mark.parametrize("with_snapshot", [False, True])
+def test_dirty_image_is_repaired_on_read_write_open(tmp_path, with_snapshot):
     path = tmp_path / "lazy.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", path, "64M")
     qemu_io("qcow2", path, "write -P 0xab 0 64k", "write -P 0x11 3M 1M", "write -P 0x12 9M 4k")
+    if with_snapshot:  # shared clusters: refcounts 2, COPIED clear in the active tables
+        qemu_img("snapshot", "-c", "s1", path)
+        qemu_io("qcow2", path, "write -c -P 0x14 12M 64k", "write -P 0x15 3M 4k")
     p = run_cmd("qemu-io", "-f", "qcow2", "-c", "write -P 0x13 20M 64k", "-c", "abort", path, check=False)
     assert p.returncode != 0
     assert run_cmd("qemu-img", "check", path, check=False).returncode == 2  # refcounts stale
@@ -659,7 +729,7 @@ def test_create_and_overlay(tmp_path):
             assert img.format == "qcow2" and img.backing.path == str(base.resolve())
             await img.write(4096, memoryview(b"\x77" * 8192), fua=True)
             data = await read_all(img)
-            assert data[:4096] == b"\x21" * 4096 and data[4096 : 12288] == b"\x77" * 8192
+            assert data[:4096] == b"\x21" * 4096 and data[4096:12288] == b"\x77" * 8192
             assert os.path.exists(overlay)
         finally:
             await img.close()
@@ -713,6 +783,24 @@ def test_hot_read_does_not_suspend(tmp_path):
             with pytest.raises(StopIteration):
                 coro.send(None)  # finished on the first step: no suspension
             assert bytes(buf) == b"\x11" * 4096
+        finally:
+            await img.close()
+
+    run(main())
+
+
+def test_cache_hint_loads_l2_tables(tmp_path):
+    path = make_filled(tmp_path / "ch.qcow2", "cluster_size=4k")  # one L2 table per 2 MiB
+    cache = ClusterCache()
+
+    async def main():
+        img = await opened(path, readonly=True, cache=cache)
+        try:
+            await img.cache_hint(0, 64 * M)
+            loaded = cache.stats()["misses"]
+            assert loaded >= 7  # the L2 tables of the seven 2 MiB spans the fill script touched
+            await read_all(img)
+            assert cache.stats()["misses"] == loaded  # every table was already there
         finally:
             await img.close()
 
@@ -786,6 +874,7 @@ HEADER_CASES = [
     ("cluster_bits high", ">I", 20, (22,), "cluster_bits 22"),
     ("header_length short", ">I", 100, (96,), "header_length 96"),
     ("header_length odd", ">I", 100, (108,), "header_length 108"),
+    ("header_length big", ">I", 100, (1 << 17,), "larger than the cluster size"),
     ("refcount_order", ">I", 96, (7,), "refcount_order 7"),
     ("refcount_table_clusters 0", ">I", 56, (0,), "refcount_table_clusters is 0"),
     ("refcount_table_clusters big", ">I", 56, (1 << 20,), "refcount_table_clusters"),
@@ -969,6 +1058,20 @@ def test_hostile_refcount_underflow(tmp_path):
         run(main())
 
 
+def test_hostile_refcount_overflow_on_rebuild(tmp_path):
+    """1-bit refcounts, dirty, two L2 entries sharing one data cluster: the recount (2) does not
+    fit, which is corruption rather than a wrapped count."""
+    p = tmp_path / "ov.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "refcount_bits=1", p, "1M")
+    qemu_io("qcow2", p, "write -P 1 0 64k")
+    raw = bytearray(p.read_bytes())
+    l2 = l2_offset(raw)
+    struct.pack_into(">Q", raw, l2 + 8, struct.unpack_from(">Q", raw, l2)[0])  # cluster 1 -> same host
+    struct.pack_into(">Q", raw, 72, 1)  # dirty
+    err = open_error(tmp_path, raw, write=True)
+    assert "more than refcount_bits allow" in str(err)
+
+
 def test_hostile_data_write_onto_metadata_is_refused(tmp_path):
     p = tmp_path / "o.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", p, "1M")
@@ -978,6 +1081,16 @@ def test_hostile_data_write_onto_metadata_is_refused(tmp_path):
     struct.pack_into(">Q", raw, l2_offset(raw), 0x8000000000000000 | l1)  # data "at" the L1 table
     err = open_error(tmp_path, raw, write=True)
     assert "would overwrite the L1 table" in str(err)
+
+
+def test_hostile_l2_table_on_the_refcount_table_is_refused(tmp_path):
+    p = tmp_path / "l2rt.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", p, "1M")
+    raw = bytearray(p.read_bytes())
+    f = fields(raw)
+    struct.pack_into(">Q", raw, f["l1_table_offset"], 0x8000000000000000 | f["refcount_table_offset"])
+    err = open_error(tmp_path, raw, write=True)
+    assert "L2 table write" in str(err) and "refcount table" in str(err)
 
 
 def test_hostile_l1_size_does_not_allocate(tmp_path, pristine):

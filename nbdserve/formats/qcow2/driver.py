@@ -10,11 +10,13 @@ Locking:
   * Reads and in-place writes to allocated clusters (COPIED, not compressed) run without it:
     they look the entry up with ``cache.peek`` and do the host I/O with no await in between, so
     the mapping they use cannot change under them.  After any await the lookup starts over.
-  * Allocating writes are serialised per guest cluster: the planner (locked) registers each
-    cluster it will change in ``self._inflight``; the data I/O (copy-on-write reads, writes) runs
-    unlocked; the linker (locked) updates the L2 entries, unregisters and wakes
-    ``self._inflight_q``.  A writer, zero or trim touching an in-flight cluster waits there and
-    looks the cluster up again.
+  * Allocating writes are serialised per guest cluster.  With a backing file (copy-on-write
+    reads may wait) the planner (locked) registers each cluster it will change in
+    ``self._inflight``; the data I/O (copy-on-write reads, writes) runs unlocked; the linker
+    (locked) updates the L2 entries, unregisters and wakes ``self._inflight_q``.  A writer, zero
+    or trim touching an in-flight cluster waits there and looks the cluster up again.  Without a
+    backing file nothing in the data phase can wait, so plan, data and link run in one critical
+    section.
 
 Crash ordering (formats.md §2.7): refcount blocks durable before an L2 table referencing the
 new clusters (``mark_dirty(l2, after=[refblocks])``); copy-on-write data durable before that L2
@@ -126,6 +128,7 @@ class Qcow2Driver(FormatDriver):
         self._inflight_q = CoQueue()
         self._zc_key = -1
         self._zc_data = b""
+        self._data_region = (0, 0)  # host bytes known to be data (see _host_state)
         self.l2kind = cache.kind(file, name="L2 table", size=self.cs, decode=decode_be64, encode=encode_be64)
         self.refs = Refcounts(
             self.path, file, cache, self.cb, h.refcount_order, h.refcount_table_offset, h.refcount_table_clusters
@@ -228,13 +231,17 @@ class Qcow2Driver(FormatDriver):
         length = cs - in_c
         if kind == K_COMPRESSED:
             return kind, min(length, limit), 0
-        nxt = host + cs
+        step = cs if kind == K_DATA else 0
+        want = e + step  # the next entry of the run, if its flags are the same (no re-check)
         while length < limit:
             ci += 1
-            k2, h2 = self._classify(t[ci])
-            if k2 != kind or (kind == K_DATA and h2 != nxt):
-                break
-            nxt += cs
+            e2 = t[ci]
+            if e2 != want:
+                k2, h2 = self._classify(e2)
+                if k2 != kind or (kind == K_DATA and h2 != want & OFFSET_MASK):
+                    break
+                want = e2
+            want += step
             length += cs
         return kind, min(length, limit), host + in_c if kind == K_DATA else 0
 
@@ -412,12 +419,21 @@ class Qcow2Driver(FormatDriver):
         return Extent(pos - offset, state)
 
     def _host_state(self, host: int, n: int) -> tuple[int, int]:
-        """Allocated data at ``host``: holes in the host file also read as zeroes (as QEMU says)."""
+        """Allocated data at ``host``: holes in the host file also read as zeroes (as QEMU says).
+
+        The last host data region found is remembered (``_data_region``): writes only ever turn
+        holes into data here (nothing is punched), so it stays valid and sequential block status
+        costs no lseek per request (SEEK_HOLE can scan far on some filesystems).
+        """
+        lo, hi = self._data_region
+        if lo <= host < hi:
+            return ALLOCATED | DATA, min(n, hi - host)
         f = self.file
         if host >= f.size:
             return ALLOCATED | DATA | ZERO, n
         hole = f.next_hole(host)
         if hole > host:
+            self._data_region = (host, hole)
             return ALLOCATED | DATA, min(n, hole - host)
         data = f.next_data(host)
         if data <= host:
@@ -426,17 +442,17 @@ class Qcow2Driver(FormatDriver):
 
     # -- writes -----------------------------------------------------------------------------
 
-    def _guard(self, host: int, length: int) -> None:
-        """Metadata overlap guard: data must never land on the header, L1 or refcount table."""
+    def _guard(self, host: int, length: int, what: str = "data") -> None:
+        """Metadata overlap guard: writes must never land on the header, L1 or refcount table."""
         if host < self.cs:
-            raise CorruptImage(self.path, f"data write at 0x{host:x} would overwrite the header")
+            raise CorruptImage(self.path, f"{what} write at 0x{host:x} would overwrite the header")
         l1_end = self.l1_offset + len(self.l1) * 8
         if host < l1_end and host + length > self.l1_offset:
-            raise CorruptImage(self.path, f"data write at 0x{host:x} would overwrite the L1 table")
+            raise CorruptImage(self.path, f"{what} write at 0x{host:x} would overwrite the L1 table")
         rt = self.refs
         rt_end = rt.table_offset + rt.table_clusters * self.cs
         if host < rt_end and host + length > rt.table_offset:
-            raise CorruptImage(self.path, f"data write at 0x{host:x} would overwrite the refcount table")
+            raise CorruptImage(self.path, f"{what} write at 0x{host:x} would overwrite the refcount table")
 
     def _write_in_place(self, offset: int, data: memoryview) -> bool:
         """Write to clusters that are allocated, COPIED and uncompressed, without the lock.
@@ -486,7 +502,21 @@ class Qcow2Driver(FormatDriver):
         return True
 
     async def pwritev(self, offset: int, data: memoryview, *, fua: bool) -> None:
-        if not self._write_in_place(offset, data):
+        in_c = offset & self.cmask
+        if in_c + len(data) <= self.cs and not self.ext:
+            # Hot path: one standard cluster, allocated, COPIED, its table cached.  (A cluster in
+            # flight never has a plain COPIED entry, so no in-flight check is needed here.)
+            l1e = self.l1[offset >> self.l1_shift]
+            e = self.cache.peek(self.l2kind, l1e & OFFSET_MASK) if l1e & COPIED else None
+            ent = e.value[(offset >> self.cb) & self.l2_mask] if e is not None else 0
+            host = ent & OFFSET_MASK
+            in_place = ent & COPIED and host and not ent & _NOT_PLAIN and not host & self.cmask
+            if in_place and host < self.file.size:
+                self._guard(host + in_c, len(data))
+                self.file.pwrite(data, host + in_c)
+            else:
+                await self._write_span(offset, data)
+        elif not self._write_in_place(offset, data):
             pos, n = 0, len(data)
             while pos < n:
                 off = offset + pos
@@ -510,6 +540,7 @@ class Qcow2Driver(FormatDriver):
         l1e = self.l1[l1i]
         l2off = l1e & OFFSET_MASK
         if l2off and l1e & COPIED:
+            self._guard(l2off, self.cs, "L2 table")
             return await self.cache.get(self.l2kind, l2off)
         if l2off:
             old = await self.cache.get(self.l2kind, l2off)
@@ -535,7 +566,11 @@ class Qcow2Driver(FormatDriver):
         return entry
 
     async def _write_span(self, off: int, data: memoryview) -> None:
-        """An allocating write inside one L2 table's span."""
+        """An allocating write inside one L2 table's span.
+
+        Without a backing file no copy-on-write read can wait, so the whole write happens in one
+        critical section; with one, the data phase runs unlocked with the clusters in flight.
+        """
         cb = self.cb
         first, last = off >> cb, (off + len(data) - 1) >> cb
         await self.lock.lock()
@@ -548,6 +583,14 @@ class Qcow2Driver(FormatDriver):
             except BaseException:
                 self.cache.release(l2e)
                 raise
+            if self.backing is None:
+                try:
+                    cow = await self._write_data(plans, off, data)  # never suspends here
+                except BaseException:
+                    await self._undo_allocation(plans, l2e)
+                    raise
+                await self._link(plans, l2e, deps, cow)
+                return
             for p in plans:
                 self._inflight.add(p.c)
         finally:
@@ -555,14 +598,24 @@ class Qcow2Driver(FormatDriver):
         try:
             cow = await self._write_data(plans, off, data)
         except BaseException:
-            await self.lock.lock()
-            try:
-                await self.refs.decref([p.host >> cb for p in plans if p.new])
-                self._done_inflight(plans, l2e)
-            finally:
-                self.lock.unlock()
+            async with self.lock:
+                await self._undo_allocation(plans, l2e)
             raise
-        await self.lock.lock()
+        async with self.lock:
+            await self._link(plans, l2e, deps, cow)
+
+    async def _undo_allocation(self, plans: list[_Plan], l2e: CacheEntry) -> None:
+        """The data phase failed: free the new clusters.  Called with self.lock held."""
+        try:
+            await self.refs.decref([p.host >> self.cb for p in plans if p.new])
+        finally:
+            self._done_inflight(plans, l2e)
+
+    async def _link(self, plans: list[_Plan], l2e: CacheEntry, deps: list[CacheEntry], cow: bool) -> None:
+        """Point the L2 entries at the written clusters, drop old references, end the flight.
+
+        Called with self.lock held.
+        """
         try:
             t = l2e.value
             free: list[int] = []
@@ -576,15 +629,15 @@ class Qcow2Driver(FormatDriver):
             self.cache.mark_dirty(l2e, after=deps, sync_before=cow)
             if free:
                 await self._free_after(l2e, free)
-            self._done_inflight(plans, l2e)
         finally:
-            self.lock.unlock()
+            self._done_inflight(plans, l2e)
 
     def _done_inflight(self, plans: list[_Plan], l2e: CacheEntry) -> None:
         """Called with self.lock held."""
-        for p in plans:
-            self._inflight.discard(p.c)
-        self._inflight_q.wake_all()
+        if self._inflight:
+            for p in plans:
+                self._inflight.discard(p.c)
+            self._inflight_q.wake_all()
         self.cache.release(l2e)
 
     async def _free_after(self, l2e: CacheEntry, clusters: list[int]) -> None:
@@ -615,6 +668,7 @@ class Qcow2Driver(FormatDriver):
         return plans
 
     def _plan_std(self, t: array, c: int, idx: int, a: int, b: int, dpos: int, data: memoryview) -> _Plan | None:
+        """One standard-L2 cluster (see ``_plan_write``).  Called with self.lock held."""
         e = t[idx]
         kind, host = self._classify(e)
         if kind == K_DATA and e & COPIED:
@@ -634,6 +688,7 @@ class Qcow2Driver(FormatDriver):
         return p
 
     def _plan_ext(self, t: array, c: int, idx: int, a: int, b: int, dpos: int, data: memoryview) -> _Plan | None:
+        """One extended-L2 cluster (see ``_plan_write``).  Called with self.lock held."""
         e, bm = t[2 * idx], t[2 * idx + 1]
         host = self._check_ext(e, bm)
         scb = self.sc_bits
@@ -787,7 +842,7 @@ class Qcow2Driver(FormatDriver):
                 if hi > lo and not await self._zero_partial(lo, hi):
                     await self._write_zeroes_explicit(lo, hi - lo)
             if tail_start > head_end:
-                await self._zero_range(head_end, tail_start, may_trim)
+                await self._zero_range(head_end, tail_start, may_trim, fast)
         if fua:
             await self.flush()
 
@@ -823,8 +878,12 @@ class Qcow2Driver(FormatDriver):
         finally:
             self.lock.unlock()
 
-    async def _zero_range(self, start: int, stop: int, may_trim: bool) -> None:
-        """Whole (sub)clusters [start, stop) (stop may be the disk end)."""
+    async def _zero_range(self, start: int, stop: int, may_trim: bool, fast: bool) -> None:
+        """Whole (sub)clusters [start, stop) (stop may be the disk end).
+
+        ``fast``: ENOTSUP rather than writing zeroes (the client then zeroes the range itself,
+        so what was already zeroed here does no harm).
+        """
         pos = start
         while pos < stop:
             span_end = min(stop, ((pos >> self.l1_shift) + 1) << self.l1_shift)
@@ -834,6 +893,8 @@ class Qcow2Driver(FormatDriver):
                 leftovers = await self._locked_zero(pos, span_end, may_trim)
             finally:
                 self.lock.unlock()
+            if leftovers and fast:
+                raise NbdError(errno.ENOTSUP, "zeroing part of a compressed cluster writes data")
             for lo, n in leftovers:
                 await self._write_zeroes_explicit(lo, n)
             pos = span_end
@@ -964,6 +1025,11 @@ class Qcow2Driver(FormatDriver):
                 await self._free_after(l2e, free)
         finally:
             self.cache.release(l2e)
+
+    async def cache_hint(self, offset: int, length: int) -> None:
+        """NBD_CMD_CACHE: load the L2 tables of the range into the cache."""
+        for l1i in range(offset >> self.l1_shift, ((offset + length - 1) >> self.l1_shift) + 1):
+            await self._table(l1i)
 
     # -- flush / close ----------------------------------------------------------------------
 

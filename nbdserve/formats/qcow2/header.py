@@ -170,9 +170,6 @@ def parse_header(path: str, head: bytes, read, file_size: int) -> Header:
         raise CorruptImage(path, f"refcount_order {h.refcount_order} too large (maximum 6: 64-bit refcounts)")
     if version == 3 and h.header_length > 104:
         h.compression_type = head[104] if len(head) > 104 else read(104, 1)[0]
-    unknown = h.incompatible_features & ~INCOMPAT_KNOWN
-    if unknown:
-        raise UnsupportedImage(path, f"unsupported incompatible_features bits 0x{unknown:x}")
     if h.compression_type not in (COMPRESSION_DEFLATE, COMPRESSION_ZSTD):
         raise UnsupportedImage(path, f"unknown compression_type {h.compression_type}")
     if bool(h.compression_type) != bool(h.incompatible_features & INCOMPAT_COMPRESSION):
@@ -214,6 +211,11 @@ def parse_header(path: str, head: bytes, read, file_size: int) -> Header:
             raise CorruptImage(path, "backing file name extends past end of file")
         h.backing_file = raw_name.decode("utf-8", "surrogateescape")
     _parse_extensions(h, path, read)
+    unknown = h.incompatible_features & ~INCOMPAT_KNOWN
+    if unknown:
+        bits = [b for b in range(64) if unknown >> b & 1]
+        names = ", ".join(h.feature_names.get((0, b), f"bit {b}") for b in bits)
+        raise UnsupportedImage(path, f"unsupported incompatible_features 0x{unknown:x} ({names})")
     return h
 
 

@@ -151,45 +151,29 @@ class Refcounts:
             return None
         return await self.cache.get(self.kind, self.table[index])
 
-    async def get(self, cluster: int) -> int:
-        entry = await self._block(cluster >> self.block_shift)
-        if entry is None:
-            return 0
-        try:
-            return entry.value.get(cluster & (self.block_entries - 1))
-        finally:
-            self.cache.release(entry)
-
     # -- updates ----------------------------------------------------------------------------
 
-    async def update(self, cluster: int, delta: int) -> CacheEntry:
-        """Add ``delta`` to one refcount; returns the block's cache entry (unpinned, dirty)."""
-        index = cluster >> self.block_shift
-        entry = await self._block(index)
-        if entry is None:
-            if delta < 0:
-                raise CorruptImage(self.path, f"refcount of cluster {cluster} would drop below zero")
-            entry = await self._new_block(index, cluster)
-        try:
-            blk: RefBlock = entry.value
-            i = cluster & (self.block_entries - 1)
-            value = blk.get(i) + delta
-            if value < 0:
-                raise CorruptImage(self.path, f"refcount of cluster {cluster} would drop below zero")
-            if value > self.max:
-                raise NbdError(errno.ERANGE, f"refcount of cluster {cluster} would exceed {self.max}")
-            blk.set(i, value)
-            self.cache.mark_dirty(entry)
-            if value == 0 and cluster < self.cursor:
-                self.cursor = cluster
-            return entry
-        finally:
-            self.cache.release(entry)
-
     async def decref(self, clusters) -> None:
-        """Drop one reference from each cluster.  The caller has made the dropping L2 durable."""
-        for c in clusters:
-            await self.update(c, -1)
+        """Drop one reference from each cluster.  The caller has made the dropping L2 durable.
+
+        A refcount that would go below zero is corruption (never wrapped).
+        """
+        for cluster in clusters:
+            entry = await self._block(cluster >> self.block_shift)
+            if entry is None:
+                raise CorruptImage(self.path, f"cluster {cluster} in use but no refcount block covers it")
+            try:
+                blk: RefBlock = entry.value
+                i = cluster & (self.block_entries - 1)
+                value = blk.get(i) - 1
+                if value < 0:
+                    raise CorruptImage(self.path, f"refcount of cluster {cluster} would drop below zero")
+                blk.set(i, value)
+                self.cache.mark_dirty(entry)
+                if value == 0 and cluster < self.cursor:
+                    self.cursor = cluster
+            finally:
+                self.cache.release(entry)
 
     async def alloc(self, count: int) -> tuple[int, int, CacheEntry]:
         """Allocate up to ``count`` contiguous free clusters (refcount 0 -> 1).
@@ -292,11 +276,6 @@ class Refcounts:
         first_old = old_offset >> self.cluster_bits
         await self.decref(range(first_old, first_old + old_clusters))
         self.cursor = min(self.cursor, first_old)
-
-    def covers_table(self, cluster: int) -> bool:
-        """True if ``cluster`` belongs to the refcount table (for the metadata overlap guard)."""
-        first = self.table_offset >> self.cluster_bits
-        return first <= cluster < first + self.table_clusters
 
 
 async def rebuild(
