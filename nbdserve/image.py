@@ -101,6 +101,12 @@ class Image:
             return
         await self._read_aligned(offset, buf)
 
+    def read_now(self, offset: int, buf: memoryview) -> bool:
+        """Synchronous read when the driver can do it without waiting (see FormatDriver.read_now)."""
+        if (offset | len(buf)) & (self.align - 1) or len(buf) > self.max_transfer:
+            return False
+        return self.driver.read_now(offset, buf)
+
     async def _read_aligned(self, offset: int, buf: memoryview) -> None:
         step = self.max_transfer
         if len(buf) <= step:

@@ -16,10 +16,12 @@ is a combination of
   * ``DATA``: host storage holds the data (clear with ALLOCATED: a zero cluster / hole);
   * ``ZERO``: the range is known to read as zeroes.
 
-Reads fill caller buffers in place.  For ranges that are not ALLOCATED the driver fills in data
-from ``self.read_backing`` (which the image layer sets; it reads the backing chain or zeroes);
-copy-on-write uses the same function.  A driver never opens its backing file itself: it reports
-``backing`` (file name and recorded format) from ``open`` and the image layer opens it.
+Reads fill caller buffers in place.  ``read_now`` is the synchronous twin of ``preadv`` for the
+common case (cached metadata, plain data): the server answers such reads without a coroutine.
+For ranges that are not ALLOCATED the driver fills in data from ``self.read_backing`` (which
+the image layer sets; it reads the backing chain or zeroes); copy-on-write uses the same
+function.  A driver never opens its backing file itself: it reports ``backing`` (file name and
+recorded format) from ``open`` and the image layer opens it.
 
 Errors: ``NbdError(errno)`` for a failed request, ``OSError`` passes through, ``CorruptImage``
 when metadata turns out to be bad at run time (the request fails with EIO).  ``open`` raises
@@ -110,6 +112,12 @@ class FormatDriver:
 
     async def preadv(self, offset: int, buf: memoryview) -> None:
         raise NotImplementedError
+
+    def read_now(self, offset: int, buf: memoryview) -> bool:
+        """The synchronous hot path: fill ``buf`` and return True if that needs no waiting (the
+        metadata is cached, the data is plain); else return False without side effects and the
+        caller uses ``preadv``.  Same guarantees as ``preadv``.  Default: never possible."""
+        return False
 
     async def pwritev(self, offset: int, data: memoryview, *, fua: bool) -> None:
         raise NotImplementedError

@@ -78,6 +78,10 @@ class RawDriver(FormatDriver):
     async def open(cls, file: BlockFile, *, readonly: bool, cache: ClusterCache, options: OpenOptions) -> RawDriver:
         return cls(file, readonly or file.readonly)
 
+    def read_now(self, offset: int, buf: memoryview) -> bool:
+        self.file.pread_into(buf, offset)
+        return True
+
     async def preadv(self, offset: int, buf: memoryview) -> None:
         self.file.pread_into(buf, offset)
 

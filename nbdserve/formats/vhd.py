@@ -493,19 +493,27 @@ class VhdDriver(FormatDriver):
 
     # -- reads ------------------------------------------------------------------------------
 
-    async def preadv(self, offset: int, buf: memoryview) -> None:
+    def read_now(self, offset: int, buf: memoryview) -> bool:
+        """Hot path: a fixed image, or inside one fully present block with its BAT page cached."""
         if self.fixed:
             self.file.pread_into(buf, offset)
+            return True
+        bs = self.block_size
+        inblk = offset & (bs - 1)
+        if inblk + len(buf) > bs:
+            return False
+        idx = offset >> self.block_shift
+        block = self._bat_cached(idx)
+        if block is not None and block != UNALLOCATED and self._full[idx >> 3] & (1 << (idx & 7)):
+            self.file.pread_into(buf, block * SECTOR + self.bitmap_size + inblk)
+            return True
+        return False
+
+    async def preadv(self, offset: int, buf: memoryview) -> None:
+        if self.read_now(offset, buf):
             return
         shift, bs = self.block_shift, self.block_size
         n = len(buf)
-        inblk = offset & (bs - 1)
-        if inblk + n <= bs:  # the hot path: inside one fully present block, metadata cached
-            idx = offset >> shift
-            block = self._bat_cached(idx)
-            if block is not None and block != UNALLOCATED and self._full[idx >> 3] & (1 << (idx & 7)):
-                self.file.pread_into(buf, block * SECTOR + self.bitmap_size + inblk)
-                return
         pos = 0
         while pos < n:
             off = offset + pos

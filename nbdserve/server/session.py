@@ -289,6 +289,8 @@ class Session(asyncio.BufferedProtocol):
             log.debug("%s: rejected %r: %s", self.peer, req, msg)
             self._send(self.enc.error(req.cookie, req.offset, nbd_errno(err), msg))
             return
+        if t == C.CMD_READ and self._read_now(req):
+            return
         handler = _HANDLERS[t]
         cost = req.length if t in (C.CMD_READ, C.CMD_WRITE) else 0
         self.inflight += 1
@@ -343,6 +345,26 @@ class Session(asyncio.BufferedProtocol):
         t = self.transport
         if t is not None and not t.is_closing():
             t.writelines(chunks)
+
+    def _read_now(self, req: Request) -> bool:
+        """Answer a READ synchronously if the image can serve it without waiting (the hot path:
+        no coroutine, no task).  Reads that may carry holes (structured, >= SPARSE_READ_MIN) and
+        reads the image cannot do at once return False and take the coroutine path."""
+        enc, n = self.enc, req.length
+        if not n or (enc.structured and n >= SPARSE_READ_MIN):
+            return False
+        if enc.structured:
+            buf, view = enc.data_buffer(req.cookie, req.offset, req.offset, n, done=True)
+        else:
+            buf, view = enc.simple_read_buffer(req.cookie, n)
+        try:
+            if not self.image.read_now(req.offset, view):
+                return False
+        except Exception as exc:  # becomes the request's error reply
+            self._fail(req, exc)
+            return True
+        self._send(buf)
+        return True
 
     # Handlers: each replies on success; an exception becomes an error reply (see _fail).
 

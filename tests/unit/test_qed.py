@@ -99,9 +99,13 @@ def qemu_map(path: Path) -> list[tuple]:
 
 
 async def our_map(img: Image) -> list[tuple]:
+    """Our runs in qemu-img map's terms.  qemu-img map calls the range past the end of a shorter
+    backing file "not present", where NBD's allocation depth (and so ``Run.depth``, as qemu-nbd
+    does) attributes it to that backing file."""
     rows, pos = [], 0
+    sizes = [layer.size for layer in img.chain()]
     for run_ in await img.runs(0, img.size):
-        present = run_.depth != 0
+        present = run_.depth != 0 and pos < sizes[run_.depth - 1]
         rows.append(
             [pos, run_.length, present, bool(run_.flags & 2), not run_.flags & 1, run_.depth - 1 if present else None]
         )

@@ -329,20 +329,28 @@ class Qcow2Driver(FormatDriver):
 
     # -- reads ------------------------------------------------------------------------------
 
+    def read_now(self, offset: int, buf: memoryview) -> bool:
+        """Hot path: one standard cluster, its L2 table cached, plain data."""
+        in_c = offset & self.cmask
+        if in_c + len(buf) > self.cs or self.ext:
+            return False
+        l1, file = self.l1, self.file
+        l1i = offset >> self.l1_shift
+        e = self.cache.peek(self.l2kind, l1[l1i] & OFFSET_MASK) if l1i < len(l1) else None
+        if e is None:
+            return False
+        ent = e.value[(offset >> self.cb) & self.l2_mask]
+        host = ent & OFFSET_MASK
+        if host and not ent & _NOT_PLAIN and not host & self.cmask and host < file.size:
+            file.pread_into(buf, host + in_c)
+            return True
+        return False
+
     async def preadv(self, offset: int, buf: memoryview) -> None:
+        if self.read_now(offset, buf):
+            return
         pos, n = 0, len(buf)
         peek, kind, l1, file = self.cache.peek, self.l2kind, self.l1, self.file
-        in_c = offset & self.cmask
-        if in_c + n <= self.cs and not self.ext:
-            # Hot path: one standard cluster, its table cached, plain data.
-            l1i = offset >> self.l1_shift
-            e = peek(kind, l1[l1i] & OFFSET_MASK) if l1i < len(l1) else None
-            if e is not None:
-                ent = e.value[(offset >> self.cb) & self.l2_mask]
-                host = ent & OFFSET_MASK
-                if host and not ent & _NOT_PLAIN and not host & self.cmask and host < file.size:
-                    file.pread_into(buf, host + in_c)
-                    return
         while pos < n:
             off = offset + pos
             l1i = off >> self.l1_shift

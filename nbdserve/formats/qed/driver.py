@@ -261,7 +261,28 @@ class QedDriver(FormatDriver):
 
     # -- reads ------------------------------------------------------------------------------
 
+    def read_now(self, offset: int, buf: memoryview) -> bool:
+        """Hot path: inside one L2 table that is cached, one run of data or zero clusters."""
+        end = offset + len(buf)
+        l1_index = offset >> self.l1_shift
+        if end > (l1_index + 1) << self.l1_shift:
+            return False
+        l2_offset = self.l1[l1_index]
+        e = self.cache.peek(self.l2_kind, l2_offset) if l2_offset else None
+        if e is None:
+            return False
+        kind, run_end, host = self._run(e.value, offset, end, True)
+        if run_end != end or kind not in (RUN_DATA, RUN_ZERO):
+            return False
+        if kind == RUN_DATA:
+            self.file.pread_into(buf, host)
+        else:
+            buf[:] = bytes(len(buf))
+        return True
+
     async def preadv(self, offset: int, buf: memoryview) -> None:
+        if self.read_now(offset, buf):
+            return
         end = offset + len(buf)
         pos = offset
         shift = self.l1_shift

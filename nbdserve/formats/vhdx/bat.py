@@ -25,6 +25,8 @@ from .header import MiB
 
 PAGE_SIZE = 64 << 10
 ENTRIES_PER_PAGE = PAGE_SIZE // 8
+PAGE_SHIFT = 13  # log2(ENTRIES_PER_PAGE)
+PAGE_MASK = ENTRIES_PER_PAGE - 1
 SECTOR_BITMAP_BLOCK = MiB
 
 NOT_PRESENT = 0
@@ -105,30 +107,38 @@ class Geometry:
 def check_bat(
     path: str, pages: Iterable[tuple[int, array]], geo: Geometry, file_size: int, reserved: list[tuple[int, int]]
 ) -> None:
-    """Validate every entry: states, reserved bits, offsets inside the file and not overlapping.
+    """Validate every entry: states, reserved bits, offsets inside the file and not overlapping,
+    and a present sector bitmap for every chunk with a PARTIALLY_PRESENT block.
 
     ``pages`` yields (first BAT index, entries) covering the used part of the table; ``reserved``
     lists (start, end) host ranges that blocks must not touch (first MiB, log, regions).
     Memory: one page plus one span per present block (present blocks lie inside the file).
     """
-    spans: list[tuple[int, int, int]] = []
+    spans: list[tuple[int, int, int, int]] = []
     for base, page in pages:
         if page.count(NOT_PRESENT) + page.count(ZERO) == len(page):
             continue  # the common all-empty page: nothing to check
         for j, e in enumerate(page):
             if e:
                 _check_entry(path, base + j, e, geo, file_size, spans)
+    cr = geo.chunk_ratio
+    with_bitmap = {i // (cr + 1) for _, _, i, state in spans if i % (cr + 1) == cr}
+    for _, _, i, state in spans:
+        if state == PARTIALLY_PRESENT and i // (cr + 1) not in with_bitmap:
+            raise CorruptImage(path, f"BAT entry {i}: partially present block without a sector bitmap block")
     spans.sort()
     for a, b in pairwise(spans):
         if b[0] < a[1]:
             raise CorruptImage(path, f"BAT entry {b[2]}: block at 0x{b[0]:x} overlaps BAT entry {a[2]}")
-    for start, end, i in spans:
+    for start, end, i, _ in spans:
         for rs, re_ in reserved:
             if start < re_ and rs < end:
                 raise CorruptImage(path, f"BAT entry {i}: block at 0x{start:x} overlaps VHDX metadata or the log")
 
 
-def _check_entry(path: str, i: int, e: int, geo: Geometry, file_size: int, spans: list[tuple[int, int, int]]) -> None:
+def _check_entry(
+    path: str, i: int, e: int, geo: Geometry, file_size: int, spans: list[tuple[int, int, int, int]]
+) -> None:
     state = e & STATE_MASK
     off = e & OFFSET_MASK
     is_bitmap = i % (geo.chunk_ratio + 1) == geo.chunk_ratio
@@ -151,7 +161,7 @@ def _check_entry(path: str, i: int, e: int, geo: Geometry, file_size: int, spans
         raise CorruptImage(path, f"{what}: file offset 0x{off:x} inside the header section")
     if off + need > file_size:
         raise CorruptImage(path, f"{what}: block at 0x{off:x} points after end of file")
-    spans.append((off, off + (SECTOR_BITMAP_BLOCK if is_bitmap else geo.block_size), i))
+    spans.append((off, off + (SECTOR_BITMAP_BLOCK if is_bitmap else geo.block_size), i, state))
 
 
 def _last_block_bytes(index: int, geo: Geometry) -> int:

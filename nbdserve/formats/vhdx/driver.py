@@ -3,7 +3,8 @@
 Owns one open VHDX file: open-time validation (``header``, ``metadata``, ``bat``), log replay
 (into the file when writable; into an in-memory overlay when read-only), reads through the BAT
 (payload block states, sector bitmaps of differencing disks, the parent via ``read_backing``),
-allocating writes, WRITE_ZEROES / TRIM as block-state changes, and block status.
+allocating writes, WRITE_ZEROES / TRIM as block-state changes, block status, and NBD_CMD_CACHE
+(loads BAT pages).
 
 Crash-consistency protocol (every step that matters is ordered by an fdatasync):
   1. Before the first visible change of a session the header is rewritten (non-current slot,
@@ -51,7 +52,7 @@ from .header import (
     guid_str,
     parse_region_tables,
 )
-from .log import SECTOR, LogReader, build_entry, desc_sectors, find_active_sequence, iter_changes
+from .log import MAX_DESCRIPTORS, SECTOR, LogReader, build_entry, desc_sectors, find_active_sequence, iter_changes
 from .metadata import Metadata, parse_linkage, parse_metadata
 
 OVERLAY_LIMIT = 64 << 20  # bytes of replayed log data a read-only open keeps in memory
@@ -67,34 +68,49 @@ def _round_up(n: int, m: int) -> int:
 
 
 class _ReplayedView:
-    """A read-only view of a file with a pending log applied in memory (read-only opens)."""
+    """A read-only view of a file with a pending log applied in memory (read-only opens).
+
+    ``sectors`` maps 4 KiB-aligned file offsets to replayed contents and is always newer than any
+    of the ``zeroes`` ranges (replaying a zero range drops the older sectors it covers), so a read
+    applies the zero ranges first and the sectors last.
+    """
 
     def __init__(self, file: BlockFile, changes: list[tuple[int, bytes | None, int]], size: int) -> None:
         self.file = file
         self.path = file.path
         self.size = size
         self.readonly = True
-        self.changes = changes
+        self.sectors: dict[int, bytes] = {}
+        self.zeroes: list[tuple[int, int]] = []
+        for foff, data, length in changes:
+            if data is not None:
+                self.sectors[foff] = data
+            else:
+                self.zeroes.append((foff, foff + length))
+                for k in [k for k in self.sectors if foff <= k < foff + length]:
+                    del self.sectors[k]
 
     def pread_into(self, buf: memoryview | bytearray, offset: int) -> None:
         self.file.pread_into(buf, offset)
         end = offset + len(buf)
         view = memoryview(buf)
-        for foff, data, length in self.changes:
-            lo, hi = max(offset, foff), min(end, foff + length)
+        for zs, ze in self.zeroes:
+            lo, hi = max(offset, zs), min(end, ze)
             if lo < hi:
-                if data is None:
-                    view[lo - offset : hi - offset] = bytes(hi - lo)
-                else:
-                    view[lo - offset : hi - offset] = data[lo - foff : hi - foff]
+                view[lo - offset : hi - offset] = bytes(hi - lo)
+        first = offset - offset % SECTOR
+        if (end - first) // SECTOR < len(self.sectors):
+            keys = [k for k in range(first, end, SECTOR) if k in self.sectors]
+        else:
+            keys = [k for k in self.sectors if first <= k < end]
+        for k in keys:
+            lo, hi = max(offset, k), min(end, k + SECTOR)
+            view[lo - offset : hi - offset] = self.sectors[k][lo - k : hi - k]
 
     def pread(self, length: int, offset: int) -> bytearray:
         buf = bytearray(length)
         self.pread_into(buf, offset)
         return buf
-
-    async def flush(self) -> None:
-        return None
 
 
 class VhdxDriver(FormatDriver):
@@ -110,6 +126,7 @@ class VhdxDriver(FormatDriver):
         self.meta: Metadata
         self.geo: Geometry
         self.bat_offset = 0
+        self._bs = self._cr = 1  # block size and chunk ratio (hot-path copies of self.geo's)
         self.session_guid = _new_guid()
         self._visible = False  # header GUIDs updated in this session
         self._log_dirty = False  # the header names a log_guid that flush must clear
@@ -144,6 +161,7 @@ class VhdxDriver(FormatDriver):
         self.meta = meta = parse_metadata(path, lambda off, n: rf.pread(n, moff + off), regions.metadata_length)
         self.size = meta.virtual_disk_size
         self.geo = geo = Geometry(meta.virtual_disk_size, meta.block_size, meta.logical_sector_size, meta.has_parent)
+        self._bs, self._cr = geo.block_size, geo.chunk_ratio
         if geo.entries * 8 > regions.bat_length:
             raise CorruptImage(
                 path, f"BAT region of {regions.bat_length} bytes is too small for {geo.entries} entries"
@@ -254,13 +272,13 @@ class VhdxDriver(FormatDriver):
     # -- BAT access -------------------------------------------------------------------------
 
     def _peek(self, index: int) -> int | None:
-        e = self.cache.peek(self.bat_kind, self.bat_offset + (index // B.ENTRIES_PER_PAGE) * B.PAGE_SIZE)
-        return None if e is None else e.value[index % B.ENTRIES_PER_PAGE]
+        e = self.cache.peek(self.bat_kind, self.bat_offset + (index >> B.PAGE_SHIFT) * B.PAGE_SIZE)
+        return None if e is None else e.value[index & B.PAGE_MASK]
 
     async def _entry(self, index: int) -> int:
-        e = await self.cache.get(self.bat_kind, self.bat_offset + (index // B.ENTRIES_PER_PAGE) * B.PAGE_SIZE)
+        e = await self.cache.get(self.bat_kind, self.bat_offset + (index >> B.PAGE_SHIFT) * B.PAGE_SIZE)
         try:
-            return e.value[index % B.ENTRIES_PER_PAGE]
+            return e.value[index & B.PAGE_MASK]
         finally:
             self.cache.release(e)
 
@@ -288,7 +306,16 @@ class VhdxDriver(FormatDriver):
     # -- reads ------------------------------------------------------------------------------
 
     async def preadv(self, offset: int, buf: memoryview) -> None:
-        bs = self.geo.block_size
+        bs = self._bs
+        block, in_block = divmod(offset, bs)
+        if in_block + len(buf) <= bs:  # the hot path: one block, BAT page cached, data in this file
+            index = block + block // self._cr
+            page = self.cache.peek(self.bat_kind, self.bat_offset + (index >> B.PAGE_SHIFT) * B.PAGE_SIZE)
+            if page is not None:
+                e = page.value[index & B.PAGE_MASK]
+                if e & B.STATE_MASK == B.FULLY_PRESENT:
+                    self.rf.pread_into(buf, (e & B.OFFSET_MASK) + in_block)
+                    return
         has_parent = self.geo.has_parent
         pos, n = 0, len(buf)
         while pos < n:
@@ -296,7 +323,7 @@ class VhdxDriver(FormatDriver):
             block, in_block = divmod(off, bs)
             seg = min(n - pos, bs - in_block)
             view = buf[pos : pos + seg]
-            index = block + block // self.geo.chunk_ratio
+            index = block + block // self._cr
             e = self._peek(index)
             if e is None:
                 e = await self._entry(index)
@@ -326,39 +353,51 @@ class VhdxDriver(FormatDriver):
     # -- writes -----------------------------------------------------------------------------
 
     async def pwritev(self, offset: int, data: memoryview, *, fua: bool) -> None:
-        bs = self.geo.block_size
+        bs = self._bs
         pos, n = 0, len(data)
+        slow: list[tuple[int, int, memoryview]] = []
         while pos < n:
             off = offset + pos
             block, in_block = divmod(off, bs)
             seg = min(n - pos, bs - in_block)
-            e = self._peek(block + block // self.geo.chunk_ratio) if self._visible else None
-            if e is not None and e & B.STATE_MASK == B.FULLY_PRESENT:
+            index = block + block // self._cr
+            page = self.cache.peek(self.bat_kind, self.bat_offset + (index >> B.PAGE_SHIFT) * B.PAGE_SIZE)
+            e = page.value[index & B.PAGE_MASK] if page is not None and self._visible else 0
+            if e & B.STATE_MASK == B.FULLY_PRESENT:
                 self.file.pwrite(data[pos : pos + seg], (e & B.OFFSET_MASK) + in_block)
             else:
-                async with self.lock:
-                    await self._write_locked(block, in_block, data[pos : pos + seg])
+                slow.append((block, in_block, data[pos : pos + seg]))
             pos += seg
+        if slow:
+            async with self.lock:
+                await self._write_locked(slow)
         if fua:
             await self.file.flush()
 
-    async def _write_locked(self, block: int, in_block: int, view: memoryview) -> None:
-        """Write inside one block, allocating it if needed.  Called with self.lock held."""
+    async def _write_locked(self, segments: list[tuple[int, int, memoryview]]) -> None:
+        """Write (block, offset in block, data) segments, allocating blocks as needed: all new
+        blocks are synced together, then their BAT entries go into one log entry.
+        Called with self.lock held."""
         self.lock.assert_locked()
         await self._make_visible()
-        e = await self._entry(self.geo.payload_index(block))
-        if e & B.STATE_MASK == B.FULLY_PRESENT:
-            self.file.pwrite(view, (e & B.OFFSET_MASK) + in_block)
-            return
-        change = await self._fill_block(block, in_block, view, e)
-        await self._commit(change)
+        changes: dict[int, int] = {}
+        for block, in_block, view in segments:
+            e = await self._entry(self.geo.payload_index(block))
+            if e & B.STATE_MASK == B.FULLY_PRESENT:
+                self.file.pwrite(view, (e & B.OFFSET_MASK) + in_block)
+            else:
+                changes.update(await self._fill_block(block, in_block, view, e))
+        if changes:
+            await self.file.flush()
+            await self._commit(changes)
 
     async def _fill_block(self, block: int, in_block: int, view: memoryview, e: int) -> dict[int, int]:
-        """Make a FULLY_PRESENT copy of ``block`` holding ``view`` at ``in_block``; sync it.
+        """Make a FULLY_PRESENT copy of ``block`` holding ``view`` at ``in_block`` (not synced).
 
-        Returns the BAT change to commit.  A PARTIALLY_PRESENT block is completed in place from
-        the parent; any other state gets a new block at the 1 MiB-rounded end of file, filled with
-        zeroes or the parent's data.  Called with self.lock held.
+        Returns the BAT change to commit once the caller has synced the data.  A
+        PARTIALLY_PRESENT block is completed in place from the parent; any other state gets a new
+        block at the 1 MiB-rounded end of file, filled with zeroes or the parent's data.
+        Called with self.lock held.
         """
         geo, file = self.geo, self.file
         bs = geo.block_size
@@ -380,7 +419,6 @@ class VhdxDriver(FormatDriver):
                 tail = in_block + len(view)
                 await self._copy_parent(start + tail, host + tail, max(0, inside - tail))
         file.pwrite(view, host + in_block)
-        await file.flush()
         return {geo.payload_index(block): host | B.FULLY_PRESENT}
 
     async def _copy_parent(self, vpos: int, host: int, length: int) -> None:
@@ -408,31 +446,34 @@ class VhdxDriver(FormatDriver):
         self.header = new
 
     async def _commit(self, changes: dict[int, int]) -> None:
-        """Apply BAT ``changes`` {index: entry}: log entry (synced), then in place.  Lock held."""
+        """Apply BAT ``changes`` {index: entry}: for each group of at most MAX_DESCRIPTORS BAT
+        sectors, a synced log entry, then the sectors in place (disk and cache).  Lock held."""
         self.lock.assert_locked()
         pages = {}
         try:
             for index in changes:
-                page_off = self.bat_offset + (index // B.ENTRIES_PER_PAGE) * B.PAGE_SIZE
+                page_off = self.bat_offset + (index >> B.PAGE_SHIFT) * B.PAGE_SIZE
                 if page_off not in pages:
                     pages[page_off] = await self.cache.get(self.bat_kind, page_off)
             sectors: dict[int, array] = {}
             for index, value in changes.items():
-                byte = index * 8
-                sector_off = self.bat_offset + byte // SECTOR * SECTOR
+                sector_off = self.bat_offset + index * 8 // SECTOR * SECTOR
                 if sector_off not in sectors:
-                    page = pages[self.bat_offset + (index // B.ENTRIES_PER_PAGE) * B.PAGE_SIZE].value
-                    first = (sector_off - self.bat_offset) // 8 % B.ENTRIES_PER_PAGE
+                    page = pages[self.bat_offset + (index >> B.PAGE_SHIFT) * B.PAGE_SIZE].value
+                    first = (sector_off - self.bat_offset) // 8 & B.PAGE_MASK
                     sectors[sector_off] = array("Q", page[first : first + SECTOR // 8])
-                sectors[sector_off][(byte % SECTOR) // 8] = value
-            encoded = [(off, encode_page(a)) for off, a in sorted(sectors.items())]
-            await self._log_write(encoded)
-            for index, value in changes.items():
-                pages[self.bat_offset + (index // B.ENTRIES_PER_PAGE) * B.PAGE_SIZE].value[
-                    index % B.ENTRIES_PER_PAGE
-                ] = value
-            for off, data in encoded:
-                self.file.pwrite(data, off)
+                sectors[sector_off][index % (SECTOR // 8)] = value
+            ordered = sorted(sectors.items())
+            for at in range(0, len(ordered), MAX_DESCRIPTORS):
+                group = ordered[at : at + MAX_DESCRIPTORS]
+                encoded = [(off, encode_page(a)) for off, a in group]
+                await self._log_write(encoded)
+                for off, a in group:
+                    rel = off - self.bat_offset
+                    first = rel // 8 & B.PAGE_MASK
+                    pages[self.bat_offset + rel // B.PAGE_SIZE * B.PAGE_SIZE].value[first : first + SECTOR // 8] = a
+                for off, data in encoded:
+                    self.file.pwrite(data, off)
         finally:
             for entry in pages.values():
                 self.cache.release(entry)
@@ -446,20 +487,14 @@ class VhdxDriver(FormatDriver):
         if self._log_pos >= 0 and self._log_pos + length > h.log_length:
             await self._flush_locked()  # log full: checkpoint, then a new cycle
         new_cycle = self._log_pos < 0
-        if new_cycle:
-            guid = _new_guid()
-            self._log_pos = 0
-            self._log_seq = 1
-        else:
-            guid = h.log_guid
-        entry = build_entry(guid, self._log_seq, 0, sectors, self.file.size)
-        self.file.pwrite(entry, h.log_offset + self._log_pos)
+        # A cycle starts at log offset 0 with sequence 1 under a fresh GUID; its entries' tail is 0.
+        pos, seq, guid = (0, 1, _new_guid()) if new_cycle else (self._log_pos, self._log_seq, h.log_guid)
+        self.file.pwrite(build_entry(guid, seq, 0, sectors, self.file.size), h.log_offset + pos)
         await self.file.flush()
-        self._log_pos += length
-        self._log_seq += 1
-        if new_cycle:
+        if new_cycle:  # the entry is durable before any header names its GUID
             await self._write_header(log_guid=guid)
             self._log_dirty = True
+        self._log_pos, self._log_seq = pos + length, seq + 1
 
     # -- zeroes and trim --------------------------------------------------------------------
 
@@ -499,6 +534,7 @@ class VhdxDriver(FormatDriver):
                 return
             await self._make_visible()
             changes: dict[int, int] = {}
+            filled = False
             freed: list[int] = []
             for kind, block, e, in_block, seg in plan:
                 if kind == "state":
@@ -514,7 +550,10 @@ class VhdxDriver(FormatDriver):
                                 raise NbdError(errno.ENOTSUP, "the file system cannot zero a range quickly")
                             self.file.write_zeroes(host, seg)
                     else:
-                        await self._commit(await self._fill_block(block, in_block, memoryview(bytes(seg)), e))
+                        changes.update(await self._fill_block(block, in_block, memoryview(bytes(seg)), e))
+                        filled = True
+            if filled:
+                await self.file.flush()  # new blocks are durable before the log names them
             if changes:
                 await self._commit(changes)
             for host in freed:
@@ -576,6 +615,13 @@ class VhdxDriver(FormatDriver):
                 break
             n = min(length, n + bs)
         return Extent(n, state)
+
+    async def cache_hint(self, offset: int, length: int) -> None:
+        """NBD_CMD_CACHE: load the BAT pages that map the range."""
+        first = self.geo.payload_index(offset // self._bs) >> B.PAGE_SHIFT
+        last = self.geo.payload_index((offset + length - 1) // self._bs) >> B.PAGE_SHIFT
+        for page in range(first, last + 1):
+            self.cache.release(await self.cache.get(self.bat_kind, self.bat_offset + page * B.PAGE_SIZE))
 
     def _status_of(self, e: int) -> int:
         s = e & B.STATE_MASK

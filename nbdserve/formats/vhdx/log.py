@@ -15,7 +15,7 @@ Owns:
     checked against the log region and a bound on the file size;
   * ``build_entry``: the bytes of a new entry of data descriptors (the writer side).
 
-Bounded memory: an entry is streamed sector by sector; only descriptor sectors are held.
+Bounded memory: an entry is streamed sector by sector, descriptors included.
 """
 
 from __future__ import annotations
@@ -38,6 +38,9 @@ ENTRY_HEADER = struct.Struct("<4sIIIQII16sQQ")
 # zero: signature, reserved, zero_length, file_offset, sequence_number
 DESCRIPTOR = struct.Struct("<4sIQQQ")
 MAX_FILE_END = 1 << 48  # replay never writes past 256 TiB
+# Descriptors per entry we write: all fit the first sector.  QEMU 7.2 reads every descriptor
+# sector into the same 4 KiB buffer, so it cannot replay an entry with more than 126.
+MAX_DESCRIPTORS = 126
 
 
 def desc_sectors(count: int) -> int:
@@ -68,17 +71,22 @@ class LogReader:
     def sector(self, pos: int) -> bytearray:
         return self.file.pread(SECTOR, self.offset + pos % self.length)
 
-    def descriptors(self, info: EntryInfo) -> bytearray:
-        n = desc_sectors(info.descriptor_count)
-        buf = bytearray()
-        for i in range(n):
-            buf += self.sector(info.pos + i * SECTOR)
-        return buf
+    def descriptors(self, pos: int, count: int, first: bytes | None = None) -> Iterator[tuple[bytes, bytes]]:
+        """(descriptor, its descriptor sector) for the ``count`` descriptors of the entry at
+        ``pos``, one sector in memory at a time (the header fills the first two slots)."""
+        slot, sector = 2, first if first is not None else bytes(self.sector(pos))
+        at = pos
+        for _ in range(count):
+            if slot == 128:
+                at += SECTOR
+                slot, sector = 0, bytes(self.sector(at))
+            yield sector[slot * 32 : slot * 32 + 32], sector
+            slot += 1
 
     def entry_at(self, pos: int) -> EntryInfo | None:
         """The valid entry starting at ``pos``, or None."""
-        first = self.sector(pos)
-        sig, _, length, tail, seq, count, _, guid, flushed, last = ENTRY_HEADER.unpack_from(first)
+        first = bytes(self.sector(pos))
+        sig, stored, length, tail, seq, count, _, guid, flushed, last = ENTRY_HEADER.unpack_from(first)
         if sig != b"loge" or guid != self.header.log_guid or seq == 0:
             return None
         if length == 0 or length % SECTOR or length > self.length or tail % SECTOR or tail >= self.length:
@@ -86,15 +94,16 @@ class LogReader:
         nd = desc_sectors(count)
         if nd * SECTOR > length:
             return None
-        descs = bytearray(first)
-        for i in range(1, nd):
-            descs += self.sector(pos + i * SECTOR)
-        crc = crc32c.crc32c(memoryview(descs)[:4])
+        crc = crc32c.crc32c(first[:4])
         crc = crc32c.crc32c(b"\0\0\0\0", crc)
-        crc = crc32c.crc32c(memoryview(descs)[8:], crc)
+        crc = crc32c.crc32c(first[8:], crc)
         data_needed = 0
-        for i in range(count):
-            dsig, _, zlen, foff, dseq = DESCRIPTOR.unpack_from(descs, ENTRY_HEADER.size + i * DESCRIPTOR.size)
+        sector = first
+        for desc, in_sector in self.descriptors(pos, count, first):
+            if in_sector is not sector:
+                sector = in_sector
+                crc = crc32c.crc32c(sector, crc)
+            dsig, _, zlen, foff, dseq = DESCRIPTOR.unpack(desc)
             if dseq != seq or foff % SECTOR:
                 return None
             if dsig == b"desc":
@@ -103,15 +112,15 @@ class LogReader:
                 return None
         if (nd + data_needed) * SECTOR > length:
             return None
-        for i in range(nd, length // SECTOR):
+        for i in range(nd, length // SECTOR):  # the nd descriptor sectors are in the CRC already
             sec = self.sector(pos + i * SECTOR)
-            if i < nd + data_needed:
+            if nd <= i < nd + data_needed:
                 dsig, hi = struct.unpack_from("<4sI", sec)
                 (lo,) = struct.unpack_from("<I", sec, SECTOR - 4)
                 if dsig != b"data" or (hi << 32 | lo) != seq:
                     return None
             crc = crc32c.crc32c(sec, crc)
-        if crc != struct.unpack_from("<I", first, 4)[0]:
+        if crc != stored:
             return None
         return EntryInfo(pos, length, seq, tail, count, flushed, last)
 
@@ -129,16 +138,21 @@ def find_active_sequence(reader: LogReader) -> list[EntryInfo]:
         else:
             found[e.pos] = e
             pos += e.length
+
+    def successor(e: EntryInfo) -> EntryInfo | None:
+        nxt = found.get((e.pos + e.length) % reader.length)
+        return nxt if nxt is not None and nxt.sequence == e.sequence + 1 else None
+
+    # Walk each chain once, from its first entry (entries do not overlap, so chains are short
+    # of the log's length and sequence numbers rule out cycles).
+    followers = {id(n) for e in found.values() if (n := successor(e)) is not None}
     best: list[EntryInfo] = []
     for start in found.values():
+        if id(start) in followers:
+            continue
         chain = [start]
-        used = start.length
-        while True:
-            nxt = found.get((chain[-1].pos + chain[-1].length) % reader.length)
-            if nxt is None or nxt.sequence != chain[-1].sequence + 1 or used + nxt.length > reader.length:
-                break
+        while (nxt := successor(chain[-1])) is not None:
             chain.append(nxt)
-            used += nxt.length
         if not best or chain[-1].sequence > best[-1].sequence:
             best = chain
     if best:
@@ -161,11 +175,10 @@ def iter_changes(
         )
     if limit > MAX_FILE_END:
         raise CorruptImage(path, f"log entry {info.sequence}: last_file_offset 0x{info.last_file_offset:x} too large")
-    descs = reader.descriptors(info)
     data_pos = info.pos + desc_sectors(info.descriptor_count) * SECTOR
     log_start, log_end = reader.offset, reader.offset + reader.length
-    for i in range(info.descriptor_count):
-        sig, trailing, lead_or_len, foff, _ = DESCRIPTOR.unpack_from(descs, ENTRY_HEADER.size + i * DESCRIPTOR.size)
+    for i, (desc, _) in enumerate(reader.descriptors(info.pos, info.descriptor_count)):
+        sig, trailing, lead_or_len, foff, _ = DESCRIPTOR.unpack(desc)
         length = SECTOR if sig == b"desc" else lead_or_len
         if foff < MiB or foff + length > limit or (foff < log_end and log_start < foff + length):
             raise CorruptImage(
