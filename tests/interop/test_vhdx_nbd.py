@@ -11,6 +11,9 @@ flushes) replayed on both servers; afterwards the two images compare equal and o
 Crash: write through NBD with flushes, kill -9 the server with requests in flight; QEMU opens
 the file (``qemu-img check -r all`` replays any pending log), nbdserve reopens it, both read
 the same bytes, and no flushed write is lost.
+
+Beyond QEMU: a differencing child (built by ``tests/vhdxgen.py``) and a 4 KiB-sector image served,
+read and written through NBD.
 """
 
 from __future__ import annotations
@@ -18,12 +21,14 @@ from __future__ import annotations
 import random
 import shutil
 import signal
+import uuid
 
 import nbd
 import pytest
 
 from tests.conftest import SLOW
-from tests.util import nbd_connect, qemu_img, qemu_io, qemu_nbd, run, serve
+from tests.util import merged_map, nbd_connect, qemu_img, qemu_io, qemu_nbd, run, serve
+from tests.vhdxgen import Vhdx
 
 FILL = [
     "write -P 0xab 0 64k",
@@ -166,3 +171,53 @@ def test_vhdx_kill9_keeps_flushed_writes(tmp_path, round):
         if part != flushed[s * sector : (s + 1) * sector]:
             assert part in allowed.get(s, ()), f"sector {s} holds neither its flushed nor a later content"
     check_clean(img)
+
+
+def test_vhdx_differencing_and_4k_served(tmp_path):
+    """What QEMU cannot serve: a differencing child (sector bitmap, parent reads) and 4 KiB
+    sectors, read and written through the server; the allocation depth follows the BAT."""
+    parent = tmp_path / "parent.vhdx"
+    qemu_img("create", "-q", "-f", "vhdx", "-o", "block_size=1M", parent, "8M")
+    qemu_io("vhdx", parent, "write -P 0xa1 0 8M")
+    hs = [parent.read_bytes()[off : off + 48] for off in (64 * 1024, 128 * 1024)]
+    seqs = [int.from_bytes(h[8:16], "little") for h in hs]
+    dwg = hs[seqs.index(max(seqs))][32:48]
+    loc = {"parent_linkage": "{" + str(uuid.UUID(bytes_le=dwg)) + "}", "relative_path": ".\\parent.vhdx"}
+    g = Vhdx(str(tmp_path / "child.vhdx"), 8 * MiB, block_size=MiB, lss=512, has_parent=True, locator=loc)
+    g.put_block(1, b"\xc1" * MiB)
+    g.put_partial(2, b"\xc2" * MiB, [i < 1024 for i in range(MiB // 512)])  # first half here
+    g.set_entry(g.payload_index(3), 2)
+    want = bytearray(b"\xa1" * (8 * MiB))
+    want[MiB : 2 * MiB] = b"\xc1" * MiB
+    want[2 * MiB : 2 * MiB + 512 * 1024] = b"\xc2" * (512 * 1024)
+    want[3 * MiB : 4 * MiB] = bytes(MiB)
+    with serve(tmp_path, "-f", "vhdx", g.path) as o:
+        h = nbd_connect(o.uri)
+        assert h.pread(8 * MiB, 0) == want
+        depth = [(e[0], e[1], e[2]) for e in _depth_map(o.uri)]
+        assert depth[:4] == [(0, MiB, 2), (MiB, MiB + 512 * 1024, 1), (2 * MiB + 512 * 1024, 512 * 1024, 2),
+                             (3 * MiB, MiB, 1)]  # fmt: skip
+        h.pwrite(b"\x0e" * 4096, 2 * MiB + 510 * 1024)  # across the bitmap boundary
+        want[2 * MiB + 510 * 1024 : 2 * MiB + 514 * 1024] = b"\x0e" * 4096
+        h.flush()
+        assert h.pread(8 * MiB, 0) == want
+        h.shutdown()
+    with serve(tmp_path, "-r", "-f", "vhdx", g.path) as o:
+        h = nbd_connect(o.uri)
+        assert h.pread(8 * MiB, 0) == want
+        h.shutdown()
+
+    k4 = Vhdx(str(tmp_path / "k4.vhdx"), 8 * MiB, block_size=MiB, lss=4096)
+    k4.put_block(5, b"\x4b" * MiB)
+    with serve(tmp_path, "-f", "vhdx", k4.path) as o:
+        h = nbd_connect(o.uri)
+        h.set_strict_mode(h.get_strict_mode() & ~nbd.STRICT_ALIGN)
+        h.pwrite(b"\x01" * 100, 5 * MiB + 10)  # sub-sector write: read-modify-write
+        got = h.pread(2 * MiB, 4 * MiB)
+        h.shutdown()
+    assert got[:MiB] == bytes(MiB) and got[MiB + 10 : MiB + 110] == b"\x01" * 100
+    assert got[MiB : MiB + 10] == b"\x4b" * 10 and got[MiB + 110 :] == b"\x4b" * (MiB - 110)
+
+
+def _depth_map(uri: str):
+    return merged_map(uri, "qemu:allocation-depth")
