@@ -141,6 +141,21 @@ class Image:
         finally:
             self._rmw.unlock()
 
+    def write_now(self, offset: int, data: memoryview) -> bool:
+        """Synchronous write (no FUA) when the driver can do it without waiting (see
+        FormatDriver.write_now); needs whole sectors and, for sector formats, an uncontended
+        image rwlock."""
+        if (offset | len(data)) & (self.align - 1) or len(data) > self.max_transfer:
+            return False
+        if self._rmw is None:
+            return self.driver.write_now(offset, data)
+        if not self._rmw.try_rdlock():
+            return False
+        try:
+            return self.driver.write_now(offset, data)
+        finally:
+            self._rmw.unlock()
+
     async def _write_aligned(self, offset: int, data: memoryview, fua: bool) -> None:
         step = self.max_transfer
         if len(data) <= step:

@@ -135,6 +135,13 @@ class CoRwLock:
         self._queue.append((fut, False))
         await fut
 
+    def try_rdlock(self) -> bool:
+        """Take a read lock if that needs no waiting (for synchronous fast paths)."""
+        if self._writer or self._queue:
+            return False
+        self._readers += 1
+        return True
+
     async def wrlock(self) -> None:
         if not self._writer and self._readers == 0 and not self._queue:
             self._writer = True

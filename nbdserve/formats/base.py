@@ -17,7 +17,8 @@ is a combination of
   * ``ZERO``: the range is known to read as zeroes.
 
 Reads fill caller buffers in place.  ``read_now`` is the synchronous twin of ``preadv`` for the
-common case (cached metadata, plain data): the server answers such reads without a coroutine.
+common case (cached metadata, plain data): the server answers such reads without a coroutine;
+``write_now`` does the same for writes into allocated space.
 For ranges that are not ALLOCATED the driver fills in data from ``self.read_backing`` (which
 the image layer sets; it reads the backing chain or zeroes); copy-on-write uses the same
 function.  A driver never opens its backing file itself: it reports ``backing`` (file name and
@@ -121,6 +122,11 @@ class FormatDriver:
 
     async def pwritev(self, offset: int, data: memoryview, *, fua: bool) -> None:
         raise NotImplementedError
+
+    def write_now(self, offset: int, data: memoryview) -> bool:
+        """The synchronous twin of ``pwritev`` (without FUA) for writes that need no allocation
+        and no waiting; False, without side effects, otherwise.  Default: never possible."""
+        return False
 
     async def pwrite_zeroes(self, offset: int, length: int, *, may_trim: bool, fast: bool, fua: bool) -> None:
         """Only called when ``caps.native_zero``; raise NbdError(ENOTSUP) if ``fast`` cannot be honoured."""

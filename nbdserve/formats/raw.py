@@ -85,6 +85,10 @@ class RawDriver(FormatDriver):
     async def preadv(self, offset: int, buf: memoryview) -> None:
         self.file.pread_into(buf, offset)
 
+    def write_now(self, offset: int, data: memoryview) -> bool:
+        self.file.pwrite(data, offset)
+        return True
+
     async def pwritev(self, offset: int, data: memoryview, *, fua: bool) -> None:
         self.file.pwrite(data, offset)
         if fua:

@@ -51,6 +51,8 @@ _BATCH_LIMIT = 256 << 10
 # Structured reads at least this long send unallocated/zero ranges as OFFSET_HOLE chunks; shorter
 # reads always send data (a block-status lookup would cost more than the zeroes it saves).
 SPARSE_READ_MIN = 64 << 10
+# Bytes of replies a connection's transport may hold before reading pauses (back-pressure).
+WRITE_BUFFER_HIGH = 4 << 20
 
 
 class Session(asyncio.BufferedProtocol):
@@ -96,6 +98,9 @@ class Session(asyncio.BufferedProtocol):
                 pass
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else f"local#{next(_connection_ids)}"
+        # Let several large replies queue in the transport before it pushes back: with the
+        # default 64 KiB high-water mark every 256 KiB reply paused the pipeline.
+        self.transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH, low=WRITE_BUFFER_HIGH // 4)
         self.server.sessions.add(self)
         log.debug("%s: connected", self.peer)
         if self.cfg.handshake_timeout > 0:
@@ -291,6 +296,8 @@ class Session(asyncio.BufferedProtocol):
             return
         if t == C.CMD_READ and self._read_now(req):
             return
+        if t == C.CMD_WRITE and self._write_now(req):
+            return
         handler = _HANDLERS[t]
         cost = req.length if t in (C.CMD_READ, C.CMD_WRITE) else 0
         self.inflight += 1
@@ -364,6 +371,20 @@ class Session(asyncio.BufferedProtocol):
             self._fail(req, exc)
             return True
         self._send(buf)
+        return True
+
+    def _write_now(self, req: Request) -> bool:
+        """Answer a WRITE synchronously when the image can take it without waiting (allocated
+        space, no FUA); else False and the coroutine path does it."""
+        if not req.length or req.flags & C.CMD_FLAG_FUA:
+            return False
+        try:
+            if not self.image.write_now(req.offset, memoryview(req.payload)):
+                return False
+        except Exception as exc:  # becomes the request's error reply
+            self._fail(req, exc)
+            return True
+        self._send(self.enc.done(req.cookie, req.offset))
         return True
 
     # Handlers: each replies on success; an exception becomes an error reply (see _fail).

@@ -20,21 +20,12 @@ import random
 import shutil
 import signal
 
-import nbd
 import pytest
 
 from tests.conftest import SLOW
+from tests.imagetest import FILL, CrashOracle, crash_workload
 from tests.util import merged_map, nbd_connect, qemu_img, qemu_io, qemu_nbd, run, serve
 
-FILL = [
-    "write -P 0xab 0 64k",
-    "write -P 0xcd 100k 4k",
-    "write -P 0x11 3M 1M",
-    "write -z 8M 128k",
-    "write -z -u 10M 64k",
-    "write -P 0x22 20M 512",
-    "write -P 0x33 63M 1M",
-]
 MiB = 1 << 20
 VARIANTS = {
     "v2": "compat=0.10",
@@ -178,42 +169,15 @@ def test_qcow2_kill9_keeps_flushed_writes(tmp_path, round):
     img = tmp_path / "k.qcow2"
     opts = rng.choice(["cluster_size=4k", "cluster_size=64k", "cluster_size=512,refcount_bits=64", "extended_l2=on"])
     qemu_img("create", "-q", "-f", "qcow2", "-o", opts, "-b", "base.raw", "-F", "raw", img, "16M")
-    model = bytearray(base.read_bytes())
-    flushed = bytes(model)
-    pending: list[tuple[int, int]] = []  # ranges written since the last completed flush
+    oracle = CrashOracle(base.read_bytes())
     with serve(tmp_path, "-f", "qcow2", img, check_stop=False) as srv:
-        h = nbd_connect(srv.uri)
-        for _ in range(rng.randint(5, 60)):
-            off = rng.randrange(0, 16 * MiB - 70000)
-            n = rng.randint(1, 70000)
-            if rng.random() < 0.2:
-                h.zero(n, off)
-                data = bytes(n)
-            else:
-                data = rng.randbytes(n)
-                h.pwrite(data, off)
-            model[off : off + n] = data
-            pending.append((off, n))
-            if rng.random() < 0.3:
-                h.flush()
-                flushed = bytes(model)
-                pending.clear()
-        for _ in range(rng.randint(0, 12)):  # still in flight when the server dies
-            off, n = rng.randrange(0, 16 * MiB - 70000), rng.randint(1, 70000)
-            h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(rng.randbytes(n))), off)
-            pending.append((off, n))
-        if rng.random() < 0.5:
-            h.aio_flush()
+        crash_workload(
+            nbd_connect(srv.uri), rng, oracle, max_len=70000, ops=rng.randint(5, 60), in_flight=rng.randint(0, 12)
+        )
         srv.stop(signal.SIGKILL)
     check = run("qemu-img", "check", "--output=json", img, check=False)
     assert check.returncode in (0, 3), check.stdout + check.stderr  # 3: leaks only
     assert json.loads(check.stdout).get("corruptions", 0) == 0
     out = tmp_path / "k.raw"
     qemu_img("convert", "-f", "qcow2", "-O", "raw", img, out)
-    got = out.read_bytes()
-    touched = bytearray(len(model))
-    for off, n in pending:
-        touched[off : off + n] = b"\1" * n
-    for pos in range(0, len(model), 512):
-        if not any(touched[pos : pos + 512]):
-            assert got[pos : pos + 512] == flushed[pos : pos + 512], f"flushed sector at {pos} lost"
+    oracle.verify(out.read_bytes())

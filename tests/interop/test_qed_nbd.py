@@ -20,21 +20,12 @@ import random
 import shutil
 import signal
 
-import nbd
 import pytest
 
 from tests.conftest import SLOW
+from tests.imagetest import FILL, CrashOracle, crash_workload, random_trace, replay_trace
 from tests.util import merged_map, nbd_connect, qemu_img, qemu_io, qemu_nbd, run, serve
 
-FILL = [
-    "write -P 0xab 0 64k",
-    "write -P 0xcd 100k 4k",
-    "write -P 0x11 3M 1M",
-    "write -z 8M 128k",
-    "write -z -u 10M 64k",
-    "write -P 0x22 20M 512",
-    "write -P 0x33 63M 1M",
-]
 MiB = 1 << 20
 VARIANTS = {
     "default": [],
@@ -84,33 +75,6 @@ def test_qed_chain_differential_vs_qemu_nbd(tmp_path):
         assert_same_export(o, q)
 
 
-def _trace(rng: random.Random, size: int, n: int):
-    """Sector-aligned ops (qemu-nbd advertises a 512-byte minimum block size for QED)."""
-    ops = []
-    for i in range(n):
-        off = rng.randrange(0, size // 512 - 1) * 512
-        length = min(rng.randint(1, 600) * 512, size - off)
-        kind = rng.choice(["write", "write", "write", "zero", "zero_nohole", "flush", "fua"])
-        ops.append((kind, off, length, i % 250 + 1))
-    return ops
-
-
-def _replay(uri: str, ops) -> None:
-    h = nbd_connect(uri)
-    for kind, off, length, byte in ops:
-        if kind == "flush":
-            h.flush()
-        elif kind == "zero":
-            h.zero(length, off)
-        elif kind == "zero_nohole":
-            h.zero(length, off, nbd.CMD_FLAG_NO_HOLE)
-        elif kind == "fua":
-            h.pwrite(bytes([byte]) * length, off, nbd.CMD_FLAG_FUA)
-        else:
-            h.pwrite(bytes([byte]) * length, off)
-    h.shutdown()
-
-
 @pytest.mark.parametrize("variant", ["default", "4k-2"])
 def test_qed_writes_same_as_qemu_nbd(tmp_path, variant):
     """No backing file here: with one, QEMU's zero-cluster copy-on-write bug makes it differ."""
@@ -119,10 +83,10 @@ def test_qed_writes_same_as_qemu_nbd(tmp_path, variant):
     qemu_img("create", "-q", "-f", "qed", *VARIANTS[variant], theirs, str(size))
     qemu_io("qed", theirs, "write -P 0x5a 1M 3M", "write -z 6M 1M")
     shutil.copyfile(theirs, ours)
-    ops = _trace(random.Random(variant), size, 60)
+    ops = random_trace(random.Random(variant), size, 60, max_len=600 * 512, sector=512)
     with qemu_nbd(tmp_path, theirs, "qed", "--cache=writeback") as q, serve(tmp_path, "-f", "qed", ours) as o:
-        _replay(q.uri, ops)
-        _replay(o.uri, ops)
+        replay_trace(q.uri, ops)
+        replay_trace(o.uri, ops)
     r = qemu_img("compare", "-f", "qed", "-F", "qed", ours, theirs, check=False)
     assert r.returncode == 0, r.stdout + r.stderr
     check_clean(ours)
@@ -143,35 +107,11 @@ def test_qed_kill9_keeps_flushed_writes(tmp_path, round):
         opts = ["-o", "cluster_size=4k,table_size=2"] if round % 4 == 2 else []
         model = bytearray(size)
     qemu_img("create", "-q", "-f", "qed", *opts, img, str(size))
-    flushed = bytes(model)
-    allowed: dict[int, set[bytes]] = {}  # sector -> contents a crash may leave, since the last flush
-    sector = 512
-
-    def record(off: int, data: bytes) -> None:
-        for s in range(off // sector, (off + len(data)) // sector):
-            allowed.setdefault(s, set()).add(data[s * sector - off : (s + 1) * sector - off])
-
+    oracle = CrashOracle(model)
     with serve(tmp_path, "-f", "qed", img, check_stop=False) as srv:
-        h = nbd_connect(srv.uri)
-        for i in range(rng.randint(5, 40)):
-            off = rng.randrange(0, size // sector - 200) * sector
-            n = rng.randint(1, 200) * sector
-            data = bytes([i % 250 + 1]) * n if rng.random() < 0.8 else bytes(n)
-            if data[0]:
-                h.pwrite(data, off)
-            else:
-                h.zero(n, off)
-            model[off : off + n] = data
-            record(off, data)
-            if rng.random() < 0.4:
-                h.flush()
-                flushed = bytes(model)
-                allowed.clear()
-        for _ in range(rng.randint(0, 8)):  # still in flight when the server dies
-            off = rng.randrange(0, size // sector - 200) * sector
-            data = b"\xee" * (rng.randint(1, 200) * sector)
-            h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(data)), off)
-            record(off, data)
+        crash_workload(
+            nbd_connect(srv.uri), rng, oracle, max_len=200 * 512, ops=rng.randint(5, 40), in_flight=rng.randint(0, 8)
+        )
         srv.stop(signal.SIGKILL)
 
     # nbdserve reopens it without help (the repair runs on open) and every flushed write is there.
@@ -179,8 +119,5 @@ def test_qed_kill9_keeps_flushed_writes(tmp_path, round):
         h = nbd_connect(srv.uri)
         got = b"".join(h.pread(4 * MiB, pos) for pos in range(0, size, 4 * MiB))
         h.shutdown()
-    for s in range(size // sector):
-        part = got[s * sector : (s + 1) * sector]
-        if part != flushed[s * sector : (s + 1) * sector]:
-            assert part in allowed.get(s, ()), f"sector {s} holds neither its flushed nor a later content"
+    oracle.verify(got)
     check_clean(img)

@@ -14,22 +14,13 @@ import random
 import shutil
 import signal
 
-import nbd
 import pytest
 
 from tests import vhdgen
 from tests.conftest import SLOW
+from tests.imagetest import FILL, CrashOracle, crash_workload
 from tests.util import merged_map, nbd_connect, qemu_img, qemu_io, qemu_nbd, run, serve
 
-FILL = [
-    "write -P 0xab 0 64k",
-    "write -P 0xcd 100k 4k",
-    "write -P 0x11 3M 1M",
-    "write -z 8M 128k",
-    "write -z -u 10M 64k",
-    "write -P 0x22 20M 512",
-    "write -P 0x33 63M 1M",
-]
 VARIANTS = {
     "dynamic": ["-o", "subformat=dynamic"],
     "fixed": ["-o", "subformat=fixed"],
@@ -58,37 +49,15 @@ def test_vhd_kill9_keeps_flushed_writes(tmp_path, round):
     rng = random.Random(round)
     img = tmp_path / "k.vhd"
     qemu_img("create", "-q", "-f", "vpc", "-o", "force_size=on", img, "16M")
-    model = bytearray(16 * MiB)
-    flushed = bytes(model)
-    pending: list[tuple[int, int]] = []  # ranges written since the last flush
+    oracle = CrashOracle(bytes(16 * MiB))
     with serve(tmp_path, "-f", "vpc", img, check_stop=False) as srv:
-        h = nbd_connect(srv.uri)
-        for i in range(rng.randint(5, 40)):
-            off = rng.randrange(0, 16 * MiB - 70000)
-            n = rng.randint(1, 70000)
-            data = bytes([i % 250 + 1]) * n
-            h.pwrite(data, off)
-            model[off : off + n] = data
-            pending.append((off, n))
-            if rng.random() < 0.4:
-                h.flush()
-                flushed = bytes(model)
-                pending.clear()
-        for _ in range(rng.randint(0, 8)):  # still in flight when the server dies
-            off, n = rng.randrange(0, 16 * MiB - 70000), rng.randint(1, 70000)
-            h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(b"\xee" * n)), off)
-            pending.append((off, n))
+        crash_workload(
+            nbd_connect(srv.uri), rng, oracle, max_len=70000, ops=rng.randint(5, 40), in_flight=rng.randint(0, 8)
+        )
         srv.stop(signal.SIGKILL)
     out = tmp_path / "k.raw"
     qemu_img("convert", "-f", "vpc", "-O", "raw", img, out)
-    got = out.read_bytes()
-    # Bytes nobody touched after the last flush must be exactly the flushed contents.
-    touched = bytearray(len(model))
-    for off, n in pending:
-        touched[off : off + n] = b"\1" * n
-    for pos in range(0, len(model), 512):
-        if not any(touched[pos : pos + 512]):
-            assert got[pos : pos + 512] == flushed[pos : pos + 512], f"flushed sector at {pos} lost"
+    oracle.verify(out.read_bytes())
     vhdgen.verify(img)
 
 

@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import json
 import logging
@@ -38,48 +39,17 @@ from nbdserve.errors import CorruptImage, ImageError, UnsupportedImage
 from nbdserve.formats.base import OpenOptions
 from nbdserve.formats.qcow2 import Qcow2Driver
 from nbdserve.formats.qcow2.create import create_qcow2
-from nbdserve.image import STATE_HOLE, STATE_ZERO, Image, ImageSpec, open_image
+from nbdserve.image import Image, ImageSpec, open_image
 from nbdserve.locks import CoQueue
+from tests.imagetest import FILL, check_clean, opened, our_map, qemu_map, qemu_raw, run
+from tests.imagetest import compare_with_model as _compare_with_model
+from tests.imagetest import read_image as read_all
+
+compare_with_model = functools.partial(_compare_with_model, fmt="qcow2")
 
 K = 1024
 M = 1024 * K
 SLOW = os.environ.get("NBDSERVE_SLOW") == "1"
-
-# The §7.1 fill script (qemu-io commands).
-FILL = [
-    "write -P 0xab 0 64k",
-    "write -P 0xcd 100k 4k",
-    "write -P 0x11 3M 1M",
-    "write -z 8M 128k",
-    "write -z -u 10M 64k",
-    "write -P 0x22 20M 512",
-    "write -P 0x33 63M 1M",
-]
-
-
-def run(coro):
-    return asyncio.run(coro)
-
-
-async def opened(path: Path, *, readonly: bool = False, cache: ClusterCache | None = None, **kw) -> Image:
-    spec = ImageSpec(str(path), readonly=readonly, **kw)
-    return await open_image(spec, cache or ClusterCache(8 << 20))
-
-
-async def read_all(img: Image) -> bytes:
-    buf = bytearray(img.size)
-    step = 4 * M
-    for pos in range(0, img.size, step):
-        await img.read(pos, memoryview(buf)[pos : pos + step])
-    return bytes(buf)
-
-
-def qemu_raw(path: Path, tmp: Path, *extra: str) -> bytes:
-    out = tmp / "convert.raw"
-    qemu_img("convert", "-U", "-O", "raw", *extra, path, out)
-    data = out.read_bytes()
-    out.unlink()
-    return data
 
 
 def cluster_size_of(opts: str) -> int:
@@ -99,37 +69,6 @@ def make_filled(path: Path, opts: str, size: str = "64M") -> Path:
 
 
 # -- maps -------------------------------------------------------------------------------------
-
-
-def _merge(segs):
-    out = []
-    for s in segs:
-        start, length, *rest = s
-        if out and out[-1][2:] == tuple(rest) and out[-1][0] + out[-1][1] == start:
-            out[-1] = (out[-1][0], out[-1][1] + length, *rest)
-        else:
-            out.append((start, length, *rest))
-    return out
-
-
-def qemu_map(path: Path, *, depth: bool = False):
-    """``qemu-img map`` as merged (start, length, data, zero, present[, depth]) tuples."""
-    entries = json.loads(qemu_img("map", "-U", "--output=json", path).stdout)
-    segs = []
-    for e in entries:
-        t = (e["start"], e["length"], e["data"], e["zero"], e["present"])
-        segs.append((*t, e["depth"] if e["present"] else -1) if depth else t)
-    return _merge(segs)
-
-
-async def our_map(img: Image, *, depth: bool = False):
-    segs, pos = [], 0
-    for r in await img.runs(0, img.size):
-        t = (pos, r.length, not r.flags & STATE_HOLE, bool(r.flags & STATE_ZERO), r.depth > 0)
-        segs.append((*t, r.depth - 1 if r.depth else -1) if depth else t)
-        pos += r.length
-    assert pos == img.size
-    return _merge(segs)
 
 
 # -- differential reads -----------------------------------------------------------------------
@@ -280,26 +219,6 @@ def test_backing_file_name_and_format_reported(tmp_path):
 
 
 # -- writes -----------------------------------------------------------------------------------
-
-
-def check_clean(path: Path) -> None:
-    """``qemu-img check``: no corruptions, no leaks, not dirty/corrupt."""
-    p = run_cmd("qemu-img", "check", "--output=json", path, check=False)
-    assert p.returncode == 0, p.stdout + p.stderr
-    report = json.loads(p.stdout)
-    for key in ("corruptions", "leaks", "check-errors", "corruptions-fixed", "leaks-fixed"):
-        assert report.get(key, 0) == 0, report
-    info = json.loads(qemu_img("info", "--output=json", path).stdout)
-    specific = info.get("format-specific", {}).get("data", {})
-    assert not specific.get("corrupt", False)
-
-
-def compare_with_model(path: Path, model: bytes, tmp: Path) -> None:
-    raw = tmp / "model.raw"
-    raw.write_bytes(model)
-    p = run_cmd("qemu-img", "compare", "-f", "qcow2", "-F", "raw", path, raw, check=False)
-    assert p.returncode == 0, p.stdout + p.stderr
-    raw.unlink()
 
 
 SIZE = 4 * M

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import random
@@ -30,49 +31,26 @@ from nbdserve.errors import ImageError
 from nbdserve.formats import probe
 from nbdserve.formats.base import OpenOptions
 from nbdserve.formats.vhd import VhdDriver, bit_run, set_bits
-from nbdserve.image import Image, ImageSpec, open_image
+from nbdserve.image import Image
 from tests import vhdgen
 from tests.conftest import SLOW
+from tests.imagetest import FILL, opened, read_image, run
+from tests.imagetest import qemu_raw as _qemu_raw
 from tests.util import qemu_img, qemu_io
 
+qemu_raw = functools.partial(_qemu_raw, fmt="vpc")
+
 MiB = 1 << 20
-FILL = [
-    "write -P 0xab 0 64k",
-    "write -P 0xcd 100k 4k",
-    "write -P 0x11 3M 1M",
-    "write -z 8M 128k",
-    "write -z -u 10M 64k",
-    "write -P 0x22 20M 512",
-    "write -P 0x33 63M 1M",
-]
-
-
-def run(coro):
-    """``asyncio.run`` that hands back the result through a box: on Python 3.11 ``asyncio.run``
-    formats ``repr(task)`` (result included, unabridged for bytes) when it restores the SIGINT
-    handler, which costs seconds for a disk image's worth of bytes."""
-    box = []
-
-    async def boxed():
-        box.append(await coro)
-
-    asyncio.run(boxed())
-    return box[0]
 
 
 async def _open(path, *, fmt="vpc", readonly=True, vpc_size="auto", cache=None) -> Image:
-    spec = ImageSpec(str(path), format=fmt, readonly=readonly, options=OpenOptions(vpc_size=vpc_size))
-    return await open_image(spec, cache or ClusterCache())
+    return await opened(path, fmt=fmt, readonly=readonly, cache=cache, options=OpenOptions(vpc_size=vpc_size))
 
 
 async def _read_all(path, **kw) -> bytes:
     img = await _open(path, **kw)
     try:
-        buf = memoryview(bytearray(img.size))
-        step = 8 * MiB
-        for off in range(0, img.size, step):
-            await img.read(off, buf[off : off + step])
-        return bytes(buf)
+        return await read_image(img, step=8 * MiB)
     finally:
         await img.close()
 
@@ -83,12 +61,6 @@ def read_all(path, **kw) -> bytes:
 
 def qemu_size(path) -> int:
     return json.loads(qemu_img("info", "--output=json", "-f", "vpc", path).stdout)["virtual-size"]
-
-
-def qemu_raw(path, tmp: Path) -> bytes:
-    out = tmp / (Path(path).name + ".out.raw")
-    qemu_img("convert", "-f", "vpc", "-O", "raw", path, out)
-    return out.read_bytes()
 
 
 def data_ranges_qemu(path) -> list[tuple[int, int, bool]]:

@@ -38,53 +38,38 @@ from nbdserve.cache import ClusterCache
 from nbdserve.errors import ImageError, NbdError
 from nbdserve.image import Image, ImageSpec, open_image
 from tests.conftest import SLOW
+from tests.imagetest import FILL, run
+from tests.imagetest import opened as _opened
+from tests.imagetest import read_image as read_all
 
 K = 1024
 M = 1024 * K
 CACHE = int(os.environ.get("NBDSERVE_TEST_CACHE", 8 << 20))  # e.g. 65536: one BAT page, eviction everywhere
 
-FILL = [
-    "write -P 0xab 0 64k",
-    "write -P 0xcd 100k 4k",
-    "write -P 0x11 3M 1M",
-    "write -z 8M 128k",
-    "write -z -u 10M 64k",
-    "write -P 0x22 20M 512",
-    "write -P 0x33 63M 1M",
-]
 FILL_RANGES = [
-    (0, 64 * K), (100 * K, 4 * K), (3 * M, M), (8 * M, 128 * K), (10 * M, 64 * K), (20 * M, 512), (63 * M, M)
+    (0, 64 * K),
+    (100 * K, 4 * K),
+    (3 * M, M),
+    (8 * M, 128 * K),
+    (10 * M, 64 * K),
+    (20 * M, 512),
+    (63 * M, M),
 ]
-
-
-def run(coro):
-    return asyncio.run(coro)
 
 
 async def opened(path: Path | str, *, readonly: bool = False) -> Image:
-    return await open_image(ImageSpec(str(path), format="vhdx", readonly=readonly), ClusterCache(CACHE))
-
-
-async def read_all(img: Image) -> bytes:
-    buf = bytearray(img.size)
-    step = 4 * M
-    for pos in range(0, img.size, step):
-        await img.read(pos, memoryview(buf)[pos : pos + step])
-    return bytes(buf)
+    return await _opened(Path(path), fmt="vhdx", readonly=readonly, cache=CACHE)
 
 
 def read_image(path: Path, *, readonly: bool = True) -> bytes:
-    out: list[bytes] = []  # not the coroutine's result: asyncio.run repr()s a large result (slow)
-
     async def go():
         img = await opened(path, readonly=readonly)
         try:
-            out.append(await read_all(img))
+            return await read_all(img)
         finally:
             await img.close()
 
-    run(go())
-    return out[0]
+    return run(go())
 
 
 def qemu_raw(path: Path) -> bytes:
@@ -317,8 +302,9 @@ def test_concurrent_writes_to_one_block_allocate_it_once(tmp_path: Path) -> None
     async def go():
         img = await opened(path)
         try:
-            await asyncio.gather(*(img.write(2 * M + i * 64 * K, memoryview(bytes([i + 1]) * 64 * K), fua=False)
-                                   for i in range(16)))
+            await asyncio.gather(
+                *(img.write(2 * M + i * 64 * K, memoryview(bytes([i + 1]) * 64 * K), fua=False) for i in range(16))
+            )
         finally:
             await img.close()
 
@@ -845,8 +831,10 @@ def test_differencing_4k_child_of_4k_parent(tmp_path: Path) -> None:
     pg = Vhdx(str(tmp_path / "p4k.vhdx"), 8 * M, block_size=M, lss=4096)
     pg.put_block(0, b"\x5e" * M)
     parent = Path(pg.path)
-    loc = {"parent_linkage": "{" + str(uuid.UUID(bytes_le=pg.data_write_guid)) + "}",
-           "absolute_win32_path": str(parent)}
+    loc = {
+        "parent_linkage": "{" + str(uuid.UUID(bytes_le=pg.data_write_guid)) + "}",
+        "absolute_win32_path": str(parent),
+    }
     g = Vhdx(str(tmp_path / "c4k.vhdx"), 8 * M, block_size=M, lss=4096, has_parent=True, locator=loc)
     g.put_partial(0, b"\x6f" * M, [i < 10 for i in range(M // 4096)])
     expected = bytearray(8 * M)
@@ -877,8 +865,10 @@ def test_differencing_missing_parent_and_bad_linkage(tmp_path: Path) -> None:
 def _hostile(tmp: Path, what: str) -> Path:
     g = Vhdx(str(tmp / "bad.vhdx"), 8 * M, block_size=M)
     g.put_block(0, b"\x01" * 4096)
-    regions = [(bytes.fromhex("6677c22d23f600429d64115e9bfd4a08"), g.bat_offset, g.bat_length, 1),
-               (bytes.fromhex("06a27c8b90479a4bb8fe575f050f886e"), g.metadata_offset, M, 1)]
+    regions = [
+        (bytes.fromhex("6677c22d23f600429d64115e9bfd4a08"), g.bat_offset, g.bat_length, 1),
+        (bytes.fromhex("06a27c8b90479a4bb8fe575f050f886e"), g.metadata_offset, M, 1),
+    ]
     if what == "identifier":
         g.write(0, b"vhdxfilX")
     elif what == "both_headers":
@@ -1118,8 +1108,9 @@ def test_many_bat_pages_with_a_one_page_cache(tmp_path: Path) -> None:
     async def go():
         img = await open_image(ImageSpec(str(path), format="vhdx"), ClusterCache(64 * K))
         try:
-            await asyncio.gather(*(img.write(off, memoryview(bytes([i + 1]) * 1000), fua=False)
-                                   for i, off in enumerate(offsets)))
+            await asyncio.gather(
+                *(img.write(off, memoryview(bytes([i + 1]) * 1000), fua=False) for i, off in enumerate(offsets))
+            )
             for i, off in enumerate(offsets):
                 buf = bytearray(1000)
                 await img.read(off, memoryview(buf))

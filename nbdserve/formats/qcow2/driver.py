@@ -509,22 +509,24 @@ class Qcow2Driver(FormatDriver):
             self.file.pwrite(data[p : p + length], host)
         return True
 
-    async def pwritev(self, offset: int, data: memoryview, *, fua: bool) -> None:
+    def write_now(self, offset: int, data: memoryview) -> bool:
         in_c = offset & self.cmask
-        if in_c + len(data) <= self.cs and not self.ext:
-            # Hot path: one standard cluster, allocated, COPIED, its table cached.  (A cluster in
-            # flight never has a plain COPIED entry, so no in-flight check is needed here.)
-            l1e = self.l1[offset >> self.l1_shift]
-            e = self.cache.peek(self.l2kind, l1e & OFFSET_MASK) if l1e & COPIED else None
-            ent = e.value[(offset >> self.cb) & self.l2_mask] if e is not None else 0
-            host = ent & OFFSET_MASK
-            in_place = ent & COPIED and host and not ent & _NOT_PLAIN and not host & self.cmask
-            if in_place and host < self.file.size:
-                self._guard(host + in_c, len(data))
-                self.file.pwrite(data, host + in_c)
-            else:
-                await self._write_span(offset, data)
-        elif not self._write_in_place(offset, data):
+        if in_c + len(data) > self.cs or self.ext:
+            return self._write_in_place(offset, data)
+        # Hot path: one standard cluster, allocated, COPIED, its table cached.  (A cluster in
+        # flight never has a plain COPIED entry, so no in-flight check is needed here.)
+        l1e = self.l1[offset >> self.l1_shift]
+        e = self.cache.peek(self.l2kind, l1e & OFFSET_MASK) if l1e & COPIED else None
+        ent = e.value[(offset >> self.cb) & self.l2_mask] if e is not None else 0
+        host = ent & OFFSET_MASK
+        if ent & COPIED and host and not ent & _NOT_PLAIN and not host & self.cmask and host < self.file.size:
+            self._guard(host + in_c, len(data))
+            self.file.pwrite(data, host + in_c)
+            return True
+        return False
+
+    async def pwritev(self, offset: int, data: memoryview, *, fua: bool) -> None:
+        if not self.write_now(offset, data):
             pos, n = 0, len(data)
             while pos < n:
                 off = offset + pos

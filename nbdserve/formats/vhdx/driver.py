@@ -305,17 +305,26 @@ class VhdxDriver(FormatDriver):
 
     # -- reads ------------------------------------------------------------------------------
 
-    async def preadv(self, offset: int, buf: memoryview) -> None:
+    def read_now(self, offset: int, buf: memoryview) -> bool:
+        """Hot path: inside one fully present block whose BAT page is cached."""
         bs = self._bs
         block, in_block = divmod(offset, bs)
-        if in_block + len(buf) <= bs:  # the hot path: one block, BAT page cached, data in this file
-            index = block + block // self._cr
-            page = self.cache.peek(self.bat_kind, self.bat_offset + (index >> B.PAGE_SHIFT) * B.PAGE_SIZE)
-            if page is not None:
-                e = page.value[index & B.PAGE_MASK]
-                if e & B.STATE_MASK == B.FULLY_PRESENT:
-                    self.rf.pread_into(buf, (e & B.OFFSET_MASK) + in_block)
-                    return
+        if in_block + len(buf) > bs:
+            return False
+        index = block + block // self._cr
+        page = self.cache.peek(self.bat_kind, self.bat_offset + (index >> B.PAGE_SHIFT) * B.PAGE_SIZE)
+        if page is None:
+            return False
+        e = page.value[index & B.PAGE_MASK]
+        if e & B.STATE_MASK != B.FULLY_PRESENT:
+            return False
+        self.rf.pread_into(buf, (e & B.OFFSET_MASK) + in_block)
+        return True
+
+    async def preadv(self, offset: int, buf: memoryview) -> None:
+        if self.read_now(offset, buf):
+            return
+        bs = self._bs
         has_parent = self.geo.has_parent
         pos, n = 0, len(buf)
         while pos < n:

@@ -1,0 +1,231 @@
+"""Helpers shared by the format-driver tests: QEMU as the oracle, images opened in-process.
+
+* ``FILL``: the deterministic qemu-io script of formats.md §7.1 every format's fixtures get.
+* ``run``: ``asyncio.run`` that hands the result back through a box (on Python 3.11
+  ``asyncio.run`` formats ``repr(task)`` including the result when it restores the SIGINT
+  handler, which costs seconds for a disk image's worth of bytes).
+* Opening and reading images (``opened``, ``read_image``), QEMU's view of the same file
+  (``qemu_raw``, ``qemu_map``, ``check_clean``, ``compare_with_model``) and ours in the same
+  terms (``our_map``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+from nbdserve.cache import ClusterCache
+from nbdserve.image import STATE_HOLE, STATE_ZERO, Image, ImageSpec, open_image
+from tests.util import qemu_img
+from tests.util import run as run_cmd
+
+FILL = [
+    "write -P 0xab 0 64k",
+    "write -P 0xcd 100k 4k",
+    "write -P 0x11 3M 1M",
+    "write -z 8M 128k",
+    "write -z -u 10M 64k",
+    "write -P 0x22 20M 512",
+    "write -P 0x33 63M 1M",
+]
+
+
+def run(coro):
+    box = []
+
+    async def boxed():
+        box.append(await coro)
+
+    asyncio.run(boxed())
+    return box[0]
+
+
+async def opened(
+    path: Path, *, fmt: str | None = None, readonly: bool = False, cache: ClusterCache | int | None = None, **spec
+) -> Image:
+    """Open ``path`` through the image layer (``cache``: a cache, a budget in bytes, or 8 MiB)."""
+    if not isinstance(cache, ClusterCache):
+        cache = ClusterCache(cache or 8 << 20)
+    return await open_image(ImageSpec(str(path), format=fmt, readonly=readonly, **spec), cache)
+
+
+async def read_image(img: Image, step: int = 4 << 20) -> bytes:
+    buf = bytearray(img.size)
+    for pos in range(0, img.size, step):
+        await img.read(pos, memoryview(buf)[pos : pos + step])
+    return bytes(buf)
+
+
+def _fmt(fmt: str | None) -> list[str]:
+    return ["-f", fmt] if fmt else []
+
+
+def qemu_raw(path: Path, tmp: Path, *extra: str, fmt: str | None = None) -> bytes:
+    """The disk's bytes as QEMU reads them (``qemu-img convert -O raw``)."""
+    out = tmp / (Path(path).name + ".qemu.raw")
+    qemu_img("convert", "-U", *_fmt(fmt), "-O", "raw", *extra, path, out)
+    data = out.read_bytes()
+    out.unlink()
+    return data
+
+
+def merge(rows) -> list[tuple]:
+    """Merge adjacent (start, length, *key) rows with equal keys."""
+    out: list[tuple] = []
+    for start, length, *key in rows:
+        if out and list(out[-1][2:]) == key and out[-1][0] + out[-1][1] == start:
+            out[-1] = (out[-1][0], out[-1][1] + length, *key)
+        else:
+            out.append((start, length, *key))
+    return out
+
+
+def qemu_map(path: Path, fmt: str | None = None, *, depth: bool = False) -> list[tuple]:
+    """``qemu-img map`` as merged (start, length, data, zero, present[, depth or -1]) rows."""
+    rows = []
+    for e in json.loads(qemu_img("map", "-U", "--output=json", *_fmt(fmt), path).stdout):
+        row = (e["start"], e["length"], e["data"], e["zero"], e["present"])
+        rows.append((*row, e["depth"] if e["present"] else -1) if depth else row)
+    return merge(rows)
+
+
+async def our_map(img: Image, *, depth: bool = False) -> list[tuple]:
+    """Our block status in ``qemu_map``'s terms.
+
+    qemu-img map calls the range past the end of a shorter backing file "not present", where NBD's
+    allocation depth (``Run.depth``, as qemu-nbd reports it) attributes it to that backing file.
+    """
+    rows, pos = [], 0
+    sizes = [layer.size for layer in img.chain()]
+    for r in await img.runs(0, img.size):
+        present = r.depth > 0 and pos < sizes[r.depth - 1]
+        row = (pos, r.length, not r.flags & STATE_HOLE, bool(r.flags & STATE_ZERO), present)
+        rows.append((*row, r.depth - 1 if present else -1) if depth else row)
+        pos += r.length
+    assert pos == img.size
+    return merge(rows)
+
+
+def check_clean(path: Path, fmt: str | None = None) -> dict:
+    """``qemu-img check``: exit 0, no corruptions, no leaks, no errors; qcow2 not marked corrupt."""
+    p = run_cmd("qemu-img", "check", "--output=json", *_fmt(fmt), path, check=False)
+    assert p.returncode == 0, p.stdout + p.stderr
+    report = json.loads(p.stdout)
+    for key in ("corruptions", "leaks", "check-errors", "corruptions-fixed", "leaks-fixed"):
+        assert report.get(key, 0) == 0, report
+    info = json.loads(qemu_img("info", "--output=json", *_fmt(fmt), path).stdout)
+    assert not info.get("format-specific", {}).get("data", {}).get("corrupt", False), info
+    return report
+
+
+def compare_with_model(path: Path, model: bytes | bytearray, tmp: Path, fmt: str) -> None:
+    """``qemu-img compare`` of the image with a raw file holding ``model``: equal."""
+    ref = tmp / "model.raw"
+    ref.write_bytes(model)
+    p = run_cmd("qemu-img", "compare", "-f", fmt, "-F", "raw", path, ref, check=False)
+    assert p.returncode == 0, p.stdout + p.stderr
+    ref.unlink()
+
+
+class CrashOracle:
+    """What a crash may leave behind: every sector holds the content it had at the last completed
+    flush, or a content it took on since (writes after that flush, acknowledged or in flight).
+
+    ``wrote``/``zeroed`` apply an acknowledged request to the model; ``in_flight`` records a
+    sector-aligned write that may or may not land; ``flushed`` marks a completed flush.
+    """
+
+    def __init__(self, model: bytes | bytearray, sector: int = 512) -> None:
+        self.model = bytearray(model)
+        self.sector = sector
+        self.at_flush = bytes(self.model)
+        self.since: dict[int, set[bytes]] = {}
+
+    def _note(self, off: int, length: int, source: bytes | bytearray) -> None:
+        s = self.sector
+        for i in range(off // s, -(-(off + length) // s)):
+            self.since.setdefault(i, set()).add(bytes(source[i * s : (i + 1) * s]))
+
+    def wrote(self, off: int, data: bytes | bytearray) -> None:
+        self.model[off : off + len(data)] = data
+        self._note(off, len(data), self.model)
+
+    def in_flight(self, off: int, data: bytes | bytearray) -> None:
+        assert off % self.sector == 0 and len(data) % self.sector == 0, "in-flight writes are whole sectors"
+        landed = bytearray(self.model)
+        landed[off : off + len(data)] = data
+        self._note(off, len(data), landed)
+
+    def flushed(self) -> None:
+        self.at_flush = bytes(self.model)
+        self.since.clear()
+
+    def verify(self, got: bytes | bytearray) -> None:
+        s = self.sector
+        assert len(got) == len(self.at_flush)
+        for i in range(len(got) // s):
+            part = bytes(got[i * s : (i + 1) * s])
+            if part != self.at_flush[i * s : (i + 1) * s]:
+                assert part in self.since.get(i, ()), f"sector {i} holds neither its flushed nor a later content"
+
+
+def crash_workload(h, rng, oracle: CrashOracle, *, max_len: int, ops: int, in_flight: int, zeroes: float = 0.2) -> None:
+    """Random writes, zeroes and flushes through libnbd handle ``h``, then ``in_flight`` aligned
+    writes left unanswered (the caller kills the server next).  ``oracle`` tracks what may survive."""
+    import nbd
+
+    size = len(oracle.model)
+    for _ in range(ops):
+        off = rng.randrange(0, size - max_len)
+        n = rng.randint(1, max_len)
+        if rng.random() < zeroes:
+            h.zero(n, off)
+            oracle.wrote(off, bytes(n))
+        else:
+            data = rng.randbytes(n)  # random bytes: a misplaced cluster cannot pass for the right one
+            h.pwrite(data, off)
+            oracle.wrote(off, data)
+        if rng.random() < 0.4:
+            h.flush()
+            oracle.flushed()
+    s = oracle.sector
+    for _ in range(in_flight):
+        off = rng.randrange(0, (size - max_len) // s) * s
+        data = b"\xee" * (max(1, rng.randint(1, max_len) // s) * s)
+        h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(data)), off)
+        oracle.in_flight(off, data)
+    if rng.random() < 0.5:
+        h.aio_flush()  # a flush still in flight promises nothing
+
+
+def random_trace(rng, size: int, n: int, *, max_len: int, sector: int = 1) -> list[tuple[str, int, int, int]]:
+    """``n`` random (kind, offset, length, fill byte) requests; ``sector`` aligns them (qemu-nbd
+    advertises a 512-byte minimum block size for some formats and libnbd then insists on it)."""
+    ops = []
+    for i in range(n):
+        off = rng.randrange(0, size // sector - 1) * sector
+        length = min(max(1, rng.randint(1, max_len) // sector) * sector, size - off)
+        kind = rng.choice(["write", "write", "write", "zero", "zero_nohole", "flush", "fua"])
+        ops.append((kind, off, length, i % 250 + 1))
+    return ops
+
+
+def replay_trace(uri: str, ops) -> None:
+    """Send ``random_trace`` requests to a server through libnbd, one at a time."""
+    import nbd
+
+    from tests.util import nbd_connect
+
+    h = nbd_connect(uri)
+    h.set_strict_mode(h.get_strict_mode() & ~nbd.STRICT_ALIGN)  # unaligned requests: the server's RMW
+    for kind, off, length, byte in ops:
+        if kind == "flush":
+            h.flush()
+        elif kind == "zero":
+            h.zero(length, off)
+        elif kind == "zero_nohole":
+            h.zero(length, off, nbd.CMD_FLAG_NO_HOLE)
+        else:
+            h.pwrite(bytes([byte]) * length, off, nbd.CMD_FLAG_FUA if kind == "fua" else 0)
+    h.shutdown()
