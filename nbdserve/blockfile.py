@@ -146,9 +146,12 @@ class BlockFile:
             offset += n
 
     def next_data(self, offset: int) -> int:
-        """Start of the next data region at or after ``offset`` (``size`` if none)."""
-        if not self.can_seek_data or offset >= self.size:
-            return offset if self.can_seek_data is False else self.size
+        """Start of the next data region at or after ``offset`` (``size`` if none).  Without
+        SEEK_DATA support everything counts as data."""
+        if not self.can_seek_data:
+            return offset
+        if offset >= self.size:
+            return self.size
         try:
             return os.lseek(self.fd, offset, os.SEEK_DATA)
         except OSError as e:

@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from .blockfile import BlockFile
+from .errors import CorruptImage
 
 DEFAULT_CACHE_SIZE = 64 << 20
 
@@ -126,8 +127,6 @@ class ClusterCache:
         self.used += kind.size
         try:
             if offset + kind.size > kind.file.size:
-                from .errors import CorruptImage
-
                 raise CorruptImage(kind.file.path, f"{kind.name} at 0x{offset:x} extends past end of file")
             e.value = kind.decode(kind.file.pread(kind.size, offset))
         except BaseException as exc:

@@ -12,6 +12,7 @@ bind error from the parent) and handed to the loop afterwards.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import socket
@@ -156,7 +157,7 @@ class Server:
             sock.close()
             raise ConfigError("--stdio needs standard input to be a stream socket")
         sock.setblocking(False)
-        self.cfg = type(self.cfg)(**{**self.cfg.__dict__, "oneshot": True})
+        self.cfg = dataclasses.replace(self.cfg, oneshot=True)  # one connection: exit after it
         self._served_any = True
         await self.loop.connect_accepted_socket(lambda: Session(self), sock)
 
