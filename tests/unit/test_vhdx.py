@@ -444,6 +444,18 @@ def _bat_change(g: Vhdx, block: int, value: int) -> tuple[int, bytes]:
     return off, bytes(sector)
 
 
+def assert_replays_to(tmp_path: Path, path: Path, expected: bytes | bytearray) -> None:
+    """The pending log replays to ``expected``: in memory (read-only), in QEMU (on a copy, with
+    ``check -r all``) and in place (read-write); the image is clean afterwards."""
+    assert read_image(path, readonly=True) == expected
+    qcopy = tmp_path / "q.vhdx"
+    shutil.copy(path, qcopy)
+    qemu_img("check", "-r", "all", "-f", "vhdx", qcopy)
+    assert qemu_raw(qcopy) == expected
+    assert read_image(path, readonly=False) == expected
+    check_clean(path)
+
+
 def test_generated_log_several_entries(tmp_path: Path) -> None:
     g = _gen_with_blocks(tmp_path)
     b1 = g.new_space(M)
@@ -463,13 +475,7 @@ def test_generated_log_several_entries(tmp_path: Path) -> None:
     expected[2 * M : 3 * M] = b"\x22" * M
     expected[3 * M : 4 * M] = b"\x33" * M
     expected[3 * M + 4096 : 3 * M + 12288] = bytes(8192)
-    assert read_image(path, readonly=True) == expected
-    qcopy = tmp_path / "q.vhdx"
-    shutil.copy(path, qcopy)
-    qemu_img("check", "-r", "all", "-f", "vhdx", qcopy)
-    assert qemu_raw(qcopy) == expected
-    assert read_image(path, readonly=False) == expected
-    check_clean(path)
+    assert_replays_to(tmp_path, path, expected)
 
 
 def test_generated_log_wrapped(tmp_path: Path) -> None:
@@ -492,13 +498,7 @@ def test_generated_log_wrapped(tmp_path: Path) -> None:
     expected[5 * M : 6 * M] = b"\x44" * M
     expected[6 * M : 7 * M] = b"\x45" * M
     path = Path(g.path)
-    assert read_image(path, readonly=True) == expected
-    qcopy = tmp_path / "q.vhdx"
-    shutil.copy(path, qcopy)
-    qemu_img("check", "-r", "all", "-f", "vhdx", qcopy)
-    assert qemu_raw(qcopy) == expected
-    assert read_image(path, readonly=False) == expected
-    check_clean(path)
+    assert_replays_to(tmp_path, path, expected)
 
 
 def test_generated_log_torn_last_entry_is_ignored(tmp_path: Path) -> None:
