@@ -39,7 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from util import NBDSERVE, TOOL_ENV, run, wait_pid_exit
+
+from tests.util import NBDSERVE, TOOL_ENV, run, wait_pid_exit
 
 HERE = Path(__file__).resolve().parent
 CACHE = HERE / ".cache"

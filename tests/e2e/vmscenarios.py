@@ -16,7 +16,6 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-from util import merged_map, run
 from vmkit import (
     Kernel,
     MiB,
@@ -37,6 +36,8 @@ from vmkit import (
     tcp_server,
     to_raw,
 )
+
+from tests.util import merged_map, run
 
 # What a TRIM of an 8 MiB-aligned range does, by server and format.  "hole": the range reads back
 # as zeroes and is a hole in the served map, and in `qemu-img map` for the formats whose QEMU driver

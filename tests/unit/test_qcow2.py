@@ -31,8 +31,6 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from util import qemu_img, qemu_io
-from util import run as run_cmd
 
 from nbdserve.cache import ClusterCache
 from nbdserve.errors import CorruptImage, ImageError, UnsupportedImage
@@ -44,6 +42,8 @@ from nbdserve.locks import CoQueue
 from tests.imagetest import FILL, check_clean, opened, our_map, qemu_map, qemu_raw, run
 from tests.imagetest import compare_with_model as _compare_with_model
 from tests.imagetest import read_image as read_all
+from tests.util import qemu_img, qemu_io
+from tests.util import run as run_cmd
 
 compare_with_model = functools.partial(_compare_with_model, fmt="qcow2")
 

@@ -27,8 +27,6 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from util import qemu_img, qemu_io
-from util import run as run_cmd
 
 from nbdserve.errors import CorruptImage, ImageError, NbdError, UnsupportedImage
 from nbdserve.formats.qed import QedDriver
@@ -41,6 +39,8 @@ from tests.imagetest import our_map as _our_map
 from tests.imagetest import qemu_map as _qemu_map
 from tests.imagetest import qemu_raw as _qemu_raw
 from tests.imagetest import read_image as read_all
+from tests.util import qemu_img, qemu_io
+from tests.util import run as run_cmd
 
 check_clean = functools.partial(_check_clean, fmt="qed")
 compare_raw = functools.partial(_compare_with_model, fmt="qed")

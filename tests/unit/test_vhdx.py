@@ -29,8 +29,6 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from util import qemu_img, qemu_io
-from util import run as run_cmd
 from vhdxgen import Vhdx, crc_fill
 
 from nbdserve.blockfile import BlockFile
@@ -41,6 +39,8 @@ from tests.conftest import SLOW
 from tests.imagetest import FILL, run
 from tests.imagetest import opened as _opened
 from tests.imagetest import read_image as read_all
+from tests.util import qemu_img, qemu_io
+from tests.util import run as run_cmd
 
 K = 1024
 M = 1024 * K
