@@ -229,3 +229,29 @@ def replay_trace(uri: str, ops) -> None:
         else:
             h.pwrite(bytes([byte]) * length, off, nbd.CMD_FLAG_FUA if kind == "fua" else 0)
     h.shutdown()
+
+
+def assert_same_export(ours, theirs, *, maps: bool = True) -> None:
+    """Two running servers (``tests.util.Served``) export the same disk: size and bytes, and with
+    ``maps`` the same ``base:allocation`` and ``qemu:allocation-depth`` maps."""
+    from tests.util import merged_map
+
+    assert run_cmd("nbdinfo", "--size", ours.uri).stdout == run_cmd("nbdinfo", "--size", theirs.uri).stdout
+    r = run_cmd("qemu-img", "compare", "-f", "raw", "-F", "raw", theirs.uri, ours.uri, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    if maps:
+        assert merged_map(ours.uri) == merged_map(theirs.uri)
+        depth = "qemu:allocation-depth"
+        assert merged_map(ours.uri, depth) == merged_map(theirs.uri, depth)
+
+
+def replay_on_both(workdir: Path, fmt: str, ours: Path, theirs: Path, ops) -> None:
+    """Send the same ``random_trace`` through nbdserve on ``ours`` and qemu-nbd on ``theirs`` (a
+    copy); afterwards the two files hold the same disk."""
+    from tests.util import qemu_nbd, serve
+
+    with qemu_nbd(workdir, theirs, fmt, "--cache=writeback") as q, serve(workdir, "-f", fmt, ours) as o:
+        replay_trace(q.uri, ops)
+        replay_trace(o.uri, ops)
+    r = run_cmd("qemu-img", "compare", "-f", fmt, "-F", fmt, ours, theirs, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr

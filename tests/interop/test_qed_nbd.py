@@ -23,8 +23,15 @@ import signal
 import pytest
 
 from tests.conftest import SLOW
-from tests.imagetest import FILL, CrashOracle, crash_workload, random_trace, replay_trace
-from tests.util import merged_map, nbd_connect, qemu_img, qemu_io, qemu_nbd, run, serve
+from tests.imagetest import (
+    FILL,
+    CrashOracle,
+    assert_same_export,
+    crash_workload,
+    random_trace,
+    replay_on_both,
+)
+from tests.util import nbd_connect, qemu_img, qemu_io, qemu_nbd, serve
 
 MiB = 1 << 20
 VARIANTS = {
@@ -39,15 +46,6 @@ def check_clean(path) -> None:
     p = qemu_img("check", "--output=json", "-f", "qed", path, check=False)
     info = json.loads(p.stdout or "{}")
     assert p.returncode == 0 and not info.get("leaks") and not info.get("corruptions"), p.stdout + p.stderr
-
-
-def assert_same_export(ours, theirs) -> None:
-    assert run("nbdinfo", "--size", ours.uri).stdout == run("nbdinfo", "--size", theirs.uri).stdout
-    r = qemu_img("compare", "-f", "raw", "-F", "raw", theirs.uri, ours.uri, check=False)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert merged_map(ours.uri) == merged_map(theirs.uri)
-    depth = "qemu:allocation-depth"
-    assert merged_map(ours.uri, depth) == merged_map(theirs.uri, depth)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -84,11 +82,7 @@ def test_qed_writes_same_as_qemu_nbd(tmp_path, variant):
     qemu_io("qed", theirs, "write -P 0x5a 1M 3M", "write -z 6M 1M")
     shutil.copyfile(theirs, ours)
     ops = random_trace(random.Random(variant), size, 60, max_len=600 * 512, sector=512)
-    with qemu_nbd(tmp_path, theirs, "qed", "--cache=writeback") as q, serve(tmp_path, "-f", "qed", ours) as o:
-        replay_trace(q.uri, ops)
-        replay_trace(o.uri, ops)
-    r = qemu_img("compare", "-f", "qed", "-F", "qed", ours, theirs, check=False)
-    assert r.returncode == 0, r.stdout + r.stderr
+    replay_on_both(tmp_path, "qed", ours, theirs, ops)
     check_clean(ours)
 
 
