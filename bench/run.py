@@ -2,9 +2,12 @@
 """Side-by-side benchmark: the same image and the same jobs served by nbdserve, qemu-nbd and nbdkit.
 
 For every format it builds one data image (non-zero data everywhere, so reads hit real clusters,
-never holes), then for every server in turn: copies the image (writes never touch another
-server's input), starts the server on a Unix socket, runs every job ``--runs`` times (the first
-run is a warm-up and is discarded, the rest are averaged), and stops the server.  The result is a
+never holes), gives every server its own copy (writes never touch another server's input) and
+starts all the servers at once, each on its own Unix socket.  Each job then runs ``--runs`` times
+per server, interleaved (A, B, C, A, B, C, ...), so drift in machine load (fluctuating CPU steal
+on a shared VM) hits every server alike; the first run of each server is a warm-up and is
+discarded, the rest are averaged.  The servers are stopped before the fresh-image job, which
+starts a new server on a new empty image for every run (again interleaved).  The result is a
 Markdown table per format: IOPS and MiB/s for each server, plus the ratios nbdserve/qemu-nbd and
 nbdserve/nbdkit (of IOPS; the request size is the same, so MiB/s ratios are equal).
 
@@ -40,7 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -373,54 +376,75 @@ def estimate_seconds(cfg: Config) -> float:
 
 
 def run_format(fmt: str, data: Path, cfg: Config) -> dict[tuple[str, str], Result]:
+    """Every job on every server for one format, the servers' runs interleaved (see ``run_job``).
+
+    All servers run at once, each on its own copy of the image; they are stopped before the
+    fresh-image jobs, which start a new server per run.  A server that fails to start gets an
+    error for every job and the others carry on.
+    """
     results: dict[tuple[str, str], Result] = {}
     source = make_image(fmt, data, cfg.workdir)
     jobs = [j for j in cfg.jobs if not j.fresh or fmt in FRESH_FORMATS]
     try:
-        for name in servers_for(fmt, cfg.servers):
-            image = cfg.workdir / f"{name}-copy.{fmt}"
-            shutil.copyfile(source, image)
-            try:
-                with serving(name, image, fmt, cfg) as srv:
+        with contextlib.ExitStack() as stack:
+            running: dict[str, Running] = {}
+            for name in servers_for(fmt, cfg.servers):
+                image = cfg.workdir / f"{name}-copy.{fmt}"
+                stack.callback(image.unlink, missing_ok=True)  # after the server stops (LIFO)
+                try:
+                    shutil.copyfile(source, image)
+                    running[name] = stack.enter_context(serving(name, image, fmt, cfg))
+                except (RuntimeError, subprocess.TimeoutExpired, OSError) as e:
+                    print(f"  {fmt}: {name} failed: {e}", file=sys.stderr, flush=True)
+                    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                     for job in jobs:
-                        if not job.fresh:
-                            results[job.name, name] = run_job(job, fmt, name, cfg, srv)
-            except (RuntimeError, subprocess.TimeoutExpired, OSError) as e:
-                print(f"  {fmt}: {name} failed: {e}", file=sys.stderr, flush=True)
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                for job in jobs:
-                    results.setdefault((job.name, name), Result(error=f"server failed: {first}"))
-                continue
-            finally:
-                image.unlink(missing_ok=True)
+                        results[job.name, name] = Result(error=f"server failed: {first}")
             for job in jobs:
-                if job.fresh:
-                    results[job.name, name] = run_job(job, fmt, name, cfg, None)
+                if not job.fresh:
+                    for name, res in run_job(job, fmt, cfg, running).items():
+                        results[job.name, name] = res
+        fresh: dict[str, Running | None] = dict.fromkeys(running)
+        for job in jobs:
+            if job.fresh:
+                for name, res in run_job(job, fmt, cfg, fresh).items():
+                    results[job.name, name] = res
     finally:
         if source != data:
             source.unlink(missing_ok=True)
     return results
 
 
-def run_job(job: Job, fmt: str, name: str, cfg: Config, srv: Running | None) -> Result:
-    """``cfg.runs`` runs of one job; a fresh-image job gets a new empty image and server per run."""
-    res = Result()
-    try:
-        for _ in range(cfg.runs):
-            if srv is None:
-                with serving(name, make_fresh(fmt, cfg.size, cfg.workdir, name), fmt, cfg) as fresh_srv:
-                    res.samples.append(measure(job, fresh_srv, cfg))
-            else:
-                res.samples.append(measure(job, srv, cfg))
-    except (RuntimeError, subprocess.TimeoutExpired, OSError, ValueError, KeyError) as e:
-        res.error = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"  {fmt} {job.name} on {name}: FAILED: {e}", file=sys.stderr, flush=True)
-        if srv is not None:
-            print(f"  server log tail:\n{srv.log.read_text(errors='replace')[-2000:]}", file=sys.stderr, flush=True)
-    iops, bps = res.mean("iops"), res.mean("bps")
-    if iops is not None and bps is not None:
-        print(f"  {fmt:5} {job.name:17} {name:9} {iops:12,.0f} IOPS {bps / MiB:9.1f} MiB/s", flush=True)
-    return res
+def run_job(job: Job, fmt: str, cfg: Config, servers: Mapping[str, Running | None]) -> dict[str, Result]:
+    """``cfg.runs`` runs of one job on each server, interleaved: run 1 on A, B, C, then run 2 ...
+
+    Interleaving spreads drift in machine load (CPU steal on a shared VM) over every server alike.
+    A server given as None gets a new empty image and a new server for every run (fresh-image
+    job).  A server whose run fails keeps its samples so far, records the error and is left out of
+    the later runs.
+    """
+    results = {name: Result() for name in servers}
+    for _ in range(cfg.runs):
+        for name, srv in servers.items():
+            res = results[name]
+            if res.error:
+                continue
+            try:
+                if srv is None:
+                    with serving(name, make_fresh(fmt, cfg.size, cfg.workdir, name), fmt, cfg) as fresh_srv:
+                        res.samples.append(measure(job, fresh_srv, cfg))
+                else:
+                    res.samples.append(measure(job, srv, cfg))
+            except (RuntimeError, subprocess.TimeoutExpired, OSError, ValueError, KeyError) as e:
+                res.error = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                print(f"  {fmt} {job.name} on {name}: FAILED: {e}", file=sys.stderr, flush=True)
+                if srv is not None:
+                    log = srv.log.read_text(errors="replace")[-2000:]
+                    print(f"  server log tail:\n{log}", file=sys.stderr, flush=True)
+    for name, res in results.items():
+        iops, bps = res.mean("iops"), res.mean("bps")
+        if iops is not None and bps is not None:
+            print(f"  {fmt:5} {job.name:17} {name:9} {iops:12,.0f} IOPS {bps / MiB:9.1f} MiB/s", flush=True)
+    return results
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,6 +19,14 @@ is a combination of
 Reads fill caller buffers in place.  ``read_now`` is the synchronous twin of ``preadv`` for the
 common case (cached metadata, plain data): the server answers such reads without a coroutine;
 ``write_now`` does the same for writes into allocated space.
+
+Mapping memo: a driver whose data lives in fixed-size granules (clusters, blocks) may set
+``map_bits`` and answer ``map_now(offset)`` with the host offset of a granule that is plain data in
+this layer; the image layer remembers the answers and reads such granules straight from ``file``
+without asking the driver again.  In return the driver calls ``mappings_changed()`` right after it
+changes where, or whether, guest data lives (freeing, relocating or zeroing a data granule), in
+the same synchronous step as the table change; creating a mapping where there was none needs no
+call (the memo never holds unmapped granules).
 For ranges that are not ALLOCATED the driver fills in data from ``self.read_backing`` (which
 the image layer sets; it reads the backing chain or zeroes); copy-on-write uses the same
 function.  A driver never opens its backing file itself: it reports ``backing`` (file name and
@@ -101,6 +109,7 @@ class FormatDriver:
     caps: Caps = Caps()
     backing: BackingRef | None = None
     read_backing: ReadBacking = staticmethod(read_zeroes)
+    map_bits: int = 0  # log2 of the mapping granule; 0: no map_now
 
     @classmethod
     def probe(cls, head: bytes, file_size: int) -> int:
@@ -119,6 +128,15 @@ class FormatDriver:
         metadata is cached, the data is plain); else return False without side effects and the
         caller uses ``preadv``.  Same guarantees as ``preadv``.  Default: never possible."""
         return False
+
+    def map_now(self, offset: int) -> int | None:
+        """Where the granule holding ``offset`` (``1 << map_bits`` bytes, aligned) starts in
+        ``file``, if all of it is plain data in this layer and the cached metadata says so; else
+        None.  Synchronous, no side effects; the host range must lie inside ``file``."""
+        return None
+
+    def mappings_changed(self) -> None:
+        """See "Mapping memo" above; the image layer replaces this to drop its memo."""
 
     async def pwritev(self, offset: int, data: memoryview, *, fua: bool) -> None:
         raise NotImplementedError

@@ -33,7 +33,8 @@ A set bit means "this image holds the sector"; a clear bit means "ask the parent
 512.  QEMU ignores the bitmaps (it reads an allocated block whole and sets every bit when it
 writes): in the dynamic blocks we allocate, sectors left clear were never written, so QEMU reads
 them as zeroes too.  ``_full`` (one bit per BAT entry) remembers blocks whose bitmap is all set;
-bits are never cleared, so the hint stays true and the hot read path skips the bitmap.
+bits are never cleared, so the hint stays true and the hot read path skips the bitmap.  Blocks
+never move or go away either, so a full block's mapping (``map_now``) never changes.
 
 WRITE_ZEROES is native: ranges that already read as zeroes (unallocated dynamic blocks, clear
 sectors of a dynamic image) are left alone and present sectors are zeroed in place (punch /
@@ -321,6 +322,7 @@ class VhdDriver(FormatDriver):
         self.cache = cache
         self.block_size = block_size
         self.block_shift = block_size.bit_length() - 1
+        self.map_bits = self.block_shift
         # one bit per sector, whole sectors (QEMU's formula gives 0 below 4 KiB blocks; the spec's does not)
         self.bitmap_size = -(-(block_size // SECTOR) // (8 * SECTOR)) * SECTOR
         self.table_offset = table_offset
@@ -498,16 +500,22 @@ class VhdDriver(FormatDriver):
         if self.fixed:
             self.file.pread_into(buf, offset)
             return True
-        bs = self.block_size
-        inblk = offset & (bs - 1)
-        if inblk + len(buf) > bs:
+        inblk = offset & (self.block_size - 1)
+        if inblk + len(buf) > self.block_size:
             return False
+        host = self.map_now(offset)
+        if host is None:
+            return False
+        self.file.pread_into(buf, host + inblk)
+        return True
+
+    def map_now(self, offset: int) -> int | None:
+        """A dynamic image's block whose sectors are all present, its BAT page cached."""
         idx = offset >> self.block_shift
         block = self._bat_cached(idx)
         if block is not None and block != UNALLOCATED and self._full[idx >> 3] & (1 << (idx & 7)):
-            self.file.pread_into(buf, block * SECTOR + self.bitmap_size + inblk)
-            return True
-        return False
+            return block * SECTOR + self.bitmap_size
+        return None
 
     async def preadv(self, offset: int, buf: memoryview) -> None:
         if self.read_now(offset, buf):

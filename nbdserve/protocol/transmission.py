@@ -29,6 +29,8 @@ _SIMPLE = struct.Struct(">IIQ")
 _CHUNK = struct.Struct(">IHHQI")
 _EXT_CHUNK = struct.Struct(">IHHQQQ")
 _U64 = struct.Struct(">Q")
+_DATA = struct.Struct(">IHHQIQ")  # OFFSET_DATA chunk header + its offset field
+_EXT_DATA = struct.Struct(">IHHQQQQ")
 _HOLE = struct.Struct(">QI")
 _ERR = struct.Struct(">IH")
 
@@ -196,6 +198,34 @@ class RequestParser:
         self._state = _PAYLOAD
         return self._finish_payload() if self._payload_complete() else None
 
+    def next_reads(self, *, max_count: int, max_bytes: int, max_length: int) -> list[tuple[int, int, int]]:
+        """The hot path's batch decoder: consume the plain READs at the head of the buffer and
+        return ``(cookie, offset, length)`` for each.
+
+        A plain READ has no flags and ``0 < length <= max_length``.  Decoding stops before the
+        first other request (which ``next_event`` then decodes, magic checks included), after
+        ``max_count`` reads, or once the lengths reach ``max_bytes``.  Returns [] unless the
+        parser is between requests.
+        """
+        if self._state != _HEADER or self._ready is not None:
+            return []
+        if self.extended:
+            hdr, magic_ok, size = _EXT_REQ, C.EXTENDED_REQUEST_MAGIC, 32
+        else:
+            hdr, magic_ok, size = _REQ, C.REQUEST_MAGIC, 28
+        unpack, buf, pos, end = hdr.unpack_from, self._buf, self._start, self._end
+        out: list[tuple[int, int, int]] = []
+        total = 0
+        while end - pos >= size and total < max_bytes and len(out) < max_count:
+            magic, flags, type_, cookie, offset, length = unpack(buf, pos)
+            if magic != magic_ok or type_ != C.CMD_READ or flags or not 0 < length <= max_length:
+                break
+            out.append((cookie, offset, length))
+            total += length
+            pos += size
+        self._start = pos
+        return out
+
     def _next_part(self) -> None:
         part = bytearray(min(self._ptodo, PAYLOAD_STEP))
         self._ptodo -= len(part)
@@ -312,6 +342,42 @@ class ReplyEncoder:
     def simple(self, cookie: int, error: int = 0) -> bytes:
         assert not self.extended, "simple replies are forbidden with extended headers"
         return _SIMPLE.pack(C.SIMPLE_REPLY_MAGIC, error, cookie)
+
+    @property
+    def read_header_size(self) -> int:
+        """Bytes before the data in a one-chunk READ reply (see ``pack_read_header``)."""
+        if not self.structured:
+            return SIMPLE_REPLY_SIZE
+        return (EXT_CHUNK_SIZE if self.extended else CHUNK_SIZE) + 8
+
+    def pack_read_header(self, out: bytearray, cookie: int, offset: int, length: int) -> None:
+        """Write the header of a successful READ reply carrying all ``length`` bytes at once (a
+        simple reply, or one OFFSET_DATA chunk with DONE) at the start of ``out``."""
+        if not self.structured:
+            _SIMPLE.pack_into(out, 0, C.SIMPLE_REPLY_MAGIC, 0, cookie)
+        elif self.extended:
+            _EXT_DATA.pack_into(
+                out,
+                0,
+                C.EXTENDED_REPLY_MAGIC,
+                C.REPLY_FLAG_DONE,
+                C.REPLY_TYPE_OFFSET_DATA,
+                cookie,
+                offset,
+                8 + length,
+                offset,
+            )
+        else:
+            _DATA.pack_into(
+                out,
+                0,
+                C.STRUCTURED_REPLY_MAGIC,
+                C.REPLY_FLAG_DONE,
+                C.REPLY_TYPE_OFFSET_DATA,
+                cookie,
+                8 + length,
+                offset,
+            )
 
     def simple_read_buffer(self, cookie: int, length: int) -> tuple[bytearray, memoryview]:
         """A buffer holding the simple reply header; the data goes into the returned view."""

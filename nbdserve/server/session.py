@@ -4,7 +4,9 @@ Owns ``Session``, an asyncio ``BufferedProtocol``.  Bytes are received straight 
 buffers (WRITE payloads into their own buffer); every complete request is validated by
 ``check_request`` and started eagerly (``coro.start``), so a request whose I/O completes without
 waiting is answered before the next one is parsed, with no Task.  Requests that do wait run
-concurrently and are answered out of order.
+concurrently and are answered out of order.  Plain READs (no flags, small) at the head of the
+buffer take a leaner path still: decoded as a batch (``RequestParser.next_reads``) and answered
+from ``Image.read_now`` with one buffer per reply and no ``Request`` object (``_serve_reads``).
 
 Invariants:
   * At most ``max_requests`` requests and ``max_inflight_bytes`` bytes are in flight per
@@ -244,7 +246,19 @@ class Session(asyncio.BufferedProtocol):
         self._batch_bytes = 0
         try:
             parser = self.parser
+            fast_max = SPARSE_READ_MIN - 1 if self.enc.structured else C.DEFAULT_MAX_PAYLOAD
             while not (self._stopping or self._write_paused) and self.phase == _TRANSMISSION and not self._throttled():
+                if self._held is None:
+                    reads = parser.next_reads(
+                        max_count=self.cfg.max_requests - self.inflight,
+                        max_bytes=_BATCH_LIMIT - self._batch_bytes,
+                        max_length=fast_max,
+                    )
+                    if reads:
+                        self._serve_reads(reads)
+                        if self._batch_bytes >= _BATCH_LIMIT:
+                            self._flush_batch()
+                        continue
                 try:
                     req = parser.next_event()
                 except ProtocolError as e:
@@ -293,8 +307,6 @@ class Session(asyncio.BufferedProtocol):
             err, msg = bad
             log.debug("%s: rejected %r: %s", self.peer, req, msg)
             self._send(self.enc.error(req.cookie, req.offset, nbd_errno(err), msg))
-            return
-        if t == C.CMD_READ and self._read_now(req):
             return
         if t == C.CMD_WRITE and self._write_now(req):
             return
@@ -353,25 +365,29 @@ class Session(asyncio.BufferedProtocol):
         if t is not None and not t.is_closing():
             t.writelines(chunks)
 
-    def _read_now(self, req: Request) -> bool:
-        """Answer a READ synchronously if the image can serve it without waiting (the hot path:
-        no coroutine, no task).  Reads that may carry holes (structured, >= SPARSE_READ_MIN) and
-        reads the image cannot do at once return False and take the coroutine path."""
-        enc, n = self.enc, req.length
-        if not n or (enc.structured and n >= SPARSE_READ_MIN):
-            return False
-        if enc.structured:
-            buf, view = enc.data_buffer(req.cookie, req.offset, req.offset, n, done=True)
-        else:
-            buf, view = enc.simple_read_buffer(req.cookie, n)
-        try:
-            if not self.image.read_now(req.offset, view):
-                return False
-        except Exception as exc:  # becomes the request's error reply
-            self._fail(req, exc)
-            return True
-        self._send(buf)
-        return True
+    def _serve_reads(self, reads: list[tuple[int, int, int]]) -> None:
+        """The hot path: answer plain READs (``RequestParser.next_reads``) synchronously, each
+        with one buffer holding reply header and data, when the image can read without waiting
+        (no coroutine, no task, no ``Request``).  The rest take ``_dispatch``, which validates
+        them (a range past the end is an error reply) and reads in a coroutine."""
+        enc, image = self.enc, self.image
+        hsize, pack, size, read_now = enc.read_header_size, enc.pack_read_header, image.size, image.read_now
+        batch, nbytes = self._batch, 0
+        for cookie, offset, length in reads:
+            if offset + length <= size:
+                out = bytearray(hsize + length)
+                try:
+                    done = read_now(offset, memoryview(out)[hsize:])
+                except Exception as exc:  # becomes the request's error reply
+                    self._fail(Request(C.CMD_READ, 0, cookie, offset, length), exc)
+                    continue
+                if done:
+                    pack(out, cookie, offset, length)
+                    batch.append(out)
+                    nbytes += hsize + length
+                    continue
+            self._dispatch(Request(C.CMD_READ, 0, cookie, offset, length))
+        self._batch_bytes += nbytes
 
     def _write_now(self, req: Request) -> bool:
         """Answer a WRITE synchronously when the image can take it without waiting (allocated

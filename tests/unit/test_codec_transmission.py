@@ -298,6 +298,14 @@ def _read_into(pair, data: bytes) -> bytes:
     return bytes(buf)
 
 
+def _read_reply(enc: ReplyEncoder, offset: int, data: bytes) -> bytes:
+    """The hot path's one-buffer READ reply: pack_read_header, then the data after it."""
+    out = bytearray(enc.read_header_size + len(data))
+    out[enc.read_header_size :] = data
+    enc.pack_read_header(out, COOKIE, offset, len(data))
+    return bytes(out)
+
+
 SIMPLE_ENC = ReplyEncoder()
 SR_ENC = ReplyEncoder(structured=True)
 EH_ENC = ReplyEncoder(extended=True)
@@ -308,12 +316,16 @@ REPLIES = [
      ("simple", 5, COOKIE)),
     ("simple-read-with-data", lambda: _read_into(SIMPLE_ENC.simple_read_buffer(COOKIE, 4), b"abcd"),
      f"{SIMPLE} 00000000 {CK} 61626364", False, ("simple", 0, COOKIE)),
+    ("simple-read-reply", lambda: _read_reply(SIMPLE_ENC, 0x1000, b"abcd"),
+     f"{SIMPLE} 00000000 {CK} 61626364", False, ("simple", 0, COOKIE)),
     ("simple-done", lambda: SIMPLE_ENC.done(COOKIE, 0x1000), f"{SIMPLE} 00000000 {CK}", False, ("simple", 0, COOKIE)),
     ("simple-error-ignores-message", lambda: SIMPLE_ENC.error(COOKIE, 0, errno.EINVAL, "bad"),
      f"{SIMPLE} 00000016 {CK}", False, ("simple", 22, COOKIE)),
     ("structured-done-is-simple", lambda: SR_ENC.done(COOKIE, 0), f"{SIMPLE} 00000000 {CK}", False,
      ("simple", 0, COOKIE)),
     ("structured-offset-data", lambda: _read_into(SR_ENC.data_buffer(COOKIE, 0x1000, 0x1200, 3, done=True), b"xyz"),
+     f"{CHUNK} 0001 0001 {CK} 0000000b 0000000000001200 78797a", False, ("chunk", 1, 1, COOKIE, None, 11)),
+    ("structured-read-reply", lambda: _read_reply(SR_ENC, 0x1200, b"xyz"),
      f"{CHUNK} 0001 0001 {CK} 0000000b 0000000000001200 78797a", False, ("chunk", 1, 1, COOKIE, None, 11)),
     ("structured-offset-data-not-done",
      lambda: _read_into(SR_ENC.data_buffer(COOKIE, 0, 0, 1, done=False), b"\x00"),
@@ -347,6 +359,9 @@ REPLIES = [
      lambda: _read_into(EH_ENC.data_buffer(COOKIE, 0x1000, 0x1200, 3, done=True), b"xyz"),
      f"{EXT_CHUNK} 0001 0001 {CK} 0000000000001000 000000000000000b 0000000000001200 78797a", True,
      ("chunk", 1, 1, COOKIE, 0x1000, 11)),
+    ("extended-read-reply", lambda: _read_reply(EH_ENC, 0x1200, b"xyz"),
+     f"{EXT_CHUNK} 0001 0001 {CK} 0000000000001200 000000000000000b 0000000000001200 78797a", True,
+     ("chunk", 1, 1, COOKIE, 0x1200, 11)),
     ("extended-offset-hole", lambda: EH_ENC.hole(COOKIE, 0, 0x200, 0x200, done=False),
      f"{EXT_CHUNK} 0000 0002 {CK} 0000000000000000 000000000000000c 0000000000000200 00000200", True,
      ("chunk", 0, 2, COOKIE, 0, 12)),
@@ -415,13 +430,17 @@ def _stream(draw) -> tuple:
     wire = b"".join(encode_request(t, c, o, n, f, p or b"", extended=extended) for t, f, c, o, n, p, _ in reqs)
     cuts = sorted(draw(st.lists(st.integers(0, len(wire)), max_size=20)))
     buffer_size = draw(st.sampled_from([64, 100, 256 << 10]))
-    return extended, reqs, wire, cuts, buffer_size
+    # None: next_event only; else (max_count, max_bytes, max_length) for next_reads batches first
+    batch = draw(st.none() | st.tuples(st.integers(1, 4), st.integers(1, 1 << 33), st.integers(1, 1 << 33)))
+    return extended, reqs, wire, cuts, buffer_size, batch
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(_stream())
 def test_property_split_requests_decode_to_themselves(case) -> None:
-    extended, reqs, wire, cuts, buffer_size = case
+    """Also with the hot path's ``next_reads`` taking plain READs first: together with
+    ``next_event`` it yields every request once, in order."""
+    extended, reqs, wire, cuts, buffer_size, batch = case
     parser = RequestParser(extended=extended, buffer_size=buffer_size)
     out = []
     bounds = [0, *cuts, len(wire)]
@@ -434,7 +453,18 @@ def test_property_split_requests_decode_to_themselves(case) -> None:
             buf[:n] = wire[pos : pos + n]
             parser.buffer_updated(n)
             pos += n
-            while (req := parser.next_event()) is not None:
+            while True:
+                if batch is not None:
+                    max_count, max_bytes, max_length = batch
+                    reads = parser.next_reads(max_count=max_count, max_bytes=max_bytes, max_length=max_length)
+                    assert len(reads) <= max_count and all(0 < n <= max_length for _, _, n in reads)
+                    assert sum(n for _, _, n in reads[:-1]) < max_bytes
+                    out += [(C.CMD_READ, 0, c, o, n, None, False) for c, o, n in reads]
+                    if reads:
+                        continue
+                req = parser.next_event()
+                if req is None:
+                    break
                 out.append(fields(req))
     assert out == [(t, f, c, o, n, p or None, ov) for t, f, c, o, n, p, ov in reqs]
     assert parser.idle
@@ -446,3 +476,61 @@ def test_error_chunk_message_capped_on_a_character_boundary(enc: ReplyEncoder) -
     payload = out[enc.chunk_size :]
     assert payload[:6] == h("00000005 0fff")
     assert payload[6:].decode("utf-8") == "a" + "\u00e9" * 2047
+
+
+# -- the hot path's batch decoder ----------------------------------------------------------
+
+PLAIN_READ_1 = f"{REQ} 0000 0000 {CK} 0000000000001000 00001000"
+PLAIN_READ_2 = f"{REQ} 0000 0000 0000000000000002 0000000000002000 00000200"
+READ_FUA = f"{REQ} 0001 0000 {CK} 0000000000000000 00000200"
+READ_EMPTY = f"{REQ} 0000 0000 {CK} 0000000000000000 00000000"
+FLUSH_REQ = f"{REQ} 0000 0003 {CK} 0000000000000000 00000000"
+BAD_MAGIC = f"25609514 0000 0000 {CK} 0000000000000000 00000200"
+EXT_READ = f"{EXT_REQ} 0000 0000 {CK} 0000000000001000 0000000000001000"
+
+NEXT_READS = [
+    # id, extended, wire, (max_count, max_bytes, max_length), batch, then next_event's type
+    ("two-plain-then-flush", False, f"{PLAIN_READ_1} {PLAIN_READ_2} {FLUSH_REQ}", (8, 1 << 20, 1 << 20),
+     [(COOKIE, 0x1000, 0x1000), (2, 0x2000, 0x200)], C.CMD_FLUSH),
+    ("count-limit", False, f"{PLAIN_READ_1} {PLAIN_READ_2}", (1, 1 << 20, 1 << 20),
+     [(COOKIE, 0x1000, 0x1000)], C.CMD_READ),
+    ("bytes-limit-after-reaching-it", False, f"{PLAIN_READ_1} {PLAIN_READ_2}", (8, 0x1000, 1 << 20),
+     [(COOKIE, 0x1000, 0x1000)], C.CMD_READ),
+    ("length-limit", False, f"{PLAIN_READ_1} {PLAIN_READ_2}", (8, 1 << 20, 0xFFF), [], C.CMD_READ),
+    ("flags-stop-the-batch", False, f"{READ_FUA} {PLAIN_READ_1}", (8, 1 << 20, 1 << 20), [], C.CMD_READ),
+    ("zero-length-is-not-plain", False, f"{READ_EMPTY}", (8, 1 << 20, 1 << 20), [], C.CMD_READ),
+    ("partial-header-waits", False, f"{PLAIN_READ_1} {PLAIN_READ_2[:-2]}", (8, 1 << 20, 1 << 20),
+     [(COOKIE, 0x1000, 0x1000)], None),
+    ("extended", True, f"{EXT_READ} {EXT_READ}", (8, 1 << 20, 1 << 20),
+     [(COOKIE, 0x1000, 0x1000), (COOKIE, 0x1000, 0x1000)], None),
+    ("compact-magic-under-extended-stops", True, f"{PLAIN_READ_1} 00000000", (8, 1 << 20, 1 << 20), [], "error"),
+    ("bad-magic-left-to-next-event", False, f"{PLAIN_READ_1} {BAD_MAGIC}", (8, 1 << 20, 1 << 20),
+     [(COOKIE, 0x1000, 0x1000)], "error"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("extended", "wire", "limits", "batch", "then"),
+                         [pytest.param(*case[1:], id=case[0]) for case in NEXT_READS])  # fmt: skip
+def test_next_reads(extended: bool, wire: str, limits: tuple, batch: list, then) -> None:
+    parser = RequestParser(extended=extended)
+    parser.receive_data(h(wire))
+    max_count, max_bytes, max_length = limits
+    assert parser.next_reads(max_count=max_count, max_bytes=max_bytes, max_length=max_length) == batch
+    if then == "error":
+        with pytest.raises(ProtocolError):
+            parser.next_event()
+    elif then is None:
+        assert parser.next_event() is None
+    else:
+        assert parser.next_event().type == then
+
+
+def test_next_reads_waits_while_a_payload_is_pending() -> None:
+    parser = RequestParser()
+    parser.receive_data(h(f"{REQ} 0000 0001 {CK} 0000000000000000 00000004 6162"))  # WRITE, half its payload
+    assert parser.next_event() is None
+    assert parser.next_reads(max_count=8, max_bytes=1 << 20, max_length=1 << 20) == []
+    parser.receive_data(h(f"6364 {PLAIN_READ_1}"))
+    assert parser.next_reads(max_count=8, max_bytes=1 << 20, max_length=1 << 20) == []  # the WRITE comes first
+    assert fields(parser.next_event()) == (C.CMD_WRITE, 0, COOKIE, 0, 4, b"abcd", False)
+    assert parser.next_reads(max_count=8, max_bytes=1 << 20, max_length=1 << 20) == [(COOKIE, 0x1000, 0x1000)]

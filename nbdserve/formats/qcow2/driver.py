@@ -121,6 +121,7 @@ class Qcow2Driver(FormatDriver):
         self.l2_mask = self.l2_entries - 1
         self.l1_shift = self.cb + self.l2_bits
         self.sc_bits = self.cb - 5 if self.ext else self.cb
+        self.map_bits = 0 if self.ext else self.cb
         self.size = h.size & ~511
         self.compression = h.compression_type
         self.lock = CoMutex(f"qcow2 {file.path}")
@@ -330,21 +331,27 @@ class Qcow2Driver(FormatDriver):
     # -- reads ------------------------------------------------------------------------------
 
     def read_now(self, offset: int, buf: memoryview) -> bool:
-        """Hot path: one standard cluster, its L2 table cached, plain data."""
+        """Hot path: inside one standard cluster of plain data (see ``map_now``)."""
         in_c = offset & self.cmask
         if in_c + len(buf) > self.cs or self.ext:
             return False
-        l1, file = self.l1, self.file
-        l1i = offset >> self.l1_shift
+        host = self.map_now(offset)
+        if host is None:
+            return False
+        self.file.pread_into(buf, host + in_c)
+        return True
+
+    def map_now(self, offset: int) -> int | None:
+        """A standard cluster holding plain data, its L2 table cached (extended L2: map_bits 0)."""
+        l1, l1i = self.l1, offset >> self.l1_shift
         e = self.cache.peek(self.l2kind, l1[l1i] & OFFSET_MASK) if l1i < len(l1) else None
         if e is None:
-            return False
+            return None
         ent = e.value[(offset >> self.cb) & self.l2_mask]
         host = ent & OFFSET_MASK
-        if host and not ent & _NOT_PLAIN and not host & self.cmask and host < file.size:
-            file.pread_into(buf, host + in_c)
-            return True
-        return False
+        if host and not ent & _NOT_PLAIN and not host & self.cmask and host < self.file.size:
+            return host
+        return None
 
     async def preadv(self, offset: int, buf: memoryview) -> None:
         if self.read_now(offset, buf):
@@ -629,6 +636,8 @@ class Qcow2Driver(FormatDriver):
         try:
             t = l2e.value
             free: list[int] = []
+            if any(p.old & OFFSET_MASK for p in plans):  # a data cluster moves (copy-on-write)
+                self.mappings_changed()
             for p in plans:
                 if self.ext:
                     t[2 * p.idx] = p.host | COPIED
@@ -927,6 +936,7 @@ class Qcow2Driver(FormatDriver):
             t = l2e.value
             free: list[int] = []
             changed = False
+            self.mappings_changed()  # (the loop below runs without an await)
             c = start >> cb
             while (c << cb) < stop:
                 base = c << cb
@@ -1004,6 +1014,7 @@ class Qcow2Driver(FormatDriver):
             t = l2e.value
             free: list[int] = []
             changed = False
+            self.mappings_changed()  # (the loop below runs without an await)
             for c in range(start >> self.cb, -(-stop >> self.cb)):
                 idx = c & (self.l2_entries - 1)
                 if self.ext:

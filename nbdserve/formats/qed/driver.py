@@ -24,7 +24,8 @@ Opening read-write with NEED_CHECK set runs ``check_and_repair`` first.
 Zero clusters (L2 entry 1) read as zeroes.  A partial write into one fills the rest of the new
 cluster with zeroes, never with backing data (QEMU 7.2 copies backing data there; we follow the
 spec).  WRITE_ZEROES and TRIM turn whole unallocated or zero clusters into zero clusters and zero
-allocated clusters in place (punching host holes where allowed).
+allocated clusters in place (punching host holes where allowed).  So a data cluster, once mapped,
+never moves or goes away while the image is open: ``map_now`` answers stay true.
 """
 
 from __future__ import annotations
@@ -87,6 +88,7 @@ class QedDriver(FormatDriver):
         self.lock = CoMutex(f"qed {file.path}")
         self.cluster_size = h.cluster_size
         self.cluster_bits = h.cluster_bits
+        self.map_bits = h.cluster_bits
         self.cluster_mask = h.cluster_size - 1
         self.header_bytes = h.header_bytes
         nelems = h.table_nelems
@@ -279,6 +281,17 @@ class QedDriver(FormatDriver):
         else:
             buf[:] = bytes(len(buf))
         return True
+
+    def map_now(self, offset: int) -> int | None:
+        """A data cluster whose L2 table is cached."""
+        l2_offset = self.l1[offset >> self.l1_shift]
+        e = self.cache.peek(self.l2_kind, l2_offset) if l2_offset else None
+        if e is None:
+            return None
+        value = e.value[(offset >> self.cluster_bits) & self.l2_mask]
+        if value > ZERO_CLUSTER and not value & self.cluster_mask and self.header_bytes <= value < self.file_end:
+            return value
+        return None
 
     async def preadv(self, offset: int, buf: memoryview) -> None:
         if self.read_now(offset, buf):

@@ -162,6 +162,8 @@ class VhdxDriver(FormatDriver):
         self.size = meta.virtual_disk_size
         self.geo = geo = Geometry(meta.virtual_disk_size, meta.block_size, meta.logical_sector_size, meta.has_parent)
         self._bs, self._cr = geo.block_size, geo.chunk_ratio
+        # The memo reads ``file``; a log replayed into memory (``rf``) keeps every read here.
+        self.map_bits = geo.block_size.bit_length() - 1 if self.rf is self.file else 0
         if geo.entries * 8 > regions.bat_length:
             raise CorruptImage(
                 path, f"BAT region of {regions.bat_length} bytes is too small for {geo.entries} entries"
@@ -307,19 +309,27 @@ class VhdxDriver(FormatDriver):
 
     def read_now(self, offset: int, buf: memoryview) -> bool:
         """Hot path: inside one fully present block whose BAT page is cached."""
-        bs = self._bs
-        block, in_block = divmod(offset, bs)
-        if in_block + len(buf) > bs:
+        in_block = offset % self._bs
+        if in_block + len(buf) > self._bs:
             return False
+        host = self.map_now(offset)
+        if host is None:
+            return False
+        self.rf.pread_into(buf, host + in_block)
+        return True
+
+    def map_now(self, offset: int) -> int | None:
+        """Where the fully present block holding ``offset`` starts in ``rf``, its BAT page
+        cached; else None.  (The image layer asks only while ``rf`` is ``file``: map_bits.)"""
+        block = offset // self._bs
         index = block + block // self._cr
         page = self.cache.peek(self.bat_kind, self.bat_offset + (index >> B.PAGE_SHIFT) * B.PAGE_SIZE)
         if page is None:
-            return False
+            return None
         e = page.value[index & B.PAGE_MASK]
         if e & B.STATE_MASK != B.FULLY_PRESENT:
-            return False
-        self.rf.pread_into(buf, (e & B.OFFSET_MASK) + in_block)
-        return True
+            return None
+        return e & B.OFFSET_MASK
 
     async def preadv(self, offset: int, buf: memoryview) -> None:
         if self.read_now(offset, buf):
@@ -477,6 +487,7 @@ class VhdxDriver(FormatDriver):
                 group = ordered[at : at + MAX_DESCRIPTORS]
                 encoded = [(off, encode_page(a)) for off, a in group]
                 await self._log_write(encoded)
+                self.mappings_changed()  # (this loop runs without an await)
                 for off, a in group:
                     rel = off - self.bat_offset
                     first = rel // 8 & B.PAGE_MASK
