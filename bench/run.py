@@ -488,7 +488,8 @@ def environment(cfg: Config) -> list[str]:
         f"nbdcopy: whole image to null:, {NBDCOPY_REQUEST >> 10} KiB requests, {NBDCOPY_REQUESTS} in flight, "
         "1 connection (IOPS = requests/s)",
         f"- {cfg.runs} run{'s' if cfg.runs > 1 else ''} per job"
-        + (", the first discarded as warm-up, the rest averaged" if cfg.runs > 1 else " (no warm-up discarded)"),
+        + (", the first discarded as warm-up, the rest averaged" if cfg.runs > 1 else " (no warm-up discarded)")
+        + "; runs alternate between the servers (all up at once), so load drift hits each alike",
         "- qemu-nbd: `--cache=writeback --aio=threads -e 8`; nbdkit: `file` plugin (raw only); "
         "nbdserve: defaults. Write jobs run on a private copy of the image per server; "
         "`rand-write-fresh` runs on a newly created empty image for every run.",
