@@ -96,6 +96,7 @@ class Image:
         self._map_bits = driver.map_bits
         self._map_mask = (1 << driver.map_bits) - 1
         self._data_file = driver.file
+        self._data_fd = driver.file.fd
         driver.mappings_changed = self._memo.clear
 
     # -- reads ------------------------------------------------------------------------------
@@ -116,24 +117,70 @@ class Image:
         """Synchronous read when it needs no waiting (see FormatDriver.read_now): the hot path.
 
         Inside one granule of plain data the memo gives the host offset at the cost of one dict
-        lookup; other reads ask the driver."""
+        lookup; reads over several granules try the memo for each (``mapped_runs``); the rest
+        ask the driver."""
         n = len(buf)
         if (offset | n) & (self.align - 1) or n > self.max_transfer:
             return False
         bits = self._map_bits
-        if bits and (offset & self._map_mask) + n <= 1 << bits:
-            memo, g = self._memo, offset >> bits
+        if not bits:
+            return self.driver.read_now(offset, buf)
+        if (offset & self._map_mask) + n > 1 << bits:
+            runs = self.mapped_runs(offset, n)
+            if runs is None:
+                return self.driver.read_now(offset, buf)
+            self.read_runs(buf, runs)
+            return True
+        memo, g = self._memo, offset >> bits
+        host = memo.get(g)
+        if host is None:
+            host = self.driver.map_now(offset)
+            if host is None:
+                return self.driver.read_now(offset, buf)
+            if len(memo) >= MEMO_LIMIT:
+                memo.clear()
+            memo[g] = host
+        pos = host + (offset & self._map_mask)
+        # os.preadv directly (this is the hottest line of the server); a short read means EOF,
+        # which BlockFile.pread_into handles (zeroes past it).
+        if os.preadv(self._data_fd, [buf], pos) != n:
+            self._data_file.pread_into(buf, pos)
+        return True
+
+    def mapped_runs(self, offset: int, length: int) -> list[list[int]] | None:
+        """If every granule of the range is plain data of this layer (known to the memo, or to
+        the driver's cached metadata), its host runs ``[position in range, host offset,
+        length]`` (host-contiguous granules merged) for ``read_runs``; else None.  Synchronous:
+        valid until the caller's next await."""
+        bits = self._map_bits
+        if not bits or (offset | length) & (self.align - 1) or length > self.max_transfer:
+            return None
+        mask, memo, map_now = self._map_mask, self._memo, self.driver.map_now
+        runs: list[list[int]] = []
+        pos, end = offset, offset + length
+        while pos < end:
+            g = pos >> bits
             host = memo.get(g)
             if host is None:
-                host = self.driver.map_now(offset)
+                host = map_now(pos)
                 if host is None:
-                    return self.driver.read_now(offset, buf)
+                    return None
                 if len(memo) >= MEMO_LIMIT:
                     memo.clear()
                 memo[g] = host
-            self._data_file.pread_into(buf, host + (offset & self._map_mask))
-            return True
-        return self.driver.read_now(offset, buf)
+            at = host + (pos & mask)
+            seg = min(end, (g + 1) << bits) - pos
+            if runs and runs[-1][1] + runs[-1][2] == at:
+                runs[-1][2] += seg
+            else:
+                runs.append([pos - offset, at, seg])
+            pos += seg
+        return runs
+
+    def read_runs(self, buf: memoryview, runs: list[list[int]]) -> None:
+        """Fill ``buf`` from the host runs ``mapped_runs`` just gave for it."""
+        for start, at, length in runs:
+            self._data_file.pread_into(buf[start : start + length], at)
 
     async def _read_aligned(self, offset: int, buf: memoryview) -> None:
         step = self.max_transfer

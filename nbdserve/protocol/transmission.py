@@ -215,13 +215,14 @@ class RequestParser:
             hdr, magic_ok, size = _REQ, C.REQUEST_MAGIC, 28
         unpack, buf, pos, end = hdr.unpack_from, self._buf, self._start, self._end
         out: list[tuple[int, int, int]] = []
-        total = 0
-        while end - pos >= size and total < max_bytes and len(out) < max_count:
+        read = C.CMD_READ
+        stop = min(end - size, pos + (max_count - 1) * size)  # last header start allowed
+        while pos <= stop and max_bytes > 0:
             magic, flags, type_, cookie, offset, length = unpack(buf, pos)
-            if magic != magic_ok or type_ != C.CMD_READ or flags or not 0 < length <= max_length:
+            if magic != magic_ok or type_ != read or flags or not 0 < length <= max_length:
                 break
             out.append((cookie, offset, length))
-            total += length
+            max_bytes -= length
             pos += size
         self._start = pos
         return out

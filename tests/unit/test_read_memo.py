@@ -74,7 +74,7 @@ def test_hot_reads_follow_every_mapping_change(tmp_path, variant, plan, seed):
                 n = max(512, int(frac * max_len) // 512 * 512)
                 off = min(slot * (size // 4) + sectors * 512, size - n)
                 if kind == "read":  # mostly one 4 KiB block: inside one granule, the memo's case
-                    n, off = (4 * K, off // (4 * K) * 4 * K) if frac < 0.7 else (min(n, 16 * K), off)
+                    n, off = (4 * K, off // (4 * K) * 4 * K) if frac < 0.7 else (n, off)
                     hot = memoryview(bytearray(n))
                     if not img.read_now(off, hot):
                         await img.read(off, hot)
