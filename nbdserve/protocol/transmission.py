@@ -380,12 +380,6 @@ class ReplyEncoder:
                 offset,
             )
 
-    def simple_read_buffer(self, cookie: int, length: int) -> tuple[bytearray, memoryview]:
-        """A buffer holding the simple reply header; the data goes into the returned view."""
-        out = bytearray(SIMPLE_REPLY_SIZE + length)
-        _SIMPLE.pack_into(out, 0, C.SIMPLE_REPLY_MAGIC, 0, cookie)
-        return out, memoryview(out)[SIMPLE_REPLY_SIZE:]
-
     # structured / extended chunks --------------------------------------------------------
 
     @property

@@ -35,6 +35,7 @@ from ..image import STATE_ZERO
 from ..protocol import constants as C
 from ..protocol.handshake import ProtocolError, ServerHandshake
 from ..protocol.transmission import ReplyEncoder, Request, RequestParser, check_request
+from .buffers import ReplyBuffers
 from .options import CLOSE, TRANSMIT, Negotiation
 
 if TYPE_CHECKING:
@@ -81,6 +82,7 @@ class Session(asyncio.BufferedProtocol):
         # An oversize WRITE is answered (EINVAL) only once its payload has been discarded: a
         # client still sending the payload is not ready for the reply (libnbd drops the link).
         self._held: Request | None = None
+        self._buffers = ReplyBuffers()  # for large READ replies
         self._batch: list | None = None  # replies collected during one _pump
         self._batch_bytes = 0
         self._read_paused = False
@@ -377,7 +379,7 @@ class Session(asyncio.BufferedProtocol):
         batch, nbytes = self._batch, 0
         for cookie, offset, length in reads:
             if offset + length <= size:
-                out = bytearray(hsize + length)
+                out = bytearray(hsize + length) if length < SPARSE_READ_MIN else self._buffers.get(hsize + length)
                 try:
                     done = read_now(offset, memoryview(out)[hsize:])
                 except Exception as exc:  # becomes the request's error reply
@@ -400,7 +402,7 @@ class Session(asyncio.BufferedProtocol):
         if runs is None:
             return False
         hsize = enc.read_header_size
-        out = bytearray(hsize + n)
+        out = self._buffers.get(hsize + n)
         try:
             image.read_runs(memoryview(out)[hsize:], runs)
         except Exception as exc:  # becomes the request's error reply
@@ -428,24 +430,20 @@ class Session(asyncio.BufferedProtocol):
 
     async def _read(self, req: Request) -> None:
         enc, image, off, n, cookie = self.enc, self.image, req.offset, req.length, req.cookie
-        if not enc.structured:
-            buf, view = enc.simple_read_buffer(cookie, n)
-            if n:
-                await image.read(off, view)
-            self._send(buf)
-            return
         if n == 0:
-            self._send(enc.none(cookie, off))
+            self._send(enc.none(cookie, off) if enc.structured else enc.simple(cookie))
             return
-        if n < SPARSE_READ_MIN or req.flags & C.CMD_FLAG_DF:
+        if not enc.structured or n < SPARSE_READ_MIN or req.flags & C.CMD_FLAG_DF:
             runs = None
         else:
             runs = await image.runs(off, n)
             if len(runs) == 1 and not runs[0].flags & STATE_ZERO:
                 runs = None
-        if runs is None:
-            buf, view = enc.data_buffer(cookie, off, off, n, done=True)
-            await image.read(off, view)
+        if runs is None:  # one reply carrying all the data
+            hsize = enc.read_header_size
+            buf = self._buffers.get(hsize + n) if n >= SPARSE_READ_MIN else bytearray(hsize + n)
+            await image.read(off, memoryview(buf)[hsize:])
+            enc.pack_read_header(buf, cookie, off, n)
             self._send(buf)
             return
         chunks = []

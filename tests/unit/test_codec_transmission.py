@@ -314,8 +314,6 @@ REPLIES = [
     ("simple-ok", lambda: SIMPLE_ENC.simple(COOKIE), f"{SIMPLE} 00000000 {CK}", False, ("simple", 0, COOKIE)),
     ("simple-eio", lambda: SIMPLE_ENC.simple(COOKIE, errno.EIO), f"{SIMPLE} 00000005 {CK}", False,
      ("simple", 5, COOKIE)),
-    ("simple-read-with-data", lambda: _read_into(SIMPLE_ENC.simple_read_buffer(COOKIE, 4), b"abcd"),
-     f"{SIMPLE} 00000000 {CK} 61626364", False, ("simple", 0, COOKIE)),
     ("simple-read-reply", lambda: _read_reply(SIMPLE_ENC, 0x1000, b"abcd"),
      f"{SIMPLE} 00000000 {CK} 61626364", False, ("simple", 0, COOKIE)),
     ("simple-done", lambda: SIMPLE_ENC.done(COOKIE, 0x1000), f"{SIMPLE} 00000000 {CK}", False, ("simple", 0, COOKIE)),
