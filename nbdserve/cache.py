@@ -88,6 +88,11 @@ class ClusterCache:
         self.evictions = 0
         self.writebacks = 0
         self.peak = 0
+        # The images' mapping memos (``Image.read_now``) share this limit on their entries,
+        # about 4% of the budget at ~90 bytes per entry; the cache only keeps the count.
+        self.memo_limit = max(4096, budget // 2048)
+        self.memo_used = 0
+        self.memo_owners: set[Any] = set()
 
     def kind(self, file: BlockFile, **kw: Any) -> TableKind:
         return TableKind(self, file, **kw)
@@ -296,4 +301,5 @@ class ClusterCache:
             "misses": self.misses,
             "evictions": self.evictions,
             "writebacks": self.writebacks,
+            "memo_entries": self.memo_used,
         }

@@ -11,9 +11,10 @@ Owns, between the protocol and the drivers:
     walking the chain for block status, which yields ``base:allocation`` flags and the
     ``qemu:allocation-depth`` value (0 unallocated, 1 this image, 2 its backing, ...);
   * the ``-s`` snapshot overlay (a temporary qcow2 over the image, removed at close);
-  * the mapping memo behind ``read_now``: granule -> host offset for granules of plain data, at
-    most ``MEMO_LIMIT`` of them, dropped whenever the driver says a mapping changed (see
-    ``formats.base``), so a hot read costs one dict lookup and one pread.
+  * the mapping memo behind ``read_now``: granule -> host offset for granules of plain data,
+    dropped whenever the driver says a mapping changed (see ``formats.base``), so a hot read
+    costs one dict lookup and one pread.  All images' memos together hold at most the cache's
+    ``memo_limit`` entries (a small share of ``--cache-size``); at the limit they start over.
 
 The caller (the server) guarantees ``0 <= offset``, ``offset + length <= size`` and
 ``length > 0``; it also refuses writes to a read-only image.  Everything below is then trusted.
@@ -40,8 +41,6 @@ STATE_HOLE = 1
 STATE_ZERO = 2
 
 ZERO_CHUNK = bytes(1 << 20)
-# Granules an image's mapping memo holds before it starts over (a few MiB at most).
-MEMO_LIMIT = 1 << 15
 
 
 class Run(NamedTuple):
@@ -97,7 +96,8 @@ class Image:
         self._map_mask = (1 << driver.map_bits) - 1
         self._data_file = driver.file
         self._data_fd = driver.file.fd
-        driver.mappings_changed = self._memo.clear
+        driver.mappings_changed = self.forget_mappings
+        cache.memo_owners.add(self)
 
     # -- reads ------------------------------------------------------------------------------
 
@@ -137,9 +137,7 @@ class Image:
             host = self.driver.map_now(offset)
             if host is None:
                 return self.driver.read_now(offset, buf)
-            if len(memo) >= MEMO_LIMIT:
-                memo.clear()
-            memo[g] = host
+            self._remember(g, host)
         pos = host + (offset & self._map_mask)
         # os.preadv directly (this is the hottest line of the server); a short read means EOF,
         # which BlockFile.pread_into handles (zeroes past it).
@@ -165,9 +163,7 @@ class Image:
                 host = map_now(pos)
                 if host is None:
                     return None
-                if len(memo) >= MEMO_LIMIT:
-                    memo.clear()
-                memo[g] = host
+                self._remember(g, host)
             at = host + (pos & mask)
             seg = min(end, (g + 1) << bits) - pos
             if runs and runs[-1][1] + runs[-1][2] == at:
@@ -176,6 +172,19 @@ class Image:
                 runs.append([pos - offset, at, seg])
             pos += seg
         return runs
+
+    def _remember(self, granule: int, host: int) -> None:
+        cache = self.cache
+        if cache.memo_used >= cache.memo_limit:
+            for owner in list(cache.memo_owners):
+                owner.forget_mappings()
+        self._memo[granule] = host
+        cache.memo_used += 1
+
+    def forget_mappings(self) -> None:
+        """Drop the memo (the driver's ``mappings_changed``, the shared limit, close)."""
+        self.cache.memo_used -= len(self._memo)
+        self._memo.clear()
 
     def read_runs(self, buf: memoryview, runs: list[list[int]]) -> None:
         """Fill ``buf`` from the host runs ``mapped_runs`` just gave for it."""
@@ -358,6 +367,8 @@ class Image:
             try:
                 await img.driver.close()
             finally:
+                img.forget_mappings()
+                img.cache.memo_owners.discard(img)
                 img.cache.discard_file(img.driver.file)
                 img.driver.file.close()
         for path in self._cleanup:

@@ -17,6 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from nbdserve.cache import ClusterCache
 from tests.imagetest import opened, run
 from tests.util import qemu_img, qemu_io
 
@@ -147,5 +148,36 @@ def test_a_mapping_change_drops_the_memo(tmp_path, variant, change, granule):
             assert bytes(buf) not in seen and len(seen) == 2, "the changes did not change what the granule reads"
         finally:
             await img.close()
+
+    run(body())
+
+
+def test_memos_share_one_bounded_budget(tmp_path):
+    """Two images' memos together never hold more than the cache's ``memo_limit`` entries,
+    and hot reads stay right while the memos start over."""
+    paths = []
+    for name in ("a", "b"):
+        path = tmp_path / f"{name}.qcow2"
+        qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", str(path), str(24 * M))
+        qemu_io("qcow2", path, f"write -P {ord(name)} 0 24M")
+        paths.append(path)
+    cache = ClusterCache(1 << 20)  # memo_limit: the floor of 4096 entries
+
+    async def body():
+        a, b = [await opened(p, fmt="qcow2", cache=cache) for p in paths]
+        try:
+            buf = memoryview(bytearray(4 * K))
+            for img in (a, b):
+                await img.read(0, memoryview(bytearray(24 * M)))  # loads every L2 table
+            for off in range(0, 24 * M, 4 * K):  # 6144 granules in each image
+                for img, fill in ((a, b"a"), (b, b"b")):
+                    assert img.read_now(off, buf)
+                    assert bytes(buf) == fill * (4 * K)
+                    assert cache.memo_used == len(a._memo) + len(b._memo) <= cache.memo_limit == 4096
+            assert cache.memo_used > 2048  # the memos were in use, not starting over every time
+        finally:
+            await a.close()
+            await b.close()
+        assert cache.memo_used == 0 and not cache.memo_owners
 
     run(body())
