@@ -154,6 +154,12 @@ class Config:
 # Processes
 
 
+def first_line(e: BaseException) -> str:
+    """An error's first line (its type name when it has no text), for the report."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def run(cmd: list[str], *, timeout: float = 600, **kw) -> subprocess.CompletedProcess:
     """Run a command and capture its output; raise with stdout and stderr when it fails."""
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=ENV, **kw)
@@ -396,7 +402,7 @@ def run_format(fmt: str, data: Path, cfg: Config) -> dict[tuple[str, str], Resul
                     running[name] = stack.enter_context(serving(name, image, fmt, cfg))
                 except (RuntimeError, subprocess.TimeoutExpired, OSError) as e:
                     print(f"  {fmt}: {name} failed: {e}", file=sys.stderr, flush=True)
-                    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                    first = first_line(e)
                     for job in jobs:
                         results[job.name, name] = Result(error=f"server failed: {first}")
             for job in jobs:
@@ -435,7 +441,7 @@ def run_job(job: Job, fmt: str, cfg: Config, servers: Mapping[str, Running | Non
                 else:
                     res.samples.append(measure(job, srv, cfg))
             except (RuntimeError, subprocess.TimeoutExpired, OSError, ValueError, KeyError) as e:
-                res.error = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                res.error = first_line(e)
                 print(f"  {fmt} {job.name} on {name}: FAILED: {e}", file=sys.stderr, flush=True)
                 if srv is not None:
                     log = srv.log.read_text(errors="replace")[-2000:]
@@ -648,7 +654,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 all_results[fmt] = run_format(fmt, data, cfg)
             except RuntimeError as e:  # the image could not be made
-                skipped.append(f"format {fmt} ({str(e).strip().splitlines()[0]})")
+                skipped.append(f"format {fmt} ({first_line(e)})")
                 print(f"skipped: {skipped[-1]}", file=sys.stderr, flush=True)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -29,15 +29,19 @@ _IDLE = _idle_references()
 
 
 class ReplyBuffers:
-    """Buffers by exact size: at most ``per_size`` kept for each of at most ``sizes`` sizes."""
+    """Buffers by exact size: at most ``per_size`` kept for each of at most ``sizes`` sizes;
+    buffers under ``min_size`` bytes are simply allocated (cheap, and too many to pool)."""
 
-    def __init__(self, *, per_size: int = 8, sizes: int = 2) -> None:
+    def __init__(self, *, min_size: int = 64 << 10, per_size: int = 8, sizes: int = 2) -> None:
+        self.min_size = min_size
         self.per_size = per_size
         self.sizes = sizes
         self._pools: dict[int, list[bytearray]] = {}
 
     def get(self, size: int) -> bytearray:
-        """A buffer of ``size`` bytes with unspecified contents."""
+        """A buffer of ``size`` bytes: zeroed when new, else with unspecified contents."""
+        if size < self.min_size:
+            return bytearray(size)
         pool = self._pools.get(size)
         if pool is None:
             if len(self._pools) >= self.sizes:

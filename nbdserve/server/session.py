@@ -82,7 +82,7 @@ class Session(asyncio.BufferedProtocol):
         # An oversize WRITE is answered (EINVAL) only once its payload has been discarded: a
         # client still sending the payload is not ready for the reply (libnbd drops the link).
         self._held: Request | None = None
-        self._buffers = ReplyBuffers()  # for large READ replies
+        self._buffers = ReplyBuffers(min_size=SPARSE_READ_MIN)  # for large READ replies
         self._batch: list | None = None  # replies collected during one _pump
         self._batch_bytes = 0
         self._read_paused = False
@@ -376,10 +376,12 @@ class Session(asyncio.BufferedProtocol):
         them (a range past the end is an error reply) and reads in a coroutine."""
         enc, image = self.enc, self.image
         hsize, pack, size, read_now = enc.read_header_size, enc.pack_read_header, image.size, image.read_now
-        batch, nbytes = self._batch, 0
+        batch, nbytes, buffers = self._batch, 0, self._buffers
+        pool_min = buffers.min_size - hsize
         for cookie, offset, length in reads:
             if offset + length <= size:
-                out = bytearray(hsize + length) if length < SPARSE_READ_MIN else self._buffers.get(hsize + length)
+                # ReplyBuffers.get's own small-size rule, inlined: most reads here are small
+                out = bytearray(hsize + length) if length < pool_min else buffers.get(hsize + length)
                 try:
                     done = read_now(offset, memoryview(out)[hsize:])
                 except Exception as exc:  # becomes the request's error reply
@@ -441,7 +443,7 @@ class Session(asyncio.BufferedProtocol):
                 runs = None
         if runs is None:  # one reply carrying all the data
             hsize = enc.read_header_size
-            buf = self._buffers.get(hsize + n) if n >= SPARSE_READ_MIN else bytearray(hsize + n)
+            buf = self._buffers.get(hsize + n)
             await image.read(off, memoryview(buf)[hsize:])
             enc.pack_read_header(buf, cookie, off, n)
             self._send(buf)

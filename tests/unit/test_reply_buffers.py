@@ -6,7 +6,7 @@ from nbdserve.server.buffers import ReplyBuffers
 
 
 def test_an_idle_buffer_is_reused():
-    pool = ReplyBuffers()
+    pool = ReplyBuffers(min_size=1)
     a = pool.get(4096)
     a_id = id(a)
     del a
@@ -14,7 +14,7 @@ def test_an_idle_buffer_is_reused():
 
 
 def test_a_buffer_still_referenced_is_not_handed_out_again():
-    pool = ReplyBuffers()
+    pool = ReplyBuffers(min_size=1)
     a = pool.get(4096)
     a_id = id(a)
     in_flight = memoryview(a)[16:]  # what a transport keeps until the bytes are sent
@@ -28,10 +28,19 @@ def test_a_buffer_still_referenced_is_not_handed_out_again():
 
 
 def test_sizes_and_counts_are_bounded():
-    pool = ReplyBuffers(per_size=2, sizes=2)
+    pool = ReplyBuffers(min_size=1, per_size=2, sizes=2)
     keep = [pool.get(1000) for _ in range(5)]  # all in use: 5 buffers, only 2 pooled
     assert len({id(b) for b in keep}) == 5
     assert len(pool._pools[1000]) == 2
     pool.get(2000)
     pool.get(3000)  # a third size pushes out the oldest (1000)
     assert sorted(pool._pools) == [2000, 3000]
+
+
+def test_buffers_under_the_minimum_are_fresh_and_zeroed():
+    pool = ReplyBuffers(min_size=8192)
+    a = pool.get(4096)
+    a[:] = b"x" * 4096
+    del a
+    assert pool.get(4096) == bytearray(4096)
+    assert not pool._pools
