@@ -15,7 +15,6 @@ stop ``qemu-img check`` is clean.
 
 from __future__ import annotations
 
-import json
 import random
 import shutil
 import signal
@@ -27,6 +26,7 @@ from tests.imagetest import (
     FILL,
     CrashOracle,
     assert_same_export,
+    check_clean,
     crash_workload,
     random_trace,
     replay_on_both,
@@ -42,10 +42,6 @@ VARIANTS = {
 }
 
 
-def check_clean(path) -> None:
-    p = qemu_img("check", "--output=json", "-f", "qed", path, check=False)
-    info = json.loads(p.stdout or "{}")
-    assert p.returncode == 0 and not info.get("leaks") and not info.get("corruptions"), p.stdout + p.stderr
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -83,7 +79,7 @@ def test_qed_writes_same_as_qemu_nbd(tmp_path, variant):
     shutil.copyfile(theirs, ours)
     ops = random_trace(random.Random(variant), size, 60, max_len=600 * 512, sector=512)
     replay_on_both(tmp_path, "qed", ours, theirs, ops)
-    check_clean(ours)
+    check_clean(ours, "qed")
 
 
 @pytest.mark.parametrize("round", range(25 if SLOW else 5))
@@ -114,4 +110,4 @@ def test_qed_kill9_keeps_flushed_writes(tmp_path, round):
         got = b"".join(h.pread(4 * MiB, pos) for pos in range(0, size, 4 * MiB))
         h.shutdown()
     oracle.verify(got)
-    check_clean(img)
+    check_clean(img, "qed")
