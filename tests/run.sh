@@ -25,4 +25,5 @@ fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
 
 .venv/bin/ruff check nbdserve tests bench
+.venv/bin/ruff format --check nbdserve tests bench
 exec .venv/bin/python -m pytest -q "$@"

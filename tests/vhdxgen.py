@@ -74,8 +74,9 @@ class Vhdx:
         self.write_header(0, self.seq, self.log_guid)
         self.write_header(1, self.seq + 1, self.log_guid)
         for off in (192 * KiB, 256 * KiB):
-            self.write_region_table(off, [(BAT_GUID, self.bat_offset, self.bat_length, 1),
-                                          (METADATA_GUID, self.metadata_offset, MiB, 1)])
+            self.write_region_table(
+                off, [(BAT_GUID, self.bat_offset, self.bat_length, 1), (METADATA_GUID, self.metadata_offset, MiB, 1)]
+            )
         self.write_metadata()
 
     # -- raw access -------------------------------------------------------------------------
@@ -94,13 +95,33 @@ class Vhdx:
 
     # -- structures -------------------------------------------------------------------------
 
-    def write_header(self, slot: int, seq: int, log_guid: bytes, *, version: int = 1, corrupt: bool = False,
-                     log_offset: int | None = None, log_length: int | None = None) -> None:
+    def write_header(
+        self,
+        slot: int,
+        seq: int,
+        log_guid: bytes,
+        *,
+        version: int = 1,
+        corrupt: bool = False,
+        log_offset: int | None = None,
+        log_length: int | None = None,
+    ) -> None:
         buf = bytearray(4 * KiB)
-        struct.pack_into("<4sIQ16s16s16sHHIQ", buf, 0, b"head", 0, seq, uuid.uuid4().bytes_le,
-                         self.data_write_guid, log_guid, 0, version,
-                         self.log_length if log_length is None else log_length,
-                         self.log_offset if log_offset is None else log_offset)
+        struct.pack_into(
+            "<4sIQ16s16s16sHHIQ",
+            buf,
+            0,
+            b"head",
+            0,
+            seq,
+            uuid.uuid4().bytes_le,
+            self.data_write_guid,
+            log_guid,
+            0,
+            version,
+            self.log_length if log_length is None else log_length,
+            self.log_offset if log_offset is None else log_offset,
+        )
         crc_fill(buf, 4)
         if corrupt:
             buf[100] ^= 1
@@ -198,9 +219,19 @@ class Vhdx:
 
     # -- log --------------------------------------------------------------------------------
 
-    def log_entry(self, pos: int, seq: int, tail: int, descs: list[tuple], *, guid: bytes | None = None,
-                  flushed: int | None = None, last: int | None = None, bad_crc: bool = False,
-                  torn: bool = False) -> int:
+    def log_entry(
+        self,
+        pos: int,
+        seq: int,
+        tail: int,
+        descs: list[tuple],
+        *,
+        guid: bytes | None = None,
+        flushed: int | None = None,
+        last: int | None = None,
+        bad_crc: bool = False,
+        torn: bool = False,
+    ) -> int:
         """Write a log entry at log position ``pos`` (wrapping); returns the next position.
 
         ``descs``: ("data", file_offset, 4096 bytes) or ("zero", file_offset, length).
@@ -219,8 +250,16 @@ class Vhdx:
             o = 64 + 32 * i
             if d[0] == "data":
                 data = d[2]
-                struct.pack_into("<4sIQQQ", buf, o, b"desc", struct.unpack_from("<I", data, 4092)[0],
-                                 struct.unpack_from("<Q", data)[0], d[1], seq)
+                struct.pack_into(
+                    "<4sIQQQ",
+                    buf,
+                    o,
+                    b"desc",
+                    struct.unpack_from("<I", data, 4092)[0],
+                    struct.unpack_from("<Q", data)[0],
+                    d[1],
+                    seq,
+                )
                 struct.pack_into("<4sI", buf, at, b"data", seq >> 32)
                 buf[at + 8 : at + 4092] = data[8:4092]
                 struct.pack_into("<I", buf, at + 4092, seq & 0xFFFFFFFF)

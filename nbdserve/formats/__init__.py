@@ -15,7 +15,13 @@ from .raw import RawDriver
 from .vhd import VhdDriver
 from .vhdx import VhdxDriver
 
-DRIVERS: tuple[type[FormatDriver], ...] = (RawDriver, Qcow2Driver, QedDriver, VhdDriver, VhdxDriver,)
+DRIVERS: tuple[type[FormatDriver], ...] = (
+    RawDriver,
+    Qcow2Driver,
+    QedDriver,
+    VhdDriver,
+    VhdxDriver,
+)
 
 BY_NAME: dict[str, type[FormatDriver]] = {d.format_name: d for d in DRIVERS}
 

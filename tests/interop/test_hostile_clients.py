@@ -31,9 +31,7 @@ def server(tmp_path_factory: pytest.TempPathFactory):
     img = d / "hostile.img"
     with open(img, "wb") as f:
         f.write(os.urandom(SIZE))  # fully allocated: reads are data, not holes
-    with serve(
-        d, "--handshake-timeout", "1", "--max-options", str(MAX_OPTIONS), "-x", "disk", "-f", "raw", img
-    ) as srv:
+    with serve(d, "--handshake-timeout", "1", "--max-options", str(MAX_OPTIONS), "-x", "disk", "-f", "raw", img) as srv:
         srv.export = "disk"
         yield srv, img
 

@@ -42,8 +42,6 @@ VARIANTS = {
 }
 
 
-
-
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_qed_differential_vs_qemu_nbd(tmp_path, variant):
     img = tmp_path / "a.qed"

@@ -59,8 +59,6 @@ def test_vhdx_differential_vs_qemu_nbd(tmp_path, variant):
         assert_same_export(o, q, maps=False)  # QEMU maps all VHDX as data
 
 
-
-
 @pytest.mark.parametrize("variant", ["default", "1M-log4M", "fixed"])
 def test_vhdx_writes_same_as_qemu_nbd(tmp_path, variant):
     size = 24 * MiB

@@ -165,12 +165,14 @@ class VhdxDriver(FormatDriver):
         # The memo reads ``file``; a log replayed into memory (``rf``) keeps every read here.
         self.map_bits = geo.block_size.bit_length() - 1 if self.rf is self.file else 0
         if geo.entries * 8 > regions.bat_length:
-            raise CorruptImage(
-                path, f"BAT region of {regions.bat_length} bytes is too small for {geo.entries} entries"
-            )
+            raise CorruptImage(path, f"BAT region of {regions.bat_length} bytes is too small for {geo.entries} entries")
         self.bat_offset = regions.bat_offset
         self.bat_kind = self.cache.kind(
-            rf, name="VHDX BAT page", size=B.PAGE_SIZE, decode=decode_page, encode=encode_page  # type: ignore[arg-type]
+            rf,
+            name="VHDX BAT page",
+            size=B.PAGE_SIZE,
+            decode=decode_page,
+            encode=encode_page,  # type: ignore[arg-type]
         )
         h = self.header
         reserved = [(0, MiB), (regions.bat_offset, regions.bat_offset + regions.bat_length)]

@@ -163,9 +163,7 @@ def find_active_sequence(reader: LogReader) -> list[EntryInfo]:
     return best
 
 
-def iter_changes(
-    reader: LogReader, info: EntryInfo, file_size: int
-) -> Iterator[tuple[int, bytes | None, int]]:
+def iter_changes(reader: LogReader, info: EntryInfo, file_size: int) -> Iterator[tuple[int, bytes | None, int]]:
     """(file_offset, 4 KiB data or None for zeroes, length) for each descriptor of ``info``."""
     path = reader.file.path
     limit = max(file_size, -(-info.last_file_offset // MiB) * MiB)
@@ -182,8 +180,9 @@ def iter_changes(
         length = SECTOR if sig == b"desc" else lead_or_len
         if foff < MiB or foff + length > limit or (foff < log_end and log_start < foff + length):
             raise CorruptImage(
-                path, f"log entry {info.sequence}: descriptor {i} target 0x{foff:x}+0x{length:x} is outside the file"
-                " or inside the header section or the log"
+                path,
+                f"log entry {info.sequence}: descriptor {i} target 0x{foff:x}+0x{length:x} is outside the file"
+                " or inside the header section or the log",
             )
         if sig == b"desc":
             sec = reader.sector(data_pos)
@@ -203,8 +202,8 @@ def build_entry(
     buf = bytearray(length)
     ENTRY_HEADER.pack_into(buf, 0, b"loge", 0, length, tail, sequence, count, 0, log_guid, file_size, file_size)
     for i, (foff, data) in enumerate(sectors):
-        lead, = struct.unpack_from("<Q", data)
-        trail, = struct.unpack_from("<I", data, SECTOR - 4)
+        (lead,) = struct.unpack_from("<Q", data)
+        (trail,) = struct.unpack_from("<I", data, SECTOR - 4)
         DESCRIPTOR.pack_into(buf, ENTRY_HEADER.size + i * DESCRIPTOR.size, b"desc", trail, lead, foff, sequence)
         at = (nd + i) * SECTOR
         struct.pack_into("<4sI", buf, at, b"data", sequence >> 32)
