@@ -89,12 +89,14 @@ class Pki:
     server: Path  # nbdserve/qemu-nbd/nbdkit server credentials
     server_crl: Path  # the same plus ca-crl.pem revoking ``revoked``
     server_expired: Path  # an expired server certificate
+    other_server: Path  # a server certificate from another CA (``wrong_ca`` clients trust it)
     alice: Path  # client certificate, DN ALICE_DN
     mallory: Path  # client certificate, DN MALLORY_DN
     expired: Path  # client certificate that expired in 2020 (DN CN=expired,...)
     revoked: Path  # client certificate listed in server_crl's CRL
     no_cert: Path  # only ca-cert.pem: a client without a certificate
-    wrong_ca: Path  # client credentials from another CA (its ca-cert.pem is the other CA's)
+    wrong_ca: Path  # a client that trusts another CA only (so it rejects our server)
+    foreign: Path  # a client whose certificate another CA signed (so our server rejects it)
 
     @classmethod
     def make(cls, root: Path) -> Pki:
@@ -107,18 +109,24 @@ class Pki:
         no_cert = root / "no-cert"
         no_cert.mkdir()
         shutil.copy(ca.cert, no_cert / "ca-cert.pem")
+        wrong_ca = ca.issue(root / "wrong-ca", "client", "alice")
+        shutil.copy(other.cert, wrong_ca / "ca-cert.pem")
+        foreign = other.issue(root / "foreign", "client", "alice")
+        shutil.copy(ca.cert, foreign / "ca-cert.pem")
         return cls(
             root=root,
             ca=ca,
             server=server,
             server_crl=server_crl,
             server_expired=ca.issue(root / "server-expired", "server", "localhost", expired=True),
+            other_server=other.issue(root / "other-server", "server", "localhost"),
             alice=ca.issue(root / "alice", "client", "alice"),
             mallory=ca.issue(root / "mallory", "client", "mallory"),
             expired=ca.issue(root / "expired", "client", "expired", expired=True),
             revoked=revoked,
             no_cert=no_cert,
-            wrong_ca=other.issue(root / "wrong-ca", "client", "alice"),
+            wrong_ca=wrong_ca,
+            foreign=foreign,
         )
 
 

@@ -75,7 +75,8 @@ def identify(transport: asyncio.BaseTransport) -> tuple[str, Peer]:
     sock = transport.get_extra_info("socket")
     peername = transport.get_extra_info("peername")
     if isinstance(peername, tuple):
-        return f"{peername[0]}:{peername[1]}", Peer.from_address(peername[0])
+        host = peername[0]
+        return f"[{host}]:{peername[1]}" if ":" in host else f"{host}:{peername[1]}", Peer.from_address(host)
     label = f"local#{next(_connection_ids)}"
     if sock is not None and sock.family == socket.AF_UNIX:
         try:

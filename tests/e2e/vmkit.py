@@ -31,7 +31,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -40,7 +39,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.util import NBDSERVE, TOOL_ENV, run, wait_pid_exit
+from tests.util import NBDSERVE, TOOL_ENV, free_port, run, wait_pid_exit
 
 HERE = Path(__file__).resolve().parent
 CACHE = HERE / ".cache"
@@ -273,12 +272,6 @@ def sha256(data: bytes) -> str:
 
 
 # ---- NBD servers on TCP -----------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
