@@ -181,6 +181,7 @@ class Session(asyncio.BufferedProtocol):
     def _handshake_timeout(self) -> None:
         if self.phase in (_HANDSHAKE, _UPGRADING):
             log.warning("%s: handshake not finished within %ss; disconnecting", self.peer, self.cfg.handshake_timeout)
+            self.phase = _CLOSED
             self._abort()
 
     def _abort(self) -> None:
@@ -190,6 +191,7 @@ class Session(asyncio.BufferedProtocol):
     def shutdown(self) -> None:
         """Server shutdown: drop a handshaking client, drain a transmitting one."""
         if self.phase in (_HANDSHAKE, _UPGRADING):
+            self.phase = _CLOSED
             self._abort()
         else:
             self._stop()
@@ -262,14 +264,14 @@ class Session(asyncio.BufferedProtocol):
             ctx = self.server.tls.context(psk_users.append)
             tls = await self.server.loop.start_tls(raw, self, ctx, server_side=True, ssl_handshake_timeout=timeout)
         except Exception as e:  # ssl.SSLError, ConnectionError, TimeoutError: only this client is affected
-            if self.phase == _UPGRADING:
-                log.warning("%s: TLS handshake failed: %s", self.peer, e)
-            raw.abort()
-            self.phase = _CLOSED
-            self._finish(e)
+            self._upgrade_failed(raw, str(e) or ("connection closed" if isinstance(e, ConnectionError) else repr(e)))
             return
-        if self.phase != _UPGRADING:  # dropped (deadline, shutdown) as the handshake finished
-            tls.abort()
+        # The loop returns None when the connection was lost without an error (the deadline or a
+        # shutdown aborted it, or the client closed it) during the handshake.
+        if tls is None or tls.is_closing() or self.phase != _UPGRADING:
+            if tls is not None:
+                tls.abort()
+            self._upgrade_failed(raw, "connection closed")
             return
         self.transport = tls
         tls.set_write_buffer_limits(high=WRITE_BUFFER_HIGH, low=WRITE_BUFFER_HIGH // 4)
@@ -281,6 +283,13 @@ class Session(asyncio.BufferedProtocol):
         self.phase = _HANDSHAKE
         log.info("%s: %s%s", self.peer, describe_session(ssl_object), f", client {name!r}" if name else "")
         self._negotiate()
+
+    def _upgrade_failed(self, raw: asyncio.BaseTransport, reason: str) -> None:
+        if self.phase == _UPGRADING:
+            log.warning("%s: TLS handshake failed: %s", self.peer, reason)
+        raw.abort()
+        self.phase = _CLOSED
+        self._finish(None)
 
     def _start_transmission(self, export: Export) -> None:
         if self._deadline is not None:
