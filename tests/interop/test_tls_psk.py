@@ -54,7 +54,8 @@ def psk_server(tmp_path_factory: pytest.TempPathFactory):
     img = random_raw(d / "disk.img", 8 * MiB)
     args = [
         "--object", f"tls-creds-psk,id=tls0,endpoint=server,dir={d}", "--tls-creds", "tls0",
-        "--object", "authz-simple,id=auth0,identity=alice", "--tls-authz", "auth0", "-x", "disk", "-f", "raw", "-v", img,
+        "--object", "authz-simple,id=auth0,identity=alice", "--tls-authz", "auth0",
+        "-x", "disk", "-f", "raw", "-v", img,
     ]  # fmt: skip
     with serve(d, *args, tcp=True, python=PSK_PYTHON) as srv:
         srv.export = "disk"
