@@ -281,3 +281,35 @@ def test_psk_refused_with_a_reason_on_this_python(tmp_path: Path) -> None:
 def test_missing_x509_files_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"server-cert\.pem: no such file"):
         TlsServer(cfg_of("--tls-creds", str(tmp_path)))
+
+
+# -- the documented configurations parse -------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_deploy_config_with_its_tls_settings_turned_on(tmp_path: Path) -> None:
+    """deploy/nbdserve.toml as shipped, and with its commented TLS settings uncommented."""
+    text = (REPO / "deploy" / "nbdserve.toml").read_text()
+    uncommented = text
+    for key in ("tls", "allow", "refuse"):
+        uncommented = uncommented.replace(f"\n#{key}", f"\n{key}")
+    for variant in (text, uncommented):
+        f = tmp_path / "c.toml"
+        f.write_text(variant)
+        c = config_from_args(build_parser().parse_args(["--config", str(f)]))
+        assert len(c.exports) == 3
+    assert (c.tls_mode, c.verify_peer, c.tls_authz, c.allow) == (
+        "require", True, ("CN=alice,O=Example",), ("10.0.0.0/8", "fd00::/8"),
+    )  # fmt: skip
+
+
+def test_readme_network_example_parses(tmp_path: Path) -> None:
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("### Serving on a network") :]
+    block = section[section.index("```toml\n") + 8 :]
+    f = tmp_path / "c.toml"
+    f.write_text(block[: block.index("```")])
+    c = config_from_args(build_parser().parse_args(["--config", str(f)]))
+    assert c.tls_mode == "on" and [e.tls for e in c.exports] == ["optional", "required"]
+    assert c.exports[1].max_connections == 2
