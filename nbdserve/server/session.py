@@ -6,13 +6,15 @@ the handshake deadline, and STARTTLS: once the option policy accepts it, the ses
 reading, sends the ACK and upgrades the transport with ``loop.start_tls`` (asyncio's and uvloop's
 alike); the handshake then goes on over TLS with the client's certificate name (or PSK username)
 known.  A TLS handshake that fails, stalls past the handshake deadline or is cut off ends only this
-connection.  The transmission side:  Bytes are received straight into the codec's
-buffers (WRITE payloads into their own buffer); every complete request is validated by
-``check_request`` and started eagerly (``coro.start``), so a request whose I/O completes without
-waiting is answered before the next one is parsed, with no Task.  Requests that do wait run
-concurrently and are answered out of order.  Plain READs (no flags, small) at the head of the
-buffer take a leaner path still: decoded as a batch (``RequestParser.next_reads``) and answered
-from ``Image.read_now`` with one buffer per reply and no ``Request`` object (``_serve_reads``).
+connection.
+
+The transmission side: bytes are received straight into the codec's buffers (WRITE payloads into
+their own buffer); every complete request is validated by ``check_request`` and started eagerly
+(``coro.start``), so a request whose I/O completes without waiting is answered before the next one
+is parsed, with no Task. Requests that do wait run concurrently and are answered out of order.
+Plain READs (no flags, small) at the head of the buffer take a leaner path still: decoded as a
+batch (``RequestParser.next_reads``) and answered from ``Image.read_now`` with one buffer per reply
+and no ``Request`` object (``_serve_reads``).
 
 Invariants:
   * At most ``max_requests`` requests and ``max_inflight_bytes`` bytes are in flight per
