@@ -373,6 +373,7 @@ LIST_DISK = f"{REP} 00000003 00000002 00000011 00000004 {DISK} 74657374206469736
 LIST_SECRET = f"{REP} 00000003 00000002 0000000a 00000006 {SECRET}"
 LIST_ACK = f"{REP} 00000003 00000001 00000000"
 LAN = "6c616e"  # 'lan': an export only 10.0.0.0/8 and uid 0 may use
+GO_BOSS = f"{OPT} 00000007 0000000a 00000004 626f7373 0000"  # 'boss': only ALICE's certificate
 GO_LAN = f"{OPT} 00000007 00000009 00000003 {LAN} 0000"
 EXPORT_LAN = f"{OPT} 00000001 00000003 {LAN}"
 LIST_LAN = f"{REP} 00000003 00000002 00000007 00000003 {LAN}"
@@ -411,6 +412,9 @@ def scenario(name: str, exports: ExportTable) -> tuple[ExportTable, Negotiation]
     elif name in ("export-rules", "export-rules-unknown", "export-rules-uid0", "export-rules-uid1000"):
         table, policy = ExportTable([disk, lan]), Policy(refuse_as_unknown=name == "export-rules-unknown")
         peer = Peer(uid=int(name[16:])) if "uid" in name else local
+    elif name == "export-dn":
+        boss = Export("boss", "", True, ro.image, access=AccessRules.build("export 'boss'", identities=[ALICE]))
+        table, policy = ExportTable([disk, boss]), Policy(SELECTIVETLS)
     elif name == "limit":
         table = ExportTable([disk, Export("one", "", True, ro.image, max_connections=1, connections=1)])
     else:
@@ -482,6 +486,13 @@ TLS_CASES = [
      f"{LIST_DISK} {LIST_LAN} {LIST_ACK} {GO_RO_REPLY}", TRANSMIT, ""),
     ("export-rules-uid-refused", "export-rules-uid1000", f"{FIXED} {GO_LAN}", f"{REP} 00000007 80000002 *",
      CONTINUE, ""),
+    ("export-dn-refused-before-tls", "export-dn", f"{FIXED} {GO_BOSS} {LIST}",
+     f"{REP} 00000007 80000002 * {LIST_DISK} {LIST_ACK}", CONTINUE, ""),
+    ("export-dn-served-to-alice", "export-dn", f"{FIXED} {STARTTLS_OPT} | {GO_BOSS}",
+     f"{STARTTLS_ACK} {GO_RO_REPLY}", TRANSMIT, ALICE),
+    ("export-dn-refused-to-mallory", "export-dn",
+     f"{FIXED} {STARTTLS_OPT} | {GO_BOSS} {GO_DISK}",
+     f"{STARTTLS_ACK} {REP} 00000007 80000002 * {GO_DISK_REPLY}", TRANSMIT, MALLORY),
     # -- connection limit ---------------------------------------------------------------------
     ("limit-go-err-policy-info-still-answered", "limit", f"{FIXED} {OPT} 00000007 00000009 00000003 6f6e65 0000 "
      f"{OPT} 00000006 00000009 00000003 6f6e65 0000", f"{REP} 00000007 80000002 * "
