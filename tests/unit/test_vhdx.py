@@ -1253,8 +1253,8 @@ def test_differencing_block_status_at_unaligned_offsets(tmp_path: Path, lss: int
                 pos = off
                 for r in await img.runs(off, n):
                     for at in range(pos, pos + r.length):
-                        here = at < M and present[at // lss]
-                        assert r.depth == (1 if here else 2), (off, n, pos, r)
+                        want = (1 if present[at // lss] else 2) if at < M else 0  # the parent has block 0 only
+                        assert r.depth == want, (off, n, pos, r)
                     pos += r.length
                 assert pos == off + n, (off, n)
         finally:
@@ -1384,7 +1384,8 @@ def test_log_zero_ranges_punch_inside_the_file_and_skip_past_its_end(tmp_path: P
     assert read_image(path, readonly=True) == expected
     assert read_image(path, readonly=False) == expected
     assert path.stat().st_size == tail + M
-    assert _allocated(path) <= used - M  # block 0 punched, nothing allocated past the old end
+    # block 0 punched, nothing allocated past the old end (the filesystem may add an extent block)
+    assert _allocated(path) <= used - M + 64 * K
     check_clean(path)
     assert qemu_raw(path) == expected
 
