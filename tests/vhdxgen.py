@@ -188,6 +188,18 @@ class Vhdx:
     def entry(self, index: int) -> int:
         return struct.unpack("<Q", self.read(self.bat_offset + 8 * index, 8))[0]
 
+    def state(self, block: int) -> int:
+        """Payload block ``block``'s BAT state as the file holds it now."""
+        return self.entry(self.payload_index(block)) & 7
+
+    def sector_bits(self, block: int) -> list[bool]:
+        """The sector bitmap bits of payload block ``block`` as the file holds them now."""
+        sb = self.entry(self.bitmap_index(block))
+        per = self.block_size // self.lss
+        first = (block % self.chunk_ratio) * per  # a multiple of 8: blocks hold >= 256 sectors
+        raw = self.read((sb & ~0xFFFFF) + first // 8, per // 8)
+        return [bool(raw[i // 8] >> (i % 8) & 1) for i in range(per)]
+
     def new_space(self, length: int) -> int:
         off = self.end
         self.end += -(-length // MiB) * MiB
@@ -308,7 +320,7 @@ def chain(
     size: int = 8 * MiB,
     block_size: int = MiB,
     top_runs: int = 1,
-) -> tuple[list[Vhdx], bytearray]:
+) -> tuple[list[Vhdx], list[bytes]]:
     """A base image and ``levels - 1`` differencing children over it, each block in a random
     state, with the disk contents MS-VHDX gives them: NOT_PRESENT reads the parent (zeroes in the
     base), UNDEFINED / ZERO / UNMAPPED read zeroes, FULLY_PRESENT the block, PARTIALLY_PRESENT
@@ -316,9 +328,11 @@ def chain(
 
     Payloads are random bytes with zero stretches, so a parent often holds zeroes under a
     partially present block.  Bitmap runs in the top layer are multiples of ``top_runs`` sectors
-    (the other layers' are single sectors).  Returns the layers, base first, and the contents.
+    (the other layers' are single sectors).  Returns the layers, base first, and each layer's
+    disk contents.
     """
     layers: list[Vhdx] = []
+    models: list[bytes] = []
     model = bytearray(size)
     blocks = -(-size // block_size)
     per_block = block_size // lss
@@ -334,8 +348,9 @@ def chain(
             payload = bytearray(rng.randbytes(block_size))
             for _ in range(rng.randrange(3)):  # zero stretches
                 at = rng.randrange(block_size)
-                payload[at : at + rng.randrange(1, block_size // 2)] = bytes(min(block_size - at, block_size // 2))
-            payload = bytes(payload[:block_size])
+                end = min(block_size, at + rng.randrange(1, block_size // 2))
+                payload[at:end] = bytes(end - at)
+            payload = bytes(payload)
             states = [NOT_PRESENT, FULLY_PRESENT, ZERO, UNDEFINED, UNMAPPED]
             if level:
                 states += [PARTIALLY_PRESENT] * 3
@@ -357,4 +372,5 @@ def chain(
                 g.set_entry(g.payload_index(b), state)
                 model[lo:hi] = bytes(hi - lo)
         layers.append(g)
-    return layers, model
+        models.append(bytes(model))
+    return layers, models
