@@ -2,7 +2,8 @@
 
 Owns one VHD file: the 512-byte footer (at EOF-512, plus a copy at offset 0 in dynamic and
 differencing images), the 1024-byte dynamic header, the block allocation table (BAT) and the
-per-block sector bitmaps.  All fields are big-endian; names follow the VHD specification.
+per-block sector bitmaps.  All fields are big-endian; names follow the VHD specification.  The
+format facts this relies on are written up in docs/vhd.md.
 
 Probing: a footer cookie ``conectix`` at offset 0 means a dynamic or differencing image (score
 100).  A **fixed** VHD keeps its footer only at EOF-512, which the 512-byte probe cannot see, so a

@@ -1,7 +1,7 @@
 """The VHDX driver against QEMU (the oracle), against a bytearray model and against golden images.
 
 * Differential: images QEMU made (block sizes 1M/8M/32M, ZERO or NOT_PRESENT entries, true fixed,
-  a 4 MiB log) and filled by the §7.1 script read through ``open_image`` as ``qemu-img convert``
+  a 4 MiB log) and filled by ``imagetest.FILL`` read through ``open_image`` as ``qemu-img convert``
   gives them; block status matches the known layout (QEMU maps all VHDX as data).
 * Log replay: a pending log QEMU wrote (its own entry, header put back in the crashed state) is
   replayed as ``qemu-img check -r all`` replays it, read-write and read-only (in memory); logs
@@ -11,8 +11,13 @@
 * Crash safety: every prefix of the file operations of an allocating workload, with unflushed
   writes kept or lost, opens in QEMU and in nbdserve with every flushed write present.
 * What QEMU cannot open: 4096-byte sectors and differencing disks (sector bitmaps, parent
-  linkage, missing parent), built by ``tests/vhdxgen.py``.
-* Hostile images: one-line ``ImageError`` naming the field.
+  linkage, missing parent), built by ``tests/vhdxgen.py``; block status at any byte offset of a
+  partially present block, the first write into one (the parent's zeroes too), UNDEFINED and
+  UNMAPPED reading zeroes (never the parent), also after TRIM.
+* Hostile images: one-line ``ImageError`` naming the field; hostile logs (huge zero ranges,
+  last_file_offset, targets past the image's extent) refused before any write, zero ranges
+  punched or skipped.  Fields QEMU ignores (physical sector size, BAT reserved bits) served with
+  a warning (read-only for reserved bits).
 """
 
 from __future__ import annotations

@@ -1,10 +1,13 @@
 """The VHDX driver: dynamic, fixed and differencing images, 512 and 4096-byte logical sectors.
 
 Owns one open VHDX file: open-time validation (``header``, ``metadata``, ``bat``), log replay
-(into the file when writable; into an in-memory overlay when read-only), reads through the BAT
-(payload block states, sector bitmaps of differencing disks, the parent via ``read_backing``),
-allocating writes, WRITE_ZEROES / TRIM as block-state changes, block status, and NBD_CMD_CACHE
-(loads BAT pages).
+(into the file when writable; into an in-memory overlay when read-only; bounded by the file's
+size and the image's possible extent), reads through the BAT (payload block states, sector
+bitmaps of differencing disks, the parent via ``read_backing``), allocating writes (a partially
+present block is completed in place from the parent), WRITE_ZEROES / TRIM as block-state
+changes, block status at any byte offset, and NBD_CMD_CACHE (loads BAT pages).  The format facts
+this relies on (bitmap layout, how each block state reads, the replay rules) are written up in
+docs/vhdx.md.
 
 Crash-consistency protocol (every step that matters is ordered by an fdatasync):
   1. Before the first visible change of a session the header is rewritten (non-current slot,
