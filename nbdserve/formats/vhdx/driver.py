@@ -256,8 +256,9 @@ class VhdxDriver(FormatDriver):
         await self._write_header(log_guid=ZERO_GUID)
 
     def _replay_limit(self, reader: LogReader, entries: list, regions: Regions) -> int:
-        """Where a log may write: below the larger of the file's size and the image's possible
-        extent (the header section, log and regions, then every block the metadata allows).
+        """Where a log may write: below the file's size (or the end of the header section, log
+        and regions, if that is larger) plus the image's possible extent, every block the
+        metadata allows.  A replay may grow a file by at most what the whole image can hold.
 
         The metadata is read as the log leaves it (an entry may rewrite it) and as it is now;
         the larger extent counts, and if neither parses the open fails on the replayed one.
@@ -284,7 +285,7 @@ class VhdxDriver(FormatDriver):
             extents.append(geo.extent)
         if not extents:
             raise failure  # type: ignore[misc]
-        return max(_round_up(size, MiB), fixed + max(extents))
+        return max(_round_up(size, MiB), fixed) + max(extents)
 
     def _find_parent(self) -> BackingRef:
         """The parent named by the locator (relative_path first), with its linkage checked."""
