@@ -21,8 +21,11 @@ TLS, per the NBD spec's three modes (one mode per server, so per connection):
 Authorisation (rules from ``nbdserve.authz``), decided here for every option, before any export
 is named to the client:
   * Server-wide rules refuse a client outright: every option but ABORT -> ERR_POLICY and
-    EXPORT_NAME closes.  A rule on TLS identities cannot be met before TLS, so STARTTLS stays
-    open to such a client (and FORCEDTLS answers ERR_TLS_REQD first).
+    EXPORT_NAME closes.  A client refused by its address or Unix credentials is thus handled as
+    in NOTLS mode (the spec lets the mode depend on the session): its STARTTLS gets ERR_POLICY
+    too, which spares a TLS handshake for a client that can never be served.  A rule on TLS
+    identities cannot be met before TLS, so STARTTLS stays open to such a client (and FORCEDTLS
+    answers ERR_TLS_REQD first).
   * An export's own rules hide it from LIST and answer INFO/GO/meta-context options on it with
     ERR_POLICY (or ERR_UNKNOWN when refused exports should look absent); EXPORT_NAME closes.
   * An export at its connection limit answers GO with ERR_POLICY; EXPORT_NAME closes.
