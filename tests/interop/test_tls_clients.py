@@ -20,7 +20,7 @@ import pytest
 
 from tests.interop.conftest import MiB, random_raw
 from tests.tlscerts import Pki
-from tests.util import Served, qemu_img, run, serve
+from tests.util import NBDSERVE, Served, qemu_img, run, serve
 
 SIZE = 16 * MiB
 
@@ -189,3 +189,18 @@ def wait_for_log(srv: Served, text: str, count: int) -> None:
         if srv.log_text().count(text) >= count:
             return
     raise AssertionError(f"{text!r} not logged {count} times:\n{srv.log_text()}")
+
+
+@pytest.mark.parametrize("fork", [True, False])
+def test_bad_credentials_refused_at_start(tmp_path: Path, pki: Pki, fork: bool) -> None:
+    """A key that does not match its certificate: one line naming the files, exit status 1."""
+    creds = tmp_path / "creds"
+    shutil.copytree(pki.server, creds)
+    shutil.copy(pki.other_server / "server-key.pem", creds / "server-key.pem")
+    img = random_raw(tmp_path / "b.img", MiB)
+    args = ["--fork", "--pid-file", tmp_path / "p.pid"] if fork else []
+    p = run(*NBDSERVE, *args, "-k", tmp_path / "s.sock", "--tls-creds", creds, "-f", "raw", img, check=False)
+    assert p.returncode == 1
+    (line,) = p.stderr.splitlines()
+    expected = f"nbdserve: TLS credentials: cannot load {creds}/server-cert.pem with {creds}/server-key.pem"
+    assert line.startswith(expected)
