@@ -36,12 +36,14 @@ import errno
 import logging
 import struct
 from array import array
+from typing import NoReturn
 
 from ...blockfile import BlockFile
 from ...cache import CacheEntry, ClusterCache
 from ...errors import CorruptImage, NbdError, UnsupportedImage
 from ...locks import CoMutex, CoQueue
 from ..base import ALLOCATED, DATA, ZERO, BackingRef, Caps, Extent, FormatDriver, Limits, OpenOptions
+from .check import fix_harmless, rebuild, scan
 from .compress import decompress_cluster
 from .header import (
     FIELD_AUTOCLEAR,
@@ -52,7 +54,8 @@ from .header import (
     Header,
     parse_header,
 )
-from .refcount import Refcounts, rebuild
+from .overlap import BITMAPS, L2, MetadataMap
+from .refcount import Refcounts
 from .snapshot import Snapshot, find_snapshot, read_snapshots
 from .tables import (
     ALL_ALLOC,
@@ -131,9 +134,10 @@ class Qcow2Driver(FormatDriver):
         self._zc_data = b""
         self._data_region = (0, 0)  # host bytes known to be data (see _host_state)
         self.l2kind = cache.kind(file, name="L2 table", size=self.cs, decode=decode_be64, encode=encode_be64)
-        self.refs = Refcounts(
-            self.path, file, cache, self.cb, h.refcount_order, h.refcount_table_offset, h.refcount_table_clusters
-        )
+        self.refs = self._refcounts()
+        self.meta = MetadataMap(self.cb)  # filled by the consistency check of a read-write open
+        self.corrupt = False  # a write was refused: no more writes
+        self._refusal: str | None = "image is read-only" if readonly else None  # why writes fail
         self.l1_offset = h.l1_table_offset
         self.l1 = load_l1(self.path, file.pread(h.l1_size * 8, h.l1_table_offset), self.cs) if h.l1_size else array("Q")
         self.snapshots: list[Snapshot] = []
@@ -155,49 +159,85 @@ class Qcow2Driver(FormatDriver):
             return file.pread(max(0, min(n, file.size - off)), off)
 
         h = parse_header(path, bytes(read(0, 112)), read, file.size)
-        readonly = readonly or file.readonly
-        if options.snapshot is not None:
-            readonly = True
-        if h.incompatible_features & INCOMPAT_CORRUPT and not readonly:
-            log.warning("%s: image is marked corrupt; opening it read-only", path)
-            readonly = True
-        dirty = bool(h.incompatible_features & INCOMPAT_DIRTY)
-        if dirty and not readonly and h.has_bitmaps:
-            log.warning("%s: image is dirty and has bitmaps (not rebuilt); opening it read-only", path)
-            readonly = True
+        readonly = readonly or file.readonly or options.snapshot is not None
         drv = cls(file, cache, h, readonly)
         if options.snapshot is not None:
             drv._use_snapshot(options.snapshot)
-        if dirty and not readonly:
-            await drv._rebuild_refcounts()
-        if not readonly and h.version >= 3 and h.autoclear_features:
-            # Bits we do not maintain (bitmaps, unknown ones) must be clear before the first write.
-            file.pwrite(struct.pack(">Q", 0), FIELD_AUTOCLEAR)
-            await file.flush()
+        for doubt in h.doubts + drv.refs.problems:
+            drv._read_only_because(doubt)
+        if not drv.readonly:
+            await drv._prepare_writes(options.repair)
         return drv
 
-    async def _rebuild_refcounts(self) -> None:
-        """Dirty image opened read-write: recount, switch to the new refcounts, clear the bit."""
+    def _read_only_because(self, reason: str) -> None:
+        """Serve read-only, saying why (a warning naming the field or the inconsistency)."""
+        log.warning("%s: %s; %s", self.path, reason, "reading it anyway" if self.readonly else "serving it read-only")
+        self.readonly = True
+        self.caps = Caps()
+        self._refusal = "image is read-only"
+
+    async def _prepare_writes(self, repair: str) -> None:
+        """Before the first write: check the refcounts, repair what ``repair`` allows, or go
+        read-only (docs/qcow2.md, "Consistency at open").  Never serves read-write an image
+        whose refcounts or COPIED flags could make a write overwrite live data."""
         h = self.header
-        log.warning("%s: image is dirty (lazy refcounts); rebuilding refcounts", self.path)
-        extents = [(0, self.cs)]
-        if self.snapshot_table_bytes:
-            extents.append((h.snapshots_offset, self.snapshot_table_bytes))
-        l1s = [(self.l1_offset, self.l1)]
-        for sn in self.snapshots:
-            l1s.append(
-                (
-                    sn.l1_table_offset,
-                    load_l1(self.path, self.file.pread(sn.l1_size * 8, sn.l1_table_offset), self.cs, "snapshot L1"),
-                )
-            )
-        offset, clusters = await rebuild(
-            self.path, self.file, self.cb, h.refcount_order, self.ext, l1s, extents, self.l1_offset
+        dirty = bool(h.incompatible_features & INCOMPAT_DIRTY)
+        corrupt = bool(h.incompatible_features & INCOMPAT_CORRUPT)
+        if corrupt and repair != "all":
+            return self._read_only_because("image is marked corrupt (--repair=all checks and repairs it)")
+        if dirty and h.has_bitmaps:
+            return self._read_only_because("image is dirty and has bitmaps (not rebuilt)")
+        found = scan(self)
+        if found.fatal:
+            return self._read_only_because(f"inconsistent beyond repair: {found.summary()}")
+        if dirty or found.n_errors:
+            # A dirty image's refcounts are stale by design (lazy refcounts): QEMU rebuilds them too.
+            if not dirty and repair != "all":
+                return self._read_only_because(f"refcounts are wrong: {found.summary()} (--repair=all rebuilds them)")
+            why = "image is dirty (lazy refcounts)" if dirty else found.summary()
+            log.warning("%s: %s; rebuilding refcounts", self.path, why)
+            offset, clusters, _ = await rebuild(self, found)
+            h.refcount_table_offset, h.refcount_table_clusters = offset, clusters
+            self.refs = self._refcounts()
+            found = scan(self)
+        elif found.leaks or found.missing_copied:
+            if repair in ("leaks", "all"):
+                log.warning("%s: %s; repairing", self.path, found.summary())
+                await fix_harmless(self, found)
+                found = scan(self)
+            else:
+                log.warning("%s: %s (harmless; --repair=leaks fixes it)", self.path, found.summary())
+        if found.harmful:
+            return self._read_only_because(f"still inconsistent after repair: {found.summary()}")
+        if dirty or corrupt:
+            h.incompatible_features &= ~(INCOMPAT_DIRTY | INCOMPAT_CORRUPT)
+            self.file.pwrite(struct.pack(">Q", h.incompatible_features), FIELD_INCOMPATIBLE)
+            await self.file.flush()
+        self.meta = found.meta
+        self.refs.meta, self.refs.refuse = found.meta, self._refuse
+        if h.version >= 3 and h.autoclear_features:
+            # Bits we do not maintain (bitmaps, unknown ones) must be clear before the first write.
+            self.file.pwrite(struct.pack(">Q", 0), FIELD_AUTOCLEAR)
+            await self.file.flush()
+            if found.bitmap_refs:  # the bitmaps are invalid now: free their clusters
+                self.meta.remove(*h.bitmap_directory[:2], BITMAPS)
+                for c in found.bitmap_refs:
+                    self.meta.remove(c << self.cb, self.cs, BITMAPS)
+                await self.refs.decref(found.bitmap_refs)
+                await self.cache.flush(self.file)
+            h.autoclear_features = 0
+
+    def _refcounts(self) -> Refcounts:
+        h = self.header
+        return Refcounts(
+            self.path,
+            self.file,
+            self.cache,
+            self.cb,
+            h.refcount_order,
+            h.refcount_table_offset,
+            h.refcount_table_clusters,
         )
-        self.refs = Refcounts(self.path, self.file, self.cache, self.cb, h.refcount_order, offset, clusters)
-        h.incompatible_features &= ~INCOMPAT_DIRTY
-        self.file.pwrite(struct.pack(">Q", h.incompatible_features), FIELD_INCOMPATIBLE)
-        await self.file.flush()
 
     def _use_snapshot(self, key: str) -> None:
         sn = find_snapshot(self.snapshots, key)
@@ -457,17 +497,31 @@ class Qcow2Driver(FormatDriver):
 
     # -- writes -----------------------------------------------------------------------------
 
-    def _guard(self, host: int, length: int, what: str = "data") -> None:
-        """Metadata overlap guard: writes must never land on the header, L1 or refcount table."""
-        if host < self.cs:
-            raise CorruptImage(self.path, f"{what} write at 0x{host:x} would overwrite the header")
-        l1_end = self.l1_offset + len(self.l1) * 8
-        if host < l1_end and host + length > self.l1_offset:
-            raise CorruptImage(self.path, f"{what} write at 0x{host:x} would overwrite the L1 table")
-        rt = self.refs
-        rt_end = rt.table_offset + rt.table_clusters * self.cs
-        if host < rt_end and host + length > rt.table_offset:
-            raise CorruptImage(self.path, f"{what} write at 0x{host:x} would overwrite the refcount table")
+    def _guard(self, host: int, length: int, what: str = "data", kind: int = 0) -> None:
+        """The overlap check: a write of ``kind`` (0: guest data) must not land on other metadata."""
+        bad = self.meta.conflict(host, length, kind)
+        if bad is not None:
+            self._refuse(f"{what} write at 0x{host:x} would overwrite {bad}")
+
+    def _refuse(self, reason: str) -> NoReturn:
+        """A write was about to land on metadata: refuse it (EIO), mark the image corrupt (as
+        QEMU does) and refuse every later write.  Metadata already updated stays valid (each
+        table was checked when it was placed), so flushes still write it."""
+        if not self.corrupt:
+            self.corrupt = True
+            self._refusal = "image marked corrupt after a refused write"
+            log.error("%s: %s; refusing the write and marking the image corrupt", self.path, reason)
+            h = self.header
+            h.incompatible_features |= INCOMPAT_CORRUPT
+            if h.version >= 3:
+                self.file.pwrite(struct.pack(">Q", h.incompatible_features), FIELD_INCOMPATIBLE)
+        raise CorruptImage(self.path, f"{reason} (metadata overlap: image marked corrupt)")
+
+    def _check_writable(self) -> None:
+        if self.corrupt:
+            raise CorruptImage(self.path, f"{self._refusal}: writes refused")
+        if self._refusal is not None:
+            raise NbdError(errno.EROFS, f"{self.path}: {self._refusal}")
 
     def _write_in_place(self, offset: int, data: memoryview) -> bool:
         """Write to clusters that are allocated, COPIED and uncompressed, without the lock.
@@ -518,6 +572,8 @@ class Qcow2Driver(FormatDriver):
 
     def write_now(self, offset: int, data: memoryview) -> bool:
         in_c = offset & self.cmask
+        if self._refusal is not None:
+            return False
         if in_c + len(data) > self.cs or self.ext:
             return self._write_in_place(offset, data)
         # Hot path: one standard cluster, allocated, COPIED, its table cached.  (A cluster in
@@ -527,13 +583,15 @@ class Qcow2Driver(FormatDriver):
         ent = e.value[(offset >> self.cb) & self.l2_mask] if e is not None else 0
         host = ent & OFFSET_MASK
         if ent & COPIED and host and not ent & _NOT_PLAIN and not host & self.cmask and host < self.file.size:
-            self._guard(host + in_c, len(data))
+            if (host >> self.cb) in self.meta.kinds:  # (the overlap check, inlined: one cluster)
+                self._guard(host + in_c, len(data))
             self.file.pwrite(data, host + in_c)
             return True
         return False
 
     async def pwritev(self, offset: int, data: memoryview, *, fua: bool) -> None:
         if not self.write_now(offset, data):
+            self._check_writable()
             pos, n = 0, len(data)
             while pos < n:
                 off = offset + pos
@@ -553,24 +611,44 @@ class Qcow2Driver(FormatDriver):
         """The L2 table of ``l1i`` pinned, allocated or copied (if shared) first.
 
         Called with self.lock held.  A new table is durable before the L1 entry points at it.
+        COPIED flags of a new table's entries say exactly "refcount is 1" (``_set_copied``).
         """
+        cb = self.cb
         l1e = self.l1[l1i]
         l2off = l1e & OFFSET_MASK
+        if l2off and not l1e & COPIED and await self.refs.get(l2off >> cb) == 1:
+            # Not shared, only the flag is missing (QEMU calls that an error; the data is
+            # fine): set it instead of copying, and make the entries' flags right.
+            self._guard(l2off, self.cs, "L2 table", L2)
+            entry = await self.cache.get(self.l2kind, l2off)
+            try:
+                if await self._set_copied(entry.value):
+                    self.cache.mark_dirty(entry)
+                    await self.cache.writeback([entry])
+            except BaseException:
+                self.cache.release(entry)
+                raise
+            self.l1[l1i] = l2off | COPIED
+            self.file.pwrite(struct.pack(">Q", l2off | COPIED), self.l1_offset + l1i * 8)
+            return entry
         if l2off and l1e & COPIED:
-            self._guard(l2off, self.cs, "L2 table")
+            self._guard(l2off, self.cs, "L2 table", L2)
             return await self.cache.get(self.l2kind, l2off)
         if l2off:
             old = await self.cache.get(self.l2kind, l2off)
             value = array("Q", old.value)
             self.cache.release(old)
-            step = 2 if self.ext else 1
-            for i in range(0, len(value), step):
-                if value[i] & COPIED and not value[i] & COMPRESSED:
-                    value[i] &= ~COPIED  # shared data clusters stay shared
+            await self._set_copied(value)
         else:
             value = array("Q", bytes(self.cs))
         start, _n, rb = await self.refs.alloc(1)
-        new_off = start << self.cb
+        new_off = start << cb
+        try:
+            self._guard(new_off, self.cs, "new L2 table")
+        except BaseException:
+            await self.refs.decref([start])
+            raise
+        self.meta.add(new_off, self.cs, L2)
         entry = self.cache.put_new(self.l2kind, new_off, value)
         self.cache.mark_dirty(entry, after=[rb])
         await self.cache.writeback([entry])
@@ -578,9 +656,32 @@ class Qcow2Driver(FormatDriver):
         self.file.pwrite(struct.pack(">Q", new_off | COPIED), self.l1_offset + l1i * 8)
         if l2off:
             await self.file.flush()  # the L1 switch is durable before the old table loses a reference
-            await self.refs.decref([l2off >> self.cb])
+            self.meta.remove(l2off, self.cs, L2)  # (a snapshot's table stays SNAP_L2)
+            await self.refs.decref([l2off >> cb])
         await self.cache.make_room()  # ``entry`` is pinned, so it stays
         return entry
+
+    async def _set_copied(self, t: array) -> bool:
+        """Make COPIED of every entry of table ``t`` say "refcount is 1" (compressed and
+        unallocated entries never have it).  Returns whether anything changed.  Called with
+        self.lock held; ``t`` is pinned or private."""
+        changed = False
+        step = 2 if self.ext else 1
+        known: dict[int, int] = {}
+        for i in range(0, len(t), step):
+            e = t[i]
+            host = e & OFFSET_MASK
+            if e & COMPRESSED or not host:
+                continue
+            c = host >> self.cb
+            rc = known.get(c)
+            if rc is None:
+                rc = known[c] = await self.refs.get(c)
+            want = (e & ~COPIED) | (COPIED if rc == 1 else 0)
+            if want != e:
+                t[i] = want
+                changed = True
+        return changed
 
     async def _write_span(self, off: int, data: memoryview) -> None:
         """An allocating write inside one L2 table's span.
@@ -841,11 +942,18 @@ class Qcow2Driver(FormatDriver):
             cow = True
         if run_len:
             file.pwrite(data[run_pos : run_pos + run_len], run_host)
+        # The file covers every allocated cluster whole, as QEMU's files do: a small write into
+        # a fresh cluster at the end would otherwise leave the file ending inside it, and other
+        # readers take that for a short (corrupt) cluster.  Extending leaves a hole: zeroes.
+        end = max((p.host for p in plans), default=-self.cs) + self.cs
+        if end > file.size:
+            file.truncate(end)
         return cow
 
     # -- zero / trim ------------------------------------------------------------------------
 
     async def pwrite_zeroes(self, offset: int, length: int, *, may_trim: bool, fast: bool, fua: bool) -> None:
+        self._check_writable()
         gran = 1 << self.sc_bits
         end = offset + length
         if self.version < 3 and self.backing is not None:
@@ -988,6 +1096,7 @@ class Qcow2Driver(FormatDriver):
         return [host >> self.cb] if host else []
 
     async def pdiscard(self, offset: int, length: int) -> None:
+        self._check_writable()
         end = offset + length
         start = -(-offset // self.cs) * self.cs
         stop = end & ~self.cmask if end < self.size else end
