@@ -210,7 +210,9 @@ def test_qcow2_wrong_refcounts_over_nbd(tmp_path, repair):
             assert "refcount" in o.log_text() and "read-only" in o.log_text()
     if repair == "all":
         check_clean(img)
-        out = run("qemu-io", "-f", "qcow2", "-c", f"read -P 0x7e {16 * MiB - 70000} 70000", "-c", "read -P 0x21 0 64k", img)
+        out = run(
+            "qemu-io", "-f", "qcow2", "-c", f"read -P 0x7e {16 * MiB - 70000} 70000", "-c", "read -P 0x21 0 64k", img
+        )
         assert "verification failed" not in out.stdout
     else:
         assert img.read_bytes() == before
