@@ -10,8 +10,9 @@
   errors and no leaks and ``qemu-img compare`` is equal.  Concurrent writers hit the same
   unallocated clusters (per-cluster allocation serialisation).
 * Dirty images (lazy refcounts after a crash) are repaired on a read-write open.
-* Hostile images, one per item of the qcow2 bad-input checklist (formats.md §6): a one-line
-  ``ImageError`` naming the field, bounded memory.
+* Hostile images, one per item of the qcow2 bad-input checklist (docs/qcow2.md, "Opening"): a
+  one-line ``ImageError`` naming the field, bounded memory; or, where QEMU reads the image and
+  only writing would be unsafe, read-only service with a warning naming the field.
 * Cache budget: many L2 tables through a small cache stay within budget and stay correct.
 """
 
@@ -313,7 +314,8 @@ def test_writes_against_model(tmp_path, variant):
 
 def test_write_zero_semantics_match_qemu_nbd(tmp_path):
     """WRITE_ZEROES deallocates (ZERO_PLAIN) unless NO_HOLE; partial zeroing of an unallocated
-    cluster makes the whole cluster a zero cluster; TRIM leaves zero clusters (formats.md §2.8)."""
+    cluster makes the whole cluster a zero cluster; TRIM leaves zero clusters (docs/qcow2.md,
+    "Zeroing and trimming")."""
     ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
     for p in (ours, theirs):
         qemu_img("create", "-q", "-f", "qcow2", p, "8M")
