@@ -1066,3 +1066,31 @@ def test_probe_and_driver_registered(tmp_path, pristine):
 def test_truncated_image_is_refused(tmp_path, pristine):
     err = open_error(tmp_path, pristine[:100])
     assert "truncated" in str(err) or "bad magic" in str(err)
+
+
+@pytest.mark.parametrize("opts", VARIANTS)
+def test_consistent_images_open_read_write_quietly(tmp_path, opts, caplog):
+    """The open-time check finds nothing in images QEMU made (no false alarm turns a good image
+    read-only), with an internal snapshot and a bitmap where the variant allows them."""
+    path = make_filled(tmp_path / "q.qcow2", opts)
+    if "refcount_bits=1" not in opts:
+        qemu_img("snapshot", "-c", "s", path)
+    if "compat=0.10" not in opts:
+        qemu_img("bitmap", "--add", path, "b")
+    expected = qemu_raw(path, tmp_path)
+
+    async def main():
+        with caplog.at_level(logging.WARNING, logger="nbdserve.qcow2"):
+            img = await opened(path)
+        try:
+            assert not img.readonly
+            await img.write(7 * M + 3, memoryview(b"\x42" * 9), fua=False)
+        finally:
+            await img.close()
+
+    run(main())
+    assert caplog.text == ""
+    expected = bytearray(expected)
+    expected[7 * M + 3 : 7 * M + 12] = b"\x42" * 9
+    check_clean(path)
+    compare_with_model(path, expected, tmp_path)

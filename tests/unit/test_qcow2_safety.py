@@ -491,3 +491,31 @@ def test_header_mutations_end_in_one_line_errors(header_rich):
             os.unlink(path)
         except FileNotFoundError:
             pass
+
+
+def test_corrupt_bit_cleared_by_repair_all(tmp_path, caplog):
+    """A consistent image marked corrupt: read-only by default, checked and cleared with
+    ``repair=all``."""
+    path = tmp_path / "cb.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", path, "8M")
+    qemu_io("qcow2", path, "write -P 0x51 0 64k")
+    raw = bytearray(path.read_bytes())
+    struct.pack_into(">Q", raw, 72, 2)
+    path.write_bytes(raw)
+
+    async def main(options):
+        img = await opened(path, options=options)
+        try:
+            if not img.readonly:
+                await img.write(3 * M, memoryview(b"\x52" * 3), fua=False)
+            return img.readonly
+        finally:
+            await img.close()
+
+    with caplog.at_level(logging.WARNING, logger="nbdserve.qcow2"):
+        assert run(main(OpenOptions()))
+        assert "marked corrupt" in caplog.text
+        assert not run(main(OpenOptions(repair="all")))
+    check_clean(path)
+    out = qemu_io("qcow2", path, "read -P 0x51 0 64k", "read -P 0x52 3M 3").stdout
+    assert "verification failed" not in out
