@@ -435,9 +435,10 @@ def test_backing_name_with_nul_is_refused_in_one_line(tmp_path):
         assert "NUL" in str(info.value) and "\n" not in str(info.value)
 
 
-def header_mutants(raw: bytes, rng: random.Random, n: int):
-    """Mutations of the header cluster: random bytes, bit flips, fields set to edge values."""
-    end = struct.unpack_from(">I", raw, 100)[0] + 200
+def header_mutants(raw: bytes, rng: random.Random, n: int, end: int = 0):
+    """Mutations of the header cluster (or of the first ``end`` bytes): random bytes, bit flips,
+    fields set to edge values."""
+    end = end or struct.unpack_from(">I", raw, 100)[0] + 200
     edges = [0, 1, 7, 8, 0x200, 0xFFFF, 0xFFFFFFFF, 1 << 31]
     for _ in range(n):
         out = bytearray(raw)
@@ -467,19 +468,27 @@ def header_rich(tmp_path_factory) -> tuple[Path, bytes]:
     return d, p.read_bytes()
 
 
-def test_header_mutations_end_in_one_line_errors(header_rich):
+@pytest.mark.parametrize("where", ["header", "tables"])
+def test_mutations_end_in_one_line_errors(header_rich, where):
+    """Mutants of the header cluster, or of any metadata table (L1, L2, refcount, snapshot,
+    bitmap), opened read-only and read-write (which runs the consistency check over every table
+    the mutant names): an open and a read or write either succeed or end in ImageError /
+    NbdError / OSError with a one-line message, never another exception."""
     d, raw = header_rich
-    rng = random.Random(1414)
+    rng = random.Random(1414 if where == "header" else 1415)
     path = d / "mutant.qcow2"
-    for mutant in header_mutants(raw, rng, 3000 if SLOW else 300):
+    end = 0 if where == "header" else len(raw)
+    for i, mutant in enumerate(header_mutants(raw, rng, 3000 if SLOW else 300, end)):
         path.write_bytes(mutant)
 
-        async def main():
-            img = await opened(path, readonly=True, fmt="qcow2")
+        async def main(readonly=i % 2 == 0):
+            img = await opened(path, readonly=readonly, fmt="qcow2")
             try:
                 n = min(img.size, 2 * M)  # a mutated size may be huge: read the start
                 if n:
                     await img.read(0, memoryview(bytearray(n)))
+                if not img.readonly and n:
+                    await img.write(n // 2, memoryview(b"\x77" * 700), fua=True)
             finally:
                 await img.close()
 
