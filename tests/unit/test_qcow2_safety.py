@@ -79,9 +79,13 @@ class Layout:
 
 
 def set_refcount(raw: bytearray, cluster: int, value: int) -> None:
-    lay = Layout(bytes(raw))
-    assert lay.order == 4 and cluster < CS // 2
-    struct.pack_into(">H", raw, lay.refblocks[0] + 2 * cluster, value)
+    """Change a 16-bit refcount in the file (any cluster size)."""
+    cb = struct.unpack_from(">I", raw, 20)[0]
+    assert struct.unpack_from(">I", raw, 96)[0] == 4
+    per_block = (1 << cb) // 2
+    rt = struct.unpack_from(">Q", raw, 48)[0]
+    block = struct.unpack_from(">Q", raw, rt + 8 * (cluster // per_block))[0]
+    struct.pack_into(">H", raw, block + 2 * (cluster % per_block), value)
 
 
 @pytest.fixture(scope="module")
@@ -527,3 +531,47 @@ def test_corrupt_bit_cleared_by_repair_all(tmp_path, caplog):
     check_clean(path)
     out = qemu_io("qcow2", path, "read -P 0x51 0 64k", "read -P 0x52 3M 3").stdout
     assert "verification failed" not in out
+
+
+def test_check_fast_path_sees_lies_in_contiguous_tables(tmp_path):
+    """Fully allocated L2 tables of one host-contiguous run are checked by slices (the fast
+    path of ``check.scan``); a lie inside such a run is found like anywhere else."""
+    from nbdserve.formats.qcow2.check import _run_start, scan
+
+    path = tmp_path / "p.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=512,preallocation=metadata", path, "1M")
+    raw = path.read_bytes()
+    l1 = struct.unpack_from(">Q", raw, 40)[0]
+    l2 = struct.unpack_from(">Q", raw, l1 + 8 * 5)[0] & OFFSET_MASK
+    entry = struct.unpack_from(">Q", raw, l2 + 8 * 17)[0]
+    data = (entry & OFFSET_MASK) >> 9
+
+    def findings(image: bytes | bytearray):
+        path.write_bytes(image)
+
+        async def main():
+            img = await opened(path, readonly=True)
+            try:
+                drv = img.driver
+                runs = 0
+                for e in drv.l1:
+                    table = await drv.cache.get(drv.l2kind, e & OFFSET_MASK)
+                    runs += bool(_run_start(drv, table.value))
+                    drv.cache.release(table)
+                return runs, scan(drv)
+            finally:
+                await img.close()
+
+        return run(main())
+
+    runs, f = findings(raw)
+    assert runs == 32 and f.clean  # every table took the fast path
+    for value, harmful in ((0, True), (2, False)):
+        bad = bytearray(raw)
+        set_refcount(bad, data, value)
+        runs, f = findings(bad)
+        assert runs == 32 and f.harmful == harmful and (harmful or data in f.leaks), f.summary()
+    bad = bytearray(raw)  # COPIED cleared on one entry: the table is no longer one run
+    struct.pack_into(">Q", bad, l2 + 8 * 17, entry & ~COPIED)
+    runs, f = findings(bad)
+    assert runs == 31 and f.missing_copied == 1 and not f.harmful

@@ -31,13 +31,16 @@ shared (no lock needed).
 from __future__ import annotations
 
 import struct
+import sys
 from array import array
+from bisect import bisect_left
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import TYPE_CHECKING
 
 from ...errors import CorruptImage
-from .header import AUTOCLEAR_BITMAPS, FIELD_REFCOUNT_TABLE, MAX_REFTABLE_BYTES
+from .header import AUTOCLEAR_BITMAPS, FIELD_REFCOUNT_TABLE, MAX_HOST_OFFSET, MAX_REFTABLE_BYTES
 from .overlap import BITMAPS, HEADER, L1, L2, REFBLOCK, REFTABLE, SNAP_L1, SNAP_L2, SNAPSHOTS, MetadataMap
 from .refcount import RefBlock
 from .tables import (
@@ -111,6 +114,7 @@ class _Counter:
         self.mask = (1 << block_shift) - 1
         self.nfile = file_clusters
         self.left = MAX_COUNTED
+        self.meta_sorted: list[int] = []  # metadata clusters, sorted (for the fast path)
 
     def add(self, c: int, n: int, what: str) -> None:
         if c >= self.nfile:
@@ -125,6 +129,31 @@ class _Counter:
                 raise _TooLarge
             a = self.f.counts[bi] = array("I", bytes(4 * size))
         a[c & self.mask] += n
+
+    def add_range(self, lo: int, hi: int, n: int) -> None:
+        """``add`` for every cluster of [lo, hi), all inside the file, by slices."""
+        while lo < hi:
+            self.add(lo, 0, "")  # makes sure the block's array exists
+            a = self.f.counts[lo >> self.shift]
+            s = lo & self.mask
+            e = min(len(a), s + hi - lo)
+            seg = a[s:e]
+            if seg.count(0) == len(seg):
+                a[s:e] = array("I", [n]) * len(seg)
+            else:
+                a[s:e] = array("I", [x + n for x in seg])
+            lo += e - s
+
+    def how_many(self, lo: int, hi: int, value: int) -> int:
+        """How many clusters of [lo, hi) (inside the file, counted) have the count ``value``."""
+        total = 0
+        while lo < hi:
+            a = self.f.counts[lo >> self.shift]
+            s = lo & self.mask
+            e = min(len(a), s + hi - lo)
+            total += a[s:e].count(value)
+            lo += e - s
+        return total
 
     def get(self, c: int) -> int:
         a = self.f.counts.get(c >> self.shift)
@@ -194,43 +223,96 @@ def _scan(drv: Qcow2Driver, f: Findings) -> None:
         add_meta(off, cs, kinds, "L2 table", n)
     _count_bitmaps(drv, f, add_meta, counter)
     # Data and compressed clusters: each L2 table read once, counted once per reference to it.
-    active_tables: dict[int, array] = {}
+    active_tables: dict[int, tuple[array, int]] = {}  # offset -> (table, first cluster of its run)
+    counter.meta_sorted = sorted(meta.kinds)
     for off, (n, kinds) in l2_refs.items():
         if off + cs > file.size:
             continue  # already reported beyond the end of the file
         t = decode_be64(file.pread(cs, off))
+        run = _count_run(drv, f, t, n, counter)
+        if not run:
+            _count_l2(drv, f, t, n, counter)
         if kinds & L2:
-            active_tables[off] = t
-        _count_l2(drv, f, t, n, counter)
+            active_tables[off] = (t, run)
     if f.fatal:
         return
     _compare_refcounts(drv, f, counter)
     _check_copied(drv, f, counter, active_tables)
 
 
+def _run_start(drv: Qcow2Driver, t: array) -> int:
+    """The first host cluster of L2 table ``t`` if its entries all map one host-contiguous run
+    of plain clusters with the same flags (what sequential allocation and preallocation make),
+    else 0.  No per-entry Python work: entry i must be ``e0 + i * cs``, and read as one big
+    little-endian integer the table must then equal ``e0 * ONES + cs * STEPS`` where ONES and
+    STEPS are the integers whose 64-bit words are 1, 1, 1, ... and 0, 1, 2, ... (no word carries
+    into the next, so the identity holds exactly when every entry does)."""
+    entries = t[::2] if drv.ext else t
+    e0 = entries[0]
+    host = e0 & OFFSET_MASK
+    flags = COMPRESSED | (L2_RESERVED_EXT if drv.ext else L2_RESERVED | ZERO_FLAG) | drv.cmask & OFFSET_MASK
+    if not host or e0 & flags:
+        return 0
+    k = len(entries)
+    ones, steps = _word_patterns(k)
+    if host + k * drv.cs > MAX_HOST_OFFSET or int.from_bytes(entries.tobytes(), sys.byteorder) != e0 * ones + (
+        steps << drv.cb
+    ):
+        return 0
+    return host >> drv.cb
+
+
+@lru_cache(maxsize=4)
+def _word_patterns(k: int) -> tuple[int, int]:
+    """(ONES, STEPS) of ``_run_start`` for ``k`` words, in the host's byte order."""
+    ones = array("Q", [1]) * k
+    steps = array("Q", range(k))
+    return int.from_bytes(ones.tobytes(), sys.byteorder), int.from_bytes(steps.tobytes(), sys.byteorder)
+
+
+def _count_run(drv: Qcow2Driver, f: Findings, t: array, n: int, counter: _Counter) -> int:
+    """The fast path of ``_count_l2`` (see ``_run_start``), by slices.  Returns the run's first
+    cluster, or 0: not taken."""
+    lo = _run_start(drv, t)
+    hi = lo + len(t) // (2 if drv.ext else 1)
+    i = bisect_left(counter.meta_sorted, lo)
+    if not lo or hi > counter.nfile or (i < len(counter.meta_sorted) and counter.meta_sorted[i] < hi):
+        return 0  # (the slow path reports what is wrong)
+    counter.add_range(lo, hi, n)
+    return lo
+
+
 def _count_l2(drv: Qcow2Driver, f: Findings, t: array, n: int, counter: _Counter) -> None:
+    """Count the clusters one L2 table references (``n`` references to the table)."""
     cb, cmask, kinds = drv.cb, drv.cmask, f.meta.kinds
-    step = 2 if drv.ext else 1
-    reserved = L2_RESERVED_EXT if drv.ext else L2_RESERVED
-    for i in range(0, len(t), step):
-        e = t[i]
-        if not e:
-            continue
-        if e & COMPRESSED:
-            for c in compressed_host_clusters(e, cb):
-                if c in kinds or c == 0:
-                    f.fatal.append(f"compressed cluster at 0x{c << cb:x} overlaps metadata")
-                counter.add(c, n, "compressed cluster")
-            continue
-        host = e & OFFSET_MASK
-        if e & reserved or host & cmask or (e & ZERO_FLAG and drv.version < 3 and not drv.ext):
+    entries = t[::2] if drv.ext else t
+    bad = L2_RESERVED_EXT if drv.ext else L2_RESERVED | (ZERO_FLAG if drv.version < 3 else 0)
+    special = [e for e in entries if e & (COMPRESSED | bad | cmask & OFFSET_MASK)]
+    for e in special:
+        if not e & COMPRESSED:
             f.fatal.append(f"L2 entry 0x{e:016x} is malformed")
             return
-        if host:
-            c = host >> cb
+        for c in compressed_host_clusters(e, cb):
             if c in kinds:
-                f.fatal.append(f"data cluster at 0x{host:x} overlaps metadata")
+                f.fatal.append(f"compressed cluster at 0x{c << cb:x} overlaps metadata")
+            counter.add(c, n, "compressed cluster")
+    # Plain entries, in bulk: the common case is thousands of distinct clusters per table.
+    clusters = [(e & OFFSET_MASK) >> cb for e in entries if e & OFFSET_MASK and not e & COMPRESSED]
+    if not clusters:
+        return
+    on_meta = kinds.keys() & set(clusters)
+    if on_meta:
+        f.fatal.append(f"data cluster at 0x{min(on_meta) << cb:x} overlaps metadata")
+    if max(clusters) >= counter.nfile:
+        counter.add(max(clusters), n, "data cluster")  # reports it
+        clusters = [c for c in clusters if c < counter.nfile]
+    shift, mask, counts = counter.shift, counter.mask, f.counts
+    for c in clusters:
+        a = counts.get(c >> shift)
+        if a is None:
             counter.add(c, n, "data cluster")
+        else:
+            a[c & mask] += n
 
 
 def _count_bitmaps(drv: Qcow2Driver, f: Findings, add_meta, counter: _Counter) -> None:
@@ -302,31 +384,35 @@ def _compare_refcounts(drv: Qcow2Driver, f: Findings, counter: _Counter) -> None
                 f.leaks[c] = w
 
 
-def _check_copied(drv: Qcow2Driver, f: Findings, counter: _Counter, tables: dict[int, array]) -> None:
+def _check_copied(drv: Qcow2Driver, f: Findings, counter: _Counter, tables: dict[int, tuple[array, int]]) -> None:
     """COPIED in the active L1 and L2 tables must say exactly "refcount is 1"."""
-    cb = drv.cb
-
-    def want(e: int, host: int) -> int:
-        return (e & ~COPIED) | (COPIED if counter.get(host >> cb) == 1 else 0)
-
+    cb, shift, mask, counts = drv.cb, counter.shift, counter.mask, f.counts
     for i, e in enumerate(drv.l1):
         off = e & OFFSET_MASK
-        if off and want(e, off) != e:
-            f.l1_fixes[i] = want(e, off)
+        if off and bool(e & COPIED) != (counter.get(off >> cb) == 1):
+            f.l1_fixes[i] = e ^ COPIED
             _flag(f, e, off, "L2 table")
     step = 2 if drv.ext else 1
-    for off, t in tables.items():
+    for off, (t, lo) in tables.items():
+        if lo:
+            # One run, all flags alike: COPIED everywhere needs every count 1, nowhere none.
+            ones = counter.how_many(lo, lo + len(t) // step, 1)
+            if ones == (len(t) // step if t[0] & COPIED else 0):
+                continue
         fixes: dict[int, int] = {}
         for i in range(0, len(t), step):
             e = t[i]
+            host = e & OFFSET_MASK
+            if not host:
+                continue
             if e & COMPRESSED:
                 if e & COPIED:
                     fixes[i] = e & ~COPIED
                     f.error(f"compressed L2 entry 0x{e:016x} has COPIED set")
                 continue
-            host = e & OFFSET_MASK
-            if host and want(e, host) != e:
-                fixes[i] = want(e, host)
+            c = host >> cb  # (inside the file: the scan stopped before this otherwise)
+            if bool(e & COPIED) != (counts[c >> shift][c & mask] == 1):
+                fixes[i] = e ^ COPIED
                 _flag(f, e, host, "data cluster")
         if fixes:
             f.l2_fixes[off] = fixes
