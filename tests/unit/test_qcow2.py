@@ -1094,3 +1094,15 @@ def test_consistent_images_open_read_write_quietly(tmp_path, opts, caplog):
     expected[7 * M + 3 : 7 * M + 12] = b"\x42" * 9
     check_clean(path)
     compare_with_model(path, expected, tmp_path)
+
+
+def test_hostile_tables_named_many_times_are_read_once_at_most(tmp_path, caplog):
+    """Every refcount table entry naming the same block: the open-time check stops once the
+    tables add up to more than the file holds, instead of reading without bound."""
+    p = tmp_path / "many.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", p, "1M")
+    raw = bytearray(p.read_bytes())
+    rt = fields(raw)["refcount_table_offset"]
+    block = struct.unpack_from(">Q", raw, rt)[0]
+    struct.pack_into(">512Q", raw, rt, *([block] * 512))
+    assert "more than the file holds" in served_read_only(tmp_path, raw, caplog)

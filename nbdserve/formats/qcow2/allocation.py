@@ -86,6 +86,7 @@ class AllocationMixin:
         if kind == K_COMPRESSED:
             p.free = list(compressed_host_clusters(e, self.cb))
         elif kind == K_ZERO and host and e & COPIED and host < self.file.size:
+            self._guard(host, self.cs)
             p.host = host  # ZERO_ALLOC: reuse the preallocated cluster in place
         elif host:
             p.free = [host >> self.cb]
@@ -104,6 +105,7 @@ class AllocationMixin:
                 self._guard(host + a, b - a)
                 self.file.pwrite(data[dpos : dpos + b - a], host + a)
                 return None
+            self._guard(host, self.cs)
             p = Plan(c, idx, a, b, dpos, e, bm)
             p.host = host
             # Fill only the touched subclusters that are not allocated yet (allocated ones may be

@@ -165,6 +165,26 @@ class _TooLarge(Exception):
     pass
 
 
+class _Overread(Exception):
+    pass
+
+
+class _Reader:
+    """Reads tables for the scan within a budget of the file's size: the tables of a valid
+    image never overlap, so together they fit in the file; more means tables named many times
+    over (hostile), which would otherwise make the scan read without bound."""
+
+    def __init__(self, file) -> None:
+        self.file = file
+        self.left = file.size
+
+    def __call__(self, length: int, offset: int) -> bytearray:
+        self.left -= length
+        if self.left < 0:
+            raise _Overread
+        return self.file.pread(length, offset)
+
+
 def scan(drv: Qcow2Driver) -> Findings:
     """Recount the image (see the module docstring).  Raises CorruptImage for unreadable tables."""
     f = Findings(meta=MetadataMap(drv.cb))
@@ -172,6 +192,8 @@ def scan(drv: Qcow2Driver) -> Findings:
         _scan(drv, f)
     except _TooLarge:
         f.fatal.append(f"image too large to check (more than {MAX_COUNTED} clusters referenced)")
+    except _Overread:
+        f.fatal.append("metadata tables add up to more than the file holds (tables named more than once)")
     except OverflowError:
         f.fatal.append("a cluster has more than 2^32 references")
     return f
@@ -183,6 +205,7 @@ def _scan(drv: Qcow2Driver, f: Findings) -> None:
     assert meta is not None
     nfile = -(-file.size // cs)
     counter = _Counter(f, refs.block_shift, nfile)
+    read = _Reader(file)
 
     def add_meta(offset: int, length: int, kind: int, what: str, n: int = 1) -> None:
         if length <= 0:
@@ -207,7 +230,7 @@ def _scan(drv: Qcow2Driver, f: Findings) -> None:
     for sn in drv.snapshots:
         if sn.l1_size:
             add_meta(sn.l1_table_offset, sn.l1_size * 8, SNAP_L1, f"snapshot {sn.id!r} L1 table")
-            raw = file.pread(sn.l1_size * 8, sn.l1_table_offset)
+            raw = read(sn.l1_size * 8, sn.l1_table_offset)
             l1s.append(load_l1(drv.path, raw, cs, f"snapshot {sn.id!r} L1 table"))
     # Every L2 table, with the number of L1 entries naming it.
     l2_refs: dict[int, list[int]] = {}  # offset -> [references, kinds]
@@ -221,14 +244,14 @@ def _scan(drv: Qcow2Driver, f: Findings) -> None:
                 r[1] |= kind
     for off, (n, kinds) in l2_refs.items():
         add_meta(off, cs, kinds, "L2 table", n)
-    _count_bitmaps(drv, f, add_meta, counter)
+    _count_bitmaps(drv, f, add_meta, counter, read)
     # Data and compressed clusters: each L2 table read once, counted once per reference to it.
     active_tables: dict[int, tuple[array, int]] = {}  # offset -> (table, first cluster of its run)
     counter.meta_sorted = sorted(meta.kinds)
     for off, (n, kinds) in l2_refs.items():
         if off + cs > file.size:
             continue  # already reported beyond the end of the file
-        t = decode_be64(file.pread(cs, off))
+        t = decode_be64(read(cs, off))
         run = _count_run(drv, f, t, n, counter)
         if not run:
             _count_l2(drv, f, t, n, counter)
@@ -236,7 +259,7 @@ def _scan(drv: Qcow2Driver, f: Findings) -> None:
             active_tables[off] = (t, run)
     if f.fatal:
         return
-    _compare_refcounts(drv, f, counter)
+    _compare_refcounts(drv, f, read)
     _check_copied(drv, f, counter, active_tables)
 
 
@@ -315,7 +338,7 @@ def _count_l2(drv: Qcow2Driver, f: Findings, t: array, n: int, counter: _Counter
             a[c & mask] += n
 
 
-def _count_bitmaps(drv: Qcow2Driver, f: Findings, add_meta, counter: _Counter) -> None:
+def _count_bitmaps(drv: Qcow2Driver, f: Findings, add_meta, counter: _Counter, read: _Reader) -> None:
     """Persistent bitmaps count only while the autoclear bit says they are valid (as QEMU does)."""
     h = drv.header
     if h.bitmap_directory is None or not h.autoclear_features & AUTOCLEAR_BITMAPS:
@@ -327,7 +350,7 @@ def _count_bitmaps(drv: Qcow2Driver, f: Findings, add_meta, counter: _Counter) -
         return
     add_meta(offset, size, BITMAPS, "bitmap directory")
     f.bitmap_refs.extend(f.meta.clusters(offset, size))
-    d = file.pread(size, offset)
+    d = read(size, offset)
     pos = 0
     for _ in range(nb):
         if pos + _BITMAP_ENTRY.size > size:
@@ -342,7 +365,7 @@ def _count_bitmaps(drv: Qcow2Driver, f: Findings, add_meta, counter: _Counter) -
             continue
         add_meta(t_off, t_size * 8, BITMAPS, "bitmap table")
         f.bitmap_refs.extend(f.meta.clusters(t_off, t_size * 8))
-        for e in decode_be64(file.pread(t_size * 8, t_off)):
+        for e in decode_be64(read(t_size * 8, t_off)):
             data = e & OFFSET_MASK
             if data:
                 counter.add(data >> cb, 1, "bitmap data cluster")
@@ -351,8 +374,8 @@ def _count_bitmaps(drv: Qcow2Driver, f: Findings, add_meta, counter: _Counter) -
             break
 
 
-def _compare_refcounts(drv: Qcow2Driver, f: Findings, counter: _Counter) -> None:
-    refs, file, cs = drv.refs, drv.file, drv.cs
+def _compare_refcounts(drv: Qcow2Driver, f: Findings, read: _Reader) -> None:
+    refs, cs = drv.refs, drv.cs
     limit = refs.max
     for bi in sorted(set(f.counts) | {i for i, e in enumerate(refs.table) if e}):
         want = f.counts.get(bi)
@@ -361,7 +384,7 @@ def _compare_refcounts(drv: Qcow2Driver, f: Findings, counter: _Counter) -> None
         if not off:
             f.error(f"clusters from 0x{base * cs:x} are in use but no refcount block covers them")
             continue
-        blk = RefBlock.decode(refs.bits, file.pread(cs, off))
+        blk = RefBlock.decode(refs.bits, read(cs, off))
         if want is None:
             want = array("I")
         n = len(want)
