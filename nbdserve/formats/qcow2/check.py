@@ -86,6 +86,12 @@ class Findings:
     def clean(self) -> bool:
         return not (self.harmful or self.leaks or self.missing_copied)
 
+    def fail(self, text: str) -> None:
+        """Record an unrepairable problem (the first few are kept: a hostile image may have
+        millions)."""
+        if len(self.fatal) < _SAMPLES:
+            self.fatal.append(text)
+
     def error(self, text: str) -> None:
         self.n_errors += 1
         if len(self.errors) < _SAMPLES:
@@ -118,7 +124,7 @@ class _Counter:
 
     def add(self, c: int, n: int, what: str) -> None:
         if c >= self.nfile:
-            self.f.fatal.append(f"{what} at 0x{c << self.f.meta.cb:x} lies beyond the end of the file")
+            self.f.fail(f"{what} at 0x{c << self.f.meta.cb:x} lies beyond the end of the file")
             return
         bi = c >> self.shift
         a = self.f.counts.get(bi)
@@ -191,11 +197,11 @@ def scan(drv: Qcow2Driver) -> Findings:
     try:
         _scan(drv, f)
     except _TooLarge:
-        f.fatal.append(f"image too large to check (more than {MAX_COUNTED} clusters referenced)")
+        f.fail(f"image too large to check (more than {MAX_COUNTED} clusters referenced)")
     except _Overread:
-        f.fatal.append("metadata tables add up to more than the file holds (tables named more than once)")
+        f.fail("metadata tables add up to more than the file holds (tables named more than once)")
     except OverflowError:
-        f.fatal.append("a cluster has more than 2^32 references")
+        f.fail("a cluster has more than 2^32 references")
     return f
 
 
@@ -213,7 +219,7 @@ def _scan(drv: Qcow2Driver, f: Findings) -> None:
         for c in meta.clusters(offset, length):
             other = meta.kinds.get(c, 0) & ~kind
             if other and kind | other != L2 | SNAP_L2:
-                f.fatal.append(f"{what} at 0x{c << cb:x} overlaps other metadata")
+                f.fail(f"{what} at 0x{c << cb:x} overlaps other metadata")
             counter.add(c, n, what)
         meta.add(offset, length, kind)
 
@@ -313,11 +319,11 @@ def _count_l2(drv: Qcow2Driver, f: Findings, t: array, n: int, counter: _Counter
     special = [e for e in entries if e & (COMPRESSED | bad | cmask & OFFSET_MASK)]
     for e in special:
         if not e & COMPRESSED:
-            f.fatal.append(f"L2 entry 0x{e:016x} is malformed")
+            f.fail(f"L2 entry 0x{e:016x} is malformed")
             return
         for c in compressed_host_clusters(e, cb):
             if c in kinds:
-                f.fatal.append(f"compressed cluster at 0x{c << cb:x} overlaps metadata")
+                f.fail(f"compressed cluster at 0x{c << cb:x} overlaps metadata")
             counter.add(c, n, "compressed cluster")
     # Plain entries, in bulk: the common case is thousands of distinct clusters per table.
     clusters = [(e & OFFSET_MASK) >> cb for e in entries if e & OFFSET_MASK and not e & COMPRESSED]
@@ -325,7 +331,7 @@ def _count_l2(drv: Qcow2Driver, f: Findings, t: array, n: int, counter: _Counter
         return
     on_meta = kinds.keys() & set(clusters)
     if on_meta:
-        f.fatal.append(f"data cluster at 0x{min(on_meta) << cb:x} overlaps metadata")
+        f.fail(f"data cluster at 0x{min(on_meta) << cb:x} overlaps metadata")
     if max(clusters) >= counter.nfile:
         counter.add(max(clusters), n, "data cluster")  # reports it
         clusters = [c for c in clusters if c < counter.nfile]
@@ -346,7 +352,7 @@ def _count_bitmaps(drv: Qcow2Driver, f: Findings, add_meta, counter: _Counter, r
     file, cb, cs = drv.file, drv.cb, drv.cs
     offset, size, nb = h.bitmap_directory
     if offset + size > file.size:
-        f.fatal.append(f"bitmap directory at 0x{offset:x} lies beyond the end of the file")
+        f.fail(f"bitmap directory at 0x{offset:x} lies beyond the end of the file")
         return
     add_meta(offset, size, BITMAPS, "bitmap directory")
     f.bitmap_refs.extend(f.meta.clusters(offset, size))
@@ -354,12 +360,12 @@ def _count_bitmaps(drv: Qcow2Driver, f: Findings, add_meta, counter: _Counter, r
     pos = 0
     for _ in range(nb):
         if pos + _BITMAP_ENTRY.size > size:
-            f.fatal.append("bitmap directory entry runs past the directory")
+            f.fail("bitmap directory entry runs past the directory")
             return
         t_off, t_size, _flags, _type, _gran, name_len, extra = _BITMAP_ENTRY.unpack_from(d, pos)
         pos += (_BITMAP_ENTRY.size + extra + name_len + 7) & ~7
         if t_off & (cs - 1) or t_size * 8 > MAX_BITMAP_TABLE or t_off + t_size * 8 > file.size:
-            f.fatal.append(f"bitmap table at 0x{t_off:x} (+{t_size} entries) is malformed")
+            f.fail(f"bitmap table at 0x{t_off:x} (+{t_size} entries) is malformed")
             return
         if not t_size:
             continue
@@ -400,7 +406,7 @@ def _compare_refcounts(drv: Qcow2Driver, f: Findings, read: _Reader) -> None:
                 continue
             c = base + i
             if w > limit:
-                f.fatal.append(f"cluster 0x{c * cs:x} has {w} references, more than refcount_bits allow")
+                f.fail(f"cluster 0x{c * cs:x} has {w} references, more than refcount_bits allow")
             elif s < w:
                 f.error(f"cluster 0x{c * cs:x} has refcount {s} but {w} reference(s)")
             else:
