@@ -18,12 +18,14 @@ written) unless ``--repair=all`` (command line, ``--export`` option or config ke
 
 from __future__ import annotations
 
+import errno
 import json
 import random
 import shutil
 import signal
 import struct
 
+import nbd
 import pytest
 
 from tests.conftest import SLOW
@@ -230,3 +232,34 @@ def test_qcow2_repair_option_in_export_spec_and_config(tmp_path):
         assert not nbd_connect(o.uri).is_read_only()
     r = run(*NBDSERVE, "--repair=some", img2, check=False)
     assert r.returncode == 2 and "--repair" in r.stderr
+
+
+def test_qcow2_write_onto_metadata_fails_with_eio(tmp_path):
+    """Refcounts that start lying while the image is served (another program wrote the file):
+    the allocating write that would land on the L2 table fails with EIO, nothing lands, later
+    writes fail too, reads go on, and the image is marked corrupt."""
+    img = tmp_path / "g.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", img, "16M")
+    qemu_io("qcow2", img, "write -P 0x21 0 64k")
+    with serve(tmp_path, "-f", "qcow2", img) as o:
+        h = nbd_connect(o.uri)
+        raw = bytearray(img.read_bytes())
+        l1, rt = struct.unpack_from(">QQ", raw, 40)
+        l2 = struct.unpack_from(">Q", raw, l1)[0] & 0x00FFFFFFFFFFFE00
+        table = raw[l2 : l2 + 65536]
+        rb = struct.unpack_from(">Q", raw, rt)[0]
+        with open(img, "r+b") as f:  # the L2 table's refcount: 0
+            f.seek(rb + 2 * (l2 >> 16))
+            f.write(b"\0\0")
+        with pytest.raises(nbd.Error) as info:
+            for off in range(1 * MiB, 16 * MiB, 64 * 1024):  # fresh clusters: allocation runs
+                h.pwrite(b"\xee" * 512, off + 7)
+        assert info.value.errnum == errno.EIO
+        with pytest.raises(nbd.Error):
+            h.pwrite(b"x", 7)  # into an allocated cluster: refused too, the image is corrupt
+        assert h.pread(65536, 0) == b"\x21" * 65536
+        h.shutdown()
+        assert "would overwrite an L2 table" in o.log_text()
+    assert img.read_bytes()[l2 : l2 + 65536] == table
+    info = json.loads(qemu_img("info", "--output=json", img).stdout)
+    assert info["format-specific"]["data"]["corrupt"] is True
