@@ -14,7 +14,9 @@ Invariants (for an image opened read-write):
     L2 table shared with a snapshot is ``L2 | SNAP_L2`` and must be copied, never written).
 See docs/qcow2.md, "Metadata overlap".
 
-Called with the driver's metadata lock held (or before the image is shared).
+Updates happen with the driver's metadata lock held (or before the image is shared); checks are
+synchronous lookups, also made by the unlocked in-place write path (no await between the check
+and the write it guards).
 """
 
 from __future__ import annotations

@@ -199,7 +199,10 @@ class WriteMixin:
         self.cache.release(l2e)
 
     def _guard(self, host: int, length: int, what: str = "data", kind: int = 0) -> None:
-        """The overlap check: a write of ``kind`` (0: guest data) must not land on other metadata."""
+        """The overlap check: a write of ``kind`` (0: guest data) must not land on other metadata.
+
+        Synchronous, with or without self.lock: the caller issues the write it guards with no
+        await in between."""
         bad = self.meta.conflict(host, length, kind)
         if bad is not None:
             self._refuse(f"{what} write at 0x{host:x} would overwrite {bad}")
@@ -207,7 +210,8 @@ class WriteMixin:
     def _refuse(self, reason: str) -> NoReturn:
         """A write was about to land on metadata: refuse it (EIO), mark the image corrupt (as
         QEMU does) and refuse every later write.  Metadata already updated stays valid (each
-        table was checked when it was placed), so flushes still write it."""
+        table was checked when it was placed), so flushes still write it.  Synchronous, with or
+        without self.lock (the header field is one 8-byte write)."""
         if not self.corrupt:
             self.corrupt = True
             self._refusal = "image marked corrupt after a refused write"
