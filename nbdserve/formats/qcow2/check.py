@@ -34,7 +34,6 @@ import struct
 import sys
 from array import array
 from bisect import bisect_left
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import TYPE_CHECKING
@@ -485,10 +484,10 @@ def _fix_flags(drv: Qcow2Driver, f: Findings) -> None:
         file.pwrite(struct.pack(">Q", e), drv.l1_offset + 8 * i)
 
 
-async def rebuild(drv: Qcow2Driver, f: Findings) -> tuple[int, int, Iterable[int]]:
+async def rebuild(drv: Qcow2Driver, f: Findings) -> tuple[int, int]:
     """New refcount blocks and table past the end of the file holding the counts, the header
-    switched to them, COPIED flags corrected.  Returns (table offset, table clusters, offsets of
-    the new blocks).  The old refcount structures are no longer counted: they become free."""
+    switched to them, COPIED flags corrected.  Returns (table offset, table clusters).  The old
+    refcount structures are no longer counted: they become free."""
     refs, file, cb, cs = drv.refs, drv.file, drv.cb, drv.cs
     be, shift = refs.block_entries, refs.block_shift
     start = -(-file.size // cs)
@@ -510,7 +509,6 @@ async def rebuild(drv: Qcow2Driver, f: Findings) -> tuple[int, int, Iterable[int
             a[c & (be - 1)] -= 1
     table = array("Q", bytes(table_clusters * cs))
     new_clusters = range(start, start + nblocks + table_clusters)
-    blocks = []
     for j in range(nblocks):
         blk = RefBlock.empty(refs.bits, cs)
         want = f.counts.get(j)
@@ -523,7 +521,6 @@ async def rebuild(drv: Qcow2Driver, f: Findings) -> tuple[int, int, Iterable[int
                 blk.set(c & (be - 1), 1)
         offset = (start + j) << cb
         table[j] = offset
-        blocks.append(offset)
         file.pwrite(blk.encode(), offset)
     table_offset = (start + nblocks) << cb
     file.pwrite(encode_be64(table), table_offset)
@@ -532,4 +529,4 @@ async def rebuild(drv: Qcow2Driver, f: Findings) -> tuple[int, int, Iterable[int
     await file.flush()
     _fix_flags(drv, f)
     await file.flush()
-    return table_offset, table_clusters, blocks
+    return table_offset, table_clusters

@@ -57,7 +57,7 @@ class OpeningMixin:
                 return self._read_only_because(f"refcounts are wrong: {found.summary()} (--repair=all rebuilds them)")
             why = "image is dirty (lazy refcounts)" if dirty else found.summary()
             log.warning("%s: %s; rebuilding refcounts", self.path, why)
-            offset, clusters, _ = await rebuild(self, found)
+            offset, clusters = await rebuild(self, found)
             h.refcount_table_offset, h.refcount_table_clusters = offset, clusters
             self.refs = self._refcounts()
             found = scan(self)
