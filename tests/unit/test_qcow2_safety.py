@@ -436,6 +436,19 @@ def test_backing_name_with_nul_is_refused_in_one_line(tmp_path):
         with pytest.raises(ImageError) as info:
             run(opened(path, readonly=readonly))
         assert "NUL" in str(info.value) and "\n" not in str(info.value)
+    # NUL padding at the end is no ambiguity (QEMU reads the name as a C string): served.
+    struct.pack_into(">QI", raw, 8, off, n + 3)
+    raw[off : off + n + 3] = b"b.raw\0\0\0"
+    path.write_bytes(raw)
+
+    async def main():
+        img = await opened(path, readonly=True)
+        try:
+            assert img.driver.backing.name == "b.raw" and img.backing is not None
+        finally:
+            await img.close()
+
+    run(main())
 
 
 def header_mutants(raw: bytes, rng: random.Random, n: int, end: int = 0):

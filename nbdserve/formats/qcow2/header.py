@@ -13,7 +13,8 @@ Invariants after ``parse_header`` returns:
     read-only with a warning naming the field;
   * no unknown incompatible feature bit is set; compression_type agrees with its feature bit;
   * the extension area is well formed (each extension inside it, exact lengths where fixed);
-  * the backing file name holds no NUL byte (it could not name a file).
+  * the backing file name holds no NUL byte (trailing NUL padding is dropped; a NUL with more
+    bytes after it is refused: QEMU would silently use the shorter name).
 
 The header is never rewritten as a whole: updates (feature bits, refcount table location) are
 small in-place writes of the changed fields (``FIELD_*`` offsets), so unknown header fields and
@@ -224,9 +225,7 @@ def parse_header(path: str, head: bytes, read, file_size: int) -> Header:
         raw_name = bytes(read(backing_file_offset, backing_file_size))
         if len(raw_name) != backing_file_size:
             raise CorruptImage(path, "backing file name extends past end of file")
-        if b"\0" in raw_name:
-            raise CorruptImage(path, f"backing file name contains a NUL byte at {raw_name.index(0)}")
-        h.backing_file = raw_name.decode("utf-8", "surrogateescape")
+        h.backing_file = _c_string(path, "backing file name", raw_name).decode("utf-8", "surrogateescape")
     _parse_extensions(h, path, read)
     unknown = h.incompatible_features & ~INCOMPAT_KNOWN
     if unknown:
@@ -234,6 +233,15 @@ def parse_header(path: str, head: bytes, read, file_size: int) -> Header:
         names = ", ".join(h.feature_names.get((0, b), f"bit {b}") for b in bits)
         raise UnsupportedImage(path, f"unsupported incompatible_features 0x{unknown:x} ({names})")
     return h
+
+
+def _c_string(path: str, what: str, raw: bytes) -> bytes:
+    """A name QEMU reads as a C string: NUL padding at the end is dropped (unambiguous); a NUL
+    with more bytes after it is refused (QEMU would silently use a different, shorter name)."""
+    name = raw.rstrip(b"\0")
+    if b"\0" in name:
+        raise CorruptImage(path, f"{what} contains a NUL byte at {name.index(0)} ({name[:40]!r})")
+    return name
 
 
 def _check_table(
@@ -271,9 +279,7 @@ def _parse_extensions(h: Header, path: str, read) -> None:
         if ext_type == EXT_BACKING_FORMAT:
             if ext_len >= 16:
                 raise CorruptImage(path, f"backing format extension too long ({ext_len} bytes)")
-            if b"\0" in data:
-                raise CorruptImage(path, "backing format name contains a NUL byte")
-            h.backing_format = data.decode("ascii", "replace")
+            h.backing_format = _c_string(path, "backing format name", data).decode("ascii", "replace")
         elif ext_type == EXT_FEATURE_TABLE:
             for i in range(0, ext_len - 47, 48):
                 kind, bit = data[i], data[i + 1]
