@@ -223,7 +223,7 @@ auth client required = cephx
 auth allow insecure global id reclaim = false
 keyring = {self.keyring}
 run dir = {w}/run
-admin socket = {w}/run/$name.$pid.asok
+admin socket = {w}/run/$name.$pid.$cctid.asok
 log file = {w}/log/$name.log
 crash dir = {w}/crash
 log to stderr = false
@@ -242,9 +242,11 @@ mon data avail warn = 2
 mon data avail crit = 1
 paxos propose interval = 0.1
 rbd default features = 61
-# Clients re-ask the mon for a newer OSD map on this tick: an op waiting for an OSD that is not up
-# yet (at start, or after a restart) otherwise waits up to 5 s for the next map.
+# Clients re-ask the mon for a newer OSD map on this tick (default 5 s), and after an op has had
+# no answer for objecter timeout (default 10 s): an op sent to an OSD that was not up yet (at
+# start) or had died (before a restart) otherwise waits that long after the OSD is back.
 objecter tick interval = 0.2
+objecter timeout = 1
 # A dead client's watch (and so its RBD exclusive lock) expires after this many seconds.
 osd client watch timeout = 5
 

@@ -163,6 +163,7 @@ class AllocationMap:
         self._writes_in_flight = writes_in_flight
         self.state = bytearray(self._count(size))
         self.write_seq = 0  # writes submitted so far
+        self.fetches = 0  # windows fetched from Ceph (for tests and statistics)
         self._fetching: dict[int, tuple[asyncio.Future, list[tuple[int, int, int]]]] = {}
 
     def _count(self, size: int) -> int:
@@ -240,6 +241,7 @@ class AllocationMap:
             if first < stop:
                 logged.append((first, stop, DATA))
         fut = self._fetch(lo * g, min(hi * g, self.size) - lo * g)
+        self.fetches += 1
         self._fetching[w] = (fut, logged)
         try:
             extents = await fut
