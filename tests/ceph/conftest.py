@@ -91,6 +91,7 @@ def s3_env(monkeypatch) -> dict[str, str]:
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance-metadata probing
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     return env
