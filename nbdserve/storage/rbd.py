@@ -30,7 +30,7 @@ Invariants:
   * ``self.size`` is the image size as of our last open/resize; reads past it return zeroes,
     writes past it grow the image first (one resize at a time, under ``_grow_lock``).
   * An op's buffer is written only while the op is pending; completions of ops that already
-    failed by timeout are dropped.
+    failed by timeout, or whose caller cancelled, are dropped.
   * ``AllocationMap`` never reports a hole where the image may hold data (see its docstring).
 """
 
@@ -465,6 +465,9 @@ class RbdStorage(Storage):
                 continue
             del self._ops[op]
             fut = op.fut
+            if fut.done():  # the caller gave up (cancelled): its buffer is no longer ours
+                op.buf = None
+                continue
             if rv < 0:
                 fut.set_exception(
                     OSError(-rv, f"{self.name}: {op.kind} at {op.offset}: {errno.errorcode.get(-rv, rv)}")

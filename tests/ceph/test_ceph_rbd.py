@@ -232,6 +232,28 @@ def test_growth_short_tail_and_truncate(admin, new_image):
         assert img.size() == size == 9 * MiB
 
 
+def test_cancelled_read_never_writes_its_buffer(new_image):
+    """A caller that gives up on a read gets its buffer back untouched, even though librbd
+    still completes the read."""
+    loc = new_image(8 * MiB)
+
+    async def scenario():
+        stor = await RbdStorage.open(loc, readonly=False)
+        try:
+            await stor.write(0, b"\x11" * 65536)
+            buf = bytearray(b"\xee" * 65536)
+            stor.read(0, memoryview(buf)).cancel()  # before the loop can deliver anything
+            for _ in range(10):  # later reads of the same object: the first one's answer arrives meanwhile
+                other = bytearray(65536)
+                await stor.read(0, memoryview(other))
+                assert other == b"\x11" * 65536
+            assert buf == b"\xee" * 65536
+        finally:
+            await stor.close()
+
+    run(scenario())
+
+
 # -- locking ------------------------------------------------------------------------------------
 
 HOLDER = """
