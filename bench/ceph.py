@@ -7,6 +7,9 @@ at QD16, against one image per path, each filled with data first (so reads hit o
 
   fio-rbd   fio ``ioengine=rbd`` (librbd inside fio): the ceiling for any server in front of RBD
   qemu-nbd  ``qemu-nbd --cache=writeback -f raw rbd:POOL/IMAGE:conf=...``, fio ``ioengine=nbd``
+  RbdStorage  nbdserve's backend in this process, driven by an asyncio loop at the same request
+            size and depth (until ``rbd:`` exports are wired into the server: the backend's own
+            ceiling, without NBD)
   nbdserve  ``nbdserve ... rbd:POOL/IMAGE,conf=...``, fio ``ioengine=nbd`` (once ``rbd:`` exports
             are wired into the server; until then it reports the server's start-up error)
 
@@ -51,7 +54,7 @@ REPO = common.REPO
 sys.path.insert(0, str(REPO))
 
 POOL = "rbd"
-RBD_PATHS = ("fio-rbd", "qemu-nbd", "nbdserve")
+RBD_PATHS = ("fio-rbd", "qemu-nbd", "RbdStorage", "nbdserve")
 S3_PATHS = ("direct", "S3Storage", "nbdserve")
 BUCKET = "nbdserve-bench"
 S3_KEY = "bench.img"
@@ -111,7 +114,7 @@ def image_name(path: str) -> str:
 @contextlib.contextmanager
 def serving(path: str, cfg: Config) -> Iterator[Running | None]:
     """The NBD server in front of this path's image (None for fio-rbd, which needs none)."""
-    if path == "fio-rbd":
+    if path in ("fio-rbd", "RbdStorage"):
         yield None
         return
     image = image_name(path)
@@ -159,6 +162,45 @@ def fio_rbd(job: Job, path: str, srv: Running | None, cfg: Config) -> Sample:
     return Sample(side["iops"], side["bw_bytes"], cpu, side["iops"] * (cfg.runtime + cfg.ramp), wall)
 
 
+def rbd_storage(job: Job, path: str, cfg: Config) -> Sample:
+    """``job`` through RbdStorage in this process: ``depth`` workers, time based like fio."""
+    import random
+
+    from nbdserve.storage.location import RbdLocation
+    from nbdserve.storage.rbd import RbdStorage
+
+    async def go() -> tuple[int, float]:
+        stor = await RbdStorage.open(RbdLocation(pool=POOL, image=image_name(path), conf=str(cfg.conf)), readonly=False)
+        blocks = cfg.size // job.bs
+        cursor = 0
+        counted = 0
+        data = os.urandom(job.bs)
+        t0 = time.perf_counter()
+        start, stop = t0 + cfg.ramp, t0 + cfg.ramp + cfg.runtime
+
+        async def worker() -> None:
+            nonlocal cursor, counted
+            buf = memoryview(bytearray(job.bs))
+            rng = random.Random()
+            while (now := time.perf_counter()) < stop:
+                if job.rw.startswith("rand"):
+                    off = rng.randrange(blocks) * job.bs
+                else:
+                    off, cursor = cursor, (cursor + job.bs) % (blocks * job.bs)
+                pending = stor.write(off, data) if "write" in job.rw else stor.read(off, buf)
+                if pending is not None:
+                    await pending
+                if now >= start:
+                    counted += 1
+
+        await asyncio.gather(*(worker() for _ in range(job.depth)))
+        await stor.close()
+        return counted, cfg.runtime
+
+    n, secs = asyncio.run(go())
+    return Sample(n / secs, n * job.bs / secs, 0.0, n, secs)
+
+
 def run_rbd(cfg: Config, cluster_rbd) -> dict[tuple[str, str], Result]:
     results: dict[tuple[str, str], Result] = {}
     for path in cfg.paths:
@@ -184,7 +226,7 @@ def run_rbd(cfg: Config, cluster_rbd) -> dict[tuple[str, str], Result]:
                     if r.error:
                         continue
                     try:
-                        s = fio_rbd(job, path, srv, cfg)
+                        s = rbd_storage(job, path, cfg) if path == "RbdStorage" else fio_rbd(job, path, srv, cfg)
                         r.samples.append(s)
                         print(f"   {path:9} {s.iops:10,.0f} IOPS {s.bps / MiB:8.1f} MiB/s", flush=True)
                     except (RuntimeError, OSError) as e:
@@ -318,9 +360,9 @@ def report(rbd: dict[tuple[str, str], Result], s3: dict[str, Result], cfg: Confi
         head = ["Job", "Request"]
         for p in cfg.paths:
             head += [f"{p} IOPS", f"{p} MiB/s"]
-        has_ours = "nbdserve" in cfg.paths
-        if has_ours:
-            head += [f"nbdserve/{p}" for p in cfg.paths if p != "nbdserve"]
+        ours = [p for p in cfg.paths if p in ("RbdStorage", "nbdserve")]
+        theirs = [p for p in cfg.paths if p not in ours]
+        head += [f"{o}/{t}" for o in ours for t in theirs]
         rows = []
         for job in cfg.jobs:
             row = [job.name, job.shape()]
@@ -328,11 +370,8 @@ def report(rbd: dict[tuple[str, str], Result], s3: dict[str, Result], cfg: Confi
                 r = rbd.get((job.name, p), Result())
                 bps = r.mean("bps")
                 row += ["error", "error"] if r.error else [fmt_num(r.mean("iops")), fmt_num(bps and bps / MiB, 1)]
-            if has_ours:
-                ours = rbd.get((job.name, "nbdserve"), Result()).mean("iops")
-                row += [
-                    ratio(ours, rbd.get((job.name, p), Result()).mean("iops")) for p in cfg.paths if p != "nbdserve"
-                ]
+            iops = {p: rbd.get((job.name, p), Result()).mean("iops") for p in cfg.paths}
+            row += [ratio(iops[o], iops[t]) for o in ours for t in theirs]
             rows.append(row)
         lines += ["", "## RBD", "", *table(head, rows)]
     if s3:
@@ -352,8 +391,8 @@ def report(rbd: dict[tuple[str, str], Result], s3: dict[str, Result], cfg: Confi
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     job_names = tuple(j.name for j in JOBS)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--paths", type=common.csv_choice(RBD_PATHS), default=["fio-rbd", "qemu-nbd"],
-                    help=f"RBD paths (default fio-rbd,qemu-nbd; all: {','.join(RBD_PATHS)})")  # fmt: skip
+    ap.add_argument("--paths", type=common.csv_choice(RBD_PATHS), default=["fio-rbd", "qemu-nbd", "RbdStorage"],
+                    help=f"RBD paths (default fio-rbd,qemu-nbd,RbdStorage; all: {','.join(RBD_PATHS)})")  # fmt: skip
     ap.add_argument("--s3-paths", type=common.csv_choice(S3_PATHS), default=["direct", "S3Storage"],
                     help=f"S3 paths (default direct,S3Storage; all: {','.join(S3_PATHS)})")  # fmt: skip
     ap.add_argument("--no-rbd", action="store_true", help="skip the RBD jobs")
