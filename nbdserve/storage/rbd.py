@@ -364,7 +364,7 @@ class RbdStorage(Storage):
                 buf[:] = bytes(n)
             return None
         op = self._start("read", offset, length, buf)
-        self._image.aio_read(offset, length, functools.partial(self._completed, op))
+        self._submit(op, self._image.aio_read, offset, length)
         return op.fut
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> Pending:
@@ -378,14 +378,14 @@ class RbdStorage(Storage):
             data = data.obj if _whole(data) else data.tobytes()
         op = self._start("write", offset, n, None)
         self.map.note_write(offset, n)
-        self._image.aio_write(data, offset, functools.partial(self._completed, op))
+        self._submit(op, self._image.aio_write, data, offset)
         return op.fut
 
     async def flush(self) -> None:
         if self.readonly:
             return
         op = self._start("flush", 0, 0, None)
-        self._image.aio_flush(functools.partial(self._completed, op))
+        self._submit(op, self._image.aio_flush)
         await op.fut
 
     async def discard(self, offset: int, length: int) -> bool:
@@ -395,7 +395,7 @@ class RbdStorage(Storage):
             return True
         seq = self.map.write_seq
         op = self._start("discard", offset, length, None)
-        self._image.aio_discard(offset, length, functools.partial(self._completed, op))
+        self._submit(op, self._image.aio_discard, offset, length)
         await op.fut
         self.map.note_zeroed(offset, length, seq)
         return True
@@ -414,7 +414,7 @@ class RbdStorage(Storage):
             op = self._start("write", offset, length, None)
             flags = self._thick
             self.map.note_write(offset, length)
-        self._image.aio_write_zeroes(offset, length, functools.partial(self._completed, op), zero_flags=flags)
+        self._submit(op, self._image.aio_write_zeroes, offset, length, zero_flags=flags)
         await op.fut
         if may_unmap:
             self.map.note_zeroed(offset, length, seq)
@@ -445,6 +445,17 @@ class RbdStorage(Storage):
             self._sweeper = self._loop.call_later(self._timeout / 4, self._sweep)
         return op
 
+    def _submit(self, op: _Op, aio: Callable[..., Any], *args: Any, **kw: Any) -> None:
+        """Call the aio function with our completion callback (inserted before ``kw``, where
+        the bindings expect it); a refusal at submission fails the op at once."""
+        try:
+            aio(*args, functools.partial(self._completed, op), **kw)
+        except Exception as e:
+            del self._ops[op]
+            raise OSError(
+                _to_errno(getattr(e, "errno", None)), f"{self.name}: {op.kind} at {op.offset}: {_short(e)}"
+            ) from None
+
     def _completed(self, op: _Op, completion: Any, data: bytes | None = None) -> None:
         """librbd's completion callback: runs on a librbd thread.  Touches no loop state."""
         self._done.append((op, completion.get_return_value(), data))
@@ -469,9 +480,7 @@ class RbdStorage(Storage):
                 op.buf = None
                 continue
             if rv < 0:
-                fut.set_exception(
-                    OSError(-rv, f"{self.name}: {op.kind} at {op.offset}: {errno.errorcode.get(-rv, rv)}")
-                )
+                fut.set_exception(OSError(_to_errno(-rv), f"{self.name}: {op.kind} at {op.offset}: {_why(-rv)}"))
                 continue
             buf = op.buf
             if buf is not None:
@@ -522,6 +531,24 @@ class RbdStorage(Storage):
         await in_thread(self._image.resize, size, timeout=self._timeout, what=f"{self.name}: resize")
         self.size = size
         self.map.resize(size)
+
+
+# librbd errors meaning "this process can no longer write the image" (Ceph's EBLOCKLISTED is
+# ESHUTDOWN): reported as EIO with these words, not as the client's fault.
+_LOST = {
+    errno.ESHUTDOWN: "blocklisted by the cluster (another writer broke our lock)",
+    errno.EROFS: "lost the exclusive lock to another writer",
+}
+_PASS = {errno.ENOSPC, errno.EDQUOT, errno.EINVAL}
+
+
+def _to_errno(err: int | None) -> int:
+    """librbd's errno as the request's: space errors and EINVAL as they are, anything else EIO."""
+    return err if err in _PASS else errno.EIO
+
+
+def _why(err: int) -> str:
+    return _LOST.get(err) or errno.errorcode.get(err, str(err))
 
 
 def _whole(view: memoryview) -> bool:

@@ -369,6 +369,35 @@ def test_killed_writer_lock_taken_over_and_blocklisted(ceph, admin, new_image):
         assert img.read(0, 10) == b"taken over"
 
 
+def test_blocklisted_writer_fails_with_eio(ceph, admin, new_image):
+    """A writer the cluster has blocklisted (what a take-over does to a holder it presumed dead)
+    gets EIO with the reason, never a silent write."""
+    import rbd
+
+    loc = new_image(8 * MiB, timeout=5)
+
+    async def scenario():
+        stor = await RbdStorage.open(loc, readonly=False)
+        try:
+            await stor.write(0, b"mine")
+            await stor.flush()
+            with rbd.Image(admin[1], loc.image, read_only=True) as img:
+                (addr,) = [a for _client, _cookie, a in img.list_lockers()["lockers"]]
+            ceph.ceph("osd", "blocklist", "add", addr)
+            with pytest.raises(OSError) as e:
+                await stor.write(4096, b"too late")
+                await stor.flush()
+            assert e.value.errno == errno.EIO and "blocklisted" in str(e.value)
+        finally:
+            await stor.close()
+        return addr
+
+    addr = run(scenario())
+    ceph.ceph("osd", "blocklist", "rm", addr)
+    with rbd.Image(admin[1], loc.image, read_only=True) as img:
+        assert img.read(0, 4) == b"mine" and img.read(4096, 8) == bytes(8)
+
+
 def test_open_errors_are_one_line(ceph, new_image):
     loc = new_image(MiB)
 
