@@ -326,7 +326,11 @@ class RbdStorage(Storage):
         try:
             if not readonly:
                 await in_thread(_lock, loc, handles, timeout=2 * loc.timeout + 30, what="exclusive lock")
-            return cls(loc, handles, readonly=readonly)
+            stor = cls(loc, handles, readonly=readonly)
+            # librbd keeps its cache write-through until the first flush; our promise is the
+            # local file's (durable at FLUSH), so start in the configured mode (docs/ceph.md).
+            await stor.flush()
+            return stor
         except ImageError:
             _close_soon(handles)
             raise
