@@ -181,13 +181,22 @@ class S3Storage(Storage):
         return None
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> Pending:
-        raise OSError(errno.EROFS, f"{self.name}: S3 objects are served read-only")
+        raise self._readonly()
 
     async def flush(self) -> None:
         return None
 
+    async def discard(self, offset: int, length: int) -> bool:
+        raise self._readonly()
+
+    async def write_zeroes(self, offset: int, length: int, *, may_unmap: bool) -> bool:
+        raise self._readonly()
+
     async def truncate(self, size: int) -> None:
-        raise OSError(errno.EROFS, f"{self.name}: S3 objects are served read-only")
+        raise self._readonly()
+
+    def _readonly(self) -> OSError:
+        return OSError(errno.EROFS, f"{self.name}: S3 objects are served read-only")
 
     # -- cache ---------------------------------------------------------------------------------
 
