@@ -168,6 +168,44 @@ def test_concurrent_writes_and_discards_keep_the_map_safe(new_image, admin):
     run(scenario())
 
 
+def test_clone_map_follows_librbd_through_discards(admin, new_image):
+    """In a clone, discarded objects are kept (zeroed) by librbd to hide the parent: the map marks
+    what it cannot know UNKNOWN, fetches again, and ends equal to librbd's answer; bytes are the
+    parent's where untouched."""
+    import rbd
+
+    parent = new_image(24 * MiB)
+    rng = random.Random(4)
+    model = bytearray(24 * MiB)
+    with rbd.Image(admin[1], parent.image) as img:
+        for off in (0, 5 * MiB, 13 * MiB):
+            data = rng.randbytes(3 * MiB)
+            img.write(data, off)
+            model[off : off + len(data)] = data
+        img.create_snap("base")
+        img.protect_snap("base")
+    child = RbdLocation(pool=parent.pool, image=parent.image + "-clone", conf=parent.conf)
+    rbd.RBD().clone(admin[1], parent.image, "base", admin[1], child.image)
+
+    async def scenario():
+        stor = await RbdStorage.open(child, readonly=False)
+        try:
+            assert await our_map(stor) == ground_truth_extents(admin, child)
+            for off, n in ((0, OBJ), (5 * MiB + 7, 2 * MiB), (20 * MiB, OBJ)):
+                await stor.discard(off, n)
+                model[off : off + n] = bytes(n)
+            await stor.write(21 * MiB + 3, b"child")
+            model[21 * MiB + 3 : 21 * MiB + 8] = b"child"
+            assert await read_all(stor) == model
+            ours = await our_map(stor)
+            holes_are_zero(ours, model)
+            assert ours == ground_truth_extents(admin, child)
+        finally:
+            await stor.close()
+
+    run(scenario())
+
+
 def test_reads_never_ask_for_allocation_and_cli_agrees(ceph, new_image):
     loc = new_image(64 * MiB)
 
