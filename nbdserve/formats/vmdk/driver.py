@@ -125,7 +125,8 @@ class VmdkDriver(FormatDriver):
             self.backing = BackingRef(self.desc.parent_hint, "vmdk")
 
     async def _open_extent(self, line: ExtentLine, options: OpenOptions) -> None:
-        what = f"extent {len(self.extents)} (descriptor line {line.line})"
+        """Open the extent of descriptor ``line``; errors name the descriptor, then the extent."""
+        what = f"extent {line.name!r} (descriptor line {line.line})"
         if line.type == "ZERO":
             self._add(VmdkExtent(self, self.size, line.sectors * SECTOR))
             return
@@ -140,25 +141,25 @@ class VmdkDriver(FormatDriver):
         if os.path.samefile(where, self.path):
             raise CorruptImage(self.path, f"{what}: the extent file is the descriptor itself")
         size = line.sectors * SECTOR
-        if line.type in ("FLAT", "VMFS"):
-            at = line.offset * SECTOR
-            if at + size > ext_file.size:
+        try:
+            if line.type in ("FLAT", "VMFS"):
+                at = line.offset * SECTOR
+                if at + size > ext_file.size:
+                    raise CorruptImage(where, f"{what}: {ext_file.size} bytes, short of offset {at} + size {size}")
+                ext: VmdkExtent = FlatExtent(self, self.size, size, ext_file, at)
+            elif line.type == "SESPARSE":
+                ext = SeSparseExtent(self, self.size, ext_file, self.cache, what)
+            else:
+                ext = SparseExtent(self, self.size, ext_file, read_sparse_header(ext_file, what), self.cache, what)
+            if ext.size != size:
                 raise CorruptImage(
-                    self.path, f"{what}: {line.name!r} holds {ext_file.size} bytes, short of offset {at} + size {size}"
+                    where, f"{what}: the descriptor says {line.sectors} sectors, the extent holds {ext.size // SECTOR}"
                 )
-            ext: VmdkExtent = FlatExtent(self, self.size, size, ext_file, at)
-        elif line.type == "SESPARSE":
-            ext = SeSparseExtent(self, self.size, ext_file, self.cache, what)
-        else:
-            h = read_sparse_header(ext_file, what)
-            ext = SparseExtent(self, self.size, ext_file, h, self.cache, what)
-        if ext.size != size:
-            raise CorruptImage(
-                self.path, f"{what}: the descriptor says {line.sectors} sectors, the extent holds {ext.size // SECTOR}"
-            )
-        if line.access != "RW":
-            ext.readonly, ext.why_readonly = True, f"{what} is RDONLY"
-        self._add(ext)
+            if line.access != "RW":
+                ext.readonly, ext.why_readonly = True, f"{what} is RDONLY"
+            self._add(ext)
+        except ImageError as e:
+            raise type(e)(self.path, e.reason) from None
 
     def _add(self, ext: VmdkExtent) -> None:
         if isinstance(ext, SparseExtent):
