@@ -15,11 +15,13 @@ that appends at ``blocks_allocated`` (QEMU, VirtualBox, us) never hands out a us
   * Allocation: the block's data (at index ``blocks_allocated``; any stale bytes there zeroed
     first) -> [flush: fdatasync] -> header with the count + 1 -> fdatasync -> block map entry.
   * Removal (TRIM of a whole block, or of part of a block whose other bytes are all zero; and
-    WRITE_ZEROES that may trim): as VirtualBox does, the last data block is copied into the freed
-    slot, then (written in order, synced between) the freed entry becomes 0xFFFFFFFE, the moved
-    block's entry points at its new slot, the header's count drops by one, and the file is cut
-    after the last block.  The move and the table changes happen in one synchronous step, so no
-    read or write in flight sees a half-done move; ``mappings_changed`` is called in that step.
+    WRITE_ZEROES that may trim), as VirtualBox does it but in a crash-safe order: the freed
+    entry becomes 0xFFFFFFFE (written, synced); the last data block is copied into the freed
+    slot (synced); the moved block's entry points at its new slot (synced); the header's count
+    drops by one (synced); the file is cut after the last block.  (VirtualBox copies first, so
+    a crash can show the moved block's bytes where zeroes were promised.)  Each table change is
+    made in memory in the same synchronous step as the data it depends on is read or copied,
+    with ``mappings_changed`` in that step, so no request in flight sees a half-done move.
 A crash between those writes leaves a count that disagrees with the map (``qemu-img check``
 reports it) or a hole in the index space; a read-write open repairs both (moving blocks down
 into holes, fixing the count, cutting leaked blocks off the end) before serving.
@@ -347,38 +349,41 @@ class VdiDriver(FormatDriver):
         self.lock.assert_locked()
         await self.cache.flush(self.file)  # nothing else pending: the writes below go in order
         freed = await self._page(vb)
+        header = await self.cache.get(self.header_kind, 0)
         try:
+            # (1) The entry says "zeroes" on disk before anything overwrites the block's slot.
             d = freed.value[vb % PAGE_ENTRIES]
             if d >= DISCARDED:
                 return
+            if a > 0 or n < self.block_size:
+                block = self.file.pread(self.block_size, self._host(d))
+                if block[:a].count(0) != a or block[a + n :].count(0) != self.block_size - a - n:
+                    return
+            freed.value[vb % PAGE_ENTRIES] = DISCARDED
+            self.rev[d] = UNALLOCATED
+            self.mappings_changed()
+            self.cache.mark_dirty(freed)
+            await self.cache.writeback([freed])
+            # (2) The last block moves into the slot (data synced first), then the count drops.
             last = self.allocated - 1
-            moved_vb = self.rev[last]
-            moved = await self._page(moved_vb)
-            header = await self.cache.get(self.header_kind, 0)
-            try:
-                # One synchronous step from here: no request sees a half-done move.
-                if a > 0 or n < self.block_size:
-                    block = self.file.pread(self.block_size, self._host(d))
-                    if block[:a].count(0) != a or block[a + n :].count(0) != self.block_size - a - n:
-                        return
-                if d != last:
+            if d != last:
+                moved_vb = self.rev[last]
+                moved = await self._page(moved_vb)
+                try:
                     self.file.pwrite(self.file.pread(self.block_size, self._host(last)), self._host(d))
                     moved.value[moved_vb % PAGE_ENTRIES] = d
-                    self.rev[d] = moved_vb
-                freed.value[vb % PAGE_ENTRIES] = DISCARDED
-                self.rev[last] = UNALLOCATED
-                self.allocated = last
-                struct.pack_into("<I", header.value, BLOCKS_ALLOCATED_AT, last)
-                self.mappings_changed()
-                self.cache.mark_dirty(freed)
-                if d != last:
-                    self.cache.mark_dirty(moved, after=[freed], sync_before=True)
-                self.cache.mark_dirty(header, after=[moved, freed])
-                await self.cache.writeback([header])
-            finally:
-                self.cache.release(header)
-                self.cache.release(moved)
+                    self.rev[d], self.rev[last] = moved_vb, UNALLOCATED
+                    self.mappings_changed()
+                    self.cache.mark_dirty(moved, sync_before=True)
+                    self.cache.mark_dirty(header, after=[moved])
+                finally:
+                    self.cache.release(moved)
+            self.allocated = last
+            struct.pack_into("<I", header.value, BLOCKS_ALLOCATED_AT, last)
+            self.cache.mark_dirty(header)
+            await self.cache.writeback([header])
         finally:
+            self.cache.release(header)
             self.cache.release(freed)
         self.file.truncate(self._host(self.allocated))
 
