@@ -347,18 +347,18 @@ class VdiDriver(FormatDriver):
         """Remove virtual block ``vb`` (see the module docstring) if it is allocated and, outside
         ``[a, a+n)``, all zeroes.  Called with self.lock held."""
         self.lock.assert_locked()
+        d = await self._entry(vb)
+        if d >= DISCARDED or not self._rest_is_zero(d, a, n):
+            return
         await self.cache.flush(self.file)  # nothing else pending: the writes below go in order
         freed = await self._page(vb)
         header = await self.cache.get(self.header_kind, 0)
         try:
             # (1) The entry says "zeroes" on disk before anything overwrites the block's slot.
+            # Checked again: in-place writes take no lock and may have landed meanwhile.
             d = freed.value[vb % PAGE_ENTRIES]
-            if d >= DISCARDED:
+            if d >= DISCARDED or not self._rest_is_zero(d, a, n):
                 return
-            if a > 0 or n < self.block_size:
-                block = self.file.pread(self.block_size, self._host(d))
-                if block[:a].count(0) != a or block[a + n :].count(0) != self.block_size - a - n:
-                    return
             freed.value[vb % PAGE_ENTRIES] = DISCARDED
             self.rev[d] = UNALLOCATED
             self.mappings_changed()
@@ -386,6 +386,13 @@ class VdiDriver(FormatDriver):
             self.cache.release(header)
             self.cache.release(freed)
         self.file.truncate(self._host(self.allocated))
+
+    def _rest_is_zero(self, index: int, a: int, n: int) -> bool:
+        """Whether data block ``index`` holds only zero bytes outside ``[a, a+n)``."""
+        if a == 0 and n == self.block_size:
+            return True
+        block = self.file.pread(self.block_size, self._host(index))
+        return block[:a].count(0) == a and block[a + n :].count(0) == self.block_size - a - n
 
     async def flush(self) -> None:
         await self.cache.flush(self.file)
