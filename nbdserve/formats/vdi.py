@@ -248,8 +248,8 @@ class VdiDriver(FormatDriver):
     async def cache_hint(self, offset: int, length: int) -> None:
         first = offset >> self.block_bits
         last = min((offset + length - 1) >> self.block_bits, first + STATUS_BLOCKS - 1)
-        for vb in range(first, last + 1, PAGE_ENTRIES):
-            await self._entry(vb)
+        for page in range(first // PAGE_ENTRIES, last // PAGE_ENTRIES + 1):
+            await self._entry(page * PAGE_ENTRIES)
 
     # -- writes -----------------------------------------------------------------------------
 

@@ -276,13 +276,19 @@ class VmdkDriver(FormatDriver):
             self._cid_done = True
 
     async def flush(self) -> None:
+        """Sync every file written since the last flush (extent metadata written back first)."""
         dirty, self._dirty = self._dirty, set()
-        for ext in self.extents:
-            if ext.file in dirty:
-                dirty.discard(ext.file)
-                await ext.flush()
-        for f in dirty:
-            await f.flush()
+        try:
+            for ext in self.extents:
+                if ext.file in dirty:
+                    await ext.flush()
+                    dirty.discard(ext.file)
+            while dirty:
+                f = next(iter(dirty))
+                await f.flush()
+                dirty.discard(f)
+        finally:
+            self._dirty |= dirty  # a failed flush leaves the rest for the next one
 
     async def block_status(self, offset: int, length: int) -> Extent:
         ext = self._find(offset)
