@@ -668,6 +668,8 @@ HOSTILE_DESCRIPTOR = [
     ("needs an offset", ['RW 2048 FLAT "flat.bin"'], CorruptImage),
     ("size 0 sectors", ['RW 0 SPARSE "ok.vmdk"'], CorruptImage),
     ("names no extent", [], CorruptImage),
+    ("shares its file", ['RW 2048 SPARSE "ok.vmdk"', 'RW 2048 SPARSE "./ok.vmdk"'], CorruptImage),
+    ("shares its file", ['RW 1024 FLAT "flat.bin" 0', 'RW 1024 FLAT "flat.bin" 1023'], CorruptImage),
     ("magic", ['RW 2048 SPARSE "flat.bin"'], CorruptImage),
 ]
 

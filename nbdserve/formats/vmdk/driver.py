@@ -78,6 +78,7 @@ class VmdkDriver(FormatDriver):
         self._cid_done = False
         self._dirty: set[BlockFile] = set()
         self._files: list[BlockFile] = []  # extent files we opened (not ``file``)
+        self._claims: dict[tuple[int, int], list[tuple[str, int | None, int]]] = {}  # file -> extents in it
 
     @classmethod
     def probe(cls, head: bytes, file_size: int) -> int:
@@ -141,6 +142,7 @@ class VmdkDriver(FormatDriver):
         if os.path.samefile(where, self.path):
             raise CorruptImage(self.path, f"{what}: the extent file is the descriptor itself")
         size = line.sectors * SECTOR
+        self._claim(ext_file, what, line.offset * SECTOR if line.type in ("FLAT", "VMFS") else None, size)
         try:
             if line.type in ("FLAT", "VMFS"):
                 at = line.offset * SECTOR
@@ -160,6 +162,16 @@ class VmdkDriver(FormatDriver):
             self._add(ext)
         except ImageError as e:
             raise type(e)(self.path, e.reason) from None
+
+    def _claim(self, file: BlockFile, what: str, at: int | None, size: int) -> None:
+        """Refuse a file that two extents would share, unless both are flat and their byte
+        ranges are disjoint (``at`` None: a sparse extent, which owns its whole file)."""
+        st = os.fstat(file.fd)
+        ranges = self._claims.setdefault((st.st_dev, st.st_ino), [])
+        for other, a, n in ranges:
+            if at is None or a is None or (at < a + n and a < at + size):
+                raise CorruptImage(self.path, f"{what}: shares its file with {other}")
+        ranges.append((what, at, size))
 
     def _add(self, ext: VmdkExtent) -> None:
         if isinstance(ext, SparseExtent):
