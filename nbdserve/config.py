@@ -17,6 +17,7 @@ from .protocol.constants import MAX_STRING
 
 DEFAULT_PORT = 10809
 FORMATS = ("raw", "qcow2", "qed", "vpc", "vhdx", "vmdk", "vdi")
+REPAIR_MODES = ("off", "leaks", "all")
 
 
 class ConfigError(Exception):
@@ -33,6 +34,7 @@ class ExportConfig:
     snapshot: bool = False  # -s: serve through a throw-away qcow2 overlay
     load_snapshot: str | None = None  # -l: internal snapshot name or id (read-only)
     vpc_size: str = "auto"  # VHD size rule: auto | chs | current
+    repair: str = "off"  # qcow2 read-write open of an inconsistent image: off | leaks | all
 
 
 @dataclass(frozen=True)
@@ -75,7 +77,7 @@ def parse_size(text: str | int) -> int:
 
 
 def parse_export_spec(spec: str) -> ExportConfig:
-    """``NAME=PATH[,format=F][,readonly][,description=TEXT][,snapshot]``."""
+    """``NAME=PATH[,format=F][,readonly][,description=TEXT][,snapshot][,repair=MODE]``."""
     if "=" not in spec:
         raise ConfigError(f"--export {spec!r}: expected NAME=PATH[,format=F][,readonly]")
     name, rest = spec.split("=", 1)
@@ -93,6 +95,8 @@ def parse_export_spec(spec: str) -> ExportConfig:
             kw["snapshot"] = True
         elif key == "load-snapshot":
             kw["load_snapshot"] = value
+        elif key == "repair":
+            kw["repair"] = value
         else:
             raise ConfigError(f"--export {spec!r}: unknown option {key!r}")
     return ExportConfig(name=name, path=path, **kw)
@@ -162,6 +166,8 @@ def validate(cfg: ServerConfig) -> ServerConfig:
             raise ConfigError(f"export {e.name!r}: unknown format {e.format!r} (one of {', '.join(FORMATS)})")
         if e.vpc_size not in ("auto", "chs", "current"):
             raise ConfigError(f"export {e.name!r}: vpc-size must be auto, chs or current")
+        if e.repair not in REPAIR_MODES:
+            raise ConfigError(f"export {e.name!r}: repair must be one of {', '.join(REPAIR_MODES)}")
     if not cfg.exports:
         raise ConfigError("nothing to serve: give an IMAGE, --export or --config")
     if cfg.stdio and (cfg.fork or cfg.socket):
@@ -180,6 +186,7 @@ def merge(base: ServerConfig, **overrides: Any) -> ServerConfig:
 __all__ = [
     "DEFAULT_PORT",
     "FORMATS",
+    "REPAIR_MODES",
     "ConfigError",
     "ExportConfig",
     "ServerConfig",

@@ -86,6 +86,7 @@ class OpenOptions:
 
     snapshot: str | None = None  # qcow2 internal snapshot to serve (read-only)
     vpc_size: str = "auto"  # VHD virtual size rule: auto | chs | current
+    repair: str = "off"  # qcow2 inconsistencies found at a read-write open: off | leaks | all
     extra: dict[str, str] = field(default_factory=dict)
     # Set by the image layer: ``resolve(image_path, name, what=...)`` turns a file name an image
     # records for itself (VMDK extents) into a path inside the allowed directories, or raises
@@ -143,8 +144,9 @@ class FormatDriver:
 
     def map_now(self, offset: int) -> int | None:
         """Where the granule holding ``offset`` (``1 << map_bits`` bytes, aligned) starts in
-        ``map_file`` (or ``file``), if all of it is plain data in this layer and the cached metadata says so; else
-        None.  Synchronous, no side effects; the host range must lie inside ``file``."""
+        ``map_file`` (or ``file``), if all of it is plain data in this layer and the cached
+        metadata says so; else None.  Synchronous, no side effects; the host range must lie
+        inside that file."""
         return None
 
     def mappings_changed(self) -> None:
