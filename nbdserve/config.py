@@ -19,7 +19,7 @@ from .objects import ObjectError, ObjectTable
 from .protocol.constants import MAX_STRING
 
 DEFAULT_PORT = 10809
-FORMATS = ("raw", "qcow2", "qed", "vpc", "vhdx")
+FORMATS = ("raw", "qcow2", "qed", "vpc", "vhdx", "vmdk", "vdi")
 REPAIR_MODES = ("off", "leaks", "all")
 
 

@@ -12,8 +12,10 @@ from .base import FormatDriver
 from .qcow2 import Qcow2Driver
 from .qed import QedDriver
 from .raw import RawDriver
+from .vdi import VdiDriver
 from .vhd import VhdDriver
 from .vhdx import VhdxDriver
+from .vmdk import VmdkDriver
 
 DRIVERS: tuple[type[FormatDriver], ...] = (
     RawDriver,
@@ -21,6 +23,8 @@ DRIVERS: tuple[type[FormatDriver], ...] = (
     QedDriver,
     VhdDriver,
     VhdxDriver,
+    VmdkDriver,
+    VdiDriver,
 )
 
 BY_NAME: dict[str, type[FormatDriver]] = {d.format_name: d for d in DRIVERS}
