@@ -2,8 +2,8 @@
 # The e2e guest program (busybox sh).  It runs as /init of the test initramfs and, for the boot
 # scenario, a second time as /sbin/init of the root filesystem on the NBD disk.
 #
-# The kernel command line picks the work: e2e.scenario=boot|attach, e2e.port=PORT,
-# e2e.export=NAME.  Everything is reported on the console as lines the host parses:
+# The kernel command line picks the work: e2e.scenario=boot|attach|connect, e2e.port=PORT,
+# e2e.export=NAME, e2e.format=FMT.  Everything is reported on the console as lines the host parses:
 #   E2E-BOOTED               the modules loaded (the kernel and the initramfs work)
 #   E2E-STEP <name> t=<s>    a check passed (t: the guest's uptime)
 #   E2E-INFO <key>=<value>   a measurement the host judges (checksums of raw ranges, sizes)
@@ -40,6 +40,7 @@ params() {
         e2e.scenario=*) E2E_SCENARIO=${w#*=} ;;
         e2e.port=*) E2E_PORT=${w#*=} ;;
         e2e.export=*) E2E_EXPORT=${w#*=} ;;
+        e2e.format=*) E2E_FORMAT=${w#*=} ;;
         esac
     done
 }
@@ -163,6 +164,51 @@ attach_pass2() {
     say "OK attach"
 }
 
+# ---- connect: nbdserve itself attaches an image to the kernel (qemu-nbd -c / -d) ------------
+
+# /dev/vda: a read-only root holding Python and nbdserve (chroot /py); /dev/vdb: an ext4
+# filesystem holding disk.IMG_FORMAT (mounted at /py/data).  The image holds an ext4 filesystem
+# with the seeded files; nbdserve -c puts it on /dev/nbd0, the guest mounts it, checks the seed,
+# writes a file, unmounts, and nbdserve -d disconnects it, which ends the server.
+py() {
+    chroot /py /usr/bin/python3 -m nbdserve "$@"
+}
+
+connect_scenario() {
+    mount -t ext4 -o ro /dev/vda /py || fail "mount the python disk"
+    mount -t ext4 /dev/vdb /py/data || fail "mount the data disk"
+    mount -o bind /dev /py/dev && mount -t proc proc /py/proc && mount -t sysfs sys /py/sys \
+        && mount -t tmpfs tmp /py/tmp || fail "mounts under /py"
+    export PYTHONPATH=/opt/nbdserve PYTHONDONTWRITEBYTECODE=1 NBDSERVE_LOOP=asyncio HOME=/tmp
+    # Like qemu-nbd -c: returns once the device is connected, the server stays in the background.
+    py -c /dev/nbd0 -f "$E2E_FORMAT" --pid-file /tmp/nbdserve.pid "/data/disk.$E2E_FORMAT" \
+        || fail "nbdserve -c /dev/nbd0 failed"
+    pid=$(cat /py/tmp/nbdserve.pid) || fail "no pid file"
+    say "INFO size=$(blockdev --getsize64 /dev/nbd0)"
+    step connected
+    mount -t ext4 /dev/nbd0 /mnt || fail "mount /dev/nbd0"
+    (cd /mnt/seed && sha256sum -c -s SHA256SUMS) || fail "seed-verify: seeded files differ from SHA256SUMS"
+    step seed-ok
+    mkdir -p /mnt/e2e
+    write_file /mnt/e2e/written.bin 0 3
+    umount /mnt || fail "umount /mnt"
+    step fs-ok
+    py -d /dev/nbd0 || fail "nbdserve -d /dev/nbd0 failed"
+    # The server ends once the kernel lets go of the device (bounded wait for its exit).
+    n=0
+    while [ -d "/proc/$pid" ] && [ $n -lt 600 ]; do
+        sleep 0.1
+        n=$((n + 1))
+    done
+    [ -d "/proc/$pid" ] && fail "the server did not exit after -d"
+    [ -e /py/tmp/nbdserve.pid ] && fail "the server left its pid file"
+    [ -e /sys/block/nbd0/pid ] && fail "/dev/nbd0 is still connected"
+    step disconnected
+    umount /py/data || fail "umount the data disk"
+    sync
+    say "OK connect"
+}
+
 # ---- main --------------------------------------------------------------------------------
 
 if [ "$1" = stage2 ]; then
@@ -187,6 +233,7 @@ attach)
     attach_pass1
     attach_pass2
     ;;
+connect) connect_scenario ;;
 *) fail "unknown scenario '$E2E_SCENARIO'" ;;
 esac
 poweroff -f

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import importlib.util
 import json
 import os
 import random
@@ -32,6 +33,8 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
+import sysconfig
 import time
 import urllib.parse
 from collections.abc import Iterator
@@ -170,7 +173,7 @@ def _busybox_tree(root: Path, skip: tuple[str, ...] = ()) -> None:
         if applet != "busybox" and applet not in skip:
             (root / "bin" / applet).symlink_to("busybox")
     (root / "sbin").mkdir(exist_ok=True)
-    for d in ("proc", "sys", "dev", "mnt", "newroot", "tmp", "etc"):
+    for d in ("proc", "sys", "dev", "mnt", "newroot", "tmp", "etc", "py"):
         (root / d).mkdir(exist_ok=True)
 
 
@@ -247,6 +250,66 @@ def build_rootfs(work: Path, seed: Seed, size_mib: int = 64) -> Path:
         sums.append(f"{hashlib.sha256(data).hexdigest()}  {Path(name).relative_to('seed')}\n")
     (root / "seed/SHA256SUMS").write_text("".join(sums))
     img = work / "rootfs.raw"
+    run("mke2fs", "-q", "-t", "ext4", "-F", "-d", root, img, f"{size_mib}M")
+    return img
+
+
+# What the guest's Python needs of the host's: the interpreter, its standard library (without
+# tests and GUI toolkits), nbdserve's compiled dependencies, and every shared library they link.
+PY_SKIP = frozenset({"test", "idlelib", "tkinter", "turtledemo", "lib2to3", "ensurepip", "pydoc_data", "unittest"})
+PY_PACKAGES = ("crc32c", "zstandard")
+
+
+def build_python_disk(work: Path, repo: Path) -> Path:
+    """A raw ext4 image holding a minimal root for ``chroot /py python3 -m nbdserve``: the host's
+    interpreter and standard library, the shared libraries they link, nbdserve's dependencies and
+    nbdserve itself (from ``repo``) in /opt/nbdserve, and empty /dev, /proc, /sys, /tmp, /data
+    mount points.  The guest mounts it read-only."""
+    root = work / "pyroot"
+    shutil.rmtree(root, ignore_errors=True)
+    for d in ("dev", "proc", "sys", "tmp", "data", "usr/bin", "opt/nbdserve", "sbin"):
+        (root / d).mkdir(parents=True)
+    python = Path(os.path.realpath(sys.executable))
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    shutil.copy(python, root / "usr/bin" / "python3")
+    shutil.copytree(
+        stdlib,
+        root / stdlib.relative_to("/"),
+        ignore=lambda d, names: [n for n in names if n in PY_SKIP or n.startswith("config-") or n == "site-packages"],
+        symlinks=True,
+    )
+    shutil.copytree(repo / "nbdserve", root / "opt/nbdserve/nbdserve", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in PY_PACKAGES:
+        spec = importlib.util.find_spec(name)
+        src = Path(spec.origin).parent
+        shutil.copytree(src, root / "opt/nbdserve" / name, ignore=shutil.ignore_patterns("__pycache__"))
+        for meta in src.parent.glob(f"{name}-*.dist-info"):  # importlib.metadata asks for versions
+            shutil.copytree(meta, root / "opt/nbdserve" / meta.name)
+    objects = [python, *root.rglob("*.so")]
+    libs: set[Path] = set()
+    for obj in objects:
+        for line in run("ldd", obj, check=False).stdout.splitlines():
+            m = re.search(r"(/\S+) \(0x", line)
+            if m:
+                libs.add(Path(m.group(1)))
+    for lib in libs:
+        target = root / lib.relative_to("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(lib.resolve(), target)
+    size_mib = 64 + sum(f.stat().st_size for f in root.rglob("*") if f.is_file()) // MiB
+    img = work / "python.raw"
+    run("mke2fs", "-q", "-t", "ext4", "-F", "-d", root, img, f"{size_mib}M", timeout=300)
+    return img
+
+
+def build_data_disk(work: Path, files: dict[str, Path], size_mib: int) -> Path:
+    """A raw ext4 image holding ``files`` (name in the filesystem root -> host file)."""
+    root = work / "dataroot"
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir()
+    for name, src in files.items():
+        shutil.copy(src, root / name)
+    img = work / "data.raw"
     run("mke2fs", "-q", "-t", "ext4", "-F", "-d", root, img, f"{size_mib}M")
     return img
 
@@ -399,6 +462,7 @@ def run_vm(
     scenario: str,
     *,
     disk_uri: str | None = None,
+    disks: tuple[Path, ...] = (),
     tls_creds: Path | None = None,
     net: bool = False,
     params: dict[str, str] | None = None,
@@ -417,6 +481,8 @@ def run_vm(
         cmd += ["-drive", f"driver=raw,{nbd},file.export={u.path[1:]},file.tls-creds=tls0,if=virtio"]
     elif disk_uri:
         cmd += ["-drive", f"file={disk_uri},format=raw,if=virtio"]
+    for d in disks:  # raw files as further virtio disks (/dev/vda, /dev/vdb, ... after the NBD one)
+        cmd += ["-drive", f"file={d},format=raw,if=virtio"]
     if net:
         cmd += ["-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0,romfile="]
     t0 = time.monotonic()

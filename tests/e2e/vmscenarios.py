@@ -21,6 +21,8 @@ from vmkit import (
     MiB,
     Seed,
     VmResult,
+    build_data_disk,
+    build_python_disk,
     build_rootfs,
     convert,
     create_image,
@@ -37,7 +39,7 @@ from vmkit import (
     to_raw,
 )
 
-from tests.util import merged_map, run
+from tests.util import REPO, merged_map, run
 
 # What a TRIM of an 8 MiB-aligned range does, by server and format.  "hole": the range reads back
 # as zeroes and is a hole in the served map, and in `qemu-img map` for the formats whose QEMU driver
@@ -130,6 +132,31 @@ def attach_scenario(work: Path, guest: Guest, fmt: str) -> VmResult:
         if fmt in QEMU_MAPS_HOLES:
             hole = reads_as_hole(image_map(image, fmt), 48 * MiB, 56 * MiB)
             res.host_check(hole, f"{fmt}: qemu-img map does not report the discarded [48M, 56M) as a hole")
+    return res
+
+
+def connect_scenario(work: Path, guest: Guest, fmt: str) -> VmResult:
+    """nbdserve inside the guest: ``-c /dev/nbd0`` on an image holding a seeded ext4 filesystem,
+    mount, verify, write, unmount, ``-d``; then the image is checked on the host."""
+    seed = Seed.make()
+    raw = build_rootfs(work, seed)
+    image = work / f"disk.{fmt}"
+    if fmt == "raw":
+        shutil.move(raw, image)
+    else:
+        convert(raw, "raw", image, fmt)
+    python = build_python_disk(work, REPO)
+    data = build_data_disk(work, {image.name: image}, 192)
+    res = run_vm(work, guest.kernel, guest.initrd, "connect", disks=(python, data), params={"format": fmt})
+    res.expect_ok("connect")
+    back = work / f"back.{fmt}"
+    back.unlink(missing_ok=True)
+    run("debugfs", "-R", f"dump /{image.name} {back}", data)
+    size = json.loads(run("qemu-img", "info", "--output=json", "-f", fmt, back).stdout)["virtual-size"]
+    res.host_check(res.info.get("size") == str(size), f"the guest saw {res.info.get('size')} bytes, not {size}")
+    check = _dumper(res, work, _check_filesystem(res, back, fmt))
+    check("/e2e/written.bin", guest_data()[: 3 * MiB])
+    check("/seed/b.bin", seed.files["seed/b.bin"])
     return res
 
 
