@@ -1,18 +1,31 @@
 """Command line -> ``ServerConfig`` -> ``server.app.run``.  No serving logic lives here.
 
-Flags follow qemu-nbd where it has one (``-p -b -k -x -f -r -D -e -t -s -l --fork --pid-file``,
-``--object``, ``--tls-creds``, ``--tls-authz``); ``--export``, ``--config``, ``--stdio``,
-``--cache-size``, ``--tls``, ``--tls-verify-peer``, ``--tls-psk``, ``--allow`` and ``--refuse-as``
-are nbdserve's own.  With no image at
-all, a sparse demo image is created and served.
+Two personalities share one parser:
+  * ``nbdserve``: nbdserve's defaults.  Listens on 127.0.0.1, serves until stopped, prints the
+    URI of every export at start, refuses a client over the ``-e`` limit with a reason.
+  * ``qemu-nbd`` (the ``nbdserve-qemu-nbd`` command, or any program name ending in ``qemu-nbd``):
+    qemu-nbd's defaults and exit behaviour for scripts written for it.  Listens on 0.0.0.0; ``-e``
+    defaults to 1 and a client over the limit waits in the listen queue until a slot frees;
+    without ``-t`` the server exits once the last client that completed a handshake leaves;
+    ``--discard`` defaults to ``ignore``; nothing is printed at start; ``-c`` goes to the
+    background unless ``-v``; usage errors exit with status 1.
+
+``QEMU_NBD_OPTIONS`` is the table of every option qemu-nbd 7.2 lists in ``--help`` (and those
+later versions added) and what nbdserve does with it; the tests run every row.  Every other
+option is nbdserve's own (from nbdkit where it has one: ``--run``, ``--exit-with-parent``,
+``--print-uri``, ``-U -``).  Abbreviated long options are not accepted.
+
+Exit status: 0 served and stopped cleanly (or ``-L``/``-d`` succeeded); 1 a start-up failure
+(an image, a socket, credentials) or a qemu-nbd-style usage error; 2 an nbdserve usage or
+configuration error; with ``--run``, the command's status (128 + N if signal N killed it).
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
+from dataclasses import dataclass
 
 from . import __version__
 from .config import (
@@ -29,29 +42,128 @@ from .config import (
     tls_settings,
     validate,
 )
-from .objects import ObjectError, ObjectTable
+from .logsetup import DESTINATIONS
+from .objects import ObjectError, ObjectTable, split_options
 from .server.tls import PSK_PYTHON_TEXT
+from .server.view import CACHE_MODES, DETECT_ZEROES_MODES, DISCARD_MODES
 
 DEMO_SIZE = 1 << 30
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="nbdserve",
-        description="Serve disk images (raw, qcow2, qed, vpc, vhdx, vmdk, vdi) over the NBD protocol.",
-        epilog="With no IMAGE, --export or --config, a sparse 1 GiB demo image is created and served.",
+@dataclass(frozen=True)
+class QemuOption:
+    """One qemu-nbd option: its spellings, ``implemented`` or ``refused``, and what it does here."""
+
+    flags: tuple[str, ...]
+    status: str
+    meaning: str
+
+
+QEMU_NBD_OPTIONS: tuple[QemuOption, ...] = (
+    QemuOption(("-h", "--help"), "implemented", "print the options and exit"),
+    QemuOption(("-V", "--version"), "implemented", "print the version and exit"),
+    QemuOption(("-p", "--port"), "implemented", "TCP port to listen on (or, with -L, to connect to)"),
+    QemuOption(("-b", "--bind"), "implemented", "address to listen on (or, with -L, to connect to)"),
+    QemuOption(("-k", "--socket"), "implemented", "Unix socket path (- : a private one in a temporary directory)"),
+    QemuOption(("-e", "--shared"), "implemented", "clients at once; qemu-nbd way: the next one waits"),
+    QemuOption(("-t", "--persistent"), "implemented", "keep serving after the last client (nbdserve's default)"),
+    QemuOption(("-v", "--verbose"), "implemented", "log more; with -c, stay in the foreground"),
+    QemuOption(("-x", "--export-name"), "implemented", "export name"),
+    QemuOption(("-D", "--description"), "implemented", "export description"),
+    QemuOption(("-o", "--offset"), "implemented", "the export starts OFFSET bytes into the image"),
+    QemuOption(("-A", "--allocation-depth"), "implemented", "qemu:allocation-depth (always offered)"),
+    QemuOption(
+        ("-B", "--bitmap"),
+        "refused",
+        "persistent dirty bitmaps are not served yet: -B would expose no bitmap, so it is refused",
+    ),
+    QemuOption(("-L", "--list"), "implemented", "list the exports of an NBD server"),
+    QemuOption(("--object",), "implemented", "tls-creds-x509, tls-creds-psk, authz-simple objects"),
+    QemuOption(("--tls-creds",), "implemented", "TLS credentials (an --object id, or a directory)"),
+    QemuOption(("--tls-authz",), "implemented", "only this authz-simple identity may connect"),
+    QemuOption(("--tls-hostname",), "implemented", "with -L: the name the server's certificate must carry"),
+    QemuOption(("-T", "--trace"), "implemented", "log filter: lower-level messages matching the pattern are logged"),
+    QemuOption(("--fork",), "implemented", "go to the background once serving; the parent exits 0"),
+    QemuOption(("--pid-file",), "implemented", "write the server's pid"),
+    QemuOption(
+        ("--selinux-label",),
+        "refused",
+        "nbdserve does not set SELinux labels on its socket; label the directory with semanage fcontext",
+    ),
+    QemuOption(("-c", "--connect"), "implemented", "attach the image to a kernel NBD device (/dev/nbdX)"),
+    QemuOption(("-d", "--disconnect"), "implemented", "detach a kernel NBD device"),
+    QemuOption(("-f", "--format"), "implemented", "image format (raw, qcow2, qed, vpc, vhdx)"),
+    QemuOption(("-r", "--read-only"), "implemented", "serve read-only"),
+    QemuOption(("-s", "--snapshot"), "implemented", "writes go to a temporary overlay, discarded at exit"),
+    QemuOption(("-l", "--load-snapshot"), "implemented", "serve an internal qcow2 snapshot, read-only"),
+    QemuOption(("-n", "--nocache"), "implemented", "the same as --cache=none"),
+    QemuOption(("--cache",), "implemented", "none, writeback, writethrough, directsync, unsafe (QEMU's semantics)"),
+    QemuOption(("--aio",), "implemented", "threads, native (needs O_DIRECT, as in QEMU), io_uring: one I/O engine"),
+    QemuOption(("--discard",), "implemented", "ignore or unmap: whether TRIM deallocates"),
+    QemuOption(("--detect-zeroes",), "implemented", "off, on, unmap: all-zero writes become zero-writes"),
+    QemuOption(("--image-opts",), "implemented", "IMAGE is driver=FMT,file.filename=PATH[,...]"),
+    QemuOption(("--handshake-limit",), "implemented", "(QEMU 9.1) seconds a client has for its handshake"),
+)
+REFUSED = {f: o for o in QEMU_NBD_OPTIONS if o.status == "refused" for f in o.flags}
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (and qemu-nbd's exit status 1 when invoked that way)."""
+
+    def __init__(self, *a, qemu_nbd: bool = False, **kw) -> None:
+        super().__init__(*a, allow_abbrev=False, **kw)
+        self.qemu_nbd = qemu_nbd
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(1 if self.qemu_nbd else 2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def build_parser(qemu_nbd: bool = False) -> ArgumentParser:
+    prog = "qemu-nbd" if qemu_nbd else "nbdserve"
+    p = ArgumentParser(
+        prog=prog,
+        qemu_nbd=qemu_nbd,
+        description="Serve disk images (raw, qcow2, qed, vpc, vhdx) over the NBD protocol.",
+        epilog="With no IMAGE, --export or --config, a sparse 1 GiB demo image is created and served. See nbdserve(8).",
     )
-    p.add_argument("image", nargs="?", metavar="IMAGE", help="image file to serve (export name: -x, default '')")
+    p.add_argument(
+        "image", nargs="?", metavar="IMAGE", help="image file to serve (export name: -x, default ''); with -d: DEVICE"
+    )
     g = p.add_argument_group("listening")
     g.add_argument("-p", "--port", type=int, help=f"TCP port (default {DEFAULT_PORT})")
-    g.add_argument("-b", "--bind", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
-    g.add_argument("-k", "--socket", metavar="PATH", help="listen on a Unix socket instead of TCP")
+    g.add_argument(
+        "-b", "--bind", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all; qemu-nbd way: 0.0.0.0)"
+    )
+    g.add_argument(
+        "-k",
+        "--socket",
+        "--unix",
+        metavar="PATH",
+        help="listen on a Unix socket instead of TCP; '-' (also '-U -'): a private socket in a temporary directory",
+    )
     g.add_argument("--stdio", action="store_true", help="serve one connection on stdin/stdout (a socket)")
-    g.add_argument("-e", "--shared", type=int, metavar="N", help="at most N clients at once (default 0: unlimited)")
-    g.add_argument("-t", "--persistent", action="store_true", help="keep serving after clients leave (the default)")
-    g.add_argument("--oneshot", action="store_true", help="exit when the last client disconnects")
-    g.add_argument("--fork", action="store_true", help="go to the background once listening")
-    g.add_argument("--pid-file", metavar="PATH", help="write the server's pid here")
+    g.add_argument(
+        "-e",
+        "--shared",
+        type=int,
+        metavar="N",
+        help="at most N clients at once (default 0: unlimited; qemu-nbd way: 1, and the next one waits)",
+    )
+    g.add_argument(
+        "-t", "--persistent", action="store_true", help="keep serving after the last client (nbdserve's default)"
+    )
+    g.add_argument("--oneshot", action="store_true", help="exit once the last client has disconnected")
+    g.add_argument("--fork", action="store_true", help="go to the background once serving")
+    g.add_argument("--pid-file", metavar="PATH", help="write the server's pid here (removed at exit)")
+    g = p.add_argument_group("short-lived servers (as nbdkit has them)")
+    g.add_argument(
+        "--run",
+        metavar="CMD",
+        help="run the shell command CMD once serving ($uri, $nbd, $port, $unixsocket, $exportname, $tls set); "
+        "stop when it exits, with its exit status",
+    )
+    g.add_argument("--exit-with-parent", action="store_true", help="exit when the parent process exits")
+    g.add_argument("--print-uri", action="store_true", help="print the URI of the (first) export on stdout")
     g = p.add_argument_group("the image given as IMAGE")
     g.add_argument("-x", "--export-name", default="", metavar="NAME", help="export name (default '')")
     g.add_argument(
@@ -60,10 +172,21 @@ def build_parser() -> argparse.ArgumentParser:
         choices=FORMATS,
         help="image format (default: probe; raw needs -f raw for images with another format's magic)",
     )
+    g.add_argument(
+        "--image-opts",
+        action="store_true",
+        help="IMAGE is qemu's option string: driver=FMT,file.filename=PATH[,read-only=on][,cache.direct=on]...",
+    )
     g.add_argument("-r", "--read-only", action="store_true", help="serve read-only")
     g.add_argument("-D", "--description", default="", help="export description shown to clients")
     g.add_argument("-s", "--snapshot", action="store_true", help="write to a temporary overlay, discarded at exit")
-    g.add_argument("-l", "--load-snapshot", metavar="NAME", help="serve a qcow2 internal snapshot (read-only)")
+    g.add_argument(
+        "-l",
+        "--load-snapshot",
+        metavar="SNAPSHOT",
+        help="serve a qcow2 internal snapshot (read-only): ID_OR_NAME or snapshot.id=ID / snapshot.name=NAME",
+    )
+    g.add_argument("-o", "--offset", type=parse_size, metavar="OFFSET", help="serve the image from this offset on")
     g.add_argument("--vpc-size", choices=("auto", "chs", "current"), default="auto", help="VHD virtual size rule")
     g.add_argument(
         "--repair",
@@ -76,15 +199,40 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "-A", "--allocation-depth", action="store_true", help="accepted for qemu-nbd compatibility (always on)"
     )
+    g.add_argument(
+        "--cache",
+        choices=CACHE_MODES,
+        help="writeback (default): FLUSH/FUA make writes durable; writethrough: every write is; none, directsync: "
+        "the same with O_DIRECT; unsafe: FLUSH and FUA do nothing",
+    )
+    g.add_argument("-n", "--nocache", action="store_true", help="the same as --cache=none")
+    g.add_argument(
+        "--aio", choices=("threads", "native", "io_uring"), help="accepted (native needs --cache=none or directsync)"
+    )
+    g.add_argument(
+        "--discard", choices=DISCARD_MODES, help="unmap (default): TRIM deallocates; ignore: TRIM does nothing"
+    )
+    g.add_argument(
+        "--detect-zeroes",
+        choices=DETECT_ZEROES_MODES,
+        help="all-zero writes become zero-writes (unmap: may deallocate)",
+    )
     g = p.add_argument_group("many exports")
     g.add_argument(
         "--export",
         action="append",
         default=[],
-        metavar="NAME=PATH[,format=F][,readonly]",
-        help="add an export (repeatable)",
+        metavar="NAME=PATH[,KEY=VALUE]...",
+        help="add an export (repeatable; keys as in [[export]] of the config file, e.g. format=qcow2,readonly)",
     )
-    g.add_argument("--config", metavar="FILE.toml", help="read [server] settings and [[export]] tables")
+    g.add_argument(
+        "--config", metavar="FILE.toml", help="read [server] settings and [[export]] tables (re-read on SIGHUP)"
+    )
+    g = p.add_argument_group("the kernel's NBD client, and other servers")
+    g.add_argument("-c", "--connect", metavar="DEVICE", help="attach IMAGE to the kernel NBD device DEVICE (/dev/nbdX)")
+    g.add_argument("-d", "--disconnect", action="store_true", help="detach the kernel NBD device given as DEVICE")
+    g.add_argument("-L", "--list", action="store_true", help="list the exports of the server at -b/-p or -k")
+    g.add_argument("--tls-hostname", metavar="NAME", help="with -L: the host name the server's certificate names")
     g = p.add_argument_group(
         "TLS and access control",
         "Off by default. --tls-creds or --tls-psk turns TLS on, required for every option (FORCEDTLS) "
@@ -150,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--handshake-timeout",
+        "--handshake-limit",
         type=float,
         metavar="SECONDS",
         help="drop clients that have not finished the handshake (default 10)",
@@ -158,8 +307,30 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-options", type=int, metavar="N", help="options allowed per handshake (default 32 + 4 per export)"
     )
     g.add_argument("--max-option-length", type=parse_size, metavar="SIZE", help="largest option accepted (default 64K)")
+    g = p.add_argument_group("logging and monitoring")
     g.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv for every request error)")
     g.add_argument("-q", "--quiet", action="store_true", help="log only errors")
+    g.add_argument(
+        "--log",
+        metavar="DEST",
+        help=f"where logs go: {', '.join(DESTINATIONS)} or a FILE path (default auto: stderr; once --fork "
+        "has detached, the journal or syslog)",
+    )
+    g.add_argument("--log-format", choices=("text", "json"), help="text (default) or one JSON object a line")
+    g.add_argument(
+        "-T",
+        "--trace",
+        action="append",
+        default=[],
+        metavar="[enable=]PATTERN[,events=FILE][,file=FILE]",
+        help="also log lower-level messages matching PATTERN (shell-style); events=FILE: patterns from FILE; "
+        "file=FILE: log to FILE",
+    )
+    g.add_argument(
+        "--metrics", metavar="ADDR:PORT", help="serve Prometheus metrics at http://ADDR:PORT/metrics (off by default)"
+    )
+    g.add_argument("--selinux-label", metavar="LABEL", help=argparse.SUPPRESS)
+    g.add_argument("-B", "--bitmap", action="append", default=[], metavar="NAME", help=argparse.SUPPRESS)
     p.add_argument("-V", "--version", action="version", version=f"nbdserve {__version__}")
     return p
 
@@ -177,37 +348,158 @@ def demo_image() -> str:
     return path
 
 
-def config_from_args(args: argparse.Namespace) -> ServerConfig:
-    base = ServerConfig()
+# --image-opts keys (QEMU's spelling) -> ExportConfig fields and how to read the value.
+_IMAGE_OPTS = {
+    "driver": ("format", str),
+    "file.filename": ("path", str),
+    "file": ("path", str),
+    "filename": ("path", str),
+    "file.driver": (None, "file"),
+    "read-only": ("readonly", bool),
+    "cache.direct": ("cache_direct", bool),
+    "cache.no-flush": ("cache_no_flush", bool),
+    "discard": ("discard", str),
+    "detect-zeroes": ("detect_zeroes", str),
+    "file.aio": ("aio", str),
+    "offset": ("offset", int),
+}
+_ON, _OFF = ("on", "yes", "true"), ("off", "no", "false")
+
+
+def parse_image_opts(text: str) -> dict:
+    """``--image-opts`` IMAGE: ``driver=FMT,file.filename=PATH[,read-only=on][,cache.direct=on]
+    [,cache.no-flush=on][,discard=unmap][,detect-zeroes=on][,offset=N]`` -> ExportConfig fields
+    (``,,`` is a comma).  An unknown key is refused in one line."""
+    out: dict = {}
+    for item in split_options(text):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ConfigError(f"--image-opts: {item!r} is not key=value")
+        spec = _IMAGE_OPTS.get(key)
+        if spec is None:
+            raise ConfigError(f"--image-opts: option {key!r} is not supported (known: {', '.join(_IMAGE_OPTS)})")
+        name, kind = spec
+        if kind == "file":
+            if value not in ("file", "host_device"):
+                raise ConfigError(f"--image-opts: file.driver={value!r}: only local files (file, host_device)")
+            continue
+        if kind is bool:
+            if value.lower() not in _ON + _OFF:
+                raise ConfigError(f"--image-opts: {key}={value!r} is not on or off")
+            value = value.lower() in _ON
+        elif kind is int:
+            value = parse_size(value)
+        if name in out:
+            raise ConfigError(f"--image-opts: {key} given twice")
+        out[name] = value
+    if "path" not in out:
+        raise ConfigError("--image-opts needs file.filename=PATH")
+    if out.get("format") == "file":
+        out["format"] = "raw"
+    direct, no_flush = out.pop("cache_direct", False), out.pop("cache_no_flush", False)
+    if direct or no_flush:
+        out["cache"] = "unsafe" if no_flush else "none"
+    return out
+
+
+def _load_snapshot(text: str | None) -> str | None:
+    """``-l``: ``ID_OR_NAME`` or qemu-nbd's ``snapshot.id=ID[,snapshot.name=NAME]``."""
+    if text is None or not text.startswith("snapshot."):
+        return text
+    props = {}
+    for item in split_options(text):
+        key, eq, value = item.partition("=")
+        if key not in ("snapshot.id", "snapshot.name") or not eq:
+            raise ConfigError(f"-l {text!r}: expected snapshot.id=ID or snapshot.name=NAME")
+        props[key] = value
+    return props.get("snapshot.id") or props.get("snapshot.name")
+
+
+def _trace(items: list[str]) -> tuple[tuple[str, ...], str | None]:
+    """``-T`` values -> (patterns, log file or None)."""
+    patterns: list[str] = []
+    log_file = None
+    for text in items:
+        for item in split_options(text):
+            key, eq, value = item.partition("=")
+            if not eq:
+                patterns.append(key)
+            elif key == "enable":
+                patterns.append(value)
+            elif key == "events":
+                try:
+                    with open(value) as f:
+                        patterns += [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
+                except OSError as e:
+                    raise ConfigError(f"-T events={value}: {e.strerror}") from None
+            elif key == "file":
+                log_file = value
+            else:
+                raise ConfigError(f"-T {text!r}: unknown key {key!r} (enable=, events=, file=)")
+    return tuple(patterns), log_file
+
+
+def _refuse(args: argparse.Namespace) -> None:
+    """Options nbdserve knows but does not do: refused with the reason from the table."""
+    if args.selinux_label is not None:
+        raise ConfigError(f"--selinux-label: {REFUSED['--selinux-label'].meaning}")
+    if args.bitmap:
+        raise ConfigError(f"-B/--bitmap: {REFUSED['--bitmap'].meaning}")
+
+
+def config_from_args(args: argparse.Namespace, qemu_nbd: bool = False) -> ServerConfig:
+    _refuse(args)
+    if args.tls_hostname is not None and not args.list:
+        raise ConfigError("--tls-hostname applies to -L (listing another server's exports) only")
+    base = ServerConfig(qemu_nbd=qemu_nbd)
+    if qemu_nbd:
+        base = merge(base, bind="0.0.0.0", shared=1, at_limit="wait", oneshot=not args.persistent)
     exports: list[ExportConfig] = []
     if args.config:
         server, file_exports = load_toml(args.config)
-        base = merge(base, **server)
+        base = merge(base, config_file=args.config, **server)
         exports += file_exports
     exports += [parse_export_spec(s) for s in args.export]
     demo = False
     if args.image is None and not exports:
+        if qemu_nbd:
+            raise ConfigError("Invalid number of arguments: give the image FILE")
         args.image, demo = demo_image(), True
+    io = {
+        "cache": "none" if args.nocache and args.cache is None else args.cache,
+        "aio": args.aio,
+        "discard": args.discard or ("ignore" if qemu_nbd else None),
+        "detect_zeroes": args.detect_zeroes,
+        "offset": args.offset,
+    }
     if args.image is not None:
+        opts = parse_image_opts(args.image) if args.image_opts else {"path": args.image}
+        if args.image_opts and args.format:
+            raise ConfigError("--image-opts names the format (driver=...); -f is not allowed with it")
+        fields = {k: v for k, v in io.items() if v is not None}
+        fields.update({k: v for k, v in opts.items() if k not in ("path", "format", "readonly")})
         exports.append(
             ExportConfig(
                 name=args.export_name,
-                path=args.image,
-                format=args.format,
-                readonly=args.read_only,
+                path=opts["path"],
+                format=opts.get("format", args.format),
+                readonly=args.read_only or opts.get("readonly", False),
                 description=args.description or ("nbdserve demo image" if demo else ""),
                 snapshot=args.snapshot,
-                load_snapshot=args.load_snapshot,
+                load_snapshot=_load_snapshot(args.load_snapshot),
                 vpc_size=args.vpc_size,
                 repair=args.repair,
+                **fields,
             )
         )
+    patterns, trace_file = _trace(args.trace)
+    socket_path = args.socket
     cfg = merge(
         base,
         exports=tuple(exports),
         port=args.port,
         bind=args.bind,
-        socket=args.socket,
+        socket=socket_path,
         shared=args.shared,
         pid_file=args.pid_file,
         cache_size=args.cache_size,
@@ -219,6 +511,14 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         tls_psk_file=args.tls_psk,
         allow=tuple(args.allow) or None,
         refuse_as=args.refuse_as,
+        run=args.run,
+        exit_with_parent=args.exit_with_parent or None,
+        print_uri=args.print_uri or None,
+        connect_device=args.connect,
+        metrics=args.metrics,
+        log=trace_file or args.log,
+        log_format=args.log_format,
+        trace=patterns or None,
     )
     try:
         objects = ObjectTable(args.object)
@@ -226,11 +526,15 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         raise ConfigError(str(e)) from None
     cfg = merge(cfg, **tls_settings(objects, args.tls_creds, args.tls_authz))
     cfg = merge(cfg, tls_verify_peer=args.tls_verify_peer)
+    if args.connect is not None:
+        # qemu-nbd -c: a private socket, one client (the kernel), gone when it leaves; in the
+        # background unless -v.
+        cfg = merge(cfg, socket=cfg.socket or "-", shared=1, oneshot=True, fork=not args.verbose or args.fork)
     return validate(
         merge(
             cfg,
             stdio=args.stdio,
-            fork=args.fork,
+            fork=args.fork or None,
             oneshot=args.oneshot or None,
             verbose=args.verbose,
             quiet=args.quiet,
@@ -239,19 +543,48 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     )
 
 
-def setup_logging(cfg: ServerConfig) -> None:
-    level = logging.ERROR if cfg.quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(cfg.verbose, 2)]
-    logging.basicConfig(level=level, format="nbdserve: %(message)s", stream=sys.stderr)
+def _nbdkit_spelling(argv: list[str]) -> list[str]:
+    """nbdkit's ``-U -`` (a private Unix socket) as ``--socket -`` (``-U`` alone is not an option)."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] == "-U" and i + 1 < len(argv) and argv[i + 1] == "-":
+            out += ["--socket", "-"]
+            i += 2
+            continue
+        out.append(argv[i])
+        i += 1
+    return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def is_qemu_nbd(prog: str) -> bool:
+    return os.path.basename(prog).endswith("qemu-nbd")
+
+
+def main(argv: list[str] | None = None, *, qemu_nbd: bool | None = None) -> int:
+    if qemu_nbd is None:
+        qemu_nbd = is_qemu_nbd(sys.argv[0])
+    parser = build_parser(qemu_nbd)
+    args = parser.parse_args(_nbdkit_spelling(sys.argv[1:] if argv is None else argv))
+    bad = 1 if qemu_nbd else 2
+    prog = parser.prog
+    if args.list or args.disconnect:
+        from .server.tools import disconnect_device, list_exports
+
+        try:
+            return list_exports(args) if args.list else disconnect_device(args)
+        except ConfigError as e:
+            print(f"{prog}: {e}", file=sys.stderr)
+            return bad
     try:
-        cfg = config_from_args(args)
+        cfg = config_from_args(args, qemu_nbd)
     except ConfigError as e:
-        print(f"nbdserve: {e}", file=sys.stderr)
-        return 2
-    setup_logging(cfg)
+        print(f"{prog}: {e}", file=sys.stderr)
+        return bad
     from .server.app import run
 
-    return run(cfg)
+    return run(cfg, reconfigure=lambda: config_from_args(args, qemu_nbd))
+
+
+def qemu_nbd_main() -> int:
+    """The ``nbdserve-qemu-nbd`` command: nbdserve with qemu-nbd's defaults."""
+    return main(qemu_nbd=True)

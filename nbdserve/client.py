@@ -187,7 +187,9 @@ class Client:
     def _info_or_go(self, opt: int, name: str) -> ExportInfo:
         raw = name.encode()
         wanted = (C.INFO_DESCRIPTION, C.INFO_BLOCK_SIZE)
-        self._send_option(opt, struct.pack(">I", len(raw)) + raw + struct.pack(f">H{len(wanted)}H", len(wanted), *wanted))
+        self._send_option(
+            opt, struct.pack(">I", len(raw)) + raw + struct.pack(f">H{len(wanted)}H", len(wanted), *wanted)
+        )
         info = ExportInfo(name)
         seen_export = False
         while True:

@@ -7,11 +7,13 @@ image (in that order).  Export names must be unique.  Nothing here opens files o
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
-from typing import Any
+from typing import Any, get_args, get_origin, get_type_hints
 
 from .authz import AccessRules, RuleError
 from .cache import DEFAULT_CACHE_SIZE
@@ -42,6 +44,12 @@ class ExportConfig:
     allow: tuple[str, ...] = ()  # allow-list entries (see nbdserve.authz); empty: everyone
     tls_authz: tuple[str, ...] = ()  # TLS identities allowed (DNs or PSK usernames); empty: any
     max_connections: int = 0  # simultaneous connections to this export, 0 = unlimited
+    # How the export presents its image (qemu-nbd's options; see nbdserve.server.view)
+    cache: str = "writeback"  # writeback | writethrough | none | directsync | unsafe
+    aio: str = "threads"  # threads | native | io_uring: accepted; nbdserve has one I/O engine
+    discard: str = "unmap"  # unmap: TRIM deallocates; ignore: TRIM does nothing
+    detect_zeroes: str = "off"  # off | on | unmap: all-zero WRITEs become WRITE_ZEROES
+    offset: int = 0  # -o: the export starts this many bytes into the image
 
 
 @dataclass(frozen=True)
@@ -73,6 +81,20 @@ class ServerConfig:
     tls_authz: tuple[str, ...] = ()  # TLS identities allowed to connect at all; empty: any
     allow: tuple[str, ...] = ()  # server-wide allow list (see nbdserve.authz); empty: everyone
     refuse_as: str = "policy"  # a refused export answers ERR_POLICY ("policy") or looks absent ("unknown")
+    # Running it (see nbdserve.server.app)
+    config_file: str | None = None  # --config: re-read on SIGHUP
+    reload_grace: float = 30.0  # seconds the clients of a removed export keep it after a reload
+    require_exports: str = "any"  # READY=1 once "any" export is open, or only once "all" are
+    at_limit: str = "refuse"  # at the -e limit: "refuse" the next client, or let it "wait" (qemu-nbd)
+    qemu_nbd: bool = False  # invoked the qemu-nbd way: its defaults and output (see nbdserve.cli)
+    run: str | None = None  # --run CMD: serve while CMD runs, exit with its status
+    exit_with_parent: bool = False
+    print_uri: bool = False
+    connect_device: str | None = None  # -c: attach the export to this kernel NBD device
+    metrics: str | None = None  # --metrics ADDR:PORT: Prometheus endpoint
+    log: str = "auto"  # stderr | syslog | journal | null | FILE (see nbdserve.logsetup)
+    log_format: str = "text"  # text | json
+    trace: tuple[str, ...] = ()  # -T patterns: lower-level messages that match are logged too
 
     def option_limit(self) -> int:
         return self.max_options or 32 + 4 * len(self.exports)
@@ -107,118 +129,212 @@ def parse_size(text: str | int) -> int:
 
 
 def parse_export_spec(spec: str) -> ExportConfig:
-    """``NAME=PATH[,format=F][,readonly][,description=TEXT][,snapshot][,repair=MODE]``."""
+    """``NAME=PATH[,KEY[=VALUE]]...``: every ``[[export]]`` key of the config file, checked by the
+    same schema (``readonly``/``ro``, ``snapshot`` and other booleans may stand alone for true)."""
     if "=" not in spec:
         raise ConfigError(f"--export {spec!r}: expected NAME=PATH[,format=F][,readonly]")
     name, rest = spec.split("=", 1)
     path, *opts = rest.split(",")
-    kw: dict[str, Any] = {}
+    table: dict[str, Any] = {"name": name, "path": path}
     for opt in opts:
-        key, _, value = opt.partition("=")
-        if key == "format":
-            kw["format"] = value
-        elif key in ("readonly", "ro"):
-            kw["readonly"] = True
-        elif key == "description":
-            kw["description"] = value
-        elif key == "snapshot":
-            kw["snapshot"] = True
-        elif key == "load-snapshot":
-            kw["load_snapshot"] = value
-        elif key == "repair":
-            kw["repair"] = value
-        elif key == "tls":
-            kw["tls"] = value
-        elif key == "max-connections":
-            kw["max_connections"] = _int(value, f"--export {spec!r}: max-connections")
+        key, eq, value = opt.partition("=")
+        key = "readonly" if key == "ro" else key
+        field_name = key.replace("-", "_")
+        kind = EXPORT_SCHEMA.get(key)
+        if kind is None or key in ("name", "path"):
+            raise ConfigError(f"--export {spec!r}: unknown option {key!r}{_suggest(key, EXPORT_SCHEMA)}")
+        if kind is bool:
+            if eq and value.lower() not in ("on", "off", "true", "false", "yes", "no"):
+                raise ConfigError(f"--export {spec!r}: {key}={value!r} is not on or off")
+            table[field_name] = not eq or value.lower() in ("on", "true", "yes")
+        elif kind is _STRINGS:
+            table[field_name] = (*table.get(field_name, ()), value)
+        elif kind in (int, float):
+            try:
+                table[field_name] = kind(value)
+            except ValueError:
+                raise ConfigError(f"--export {spec!r}: {key}: not a number: {value!r}") from None
+        elif kind is _SIZE_T:
+            table[field_name] = parse_size(value)
         else:
-            raise ConfigError(f"--export {spec!r}: unknown option {key!r}")
-    return ExportConfig(name=name, path=path, **kw)
+            table[field_name] = value
+    return ExportConfig(**table)
 
 
-def _int(text: str, what: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise ConfigError(f"{what}: not a number: {text!r}") from None
+# -- the config file's schema ---------------------------------------------------------------------
+# Each key's type comes from the dataclass field it sets; a few fields read differently from TOML:
+# sizes take "64M" as well as a number, and string lists take a single string too.
+
+_SIZE_T = "size"
+_STRINGS = "strings"
+_SIZE_FIELDS = frozenset({"cache_size", "max_option_length", "max_inflight_bytes", "offset"})
+# [server] keys: ServerConfig fields a config file may set (the rest are command-line only).
+_SERVER_FIELDS = (
+    "bind",
+    "port",
+    "socket",
+    "shared",
+    "backlog",
+    "oneshot",
+    "pid_file",
+    "cache_size",
+    "backing_dirs",
+    "handshake_timeout",
+    "max_options",
+    "max_option_length",
+    "max_requests",
+    "max_inflight_bytes",
+    "tls",
+    "tls_creds",
+    "tls_psk_file",
+    "tls_verify_peer",
+    "tls_authz",
+    "allow",
+    "refuse_as",
+    "reload_grace",
+    "require_exports",
+    "metrics",
+    "log",
+    "log_format",
+)
 
 
-def _strings(value: Any) -> tuple[str, ...]:
-    """A TOML string or list of strings as a tuple."""
-    items = [value] if isinstance(value, str) else value
-    if not isinstance(items, list | tuple) or not all(isinstance(v, str) for v in items):
-        raise ConfigError(f"expected a string or a list of strings, not {value!r}")
-    return tuple(items)
+def _kind(cls: type, name: str) -> Any:
+    if name in _SIZE_FIELDS:
+        return _SIZE_T
+    hint = get_type_hints(cls)[name]
+    args = [a for a in get_args(hint) if a is not type(None)]
+    if get_origin(hint) is tuple or (args and get_origin(args[0]) is tuple):
+        return _STRINGS
+    if args:  # X | None
+        return args[0]
+    return hint
 
 
-def _bool(value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(f"expected true or false, not {value!r}")
+def _schema(cls: type, names: list[str]) -> dict[str, Any]:
+    known = {f.name for f in fields(cls)}
+    return {n.replace("_", "-"): _kind(cls, n) for n in names if n in known}
+
+
+EXPORT_SCHEMA = _schema(ExportConfig, [f.name for f in fields(ExportConfig)])
+SERVER_SCHEMA = _schema(ServerConfig, _SERVER_FIELDS)
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+_TYPE_NAMES.update({_SIZE_T: 'a size (a number of bytes, or "64M")', _STRINGS: "a string or a list of strings"})
+
+
+def _suggest(key: str, schema: dict[str, Any]) -> str:
+    close = difflib.get_close_matches(key, list(schema), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _convert(value: Any, kind: Any) -> Any:
+    """``value`` as ``kind`` or ConfigError; no coercion (``"false"`` is not a boolean)."""
+    ok = False
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif kind is str:
+        ok = isinstance(value, str)
+    elif kind is _SIZE_T:
+        if isinstance(value, str):
+            return parse_size(value)
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind is _STRINGS:
+        items = [value] if isinstance(value, str) else value
+        ok = isinstance(items, list) and all(isinstance(v, str) for v in items)
+        value = tuple(items) if ok else value
+    if not ok:
+        shown = f'"{value}"' if isinstance(value, str) else str(value).lower() if isinstance(value, bool) else value
+        raise ConfigError(f"expected {_TYPE_NAMES[kind]}, not {shown}")
     return value
 
 
-def _export_from_table(t: dict[str, Any], where: str) -> ExportConfig:
-    known = {f.name.replace("_", "-"): f.name for f in fields(ExportConfig)}
-    kw = {}
+_HEADER = re.compile(r"^\s*(\[\[?)\s*([A-Za-z0-9_.-]+)\s*\]")
+_KEY = re.compile(r"""^\s*("[^"]*"|'[^']*'|[A-Za-z0-9_-]+)\s*=""")
+
+
+def key_lines(text: str) -> dict[tuple[str, int, str], int]:
+    """Where each key is: (table, index among tables of that name, key) -> line number (1-based).
+    tomllib keeps no positions; this scans the lines (keys of inline tables are not found)."""
+    out: dict[tuple[str, int, str], int] = {}
+    counts: dict[str, int] = {}
+    table, index = "", 0
+    for n, line in enumerate(text.splitlines(), 1):
+        m = _HEADER.match(line)
+        if m:
+            table = m.group(2)
+            index = counts[table] = counts.get(table, -1) + 1 if m.group(1) == "[[" else 0
+            out.setdefault((table, index, ""), n)
+            continue
+        m = _KEY.match(line)
+        if m:
+            out.setdefault((table, index, m.group(1).strip("\"'")), n)
+    return out
+
+
+def _table(
+    t: Any, schema: dict[str, Any], where: str, at: Callable[[str], str], required: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """Check one TOML table against ``schema``: field name -> converted value."""
+    if not isinstance(t, dict):
+        raise ConfigError(f"{at('')}{where}: expected a table")
+    out = {}
     for key, value in t.items():
-        if key not in known:
-            raise ConfigError(f"{where}: unknown export key {key!r}")
+        kind = schema.get(key)
+        if kind is None:
+            raise ConfigError(f"{at(key)}{where}: unknown key {key!r}{_suggest(key, schema)}")
         try:
-            kw[known[key]] = _strings(value) if key in ("allow", "tls-authz") else value
+            out[key.replace("-", "_")] = _convert(value, kind)
         except ConfigError as e:
-            raise ConfigError(f"{where}: {key}: {e}") from None
-    if "path" not in kw:
-        raise ConfigError(f"{where}: export needs a path")
-    kw.setdefault("name", "")
-    return ExportConfig(**kw)
-
-
-_SERVER_KEYS = {
-    "bind": str,
-    "port": int,
-    "socket": str,
-    "shared": int,
-    "oneshot": bool,
-    "pid-file": str,
-    "cache-size": parse_size,
-    "backing-dirs": tuple,
-    "handshake-timeout": float,
-    "max-options": int,
-    "max-option-length": parse_size,
-    "max-requests": int,
-    "max-inflight-bytes": parse_size,
-    "tls": str,
-    "tls-creds": str,
-    "tls-psk-file": str,
-    "tls-verify-peer": _bool,
-    "tls-authz": _strings,
-    "allow": _strings,
-    "refuse-as": str,
-}
+            raise ConfigError(f"{at(key)}{where} {key}: {e}") from None
+    for key in required:
+        if key not in t:
+            raise ConfigError(f"{at('')}{where}: {key} is missing")
+    return out
 
 
 def load_toml(path: str) -> tuple[dict[str, Any], list[ExportConfig]]:
-    """Read ``--config FILE``: (server settings by field name, exports)."""
+    """Read ``--config FILE``: (server settings by field name, exports).  Every mistake is a
+    ConfigError of one line naming the file, the line, the table and the key."""
     try:
         with open(path, "rb") as f:
-            doc = tomllib.load(f)
+            raw = f.read()
+        text = raw.decode("utf-8")
+        doc = tomllib.loads(text)
     except OSError as e:
         raise ConfigError(f"{path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: {e}") from None
-    server: dict[str, Any] = {}
-    for key, value in doc.get("server", {}).items():
-        conv = _SERVER_KEYS.get(key)
-        if conv is None:
-            raise ConfigError(f"{path}: unknown [server] key {key!r}")
-        try:
-            server[key.replace("-", "_")] = conv(value)
-        except ConfigError as e:
-            raise ConfigError(f"{path}: [server] {key}: {e}") from None
-    exports = [_export_from_table(t, f"{path}: [[export]] #{i + 1}") for i, t in enumerate(doc.get("export", []))]
-    unknown = set(doc) - {"server", "export"}
+    lines = key_lines(text)
+
+    def at(table: str, index: int) -> Callable[[str], str]:
+        def where(key: str) -> str:
+            n = lines.get((table, index, key)) or lines.get((table, index, ""))
+            return f"{path}:{n}: " if n else f"{path}: "
+
+        return where
+
+    unknown = sorted(set(doc) - {"server", "export"})
     if unknown:
-        raise ConfigError(f"{path}: unknown section(s) {', '.join(sorted(unknown))}")
+        n = lines.get((unknown[0], 0, "")) or lines.get(("", 0, unknown[0]))
+        raise ConfigError(
+            f"{path}:{n or '?'}: unknown table or key {unknown[0]!r} (the file has [server] and [[export]])"
+        )
+    server = _table(doc.get("server", {}), SERVER_SCHEMA, "[server]", at("server", 0))
+    exports_raw = doc.get("export", [])
+    if not isinstance(exports_raw, list):
+        raise ConfigError(f"{path}: export must be written [[export]] (a list of tables)")
+    exports = []
+    for i, t in enumerate(exports_raw):
+        kw = _table(t, EXPORT_SCHEMA, f"[[export]] #{i + 1}", at("export", i), required=("path",))
+        kw.setdefault("name", "")
+        exports.append(ExportConfig(**kw))
     return server, exports
 
 
@@ -236,6 +352,7 @@ def validate(cfg: ServerConfig) -> ServerConfig:
             raise ConfigError(f"export {e.name!r}: vpc-size must be auto, chs or current")
         if e.repair not in REPAIR_MODES:
             raise ConfigError(f"export {e.name!r}: repair must be one of {', '.join(REPAIR_MODES)}")
+        _validate_io(e)
     if not cfg.exports:
         raise ConfigError("nothing to serve: give an IMAGE, --export or --config")
     if cfg.stdio and (cfg.fork or cfg.socket):
@@ -244,8 +361,61 @@ def validate(cfg: ServerConfig) -> ServerConfig:
         raise ConfigError(f"port out of range: {cfg.port}")
     if cfg.max_requests < 1 or cfg.max_inflight_bytes < (32 << 20):
         raise ConfigError("max-requests must be >= 1 and max-inflight-bytes >= 32M")
+    _validate_running(cfg)
     _validate_access(cfg)
     return cfg
+
+
+AIO_MODES = ("threads", "native", "io_uring")
+
+
+def _validate_io(e: ExportConfig) -> None:
+    """qemu-nbd's I/O options, with QEMU's rules for combining them."""
+    from .server.view import IoPolicy, PolicyError
+
+    if e.aio not in AIO_MODES:
+        raise ConfigError(f"export {e.name!r}: invalid aio mode {e.aio!r} (threads, native or io_uring)")
+    policy = IoPolicy(e.cache, e.discard, e.detect_zeroes, e.offset)
+    try:
+        policy.check()
+    except PolicyError as err:
+        raise ConfigError(f"export {e.name!r}: {err}") from None
+    if e.aio == "native" and not policy.direct:
+        raise ConfigError(f"export {e.name!r}: aio=native needs cache=none or directsync (O_DIRECT), as in QEMU")
+
+
+def _validate_running(cfg: ServerConfig) -> None:
+    from .logsetup import DESTINATIONS
+    from .logsetup import FORMATS as LOG_FORMATS
+
+    if cfg.require_exports not in ("any", "all"):
+        raise ConfigError(f"require-exports must be any or all, not {cfg.require_exports!r}")
+    if cfg.reload_grace < 0:
+        raise ConfigError(f"reload-grace must be >= 0, not {cfg.reload_grace}")
+    if cfg.log_format not in LOG_FORMATS:
+        raise ConfigError(f"log-format must be text or json, not {cfg.log_format!r}")
+    if cfg.log not in DESTINATIONS and "/" not in cfg.log:
+        raise ConfigError(f"log must be {', '.join(DESTINATIONS)} or a file path (with a /), not {cfg.log!r}")
+    if cfg.shared < 0:
+        raise ConfigError(f"invalid shared (connection limit) {cfg.shared}: must be >= 0")
+    if cfg.metrics is not None:
+        from .server.metrics import parse_address
+
+        try:
+            parse_address(cfg.metrics)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    if cfg.run is not None and (cfg.fork or cfg.stdio):
+        raise ConfigError("--run serves in the foreground while the command runs: leave out --fork and --stdio")
+    if cfg.exit_with_parent and cfg.fork:
+        raise ConfigError("--exit-with-parent needs the server in the foreground: leave out --fork")
+    if cfg.connect_device is not None:
+        if len(cfg.exports) != 1:
+            raise ConfigError("-c/--connect attaches one image: give exactly one IMAGE")
+        if cfg.stdio or cfg.run is not None:
+            raise ConfigError("-c/--connect excludes --stdio and --run")
+        if cfg.tls_mode != "off":
+            raise ConfigError("-c/--connect: the kernel's NBD client does not speak TLS")
 
 
 def _validate_access(cfg: ServerConfig) -> None:

@@ -2,7 +2,7 @@
 
 Owns the destinations (``--log``): ``stderr``, ``syslog`` (``/dev/log``, facility daemon),
 ``journal`` (systemd's native protocol on ``/run/systemd/journal/socket``), ``null``, or a file
-path (opened for appending; reopened on SIGHUP so log rotation works); ``auto`` (the default) is
+path (opened for appending, and again when log rotation moves it away); ``auto`` (the default) is
 stderr in the foreground and, once ``--fork`` has detached, the journal if it runs, else syslog if
 ``/dev/log`` exists, else nothing.  Formats (``--log-format``): ``text`` (UTC timestamp with
 milliseconds, ``nbdserve[PID]``, level, message) or ``json`` (one object a line: time, level,
@@ -32,8 +32,10 @@ DESTINATIONS = ("auto", "stderr", "syslog", "journal", "null")
 FORMATS = ("text", "json")
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
 SYSLOG_SOCKET = "/dev/log"
+NOTICE = 25  # between INFO and WARNING: shown at nbdserve's default verbosity (URIs, statistics, reloads)
+logging.addLevelName(NOTICE, "NOTICE")
 # syslog(3) priorities of Python's levels (journal PRIORITY= and the sd-daemon "<N>" prefix).
-_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, NOTICE: 5, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
 
 
 @dataclass(frozen=True)

@@ -141,9 +141,12 @@ def serve(
     port = 0
     for _attempt in range(3):
         where = ["-b", bind, "-p", str(port := free_port())] if tcp else ["-k", str(sock)]
-        with open(log, "w") as logf:
+        log.write_text("")
+        # The launcher's output and, once it has detached, the server's log (--log) in one file.
+        with open(log, "a") as logf:
             p = subprocess.run(
-                [python, "-m", "nbdserve", "--fork", "--pid-file", str(pidfile), *where, *map(str, args)],
+                [python, "-m", "nbdserve", "--fork", "--pid-file", str(pidfile), "--log", str(log), *where]
+                + list(map(str, args)),
                 stdout=logf,
                 stderr=subprocess.STDOUT,
                 env={**TOOL_ENV, **(env or {})},

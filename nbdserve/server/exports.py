@@ -8,6 +8,12 @@ an export see one driver, one cache and one file.
 An export that fails to open stays listed with ``image = None`` and its reason; clients asking for
 it get that reason as an error, and every other export keeps serving.
 
+``image`` is the open ``Image``, or a ``server.view.View`` over it when the export's I/O settings
+(``--cache``, ``--discard``, ``--detect-zeroes``, ``--offset``) change what clients see.  A reload
+(``server/listeners.py``) may replace the table's contents (``ExportTable.replace``: sessions
+still negotiating see the new set at once) and retire an export: ``retired`` is then set, it is
+no longer listed, and its image is closed once its last connection is gone.
+
 Each export also carries its access settings (whether it needs TLS, its allow rules, its
 connection limit) and the number of connections transmitting on it; ``server/options.py``
 decides with them.
@@ -25,6 +31,7 @@ from ..config import ExportConfig, ServerConfig
 from ..errors import ImageError
 from ..formats.base import OpenOptions
 from ..image import BackingPolicy, Image, ImageSpec, open_image
+from .view import IoPolicy, PolicyError, View
 
 log = logging.getLogger("nbdserve")
 
@@ -40,6 +47,8 @@ class Export:
     tls_only: bool = False  # served only once TLS is up (SELECTIVETLS)
     access: AccessRules = field(default_factory=AccessRules)
     max_connections: int = 0  # 0: unlimited
+    config: ExportConfig | None = None  # what it was opened from (a reload compares against it)
+    retired: bool = False  # removed or replaced by a reload; closed when its last client leaves
 
     @property
     def size(self) -> int:
@@ -48,6 +57,9 @@ class Export:
 
 class ExportTable:
     def __init__(self, exports: list[Export]) -> None:
+        self._by_name = {e.name: e for e in exports}
+
+    def replace(self, exports: list[Export]) -> None:
         self._by_name = {e.name: e for e in exports}
 
     def get(self, name: str) -> Export | None:
@@ -71,27 +83,54 @@ def image_spec(e: ExportConfig, cfg: ServerConfig) -> ImageSpec:
     )
 
 
-async def open_exports(cfg: ServerConfig, cache: ClusterCache) -> ExportTable:
-    """Open every configured export.  With a single export, a failure raises ``ImageError``."""
-    out = []
+def settings(e: ExportConfig) -> dict:
+    """The Export fields that follow from an export's access settings (changeable by a reload)."""
+    return {
+        "tls_only": e.tls == "required",
+        "access": AccessRules.build(f"export {e.name!r}", e.allow, e.tls_authz),
+        "max_connections": e.max_connections,
+    }
+
+
+def io_policy(e: ExportConfig) -> IoPolicy:
+    return IoPolicy(e.cache, e.discard, e.detect_zeroes, e.offset)
+
+
+def present(image: Image, e: ExportConfig) -> Image | View:
+    """The image as the export shows it (a View when its I/O settings are not the defaults)."""
+    policy = io_policy(e)
+    if policy.plain:
+        return image
+    try:
+        return View(image, policy)
+    except PolicyError as err:
+        raise ImageError(f"export {e.name!r}: {err}") from None
+
+
+async def open_export(e: ExportConfig, cfg: ServerConfig, cache: ClusterCache) -> Export:
+    """Open one export; raises ``ImageError`` (closing what it opened)."""
+    image = await open_image(image_spec(e, cfg), cache)
+    try:
+        shown = present(image, e)
+    except ImageError:
+        await image.close()
+        raise
+    if image.readonly and not e.readonly and e.load_snapshot is None:
+        log.warning("export %r: %s is read-only; serving it read-only", e.name, e.path)
+    return Export(e.name, e.description, image.readonly, shown, config=e, **settings(e))
+
+
+async def open_exports(cfg: ServerConfig, cache: ClusterCache) -> tuple[ExportTable, list[str]]:
+    """Open every configured export: (the table, one line per export that failed).  A failed
+    export stays listed, unavailable, with its reason."""
+    out, failed = [], []
     for e in cfg.exports:
-        settings = {
-            "tls_only": e.tls == "required",
-            "access": AccessRules.build(f"export {e.name!r}", e.allow, e.tls_authz),
-            "max_connections": e.max_connections,
-        }
         try:
-            image = await open_image(image_spec(e, cfg), cache)
+            out.append(await open_export(e, cfg, cache))
         except ImageError as err:
-            if len(cfg.exports) == 1:
-                raise
-            log.error("export %r not available: %s", e.name, err)
-            out.append(Export(e.name, e.description, True, None, str(err), **settings))
-            continue
-        if image.readonly and not e.readonly and e.load_snapshot is None:
-            log.warning("export %r: %s is read-only; serving it read-only", e.name, e.path)
-        out.append(Export(e.name, e.description, image.readonly, image, **settings))
-    return ExportTable(out)
+            failed.append(f"export {e.name!r} not available: {err}")
+            out.append(Export(e.name, e.description, True, None, str(err), config=e, **settings(e)))
+    return ExportTable(out), failed
 
 
 async def close_exports(table: ExportTable) -> None:

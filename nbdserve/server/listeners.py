@@ -1,9 +1,14 @@
 """Where connections come from, and how the server stops.
 
 Owns ``Server``: the listening sockets (TCP, Unix, systemd socket activation via LISTEN_FDS, or a
-single connection on stdin for ``--stdio``), the connection limit (``-e/--shared``), one-shot mode,
-and graceful shutdown: stop listening, drop handshaking clients, let transmitting clients finish
-their in-flight requests, then report closed so the caller can flush and close the images.
+single connection on stdin for ``--stdio``), the connection limit (``-e/--shared``: a client over
+it is refused, or with ``at_limit = "wait"`` left in the listen queue until a slot frees, as
+qemu-nbd does), one-shot mode (the server stops once the last client that reached transmission
+has left), and graceful shutdown: stop listening, drop handshaking clients, let transmitting
+clients finish their in-flight requests, then report closed so the caller can flush and close the
+images.  It also holds what a reload changes (the export table, the option policy, the TLS
+credentials; ``server/reload.py`` decides) and the exports a reload retired while their clients
+finish, and the metrics counters (``server/metrics.py``).
 
 Sockets are created by ``bind_sockets`` before the event loop starts (so ``--fork`` can report a
 bind error from the parent) and handed to the loop afterwards.
@@ -17,9 +22,13 @@ import logging
 import os
 import socket
 import stat
+from collections.abc import Callable
+from urllib.parse import quote
 
-from ..config import ConfigError, ServerConfig
-from .exports import ExportTable
+from ..cache import ClusterCache
+from ..config import DEFAULT_PORT, ConfigError, ServerConfig
+from .exports import Export, ExportTable
+from .metrics import ExportStats, Metrics
 from .options import Policy
 from .session import Session
 from .tls import TlsServer
@@ -101,18 +110,25 @@ def bind_sockets(cfg: ServerConfig) -> list[socket.socket]:
 
 
 def describe(socks: list[socket.socket], cfg: ServerConfig) -> list[str]:
-    """nbd:// URIs a client can use, one per listening socket (nbds:// when TLS is required)."""
+    """Base URIs a client can use, one per listening socket, with the real address and port
+    (``nbds`` when TLS is required; a wildcard address shows as this host's name)."""
     out = []
     scheme = "nbds" if cfg.tls_mode == "require" else "nbd"
     for s in socks:
         addr = s.getsockname()
         if s.family == socket.AF_UNIX:
-            out.append(f"{scheme}+unix:///?socket={addr}")
+            out.append(f"{scheme}+unix:///?socket={quote(addr, safe='/')}")
         else:
-            host = addr[0] if addr[0] not in ("0.0.0.0", "::") else "localhost"
+            host = addr[0] if addr[0] not in ("0.0.0.0", "::") else socket.gethostname()
             host = f"[{host}]" if ":" in host else host
-            out.append(f"{scheme}://{host}:{addr[1]}/" if addr[1] != 10809 else f"{scheme}://{host}/")
+            out.append(f"{scheme}://{host}:{addr[1]}/" if addr[1] != DEFAULT_PORT else f"{scheme}://{host}/")
     return out
+
+
+def export_uri(base: str, name: str) -> str:
+    """The URI of export ``name`` under a base URI from ``describe`` (the name percent-encoded)."""
+    path, sep, query = base.partition("?")
+    return path.removesuffix("/") + "/" + quote(name, safe="/") + sep + query
 
 
 class _Refuse(asyncio.Protocol):
@@ -123,35 +139,83 @@ class _Refuse(asyncio.Protocol):
 
 
 class Server:
+    """The listening side and the set of sessions.  Reload (``reload``) and metrics
+    (``transmission_started``, ``metrics``) live here too; see the module docstring."""
+
     def __init__(
-        self, cfg: ServerConfig, exports: ExportTable, loop: asyncio.AbstractEventLoop, tls: TlsServer | None = None
+        self,
+        cfg: ServerConfig,
+        exports: ExportTable,
+        loop: asyncio.AbstractEventLoop,
+        tls: TlsServer | None = None,
+        cache: ClusterCache | None = None,
     ) -> None:
         self.cfg = cfg
         self.exports = exports
         self.loop = loop
         self.policy = Policy.from_config(cfg)
         self.tls = tls  # credentials for STARTTLS (None: TLS off)
+        self.cache = cache
+        self.metrics = Metrics()
         self.sessions: set[Session] = set()
+        self.retired: list[Export] = []  # exports a reload took away, still with clients
+        self._gone: dict[int, asyncio.Future] = {}  # id(retired export) -> resolved once closed
         self._servers: list[asyncio.AbstractServer] = []
-        self._served_any = False
+        self._accepting: list[asyncio.Task] = []
+        self._listening: list[socket.socket] = []
+        self._slot_free: asyncio.Future | None = None
+        self._transmitted_any = False
         self._stopping = False
+        self.reload_lock: asyncio.Lock | None = None  # one reload at a time (server/reload.py)
+        self.notify: Callable[[str], None] = lambda _state: None  # sd_notify, set by server/app.py
         self.stopped = loop.create_future()
 
+    # -- connections ------------------------------------------------------------------------
+
+    def _at_limit(self) -> bool:
+        return bool(self.cfg.shared) and len(self.sessions) >= self.cfg.shared
+
     def _protocol(self) -> asyncio.BaseProtocol:
-        if self._stopping or (self.cfg.shared and len(self.sessions) >= self.cfg.shared):
-            log.warning("refusing a connection: %d clients connected (limit %d)", len(self.sessions), self.cfg.shared)
+        if self._stopping or self._at_limit():
+            if not self._stopping:
+                n, limit = len(self.sessions), self.cfg.shared
+                log.warning("refusing a connection: %d clients connected (limit %d)", n, limit)
             return _Refuse()
-        self._served_any = True
+        self.metrics.connections_accepted += 1
         return Session(self)
 
     async def listen(self, socks: list[socket.socket]) -> None:
+        """Accept on ``socks``.  At the ``-e`` limit a new client is refused, or, with
+        ``at_limit = "wait"`` (qemu-nbd's way), left in the listen queue until a slot frees."""
         for s in socks:
             s.setblocking(False)
-            if s.family == socket.AF_UNIX:
-                srv = await self.loop.create_unix_server(self._protocol, sock=s)
+            self._listening.append(s)
+            if self.cfg.at_limit == "wait":
+                self._accepting.append(self.loop.create_task(self._accept_loop(s)))
+            elif s.family == socket.AF_UNIX:
+                self._servers.append(await self.loop.create_unix_server(self._protocol, sock=s))
             else:
-                srv = await self.loop.create_server(self._protocol, sock=s)
-            self._servers.append(srv)
+                self._servers.append(await self.loop.create_server(self._protocol, sock=s))
+
+    async def _accept_loop(self, sock: socket.socket) -> None:
+        sock.listen(128)
+        while not self._stopping:
+            while self._at_limit():
+                self._slot_free = self.loop.create_future()
+                await self._slot_free
+                if self._stopping:
+                    return
+            try:
+                conn, _ = await self.loop.sock_accept(sock)
+            except OSError as e:
+                log.warning("accept failed: %s", e.strerror or e)
+                continue
+            if self._stopping:
+                conn.close()
+                return
+            conn.setblocking(False)
+            self.metrics.connections_accepted += 1
+            await self.loop.connect_accepted_socket(lambda: Session(self), conn)
 
     async def serve_stdio(self) -> None:
         try:
@@ -165,17 +229,21 @@ class Server:
             raise ConfigError("--stdio needs standard input to be a stream socket")
         sock.setblocking(False)
         self.cfg = dataclasses.replace(self.cfg, oneshot=True)  # one connection: exit after it
-        self._served_any = True
+        self._transmitted_any = True  # even a client that never gets through ends the server
         await self.loop.connect_accepted_socket(lambda: Session(self), sock)
 
-    def reload(self) -> None:
-        """Re-read what can change without a restart (SIGHUP): the TLS credentials.  Established
-        sessions keep going with what they negotiated."""
-        if self.tls is not None:
-            self.tls.reload()
+    def transmission_started(self, session: Session, export: Export) -> ExportStats:
+        """A session entered transmission on ``export``: its counters (see server/metrics.py)."""
+        self._transmitted_any = True
+        stats = self.metrics.for_export(export.name)
+        stats.connections_total += 1
+        return stats
 
     def session_ended(self) -> None:
-        if self.cfg.oneshot and self._served_any and not self.sessions:
+        if self._slot_free is not None and not self._slot_free.done() and not self._at_limit():
+            self._slot_free.set_result(None)
+        self._close_retired()
+        if self.cfg.oneshot and self._transmitted_any and not self.sessions:
             self.shutdown()
         elif self._stopping and not self.sessions and not self.stopped.done():
             self.stopped.set_result(None)
@@ -187,7 +255,66 @@ class Server:
         self._stopping = True
         for srv in self._servers:
             srv.close()
+        for t in self._accepting:
+            t.cancel()
+        if self._slot_free is not None and not self._slot_free.done():
+            self._slot_free.set_result(None)
         for s in list(self.sessions):
             s.shutdown()
         if not self.sessions and not self.stopped.done():
             self.stopped.set_result(None)
+
+    # -- exports and reload ---------------------------------------------------------------------
+
+    def all_exports(self) -> list[Export]:
+        """The served exports, then the retired ones still in use."""
+        return [*self.exports, *self.retired]
+
+    def serving(self) -> list[Export]:
+        return [e for e in self.exports if e.image is not None]
+
+    def status(self) -> None:
+        """Tell systemd how many exports serve (STATUS=)."""
+        n, total = len(self.serving()), len(self.exports)
+        self.notify(f"STATUS=serving {n} of {total} export{'s' if total != 1 else ''}")
+
+    def _close_retired(self) -> None:
+        for e in [e for e in self.retired if e.connections == 0]:
+            self.retired.remove(e)
+            image, e.image = e.image, None
+            done = self._gone.pop(id(e))
+            task = self.loop.create_task(_close_image(e.name, image))
+            task.add_done_callback(lambda _t, done=done: done.done() or done.set_result(None))
+        if not self.retired:
+            self.metrics.forget(x.name for x in self.exports)
+
+    def retire(self, e: Export, grace: float) -> asyncio.Future:
+        """Take ``e`` out of service (a reload removed or replaced it): its clients keep it for
+        ``grace`` seconds (or until they leave), then finish their requests and are disconnected.
+        The future resolves once its image is closed."""
+        e.retired = True
+        self.retired.append(e)
+        gone = self._gone[id(e)] = self.loop.create_future()
+        if e.connections:
+            log.warning("export %r: %d client(s) may go on for %gs", e.name, e.connections, grace)
+            self.loop.call_later(grace, self._drain, e)
+        self._close_retired()
+        return gone
+
+    def _drain(self, e: Export) -> None:
+        for s in list(self.sessions):
+            if s.export is e:
+                s.shutdown()
+
+    async def reload(self, new: ServerConfig) -> bool:
+        """Apply a new configuration (SIGHUP); see ``server/reload.py``."""
+        from .reload import apply
+
+        return await apply(self, new)
+
+
+async def _close_image(name: str, image: object) -> None:
+    try:
+        await image.close()  # type: ignore[attr-defined]
+    except Exception as err:
+        log.error("export %r: error while closing: %s", name, err)

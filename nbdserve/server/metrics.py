@@ -213,11 +213,17 @@ class Collector:
         ex = snap["exports"]
         req = CounterMetricFamily("nbdserve_requests", "NBD requests answered", labels=["export", "command"])
         nbytes = CounterMetricFamily(
-            "nbdserve_request_bytes", "Bytes covered by requests (READ, WRITE: data moved)", labels=["export", "command"]
+            "nbdserve_request_bytes",
+            "Bytes covered by requests (READ, WRITE: data moved)",
+            labels=["export", "command"],
         )
-        errs = CounterMetricFamily("nbdserve_request_errors", "Requests answered with an error", labels=["export", "errno"])
+        errs = CounterMetricFamily(
+            "nbdserve_request_errors", "Requests answered with an error", labels=["export", "errno"]
+        )
         lat = HistogramMetricFamily(
-            "nbdserve_request_duration_seconds", "Time from parsing a request to its reply", labels=["export", "command"]
+            "nbdserve_request_duration_seconds",
+            "Time from parsing a request to its reply",
+            labels=["export", "command"],
         )
         inflight = GaugeMetricFamily("nbdserve_requests_in_flight", "Requests started, not answered", labels=["export"])
         conns = GaugeMetricFamily("nbdserve_connections", "Connections in transmission", labels=["export"])

@@ -46,12 +46,14 @@ from ..protocol import constants as C
 from ..protocol.handshake import ProtocolError, ServerHandshake
 from ..protocol.transmission import ReplyEncoder, Request, RequestParser, check_request
 from .buffers import ReplyBuffers
+from .metrics import now_ns
 from .options import CLOSE, STARTTLS, TRANSMIT, Negotiation
 from .tls import describe_session, identity
 
 if TYPE_CHECKING:
     from .exports import Export
     from .listeners import Server
+    from .metrics import ExportStats
 
 log = logging.getLogger("nbdserve")
 
@@ -108,6 +110,7 @@ class Session(asyncio.BufferedProtocol):
         self.enc: ReplyEncoder | None = None
         self.export_flags = 0
         self.inflight = 0
+        self.stats: ExportStats | None = None  # the export's counters (server/metrics.py)
         self.inflight_bytes = 0
         self._pumping = False
         # An oversize WRITE is answered (EINVAL) only once its payload has been discarded: a
@@ -300,6 +303,7 @@ class Session(asyncio.BufferedProtocol):
         neg = self.neg
         self.export = export
         export.connections += 1
+        self.stats = self.server.transmission_started(self, export)
         self.image = export.image
         self.export_flags = neg.transmission_flags(export)
         self.parser = RequestParser(extended=neg.extended, max_payload=C.DEFAULT_MAX_PAYLOAD)
@@ -389,6 +393,7 @@ class Session(asyncio.BufferedProtocol):
             log.debug("%s: DISC", self.peer)
             self._stop()
             return
+        t0 = now_ns()  # metrics: each way out below counts the request once (_count)
         bad = check_request(
             req,
             size=self.image.size,
@@ -401,11 +406,14 @@ class Session(asyncio.BufferedProtocol):
         if bad is not None:
             err, msg = bad
             log.debug("%s: rejected %r: %s", self.peer, req, msg)
+            self.stats.error(err)
             self._send(self.enc.error(req.cookie, req.offset, nbd_errno(err), msg))
+            self._count(req, t0)
             return
-        if t == C.CMD_READ and req.length >= SPARSE_READ_MIN and self._read_mapped(req):
-            return
-        if t == C.CMD_WRITE and self._write_now(req):
+        if (t == C.CMD_READ and req.length >= SPARSE_READ_MIN and self._read_mapped(req)) or (
+            t == C.CMD_WRITE and self._write_now(req)
+        ):
+            self._count(req, t0)
             return
         handler = _HANDLERS[t]
         cost = req.length if t in (C.CMD_READ, C.CMD_WRITE) else 0
@@ -417,6 +425,7 @@ class Session(asyncio.BufferedProtocol):
             self.inflight_bytes -= cost
             if exc is not None:
                 self._fail(req, exc)
+            self._count(req, t0)
             if self._stopping:
                 self._maybe_close()
             elif not self._pumping:
@@ -424,10 +433,14 @@ class Session(asyncio.BufferedProtocol):
 
         coro.start(handler(self, req), done)
 
+    def _count(self, req: Request, t0: int) -> None:
+        self.stats.request(req.type, req.length, now_ns() - t0)
+
     def _fail(self, req: Request, exc: BaseException) -> None:
         if not isinstance(exc, Exception):
             raise exc  # KeyboardInterrupt, SystemExit: not a request error
         err, msg = error_of(exc)
+        self.stats.error(err)
         fast = req.type == C.CMD_WRITE_ZEROES and bool(req.flags & C.CMD_FLAG_FAST_ZERO)
         expected = isinstance(exc, NbdError) and err != errno.EIO
         bug = not isinstance(exc, (NbdError, OSError, ImageError))
@@ -470,6 +483,7 @@ class Session(asyncio.BufferedProtocol):
         enc, image = self.enc, self.image
         hsize, pack, size, read_now = enc.read_header_size, enc.pack_read_header, image.size, image.read_now
         batch, nbytes, buffers = self._batch, 0, self._buffers
+        t0, answered = now_ns(), 0
         pool_min = buffers.min_size - hsize
         for cookie, offset, length in reads:
             if offset + length <= size:
@@ -479,14 +493,18 @@ class Session(asyncio.BufferedProtocol):
                     done = read_now(offset, memoryview(out)[hsize:])
                 except Exception as exc:  # becomes the request's error reply
                     self._fail(Request(C.CMD_READ, 0, cookie, offset, length), exc)
+                    self.stats.request(C.CMD_READ, length, 0)
                     continue
                 if done:
                     pack(out, cookie, offset, length)
                     batch.append(out)
                     nbytes += hsize + length
+                    answered += 1
                     continue
             self._dispatch(Request(C.CMD_READ, 0, cookie, offset, length))
         self._batch_bytes += nbytes
+        if answered:
+            self.stats.reads(answered, nbytes - answered * hsize, now_ns() - t0)
 
     def _read_mapped(self, req: Request) -> bool:
         """Answer a large READ at once, as one data chunk, when the image's mapping memo shows

@@ -64,8 +64,11 @@ class IoPolicy:
     @property
     def plain(self) -> bool:
         """The image is served as it is: no View needed."""
-        return self.cache in ("writeback", "none") and self.discard == "unmap" and self.detect_zeroes == "off" and (
-            self.offset == 0
+        return (
+            self.cache in ("writeback", "none")
+            and self.discard == "unmap"
+            and self.detect_zeroes == "off"
+            and (self.offset == 0)
         )
 
 
