@@ -18,6 +18,7 @@ from .protocol.constants import MAX_STRING
 DEFAULT_PORT = 10809
 FORMATS = ("raw", "qcow2", "qed", "vpc", "vhdx")
 REPAIR_MODES = ("off", "leaks", "all")
+MAX_BITMAP_NAME = 1023  # QEMU's limit on persistent bitmap names
 
 
 class ConfigError(Exception):
@@ -35,6 +36,7 @@ class ExportConfig:
     load_snapshot: str | None = None  # -l: internal snapshot name or id (read-only)
     vpc_size: str = "auto"  # VHD size rule: auto | chs | current
     repair: str = "off"  # qcow2 read-write open of an inconsistent image: off | leaks | all
+    bitmaps: tuple[str, ...] = ()  # -B: persistent dirty bitmaps exported as qemu:dirty-bitmap:NAME
 
 
 @dataclass(frozen=True)
@@ -77,7 +79,7 @@ def parse_size(text: str | int) -> int:
 
 
 def parse_export_spec(spec: str) -> ExportConfig:
-    """``NAME=PATH[,format=F][,readonly][,description=TEXT][,snapshot][,repair=MODE]``."""
+    """``NAME=PATH[,format=F][,readonly][,description=TEXT][,snapshot][,repair=MODE][,bitmap=B]...``."""
     if "=" not in spec:
         raise ConfigError(f"--export {spec!r}: expected NAME=PATH[,format=F][,readonly]")
     name, rest = spec.split("=", 1)
@@ -97,6 +99,8 @@ def parse_export_spec(spec: str) -> ExportConfig:
             kw["load_snapshot"] = value
         elif key == "repair":
             kw["repair"] = value
+        elif key == "bitmap":
+            kw["bitmaps"] = (*kw.get("bitmaps", ()), value)
         else:
             raise ConfigError(f"--export {spec!r}: unknown option {key!r}")
     return ExportConfig(name=name, path=path, **kw)
@@ -109,6 +113,11 @@ def _export_from_table(t: dict[str, Any], where: str) -> ExportConfig:
         if key not in known:
             raise ConfigError(f"{where}: unknown export key {key!r}")
         kw[known[key]] = value
+    if "bitmaps" in kw:
+        b = kw["bitmaps"]
+        if not isinstance(b, list) or not all(isinstance(n, str) for n in b):
+            raise ConfigError(f"{where}: bitmaps must be a list of names")
+        kw["bitmaps"] = tuple(b)
     if "path" not in kw:
         raise ConfigError(f"{where}: export needs a path")
     kw.setdefault("name", "")
@@ -168,6 +177,11 @@ def validate(cfg: ServerConfig) -> ServerConfig:
             raise ConfigError(f"export {e.name!r}: vpc-size must be auto, chs or current")
         if e.repair not in REPAIR_MODES:
             raise ConfigError(f"export {e.name!r}: repair must be one of {', '.join(REPAIR_MODES)}")
+        for b in e.bitmaps:
+            if not b or len(b.encode()) > MAX_BITMAP_NAME:
+                raise ConfigError(f"export {e.name!r}: bitmap name must be 1 to {MAX_BITMAP_NAME} bytes: {b[:40]!r}")
+        if len(set(e.bitmaps)) != len(e.bitmaps):
+            raise ConfigError(f"export {e.name!r}: a bitmap is named twice")
     if not cfg.exports:
         raise ConfigError("nothing to serve: give an IMAGE, --export or --config")
     if cfg.stdio and (cfg.fork or cfg.socket):
