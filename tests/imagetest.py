@@ -4,7 +4,7 @@
 * ``run``: ``asyncio.run`` that hands the result back through a box (on Python 3.11
   ``asyncio.run`` formats ``repr(task)`` including the result when it restores the SIGINT
   handler, which costs seconds for a disk image's worth of bytes).
-* Opening and reading images (``opened``, ``read_image``), QEMU's view of the same file
+* Opening and reading images (``opened``, ``read_image``, ``served_read_only``), QEMU's view of the same file
   (``qemu_raw``, ``qemu_map``, ``check_clean``, ``compare_with_model``) and ours in the same
   terms (``our_map``).
 """
@@ -13,9 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from pathlib import Path
 
+import pytest
+
 from nbdserve.cache import ClusterCache
+from nbdserve.errors import NbdError
 from nbdserve.image import STATE_HOLE, STATE_ZERO, Image, ImageSpec, open_image
 from tests.util import qemu_img
 from tests.util import run as run_cmd
@@ -55,6 +59,32 @@ async def read_image(img: Image, step: int = 4 << 20) -> bytes:
     for pos in range(0, img.size, step):
         await img.read(pos, memoryview(buf)[pos : pos + step])
     return bytes(buf)
+
+
+def served_read_only(tmp_path: Path, raw: bytes | bytearray, caplog, expected: bytes | None = None) -> str:
+    """Open qcow2 ``raw`` read-write: it must be served read-only, reads equal ``expected`` (by
+    default QEMU's reading), the file stays unchanged.  Returns the warning."""
+    path = tmp_path / "ro.qcow2"
+    path.write_bytes(bytes(raw))
+    if expected is None:
+        expected = qemu_raw(path, tmp_path)
+
+    async def main():
+        with caplog.at_level(logging.WARNING, logger="nbdserve.qcow2"):
+            img = await opened(path)
+        try:
+            assert img.readonly
+            assert await read_image(img) == expected
+            with pytest.raises(NbdError):
+                await img.write(0, memoryview(b"z"), fua=False)
+        finally:
+            await img.close()
+
+    caplog.clear()
+    run(main())
+    assert path.read_bytes() == raw
+    assert "read-only" in caplog.text
+    return caplog.text
 
 
 def _fmt(fmt: str | None) -> list[str]:

@@ -34,13 +34,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nbdserve.cache import ClusterCache
-from nbdserve.errors import CorruptImage, ImageError, NbdError, UnsupportedImage
+from nbdserve.errors import CorruptImage, ImageError, UnsupportedImage
 from nbdserve.formats.base import OpenOptions
 from nbdserve.formats.qcow2 import Qcow2Driver
 from nbdserve.formats.qcow2.create import create_qcow2
 from nbdserve.image import Image, ImageSpec, open_image
 from nbdserve.locks import CoQueue
-from tests.imagetest import FILL, check_clean, opened, our_map, qemu_map, qemu_raw, run
+from tests.imagetest import FILL, check_clean, opened, our_map, qemu_map, qemu_raw, run, served_read_only
 from tests.imagetest import compare_with_model as _compare_with_model
 from tests.imagetest import read_image as read_all
 from tests.util import qemu_img, qemu_io
@@ -865,30 +865,6 @@ def test_hostile_l1_entry_reserved_bits(tmp_path, pristine):
     struct.pack_into(">Q", raw, l1, struct.unpack_from(">Q", raw, l1)[0] | 1)
     err = open_error(tmp_path, raw)
     assert "L1 table entry 0" in str(err)
-
-
-def served_read_only(tmp_path: Path, raw: bytes | bytearray, caplog) -> str:
-    """Open ``raw`` read-write: it must be served read-only, reads equal QEMU's; the warning."""
-    path = tmp_path / "ro.qcow2"
-    path.write_bytes(bytes(raw))
-    expected = qemu_raw(path, tmp_path)
-
-    async def main():
-        with caplog.at_level(logging.WARNING, logger="nbdserve.qcow2"):
-            img = await opened(path)
-        try:
-            assert img.readonly
-            assert await read_all(img) == expected
-            with pytest.raises(NbdError):
-                await img.write(0, memoryview(b"z"), fua=False)
-        finally:
-            await img.close()
-
-    caplog.clear()
-    run(main())
-    assert path.read_bytes() == raw
-    assert "read-only" in caplog.text
-    return caplog.text
 
 
 @pytest.mark.parametrize(
