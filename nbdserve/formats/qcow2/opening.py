@@ -46,8 +46,6 @@ class OpeningMixin:
         corrupt = bool(h.incompatible_features & INCOMPAT_CORRUPT)
         if corrupt and repair != "all":
             return self._read_only_because("image is marked corrupt (--repair=all checks and repairs it)")
-        if dirty and h.has_bitmaps:
-            return self._read_only_because("image is dirty and has bitmaps (not rebuilt)")
         bitmaps = self.bitmaps
         if bitmaps.problem is not None:
             return self._read_only_because(bitmaps.problem)
