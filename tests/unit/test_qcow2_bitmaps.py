@@ -39,7 +39,7 @@ from nbdserve.formats.qcow2.bitmaps import (
 from nbdserve.formats.qcow2.overlap import BITMAPS
 from tests.conftest import SLOW
 from tests.imagetest import check_clean, opened, qemu_raw, read_image, run, served_read_only
-from tests.util import REPO, qemu_img, qemu_io
+from tests.util import REPO, merged_map, qemu_img, qemu_io, qemu_nbd
 
 K, M = 1 << 10, 1 << 20
 EXT_BITMAPS = 0x23852875
@@ -575,3 +575,34 @@ print("peak_kib", open("/proc/self/status").read().split("VmHWM:")[1].split()[0]
     rss = int(p.stdout.split("peak_kib")[1])
     assert rss < 200 * 1024, rss
     assert flags_of(path) == {"huge": 2}  # untouched
+
+
+def test_all_ones_table_entries_load_and_survive_a_store(tmp_path):
+    """A table entry "all ones" without a data cluster (the spec allows it; QEMU never writes it):
+    read as all dirty, kept as it is when the bitmap is stored, read so by QEMU."""
+    size = 5 * M
+    path = tmp_path / "ones.qcow2"
+    model = Model(size)
+    make(path, size, 512, [("b", 9, True, [])], model)
+    raw = bytearray(path.read_bytes())
+    e = directory(raw)[3][0]
+    assert e["table_size"] == 3  # 2 MiB of disk per 512-byte data cluster
+    struct.pack_into(">Q", raw, e["table_offset"] + 8, 1)  # the second 2 MiB: all dirty
+    path.write_bytes(raw)
+    model.dirty["b"].update(range(4096, 8192))
+
+    async def main():
+        img = await opened(path)
+        try:
+            assert runs_of(img.dirty_bitmap("b"), size) == model.runs("b")
+            for off in (100, 3 * M, 4 * M + 7):  # before, inside and after the all-ones part
+                await img.write(off, memoryview(b"w"), fua=False)
+                model.wrote(off, 1)
+        finally:
+            await img.close()
+
+    run(main())
+    assert struct.unpack_from(">Q", path.read_bytes(), e["table_offset"] + 8)[0] == 1
+    check_clean(path)
+    with qemu_nbd(tmp_path, path, "qcow2", "-r", "-B", "b") as q:
+        assert merged_map(q.uri, "qemu:dirty-bitmap:b") == model.runs("b")
