@@ -369,6 +369,6 @@ def test_bitmaps_from_export_spec_and_config(tmp_path):
         assert list_contexts(srv.uri_for("t"), DIRTY) == [DIRTY + "x", DIRTY + "y"]
         assert list_contexts(srv.uri_for("s"), DIRTY) == [DIRTY + "y"]
     bad = tmp_path / "bad.toml"
-    bad.write_text(f'[[export]]\npath = "{path}"\nbitmaps = "x"\n')
+    bad.write_text(f'[[export]]\npath = "{path}"\nbitmaps = 3\n')
     p = run(*NBDSERVE, "--config", bad, check=False)
-    assert p.returncode == 2 and "bitmaps must be a list of names" in p.stderr
+    assert p.returncode == 2 and "bitmaps: expected a string or a list of strings" in p.stderr
