@@ -72,11 +72,7 @@ QEMU_NBD_OPTIONS: tuple[QemuOption, ...] = (
     QemuOption(("-D", "--description"), "implemented", "export description"),
     QemuOption(("-o", "--offset"), "implemented", "the export starts OFFSET bytes into the image"),
     QemuOption(("-A", "--allocation-depth"), "implemented", "qemu:allocation-depth (always offered)"),
-    QemuOption(
-        ("-B", "--bitmap"),
-        "refused",
-        "persistent dirty bitmaps are not served yet: -B would expose no bitmap, so it is refused",
-    ),
+    QemuOption(("-B", "--bitmap"), "implemented", "a qcow2 persistent dirty bitmap as qemu:dirty-bitmap:NAME"),
     QemuOption(("-L", "--list"), "implemented", "list the exports of an NBD server"),
     QemuOption(("--object",), "implemented", "tls-creds-x509, tls-creds-psk, authz-simple objects"),
     QemuOption(("--tls-creds",), "implemented", "TLS credentials (an --object id, or a directory)"),
@@ -195,6 +191,15 @@ def build_parser(qemu_nbd: bool = False) -> ArgumentParser:
         help="a qcow2 opened read-write whose refcounts are wrong: off (default) serves it read-only "
         "(harmless leaks: read-write, with a warning); leaks also frees leaked clusters and sets missing "
         "COPIED flags; all also rebuilds wrong refcounts",
+    )
+    g.add_argument(
+        "-B",
+        "--bitmap",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="export the qcow2 persistent dirty bitmap NAME as the meta context qemu:dirty-bitmap:NAME "
+        "(repeatable; a bitmap of a backing file too)",
     )
     g.add_argument(
         "-A", "--allocation-depth", action="store_true", help="accepted for qemu-nbd compatibility (always on)"
@@ -330,7 +335,6 @@ def build_parser(qemu_nbd: bool = False) -> ArgumentParser:
         "--metrics", metavar="ADDR:PORT", help="serve Prometheus metrics at http://ADDR:PORT/metrics (off by default)"
     )
     g.add_argument("--selinux-label", metavar="LABEL", help=argparse.SUPPRESS)
-    g.add_argument("-B", "--bitmap", action="append", default=[], metavar="NAME", help=argparse.SUPPRESS)
     p.add_argument("-V", "--version", action="version", version=f"nbdserve {__version__}")
     return p
 
@@ -443,8 +447,6 @@ def _refuse(args: argparse.Namespace) -> None:
     """Options nbdserve knows but does not do: refused with the reason from the table."""
     if args.selinux_label is not None:
         raise ConfigError(f"--selinux-label: {REFUSED['--selinux-label'].meaning}")
-    if args.bitmap:
-        raise ConfigError(f"-B/--bitmap: {REFUSED['--bitmap'].meaning}")
 
 
 def config_from_args(args: argparse.Namespace, qemu_nbd: bool = False) -> ServerConfig:
@@ -490,6 +492,7 @@ def config_from_args(args: argparse.Namespace, qemu_nbd: bool = False) -> Server
                 vpc_size=args.vpc_size,
                 repair=args.repair,
                 **fields,
+                bitmaps=tuple(args.bitmap),
             )
         )
     patterns, trace_file = _trace(args.trace)

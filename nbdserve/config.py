@@ -23,6 +23,7 @@ from .protocol.constants import MAX_STRING
 DEFAULT_PORT = 10809
 FORMATS = ("raw", "qcow2", "qed", "vpc", "vhdx", "vmdk", "vdi")
 REPAIR_MODES = ("off", "leaks", "all")
+MAX_BITMAP_NAME = 1023  # QEMU's limit on persistent bitmap names
 
 
 class ConfigError(Exception):
@@ -50,6 +51,7 @@ class ExportConfig:
     discard: str = "unmap"  # unmap: TRIM deallocates; ignore: TRIM does nothing
     detect_zeroes: str = "off"  # off | on | unmap: all-zero WRITEs become WRITE_ZEROES
     offset: int = 0  # -o: the export starts this many bytes into the image
+    bitmaps: tuple[str, ...] = ()  # -B: persistent dirty bitmaps exported as qemu:dirty-bitmap:NAME
 
 
 @dataclass(frozen=True)
@@ -128,6 +130,9 @@ def parse_size(text: str | int) -> int:
     return int(m.group(1)) << (10 * " kmgt".index((m.group(2) or " ").lower()))
 
 
+_SPEC_ALIASES = {"ro": "readonly", "bitmap": "bitmaps"}  # --export spellings of [[export]] keys
+
+
 def parse_export_spec(spec: str) -> ExportConfig:
     """``NAME=PATH[,KEY[=VALUE]]...``: every ``[[export]]`` key of the config file, checked by the
     same schema (``readonly``/``ro``, ``snapshot`` and other booleans may stand alone for true)."""
@@ -138,7 +143,7 @@ def parse_export_spec(spec: str) -> ExportConfig:
     table: dict[str, Any] = {"name": name, "path": path}
     for opt in opts:
         key, eq, value = opt.partition("=")
-        key = "readonly" if key == "ro" else key
+        key = _SPEC_ALIASES.get(key, key)
         field_name = key.replace("-", "_")
         kind = EXPORT_SCHEMA.get(key)
         if kind is None or key in ("name", "path"):
@@ -353,6 +358,13 @@ def validate(cfg: ServerConfig) -> ServerConfig:
         if e.repair not in REPAIR_MODES:
             raise ConfigError(f"export {e.name!r}: repair must be one of {', '.join(REPAIR_MODES)}")
         _validate_io(e)
+        for b in e.bitmaps:
+            if not b or len(b.encode()) > MAX_BITMAP_NAME:
+                raise ConfigError(f"export {e.name!r}: bitmap name must be 1 to {MAX_BITMAP_NAME} bytes: {b[:40]!r}")
+        if len(set(e.bitmaps)) != len(e.bitmaps):
+            raise ConfigError(f"export {e.name!r}: a bitmap is named twice")
+        if e.bitmaps and e.offset:
+            raise ConfigError(f"export {e.name!r}: -o/--offset cannot be combined with -B/--bitmap")
     if not cfg.exports:
         raise ConfigError("nothing to serve: give an IMAGE, --export or --config")
     if cfg.stdio and (cfg.fork or cfg.socket):

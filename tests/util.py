@@ -144,9 +144,9 @@ def serve(
         log.write_text("")
         # The launcher's output and, once it has detached, the server's log (--log) in one file.
         with open(log, "a") as logf:
+            argv = [python, "-m", "nbdserve", "--fork", "--pid-file", str(pidfile), "--log", str(log), *where]
             p = subprocess.run(
-                [python, "-m", "nbdserve", "--fork", "--pid-file", str(pidfile), "--log", str(log), *where]
-                + list(map(str, args)),
+                [*argv, *map(str, args)],
                 stdout=logf,
                 stderr=subprocess.STDOUT,
                 env={**TOOL_ENV, **(env or {})},

@@ -1,6 +1,7 @@
 """The exports a server offers: each an open image shared by all of its connections.
 
-Owns ``Export`` (name, description, the open ``Image`` or the one-line reason it failed to open)
+Owns ``Export`` (name, description, the open ``Image`` or the one-line reason it failed to open,
+the persistent dirty bitmaps it exports: ``-B``)
 and ``ExportTable`` (lookup by name, in configuration order).  An image is opened once, at
 start-up, and shared by every connection, which is what makes multi-conn true: all connections of
 an export see one driver, one cache and one file.
@@ -29,7 +30,7 @@ from ..authz import AccessRules
 from ..cache import ClusterCache
 from ..config import ExportConfig, ServerConfig
 from ..errors import ImageError
-from ..formats.base import OpenOptions
+from ..formats.base import DirtyBitmapView, OpenOptions
 from ..image import BackingPolicy, Image, ImageSpec, open_image
 from .view import IoPolicy, PolicyError, View
 
@@ -49,6 +50,7 @@ class Export:
     max_connections: int = 0  # 0: unlimited
     config: ExportConfig | None = None  # what it was opened from (a reload compares against it)
     retired: bool = False  # removed or replaced by a reload; closed when its last client leaves
+    bitmaps: dict[str, DirtyBitmapView] = field(default_factory=dict)  # name -> bitmap, in -B order
 
     @property
     def size(self) -> int:
@@ -110,6 +112,7 @@ def present(image: Image, e: ExportConfig) -> Image | View:
 async def open_export(e: ExportConfig, cfg: ServerConfig, cache: ClusterCache) -> Export:
     """Open one export; raises ``ImageError`` (closing what it opened)."""
     image = await open_image(image_spec(e, cfg), cache)
+    bitmaps = await _bitmaps(image, e)
     try:
         shown = present(image, e)
     except ImageError:
@@ -117,7 +120,7 @@ async def open_export(e: ExportConfig, cfg: ServerConfig, cache: ClusterCache) -
         raise
     if image.readonly and not e.readonly and e.load_snapshot is None:
         log.warning("export %r: %s is read-only; serving it read-only", e.name, e.path)
-    return Export(e.name, e.description, image.readonly, shown, config=e, **settings(e))
+    return Export(e.name, e.description, image.readonly, shown, config=e, bitmaps=bitmaps, **settings(e))
 
 
 async def open_exports(cfg: ServerConfig, cache: ClusterCache) -> tuple[ExportTable, list[str]]:
@@ -131,6 +134,15 @@ async def open_exports(cfg: ServerConfig, cache: ClusterCache) -> tuple[ExportTa
             failed.append(f"export {e.name!r} not available: {err}")
             out.append(Export(e.name, e.description, True, None, str(err), config=e, **settings(e)))
     return ExportTable(out), failed
+
+
+async def _bitmaps(image: Image, e: ExportConfig) -> dict[str, DirtyBitmapView]:
+    """The export's ``-B`` bitmaps (the image is closed if one cannot be used)."""
+    try:
+        return {name: image.dirty_bitmap(name) for name in e.bitmaps}
+    except ImageError:
+        await image.close()
+        raise
 
 
 async def close_exports(table: ExportTable) -> None:
