@@ -68,6 +68,7 @@ class ImageSpec:
     format: str | None = None  # None: probe
     readonly: bool = False
     snapshot_overlay: bool = False  # -s: writes go to a throw-away overlay
+    direct: bool = False  # O_DIRECT for every file of the chain (--cache=none/directsync)
     options: OpenOptions = field(default_factory=OpenOptions)
     backing: BackingPolicy = field(default_factory=BackingPolicy)
 
@@ -95,7 +96,10 @@ class Image:
             driver.read_backing = self._read_backing
         # Mapping memo (see formats.base): granule index -> host offset of plain data.
         self._memo: dict[int, int] = {}
-        self._map_bits = driver.map_bits
+        # With O_DIRECT (``BlockFile.dfd``) reads go through the driver and BlockFile's bounce
+        # buffer: the memo's direct preadv would read through the page cache.
+        direct = getattr(driver.map_file or driver.file, "dfd", -1) >= 0
+        self._map_bits = 0 if direct else driver.map_bits
         self._map_mask = (1 << driver.map_bits) - 1
         self._data_file = driver.map_file or driver.file
         self._data_fd = self._data_file.fd
@@ -408,7 +412,17 @@ async def open_image(spec: ImageSpec, cache: ClusterCache) -> Image:
     top_dir = os.path.dirname(os.path.realpath(spec.path))
     allowed = tuple(os.path.realpath(d) for d in spec.backing.allowed_dirs) or (top_dir,)
     return await _open_layer(
-        spec.path, spec.format, spec.readonly, spec.options, cache, spec.backing, allowed, 0, set(), raw_fallback=True
+        spec.path,
+        spec.format,
+        spec.readonly,
+        spec.options,
+        cache,
+        spec.backing,
+        allowed,
+        0,
+        set(),
+        raw_fallback=True,
+        direct=spec.direct,
     )
 
 
@@ -424,9 +438,10 @@ async def _open_layer(
     seen: set[tuple[int, int]],
     *,
     raw_fallback: bool,
+    direct: bool = False,
 ) -> Image:
     try:
-        file = BlockFile.try_writable(path, readonly)
+        file = BlockFile.try_writable(path, readonly, direct)
     except OSError as e:
         raise ImageError(path, f"cannot open: {e.strerror}") from None
     try:
@@ -458,6 +473,7 @@ async def _open_layer(
                 depth + 1,
                 seen,
                 raw_fallback=False,
+                direct=direct,
             )
         return Image(driver, backing, cache)
     except BaseException:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 NBDSERVE = [sys.executable, "-m", "nbdserve"]
+QEMU_NBD_WAY = [sys.executable, "-m", "nbdserve.qemu_nbd"]  # nbdserve invoked the qemu-nbd way
 # Debian's python (with the libnbd bindings) first on PATH, for nbdsh and friends.
 TOOL_ENV = {**os.environ, "PATH": f"/usr/bin:{os.environ.get('PATH', '')}", "PYTHONPATH": str(REPO)}
 
@@ -133,10 +134,12 @@ def serve(
     bind: str = "127.0.0.1",
     env: dict[str, str] | None = None,
     python: str = sys.executable,
+    module: str = "nbdserve",
 ) -> Iterator[Served]:
     """Run ``nbdserve --fork -k SOCK ARGS...`` (``tcp``: on ``bind`` and a free port, retried if
     another process takes the port first); yields once it listens; stops it after.  ``env`` adds
-    environment variables; ``python`` is the interpreter to run nbdserve with."""
+    environment variables; ``python`` is the interpreter to run nbdserve with; ``module``:
+    ``nbdserve.qemu_nbd`` runs it the qemu-nbd way."""
     sock, pidfile, log = _paths(workdir, "nbdserve")
     port = 0
     for _attempt in range(3):
@@ -144,7 +147,7 @@ def serve(
         log.write_text("")
         # The launcher's output and, once it has detached, the server's log (--log) in one file.
         with open(log, "a") as logf:
-            argv = [python, "-m", "nbdserve", "--fork", "--pid-file", str(pidfile), "--log", str(log), *where]
+            argv = [python, "-m", module, "--fork", "--pid-file", str(pidfile), "--log", str(log), *where]
             p = subprocess.run(
                 [*argv, *map(str, args)],
                 stdout=logf,

@@ -80,6 +80,7 @@ def image_spec(e: ExportConfig, cfg: ServerConfig) -> ImageSpec:
         format=e.format,
         readonly=e.readonly or e.load_snapshot is not None,
         snapshot_overlay=e.snapshot,
+        direct=io_policy(e).direct,
         options=OpenOptions(snapshot=e.load_snapshot, vpc_size=e.vpc_size, repair=e.repair),
         backing=BackingPolicy(allowed_dirs=cfg.backing_dirs),
     )
@@ -106,7 +107,7 @@ def present(image: Image, e: ExportConfig) -> Image | View:
     try:
         return View(image, policy)
     except PolicyError as err:
-        raise ImageError(f"export {e.name!r}: {err}") from None
+        raise ImageError(e.path, str(err)) from None
 
 
 async def open_export(e: ExportConfig, cfg: ServerConfig, cache: ClusterCache) -> Export:

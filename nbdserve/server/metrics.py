@@ -49,7 +49,9 @@ COMMANDS = {
     C.CMD_WRITE_ZEROES: "write_zeroes",
     C.CMD_BLOCK_STATUS: "block_status",
 }
-NCMD = max(COMMANDS) + 1
+NCMD = max(COMMANDS) + 2  # and one slot for command numbers the protocol does not define
+OTHER = NCMD - 1
+COMMANDS[OTHER] = "other"
 # Latency bucket upper bounds in seconds (Prometheus "le"), and the same in nanoseconds.
 BUCKETS = (
     0.00001,
@@ -92,6 +94,8 @@ class ExportStats:
 
     def request(self, cmd: int, length: int, elapsed_ns: int) -> None:
         """One request answered (with or without an error) ``elapsed_ns`` after it was parsed."""
+        if cmd >= OTHER:
+            cmd = OTHER  # an unknown command (answered EINVAL)
         self.requests[cmd] += 1
         self.nbytes[cmd] += length
         self.latency[cmd][bisect.bisect_left(_BOUNDS_NS, elapsed_ns)] += 1

@@ -153,7 +153,7 @@ async def _apply(server: Server, new: ServerConfig) -> bool:
     except (ConfigError, ImageError) as e:
         for x in opened.values():
             await x.image.close()
-        raise ImageError(f"export {ec.name!r}: {e}") from None
+        raise ImageError(f"export {ec.name!r}", str(e)) from None
 
     # Commit: from here on nothing fails.
     server.cfg = new

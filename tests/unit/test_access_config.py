@@ -253,7 +253,7 @@ def test_toml_access_errors(tmp_path: Path, toml: str, message: str) -> None:
 def test_load_toml_names_the_file_and_key(tmp_path: Path) -> None:
     f = tmp_path / "c.toml"
     f.write_text("[server]\ntls-authz = 3\n")
-    with pytest.raises(ConfigError, match=r"c\.toml: \[server\] tls-authz: expected a string"):
+    with pytest.raises(ConfigError, match=r"c\.toml:2: \[server\] tls-authz: expected a string"):
         load_toml(str(f))
 
 
