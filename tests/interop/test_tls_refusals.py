@@ -143,8 +143,9 @@ def test_unauthorised_dn_gets_err_policy(after_forced: Served, pki: Pki) -> None
         assert go_reply(c, "disk") == (raw.REP_ERR_POLICY, "access denied by the server's policy")
         assert c.option(raw.OPT_LIST)[0][0] == raw.REP_ERR_POLICY
     lines = log_lines(after_forced, f"TLS identity '{MALLORY_DN}'", f"[server] tls-authz = {ALICE_DN}")
-    assert len({line.split()[1] for line in lines}) == len(lines) == 2, after_forced.log_text()  # once per client
-    assert all(line.startswith("nbdserve: 127.0.0.1:") for line in lines)
+    peers = {line.split("warning: ", 1)[1].split()[0] for line in lines}
+    assert len(peers) == len(lines) == 2, after_forced.log_text()  # once per client
+    assert all(peer.startswith("127.0.0.1:") for peer in peers)
 
 
 def test_plaintext_client_gets_tls_reqd_for_every_option(after_forced: Served) -> None:
@@ -275,7 +276,7 @@ def test_ipv6_allow_lists(tmp_path: Path) -> None:
         assert out.strip() == str(MiB)
     with serve(tmp_path, "--allow", "fd00::/8", "--export", f"v6={img},format=raw", tcp=True, bind="::1") as srv:
         refused(f"nbd://[::1]:{srv.port}/v6")
-        assert log_lines(srv, "nbdserve: [::1]:", "refused every export: ::1 does not pass [server] allow = fd00::/8")
+        assert log_lines(srv, "warning: [::1]:", "refused every export: ::1 does not pass [server] allow = fd00::/8")
 
 
 # -- Unix peer credentials -------------------------------------------------------------------------
