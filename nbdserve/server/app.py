@@ -34,6 +34,7 @@ import socket
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -309,14 +310,21 @@ def _hostport(addr: tuple) -> str:
 
 
 async def _reload(server: Server, reconfigure: Callable[[], ServerConfig] | None) -> None:
+    """SIGHUP: read the configuration again and apply it.  systemd hears RELOADING=1 at the
+    start and READY=1 at the end, whether the new configuration was applied or rejected."""
     log.log(NOTICE, "SIGHUP: reloading the configuration")
+    sd_notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
     try:
         new = reconfigure() if reconfigure is not None else server.cfg
     except ConfigError as e:
         server.metrics.reload_failures += 1
         log.error("reload rejected: %s; still serving the previous configuration", e)
+        sd_notify(f"READY=1\nSTATUS=reload rejected: {e}")
         return
-    await server.reload(new)
+    ok = await server.reload(new)
+    sd_notify("READY=1" if ok else "READY=1\nSTATUS=reload rejected (see the log)")
+    if ok:
+        server.status()
 
 
 def _command_env(server: Server, cfg: ServerConfig, socks: list[socket.socket]) -> dict[str, str]:

@@ -194,7 +194,6 @@ async def _apply(server: Server, new: ServerConfig) -> bool:
     )
     for ec in reopen_later:
         await _reopen_same_file(server, current[ec.name], ec)
-    server.status()
     return True
 
 
