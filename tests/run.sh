@@ -12,7 +12,10 @@ PKGS=(qemu-utils qemu-system-x86 libnbd-bin python3-libnbd nbdkit fio nbd-client
       # Ceph tests (tests/ceph, skip with --no-ceph): a single-node cluster, its Python bindings,
       # QEMU's rbd: driver, and botocore from Debian (its version is what the S3 tests know).
       ceph-mon ceph-mgr ceph-osd ceph-common radosgw python3-rados python3-rbd qemu-block-extra
-      python3-botocore)
+      python3-botocore
+      # Operations tests: systemd-analyze checks the units (nothing is started), strace counts
+      # the syscalls behind --cache and --detect-zeroes, man checks the manual page renders.
+      systemd strace man-db)
 missing=()
 for p in "${PKGS[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p"); done
 # The VM tests fetch a Debian cloud kernel with apt-get download: they need fresh package lists.
