@@ -11,6 +11,10 @@ Owns, between the protocol and the drivers:
     walking the chain for block status, which yields ``base:allocation`` flags and the
     ``qemu:allocation-depth`` value (0 unallocated, 1 this image, 2 its backing, ...);
   * the ``-s`` snapshot overlay (a temporary qcow2 over the image, removed at close);
+  * opening files: read-write exactly when asked (a file this process may not write is an error,
+    not a silent read-only export), locked the way QEMU locks images (``lock_perms``;
+    docs/image-locks.md) on the image and every backing file, and probed safely
+    (``formats.probe``; a probed-raw image guards its first sector, see ``formats.raw``);
   * the mapping memo behind ``read_now``: granule -> host offset for granules of plain data,
     dropped whenever the driver says a mapping changed (see ``formats.base``), so a hot read
     costs one dict lookup and one pread.  All images' memos together hold at most the cache's
@@ -29,10 +33,10 @@ import os
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from .blockfile import BlockFile
+from .blockfile import PERM_ALL, BlockFile, Perm
 from .cache import ClusterCache
 from .errors import ImageError, NbdError, UnsupportedImage
-from .formats import driver_for, probe
+from .formats import PROBE_SIZE, driver_for, identify, probe
 from .formats.base import ALLOCATED, DATA, ZERO, FormatDriver, OpenOptions
 from .locks import CoRwLock
 
@@ -65,6 +69,7 @@ class ImageSpec:
     format: str | None = None  # None: probe
     readonly: bool = False
     snapshot_overlay: bool = False  # -s: writes go to a throw-away overlay
+    force_share: bool = False  # -U: a read-only image (and its chain) may be open by a writer
     options: OpenOptions = field(default_factory=OpenOptions)
     backing: BackingPolicy = field(default_factory=BackingPolicy)
 
@@ -397,8 +402,46 @@ async def open_image(spec: ImageSpec, cache: ClusterCache) -> Image:
     top_dir = os.path.dirname(os.path.realpath(spec.path))
     allowed = tuple(os.path.realpath(d) for d in spec.backing.allowed_dirs) or (top_dir,)
     return await _open_layer(
-        spec.path, spec.format, spec.readonly, spec.options, cache, spec.backing, allowed, 0, set(), raw_fallback=True
+        spec.path,
+        spec.format,
+        spec.readonly,
+        spec.options,
+        cache,
+        spec.backing,
+        allowed,
+        0,
+        set(),
+        raw_fallback=True,
+        force_share=spec.force_share,
     )
+
+
+def lock_perms(*, writable: bool, force_share: bool = False) -> tuple[Perm, Perm]:
+    """(held, shared) lock permissions for an image file, as QEMU takes them: a writer holds
+    read, write and resize and lets others only read; a reader holds read and refuses writers,
+    unless ``force_share`` (``-U``), when it shares everything."""
+    if writable:
+        return Perm.CONSISTENT_READ | Perm.WRITE | Perm.RESIZE, Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED
+    if force_share:
+        return Perm.CONSISTENT_READ, PERM_ALL
+    return Perm.CONSISTENT_READ, PERM_ALL & ~(Perm.WRITE | Perm.RESIZE)
+
+
+def open_file(path: str, *, readonly: bool, force_share: bool = False) -> BlockFile:
+    """Open and lock one image file.  Read-write is exactly what ``readonly`` says: a file this
+    process may not write is refused (as qemu-nbd does), never silently served read-only."""
+    try:
+        file = BlockFile(path, readonly=readonly)
+    except OSError as e:
+        if not readonly and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise ImageError(path, f"cannot open for writing: {e.strerror} (serve it read-only: -r)") from None
+        raise ImageError(path, f"cannot open: {e.strerror}") from None
+    try:
+        file.lock(*lock_perms(writable=not readonly, force_share=force_share))
+    except BaseException:
+        file.close()
+        raise
+    return file
 
 
 async def _open_layer(
@@ -413,23 +456,28 @@ async def _open_layer(
     seen: set[tuple[int, int]],
     *,
     raw_fallback: bool,
+    force_share: bool,
 ) -> Image:
     try:
-        file = BlockFile.try_writable(path, readonly)
+        st = os.stat(path)
     except OSError as e:
         raise ImageError(path, f"cannot open: {e.strerror}") from None
+    key = (st.st_dev, st.st_ino)
+    if key in seen:  # before opening: the chain's own lock on the file would hide the loop
+        raise ImageError(path, "backing chain loops back to this file")
+    seen.add(key)
+    file = open_file(path, readonly=readonly, force_share=force_share)
     try:
-        st = os.fstat(file.fd)
-        key = (st.st_dev, st.st_ino)
-        if key in seen:
-            raise ImageError(path, "backing chain loops back to this file")
-        seen.add(key)
         if fmt is None:
-            head = file.pread(min(512, max(file.size, 0)), 0) if file.size else b""
+            head = file.pread(min(PROBE_SIZE, max(file.size, 0)), 0) if file.size else b""
             drv_cls = probe(bytes(head), file.size, path, raw_fallback=raw_fallback)
         else:
             drv_cls = driver_for(fmt, path)
-        driver = await drv_cls.open(file, readonly=readonly or file.readonly, cache=cache, options=options)
+        driver = await drv_cls.open(file, readonly=readonly, cache=cache, options=options)
+        if driver.readonly and not file.readonly:  # the driver chose read-only: be a reader
+            file.lock(*lock_perms(writable=False, force_share=force_share))
+        if fmt is None and drv_cls.format_name == "raw":
+            driver.head_guard = identify
         backing = None
         if driver.backing is not None:
             if depth + 1 > policy.max_depth:
@@ -446,6 +494,7 @@ async def _open_layer(
                 depth + 1,
                 seen,
                 raw_fallback=False,
+                force_share=force_share,
             )
         return Image(driver, backing, cache)
     except BaseException:

@@ -107,12 +107,16 @@ def _paths(workdir: Path, tag: str) -> tuple[Path, Path, Path]:
 
 
 @contextlib.contextmanager
-def serve(workdir: Path, *args: str | os.PathLike, export: str = "", check_stop: bool = True) -> Iterator[Served]:
-    """Run ``nbdserve --fork -k SOCK ARGS...``; yields once the socket listens; stops it after."""
+def serve(
+    workdir: Path, *args: str | os.PathLike, export: str = "", check_stop: bool = True, tcp_port: int = 0
+) -> Iterator[Served]:
+    """Run ``nbdserve --fork -k SOCK ARGS...`` (with ``tcp_port``: ``-b 127.0.0.1 -p PORT``
+    instead of ``-k``); yields once the socket listens; stops it after."""
     sock, pidfile, log = _paths(workdir, "nbdserve")
+    where = ["-b", "127.0.0.1", "-p", str(tcp_port)] if tcp_port else ["-k", str(sock)]
     with open(log, "w") as logf:
         p = subprocess.run(
-            [*NBDSERVE, "--fork", "--pid-file", str(pidfile), "-k", str(sock), *map(str, args)],
+            [*NBDSERVE, "--fork", "--pid-file", str(pidfile), *where, *map(str, args)],
             stdout=logf,
             stderr=subprocess.STDOUT,
             env=TOOL_ENV,
@@ -126,6 +130,27 @@ def serve(workdir: Path, *args: str | os.PathLike, export: str = "", check_stop:
     finally:
         if srv.alive():
             srv.stop() if check_stop else srv.stop(signal.SIGKILL)
+
+
+def start_error(workdir: Path, *args: str | os.PathLike) -> str:
+    """Start ``nbdserve --fork -k SOCK ARGS...`` expecting it to fail; its one-line error.  (A
+    server that starts anyway is stopped and the assertion fails.)"""
+    _, pidfile, log = _paths(workdir, "refused")
+    with open(log, "w") as logf:  # a file, not a pipe: a server that did start would hold a pipe open
+        p = subprocess.run(
+            [*NBDSERVE, "--fork", "--pid-file", str(pidfile), "-k", str(workdir / "refused.sock"), *map(str, args)],
+            stdout=subprocess.DEVNULL,
+            stderr=logf,
+            env=TOOL_ENV,
+            timeout=120,
+        )
+    text = log.read_text()
+    if p.returncode == 0:
+        Served(workdir / "refused.sock", read_pid(pidfile), log).stop()
+    assert p.returncode != 0, f"nbdserve started: {text}"
+    lines = [line for line in text.splitlines() if line.strip()]
+    assert len(lines) == 1, text  # one line, no traceback
+    return lines[0]
 
 
 @contextlib.contextmanager
@@ -169,6 +194,13 @@ def nbd_connect(uri: str):
     h.add_meta_context("base:allocation")
     h.connect_uri(uri)
     return h
+
+
+def free_tcp_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def connect_raw_socket(path: Path, timeout: float = 10.0) -> socket.socket:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from ..cache import ClusterCache
 from ..config import ExportConfig, ServerConfig
-from ..errors import ImageError
+from ..errors import ImageError, for_client
 from ..formats.base import OpenOptions
 from ..image import BackingPolicy, Image, ImageSpec, open_image
 
@@ -30,7 +30,7 @@ class Export:
     description: str
     readonly: bool
     image: Image | None
-    error: str = ""
+    error: str = ""  # why it failed to open, as a client may see it (no server paths)
     connections: int = 0
 
     @property
@@ -58,6 +58,7 @@ def image_spec(e: ExportConfig, cfg: ServerConfig) -> ImageSpec:
         format=e.format,
         readonly=e.readonly or e.load_snapshot is not None,
         snapshot_overlay=e.snapshot,
+        force_share=e.force_share,
         options=OpenOptions(snapshot=e.load_snapshot, vpc_size=e.vpc_size),
         backing=BackingPolicy(allowed_dirs=cfg.backing_dirs),
     )
@@ -67,13 +68,14 @@ async def open_exports(cfg: ServerConfig, cache: ClusterCache) -> ExportTable:
     """Open every configured export.  With a single export, a failure raises ``ImageError``."""
     out = []
     for e in cfg.exports:
+        log.info("opening export %r: %s", e.name, e.path)
         try:
             image = await open_image(image_spec(e, cfg), cache)
         except ImageError as err:
             if len(cfg.exports) == 1:
                 raise
             log.error("export %r not available: %s", e.name, err)
-            out.append(Export(e.name, e.description, True, None, str(err)))
+            out.append(Export(e.name, e.description, True, None, for_client(str(err))))
             continue
         if image.readonly and not e.readonly and e.load_snapshot is None:
             log.warning("export %r: %s is read-only; serving it read-only", e.name, e.path)

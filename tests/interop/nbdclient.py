@@ -60,10 +60,15 @@ class Reply:
 
 
 class RawClient:
-    def __init__(self, path: str, timeout: float = 10.0) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        self.sock.connect(str(path))
+    def __init__(self, path: str | socket.socket, timeout: float = 10.0) -> None:
+        """Connect to the Unix socket ``path``, or take over an already connected socket."""
+        if isinstance(path, socket.socket):
+            self.sock = path
+            self.sock.settimeout(timeout)
+        else:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.settimeout(timeout)
+            self.sock.connect(str(path))
         self.extended = False
         self.structured = False
         self.size = 0

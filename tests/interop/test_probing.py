@@ -1,0 +1,143 @@
+"""Safe probing (docs/probing.md): images of formats nbdserve does not decode are refused unless
+``-f raw`` is given, naming the format QEMU also sees; and a client cannot turn a probed-raw export
+into an image of another format by writing a header into its first sector (EPERM, as QEMU does),
+while an explicit ``-f raw`` export takes any write.
+
+The foreign images are made by ``qemu-img create``; QEMU's own probe (``qemu-img info``) is the
+oracle for which format each one is.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+from pathlib import Path
+
+import nbd
+import pytest
+
+from nbdserve.formats import UNDECODED, identify
+from tests.util import nbd_connect, qemu_img, run, serve, start_error
+
+MiB = 1 << 20
+
+FOREIGN = {
+    "vmdk": [],
+    "vmdk-descriptor": ["-o", "subformat=monolithicFlat"],
+    "vdi": [],
+    "parallels": [],
+    "qcow": [],
+    "luks": ["--object", "secret,id=s0,data=pw", "-o", "key-secret=s0,iter-time=10"],
+}
+
+
+def make_foreign(tmp_path: Path, kind: str) -> tuple[Path, str]:
+    """An image of ``kind`` made by qemu-img, and the format QEMU probes it as."""
+    fmt = kind.split("-")[0]
+    path = tmp_path / f"disk.{fmt}"
+    qemu_img("create", "-q", "-f", fmt, *FOREIGN[kind], path, "1M")
+    info = json.loads(qemu_img("info", "--output=json", path).stdout)
+    return path, info["format"]
+
+
+@pytest.mark.parametrize("kind", FOREIGN)
+def test_undecoded_formats_are_refused_unless_raw_is_explicit(tmp_path, kind):
+    path, qemu_format = make_foreign(tmp_path, kind)
+    line = start_error(tmp_path, path)
+    assert f"a {qemu_format} image" in line and "-f raw" in line, line
+    assert str(tmp_path) in line  # the operator sees the file
+    with serve(tmp_path, "-r", "-f", "raw", path) as srv:  # explicit: the file's bytes, as they are
+        assert run("nbdinfo", "--size", srv.uri).stdout.strip() == str(path.stat().st_size)
+
+
+def test_undecoded_backing_file_is_refused(tmp_path):
+    path, _ = make_foreign(tmp_path, "vdi")
+    top = tmp_path / "top.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-b", path.name, "-F", "vdi", top)
+    raw = bytearray(top.read_bytes())  # unrecord the format (see test_backing_chains): probe it
+    at = raw.index(bytes.fromhex("e2792aca"))
+    raw[at : at + 4] = bytes.fromhex("6e627364")
+    top.write_bytes(raw)
+    line = start_error(tmp_path, top)
+    assert "a vdi image" in line and "-f raw" not in line, line
+
+
+def test_every_undecoded_magic_is_identified():
+    """The table's other entries, from the magics alone (qemu-img cannot create these)."""
+    heads = {
+        "bochs": b"Bochs Virtual HD Image\0",
+        "cloop": b"#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0 && mount -r -t iso9660 /dev/cloop $1\n",
+        "vmdk": b"# comment\n   \nversion=2\r\nCID=fffffffe\n",
+    }
+    for name, head in heads.items():
+        assert identify(head.ljust(512, b"\0"), 1 << 20) == (name, None)
+    assert set(heads) <= set(UNDECODED)
+    assert identify(b"version=4\n".ljust(512, b"\0"), 1 << 20) is None
+    assert identify(bytes(512), 1 << 20) is None
+
+
+# -- a probed-raw image guards its first sector ----------------------------------------------------
+
+
+@pytest.fixture
+def headers(tmp_path) -> dict[str, bytes]:
+    """First sectors of real images: a qcow2 naming a host file as its backing file, and others."""
+    out = {}
+    victim = tmp_path / "secret.raw"
+    victim.write_bytes(b"host secret " * 100)
+    evil = tmp_path / "evil.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(victim), evil, "1M")
+    out["qcow2"] = evil.read_bytes()[:512]
+    for kind in ("vmdk", "vdi", "luks"):
+        path, _ = make_foreign(tmp_path, kind)
+        out[kind] = path.read_bytes()[:512]
+    return out
+
+
+def errnum(call, *args) -> int:
+    with pytest.raises(nbd.Error) as ei:
+        call(*args)
+    return ei.value.errnum
+
+
+def test_probed_raw_refuses_writes_that_make_a_format(tmp_path, headers):
+    img = tmp_path / "guest.img"
+    img.write_bytes(bytes(MiB))
+    with serve(tmp_path, img) as srv:  # probed: raw by default
+        h = nbd_connect(srv.uri)
+        h.set_strict_mode(h.get_strict_mode() & ~nbd.STRICT_ALIGN)
+        for name, head in headers.items():
+            assert errnum(h.pwrite, head, 0) == errno.EPERM, name
+            assert errnum(h.pwrite, head + bytes(4096), 0) == errno.EPERM, name  # longer than a sector
+        assert errnum(h.pwrite, b"QFI\xfb", 0) == errno.EPERM  # the magic alone, unaligned
+        # piecewise: first the rest of a header, then its magic; the last write completes it
+        h.pwrite(headers["qcow2"][4:], 4)
+        assert errnum(h.pwrite, b"QFI\xfb", 0) == errno.EPERM
+        h.pwrite(headers["vdi"][:64], 0)  # VDI's text line alone is not its signature...
+        assert errnum(h.pwrite, headers["vdi"][64:68], 64) == errno.EPERM  # ...this is
+        # ordinary guest writes to sector 0 (a boot sector, zeroes, trims) and any write elsewhere
+        mbr = bytearray(512)
+        mbr[510:512] = b"\x55\xaa"
+        h.pwrite(bytes(mbr), 0)
+        h.zero(512, 0)
+        h.trim(4096, 0)
+        h.pwrite(headers["qcow2"], 512)
+        h.pwrite(headers["qcow2"], 64 * 1024)
+        h.flush()
+        h.shutdown()
+    assert img.read_bytes()[:512] == bytes(512)
+    with serve(tmp_path, "-r", img) as srv:  # reopened by probing: still raw
+        assert run("nbdinfo", "--size", srv.uri).stdout.strip() == str(MiB)
+
+
+def test_explicit_raw_takes_any_write(tmp_path, headers):
+    img = tmp_path / "disk.img"
+    img.write_bytes(bytes(MiB))
+    with serve(tmp_path, "-f", "raw", img) as srv:
+        h = nbd_connect(srv.uri)
+        h.pwrite(headers["qcow2"], 0)
+        h.flush()
+        h.shutdown()
+    assert img.read_bytes()[:512] == headers["qcow2"]
+    info = json.loads(qemu_img("info", "--output=json", "-U", img).stdout)
+    assert info["format"] == "qcow2"  # what the client wrote: allowed, as the operator said raw
