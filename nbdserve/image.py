@@ -507,6 +507,8 @@ def resolve_backing(image_path: str, name: str, allowed: tuple[str, ...]) -> str
     """Backing file name -> path: relative to the image's directory, inside ``allowed``."""
     if not name:
         raise ImageError(image_path, "empty backing file name")
+    if "\0" in name:
+        raise ImageError(image_path, f"backing file name {name!r} contains a NUL byte")
     if name.startswith("json:") or "://" in name or (":" in name.split("/")[0] and not os.path.exists(name)):
         raise UnsupportedImage(image_path, f"backing file {name!r} is a protocol or json: name, not a file")
     base = os.path.dirname(os.path.realpath(image_path))

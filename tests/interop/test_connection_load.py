@@ -116,9 +116,11 @@ def test_idle_connections_cost_little_memory(tmp_path, image, many_fds):
             assert wait_greeted([s], 60) == 1
             serve_one(s, data, 0).close()
         before = rss(srv.pid)
-        socks = burst(port, N)
+        socks = []
         try:
-            assert wait_greeted(socks, 60) == N
+            for _ in range(N // 50):  # in small bursts: this test is about memory, not the backlog
+                socks += burst(port, 50)
+                assert wait_greeted(socks[-50:], 60) == 50
             clients = [serve_one(s, data, (i * 4096) % MiB) for i, s in enumerate(socks)]
             after = rss(srv.pid)
             assert all(c.pread(4096, 512) == data[4096:4608] for c in clients)
