@@ -31,29 +31,34 @@ FOREIGN = {
 }
 
 
-def make_foreign(tmp_path: Path, kind: str) -> tuple[Path, str]:
-    """An image of ``kind`` made by qemu-img, and the format QEMU probes it as."""
-    fmt = kind.split("-")[0]
-    path = tmp_path / f"disk.{fmt}"
-    qemu_img("create", "-q", "-f", fmt, *FOREIGN[kind], path, "1M")
-    info = json.loads(qemu_img("info", "--output=json", path).stdout)
-    return path, info["format"]
+@pytest.fixture(scope="module")
+def foreign(tmp_path_factory) -> dict[str, tuple[Path, str]]:
+    """kind -> (an image of it made by qemu-img, the format QEMU probes it as)."""
+    d = tmp_path_factory.mktemp("foreign")
+    out = {}
+    for kind, opts in FOREIGN.items():
+        fmt = kind.split("-")[0]
+        path = d / f"{kind}.{fmt}"
+        qemu_img("create", "-q", "-f", fmt, *opts, path, "1M")
+        out[kind] = path, json.loads(qemu_img("info", "--output=json", path).stdout)["format"]
+    return out
 
 
 @pytest.mark.parametrize("kind", FOREIGN)
-def test_undecoded_formats_are_refused_unless_raw_is_explicit(tmp_path, kind):
-    path, qemu_format = make_foreign(tmp_path, kind)
+def test_undecoded_formats_are_refused_unless_raw_is_explicit(tmp_path, foreign, kind):
+    path, qemu_format = foreign[kind]
     line = start_error(tmp_path, path)
     assert f"a {qemu_format} image" in line and "-f raw" in line, line
-    assert str(tmp_path) in line  # the operator sees the file
+    assert str(path) in line  # the operator sees the file
     with serve(tmp_path, "-r", "-f", "raw", path) as srv:  # explicit: the file's bytes, as they are
         assert run("nbdinfo", "--size", srv.uri).stdout.strip() == str(path.stat().st_size)
 
 
-def test_undecoded_backing_file_is_refused(tmp_path):
-    path, _ = make_foreign(tmp_path, "vdi")
+def test_undecoded_backing_file_is_refused(tmp_path, foreign):
+    path, _ = foreign["vdi"]
+    (tmp_path / "disk.vdi").write_bytes(path.read_bytes())
     top = tmp_path / "top.qcow2"
-    qemu_img("create", "-q", "-f", "qcow2", "-b", path.name, "-F", "vdi", top)
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "disk.vdi", "-F", "vdi", top)
     raw = bytearray(top.read_bytes())  # unrecord the format (see test_backing_chains): probe it
     at = raw.index(bytes.fromhex("e2792aca"))
     raw[at : at + 4] = bytes.fromhex("6e627364")
@@ -79,9 +84,10 @@ def test_every_undecoded_magic_is_identified():
 # -- a probed-raw image guards its first sector ----------------------------------------------------
 
 
-@pytest.fixture
-def headers(tmp_path) -> dict[str, bytes]:
+@pytest.fixture(scope="module")
+def headers(tmp_path_factory, foreign) -> dict[str, bytes]:
     """First sectors of real images: a qcow2 naming a host file as its backing file, and others."""
+    tmp_path = tmp_path_factory.mktemp("headers")
     out = {}
     victim = tmp_path / "secret.raw"
     victim.write_bytes(b"host secret " * 100)
@@ -89,8 +95,7 @@ def headers(tmp_path) -> dict[str, bytes]:
     qemu_img("create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(victim), evil, "1M")
     out["qcow2"] = evil.read_bytes()[:512]
     for kind in ("vmdk", "vdi", "luks"):
-        path, _ = make_foreign(tmp_path, kind)
-        out[kind] = path.read_bytes()[:512]
+        out[kind] = foreign[kind][0].read_bytes()[:512]
     return out
 
 
