@@ -16,7 +16,7 @@ from pathlib import Path
 import nbd
 import pytest
 
-from nbdserve.formats import UNDECODED, identify
+from nbdserve.formats import BY_NAME, UNDECODED, identify
 from tests.util import nbd_connect, qemu_img, run, serve, start_error
 
 MiB = 1 << 20
@@ -44,7 +44,7 @@ def foreign(tmp_path_factory) -> dict[str, tuple[Path, str]]:
     return out
 
 
-@pytest.mark.parametrize("kind", FOREIGN)
+@pytest.mark.parametrize("kind", [k for k in FOREIGN if k.split("-")[0] not in BY_NAME])  # no driver yet
 def test_undecoded_formats_are_refused_unless_raw_is_explicit(tmp_path, foreign, kind):
     path, qemu_format = foreign[kind]
     line = start_error(tmp_path, path)
@@ -55,16 +55,16 @@ def test_undecoded_formats_are_refused_unless_raw_is_explicit(tmp_path, foreign,
 
 
 def test_undecoded_backing_file_is_refused(tmp_path, foreign):
-    path, _ = foreign["vdi"]
-    (tmp_path / "disk.vdi").write_bytes(path.read_bytes())
+    path, _ = foreign["parallels"]
+    (tmp_path / "disk.img").write_bytes(path.read_bytes())
     top = tmp_path / "top.qcow2"
-    qemu_img("create", "-q", "-f", "qcow2", "-b", "disk.vdi", "-F", "vdi", top)
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "disk.img", "-F", "parallels", top)
     raw = bytearray(top.read_bytes())  # unrecord the format (see test_backing_chains): probe it
     at = raw.index(bytes.fromhex("e2792aca"))
     raw[at : at + 4] = bytes.fromhex("6e627364")
     top.write_bytes(raw)
     line = start_error(tmp_path, top)
-    assert "a vdi image" in line and "-f raw" not in line, line
+    assert "a parallels image" in line and "-f raw" not in line, line
 
 
 def test_every_undecoded_magic_is_identified():
@@ -75,7 +75,7 @@ def test_every_undecoded_magic_is_identified():
         "vmdk": b"# comment\n   \nversion=2\r\nCID=fffffffe\n",
     }
     for name, head in heads.items():
-        assert identify(head.ljust(512, b"\0"), 1 << 20) == (name, None)
+        assert identify(head.ljust(512, b"\0"), 1 << 20)[0] == name
     assert set(heads) <= set(UNDECODED)
     assert identify(b"version=4\n".ljust(512, b"\0"), 1 << 20) is None
     assert identify(bytes(512), 1 << 20) is None

@@ -32,7 +32,7 @@ MiB = 1 << 20
 STORM_THREADS = 16
 STORM_CONNECTIONS = 20000 if SLOW else 1000
 STORM_GROWTH = 16 * MiB
-SOAK_OPS = 400000 if SLOW else 2000  # per format, over all connections
+SOAK_OPS = 100000 if SLOW else 2000  # per format, over all connections
 SOAK_GROWTH = 16 * MiB
 FORMATS = ("raw", "qcow2", "qed", "vpc", "vhdx")
 
