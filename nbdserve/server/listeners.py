@@ -232,10 +232,13 @@ class Server:
         """Start listening (with ``--backlog``) and accepting on the bound sockets."""
         for s in socks:
             s.setblocking(False)
-            if s.family == socket.AF_UNIX:
-                srv = await self.loop.create_unix_server(self._protocol, sock=s, backlog=self.cfg.backlog)
-            else:
-                srv = await self.loop.create_server(self._protocol, sock=s, backlog=self.cfg.backlog)
+            try:
+                if s.family == socket.AF_UNIX:
+                    srv = await self.loop.create_unix_server(self._protocol, sock=s, backlog=self.cfg.backlog)
+                else:
+                    srv = await self.loop.create_server(self._protocol, sock=s, backlog=self.cfg.backlog)
+            except OSError as e:  # e.g. another server bound the port too and listened first
+                raise ConfigError(f"cannot listen on {describe([s], self.cfg)[0]}: {e.strerror or e}") from None
             self._servers.append(srv)
 
     async def serve_stdio(self) -> None:

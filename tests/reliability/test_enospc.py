@@ -19,6 +19,7 @@ from pathlib import Path
 import nbd
 import pytest
 
+from tests.conftest import SLOW
 from tests.util import nbd_connect, qemu_img, serve
 
 MiB = 1 << 20
@@ -59,10 +60,11 @@ def errnum(call, *args) -> int | None:
     return None
 
 
+@pytest.mark.parametrize("round", range(5 if SLOW else 1))
 @pytest.mark.parametrize("fs_kind", ("tmpfs", "ext4"))
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_full_filesystem_gives_enospc_and_loses_nothing_acknowledged(tmp_path, fmt, fs_kind):
-    rng = random.Random(fmt)
+def test_full_filesystem_gives_enospc_and_loses_nothing_acknowledged(tmp_path, fmt, fs_kind, round):
+    rng = random.Random(f"{fmt}:{round}")
     model = bytearray(SIZE)
     unsure: list[tuple[int, int]] = []  # failed writes: those bytes may or may not have landed
     with small_fs(fs_kind, FS_SIZE, tmp_path) as fs:
@@ -88,7 +90,7 @@ def test_full_filesystem_gives_enospc_and_loses_nothing_acknowledged(tmp_path, f
                 if err is None and rng.random() < 0.3:
                     assert errnum(h.flush) in (None, errno.ENOSPC)
             assert failures, "the filesystem never filled up"
-            print(f"\nENOSPC {fmt} on {fs_kind}: {off / MiB:.0f} MiB sent, {len(failures)} writes failed with ENOSPC")
+            print(f"\nENOSPC {fmt} on {fs_kind} #{round}: {off / MiB:.0f} MiB sent, {len(failures)} writes got ENOSPC")
             assert set(failures) == {errno.ENOSPC}, f"failed writes answered {failures}, not only ENOSPC"
             assert srv.alive()
             # what was acknowledged reads back
