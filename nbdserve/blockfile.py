@@ -269,3 +269,32 @@ class BlockFile:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def lock_perms(*, writable: bool, force_share: bool = False) -> tuple[Perm, Perm]:
+    """(held, shared) lock permissions for an image file, as QEMU takes them: a writer holds
+    read, write and resize and lets others only read; a reader holds read and refuses writers,
+    unless ``force_share`` (``-U``), when it shares everything."""
+    if writable:
+        return Perm.CONSISTENT_READ | Perm.WRITE | Perm.RESIZE, Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED
+    if force_share:
+        return Perm.CONSISTENT_READ, PERM_ALL
+    return Perm.CONSISTENT_READ, PERM_ALL & ~(Perm.WRITE | Perm.RESIZE)
+
+
+def open_locked(path: str, *, readonly: bool, force_share: bool = False) -> BlockFile:
+    """Open and lock one image file (``lock_perms``): what the image layer and drivers that open
+    more files (VMDK extents) use.  Read-write is exactly what ``readonly`` says: a file this
+    process may not write is refused (as qemu-nbd does), never silently served read-only."""
+    try:
+        file = BlockFile(path, readonly=readonly)
+    except OSError as e:
+        if not readonly and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise ImageError(path, f"cannot open for writing: {e.strerror} (serve it read-only: -r)") from None
+        raise ImageError(path, f"cannot open: {e.strerror}") from None
+    try:
+        file.lock(*lock_perms(writable=not readonly, force_share=force_share))
+    except BaseException:
+        file.close()
+        raise
+    return file

@@ -10,6 +10,8 @@ Owns, between the protocol and the drivers:
     recorded formats honoured, never raw-by-guess), feeding each driver's ``read_backing``, and
     walking the chain for block status, which yields ``base:allocation`` flags and the
     ``qemu:allocation-depth`` value (0 unallocated, 1 this image, 2 its backing, ...);
+  * persistent dirty bitmaps for ``-B``: the first layer of the chain that has one of the name
+    (as qemu-nbd looks them up);
   * the ``-s`` snapshot overlay (a temporary qcow2 over the image, removed at close);
   * opening files: read-write exactly when asked (a file this process may not write is an error,
     not a silent read-only export), locked the way QEMU locks images (``lock_perms``;
@@ -29,15 +31,16 @@ Lock order: image rwlock (only when align > 1) -> driver CoMutex -> cache.
 from __future__ import annotations
 
 import errno
+import functools
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
-from .blockfile import PERM_ALL, BlockFile, Perm
+from .blockfile import lock_perms, open_locked
 from .cache import ClusterCache
 from .errors import ImageError, NbdError, UnsupportedImage
 from .formats import PROBE_SIZE, driver_for, identify, probe
-from .formats.base import ALLOCATED, DATA, ZERO, FormatDriver, OpenOptions
+from .formats.base import ALLOCATED, DATA, ZERO, DirtyBitmapView, FormatDriver, OpenOptions
 from .locks import CoRwLock
 
 # NBD base:allocation flags
@@ -99,8 +102,8 @@ class Image:
         self._memo: dict[int, int] = {}
         self._map_bits = driver.map_bits
         self._map_mask = (1 << driver.map_bits) - 1
-        self._data_file = driver.file
-        self._data_fd = driver.file.fd
+        self._data_file = driver.map_file or driver.file
+        self._data_fd = self._data_file.fd
         driver.mappings_changed = self.forget_mappings
         cache.memo_owners.add(self)
 
@@ -358,6 +361,14 @@ class Image:
                 _append(out, Run(n, STATE_HOLE | STATE_ZERO, 0))
             offset += n
 
+    def dirty_bitmap(self, name: str) -> DirtyBitmapView:
+        """Bitmap ``name`` of the first layer that has one (top first).  Raises ``ImageError``."""
+        for img in self.chain():
+            bm = img.driver.dirty_bitmap(name)
+            if bm is not None:
+                return bm
+        raise ImageError(self.path, f"bitmap {name!r} not found")
+
     # -- life cycle -------------------------------------------------------------------------
 
     def chain(self) -> list[Image]:
@@ -416,34 +427,6 @@ async def open_image(spec: ImageSpec, cache: ClusterCache) -> Image:
     )
 
 
-def lock_perms(*, writable: bool, force_share: bool = False) -> tuple[Perm, Perm]:
-    """(held, shared) lock permissions for an image file, as QEMU takes them: a writer holds
-    read, write and resize and lets others only read; a reader holds read and refuses writers,
-    unless ``force_share`` (``-U``), when it shares everything."""
-    if writable:
-        return Perm.CONSISTENT_READ | Perm.WRITE | Perm.RESIZE, Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED
-    if force_share:
-        return Perm.CONSISTENT_READ, PERM_ALL
-    return Perm.CONSISTENT_READ, PERM_ALL & ~(Perm.WRITE | Perm.RESIZE)
-
-
-def open_file(path: str, *, readonly: bool, force_share: bool = False) -> BlockFile:
-    """Open and lock one image file.  Read-write is exactly what ``readonly`` says: a file this
-    process may not write is refused (as qemu-nbd does), never silently served read-only."""
-    try:
-        file = BlockFile(path, readonly=readonly)
-    except OSError as e:
-        if not readonly and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-            raise ImageError(path, f"cannot open for writing: {e.strerror} (serve it read-only: -r)") from None
-        raise ImageError(path, f"cannot open: {e.strerror}") from None
-    try:
-        file.lock(*lock_perms(writable=not readonly, force_share=force_share))
-    except BaseException:
-        file.close()
-        raise
-    return file
-
-
 async def _open_layer(
     path: str,
     fmt: str | None,
@@ -466,8 +449,9 @@ async def _open_layer(
     if key in seen:  # before opening: the chain's own lock on the file would hide the loop
         raise ImageError(path, "backing chain loops back to this file")
     seen.add(key)
-    file = open_file(path, readonly=readonly, force_share=force_share)
+    file = open_locked(path, readonly=readonly, force_share=force_share)
     try:
+        options = replace(options, resolve=functools.partial(resolve_backing, allowed=allowed), force_share=force_share)
         if fmt is None:
             head = file.pread(min(PROBE_SIZE, max(file.size, 0)), 0) if file.size else b""
             drv_cls = probe(bytes(head), file.size, path, raw_fallback=raw_fallback)
@@ -503,18 +487,19 @@ async def _open_layer(
         raise
 
 
-def resolve_backing(image_path: str, name: str, allowed: tuple[str, ...]) -> str:
-    """Backing file name -> path: relative to the image's directory, inside ``allowed``."""
+def resolve_backing(image_path: str, name: str, allowed: tuple[str, ...], what: str = "backing file") -> str:
+    """A file name an image records (its backing file; ``what`` says, e.g. a VMDK extent file)
+    -> path: relative to the image's directory, inside ``allowed``."""
     if not name:
-        raise ImageError(image_path, "empty backing file name")
+        raise ImageError(image_path, f"empty {what} name")
     if "\0" in name:
-        raise ImageError(image_path, f"backing file name {name!r} contains a NUL byte")
+        raise ImageError(image_path, f"{what} name {name!r} contains a NUL byte")
     if name.startswith("json:") or "://" in name or (":" in name.split("/")[0] and not os.path.exists(name)):
-        raise UnsupportedImage(image_path, f"backing file {name!r} is a protocol or json: name, not a file")
+        raise UnsupportedImage(image_path, f"{what} {name!r} is a protocol or json: name, not a file")
     base = os.path.dirname(os.path.realpath(image_path))
     candidate = os.path.realpath(os.path.join(base, name))
     if not any(os.path.commonpath([candidate, d]) == d for d in allowed):
-        raise ImageError(image_path, f"backing file {name!r} resolves to {candidate}, outside the allowed directories")
+        raise ImageError(image_path, f"{what} {name!r} resolves to {candidate}, outside the allowed directories")
     if not os.path.exists(candidate):
-        raise ImageError(image_path, f"backing file {name!r} not found (looked for {candidate})")
+        raise ImageError(image_path, f"{what} {name!r} not found (looked for {candidate})")
     return candidate

@@ -203,3 +203,57 @@ def verify(path) -> None:
     intervals.sort()
     for (s0, e0), (s1, _) in itertools.pairwise(intervals):
         assert s1 >= e0, f"{path}: region at 0x{s1:x} overlaps 0x{s0:x}-0x{e0:x}"
+
+
+def layout(path) -> tuple[int, dict[int, tuple[int, bytes]]]:
+    """(block_size, {BAT index: (file offset of the block's data, its sector bitmap)}) of a
+    dynamic or differencing VHD as the file holds it now (read from the specification's layout,
+    not through nbdserve)."""
+    with open(path, "rb") as f:
+        buf = f.read()
+    dyn_at = struct.unpack_from(">Q", buf, len(buf) - 512 + 16)[0]
+    table, _, entries, bs = struct.unpack_from(">QIII", buf, dyn_at + 16)
+    bm = bitmap_size(bs)
+    out = {}
+    for i in range(entries):
+        e = struct.unpack_from(">I", buf, table + 4 * i)[0]
+        if e != UNALLOCATED:
+            out[i] = (e * SECTOR + bm, bytes(buf[e * SECTOR : e * SECTOR + bm]))
+    return bs, out
+
+
+def chain(tmp, rng, *, levels: int, size: int = 4 << 20, block_size: int = 256 << 10) -> tuple[list, list[bytes]]:
+    """A dynamic base and ``levels - 1`` differencing children named ``layer0.vhd`` ..., each
+    block unallocated, whole, or with a random sector bitmap over a random payload (with zero
+    stretches).  Returns the file paths, base first, and each layer's disk contents."""
+    import os
+
+    paths: list[str] = []
+    models: list[bytes] = []
+    parent: Spec | None = None
+    for level in range(levels):
+        blocks = {}
+        for idx in range(-(-size // block_size)):
+            r = rng.random()
+            if r < 0.3:
+                continue
+            payload = bytearray(rng.randbytes(block_size))
+            at = rng.randrange(block_size)
+            payload[at : at + block_size // 3] = bytes(len(payload[at : at + block_size // 3]))
+            whole = level == 0 or r < 0.45
+            sectors = None if whole else {s for s in range(block_size // SECTOR) if rng.random() < 0.5}
+            blocks[idx] = Block(bytes(payload), sectors)
+        path = os.path.join(tmp, f"layer{level}.vhd")
+        if parent is None:
+            spec = Spec(size, block_size=block_size, blocks=blocks)
+        else:
+            name = os.path.basename(paths[-1])
+            spec = Spec(
+                size, disk_type=4, block_size=block_size, blocks=blocks, parent_uuid=parent.unique_id,
+                parent_name=name, locators=[(b"W2ru", ".\\" + name)],
+            )  # fmt: skip
+        write(path, spec)
+        models.append(expected(spec, models[-1] if models else None))
+        paths.append(path)
+        parent = spec
+    return paths, models

@@ -188,6 +188,18 @@ class Vhdx:
     def entry(self, index: int) -> int:
         return struct.unpack("<Q", self.read(self.bat_offset + 8 * index, 8))[0]
 
+    def state(self, block: int) -> int:
+        """Payload block ``block``'s BAT state as the file holds it now."""
+        return self.entry(self.payload_index(block)) & 7
+
+    def sector_bits(self, block: int) -> list[bool]:
+        """The sector bitmap bits of payload block ``block`` as the file holds them now."""
+        sb = self.entry(self.bitmap_index(block))
+        per = self.block_size // self.lss
+        first = (block % self.chunk_ratio) * per  # a multiple of 8: blocks hold >= 256 sectors
+        raw = self.read((sb & ~0xFFFFF) + first // 8, per // 8)
+        return [bool(raw[i // 8] >> (i % 8) & 1) for i in range(per)]
+
     def new_space(self, length: int) -> int:
         off = self.end
         self.end += -(-length // MiB) * MiB
@@ -287,3 +299,78 @@ class Vhdx:
         """(file offset, current 4 KiB contents) of the BAT sector holding entry ``index``."""
         off = self.bat_offset + (index * 8) // 4096 * 4096
         return off, bytearray(self.read(off, 4096))
+
+
+# -- differencing chains with a model ---------------------------------------------------------
+
+NOT_PRESENT, UNDEFINED, ZERO, UNMAPPED, FULLY_PRESENT, PARTIALLY_PRESENT = 0, 1, 2, 3, 6, 7
+
+
+def locator_for(parent: Vhdx) -> dict[str, str]:
+    """A parent locator naming ``parent`` by its file name (relative to the child's directory)."""
+    return {"parent_linkage": guid_text(parent.data_write_guid), "relative_path": os.path.basename(parent.path)}
+
+
+def chain(
+    tmp: str | os.PathLike,
+    rng,
+    *,
+    levels: int,
+    lss: int,
+    size: int = 8 * MiB,
+    block_size: int = MiB,
+    top_runs: int = 1,
+) -> tuple[list[Vhdx], list[bytes]]:
+    """A base image and ``levels - 1`` differencing children over it, each block in a random
+    state, with the disk contents MS-VHDX gives them: NOT_PRESENT reads the parent (zeroes in the
+    base), UNDEFINED / ZERO / UNMAPPED read zeroes, FULLY_PRESENT the block, PARTIALLY_PRESENT
+    sector by sector through the bitmap (1: this file, 0: the parent).
+
+    Payloads are random bytes with zero stretches, so a parent often holds zeroes under a
+    partially present block.  Bitmap runs in the top layer are multiples of ``top_runs`` sectors
+    (the other layers' are single sectors).  Returns the layers, base first, and each layer's
+    disk contents.
+    """
+    layers: list[Vhdx] = []
+    models: list[bytes] = []
+    model = bytearray(size)
+    blocks = -(-size // block_size)
+    per_block = block_size // lss
+    for level in range(levels):
+        top = level == levels - 1
+        name = os.path.join(tmp, f"layer{level}.vhdx")
+        if level == 0:
+            g = Vhdx(name, size, block_size=block_size, lss=lss)
+        else:
+            g = Vhdx(name, size, block_size=block_size, lss=lss, has_parent=True, locator=locator_for(layers[-1]))
+        for b in range(blocks):
+            lo, hi = b * block_size, min(size, (b + 1) * block_size)
+            payload = bytearray(rng.randbytes(block_size))
+            for _ in range(rng.randrange(3)):  # zero stretches
+                at = rng.randrange(block_size)
+                end = min(block_size, at + rng.randrange(1, block_size // 2))
+                payload[at:end] = bytes(end - at)
+            payload = bytes(payload)
+            states = [NOT_PRESENT, FULLY_PRESENT, ZERO, UNDEFINED, UNMAPPED]
+            if level:
+                states += [PARTIALLY_PRESENT] * 3
+            state = rng.choice(states)
+            if state == FULLY_PRESENT:
+                g.put_block(b, payload)
+                model[lo:hi] = payload[: hi - lo]
+            elif state == PARTIALLY_PRESENT:
+                run = top_runs if top else 1
+                present: list[bool] = []
+                while len(present) < per_block:
+                    present += [rng.random() < 0.5] * (run * rng.randrange(1, 9))
+                present = present[:per_block]
+                g.put_partial(b, payload, present)
+                for i, here in enumerate(present):
+                    if here and lo + i * lss < hi:
+                        model[lo + i * lss : lo + (i + 1) * lss] = payload[i * lss : (i + 1) * lss]
+            elif state != NOT_PRESENT:
+                g.set_entry(g.payload_index(b), state)
+                model[lo:hi] = bytes(hi - lo)
+        layers.append(g)
+        models.append(bytes(model))
+    return layers, models

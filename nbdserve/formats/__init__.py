@@ -1,7 +1,7 @@
 """The format drivers, listed once, and format probing.
 
 ``DRIVERS`` is the one explicit list of drivers.  ``UNDECODED`` is the one table of formats
-nbdserve recognises by their magic but does not decode (VMDK, VDI, LUKS, ...).  ``identify`` names
+nbdserve recognises by their magic but does not decode (LUKS, Parallels, ...).  ``identify`` names
 the format the first bytes of a file belong to, from both; ``probe`` turns that into a driver.
 
 Rules (docs/probing.md):
@@ -25,8 +25,10 @@ from .base import FormatDriver
 from .qcow2 import Qcow2Driver
 from .qed import QedDriver
 from .raw import RawDriver
+from .vdi import VdiDriver
 from .vhd import VhdDriver
 from .vhdx import VhdxDriver
+from .vmdk import VmdkDriver
 
 DRIVERS: tuple[type[FormatDriver], ...] = (
     RawDriver,
@@ -34,6 +36,8 @@ DRIVERS: tuple[type[FormatDriver], ...] = (
     QedDriver,
     VhdDriver,
     VhdxDriver,
+    VmdkDriver,
+    VdiDriver,
 )
 
 BY_NAME: dict[str, type[FormatDriver]] = {d.format_name: d for d in DRIVERS}
@@ -41,19 +45,7 @@ BY_NAME: dict[str, type[FormatDriver]] = {d.format_name: d for d in DRIVERS}
 PROBE_SIZE = 512  # bytes of the file's start that probing looks at (and a probed-raw image guards)
 
 
-def _vmdk_descriptor(head: bytes) -> bool:
-    """A VMDK text descriptor: comment and blank lines, then ``version=1``, ``2`` or ``3``."""
-    for line in head.split(b"\n"):
-        text = line.rstrip(b"\r")
-        if text.startswith(b"#") or not text.strip(b" "):
-            continue
-        return text in (b"version=1", b"version=2", b"version=3")
-    return False
-
-
 UNDECODED: dict[str, Callable[[bytes], bool]] = {
-    "vmdk": lambda h: h[:4] in (b"KDMV", b"COWD") or _vmdk_descriptor(h),
-    "vdi": lambda h: h[64:68] == b"\x7f\x10\xda\xbe",  # signature 0xbeda107f, little-endian, at 64
     "luks": lambda h: h[:6] == b"LUKS\xba\xbe",
     "parallels": lambda h: h[:16] in (b"WithoutFreeSpace", b"WithouFreSpacExt"),
     "qcow": lambda h: h[:8] == b"QFI\xfb\x00\x00\x00\x01",  # qcow version 1 (qcow2 is 2 and 3)

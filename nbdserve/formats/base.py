@@ -32,6 +32,11 @@ the image layer sets; it reads the backing chain or zeroes); copy-on-write uses 
 function.  A driver never opens its backing file itself: it reports ``backing`` (file name and
 recorded format) from ``open`` and the image layer opens it.
 
+Persistent dirty bitmaps: ``dirty_bitmap(name)`` gives the layer's bitmap of that name (None if it
+has none), an object with ``extents(offset, length, limit) -> [(length, 1 dirty / 0 clean)]``
+that stays current while the driver writes; it raises ``ImageError`` when the bitmap exists but
+cannot be used.  The image layer searches the chain, top first.
+
 Errors: ``NbdError(errno)`` for a failed request, ``OSError`` passes through, ``CorruptImage``
 when metadata turns out to be bad at run time (the request fails with EIO).  ``open`` raises
 ``ImageError`` subclasses with a one-line reason naming the field.
@@ -45,7 +50,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import ClassVar, NamedTuple
+from typing import ClassVar, NamedTuple, Protocol
 
 from ..blockfile import BlockFile
 from ..cache import ClusterCache
@@ -86,7 +91,22 @@ class OpenOptions:
 
     snapshot: str | None = None  # qcow2 internal snapshot to serve (read-only)
     vpc_size: str = "auto"  # VHD virtual size rule: auto | chs | current
+    repair: str = "off"  # qcow2 inconsistencies found at a read-write open: off | leaks | all
+    force_share: bool = False  # -U: files a driver opens itself are locked sharing writes too
     extra: dict[str, str] = field(default_factory=dict)
+    # Set by the image layer: ``resolve(image_path, name, what=...)`` turns a file name an image
+    # records for itself (VMDK extents) into a path inside the allowed directories, or raises
+    # ImageError naming ``what``.
+    resolve: ResolvePath | None = None
+
+
+ResolvePath = Callable[..., str]
+
+
+class DirtyBitmapView(Protocol):
+    """A persistent dirty bitmap as block status reports it (see "Persistent dirty bitmaps")."""
+
+    def extents(self, offset: int, length: int, limit: int) -> list[tuple[int, int]]: ...
 
 
 ReadBacking = Callable[[int, memoryview], Awaitable[None]]
@@ -95,6 +115,12 @@ ReadBacking = Callable[[int, memoryview], Awaitable[None]]
 async def read_zeroes(offset: int, buf: memoryview) -> None:
     """``read_backing`` for a layer without a backing image."""
     buf[:] = bytes(len(buf))
+
+
+def zero_in_place(file: BlockFile, at: int, n: int, may_trim: bool) -> None:
+    """Make host bytes ``[at, at+n)`` read as zeroes: punch (if allowed), zero-range or write."""
+    if not ((may_trim and file.punch_hole(at, n)) or file.zero_range(at, n)):
+        file.write_zeroes(at, n)
 
 
 class FormatDriver:
@@ -110,6 +136,7 @@ class FormatDriver:
     backing: BackingRef | None = None
     read_backing: ReadBacking = staticmethod(read_zeroes)
     map_bits: int = 0  # log2 of the mapping granule; 0: no map_now
+    map_file: BlockFile | None = None  # the file map_now offsets refer to (None: ``file``)
 
     @classmethod
     def probe(cls, head: bytes, file_size: int) -> int:
@@ -131,8 +158,9 @@ class FormatDriver:
 
     def map_now(self, offset: int) -> int | None:
         """Where the granule holding ``offset`` (``1 << map_bits`` bytes, aligned) starts in
-        ``file``, if all of it is plain data in this layer and the cached metadata says so; else
-        None.  Synchronous, no side effects; the host range must lie inside ``file``."""
+        ``map_file`` (or ``file``), if all of it is plain data in this layer and the cached
+        metadata says so; else None.  Synchronous, no side effects; the host range must lie
+        inside that file."""
         return None
 
     def mappings_changed(self) -> None:
@@ -159,6 +187,10 @@ class FormatDriver:
 
     async def block_status(self, offset: int, length: int) -> Extent:
         return Extent(length, ALLOCATED | DATA)
+
+    def dirty_bitmap(self, name: str) -> DirtyBitmapView | None:
+        """The persistent dirty bitmap ``name`` of this layer, or None (see above)."""
+        return None
 
     async def cache_hint(self, offset: int, length: int) -> None:
         """NBD_CMD_CACHE: warm metadata for the range.  Failure must not change semantics."""

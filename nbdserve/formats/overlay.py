@@ -12,8 +12,9 @@ from __future__ import annotations
 import os
 import tempfile
 
+from ..blockfile import open_locked
 from ..cache import ClusterCache
-from ..image import Image, ImageSpec, _open_layer, open_file
+from ..image import Image, ImageSpec, _open_layer
 from .base import OpenOptions
 from .qcow2 import Qcow2Driver
 from .qcow2.create import create_qcow2
@@ -41,7 +42,7 @@ async def open_with_overlay(spec: ImageSpec, cache: ClusterCache) -> Image:
         os.close(fd)
         os.unlink(path)  # re-created exclusively below
         create_qcow2(path, base.size, backing_file=os.path.realpath(spec.path), backing_format=base.format)
-        file = open_file(path, readonly=False)
+        file = open_locked(path, readonly=False)
         try:
             driver = await Qcow2Driver.open(file, readonly=False, cache=cache, options=OpenOptions())
         except BaseException:

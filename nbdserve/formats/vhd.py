@@ -2,7 +2,8 @@
 
 Owns one VHD file: the 512-byte footer (at EOF-512, plus a copy at offset 0 in dynamic and
 differencing images), the 1024-byte dynamic header, the block allocation table (BAT) and the
-per-block sector bitmaps.  All fields are big-endian; names follow the VHD specification.
+per-block sector bitmaps.  All fields are big-endian; names follow the VHD specification.  The
+format facts this relies on are written up in docs/vhd.md.
 
 Probing: a footer cookie ``conectix`` at offset 0 means a dynamic or differencing image (score
 100).  A **fixed** VHD keeps its footer only at EOF-512, which the 512-byte probe cannot see, so a
@@ -58,7 +59,9 @@ Block allocation order: (1) append the new trailing footer after the new block a
 bitmap bits are set afterwards, written back with ``sync_before`` (data durable first).
 
 Open-time checks (bad input gives a one-line ``ImageError`` naming the field): footer cookie and
-checksum, disk_type, size limit; dynamic header cookie, block_size, max_table_entries (capped
+checksum, disk_type, size limit (a fixed VHD whose size exceeds its data area is not refused:
+QEMU reads it as the file's bytes, its footer included, then zeroes; so do we, read-only, with
+a warning naming the size field); dynamic header cookie, block_size, max_table_entries (capped
 before anything is read), table_offset; every BAT entry inside the file; blocks not overlapping
 each other, the footer copy, the dynamic header, the BAT or parent-locator data; at most
 MAX_BLOCKS allocated blocks (memory stays bounded: the BAT is scanned a chunk at a time).
@@ -160,8 +163,9 @@ def parse_footer(raw: bytes | bytearray) -> tuple[Footer | None, str]:
     return Footer(bytes(raw)), ""
 
 
-def virtual_size(footer: Footer, rule: str, path: str) -> int:
-    """The disk size in bytes under ``rule`` (auto | chs | current); see the module docstring."""
+def virtual_size(footer: Footer, rule: str, path: str) -> tuple[int, str]:
+    """The disk size in bytes under ``rule`` (auto | chs | current), and the footer field it
+    came from (``disk_geometry`` or ``current_size``); see the module docstring."""
     if rule not in ("auto", "chs", "current"):
         raise ImageError(path, f"vpc size rule {rule!r} is not one of auto, chs, current")
     c, h, s = footer.geometry
@@ -171,7 +175,7 @@ def virtual_size(footer: Footer, rule: str, path: str) -> int:
     sectors = c * h * s if use_chs else footer.current_size // SECTOR
     if sectors > MAX_SECTORS:
         raise UnsupportedImage(path, f"virtual size {sectors * SECTOR} exceeds the VHD maximum of 2040 GiB")
-    return sectors * SECTOR
+    return sectors * SECTOR, "disk_geometry" if use_chs else "current_size"
 
 
 # -- sector bitmaps (bit 7 of byte 0 is the block's first sector) -----------------------------
@@ -279,11 +283,16 @@ class VhdDriver(FormatDriver):
         if footer.disk_type not in (DISK_FIXED, DISK_DYNAMIC, DISK_DIFFERENCING):
             kind = footer.disk_type
             raise UnsupportedImage(path, f"footer disk_type {kind} is not fixed (2), dynamic (3) or differencing (4)")
-        size = virtual_size(footer, options.vpc_size, path)
+        size, field = virtual_size(footer, options.vpc_size, path)
+        if footer.disk_type == DISK_FIXED and size > tail_at:
+            log.warning(
+                "%s: fixed VHD: virtual size %d (footer %s) exceeds the data area of %d bytes; serving it "
+                "read-only, the missing part reading (as QEMU reads it) as the footer, then zeroes",
+                path, size, field, tail_at,
+            )  # fmt: skip
+            readonly = True
         drv = cls(file, readonly, footer, size)
         if drv.fixed:
-            if size > tail_at:
-                raise CorruptImage(path, f"fixed VHD: virtual size {size} exceeds the data area of {tail_at} bytes")
             return drv
         await drv._open_dynamic(cache)
         if repair and not readonly:
@@ -690,6 +699,8 @@ class VhdDriver(FormatDriver):
     async def block_status(self, offset: int, length: int) -> Extent:
         end = offset + length
         if self.fixed:
+            if offset >= self.file.size:  # a short fixed image (read-only): zeroes past the file
+                return Extent(length, ALLOCATED | ZERO)
             hole = self.file.next_hole(offset)
             if hole > offset:
                 return Extent(min(hole, end) - offset, ALLOCATED | DATA)

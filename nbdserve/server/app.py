@@ -9,6 +9,7 @@ Owns ``run(cfg) -> exit status``.  Order of events:
   4. serve until SIGTERM/SIGINT (or, one-shot, the last client leaving); then stop listening,
      finish in-flight requests, flush and close every image, remove the pid file and the Unix
      socket file this process created (on every exit after binding, errors included).
+SIGHUP calls ``Server.reload`` (TLS certificates and keys are read again; see ``server/tls.py``).
 
 The open-file limit is raised to its hard limit at start (each connection is a descriptor).
 """
@@ -31,6 +32,7 @@ from ..errors import ImageError
 from ..loop import new_event_loop
 from .exports import close_exports, open_exports
 from .listeners import Bound, Server, bind_sockets, describe
+from .tls import TlsServer
 
 log = logging.getLogger("nbdserve")
 
@@ -137,15 +139,21 @@ def _sd_notify(state: str) -> None:
 
 async def _serve(cfg: ServerConfig, bound: Bound, ready_w: int | None) -> int:
     loop = asyncio.get_running_loop()
+    try:
+        tls = TlsServer(cfg) if cfg.tls_mode != "off" else None
+    except ConfigError as e:
+        bound.remove_socket_file()  # before the parent hears of it: the file is gone on exit
+        _report(ready_w, f"nbdserve: {e}")
+        return 1
     cache = ClusterCache(cfg.cache_size)
     socks = bound.socks
     try:
         exports = await open_exports(cfg, cache)
     except ImageError as e:
-        bound.remove_socket_file()  # before the parent hears of it: the file is gone on exit
+        bound.remove_socket_file()
         _report(ready_w, f"nbdserve: {e}")
         return 1
-    server = Server(cfg, exports, loop)
+    server = Server(cfg, exports, loop, tls)
     try:
         if cfg.stdio:
             await server.serve_stdio()
@@ -161,6 +169,7 @@ async def _serve(cfg: ServerConfig, bound: Bound, ready_w: int | None) -> int:
             f.write(f"{os.getpid()}\n")
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, server.shutdown)
+    loop.add_signal_handler(signal.SIGHUP, server.reload)
     if not cfg.stdio and not cfg.quiet:
         for uri in describe(socks, cfg):
             names = [e.name for e in exports]

@@ -1,24 +1,30 @@
 """The exports a server offers: each an open image shared by all of its connections.
 
-Owns ``Export`` (name, description, the open ``Image`` or the one-line reason it failed to open)
+Owns ``Export`` (name, description, the open ``Image`` or the one-line reason it failed to open,
+the persistent dirty bitmaps it exports: ``-B``)
 and ``ExportTable`` (lookup by name, in configuration order).  An image is opened once, at
 start-up, and shared by every connection, which is what makes multi-conn true: all connections of
 an export see one driver, one cache and one file.
 
 An export that fails to open stays listed with ``image = None`` and its reason; clients asking for
 it get that reason as an error, and every other export keeps serving.
+
+Each export also carries its access settings (whether it needs TLS, its allow rules, its
+connection limit) and the number of connections transmitting on it; ``server/options.py``
+decides with them.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from ..authz import AccessRules
 from ..cache import ClusterCache
 from ..config import ExportConfig, ServerConfig
 from ..errors import ImageError, for_client
-from ..formats.base import OpenOptions
+from ..formats.base import DirtyBitmapView, OpenOptions
 from ..image import BackingPolicy, Image, ImageSpec, open_image
 
 log = logging.getLogger("nbdserve")
@@ -31,7 +37,11 @@ class Export:
     readonly: bool
     image: Image | None
     error: str = ""  # why it failed to open, as a client may see it (no server paths)
-    connections: int = 0
+    connections: int = 0  # connections in transmission phase on this export
+    tls_only: bool = False  # served only once TLS is up (SELECTIVETLS)
+    access: AccessRules = field(default_factory=AccessRules)
+    max_connections: int = 0  # 0: unlimited
+    bitmaps: dict[str, DirtyBitmapView] = field(default_factory=dict)  # name -> bitmap, in -B order
 
     @property
     def size(self) -> int:
@@ -59,7 +69,7 @@ def image_spec(e: ExportConfig, cfg: ServerConfig) -> ImageSpec:
         readonly=e.readonly or e.load_snapshot is not None,
         snapshot_overlay=e.snapshot,
         force_share=e.force_share,
-        options=OpenOptions(snapshot=e.load_snapshot, vpc_size=e.vpc_size),
+        options=OpenOptions(snapshot=e.load_snapshot, vpc_size=e.vpc_size, repair=e.repair),
         backing=BackingPolicy(allowed_dirs=cfg.backing_dirs),
     )
 
@@ -69,18 +79,33 @@ async def open_exports(cfg: ServerConfig, cache: ClusterCache) -> ExportTable:
     out = []
     for e in cfg.exports:
         log.info("opening export %r: %s", e.name, e.path)
+        settings = {
+            "tls_only": e.tls == "required",
+            "access": AccessRules.build(f"export {e.name!r}", e.allow, e.tls_authz),
+            "max_connections": e.max_connections,
+        }
         try:
             image = await open_image(image_spec(e, cfg), cache)
+            bitmaps = await _bitmaps(image, e)
         except ImageError as err:
             if len(cfg.exports) == 1:
                 raise
             log.error("export %r not available: %s", e.name, err)
-            out.append(Export(e.name, e.description, True, None, for_client(str(err))))
+            out.append(Export(e.name, e.description, True, None, for_client(str(err)), **settings))
             continue
         if image.readonly and not e.readonly and e.load_snapshot is None:
             log.warning("export %r: %s is read-only; serving it read-only", e.name, e.path)
-        out.append(Export(e.name, e.description, image.readonly, image))
+        out.append(Export(e.name, e.description, image.readonly, image, bitmaps=bitmaps, **settings))
     return ExportTable(out)
+
+
+async def _bitmaps(image: Image, e: ExportConfig) -> dict[str, DirtyBitmapView]:
+    """The export's ``-B`` bitmaps (the image is closed if one cannot be used)."""
+    try:
+        return {name: image.dirty_bitmap(name) for name in e.bitmaps}
+    except ImageError:
+        await image.close()
+        raise
 
 
 async def close_exports(table: ExportTable) -> None:

@@ -35,7 +35,9 @@ from ..protocol import constants as C
 from ..protocol import handshake as H
 from .buffers import ReceiveBuffers, ReplyBuffers
 from .exports import ExportTable
+from .options import Policy
 from .session import SPARSE_READ_MIN, Session
+from .tls import TlsServer
 
 REFUSING_MAX = 256  # connections being refused (greeting sent, waiting for an option) at once
 
@@ -142,16 +144,17 @@ def bind_sockets(cfg: ServerConfig) -> Bound:
 
 
 def describe(socks: list[socket.socket], cfg: ServerConfig) -> list[str]:
-    """nbd:// URIs a client can use, one per listening socket."""
+    """nbd:// URIs a client can use, one per listening socket (nbds:// when TLS is required)."""
     out = []
+    scheme = "nbds" if cfg.tls_mode == "require" else "nbd"
     for s in socks:
         addr = s.getsockname()
         if s.family == socket.AF_UNIX:
-            out.append(f"nbd+unix:///?socket={addr}")
+            out.append(f"{scheme}+unix:///?socket={addr}")
         else:
             host = addr[0] if addr[0] not in ("0.0.0.0", "::") else "localhost"
             host = f"[{host}]" if ":" in host else host
-            out.append(f"nbd://{host}:{addr[1]}/" if addr[1] != 10809 else f"nbd://{host}/")
+            out.append(f"{scheme}://{host}:{addr[1]}/" if addr[1] != 10809 else f"{scheme}://{host}/")
     return out
 
 
@@ -202,10 +205,14 @@ class _Drop(asyncio.Protocol):
 
 
 class Server:
-    def __init__(self, cfg: ServerConfig, exports: ExportTable, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self, cfg: ServerConfig, exports: ExportTable, loop: asyncio.AbstractEventLoop, tls: TlsServer | None = None
+    ) -> None:
         self.cfg = cfg
         self.exports = exports
         self.loop = loop
+        self.policy = Policy.from_config(cfg)
+        self.tls = tls  # credentials for STARTTLS (None: TLS off)
         self.sessions: set[Session] = set()
         self.refusing = 0  # _Refuse connections open
         # Receive and reply buffers shared by every session (see Session: allocated on demand).
@@ -255,6 +262,12 @@ class Server:
         self.cfg = dataclasses.replace(self.cfg, oneshot=True)  # one connection: exit after it
         self._served_any = True
         await self.loop.connect_accepted_socket(lambda: Session(self), sock)
+
+    def reload(self) -> None:
+        """Re-read what can change without a restart (SIGHUP): the TLS credentials.  Established
+        sessions keep going with what they negotiated."""
+        if self.tls is not None:
+            self.tls.reload()
 
     def session_ended(self) -> None:
         if self.cfg.oneshot and self._served_any and not self.sessions:

@@ -21,7 +21,7 @@ import pytest
 
 from nbdserve.config import DEFAULT_BACKLOG
 from tests.interop import nbdclient as raw
-from tests.util import free_tcp_port, serve
+from tests.util import serve
 
 N = 1000
 MiB = 1 << 20
@@ -93,10 +93,9 @@ def rss(pid: int) -> int:
 
 
 def test_a_thousand_simultaneous_connects_are_all_greeted_and_served(tmp_path, image, many_fds):
-    port = free_tcp_port()
     data = image.read_bytes()
-    with serve(tmp_path, "--handshake-timeout", "600", "-f", "raw", image, tcp_port=port):
-        socks = burst(port, N)
+    with serve(tmp_path, "--handshake-timeout", "600", "-f", "raw", image, tcp=True) as srv:
+        socks = burst(srv.port, N)
         try:
             greeted = wait_greeted(socks, timeout=60)
             assert greeted == N, f"{N - greeted} of {N} clients never got the greeting"
@@ -109,9 +108,9 @@ def test_a_thousand_simultaneous_connects_are_all_greeted_and_served(tmp_path, i
 
 
 def test_idle_connections_cost_little_memory(tmp_path, image, many_fds):
-    port = free_tcp_port()
     data = image.read_bytes()
-    with serve(tmp_path, "--handshake-timeout", "600", "-f", "raw", image, tcp_port=port) as srv:
+    with serve(tmp_path, "--handshake-timeout", "600", "-f", "raw", image, tcp=True) as srv:
+        port = srv.port
         for s in burst(port, 50):  # warm up: code paths, pools, the allocator's arenas
             assert wait_greeted([s], 60) == 1
             serve_one(s, data, 0).close()
@@ -160,14 +159,11 @@ def listen_backlog(port: int) -> int:
 
 def test_backlog_is_sized_for_bursts_and_configurable(tmp_path, image):
     somaxconn = int(Path("/proc/sys/net/core/somaxconn").read_text())
-    port = free_tcp_port()
-    with serve(tmp_path, "-f", "raw", image, tcp_port=port):
-        assert listen_backlog(port) == min(DEFAULT_BACKLOG, somaxconn)
-    port = free_tcp_port()
-    with serve(tmp_path, "--backlog", "77", "-f", "raw", image, tcp_port=port):
-        assert listen_backlog(port) == 77
+    with serve(tmp_path, "-f", "raw", image, tcp=True) as srv:
+        assert listen_backlog(srv.port) == min(DEFAULT_BACKLOG, somaxconn)
+    with serve(tmp_path, "--backlog", "77", "-f", "raw", image, tcp=True) as srv:
+        assert listen_backlog(srv.port) == 77
     conf = tmp_path / "c.toml"
     conf.write_text(f'[server]\nbacklog = 55\n[[export]]\nname = ""\npath = "{image}"\nformat = "raw"\n')
-    port = free_tcp_port()
-    with serve(tmp_path, "--config", conf, tcp_port=port):
-        assert listen_backlog(port) == 55
+    with serve(tmp_path, "--config", conf, tcp=True) as srv:
+        assert listen_backlog(srv.port) == 55

@@ -68,7 +68,7 @@ def test_undecoded_backing_file_is_refused(tmp_path, foreign):
 
 
 def test_every_undecoded_magic_is_identified():
-    """The table's other entries, from the magics alone (qemu-img cannot create these)."""
+    """Magics qemu-img cannot create (Bochs, cloop) and a VMDK descriptor of the lenient kind."""
     heads = {
         "bochs": b"Bochs Virtual HD Image\0",
         "cloop": b"#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0 && mount -r -t iso9660 /dev/cloop $1\n",
@@ -76,7 +76,7 @@ def test_every_undecoded_magic_is_identified():
     }
     for name, head in heads.items():
         assert identify(head.ljust(512, b"\0"), 1 << 20)[0] == name
-    assert set(heads) <= set(UNDECODED)
+    assert set(UNDECODED).isdisjoint(BY_NAME)  # a format with a driver leaves the table
     assert identify(b"version=4\n".ljust(512, b"\0"), 1 << 20) is None
     assert identify(bytes(512), 1 << 20) is None
 

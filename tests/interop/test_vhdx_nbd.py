@@ -2,7 +2,7 @@
 
 Differential (read): every VHDX variant QEMU makes, filled with the shared qemu-io script, served
 by both servers (each from its own copy): same size and ``qemu-img compare`` of the two URIs equal.
-Maps are not compared: QEMU reports every VHDX range as data (formats.md §7.2 rule 4).
+Maps are not compared: QEMU reports every VHDX range as data (its driver has no block status).
 
 Differential (write): one libnbd trace (writes, zeroes with and without NO_HOLE, trims, FUA,
 flushes) replayed on both servers; afterwards the two images compare equal and ours passes

@@ -799,14 +799,36 @@ def test_bad_trailing_footer_uses_copy_and_repairs(tmp_path):
     assert read_all(p) == vhdgen.expected(spec)
 
 
-def test_fixed_size_beyond_data_area(tmp_path):
+@pytest.mark.parametrize("how", ["size_field", "truncated"])
+def test_fixed_shorter_than_its_size_is_served_read_only_like_qemu(tmp_path, caplog, how):
+    """A fixed VHD whose data area is shorter than its size: QEMU reads it (the file's bytes, the
+    footer included, then zeroes); so do we, read-only, with a warning naming the size field."""
     p = tmp_path / "f.vhd"
-    qemu_img("create", "-q", "-f", "vpc", "-o", "subformat=fixed,force_size=on", p, "1M")
+    qemu_img("create", "-q", "-f", "vpc", "-o", "subformat=fixed,force_size=on", p, "3M")
+    qemu_io("vpc", p, "write -P 0x5c 0 3M")
     buf = bytearray(p.read_bytes())
-    vhdgen.patch_footers(buf, 48, ">Q", 2 * MiB)
+    if how == "size_field":
+        vhdgen.patch_footers(buf, 48, ">Q", 5 * MiB)
+    else:
+        buf[2 * MiB : 3 * MiB] = b""  # the data area lost its last MiB, the footer is still there
     p.write_bytes(bytes(buf))
-    with pytest.raises(ImageError, match="fixed VHD"):
-        read_all(p)
+    want = qemu_raw(p, tmp_path)
+
+    async def go():
+        img = await _open(p, readonly=False)
+        try:
+            assert img.readonly
+            data = await read_image(img)
+            head = [(r.length, r.flags) for r in await img.runs(0, img.size)]
+            return data, head
+        finally:
+            await img.close()
+
+    data, runs = run(go())
+    assert data == want
+    assert "current_size" in caplog.text and "read-only" in caplog.text
+    assert sum(n for n, _ in runs) == len(want)
+    assert p.read_bytes() == bytes(buf)
 
 
 def test_fixed_writes(tmp_path):

@@ -1,7 +1,7 @@
 """The VHDX driver against QEMU (the oracle), against a bytearray model and against golden images.
 
 * Differential: images QEMU made (block sizes 1M/8M/32M, ZERO or NOT_PRESENT entries, true fixed,
-  a 4 MiB log) and filled by the §7.1 script read through ``open_image`` as ``qemu-img convert``
+  a 4 MiB log) and filled by ``imagetest.FILL`` read through ``open_image`` as ``qemu-img convert``
   gives them; block status matches the known layout (QEMU maps all VHDX as data).
 * Log replay: a pending log QEMU wrote (its own entry, header put back in the crashed state) is
   replayed as ``qemu-img check -r all`` replays it, read-write and read-only (in memory); logs
@@ -11,8 +11,13 @@
 * Crash safety: every prefix of the file operations of an allocating workload, with unflushed
   writes kept or lost, opens in QEMU and in nbdserve with every flushed write present.
 * What QEMU cannot open: 4096-byte sectors and differencing disks (sector bitmaps, parent
-  linkage, missing parent), built by ``tests/vhdxgen.py``.
-* Hostile images: one-line ``ImageError`` naming the field.
+  linkage, missing parent), built by ``tests/vhdxgen.py``; block status at any byte offset of a
+  partially present block, the first write into one (the parent's zeroes too), UNDEFINED and
+  UNMAPPED reading zeroes (never the parent), also after TRIM.
+* Hostile images: one-line ``ImageError`` naming the field; hostile logs (huge zero ranges,
+  last_file_offset, targets past the image's extent) refused before any write, zero ranges
+  punched or skipped.  Fields QEMU ignores (physical sector size, BAT reserved bits) served with
+  a warning (read-only for reserved bits).
 """
 
 from __future__ import annotations
@@ -29,14 +34,14 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from vhdxgen import Vhdx, crc_fill
+from vhdxgen import Vhdx, crc_fill, locator_for
 
-from nbdserve.blockfile import BlockFile
 from nbdserve.cache import ClusterCache
 from nbdserve.errors import ImageError, NbdError
 from nbdserve.image import Image, ImageSpec, open_image
 from tests.conftest import SLOW
-from tests.imagetest import FILL, run
+from tests.imagetest import FILL, Recorder, run
+from tests.imagetest import file_after as _state
 from tests.imagetest import opened as _opened
 from tests.imagetest import read_image as read_all
 from tests.util import qemu_img, qemu_io
@@ -585,53 +590,6 @@ def test_generated_log_hostile_entries(tmp_path: Path, kind: str, needle: str) -
 # -- crash safety ------------------------------------------------------------------------------
 
 
-class Recorder:
-    """Records every pwrite / truncate / fdatasync of one BlockFile, with the bytes replaced."""
-
-    def __init__(self, f: BlockFile, path: Path) -> None:
-        self.f, self.path = f, path
-        self.ops: list[tuple] = []  # ("w", off, old, new) | ("t", old_size, new_size) | ("sync",) | ("mark", name)
-        self.real = (f.pwrite, f.truncate, f.flush)
-        f.pwrite, f.truncate, f.flush = self.pwrite, self.truncate, self.flush
-
-    def pwrite(self, data, offset):
-        old = os.pread(self.f.fd, len(data), offset)
-        self.real[0](data, offset)
-        self.ops.append(("w", offset, old, bytes(data)))
-
-    def truncate(self, size):
-        old = self.f.size
-        self.real[1](size)
-        self.ops.append(("t", old, size))
-
-    async def flush(self):
-        await self.real[2]()
-        self.ops.append(("sync",))
-
-    def mark(self, name: str) -> None:
-        self.ops.append(("mark", name))
-
-    def restore(self) -> None:
-        self.f.pwrite, self.f.truncate, self.f.flush = self.real
-
-
-def _state(base: bytes, ops: list[tuple], lose_unsynced: bool) -> bytes:
-    """The file after ``ops``; with ``lose_unsynced`` the writes after the last sync are undone."""
-    last_sync = max((i for i, op in enumerate(ops) if op[0] == "sync"), default=-1)
-    buf = bytearray(base)
-    for i, op in enumerate(ops):
-        if lose_unsynced and i > last_sync:
-            break
-        if op[0] == "w":
-            _, off, _, new = op
-            if len(buf) < off + len(new):
-                buf += bytes(off + len(new) - len(buf))
-            buf[off : off + len(new)] = new
-        elif op[0] == "t":
-            buf = buf[: op[2]] + bytes(max(0, op[2] - len(buf)))
-    return bytes(buf)
-
-
 def test_crash_at_every_point_of_allocations(tmp_path: Path) -> None:
     path = tmp_path / "k.vhdx"
     qemu_img("create", "-q", "-f", "vhdx", "-o", "block_size=1M", path, "8M")
@@ -928,8 +886,6 @@ def _hostile(tmp: Path, what: str) -> Path:
         g.set_entry(g.payload_index(3), 4)
     elif what == "bat_partial_without_parent":
         g.set_entry(g.payload_index(3), g.entry(0) | 7)
-    elif what == "bat_reserved":
-        g.set_entry(g.payload_index(3), 2 | 0x100)
     elif what == "bat_too_small":
         items = g.metadata_items()
         items[1] = (items[1][0], struct.pack("<Q", 1 << 40), 6)  # 1 TiB of 1 MiB blocks: BAT of 8 MiB
@@ -975,7 +931,6 @@ HOSTILE = {
     "bat_into_metadata": "overlaps VHDX metadata",
     "bat_state": "invalid payload block state 4",
     "bat_partial_without_parent": "invalid payload block state 7",
-    "bat_reserved": "reserved bits",
     "bat_too_small": "BAT region",
     "locator_missing": "Parent Locator",
     "metadata_item_outside": "File Parameters: offset",
@@ -1222,3 +1177,227 @@ def test_differencing_write_sequences_match_model(tmp_path: Path, ops, lss: int)
     assert read_image(path) == model
     assert read_image(path, readonly=False) == model
     assert current_header(path)["log_guid"] == bytes(16)
+
+
+# -- differencing: unaligned block status, the first write into a partial block, trim ----------
+
+
+def _one_partial_child(tmp: Path, lss: int, parent_block: bytes) -> tuple[Vhdx, Vhdx, list[bool], bytes]:
+    """Parent block 0 holds ``parent_block``; the child's block 0 is PARTIALLY_PRESENT with a stale
+    payload under its clear bits."""
+    pg = Vhdx(str(tmp / "parent.vhdx"), 8 * M, block_size=M, lss=lss)
+    if parent_block:
+        pg.put_block(0, parent_block)
+    g = Vhdx(str(tmp / "child.vhdx"), 8 * M, block_size=M, lss=lss, has_parent=True, locator=locator_for(pg))
+    present = [i % 5 < 2 or i % 7 == 3 for i in range(M // lss)]
+    payload = bytes(range(1, 256)) * (M // 255) + b"\x01" * (M % 255)
+    g.put_partial(0, payload, present)
+    return pg, g, present, payload
+
+
+@pytest.mark.parametrize("lss", [512, 4096])
+def test_differencing_block_status_at_unaligned_offsets(tmp_path: Path, lss: int) -> None:
+    """Runs start at any byte: each one's depth matches the bitmap bit of every sector it covers,
+    and together they cover the request exactly (no EIO, no run shifted to sector boundaries)."""
+    _, g, present, _ = _one_partial_child(tmp_path, lss, b"\xa0" * M)
+    rng = __import__("random").Random(lss)
+    asks = [(0, 10), (10, 65536), (100, 300000), (lss - 1, 2), (lss + 1, lss), (M - 3, 7), (300000, 100)]
+    asks += [(rng.randrange(2 * M), rng.randrange(1, 3 * lss)) for _ in range(40)]
+
+    async def go():
+        img = await opened(g.path, readonly=True)
+        try:
+            for off, n in asks:
+                pos = off
+                for r in await img.runs(off, n):
+                    for at in range(pos, pos + r.length):
+                        want = (1 if present[at // lss] else 2) if at < M else 0  # the parent has block 0 only
+                        assert r.depth == want, (off, n, pos, r)
+                    pos += r.length
+                assert pos == off + n, (off, n)
+        finally:
+            await img.close()
+
+    run(go())
+
+
+@pytest.mark.parametrize("lss", [512, 4096])
+@pytest.mark.parametrize("parent", ["zero", "data"])
+def test_first_write_into_partially_present_block_keeps_the_parent(tmp_path: Path, lss: int, parent: str) -> None:
+    """A small write completes the block from the parent, zeroes included: sectors whose bit was
+    clear read the parent's bytes afterwards, never the stale payload behind them."""
+    pblock = b"" if parent == "zero" else bytes(M // 2) + b"\xa5" * (M // 2)
+    _, g, present, payload = _one_partial_child(tmp_path, lss, pblock)
+    model = bytearray(pblock.ljust(M, b"\0")) + bytearray(7 * M)
+    for i, here in enumerate(present):
+        if here:
+            model[i * lss : (i + 1) * lss] = payload[i * lss : (i + 1) * lss]
+    path = Path(g.path)
+
+    async def go():
+        img = await opened(path)
+        try:
+            await img.write(lss + 5, memoryview(b"\x77" * 100), fua=False)
+            model[lss + 5 : lss + 105] = b"\x77" * 100
+            assert await read_all(img) == model
+        finally:
+            await img.close()
+
+    run(go())
+    assert read_image(path) == model
+
+
+def test_unmapped_and_undefined_blocks_never_read_the_parent(tmp_path: Path) -> None:
+    """MS-VHDX: UNDEFINED, ZERO and UNMAPPED read as zeroes (or previous contents), never as the
+    parent's data; only NOT_PRESENT defers to the parent.  TRIM (which leaves UNMAPPED) therefore
+    makes a differencing block read zeroes, and block status says so at this layer."""
+    pg = Vhdx(str(tmp_path / "parent.vhdx"), 8 * M, block_size=M, lss=512)
+    for b in range(8):
+        pg.put_block(b, bytes([0xA0 + b]) * M)
+    g = Vhdx(str(tmp_path / "child.vhdx"), 8 * M, block_size=M, lss=512, has_parent=True, locator=locator_for(pg))
+    for b, state in ((0, 0), (1, 1), (2, 2), (3, 3), (4, 5)):
+        g.set_entry(g.payload_index(b), state)
+    g.put_block(5, b"\xc5" * M)
+    g.put_partial(6, b"\xc6" * M, [i < 100 for i in range(M // 512)])
+    expected = bytearray(b"".join(bytes([0xA0 + b]) * M for b in range(8)))
+    expected[M : 5 * M] = bytes(4 * M)
+    expected[5 * M : 6 * M] = b"\xc5" * M
+    expected[6 * M : 6 * M + 51200] = b"\xc6" * 51200
+    path = Path(g.path)
+    assert read_image(path) == expected
+
+    async def go():
+        img = await opened(path)
+        try:
+            await img.trim(5 * M, 2 * M, fua=False)
+            expected[5 * M : 7 * M] = bytes(2 * M)
+            assert await read_all(img) == expected
+            runs = await runs_of(img)
+            for b in (1, 2, 3, 4, 5, 6):
+                assert flags_at(runs, b * M) == (3, 1), b  # hole + zero, decided here
+            assert flags_at(runs, 0) == (0, 2) and flags_at(runs, 7 * M) == (0, 2)
+        finally:
+            await img.close()
+
+    run(go())
+    assert read_image(path) == expected
+
+
+# -- hostile logs: replay is bounded by the file and the image -----------------------------------
+
+
+def _allocated(path: Path) -> int:
+    return os.stat(path).st_blocks * 512
+
+
+@pytest.mark.parametrize(
+    "kind,needle",
+    [
+        ("zero_512M_past_end", "beyond the image's extent"),
+        ("zero_1T", "beyond the image's extent"),
+        ("last_file_offset_1T", "last_file_offset"),
+        ("data_past_extent", "beyond the image's extent"),
+    ],
+)
+def test_hostile_log_is_refused_without_touching_the_file(tmp_path: Path, kind: str, needle: str) -> None:
+    """One small log entry that claims a huge range (and a last_file_offset to match, which used
+    to let it through) is refused with a one-line reason before anything is written: the file
+    keeps its size, its allocation and its bytes."""
+    g = _gen_with_blocks(tmp_path)
+    g.open_log()
+    if kind == "zero_512M_past_end":
+        g.log_entry(0, 3, 0, [("zero", g.end, 512 * M)], last=g.end + 512 * M)
+    elif kind == "zero_1T":
+        g.log_entry(0, 3, 0, [("zero", 2 * M, 1 << 40)], last=2 * M + (1 << 40))
+    elif kind == "last_file_offset_1T":
+        g.log_entry(0, 3, 0, [("data", g.bat_offset, g.bat_sector(0)[1])], last=1 << 40)
+    else:
+        g.log_entry(0, 3, 0, [("data", 64 * M, bytes(4096))], last=65 * M)
+    path = Path(g.path)
+    before, size, used = path.read_bytes(), path.stat().st_size, _allocated(path)
+    # (read-write last: without the bound it would allocate the range, or fill the disk for 1 TiB)
+    for ro in (True, False) if kind != "zero_1T" else (True,):
+        with pytest.raises(ImageError) as e:
+            read_image(path, readonly=ro)
+        msg = str(e.value)
+        assert needle in msg and "\n" not in msg and msg.startswith(str(path)), msg
+        assert path.stat().st_size == size and _allocated(path) <= used
+        assert path.read_bytes() == before
+
+
+def test_log_zero_ranges_punch_inside_the_file_and_skip_past_its_end(tmp_path: Path) -> None:
+    """A zero descriptor over data in the file deallocates it (no zero bytes written); one past the
+    end of the file (within the image's extent, up to last_file_offset) costs nothing."""
+    g = _gen_with_blocks(tmp_path)
+    g.put_block(1, b"\x02" * M)
+    tail = g.end
+    g.open_log()
+    off, sector = _bat_change(g, 3, tail | 6)  # block 3 -> the (not yet written) space past EOF
+    host0 = g.entry(g.payload_index(0)) & ~0xFFFFF
+    g.log_entry(0, 3, 0, [("zero", host0, M), ("data", off, sector), ("zero", tail, M)], last=tail + M)
+    path = Path(g.path)
+    used = _allocated(path)
+    expected = bytearray(8 * M)
+    expected[M : 2 * M] = b"\x02" * M
+    assert read_image(path, readonly=True) == expected
+    assert read_image(path, readonly=False) == expected
+    assert path.stat().st_size == tail + M
+    # block 0 punched, nothing allocated past the old end (the filesystem may add an extent block)
+    assert _allocated(path) <= used - M + 64 * K
+    check_clean(path)
+    assert qemu_raw(path) == expected
+
+
+# -- fields QEMU ignores: served, with a warning naming the field ---------------------------------
+
+
+def test_odd_physical_sector_size_is_served_with_a_warning(tmp_path: Path, caplog) -> None:
+    """The physical sector size is a hint nothing in the format depends on (QEMU ignores it):
+    any value is served read-write, with a warning."""
+    g = Vhdx(str(tmp_path / "p.vhdx"), 8 * M, block_size=M, pss=1234)
+    g.put_block(2, b"\x22" * M)
+    path = Path(g.path)
+    expected = bytearray(8 * M)
+    expected[2 * M : 3 * M] = b"\x22" * M
+    assert qemu_raw(path) == expected
+
+    async def go():
+        img = await opened(path)
+        try:
+            assert not img.readonly
+            await img.write(5 * M + 3, memoryview(b"\x55" * 10), fua=False)
+            expected[5 * M + 3 : 5 * M + 13] = b"\x55" * 10
+            assert await read_all(img) == expected
+        finally:
+            await img.close()
+
+    run(go())
+    assert "Physical Sector Size 1234" in caplog.text
+    check_clean(path)
+    assert qemu_raw(path) == expected
+
+
+def test_bat_reserved_bits_are_served_read_only_with_a_warning(tmp_path: Path, caplog) -> None:
+    """Reserved BAT bits set: state and offset are still unambiguous (QEMU reads them), but the
+    entry is not what any writer we know makes, so the image is served read-only."""
+    g = Vhdx(str(tmp_path / "r.vhdx"), 8 * M, block_size=M)
+    host = g.put_block(1, b"\x11" * M)
+    g.set_entry(g.payload_index(1), host | 6 | 0x100)
+    g.set_entry(g.payload_index(3), 2 | 0x800)
+    path = Path(g.path)
+    expected = bytearray(8 * M)
+    expected[M : 2 * M] = b"\x11" * M
+    assert qemu_raw(path) == expected
+    before = path.read_bytes()
+
+    async def go():
+        img = await opened(path)
+        try:
+            assert img.readonly
+            return await read_all(img)
+        finally:
+            await img.close()
+
+    assert run(go()) == expected
+    assert "BAT entry 1: reserved bits set" in caplog.text and "read-only" in caplog.text
+    assert path.read_bytes() == before

@@ -1,13 +1,16 @@
 """VHDX block allocation table: geometry, entry states and the open-time check (MS-VHDX 2.5).
 
-Owns:
+Owns (the facts are written up in docs/vhdx.md):
   * ``Geometry``: block size, chunk ratio (payload blocks per sector-bitmap block), and where
     payload block k's entry lives: BAT index ``k + k // chunk_ratio``; chunk c's sector-bitmap
-    entry is at ``c * (chunk_ratio + 1) + chunk_ratio``;
-  * the payload states and how they read (``reads_from``), and the entry encoding
-    (bits 0-2 state, 3-19 reserved, 20-63 file offset in MiB);
+    entry is at ``c * (chunk_ratio + 1) + chunk_ratio``; ``extent``, the bytes of every block
+    the image can have (what bounds log replay);
+  * the payload states and how they read (``reads_from``): only NOT_PRESENT defers to the
+    parent; UNDEFINED, ZERO and UNMAPPED read as zeroes in every kind of VHDX; and the entry
+    encoding (bits 0-2 state, 3-19 reserved, 20-63 file offset in MiB);
   * ``check_bat``: one bulk pass over the whole table at open, so that afterwards every entry
-    the driver looks up is known to be well formed.
+    the driver looks up is known to be well formed (reserved bits set are reported, not refused:
+    state and offset still mean one thing, the caller serves the image read-only).
 
 BAT pages (``PAGE_SIZE`` bytes, decoded as ``array('Q')``) live in the shared cluster cache.
 """
@@ -45,18 +48,20 @@ OFFSET_MASK = ~0xFFFFF & 0xFFFFFFFFFFFFFFFF
 # How a payload block reads.
 READ_ZERO = 0  # zeroes
 READ_FILE = 1  # from this file at the entry's offset
-READ_PARENT = 2  # from the parent (zeroes without one)
+READ_PARENT = 2  # from the parent
 READ_BITMAP = 3  # per sector, through the sector bitmap
 
 
 def reads_from(state: int, has_parent: bool) -> int:
+    """How a block in ``state`` reads.  MS-VHDX lets UNDEFINED and UNMAPPED read as zeroes or
+    old contents, never as the parent's data, so those read as zeroes like ZERO does."""
     if state == FULLY_PRESENT:
         return READ_FILE
-    if state == ZERO:
-        return READ_ZERO
     if state == PARTIALLY_PRESENT:
         return READ_BITMAP
-    return READ_PARENT if has_parent else READ_ZERO
+    if state == NOT_PRESENT and has_parent:
+        return READ_PARENT
+    return READ_ZERO
 
 
 def decode_page(buf: bytearray) -> array:
@@ -96,6 +101,16 @@ class Geometry:
             return -(-n // cr) * (cr + 1)
         return n + (n - 1) // cr if n else 0
 
+    @property
+    def bitmap_blocks(self) -> int:
+        """Sector bitmap blocks a differencing image can have (one per chunk)."""
+        return -(-self.blocks // self.chunk_ratio) if self.has_parent else 0
+
+    @property
+    def extent(self) -> int:
+        """Bytes of all the payload and sector bitmap blocks the image can have."""
+        return self.blocks * self.block_size + self.bitmap_blocks * SECTOR_BITMAP_BLOCK
+
     def payload_index(self, block: int) -> int:
         return block + block // self.chunk_ratio
 
@@ -106,21 +121,25 @@ class Geometry:
 
 def check_bat(
     path: str, pages: Iterable[tuple[int, array]], geo: Geometry, file_size: int, reserved: list[tuple[int, int]]
-) -> None:
-    """Validate every entry: states, reserved bits, offsets inside the file and not overlapping,
-    and a present sector bitmap for every chunk with a PARTIALLY_PRESENT block.
+) -> str | None:
+    """Validate every entry: states, offsets inside the file and not overlapping, and a present
+    sector bitmap for every chunk with a PARTIALLY_PRESENT block.  Returns None, or a note on
+    the entries with reserved bits set (the first one and how many).
 
     ``pages`` yields (first BAT index, entries) covering the used part of the table; ``reserved``
     lists (start, end) host ranges that blocks must not touch (first MiB, log, regions).
     Memory: one page plus one span per present block (present blocks lie inside the file).
     """
     spans: list[tuple[int, int, int, int]] = []
+    odd: list[tuple[int, int]] = []  # (index, entry) of the first entry with reserved bits, and more
     for base, page in pages:
         if page.count(NOT_PRESENT) + page.count(ZERO) == len(page):
             continue  # the common all-empty page: nothing to check
         for j, e in enumerate(page):
             if e:
-                _check_entry(path, base + j, e, geo, file_size, spans)
+                if e & RESERVED_MASK and len(odd) < 2:
+                    odd.append((base + j, e))
+                _check_entry(path, base + j, e & ~RESERVED_MASK, geo, file_size, spans)
     cr = geo.chunk_ratio
     with_bitmap = {i // (cr + 1) for _, _, i, state in spans if i % (cr + 1) == cr}
     for _, _, i, state in spans:
@@ -134,6 +153,11 @@ def check_bat(
         for rs, re_ in reserved:
             if start < re_ and rs < end:
                 raise CorruptImage(path, f"BAT entry {i}: block at 0x{start:x} overlaps VHDX metadata or the log")
+    if not odd:
+        return None
+    i, e = odd[0]
+    more = " (and more entries)" if len(odd) > 1 else ""
+    return f"BAT entry {i}: reserved bits set (0x{e:x}){more}"
 
 
 def _check_entry(
@@ -143,8 +167,6 @@ def _check_entry(
     off = e & OFFSET_MASK
     is_bitmap = i % (geo.chunk_ratio + 1) == geo.chunk_ratio
     what = f"BAT entry {i}"
-    if e & RESERVED_MASK:
-        raise CorruptImage(path, f"{what}: reserved bits set (0x{e:x})")
     if is_bitmap:
         if state not in (NOT_PRESENT, SB_PRESENT) or (state == SB_PRESENT and not geo.has_parent):
             raise CorruptImage(path, f"{what}: invalid sector bitmap state {state}")

@@ -1,10 +1,13 @@
 """The VHDX driver: dynamic, fixed and differencing images, 512 and 4096-byte logical sectors.
 
 Owns one open VHDX file: open-time validation (``header``, ``metadata``, ``bat``), log replay
-(into the file when writable; into an in-memory overlay when read-only), reads through the BAT
-(payload block states, sector bitmaps of differencing disks, the parent via ``read_backing``),
-allocating writes, WRITE_ZEROES / TRIM as block-state changes, block status, and NBD_CMD_CACHE
-(loads BAT pages).
+(into the file when writable; into an in-memory overlay when read-only; bounded by the file's
+size and the image's possible extent), reads through the BAT (payload block states, sector
+bitmaps of differencing disks, the parent via ``read_backing``), allocating writes (a partially
+present block is completed in place from the parent), WRITE_ZEROES / TRIM as block-state
+changes, block status at any byte offset, and NBD_CMD_CACHE (loads BAT pages).  The format facts
+this relies on (bitmap layout, how each block state reads, the replay rules) are written up in
+docs/vhdx.md.
 
 Crash-consistency protocol (every step that matters is ordered by an fdatasync):
   1. Before the first visible change of a session the header is rewritten (non-current slot,
@@ -28,6 +31,7 @@ never dirty there: they are updated in memory and on disk together under the loc
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import uuid
 from array import array
@@ -48,12 +52,15 @@ from .header import (
     ZERO_GUID,
     Header,
     MiB,
+    Regions,
     choose_header,
     guid_str,
     parse_region_tables,
 )
 from .log import MAX_DESCRIPTORS, SECTOR, LogReader, build_entry, desc_sectors, find_active_sequence, iter_changes
 from .metadata import Metadata, parse_linkage, parse_metadata
+
+log = logging.getLogger(__name__)
 
 OVERLAY_LIMIT = 64 << 20  # bytes of replayed log data a read-only open keeps in memory
 COPY_CHUNK = 4 << 20  # parent data copied per step when a differencing block is allocated
@@ -153,12 +160,15 @@ class VhdxDriver(FormatDriver):
             raise CorruptImage(path, "file identifier is not 'vhdxfile'")
         copies = (bytes(file.pread(HEADER_SIZE, HEADER_OFFSETS[0])), bytes(file.pread(HEADER_SIZE, HEADER_OFFSETS[1])))
         self.header = choose_header(path, copies, file.size)
-        await self._replay_log()
+        # The region tables sit in the header section, which no log entry may touch: read them first.
+        tables = tuple(bytes(file.pread(REGION_TABLE_SIZE, off)) for off in REGION_TABLE_OFFSETS)
+        regions = parse_region_tables(path, tables, self.header, file.size)  # type: ignore[arg-type]
+        await self._replay_log(regions)
         rf = self.rf
-        tables = (bytes(rf.pread(REGION_TABLE_SIZE, off)) for off in REGION_TABLE_OFFSETS)
-        regions = parse_region_tables(path, tuple(tables), self.header, rf.size)  # type: ignore[arg-type]
         moff = regions.metadata_offset
         self.meta = meta = parse_metadata(path, lambda off, n: rf.pread(n, moff + off), regions.metadata_length)
+        for note in meta.warnings:
+            log.warning("%s: %s", path, note)
         self.size = meta.virtual_disk_size
         self.geo = geo = Geometry(meta.virtual_disk_size, meta.block_size, meta.logical_sector_size, meta.has_parent)
         self._bs, self._cr = geo.block_size, geo.chunk_ratio
@@ -179,7 +189,12 @@ class VhdxDriver(FormatDriver):
         reserved.append((regions.metadata_offset, regions.metadata_offset + regions.metadata_length))
         if h.log_length:
             reserved.append((h.log_offset, h.log_offset + h.log_length))
-        check_bat(path, self._bat_pages(geo.entries), geo, rf.size, reserved)
+        odd = check_bat(path, self._bat_pages(geo.entries), geo, rf.size, reserved)
+        if odd is not None and not self.readonly:
+            log.warning("%s: %s; serving the image read-only", path, odd)
+            self.readonly = True
+        elif odd is not None:
+            log.warning("%s: %s (ignored: only state and offset are read)", path, odd)
         if meta.has_parent:
             self.backing = self._find_parent()
         self.limits = Limits(align=meta.logical_sector_size)
@@ -196,20 +211,27 @@ class VhdxDriver(FormatDriver):
             n = min(per, entries - base)
             yield base, decode_page(self.rf.pread(n * 8, self.bat_offset + base * 8))
 
-    async def _replay_log(self) -> None:
-        """Replay a pending log: into the file when writable, into a view when read-only."""
+    async def _replay_log(self, regions: Regions) -> None:
+        """Replay a pending log: into the file when writable, into a view when read-only.
+
+        Every entry is checked (structure, then the bound of ``_replay_limit``) before the first
+        write.  Zero ranges are punched where the filesystem can; the part of one past the end
+        of the file is skipped (the final extension reads as zeroes), so replay never allocates
+        more than the data sectors it writes.
+        """
         reader = LogReader(self.file, self.header)
         entries = find_active_sequence(reader)
         if not entries:
             return
         path = self.file.path
         size = self.file.size
+        limit = self._replay_limit(reader, entries, regions)
         end = max([size] + [_round_up(e.last_file_offset, MiB) for e in entries])
         if self.readonly:
             changes: list[tuple[int, bytes | None, int]] = []
             held = 0
             for e in entries:
-                for change in iter_changes(reader, e, size):
+                for change in iter_changes(reader, e, size, limit):
                     held += SECTOR
                     if held > OVERLAY_LIMIT:
                         raise UnsupportedImage(path, "log too large to replay in memory for a read-only open")
@@ -217,18 +239,53 @@ class VhdxDriver(FormatDriver):
             self.rf = _ReplayedView(self.file, changes, end)
             return
         for e in entries:  # validate every descriptor before the first write
-            for _ in iter_changes(reader, e, size):
+            for _ in iter_changes(reader, e, size, limit):
                 pass
+        file = self.file
+        for e in entries:
+            for foff, data, length in iter_changes(reader, e, size, limit):
+                if data is not None:
+                    file.pwrite(data, foff)
+                    continue
+                n = min(length, file.size - foff)
+                if n > 0 and not file.punch_hole(foff, n) and not file.zero_range(foff, n):
+                    file.write_zeroes(foff, n)
+        if file.size < end:
+            file.truncate(end)
+        await file.flush()
+        await self._write_header(log_guid=ZERO_GUID)
+
+    def _replay_limit(self, reader: LogReader, entries: list, regions: Regions) -> int:
+        """Where a log may write: below the file's size (or the end of the header section, log
+        and regions, if that is larger) plus the image's possible extent, every block the
+        metadata allows.  A replay may grow a file by at most what the whole image can hold.
+
+        The metadata is read as the log leaves it (an entry may rewrite it) and as it is now;
+        the larger extent counts, and if neither parses the open fails on the replayed one.
+        Memory: only the logged sectors that fall in the metadata region are held.
+        """
+        path, size, h = self.file.path, self.file.size, self.header
+        mlo, mlen = regions.metadata_offset, regions.metadata_length
+        logged: list[tuple[int, bytes | None, int]] = []
         for e in entries:
             for foff, data, length in iter_changes(reader, e, size):
-                if data is not None:
-                    self.file.pwrite(data, foff)
-                elif not self.file.zero_range(foff, length):
-                    self.file.write_zeroes(foff, length)
-        if self.file.size < end:
-            self.file.truncate(end)
-        await self.file.flush()
-        await self._write_header(log_guid=ZERO_GUID)
+                if foff < mlo + mlen and mlo < foff + length:
+                    logged.append((foff, data, length))
+                    if len(logged) * SECTOR > OVERLAY_LIMIT:
+                        raise UnsupportedImage(path, "log rewrites more metadata than nbdserve replays")
+        fixed = max(MiB, h.log_offset + h.log_length, regions.bat_offset + regions.bat_length, mlo + mlen)
+        extents, failure = [], None
+        for view in (_ReplayedView(self.file, logged, size), self.file):
+            try:
+                meta = parse_metadata(path, lambda off, n, v=view: v.pread(n, mlo + off), mlen)
+            except ImageError as exc:
+                failure = failure or exc
+                continue
+            geo = Geometry(meta.virtual_disk_size, meta.block_size, meta.logical_sector_size, meta.has_parent)
+            extents.append(geo.extent)
+        if not extents:
+            raise failure  # type: ignore[misc]
+        return max(_round_up(size, MiB), fixed) + max(extents)
 
     def _find_parent(self) -> BackingRef:
         """The parent named by the locator (relative_path first), with its linkage checked."""
@@ -287,24 +344,29 @@ class VhdxDriver(FormatDriver):
             self.cache.release(e)
 
     async def _bitmap_runs(self, block: int, in_block: int, length: int) -> list[tuple[int, bool]]:
-        """(bytes, present here) runs of a PARTIALLY_PRESENT block from its sector bitmap."""
+        """(bytes, present here) runs of a PARTIALLY_PRESENT block covering exactly
+        ``[in_block, in_block + length)``; the range may start and end inside sectors (a
+        sector's bit decides all of its bytes).  Bit i of the chunk's bitmap is its sector i."""
         geo = self.geo
         sb = await self._entry(geo.bitmap_index(block))
         if sb & B.STATE_MASK != B.SB_PRESENT:
             raise CorruptImage(self.file.path, f"block {block} is partially present but its sector bitmap is not")
         lss = geo.logical_sector_size
-        first = ((block % geo.chunk_ratio) * geo.block_size + in_block) // lss
-        count = length // lss
+        s0, s1 = in_block // lss, -(-(in_block + length) // lss)  # the sectors the range touches
+        first = (block % geo.chunk_ratio) * (geo.block_size // lss) + s0
+        count = s1 - s0
         raw = self.rf.pread((first + count + 7) // 8 - first // 8, (sb & B.OFFSET_MASK) + first // 8)
         bits = int.from_bytes(raw, "little") >> (first % 8)
         runs: list[tuple[int, bool]] = []
-        i = 0
+        i, pos, end = 0, in_block, in_block + length
         while i < count:
             y = bits >> i
             lowest = (~y & (y + 1)) if y & 1 else (y & -y)  # first bit that differs from bit 0
             run = min(lowest.bit_length() - 1 if lowest else count - i, count - i)
-            runs.append((run * lss, bool(y & 1)))
             i += run
+            stop = min(end, (s0 + i) * lss)
+            runs.append((stop - pos, bool(y & 1)))
+            pos = stop
         return runs
 
     # -- reads ------------------------------------------------------------------------------
@@ -426,30 +488,33 @@ class VhdxDriver(FormatDriver):
         inside = min(bs, self.size - start)  # bytes of this block inside the virtual disk
         how = reads_from(e & B.STATE_MASK, geo.has_parent)
         if how == B.READ_BITMAP:
+            # In place: the sectors whose bit is clear hold stale bytes, so every byte the parent
+            # gives (zeroes too) is written over them before the block becomes FULLY_PRESENT.
             host = e & B.OFFSET_MASK
             at = 0
             for length, here in await self._bitmap_runs(block, 0, inside):
                 if not here:
-                    await self._copy_parent(start + at, host + at, length)
+                    await self._copy_parent(start + at, host + at, length, fresh=False)
                 at += length
         else:
             host = _round_up(file.size, MiB)
             file.truncate(host + bs)
             if how == B.READ_PARENT:
-                await self._copy_parent(start, host, in_block)
+                await self._copy_parent(start, host, in_block, fresh=True)
                 tail = in_block + len(view)
-                await self._copy_parent(start + tail, host + tail, max(0, inside - tail))
+                await self._copy_parent(start + tail, host + tail, max(0, inside - tail), fresh=True)
         file.pwrite(view, host + in_block)
         return {geo.payload_index(block): host | B.FULLY_PRESENT}
 
-    async def _copy_parent(self, vpos: int, host: int, length: int) -> None:
-        """Copy the parent's data for virtual ``[vpos, vpos+length)`` to ``host``.  Lock held."""
+    async def _copy_parent(self, vpos: int, host: int, length: int, *, fresh: bool) -> None:
+        """Copy the parent's data for virtual ``[vpos, vpos+length)`` to ``host``.  ``fresh``:
+        the target is new space that reads as zeroes, so all-zero chunks are skipped.  Lock held."""
         done = 0
         while done < length:
             n = min(COPY_CHUNK, length - done)
             buf = memoryview(bytearray(n))
             await self.read_backing(vpos + done, buf)
-            if any(buf):
+            if not fresh or any(buf):
                 self.file.pwrite(buf, host + done)
             done += n
 
@@ -646,10 +711,14 @@ class VhdxDriver(FormatDriver):
             self.cache.release(await self.cache.get(self.bat_kind, self.bat_offset + page * B.PAGE_SIZE))
 
     def _status_of(self, e: int) -> int:
+        """Block status of a block that does not read through its bitmap: data; zeroes this
+        layer decides (ZERO, and in a differencing image UNDEFINED / UNMAPPED too, which must
+        hide the parent); or unallocated (NOT_PRESENT, and anything without a parent)."""
         s = e & B.STATE_MASK
-        if s == B.FULLY_PRESENT:
+        how = reads_from(s, self.geo.has_parent)
+        if how == B.READ_FILE:
             return ALLOCATED | DATA
-        if s == B.ZERO:
+        if how == B.READ_ZERO and (s == B.ZERO or self.geo.has_parent):
             return ALLOCATED | ZERO
         return 0
 

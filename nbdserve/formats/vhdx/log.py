@@ -12,7 +12,8 @@ Owns:
     and pick the chain ending with the highest sequence; replay starts at the last entry's tail
     when that entry is in the chain (the spec's rule), else at the chain's start (QEMU's rule);
   * ``iter_changes``: the (file offset, data or zero length) writes an entry describes, each
-    checked against the log region and a bound on the file size;
+    checked against the header section, the log region and the image's possible extent (the
+    caller's bound; docs/vhdx.md says how replay is bounded);
   * ``build_entry``: the bytes of a new entry of data descriptors (the writer side).
 
 Bounded memory: an entry is streamed sector by sector, descriptors included.
@@ -37,7 +38,7 @@ ENTRY_HEADER = struct.Struct("<4sIIIQII16sQQ")
 # desc: signature, trailing_bytes, leading_bytes, file_offset, sequence_number
 # zero: signature, reserved, zero_length, file_offset, sequence_number
 DESCRIPTOR = struct.Struct("<4sIQQQ")
-MAX_FILE_END = 1 << 48  # replay never writes past 256 TiB
+MAX_FILE_END = 1 << 48  # no VHDX reaches 256 TiB (virtual disks stop at 64 TiB)
 # Descriptors per entry we write: all fit the first sector.  QEMU 7.2 reads every descriptor
 # sector into the same 4 KiB buffer, so it cannot replay an entry with more than 126.
 MAX_DESCRIPTORS = 126
@@ -163,27 +164,36 @@ def find_active_sequence(reader: LogReader) -> list[EntryInfo]:
     return best
 
 
-def iter_changes(reader: LogReader, info: EntryInfo, file_size: int) -> Iterator[tuple[int, bytes | None, int]]:
-    """(file_offset, 4 KiB data or None for zeroes, length) for each descriptor of ``info``."""
+def iter_changes(
+    reader: LogReader, info: EntryInfo, file_size: int, limit: int = MAX_FILE_END
+) -> Iterator[tuple[int, bytes | None, int]]:
+    """(file_offset, 4 KiB data or None for zeroes, length) for each descriptor of ``info``.
+
+    Every target must lie past the header section, outside the log and below ``limit`` (the end
+    of the image's possible extent, computed by the caller), and so must last_file_offset;
+    flushed_file_offset must not exceed ``file_size`` (else the file was truncated).
+    """
     path = reader.file.path
-    limit = max(file_size, -(-info.last_file_offset // MiB) * MiB)
     if info.flushed_file_offset > file_size:
         raise CorruptImage(
             path, f"log entry {info.sequence}: flushed_file_offset 0x{info.flushed_file_offset:x} is past end of file"
         )
-    if limit > MAX_FILE_END:
-        raise CorruptImage(path, f"log entry {info.sequence}: last_file_offset 0x{info.last_file_offset:x} too large")
+    if info.last_file_offset > limit:
+        raise CorruptImage(
+            path,
+            f"log entry {info.sequence}: last_file_offset 0x{info.last_file_offset:x} is beyond the image's extent"
+            f" (0x{limit:x})",
+        )
     data_pos = info.pos + desc_sectors(info.descriptor_count) * SECTOR
     log_start, log_end = reader.offset, reader.offset + reader.length
     for i, (desc, _) in enumerate(reader.descriptors(info.pos, info.descriptor_count)):
         sig, trailing, lead_or_len, foff, _ = DESCRIPTOR.unpack(desc)
         length = SECTOR if sig == b"desc" else lead_or_len
-        if foff < MiB or foff + length > limit or (foff < log_end and log_start < foff + length):
-            raise CorruptImage(
-                path,
-                f"log entry {info.sequence}: descriptor {i} target 0x{foff:x}+0x{length:x} is outside the file"
-                " or inside the header section or the log",
-            )
+        what = f"log entry {info.sequence}: descriptor {i} target 0x{foff:x}+0x{length:x}"
+        if foff < MiB or (foff < log_end and log_start < foff + length):
+            raise CorruptImage(path, f"{what} is inside the header section or the log")
+        if foff + length > limit:
+            raise CorruptImage(path, f"{what} is beyond the image's extent (0x{limit:x})")
         if sig == b"desc":
             sec = reader.sector(data_pos)
             data_pos += SECTOR

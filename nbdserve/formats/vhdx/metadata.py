@@ -7,7 +7,8 @@ Logical and Physical Sector Size, and the Parent Locator of differencing disks.
 Invariants of a returned ``Metadata``: block_size is a power of two in [1 MiB, 256 MiB]; the
 logical sector is 512 or 4096 and divides the virtual size; the size is at most 64 TiB; every
 item lies inside the region; a file with HasParent has a VHDX parent locator with a
-parent_linkage and at least one path.
+parent_linkage and at least one path.  The physical sector size is only a hint (QEMU ignores
+it too): any value is accepted, with a note in ``warnings`` when it is not 512 or 4096.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ class Metadata:
     physical_sector_size: int
     page83: bytes
     parent_locator: dict[str, str] = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()  # fields accepted although out of spec (the opener logs them)
 
 
 def parse_metadata(path: str, read: Callable[[int, int], bytes], region_length: int) -> Metadata:
@@ -96,8 +98,9 @@ def parse_metadata(path: str, read: Callable[[int, int], bytes], region_length: 
     if lss not in (512, 4096):
         raise CorruptImage(path, f"metadata Logical Sector Size: {lss} (expected 512 or 4096)")
     pss = struct.unpack_from("<I", items[PHYSICAL_SECTOR_SIZE])[0]
-    if pss not in (512, 4096):
-        raise CorruptImage(path, f"metadata Physical Sector Size: {pss} (expected 512 or 4096)")
+    notes = []
+    if pss not in (512, 4096):  # a hint about the host's sectors; nothing here depends on it
+        notes.append(f"metadata Physical Sector Size {pss} is not 512 or 4096 (ignored)")
     size = struct.unpack_from("<Q", items[VIRTUAL_DISK_SIZE])[0]
     if size % lss or size > MAX_VIRTUAL_SIZE:
         raise CorruptImage(path, f"metadata Virtual Disk Size: {size} is not a multiple of {lss} up to 64 TiB")
@@ -115,6 +118,7 @@ def parse_metadata(path: str, read: Callable[[int, int], bytes], region_length: 
         physical_sector_size=pss,
         page83=bytes(items[PAGE83_DATA][:16]),
         parent_locator=locator,
+        warnings=tuple(notes),
     )
 
 

@@ -1,0 +1,75 @@
+"""The storage contract: one byte-addressable store under one format driver (one image layer).
+
+A ``Storage`` is what a format driver reads and writes: the host file of a qcow2 image, the
+RBD image that holds a raw disk, the S3 object of a golden image.  Drivers, the cluster cache and
+the image layer use only the members below, so every format runs on every backend.
+
+One path, sync when it can: ``read`` and ``write`` return ``None`` when the operation already
+completed (a local file on the page cache: no coroutine, no task, no loop turn) and an awaitable
+when it must wait (librbd's aio completion, an HTTP GET).  Callers therefore write::
+
+    pending = storage.read(offset, buf)
+    if pending is not None:
+        await pending
+
+and a synchronous caller that cannot wait treats a non-None result as "not now" only if the
+backend promised nothing else (see ``sync_io``).  The remaining operations are rarer and always
+coroutines.
+
+Guarantees a backend gives:
+  * ``read`` fills the whole buffer; bytes at or past ``size`` read as zeroes.
+  * ``write`` writes everything or raises; writing past ``size`` grows it.
+  * ``flush`` makes every write that completed before the call durable (fdatasync, aio_flush).
+  * ``discard`` and ``write_zeroes`` return False, having changed nothing, when the backend cannot
+    do them natively (the caller then writes zero bytes or, for a discard hint, does nothing);
+    True means the range now reads as zeroes.
+  * ``extent(offset, length)`` describes one run starting at ``offset``: ``(run_length, is_data)``
+    with ``0 < run_length <= length``; "not data" promises the run reads as zeroes.  Reporting
+    data where there is a hole is always allowed; the reverse never is.
+  * Errors are ``OSError`` (with an errno) or ``NbdError``; the request fails with that errno.
+  * No method keeps a reference to a caller's buffer after it completes.
+
+``name`` is for messages (a path, ``rbd:pool/image``, ``s3://bucket/key``); ``readonly`` stores
+refuse every modifying call.  ``sync_io`` is True for backends whose ``read``/``write`` always
+complete synchronously (local files): hot paths may rely on that to skip the awaitable check.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+from typing import ClassVar
+
+Pending = Awaitable[None] | None
+
+
+class Storage:
+    """Base class documenting the contract (see the module docstring)."""
+
+    sync_io: ClassVar[bool] = False
+    name: str
+    size: int
+    readonly: bool
+
+    def read(self, offset: int, buf: memoryview) -> Pending:
+        raise NotImplementedError
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> Pending:
+        raise NotImplementedError
+
+    async def flush(self) -> None:
+        raise NotImplementedError
+
+    async def discard(self, offset: int, length: int) -> bool:
+        return False
+
+    async def write_zeroes(self, offset: int, length: int, *, may_unmap: bool) -> bool:
+        return False
+
+    async def extent(self, offset: int, length: int) -> tuple[int, bool]:
+        return length, True
+
+    async def truncate(self, size: int) -> None:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        """Release the store (locks, connections).  Does not flush: the driver flushes first."""
