@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import logging
 import os
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
@@ -42,6 +43,8 @@ from .errors import ImageError, NbdError, UnsupportedImage
 from .formats import PROBE_SIZE, driver_for, identify, probe
 from .formats.base import ALLOCATED, DATA, ZERO, DirtyBitmapView, FormatDriver, OpenOptions
 from .locks import CoRwLock
+
+log = logging.getLogger("nbdserve")
 
 # NBD base:allocation flags
 STATE_HOLE = 1
@@ -450,6 +453,7 @@ async def _open_layer(
         raise ImageError(path, "backing chain loops back to this file")
     seen.add(key)
     file = open_locked(path, readonly=readonly, force_share=force_share)
+    driver = None
     try:
         options = replace(options, resolve=functools.partial(resolve_backing, allowed=allowed), force_share=force_share)
         if fmt is None:
@@ -482,6 +486,11 @@ async def _open_layer(
             )
         return Image(driver, backing, cache)
     except BaseException:
+        if driver is not None:  # opened, but its backing chain failed: release what it holds
+            try:
+                await driver.close()  # its own files (VMDK extents) and their locks too
+            except Exception as e:
+                log.warning("%s: closing after a failed open: %s", path, e)
         cache.discard_file(file)
         file.close()
         raise
