@@ -26,8 +26,9 @@ MiB = 1 << 20
 SIZE = 64 * MiB  # virtual: far more than the filesystem holds
 FS_SIZE = 12 * MiB
 BALLAST = 3 * MiB  # freed after the first ENOSPC
-FORMATS = ("raw", "qcow2", "qed", "vpc", "vhdx")
+FORMATS = ("raw", "qcow2", "qed", "vpc", "vhdx", "vmdk", "vdi")
 CREATE = {"vpc": ["-o", "force_size=on"], "vhdx": ["-o", "block_size=1M"], "qcow2": ["-o", "cluster_size=64k"]}
+# (vmdk: monolithicSparse, 64 KiB grains; vdi: dynamic, 1 MiB blocks: qemu-img's defaults)
 
 
 @contextlib.contextmanager

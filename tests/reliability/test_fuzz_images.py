@@ -9,10 +9,10 @@ interrupts it) or one that allocates more than ``MEMORY_LIMIT`` bytes at its pea
 fails the test, naming the case's seed so it can be replayed alone (``FUZZ_CASE=fmt:seed``).
 
 Mutations target the structures a driver trusts: the header, the tables (qcow2 L1/L2/refcounts,
-QED L1/L2, VHD BAT and bitmaps, VHDX BAT and metadata), backing file names, the VHDX log and
-region tables, and the file's length.  Checksummed structures (VHD footer and dynamic header,
-VHDX headers and region tables) get their checksums fixed for half of the cases, so the mutation
-reaches the code behind the checksum check.
+QED L1/L2, VHD BAT and bitmaps, VHDX BAT and metadata, VMDK descriptor, grain directories and
+tables, VDI block map), backing file names, the VHDX log and region tables, and the file's
+length.  Checksummed structures (VHD footer and dynamic header, VHDX headers and region tables) get
+their checksums fixed for half of the cases, so the mutation reaches the code behind the check.
 
 Default: ``CASES`` per format; ``NBDSERVE_SLOW=1`` runs ``SLOW_CASES``.  The summary line per
 format (``-s`` shows it) is the figure RELIABILITY.md quotes.
@@ -44,7 +44,7 @@ CASES = 40
 SLOW_CASES = 2000
 CASE_LIMIT = 30  # seconds: a case still running then is a hang
 MEMORY_LIMIT = 96 << 20  # peak bytes allocated by one case (the cache budget is 8 MiB)
-FORMATS = ("raw", "qcow2", "qed", "vpc", "vhdx")
+FORMATS = ("raw", "qcow2", "qed", "vpc", "vhdx", "vmdk", "vdi")
 FILL = ["write -P 0xab 0 64k", "write -P 0xcd 100k 4k", "write -P 0x11 3M 1M", "write -z 5M 128k", "write -P 7 7M 512"]
 
 
@@ -65,8 +65,8 @@ def make_seed(d: Path, fmt: str) -> Path:
         qemu_img("create", "-q", "-f", "vhdx", "-o", "block_size=1M", path, str(SIZE))
     elif fmt == "vpc":
         qemu_img("create", "-q", "-f", "vpc", "-o", "force_size=on", path, str(SIZE))
-    else:
-        qemu_img("create", "-q", "-f", "raw", path, str(SIZE))
+    else:  # raw; vmdk (monolithicSparse) and vdi (dynamic) as qemu-img makes them by default
+        qemu_img("create", "-q", "-f", fmt, path, str(SIZE))
     qemu_io(fmt, path, *FILL)
     return path
 
@@ -105,6 +105,19 @@ def regions(fmt: str, data: bytes) -> list[tuple[int, int]]:
             if sector != 0xFFFFFFFF:
                 add(sector * 512, 512)
         add(n - 512, 512)
+    elif fmt == "vmdk":  # a monolithicSparse extent: header, descriptor, grain directories, tables
+        desc_off, desc_size, per_gt, rgd, gd = struct.unpack_from("<QQIQQ", data, 28)
+        capacity, grain = struct.unpack_from("<QQ", data, 12)
+        gd_entries = -(-capacity // grain // per_gt)
+        add(desc_off * 512, desc_size * 512)
+        for table in (rgd, gd):
+            add(table * 512, gd_entries * 4)
+            for i in range(gd_entries):
+                add(struct.unpack_from("<I", data, table * 512 + 4 * i)[0] * 512, per_gt * 4)
+    elif fmt == "vdi":  # header, block map
+        bmap = struct.unpack_from("<I", data, 340)[0]
+        blocks = struct.unpack_from("<I", data, 384)[0]
+        add(bmap, blocks * 4)
     elif fmt == "vhdx":
         for off in (64 << 10, 128 << 10):  # headers; the log they name
             add(off, 4096)
