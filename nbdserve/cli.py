@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 from . import __version__
 from .config import (
+    DEFAULT_BACKLOG,
+    DEFAULT_MAX_CONNECTIONS,
     DEFAULT_PORT,
     FORMATS,
     REPAIR_MODES,
@@ -143,7 +145,11 @@ def build_parser(qemu_nbd: bool = False) -> ArgumentParser:
         "--shared",
         type=int,
         metavar="N",
-        help="at most N clients at once (default 0: unlimited; qemu-nbd way: 1, and the next one waits)",
+        help=f"at most N clients at once; more are refused (default {DEFAULT_MAX_CONNECTIONS}; 0: no limit; "
+        "qemu-nbd way: 1, and the next one waits)",
+    )
+    g.add_argument(
+        "--backlog", type=int, metavar="N", help=f"listen queue for connect bursts (default {DEFAULT_BACKLOG})"
     )
     g.add_argument(
         "-t", "--persistent", action="store_true", help="keep serving after the last client (nbdserve's default)"
@@ -174,6 +180,12 @@ def build_parser(qemu_nbd: bool = False) -> ArgumentParser:
         help="IMAGE is qemu's option string: driver=FMT,file.filename=PATH[,read-only=on][,cache.direct=on]...",
     )
     g.add_argument("-r", "--read-only", action="store_true", help="serve read-only")
+    g.add_argument(
+        "-U",
+        "--force-share",
+        action="store_true",
+        help="with -r: open the image even while another process (QEMU, qemu-nbd) writes it",
+    )
     g.add_argument("-D", "--description", default="", help="export description shown to clients")
     g.add_argument("-s", "--snapshot", action="store_true", help="write to a temporary overlay, discarded at exit")
     g.add_argument(
@@ -490,6 +502,7 @@ def config_from_args(args: argparse.Namespace, qemu_nbd: bool = False) -> Server
                 snapshot=args.snapshot,
                 load_snapshot=_load_snapshot(args.load_snapshot),
                 vpc_size=args.vpc_size,
+                force_share=args.force_share,
                 repair=args.repair,
                 **fields,
                 bitmaps=tuple(args.bitmap),
@@ -504,6 +517,7 @@ def config_from_args(args: argparse.Namespace, qemu_nbd: bool = False) -> Server
         bind=args.bind,
         socket=socket_path,
         shared=args.shared,
+        backlog=args.backlog,
         pid_file=args.pid_file,
         cache_size=args.cache_size,
         handshake_timeout=args.handshake_timeout,

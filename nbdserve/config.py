@@ -21,6 +21,8 @@ from .objects import ObjectError, ObjectTable
 from .protocol.constants import MAX_STRING
 
 DEFAULT_PORT = 10809
+DEFAULT_BACKLOG = 4096  # the listen queue: a burst of this many connects is queued, not dropped
+DEFAULT_MAX_CONNECTIONS = 4096  # -e/--shared default; each idle connection costs a few kB
 FORMATS = ("raw", "qcow2", "qed", "vpc", "vhdx", "vmdk", "vdi")
 REPAIR_MODES = ("off", "leaks", "all")
 MAX_BITMAP_NAME = 1023  # QEMU's limit on persistent bitmap names
@@ -40,6 +42,7 @@ class ExportConfig:
     snapshot: bool = False  # -s: serve through a throw-away qcow2 overlay
     load_snapshot: str | None = None  # -l: internal snapshot name or id (read-only)
     vpc_size: str = "auto"  # VHD size rule: auto | chs | current
+    force_share: bool = False  # -U: open read-only even while another process writes the image
     repair: str = "off"  # qcow2 read-write open of an inconsistent image: off | leaks | all
     tls: str = "optional"  # "required": served only over TLS (SELECTIVETLS), hidden from others
     allow: tuple[str, ...] = ()  # allow-list entries (see nbdserve.authz); empty: everyone
@@ -61,7 +64,8 @@ class ServerConfig:
     port: int = DEFAULT_PORT
     socket: str | None = None  # Unix socket path; replaces TCP
     stdio: bool = False
-    shared: int = 0  # max simultaneous connections, 0 = unlimited
+    shared: int = DEFAULT_MAX_CONNECTIONS  # max simultaneous connections, 0 = unlimited
+    backlog: int = DEFAULT_BACKLOG  # listen backlog (the kernel caps it at net.core.somaxconn)
     oneshot: bool = False  # exit when the last client disconnects
     fork: bool = False
     pid_file: str | None = None
@@ -355,6 +359,8 @@ def validate(cfg: ServerConfig) -> ServerConfig:
             raise ConfigError(f"export {e.name!r}: unknown format {e.format!r} (one of {', '.join(FORMATS)})")
         if e.vpc_size not in ("auto", "chs", "current"):
             raise ConfigError(f"export {e.name!r}: vpc-size must be auto, chs or current")
+        if e.force_share and not (e.readonly or e.snapshot or e.load_snapshot is not None):
+            raise ConfigError(f"export {e.name!r}: -U/--force-share needs a read-only export (-r)")
         if e.repair not in REPAIR_MODES:
             raise ConfigError(f"export {e.name!r}: repair must be one of {', '.join(REPAIR_MODES)}")
         _validate_io(e)
@@ -371,6 +377,8 @@ def validate(cfg: ServerConfig) -> ServerConfig:
         raise ConfigError("--stdio serves one connection on stdin/stdout; it excludes --fork and --socket")
     if not 0 <= cfg.port <= 65535:
         raise ConfigError(f"port out of range: {cfg.port}")
+    if cfg.backlog < 1 or cfg.shared < 0:
+        raise ConfigError("backlog must be >= 1 and shared (the connection limit) >= 0")
     if cfg.max_requests < 1 or cfg.max_inflight_bytes < (32 << 20):
         raise ConfigError("max-requests must be >= 1 and max-inflight-bytes >= 32M")
     _validate_running(cfg)
@@ -497,6 +505,8 @@ def merge(base: ServerConfig, **overrides: Any) -> ServerConfig:
 
 
 __all__ = [
+    "DEFAULT_BACKLOG",
+    "DEFAULT_MAX_CONNECTIONS",
     "DEFAULT_PORT",
     "FORMATS",
     "REPAIR_MODES",

@@ -92,6 +92,7 @@ class OpenOptions:
     snapshot: str | None = None  # qcow2 internal snapshot to serve (read-only)
     vpc_size: str = "auto"  # VHD virtual size rule: auto | chs | current
     repair: str = "off"  # qcow2 inconsistencies found at a read-write open: off | leaks | all
+    force_share: bool = False  # -U: files a driver opens itself are locked sharing writes too
     extra: dict[str, str] = field(default_factory=dict)
     # Set by the image layer: ``resolve(image_path, name, what=...)`` turns a file name an image
     # records for itself (VMDK extents) into a path inside the allowed directories, or raises

@@ -4,19 +4,22 @@ orderly end.
 Owns ``run(cfg, reconfigure) -> exit status``.  Order of events:
   1. set up logging (stderr, or the ``--log`` destination); with ``--exit-with-parent`` ask the
      kernel for SIGTERM when the parent dies; with ``-k -`` make a private socket directory;
-  2. bind the listening sockets (errors are reported before anything else);
+  2. bind the sockets, not yet listening (errors are reported before anything else); raise the
+     open-file limit to its hard limit (each connection is a descriptor);
   3. with ``--fork`` (or ``-c`` without ``-v``), fork; the parent waits on a pipe until the child
      reports "ready" (then prints what the child sends for stdout, e.g. ``--print-uri``, and exits
      0) or an error (printed on stderr, exit 1), so "the command returned" means "serving";
   4. open every export (one-line errors; with several, the failed ones stay listed, unavailable:
      the start fails only if none opened, or, with ``require-exports = "all"``, if any failed);
-     listen; start the ``--metrics`` endpoint; with ``-c``, attach the kernel device; write the pid
+     then listen and accept (no client connects before the images are open); start the
+     ``--metrics`` endpoint; with ``-c``, attach the kernel device; write the pid
      file; log the URI of every export; notify systemd (READY=1, STATUS=) and feed its watchdog;
   5. a forked child then detaches: logging moves to the background destination and stdin,
      stdout and stderr become /dev/null, so ``out=$(nbdserve --fork ...)`` returns at once;
   6. serve until SIGTERM/SIGINT, the last client leaving (one-shot), the ``--run`` command
      exiting, or the kernel device being disconnected; then stop listening, finish in-flight
-     requests, flush and close every image, remove the pid file and the private socket.
+     requests, flush and close every image, remove the pid file, the Unix socket file this
+     process created and the private socket directory (on every exit after binding).
 Signals: SIGHUP reads the configuration again (``reconfigure``) and applies it
 (``server/reload.py``); SIGUSR1 logs per-export statistics.
 """
@@ -28,6 +31,7 @@ import ctypes
 import ctypes.util
 import logging
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -46,7 +50,7 @@ from ..kernel import KernelError, attach, check_device, wait_connected
 from ..logsetup import NOTICE
 from ..loop import new_event_loop
 from .exports import close_exports, open_exports
-from .listeners import Server, bind_sockets, describe, export_uri
+from .listeners import Bound, Server, bind_sockets, describe, export_uri
 from .metrics import MetricsEndpoint, parse_address, snapshot, statistics_lines
 from .tls import TlsServer
 
@@ -75,6 +79,20 @@ def tune_allocator() -> None:
         pass  # not glibc: nothing to tune
 
 
+def raise_fd_limit(cfg: ServerConfig) -> None:
+    """Raise the soft open-file limit to the hard one; warn if the connection limit needs more."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    need = cfg.shared + 64  # connections, plus images, listeners and the loop's own
+    if cfg.shared and soft != resource.RLIM_INFINITY and need > soft:
+        log.warning("the open-file limit (%d) allows fewer clients than -e/--shared %d", soft, cfg.shared)
+
+
 def log_settings(cfg: ServerConfig) -> logsetup.LogSettings:
     level = logsetup.level_for(cfg.verbose, cfg.quiet)
     if level == logging.WARNING and not cfg.qemu_nbd:
@@ -100,6 +118,7 @@ def run(cfg: ServerConfig, reconfigure: Callable[[], ServerConfig] | None = None
     except OSError as e:
         print(f"nbdserve: cannot log to {cfg.log}: {e.strerror or e}", file=sys.stderr)
         return 1
+    raise_fd_limit(cfg)
     private_dir = None
     try:
         if cfg.exit_with_parent:
@@ -112,7 +131,7 @@ def run(cfg: ServerConfig, reconfigure: Callable[[], ServerConfig] | None = None
                 check_device(cfg.connect_device)
             except KernelError as e:
                 raise StartError(str(e)) from None
-        socks = [] if cfg.stdio else bind_sockets(cfg)
+        bound = Bound([]) if cfg.stdio else bind_sockets(cfg)
     except (ConfigError, StartError) as e:
         print(f"nbdserve: {e}", file=sys.stderr)
         if private_dir:
@@ -124,8 +143,7 @@ def run(cfg: ServerConfig, reconfigure: Callable[[], ServerConfig] | None = None
         pid = os.fork()
         if pid:
             os.close(w)
-            for s in socks:
-                s.close()
+            bound.close()  # the child serves them (and removes the socket file)
             return _parent_wait(r)
         os.close(r)
         os.setsid()
@@ -133,12 +151,15 @@ def run(cfg: ServerConfig, reconfigure: Callable[[], ServerConfig] | None = None
         devnull = os.open(os.devnull, os.O_RDWR)
         os.dup2(devnull, 0)
         os.close(devnull)
-    loop = new_event_loop()
     try:
-        return loop.run_until_complete(_serve(cfg, socks, ready_w, reconfigure, settings))
+        loop = new_event_loop()
+        try:
+            return loop.run_until_complete(_serve(cfg, bound, ready_w, reconfigure, settings))
+        finally:
+            loop.run_until_complete(loop.shutdown_default_executor())
+            loop.close()
     finally:
-        loop.run_until_complete(loop.shutdown_default_executor())
-        loop.close()
+        bound.remove_socket_file()
         if private_dir:
             shutil.rmtree(private_dir, ignore_errors=True)
 
@@ -158,7 +179,10 @@ def _parent_wait(r: int) -> int:
     return 1
 
 
-def _fail(ready_w: int | None, text: str) -> None:
+def _fail(ready_w: int | None, text: str, bound: Bound) -> None:
+    """A start-up error: the socket file goes first (it is gone when the launcher hears), then
+    the one line goes to the launcher."""
+    bound.remove_socket_file()
     if ready_w is None:
         print(text, file=sys.stderr)
         return
@@ -221,28 +245,30 @@ def _watchdog(loop: asyncio.AbstractEventLoop) -> None:
 
 async def _serve(
     cfg: ServerConfig,
-    socks: list[socket.socket],
+    bound: Bound,
     ready_w: int | None,
     reconfigure: Callable[[], ServerConfig] | None,
     settings: logsetup.LogSettings,
 ) -> int:
     loop = asyncio.get_running_loop()
+    socks = bound.socks
     cache = ClusterCache(cfg.cache_size)
+    exports = None
     try:
         tls = TlsServer(cfg) if cfg.tls_mode != "off" else None
         exports, failed = await open_exports(cfg, cache)
-        if failed and (len(cfg.exports) == 1 or cfg.require_exports == "all" or len(failed) == len(cfg.exports)):
-            if len(cfg.exports) == 1:
-                raise StartError(exports.get(cfg.exports[0].name).error)
-            for line in failed:
-                log.error("%s", line)
-            raise StartError(
-                "no export could be opened" if len(failed) == len(cfg.exports) else "require-exports is all"
-            )
-        for line in failed:
-            log.error("%s", line)
+        if len(cfg.exports) == 1 and failed:
+            raise StartError(failed[0][1])
+        for name, reason in failed:
+            log.error("export %r not available: %s", name, reason)
+        if failed and len(failed) == len(cfg.exports):
+            raise StartError(f"no export could be opened ({len(failed)} failed; see above)")
+        if failed and cfg.require_exports == "all":
+            raise StartError(f"{len(failed)} of {len(cfg.exports)} exports failed to open (require-exports = all)")
     except (ConfigError, StartError) as e:
-        _fail(ready_w, f"nbdserve: {e}")
+        if exports is not None:
+            await close_exports(exports)
+        _fail(ready_w, f"nbdserve: {e}", bound)
         return 1
     server = Server(cfg, exports, loop, tls, cache)
     server.notify = sd_notify
@@ -264,7 +290,7 @@ async def _serve(
     except (ConfigError, OSError, StartError) as e:
         server.shutdown()
         await close_exports(exports)
-        _fail(ready_w, f"nbdserve: {e.strerror if isinstance(e, OSError) and e.strerror else e}")
+        _fail(ready_w, f"nbdserve: {e.strerror if isinstance(e, OSError) and e.strerror else e}", bound)
         return 1
     if cfg.pid_file:
         with open(cfg.pid_file, "w") as f:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from ..authz import AccessRules
 from ..cache import ClusterCache
 from ..config import ExportConfig, ServerConfig
-from ..errors import ImageError
+from ..errors import ImageError, for_client
 from ..formats.base import DirtyBitmapView, OpenOptions
 from ..image import BackingPolicy, Image, ImageSpec, open_image
 from .view import IoPolicy, PolicyError, View
@@ -43,7 +43,7 @@ class Export:
     description: str
     readonly: bool
     image: Image | None
-    error: str = ""
+    error: str = ""  # why it failed to open, as a client may see it (no server paths)
     connections: int = 0  # connections in transmission phase on this export
     tls_only: bool = False  # served only once TLS is up (SELECTIVETLS)
     access: AccessRules = field(default_factory=AccessRules)
@@ -80,6 +80,7 @@ def image_spec(e: ExportConfig, cfg: ServerConfig) -> ImageSpec:
         format=e.format,
         readonly=e.readonly or e.load_snapshot is not None,
         snapshot_overlay=e.snapshot,
+        force_share=e.force_share,
         direct=io_policy(e).direct,
         options=OpenOptions(snapshot=e.load_snapshot, vpc_size=e.vpc_size, repair=e.repair),
         backing=BackingPolicy(allowed_dirs=cfg.backing_dirs),
@@ -124,16 +125,17 @@ async def open_export(e: ExportConfig, cfg: ServerConfig, cache: ClusterCache) -
     return Export(e.name, e.description, image.readonly, shown, config=e, bitmaps=bitmaps, **settings(e))
 
 
-async def open_exports(cfg: ServerConfig, cache: ClusterCache) -> tuple[ExportTable, list[str]]:
-    """Open every configured export: (the table, one line per export that failed).  A failed
-    export stays listed, unavailable, with its reason."""
+async def open_exports(cfg: ServerConfig, cache: ClusterCache) -> tuple[ExportTable, list[tuple[str, str]]]:
+    """Open every configured export: (the table, (name, one-line reason) of each that failed).
+    A failed export stays listed, unavailable, with its reason as a client may see it."""
     out, failed = [], []
     for e in cfg.exports:
+        log.info("opening export %r: %s", e.name, e.path)
         try:
             out.append(await open_export(e, cfg, cache))
         except ImageError as err:
-            failed.append(f"export {e.name!r} not available: {err}")
-            out.append(Export(e.name, e.description, True, None, str(err), config=e, **settings(e)))
+            failed.append((e.name, str(err)))
+            out.append(Export(e.name, e.description, True, None, for_client(str(err)), config=e, **settings(e)))
     return ExportTable(out), failed
 
 

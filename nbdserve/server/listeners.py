@@ -10,8 +10,19 @@ images.  It also holds what a reload changes (the export table, the option polic
 credentials; ``server/reload.py`` decides) and the exports a reload retired while their clients
 finish, and the metrics counters (``server/metrics.py``).
 
-Sockets are created by ``bind_sockets`` before the event loop starts (so ``--fork`` can report a
-bind error from the parent) and handed to the loop afterwards.
+Life of a listening socket:
+  * ``bind_sockets`` creates and binds the sockets before the event loop starts (so ``--fork``
+    can report a bind error from the parent) but does not listen: until the images are open a
+    client is refused at connect time instead of being accepted and then reset.
+  * ``Server.listen`` starts listening with ``--backlog`` (sized for bursts: NBD's server speaks
+    first, so a client whose connection overflowed the accept queue waits forever for the
+    greeting instead of retrying) and accepting, once the exports are open.
+  * ``Bound.remove_socket_file`` removes the Unix socket file at exit, only if it is still the
+    one this process created (same inode): never another server's socket.
+
+Connections over the limit get a clean refusal (``_Refuse``): the greeting, then an error reply
+to their first option naming the limit, then the close; at most ``REFUSING_MAX`` of them at once,
+beyond that a connection is closed at once.
 """
 
 from __future__ import annotations
@@ -23,15 +34,21 @@ import os
 import socket
 import stat
 from collections.abc import Callable
+from dataclasses import dataclass
 from urllib.parse import quote
 
 from ..cache import ClusterCache
 from ..config import DEFAULT_PORT, ConfigError, ServerConfig
+from ..protocol import constants as C
+from ..protocol import handshake as H
+from .buffers import ReceiveBuffers, ReplyBuffers
 from .exports import Export, ExportTable
 from .metrics import ExportStats, Metrics
 from .options import Policy
-from .session import Session
+from .session import SPARSE_READ_MIN, Session
 from .tls import TlsServer
+
+REFUSING_MAX = 256  # connections being refused (greeting sent, waiting for an option) at once
 
 log = logging.getLogger("nbdserve")
 
@@ -65,11 +82,38 @@ def _unix_socket_live(path: str) -> bool:
     return True
 
 
-def bind_sockets(cfg: ServerConfig) -> list[socket.socket]:
-    """The listening sockets for ``cfg`` (not for --stdio).  Raises ConfigError on failure."""
+@dataclass
+class Bound:
+    """Sockets bound for a server (listening only once ``Server.listen`` runs), and the Unix
+    socket file this process created, if any, as (path, (st_dev, st_ino))."""
+
+    socks: list[socket.socket]
+    unix_file: tuple[str, tuple[int, int]] | None = None
+
+    def close(self) -> None:
+        """Close the sockets (a forked parent does this; the file stays for the child)."""
+        for s in self.socks:
+            s.close()
+
+    def remove_socket_file(self) -> None:
+        """Remove the Unix socket file we created, unless it is gone or is no longer ours."""
+        if self.unix_file is None:
+            return
+        path, ident = self.unix_file
+        self.unix_file = None
+        try:
+            st = os.lstat(path)
+            if stat.S_ISSOCK(st.st_mode) and (st.st_dev, st.st_ino) == ident:
+                os.unlink(path)
+        except OSError:
+            pass
+
+
+def bind_sockets(cfg: ServerConfig) -> Bound:
+    """The bound, not yet listening, sockets for ``cfg`` (not for --stdio).  Raises ConfigError."""
     activated = systemd_sockets()
     if activated:
-        return activated
+        return Bound(activated)
     if cfg.socket:
         path = cfg.socket
         try:
@@ -82,11 +126,11 @@ def bind_sockets(cfg: ServerConfig) -> list[socket.socket]:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             s.bind(path)
-            s.listen(128)
+            st = os.lstat(path)
         except OSError as e:
             s.close()
             raise ConfigError(f"cannot listen on {path}: {e.strerror or e}") from None
-        return [s]
+        return Bound([s], (path, (st.st_dev, st.st_ino)))
     try:
         infos = socket.getaddrinfo(cfg.bind or None, cfg.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as e:
@@ -99,14 +143,13 @@ def bind_sockets(cfg: ServerConfig) -> list[socket.socket]:
             s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         try:
             s.bind(addr)
-            s.listen(128)
         except OSError as e:
             s.close()
             for o in socks:
                 o.close()
             raise ConfigError(f"cannot listen on {cfg.bind}:{cfg.port}: {e.strerror or e}") from None
         socks.append(s)
-    return socks
+    return Bound(socks)
 
 
 def describe(socks: list[socket.socket], cfg: ServerConfig) -> list[str]:
@@ -132,10 +175,49 @@ def export_uri(base: str, name: str) -> str:
 
 
 class _Refuse(asyncio.Protocol):
-    """Closes a connection over the ``--shared`` limit at once."""
+    """A connection over the limit: greet, answer the first option with an error naming the
+    limit (EXPORT_NAME cannot carry one), close.  Dropped by the handshake timeout if silent."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.hs = H.ServerHandshake()
+        self.transport: asyncio.Transport | None = None
+        self._deadline: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport.close()
+        self.transport = transport  # type: ignore[assignment]
+        self.server.refusing += 1
+        timeout = self.server.cfg.handshake_timeout
+        if timeout > 0:
+            self._deadline = self.server.loop.call_later(timeout, transport.abort)  # type: ignore[attr-defined]
+        self.transport.write(self.hs.greeting())
+
+    def data_received(self, data: bytes) -> None:
+        self.hs.receive_data(data)
+        try:
+            while (ev := self.hs.next_event()) is not None:
+                if isinstance(ev, H.ClientFlags):
+                    continue
+                if not isinstance(ev, H.ExportNameOption):
+                    limit = self.server.cfg.shared
+                    why = f"too many connections (this server takes {limit} at once); try again later"
+                    self.transport.write(H.rep_error(ev.option, C.REP_ERR_POLICY, why))
+                self.transport.close()
+                return
+        except H.ProtocolError:
+            self.transport.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server.refusing -= 1
+        if self._deadline is not None:
+            self._deadline.cancel()
+
+
+class _Drop(asyncio.Protocol):
+    """Closes a connection at once (shutting down, or too many refusals already under way)."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.abort()  # type: ignore[attr-defined]
 
 
 class Server:
@@ -158,11 +240,15 @@ class Server:
         self.cache = cache
         self.metrics = Metrics()
         self.sessions: set[Session] = set()
+        self.refusing = 0  # _Refuse connections open
+        # Receive and reply buffers shared by every session (see Session: allocated on demand).
+        self.handshake_buffer = memoryview(bytearray(64 << 10))
+        self.receive_buffers = ReceiveBuffers(256 << 10)
+        self.reply_buffers = ReplyBuffers(min_size=SPARSE_READ_MIN, per_size=32)
         self.retired: list[Export] = []  # exports a reload took away, still with clients
         self._gone: dict[int, asyncio.Future] = {}  # id(retired export) -> resolved once closed
         self._servers: list[asyncio.AbstractServer] = []
         self._accepting: list[asyncio.Task] = []
-        self._listening: list[socket.socket] = []
         self._slot_free: asyncio.Future | None = None
         self._transmitted_any = False
         self._stopping = False
@@ -176,29 +262,36 @@ class Server:
         return bool(self.cfg.shared) and len(self.sessions) >= self.cfg.shared
 
     def _protocol(self) -> asyncio.BaseProtocol:
-        if self._stopping or self._at_limit():
-            if not self._stopping:
-                n, limit = len(self.sessions), self.cfg.shared
-                log.warning("refusing a connection: %d clients connected (limit %d)", n, limit)
-            return _Refuse()
+        if self._stopping:
+            return _Drop()
+        if self._at_limit():
+            if self.refusing >= REFUSING_MAX:
+                return _Drop()
+            log.warning("refusing a connection: %d clients connected (limit %d)", len(self.sessions), self.cfg.shared)
+            return _Refuse(self)
         self.metrics.connections_accepted += 1
         return Session(self)
 
     async def listen(self, socks: list[socket.socket]) -> None:
-        """Accept on ``socks``.  At the ``-e`` limit a new client is refused, or, with
-        ``at_limit = "wait"`` (qemu-nbd's way), left in the listen queue until a slot frees."""
+        """Start listening (with ``--backlog``) and accepting on the bound sockets.  At the
+        ``-e`` limit a new client is refused, or, with ``at_limit = "wait"`` (qemu-nbd's way),
+        left in the listen queue until a slot frees."""
         for s in socks:
             s.setblocking(False)
-            self._listening.append(s)
-            if self.cfg.at_limit == "wait":
-                self._accepting.append(self.loop.create_task(self._accept_loop(s)))
-            elif s.family == socket.AF_UNIX:
-                self._servers.append(await self.loop.create_unix_server(self._protocol, sock=s))
-            else:
-                self._servers.append(await self.loop.create_server(self._protocol, sock=s))
+            try:
+                if self.cfg.at_limit == "wait":
+                    s.listen(self.cfg.backlog)
+                    self._accepting.append(self.loop.create_task(self._accept_loop(s)))
+                elif s.family == socket.AF_UNIX:
+                    srv = await self.loop.create_unix_server(self._protocol, sock=s, backlog=self.cfg.backlog)
+                    self._servers.append(srv)
+                else:
+                    srv = await self.loop.create_server(self._protocol, sock=s, backlog=self.cfg.backlog)
+                    self._servers.append(srv)
+            except OSError as e:  # e.g. another server bound the port too and listened first
+                raise ConfigError(f"cannot listen on {describe([s], self.cfg)[0]}: {e.strerror or e}") from None
 
     async def _accept_loop(self, sock: socket.socket) -> None:
-        sock.listen(128)
         while not self._stopping:
             while self._at_limit():
                 self._slot_free = self.loop.create_future()

@@ -33,7 +33,7 @@ from dataclasses import fields, replace
 from typing import TYPE_CHECKING
 
 from ..config import ConfigError, ExportConfig, ServerConfig
-from ..errors import ImageError
+from ..errors import ImageError, for_client
 from ..logsetup import NOTICE
 from .exports import Export, open_export, present, settings
 from .options import Policy
@@ -205,7 +205,7 @@ async def _reopen_same_file(server: Server, cur: Export, ec: ExportConfig) -> No
         export = await open_export(ec, server.cfg, server.cache)
     except ImageError as e:
         log.error("reload: export %r could not be reopened: %s (unavailable until the next reload)", ec.name, e)
-        export = Export(ec.name, ec.description, True, None, str(e), config=ec, **settings(ec))
+        export = Export(ec.name, ec.description, True, None, for_client(str(e)), config=ec, **settings(ec))
     table = [export if e.name == ec.name else e for e in server.exports]
     server.exports.replace(table)
 
