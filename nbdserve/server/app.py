@@ -259,12 +259,14 @@ async def _serve(
         exports, failed = await open_exports(cfg, cache)
         if len(cfg.exports) == 1 and failed:
             raise StartError(failed[0][1])
+        reasons = "; ".join(f"export {name!r}: {reason}" for name, reason in failed)
+        if failed and len(failed) == len(cfg.exports):
+            raise StartError(f"no export could be opened: {reasons}")
+        if failed and cfg.require_exports == "all":
+            n = f"{len(failed)} of {len(cfg.exports)}"
+            raise StartError(f"{n} exports failed to open (require-exports = all): {reasons}")
         for name, reason in failed:
             log.error("export %r not available: %s", name, reason)
-        if failed and len(failed) == len(cfg.exports):
-            raise StartError(f"no export could be opened ({len(failed)} failed; see above)")
-        if failed and cfg.require_exports == "all":
-            raise StartError(f"{len(failed)} of {len(cfg.exports)} exports failed to open (require-exports = all)")
     except (ConfigError, StartError) as e:
         if exports is not None:
             await close_exports(exports)
