@@ -4,6 +4,7 @@ status, or works (qemu-nbd's options, the signals, readiness, percent-encoded UR
 from __future__ import annotations
 
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -106,23 +107,27 @@ def _readiness(tmp: Path, *args: str | os.PathLike) -> tuple[int, list[bytes], s
             text=True,
         )
         messages: list[bytes] = []
+        exited = os.pidfd_open(proc.pid)
         try:
-            while proc.poll() is None:
-                try:
-                    msg = notify.recv(4096)
-                except TimeoutError:
+            while True:  # until it exits: a message, or its exit, whichever comes first
+                ready, _, _ = select.select([notify, exited], [], [], 60)
+                if notify in ready:
+                    messages.append(notify.recv(4096))
+                    if b"READY=1" in messages[-1]:
+                        proc.send_signal(signal.SIGTERM)
+                elif exited in ready:
                     break
-                messages.append(msg)
-                if b"READY=1" in msg:
-                    proc.send_signal(signal.SIGTERM)
+                else:
+                    raise AssertionError("no message and no exit within 60 s")
             _, err = proc.communicate(timeout=60)
-            while True:  # whatever it sent before exiting
-                notify.settimeout(0)
+            notify.setblocking(False)
+            while True:  # whatever it sent just before exiting
                 try:
                     messages.append(notify.recv(4096))
                 except BlockingIOError:
                     break
         finally:
+            os.close(exited)
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
