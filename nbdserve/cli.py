@@ -40,6 +40,7 @@ from .config import (
     load_toml,
     merge,
     parse_export_spec,
+    parse_image_opts,
     parse_size,
     tls_settings,
     validate,
@@ -362,60 +363,6 @@ def demo_image() -> str:
             f.truncate(DEMO_SIZE)
         os.replace(path + ".tmp", path)
     return path
-
-
-# --image-opts keys (QEMU's spelling) -> ExportConfig fields and how to read the value.
-_IMAGE_OPTS = {
-    "driver": ("format", str),
-    "file.filename": ("path", str),
-    "file": ("path", str),
-    "filename": ("path", str),
-    "file.driver": (None, "file"),
-    "read-only": ("readonly", bool),
-    "cache.direct": ("cache_direct", bool),
-    "cache.no-flush": ("cache_no_flush", bool),
-    "discard": ("discard", str),
-    "detect-zeroes": ("detect_zeroes", str),
-    "file.aio": ("aio", str),
-    "offset": ("offset", int),
-}
-_ON, _OFF = ("on", "yes", "true"), ("off", "no", "false")
-
-
-def parse_image_opts(text: str) -> dict:
-    """``--image-opts`` IMAGE: ``driver=FMT,file.filename=PATH[,read-only=on][,cache.direct=on]
-    [,cache.no-flush=on][,discard=unmap][,detect-zeroes=on][,offset=N]`` -> ExportConfig fields
-    (``,,`` is a comma).  An unknown key is refused in one line."""
-    out: dict = {}
-    for item in split_options(text):
-        key, eq, value = item.partition("=")
-        if not eq:
-            raise ConfigError(f"--image-opts: {item!r} is not key=value")
-        spec = _IMAGE_OPTS.get(key)
-        if spec is None:
-            raise ConfigError(f"--image-opts: option {key!r} is not supported (known: {', '.join(_IMAGE_OPTS)})")
-        name, kind = spec
-        if kind == "file":
-            if value not in ("file", "host_device"):
-                raise ConfigError(f"--image-opts: file.driver={value!r}: only local files (file, host_device)")
-            continue
-        if kind is bool:
-            if value.lower() not in _ON + _OFF:
-                raise ConfigError(f"--image-opts: {key}={value!r} is not on or off")
-            value = value.lower() in _ON
-        elif kind is int:
-            value = parse_size(value)
-        if name in out:
-            raise ConfigError(f"--image-opts: {key} given twice")
-        out[name] = value
-    if "path" not in out:
-        raise ConfigError("--image-opts needs file.filename=PATH")
-    if out.get("format") == "file":
-        out["format"] = "raw"
-    direct, no_flush = out.pop("cache_direct", False), out.pop("cache_no_flush", False)
-    if direct or no_flush:
-        out["cache"] = "unsafe" if no_flush else "none"
-    return out
 
 
 def _load_snapshot(text: str | None) -> str | None:
