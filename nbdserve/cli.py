@@ -117,6 +117,14 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(1 if self.qemu_nbd else 2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
+def size_arg(text: str) -> int:
+    """An argparse type for sizes ("64M"): a bad one is a usage error, not a traceback."""
+    try:
+        return parse_size(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def build_parser(qemu_nbd: bool = False) -> ArgumentParser:
     prog = "qemu-nbd" if qemu_nbd else "nbdserve"
     p = ArgumentParser(
@@ -195,7 +203,7 @@ def build_parser(qemu_nbd: bool = False) -> ArgumentParser:
         metavar="SNAPSHOT",
         help="serve a qcow2 internal snapshot (read-only): ID_OR_NAME or snapshot.id=ID / snapshot.name=NAME",
     )
-    g.add_argument("-o", "--offset", type=parse_size, metavar="OFFSET", help="serve the image from this offset on")
+    g.add_argument("-o", "--offset", type=size_arg, metavar="OFFSET", help="serve the image from this offset on")
     g.add_argument("--vpc-size", choices=("auto", "chs", "current"), default="auto", help="VHD virtual size rule")
     g.add_argument(
         "--repair",
@@ -306,7 +314,7 @@ def build_parser(qemu_nbd: bool = False) -> ArgumentParser:
         help="a client refused an export gets ERR_POLICY (default) or is told the export does not exist",
     )
     g = p.add_argument_group("tuning and limits")
-    g.add_argument("--cache-size", type=parse_size, metavar="SIZE", help="shared metadata cache budget (default 64M)")
+    g.add_argument("--cache-size", type=size_arg, metavar="SIZE", help="shared metadata cache budget (default 64M)")
     g.add_argument(
         "--backing-dir",
         action="append",
@@ -324,7 +332,7 @@ def build_parser(qemu_nbd: bool = False) -> ArgumentParser:
     g.add_argument(
         "--max-options", type=int, metavar="N", help="options allowed per handshake (default 32 + 4 per export)"
     )
-    g.add_argument("--max-option-length", type=parse_size, metavar="SIZE", help="largest option accepted (default 64K)")
+    g.add_argument("--max-option-length", type=size_arg, metavar="SIZE", help="largest option accepted (default 64K)")
     g = p.add_argument_group("logging and monitoring")
     g.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv for every request error)")
     g.add_argument("-q", "--quiet", action="store_true", help="log only errors")
@@ -538,7 +546,7 @@ def main(argv: list[str] | None = None, *, qemu_nbd: bool | None = None) -> int:
             return list_exports(args) if args.list else disconnect_device(args)
         except ConfigError as e:
             print(f"{prog}: {e}", file=sys.stderr)
-            return bad
+            return 1
     try:
         cfg = config_from_args(args, qemu_nbd)
     except ConfigError as e:

@@ -55,6 +55,9 @@ CASES = [
     ("the only image is missing", None, ["/no/disk.img"], 1, "/no/disk.img: cannot open"),
     ("port out of range", None, ["-p", "70000", "{img}"], 2, "port out of range: 70000"),
     ("bad metrics address", None, ["--metrics", "x", "{img}"], 2, "--metrics 'x': expected ADDR:PORT"),
+    ("offset not a size", None, ["-o", "abc", "{img}"], 2, "argument -o/--offset: not a size: 'abc'"),
+    ("cache size not a size", None, ["--cache-size", "lots", "{img}"], 2, "argument --cache-size: not a size"),
+    ("list an absent server", None, ["-L"], 1, "s: No such file or directory"),
     ("selinux label", None, ["--selinux-label", "x", "{img}"], 2, "--selinux-label: nbdserve does not set SELinux"),
 ]
 
