@@ -16,7 +16,7 @@ from .cache import DEFAULT_CACHE_SIZE
 from .protocol.constants import MAX_STRING
 
 DEFAULT_PORT = 10809
-FORMATS = ("raw", "qcow2", "qed", "vpc", "vhdx")
+FORMATS = ("raw", "qcow2", "qed", "vpc", "vhdx", "luks")
 
 
 class ConfigError(Exception):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from ..errors import UnsupportedImage
 from .base import FormatDriver
+from .luks import LuksDriver
 from .qcow2 import Qcow2Driver
 from .qed import QedDriver
 from .raw import RawDriver
@@ -21,6 +22,7 @@ DRIVERS: tuple[type[FormatDriver], ...] = (
     QedDriver,
     VhdDriver,
     VhdxDriver,
+    LuksDriver,
 )
 
 BY_NAME: dict[str, type[FormatDriver]] = {d.format_name: d for d in DRIVERS}

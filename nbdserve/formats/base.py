@@ -86,6 +86,7 @@ class OpenOptions:
 
     snapshot: str | None = None  # qcow2 internal snapshot to serve (read-only)
     vpc_size: str = "auto"  # VHD virtual size rule: auto | chs | current
+    passphrase: bytes | None = None  # key-secret of an encrypted image (LUKS, qcow2 encryption)
     extra: dict[str, str] = field(default_factory=dict)
 
 
@@ -110,6 +111,7 @@ class FormatDriver:
     backing: BackingRef | None = None
     read_backing: ReadBacking = staticmethod(read_zeroes)
     map_bits: int = 0  # log2 of the mapping granule; 0: no map_now
+    encrypted: bool = False  # data is encrypted at rest (so e.g. a plaintext -s overlay is refused)
 
     @classmethod
     def probe(cls, head: bytes, file_size: int) -> int:
