@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import re
 import tomllib
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from .cache import DEFAULT_CACHE_SIZE
+from .crypto.secret import Secrets, SecretError, load_secrets
 from .protocol.constants import MAX_STRING
 
 DEFAULT_PORT = 10809
@@ -33,6 +34,7 @@ class ExportConfig:
     snapshot: bool = False  # -s: serve through a throw-away qcow2 overlay
     load_snapshot: str | None = None  # -l: internal snapshot name or id (read-only)
     vpc_size: str = "auto"  # VHD size rule: auto | chs | current
+    key_secret: str | None = None  # id of the secret holding an encrypted image's passphrase
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,7 @@ class ServerConfig:
     verbose: int = 0
     quiet: bool = False
     demo: bool = False  # no image was given: a demo image was created
+    secrets: Secrets = field(default_factory=Secrets)  # --object secret / [[secret]] values by id (repr hides them)
 
     def option_limit(self) -> int:
         return self.max_options or 32 + 4 * len(self.exports)
@@ -93,6 +96,8 @@ def parse_export_spec(spec: str) -> ExportConfig:
             kw["snapshot"] = True
         elif key == "load-snapshot":
             kw["load_snapshot"] = value
+        elif key == "key-secret":
+            kw["key_secret"] = value
         else:
             raise ConfigError(f"--export {spec!r}: unknown option {key!r}")
     return ExportConfig(name=name, path=path, **kw)
@@ -144,7 +149,17 @@ def load_toml(path: str) -> tuple[dict[str, Any], list[ExportConfig]]:
             raise ConfigError(f"{path}: unknown [server] key {key!r}")
         server[key.replace("-", "_")] = conv(value)
     exports = [_export_from_table(t, f"{path}: [[export]] #{i + 1}") for i, t in enumerate(doc.get("export", []))]
-    unknown = set(doc) - {"server", "export"}
+    defs = []
+    for i, t in enumerate(doc.get("secret", [])):
+        if not isinstance(t, dict) or not all(isinstance(v, str) for v in t.values()):
+            raise ConfigError(f"{path}: [[secret]] #{i + 1}: expected string keys (id, data or file, format, ...)")
+        props = dict(t)
+        defs.append((props.pop("id", ""), props))
+    try:
+        server["secrets"] = load_secrets(defs)
+    except SecretError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    unknown = set(doc) - {"server", "export", "secret"}
     if unknown:
         raise ConfigError(f"{path}: unknown section(s) {', '.join(sorted(unknown))}")
     return server, exports
@@ -162,6 +177,8 @@ def validate(cfg: ServerConfig) -> ServerConfig:
             raise ConfigError(f"export {e.name!r}: unknown format {e.format!r} (one of {', '.join(FORMATS)})")
         if e.vpc_size not in ("auto", "chs", "current"):
             raise ConfigError(f"export {e.name!r}: vpc-size must be auto, chs or current")
+        if e.key_secret is not None and e.key_secret not in cfg.secrets:
+            raise ConfigError(f"export {e.name!r}: key-secret {e.key_secret!r}: no secret with that id")
     if not cfg.exports:
         raise ConfigError("nothing to serve: give an IMAGE, --export or --config")
     if cfg.stdio and (cfg.fork or cfg.socket):

@@ -58,7 +58,11 @@ def image_spec(e: ExportConfig, cfg: ServerConfig) -> ImageSpec:
         format=e.format,
         readonly=e.readonly or e.load_snapshot is not None,
         snapshot_overlay=e.snapshot,
-        options=OpenOptions(snapshot=e.load_snapshot, vpc_size=e.vpc_size),
+        options=OpenOptions(
+            snapshot=e.load_snapshot,
+            vpc_size=e.vpc_size,
+            passphrase=cfg.secrets[e.key_secret] if e.key_secret is not None else None,
+        ),
         backing=BackingPolicy(allowed_dirs=cfg.backing_dirs),
     )
 
