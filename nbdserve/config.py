@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from .cache import DEFAULT_CACHE_SIZE
-from .crypto.secret import Secrets, SecretError, load_secrets
+from .crypto.secret import SecretError, Secrets, load_secrets
 from .protocol.constants import MAX_STRING
 
 DEFAULT_PORT = 10809

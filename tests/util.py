@@ -129,7 +129,9 @@ def serve(workdir: Path, *args: str | os.PathLike, export: str = "", check_stop:
 
 
 @contextlib.contextmanager
-def qemu_nbd(workdir: Path, image: str | os.PathLike, fmt: str | None, *args: str, export: str = "") -> Iterator[Served]:
+def qemu_nbd(
+    workdir: Path, image: str | os.PathLike, fmt: str | None, *args: str, export: str = ""
+) -> Iterator[Served]:
     """The oracle: ``qemu-nbd --fork --persistent -k SOCK``; yields once listening.  ``fmt`` None:
     no ``-f`` (for ``--image-opts``)."""
     sock, pidfile, log = _paths(workdir, "qemu-nbd")
