@@ -44,6 +44,9 @@ _AES_KEYS = (16, 24, 32)
 # a context costs about as much as this many lane steps).
 _LIB_COST = {"xts": 12, "cbc": 4}
 _TOP_BIT = b"\0" * 15 + b"\x80"  # bit 127 of a little-endian 128-bit lane
+# Bytes per lane pass: big integers past the CPU caches cost more per byte (measured: 1 MiB runs
+# at about half the rate of 64-128 KiB pieces).
+LANE_CHUNK = 128 << 10
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,7 @@ class SectorCipher:
         self.sector_size = sector_size
         self.iv_step = iv_step
         self._blocks = sector_size // BLOCK
+        self._chunk = max(LANE_CHUNK // sector_size, 1) * sector_size
         self._key = key
         chain = spec.chain
         if chain == "xts":
@@ -137,13 +141,23 @@ class SectorCipher:
 
     # -- public ------------------------------------------------------------------------------
 
-    def encrypt(self, iv_sector: int, data: bytes | bytearray | memoryview) -> bytes:
+    def encrypt(self, iv_sector: int, data: bytes | bytearray | memoryview) -> bytes | bytearray:
         """The ciphertext of whole sectors; ``data`` is left untouched."""
-        return self._crypt(iv_sector, data, True)
+        if len(data) <= self._chunk:
+            return self._crypt(iv_sector, data, True)
+        out = bytearray(len(data))
+        view = memoryview(data)
+        for pos in range(0, len(data), self._chunk):
+            piece = view[pos : pos + self._chunk]
+            out[pos : pos + len(piece)] = self._crypt(iv_sector + pos // self.sector_size * self.iv_step, piece, True)
+        return out
 
     def decrypt(self, iv_sector: int, buf: bytearray | memoryview) -> None:
         """Decrypt whole sectors in place."""
-        buf[:] = self._crypt(iv_sector, buf, False)
+        view = memoryview(buf)
+        for pos in range(0, len(buf), self._chunk):
+            piece = view[pos : pos + self._chunk]
+            piece[:] = self._crypt(iv_sector + pos // self.sector_size * self.iv_step, piece, False)
 
     # -- the modes ---------------------------------------------------------------------------
 

@@ -117,6 +117,21 @@ def test_bulk_equals_per_sector_reference(spec, ss, n, first, seed):
     assert buf == data
 
 
+@pytest.mark.parametrize("spec", [("xts-plain64", 64), ("cbc-essiv:sha256", 32), ("ctr-plain64", 16)])
+def test_long_runs_in_pieces(spec):
+    """Runs longer than one lane pass (LANE_CHUNK) are processed piece by piece with the right IVs."""
+    mode, size = spec
+    key = os.urandom(size)
+    for ss, n in ((512, 700), (4096, 70)):
+        c = SectorCipher(parse_cipher("aes", mode, size), key, sector_size=ss, iv_step=ss // 512)
+        data = os.urandom(n * ss)
+        ct = c.encrypt(99, data)
+        assert bytes(ct) == reference(mode, key, 99, data, ss, ss // 512, True)
+        buf = bytearray(ct)
+        c.decrypt(99, memoryview(buf))
+        assert buf == data
+
+
 def test_cipher_refusals():
     with pytest.raises(UnsupportedCipher, match="twofish"):
         parse_cipher("twofish", "xts-plain64", 64)
