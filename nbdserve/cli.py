@@ -16,6 +16,7 @@ from . import __version__
 from .config import (
     DEFAULT_PORT,
     FORMATS,
+    REPAIR_MODES,
     ConfigError,
     ExportConfig,
     ServerConfig,
@@ -59,6 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-s", "--snapshot", action="store_true", help="write to a temporary overlay, discarded at exit")
     g.add_argument("-l", "--load-snapshot", metavar="NAME", help="serve a qcow2 internal snapshot (read-only)")
     g.add_argument("--vpc-size", choices=("auto", "chs", "current"), default="auto", help="VHD virtual size rule")
+    g.add_argument(
+        "--repair",
+        choices=REPAIR_MODES,
+        default="off",
+        help="a qcow2 opened read-write whose refcounts are wrong: off (default) serves it read-only "
+        "(harmless leaks: read-write, with a warning); leaks also frees leaked clusters and sets missing "
+        "COPIED flags; all also rebuilds wrong refcounts",
+    )
     g.add_argument(
         "-A", "--allocation-depth", action="store_true", help="accepted for qemu-nbd compatibility (always on)"
     )
@@ -131,6 +140,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                 snapshot=args.snapshot,
                 load_snapshot=args.load_snapshot,
                 vpc_size=args.vpc_size,
+                repair=args.repair,
             )
         )
     cfg = merge(

@@ -18,6 +18,7 @@ from .protocol.constants import MAX_STRING
 
 DEFAULT_PORT = 10809
 FORMATS = ("raw", "qcow2", "qed", "vpc", "vhdx", "luks")
+REPAIR_MODES = ("off", "leaks", "all")
 
 
 class ConfigError(Exception):
@@ -35,6 +36,7 @@ class ExportConfig:
     load_snapshot: str | None = None  # -l: internal snapshot name or id (read-only)
     vpc_size: str = "auto"  # VHD size rule: auto | chs | current
     key_secret: str | None = None  # id of the secret holding an encrypted image's passphrase
+    repair: str = "off"  # qcow2 read-write open of an inconsistent image: off | leaks | all
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,7 @@ def parse_size(text: str | int) -> int:
 
 
 def parse_export_spec(spec: str) -> ExportConfig:
-    """``NAME=PATH[,format=F][,readonly][,description=TEXT][,snapshot]``."""
+    """``NAME=PATH[,format=F][,readonly][,description=TEXT][,snapshot][,repair=MODE]``."""
     if "=" not in spec:
         raise ConfigError(f"--export {spec!r}: expected NAME=PATH[,format=F][,readonly]")
     name, rest = spec.split("=", 1)
@@ -98,6 +100,8 @@ def parse_export_spec(spec: str) -> ExportConfig:
             kw["load_snapshot"] = value
         elif key == "key-secret":
             kw["key_secret"] = value
+        elif key == "repair":
+            kw["repair"] = value
         else:
             raise ConfigError(f"--export {spec!r}: unknown option {key!r}")
     return ExportConfig(name=name, path=path, **kw)
@@ -179,6 +183,8 @@ def validate(cfg: ServerConfig) -> ServerConfig:
             raise ConfigError(f"export {e.name!r}: vpc-size must be auto, chs or current")
         if e.key_secret is not None and e.key_secret not in cfg.secrets:
             raise ConfigError(f"export {e.name!r}: key-secret {e.key_secret!r}: no secret with that id")
+        if e.repair not in REPAIR_MODES:
+            raise ConfigError(f"export {e.name!r}: repair must be one of {', '.join(REPAIR_MODES)}")
     if not cfg.exports:
         raise ConfigError("nothing to serve: give an IMAGE, --export or --config")
     if cfg.stdio and (cfg.fork or cfg.socket):
@@ -197,6 +203,7 @@ def merge(base: ServerConfig, **overrides: Any) -> ServerConfig:
 __all__ = [
     "DEFAULT_PORT",
     "FORMATS",
+    "REPAIR_MODES",
     "ConfigError",
     "ExportConfig",
     "ServerConfig",

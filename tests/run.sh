@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 
 SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 PKGS=(qemu-utils qemu-system-x86 libnbd-bin python3-libnbd nbdkit fio nbd-client busybox-static
-      e2fsprogs cpio python3-venv python3-dev gcc python3-libvhdi cryptsetup-bin)
+      e2fsprogs cpio python3-venv python3-dev gcc python3-libvhdi python3-libqcow
+      cryptsetup-bin)
 missing=()
 for p in "${PKGS[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p"); done
 # The VM tests fetch a Debian cloud kernel with apt-get download: they need fresh package lists.

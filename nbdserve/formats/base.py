@@ -86,6 +86,7 @@ class OpenOptions:
 
     snapshot: str | None = None  # qcow2 internal snapshot to serve (read-only)
     vpc_size: str = "auto"  # VHD virtual size rule: auto | chs | current
+    repair: str = "off"  # qcow2 inconsistencies found at a read-write open: off | leaks | all
     passphrase: bytes | None = None  # key-secret of an encrypted image (LUKS, qcow2 encryption)
     extra: dict[str, str] = field(default_factory=dict)
 

@@ -61,6 +61,7 @@ def image_spec(e: ExportConfig, cfg: ServerConfig) -> ImageSpec:
         options=OpenOptions(
             snapshot=e.load_snapshot,
             vpc_size=e.vpc_size,
+            repair=e.repair,
             passphrase=cfg.secrets[e.key_secret] if e.key_secret is not None else None,
         ),
         backing=BackingPolicy(allowed_dirs=cfg.backing_dirs),

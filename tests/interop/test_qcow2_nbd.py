@@ -11,20 +11,26 @@ allocation, and ours passes ``qemu-img check``.
 
 Crash: writes and flushes through libnbd, kill -9 mid-workload; ``qemu-img check`` reports no
 corruption (leaks are allowed) and every write acknowledged before a completed flush is intact.
+
+Wrong refcounts: an image whose L2 table has refcount 0 is exported read-only (and never
+written) unless ``--repair=all`` (command line, ``--export`` option or config key) rebuilds it.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import random
 import shutil
 import signal
+import struct
 
+import nbd
 import pytest
 
 from tests.conftest import SLOW
-from tests.imagetest import FILL, CrashOracle, assert_same_export, crash_workload
-from tests.util import nbd_connect, qemu_img, qemu_io, qemu_nbd, run, serve
+from tests.imagetest import FILL, CrashOracle, assert_same_export, check_clean, crash_workload
+from tests.util import NBDSERVE, nbd_connect, qemu_img, qemu_io, qemu_nbd, run, serve
 
 MiB = 1 << 20
 VARIANTS = {
@@ -172,3 +178,88 @@ def test_qcow2_kill9_keeps_flushed_writes(tmp_path, round):
     out = tmp_path / "k.raw"
     qemu_img("convert", "-f", "qcow2", "-O", "raw", img, out)
     oracle.verify(out.read_bytes())
+
+
+def lying_image(path) -> None:
+    """A qcow2 whose L2 table has refcount 0: a data write would allocate over it."""
+    qemu_img("create", "-q", "-f", "qcow2", path, "16M")
+    qemu_io("qcow2", path, "write -P 0x21 0 64k")
+    raw = bytearray(path.read_bytes())
+    l1, rt = struct.unpack_from(">QQ", raw, 40)
+    l2 = struct.unpack_from(">Q", raw, l1)[0] & 0x00FFFFFFFFFFFE00
+    rb = struct.unpack_from(">Q", raw, rt)[0]
+    struct.pack_into(">H", raw, rb + 2 * (l2 >> 16), 0)
+    path.write_bytes(raw)
+
+
+@pytest.mark.parametrize("repair", [None, "off", "leaks", "all"])
+def test_qcow2_wrong_refcounts_over_nbd(tmp_path, repair):
+    """Issue 14 item 12 through the CLI: without ``--repair=all`` the export is read-only (the
+    client sees it at the handshake), with it the refcounts are rebuilt and writes land."""
+    img = tmp_path / "lie.qcow2"
+    lying_image(img)
+    before = img.read_bytes()
+    args = [] if repair is None else [f"--repair={repair}"]
+    with serve(tmp_path, *args, "-f", "qcow2", img) as o:
+        h = nbd_connect(o.uri)
+        assert h.is_read_only() == (repair != "all")
+        if repair == "all":
+            h.pwrite(b"\x7e" * 70000, 16 * MiB - 70000)
+            h.flush()
+        assert h.pread(4096, 0) == b"\x21" * 4096
+        h.shutdown()
+        if repair != "all":
+            assert "refcount" in o.log_text() and "read-only" in o.log_text()
+    if repair == "all":
+        check_clean(img)
+        out = run(
+            "qemu-io", "-f", "qcow2", "-c", f"read -P 0x7e {16 * MiB - 70000} 70000", "-c", "read -P 0x21 0 64k", img
+        )
+        assert "verification failed" not in out.stdout
+    else:
+        assert img.read_bytes() == before
+
+
+def test_qcow2_repair_option_in_export_spec_and_config(tmp_path):
+    img = tmp_path / "lie.qcow2"
+    lying_image(img)
+    conf = tmp_path / "c.toml"
+    conf.write_text(f'[[export]]\nname = "t"\npath = "{img}"\nformat = "qcow2"\nrepair = "all"\n')
+    with serve(tmp_path, "--config", conf, export="t") as o:
+        assert not nbd_connect(o.uri).is_read_only()
+    lying_image(img2 := tmp_path / "lie2.qcow2")
+    with serve(tmp_path, "--export", f"u={img2},format=qcow2,repair=all", export="u") as o:
+        assert not nbd_connect(o.uri).is_read_only()
+    r = run(*NBDSERVE, "--repair=some", img2, check=False)
+    assert r.returncode == 2 and "--repair" in r.stderr
+
+
+def test_qcow2_write_onto_metadata_fails_with_eio(tmp_path):
+    """Refcounts that start lying while the image is served (another program wrote the file):
+    the allocating write that would land on the L2 table fails with EIO, nothing lands, later
+    writes fail too, reads go on, and the image is marked corrupt."""
+    img = tmp_path / "g.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", img, "16M")
+    qemu_io("qcow2", img, "write -P 0x21 0 64k")
+    with serve(tmp_path, "-f", "qcow2", img) as o:
+        h = nbd_connect(o.uri)
+        raw = bytearray(img.read_bytes())
+        l1, rt = struct.unpack_from(">QQ", raw, 40)
+        l2 = struct.unpack_from(">Q", raw, l1)[0] & 0x00FFFFFFFFFFFE00
+        table = raw[l2 : l2 + 65536]
+        rb = struct.unpack_from(">Q", raw, rt)[0]
+        with open(img, "r+b") as f:  # the L2 table's refcount: 0
+            f.seek(rb + 2 * (l2 >> 16))
+            f.write(b"\0\0")
+        with pytest.raises(nbd.Error) as info:
+            for off in range(1 * MiB, 16 * MiB, 64 * 1024):  # fresh clusters: allocation runs
+                h.pwrite(b"\xee" * 512, off + 7)
+        assert info.value.errnum == errno.EIO
+        with pytest.raises(nbd.Error):
+            h.pwrite(b"x", 7)  # into an allocated cluster: refused too, the image is corrupt
+        assert h.pread(65536, 0) == b"\x21" * 65536
+        h.shutdown()
+        assert "would overwrite an L2 table" in o.log_text()
+    assert img.read_bytes()[l2 : l2 + 65536] == table
+    info = json.loads(qemu_img("info", "--output=json", img).stdout)
+    assert info["format-specific"]["data"]["corrupt"] is True

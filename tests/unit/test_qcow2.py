@@ -10,8 +10,9 @@
   errors and no leaks and ``qemu-img compare`` is equal.  Concurrent writers hit the same
   unallocated clusters (per-cluster allocation serialisation).
 * Dirty images (lazy refcounts after a crash) are repaired on a read-write open.
-* Hostile images, one per item of the qcow2 bad-input checklist (formats.md §6): a one-line
-  ``ImageError`` naming the field, bounded memory.
+* Hostile images, one per item of the qcow2 bad-input checklist (docs/qcow2.md, "Opening"): a
+  one-line ``ImageError`` naming the field, bounded memory; or, where QEMU reads the image and
+  only writing would be unsafe, read-only service with a warning naming the field.
 * Cache budget: many L2 tables through a small cache stay within budget and stay correct.
 """
 
@@ -33,7 +34,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nbdserve.cache import ClusterCache
-from nbdserve.errors import CorruptImage, ImageError, UnsupportedImage
+from nbdserve.errors import CorruptImage, ImageError, NbdError, UnsupportedImage
 from nbdserve.formats.base import OpenOptions
 from nbdserve.formats.qcow2 import Qcow2Driver
 from nbdserve.formats.qcow2.create import create_qcow2
@@ -313,7 +314,8 @@ def test_writes_against_model(tmp_path, variant):
 
 def test_write_zero_semantics_match_qemu_nbd(tmp_path):
     """WRITE_ZEROES deallocates (ZERO_PLAIN) unless NO_HOLE; partial zeroing of an unallocated
-    cluster makes the whole cluster a zero cluster; TRIM leaves zero clusters (formats.md §2.8)."""
+    cluster makes the whole cluster a zero cluster; TRIM leaves zero clusters (docs/qcow2.md,
+    "Zeroing and trimming")."""
     ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
     for p in (ours, theirs):
         qemu_img("create", "-q", "-f", "qcow2", p, "8M")
@@ -807,9 +809,7 @@ HEADER_CASES = [
     ("l1_size too small", ">I", 36, (0,), "l1_size 0 too small"),
     ("l1_size huge", ">I", 36, (1 << 31,), "l1_size"),
     ("l1 unaligned", ">Q", 40, (0x30200,), "l1_table_offset"),
-    ("l1 past eof", ">Q", 40, (1 << 40,), "l1_table_offset"),
     ("reftable unaligned", ">Q", 48, (0x10100,), "refcount_table_offset"),
-    ("reftable past eof", ">Q", 48, (1 << 40,), "refcount_table_offset"),
     ("backing_file_offset", ">QI", 8, (1 << 20, 4), "backing_file_offset"),
     ("backing_file_size", ">QI", 8, (512, 2000), "backing_file_size"),
     ("nb_snapshots", ">I", 60, (70000,), "nb_snapshots"),
@@ -867,13 +867,47 @@ def test_hostile_l1_entry_reserved_bits(tmp_path, pristine):
     assert "L1 table entry 0" in str(err)
 
 
-def test_hostile_reftable_entry(tmp_path, pristine):
+def served_read_only(tmp_path: Path, raw: bytes | bytearray, caplog) -> str:
+    """Open ``raw`` read-write: it must be served read-only, reads equal QEMU's; the warning."""
+    path = tmp_path / "ro.qcow2"
+    path.write_bytes(bytes(raw))
+    expected = qemu_raw(path, tmp_path)
+
+    async def main():
+        with caplog.at_level(logging.WARNING, logger="nbdserve.qcow2"):
+            img = await opened(path)
+        try:
+            assert img.readonly
+            assert await read_all(img) == expected
+            with pytest.raises(NbdError):
+                await img.write(0, memoryview(b"z"), fua=False)
+        finally:
+            await img.close()
+
+    caplog.clear()
+    run(main())
+    assert path.read_bytes() == raw
+    assert "read-only" in caplog.text
+    return caplog.text
+
+
+@pytest.mark.parametrize(
+    ("field", "offset", "value"),
+    [("l1_table_offset", 40, 1 << 40), ("refcount_table_offset", 48, 1 << 40)],
+)
+def test_table_past_eof_is_served_read_only(tmp_path, pristine, caplog, field, offset, value):
+    """QEMU reads such images (the part past the end reads as zeroes); so do we, read-only."""
+    assert field in served_read_only(tmp_path, patched(pristine, ">Q", offset, value), caplog)
+
+
+def test_hostile_reftable_entry(tmp_path, pristine, caplog):
+    """Refcounts matter only for writing: a bad refcount table entry means read-only."""
     raw = bytearray(pristine)
     rt = fields(raw)["refcount_table_offset"]
     struct.pack_into(">Q", raw, rt, 0x20001)
-    assert "refcount table entry 0" in str(open_error(tmp_path, raw))
+    assert "refcount table entry 0" in served_read_only(tmp_path, raw, caplog)
     struct.pack_into(">Q", raw, rt, 1 << 45)
-    assert "beyond end of file" in str(open_error(tmp_path, raw))
+    assert "beyond end of file" in served_read_only(tmp_path, raw, caplog)
 
 
 @pytest.mark.parametrize(
@@ -955,8 +989,9 @@ def test_hostile_snapshot_table(tmp_path, pristine):
     assert "snapshot table entry" in str(err)
 
 
-def test_hostile_refcount_underflow(tmp_path):
-    """A data cluster whose refcount is 0: dropping its reference is corruption, not a wrap."""
+def test_hostile_refcount_underflow(tmp_path, caplog):
+    """A data cluster whose refcount is 0 (its reference would be dropped below zero, and the
+    cluster handed out again): found at open, served read-only."""
     p = tmp_path / "u.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", p, "1M")
     qemu_io("qcow2", p, "write -P 1 0 64k")
@@ -964,22 +999,13 @@ def test_hostile_refcount_underflow(tmp_path):
     rb = struct.unpack_from(">Q", raw, fields(raw)["refcount_table_offset"])[0]
     data_host = struct.unpack_from(">Q", raw, l2_offset(raw))[0] & 0x00FFFFFFFFFFFE00
     struct.pack_into(">H", raw, rb + 2 * (data_host >> 16), 0)
-    p.write_bytes(raw)
-
-    async def main():
-        img = await opened(p)
-        try:
-            await img.trim(0, 64 * K, fua=False)
-        finally:
-            await img.close()
-
-    with pytest.raises(CorruptImage, match="below zero"):
-        run(main())
+    text = served_read_only(tmp_path, raw, caplog)
+    assert f"cluster 0x{data_host:x} has refcount 0 but 1 reference(s)" in text
 
 
-def test_hostile_refcount_overflow_on_rebuild(tmp_path):
-    """1-bit refcounts, dirty, two L2 entries sharing one data cluster: the recount (2) does not
-    fit, which is corruption rather than a wrapped count."""
+def test_hostile_refcount_overflow(tmp_path, caplog):
+    """1-bit refcounts, two L2 entries sharing one data cluster: the count (2) does not fit,
+    which no rebuild can fix: read-only, even when the image is dirty."""
     p = tmp_path / "ov.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", "-o", "refcount_bits=1", p, "1M")
     qemu_io("qcow2", p, "write -P 1 0 64k")
@@ -987,29 +1013,26 @@ def test_hostile_refcount_overflow_on_rebuild(tmp_path):
     l2 = l2_offset(raw)
     struct.pack_into(">Q", raw, l2 + 8, struct.unpack_from(">Q", raw, l2)[0])  # cluster 1 -> same host
     struct.pack_into(">Q", raw, 72, 1)  # dirty
-    err = open_error(tmp_path, raw, write=True)
-    assert "more than refcount_bits allow" in str(err)
+    assert "more than refcount_bits allow" in served_read_only(tmp_path, raw, caplog)
 
 
-def test_hostile_data_write_onto_metadata_is_refused(tmp_path):
+def test_hostile_data_cluster_on_metadata_is_served_read_only(tmp_path, caplog):
     p = tmp_path / "o.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", p, "1M")
     qemu_io("qcow2", p, "write -P 1 0 64k")
     raw = bytearray(p.read_bytes())
     l1 = fields(raw)["l1_table_offset"]
     struct.pack_into(">Q", raw, l2_offset(raw), 0x8000000000000000 | l1)  # data "at" the L1 table
-    err = open_error(tmp_path, raw, write=True)
-    assert "would overwrite the L1 table" in str(err)
+    assert "data cluster at 0x30000 overlaps metadata" in served_read_only(tmp_path, raw, caplog)
 
 
-def test_hostile_l2_table_on_the_refcount_table_is_refused(tmp_path):
+def test_hostile_l2_table_on_the_refcount_table_is_served_read_only(tmp_path, caplog):
     p = tmp_path / "l2rt.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", p, "1M")
     raw = bytearray(p.read_bytes())
     f = fields(raw)
     struct.pack_into(">Q", raw, f["l1_table_offset"], 0x8000000000000000 | f["refcount_table_offset"])
-    err = open_error(tmp_path, raw, write=True)
-    assert "L2 table write" in str(err) and "refcount table" in str(err)
+    assert "L2 table at 0x10000 overlaps other metadata" in served_read_only(tmp_path, raw, caplog)
 
 
 def test_hostile_l1_size_does_not_allocate(tmp_path, pristine):
@@ -1043,3 +1066,43 @@ def test_probe_and_driver_registered(tmp_path, pristine):
 def test_truncated_image_is_refused(tmp_path, pristine):
     err = open_error(tmp_path, pristine[:100])
     assert "truncated" in str(err) or "bad magic" in str(err)
+
+
+@pytest.mark.parametrize("opts", VARIANTS)
+def test_consistent_images_open_read_write_quietly(tmp_path, opts, caplog):
+    """The open-time check finds nothing in images QEMU made (no false alarm turns a good image
+    read-only), with an internal snapshot and a bitmap where the variant allows them."""
+    path = make_filled(tmp_path / "q.qcow2", opts)
+    if "refcount_bits=1" not in opts:
+        qemu_img("snapshot", "-c", "s", path)
+    if "compat=0.10" not in opts:
+        qemu_img("bitmap", "--add", path, "b")
+    expected = qemu_raw(path, tmp_path)
+
+    async def main():
+        with caplog.at_level(logging.WARNING, logger="nbdserve.qcow2"):
+            img = await opened(path)
+        try:
+            assert not img.readonly
+            await img.write(7 * M + 3, memoryview(b"\x42" * 9), fua=False)
+        finally:
+            await img.close()
+
+    run(main())
+    assert caplog.text == ""
+    expected = bytearray(expected)
+    expected[7 * M + 3 : 7 * M + 12] = b"\x42" * 9
+    check_clean(path)
+    compare_with_model(path, expected, tmp_path)
+
+
+def test_hostile_tables_named_many_times_are_read_once_at_most(tmp_path, caplog):
+    """Every refcount table entry naming the same block: the open-time check stops once the
+    tables add up to more than the file holds, instead of reading without bound."""
+    p = tmp_path / "many.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", p, "1M")
+    raw = bytearray(p.read_bytes())
+    rt = fields(raw)["refcount_table_offset"]
+    block = struct.unpack_from(">Q", raw, rt)[0]
+    struct.pack_into(">512Q", raw, rt, *([block] * 512))
+    assert "more than the file holds" in served_read_only(tmp_path, raw, caplog)

@@ -2,14 +2,19 @@
 
 Owns ``Header`` (every field of the version 2/3 header, decoded in one ``struct`` call, names as
 in qemu's docs/interop/qcow2.rst), the parsed header extensions, and ``parse_header`` which
-applies the bad-input checklist (formats.md §6) before anything else trusts a field.
+applies the bad-input checklist (docs/qcow2.md, "Opening") before anything else trusts a field.
 
 Invariants after ``parse_header`` returns:
   * version is 2 or 3; 9 <= cluster_bits <= 21; refcount_order <= 6;
   * every table offset the header names (L1, refcount table, snapshot table) is cluster aligned,
-    its size is within the caps below, and it lies inside the file;
+    non-zero and its size is within the caps below; the snapshot table lies inside the file;
+  * an L1 or refcount table reaching past the end of the file is not refused (QEMU reads the
+    missing part as zeroes) but recorded in ``doubts``, and the driver serves such an image
+    read-only with a warning naming the field;
   * no unknown incompatible feature bit is set; compression_type agrees with its feature bit;
-  * the extension area is well formed (each extension inside it, exact lengths where fixed).
+  * the extension area is well formed (each extension inside it, exact lengths where fixed);
+  * the backing file name holds no NUL byte (trailing NUL padding is dropped; a NUL with more
+    bytes after it is refused: QEMU would silently use the shorter name).
 
 The header is never rewritten as a whole: updates (feature bits, refcount table location) are
 small in-place writes of the changed fields (``FIELD_*`` offsets), so unknown header fields and
@@ -60,6 +65,7 @@ MAX_L1_BYTES = 32 << 20
 MAX_REFTABLE_BYTES = 8 << 20
 MAX_SNAPSHOTS = 65536
 MAX_BACKING_NAME = 1023
+MAX_HOST_OFFSET = 1 << 56  # host offsets are 56-bit fields
 
 
 @dataclass
@@ -85,8 +91,13 @@ class Header:
     backing_file: str | None = None
     backing_format: str | None = None
     feature_names: dict[tuple[int, int], str] = field(default_factory=dict)
-    has_bitmaps: bool = False
+    bitmap_directory: tuple[int, int, int] | None = None  # (offset, size in bytes, count)
     unknown_extensions: list[int] = field(default_factory=list)
+    doubts: list[str] = field(default_factory=list)  # unusual but readable: serve read-only
+
+    @property
+    def has_bitmaps(self) -> bool:
+        return self.bitmap_directory is not None
 
     @property
     def cluster_size(self) -> int:
@@ -169,7 +180,10 @@ def parse_header(path: str, head: bytes, read, file_size: int) -> Header:
     if h.refcount_order > 6:
         raise CorruptImage(path, f"refcount_order {h.refcount_order} too large (maximum 6: 64-bit refcounts)")
     if version == 3 and h.header_length > 104:
-        h.compression_type = head[104] if len(head) > 104 else read(104, 1)[0]
+        byte = head[104:105] or read(104, 1)
+        if not byte:
+            raise CorruptImage(path, "header truncated before compression_type")
+        h.compression_type = byte[0]
     if h.compression_type not in (COMPRESSION_DEFLATE, COMPRESSION_ZSTD):
         raise UnsupportedImage(path, f"unknown compression_type {h.compression_type}")
     if bool(h.compression_type) != bool(h.incompatible_features & INCOMPAT_COMPRESSION):
@@ -189,13 +203,15 @@ def parse_header(path: str, head: bytes, read, file_size: int) -> Header:
         raise CorruptImage(path, "refcount_table_clusters is 0 (no refcount table)")
     if refcount_table_clusters * cs > MAX_REFTABLE_BYTES:
         raise CorruptImage(path, f"refcount_table_clusters {refcount_table_clusters} too large (cap 8 MiB)")
-    _check_table(h, path, "refcount_table_offset", refcount_table_offset, refcount_table_clusters * cs, file_size)
+    _check_table(
+        h, path, "refcount_table_offset", refcount_table_offset, refcount_table_clusters * cs, file_size, doubt=True
+    )
     if l1_size * 8 > MAX_L1_BYTES:
         raise CorruptImage(path, f"l1_size {l1_size} too large (cap 32 MiB)")
     if l1_size < l1_entries_needed(size, cluster_bits, h.l2_entries):
         raise CorruptImage(path, f"l1_size {l1_size} too small for size {size}")
     if l1_size:
-        _check_table(h, path, "l1_table_offset", l1_table_offset, l1_size * 8, file_size)
+        _check_table(h, path, "l1_table_offset", l1_table_offset, l1_size * 8, file_size, doubt=True)
     if nb_snapshots > MAX_SNAPSHOTS:
         raise CorruptImage(path, f"nb_snapshots {nb_snapshots} too large (cap {MAX_SNAPSHOTS})")
     if nb_snapshots:
@@ -209,7 +225,7 @@ def parse_header(path: str, head: bytes, read, file_size: int) -> Header:
         raw_name = bytes(read(backing_file_offset, backing_file_size))
         if len(raw_name) != backing_file_size:
             raise CorruptImage(path, "backing file name extends past end of file")
-        h.backing_file = raw_name.decode("utf-8", "surrogateescape")
+        h.backing_file = _c_string(path, "backing file name", raw_name).decode("utf-8", "surrogateescape")
     _parse_extensions(h, path, read)
     unknown = h.incompatible_features & ~INCOMPAT_KNOWN
     if unknown:
@@ -219,13 +235,30 @@ def parse_header(path: str, head: bytes, read, file_size: int) -> Header:
     return h
 
 
-def _check_table(h: Header, path: str, name: str, offset: int, length: int, file_size: int) -> None:
+def _c_string(path: str, what: str, raw: bytes) -> bytes:
+    """A name QEMU reads as a C string: NUL padding at the end is dropped (unambiguous); a NUL
+    with more bytes after it is refused (QEMU would silently use a different, shorter name)."""
+    name = raw.rstrip(b"\0")
+    if b"\0" in name:
+        raise CorruptImage(path, f"{what} contains a NUL byte at {name.index(0)} ({name[:40]!r})")
+    return name
+
+
+def _check_table(
+    h: Header, path: str, name: str, offset: int, length: int, file_size: int, *, doubt: bool = False
+) -> None:
+    """Alignment and placement of a table; past EOF is an error, or with ``doubt`` a doubt."""
     if not _aligned(h, offset):
         raise CorruptImage(path, f"{name} 0x{offset:x} is not cluster aligned")
     if offset == 0:
         raise CorruptImage(path, f"{name} is 0 (overlaps the header)")
+    if offset >= MAX_HOST_OFFSET:
+        raise CorruptImage(path, f"{name} 0x{offset:x} beyond the largest host offset")
     if offset + length > file_size:
-        raise CorruptImage(path, f"{name} 0x{offset:x} (+{length} bytes) extends beyond end of file")
+        what = f"{name} 0x{offset:x} (+{length} bytes) extends beyond end of file"
+        if not doubt:
+            raise CorruptImage(path, what)
+        h.doubts.append(f"{what} (read as zeroes)")
 
 
 def _parse_extensions(h: Header, path: str, read) -> None:
@@ -246,7 +279,7 @@ def _parse_extensions(h: Header, path: str, read) -> None:
         if ext_type == EXT_BACKING_FORMAT:
             if ext_len >= 16:
                 raise CorruptImage(path, f"backing format extension too long ({ext_len} bytes)")
-            h.backing_format = data.decode("ascii", "replace")
+            h.backing_format = _c_string(path, "backing format name", data).decode("ascii", "replace")
         elif ext_type == EXT_FEATURE_TABLE:
             for i in range(0, ext_len - 47, 48):
                 kind, bit = data[i], data[i + 1]
@@ -255,9 +288,9 @@ def _parse_extensions(h: Header, path: str, read) -> None:
             if ext_len != 24:
                 raise CorruptImage(path, f"bitmaps extension length {ext_len} (must be 24)")
             nb, reserved, dir_size, dir_offset = struct.unpack_from(">IIQQ", data)
-            if not 1 <= nb <= 65535 or reserved or dir_size > 64 << 20 or not _aligned(h, dir_offset):
+            if not 1 <= nb <= 65535 or reserved or dir_size > 64 << 20 or not _aligned(h, dir_offset) or not dir_offset:
                 raise CorruptImage(path, "bitmaps extension invalid (count, reserved, directory size or offset)")
-            h.has_bitmaps = True
+            h.bitmap_directory = (dir_offset, dir_size, nb)
         elif ext_type == EXT_CRYPTO:
             raise CorruptImage(path, "full-disk encryption header extension in an unencrypted image")
         elif ext_type == EXT_DATA_FILE:

@@ -9,10 +9,12 @@ Owns:
     allocation of contiguous cluster runs, increments/decrements with range checks, creation of
     missing refcount blocks (placed inside the range they describe, so they describe themselves)
     and growth of the refcount table (new blocks + new table past the covered area, then one
-    12-byte header switch);
-  * ``rebuild``: a full recount for dirty images (lazy refcounts after a crash).
+    12-byte header switch).  On a read-write image every new refcount structure is checked
+    against the overlap map (``overlap.MetadataMap``) before it is written, and entered into it.
 
-Every method is called with the driver's metadata lock held.
+Every method is called with the driver's metadata lock held.  The table is validated at open
+only as far as reading needs: a bad entry is recorded in ``problems`` (the driver then serves
+the image read-only), since refcounts matter only for writing.
 
 Ordering (crash consistency): a new refcount block is durable before the table entry that
 points at it; a new refcount table (and its blocks) is durable before the header points at it;
@@ -27,12 +29,15 @@ import errno
 import struct
 import sys
 from array import array
+from collections.abc import Callable
+from typing import NoReturn
 
 from ...blockfile import BlockFile
 from ...cache import CacheEntry, ClusterCache
 from ...errors import CorruptImage, NbdError
 from .header import FIELD_REFCOUNT_TABLE
-from .tables import COMPRESSED, COPIED, OFFSET_MASK, compressed_geometry, decode_be64, encode_be64
+from .overlap import REFBLOCK, REFTABLE, MetadataMap
+from .tables import decode_be64, encode_be64
 
 REFTABLE_RESERVED = 0x1FF
 MAX_HOST_OFFSET = 1 << 56
@@ -135,13 +140,36 @@ class Refcounts:
         )
         raw = file.pread(table_clusters * self.cs, table_offset)
         self.table = decode_be64(raw)
+        # Refcounts matter only for writing: a bad entry makes the image read-only, not unreadable.
+        self.problems: list[str] = []
         mask = REFTABLE_RESERVED | (self.cs - 1)
         for i, e in enumerate(self.table):
             if e & mask:
-                raise CorruptImage(path, f"refcount table entry {i} (0x{e:x}) has reserved bits set or is unaligned")
-            if e and e + self.cs > file.size:
-                raise CorruptImage(path, f"refcount table entry {i}: block 0x{e:x} beyond end of file")
+                self.problems.append(f"refcount table entry {i} (0x{e:x}) has reserved bits set or is unaligned")
+            elif e and e + self.cs > file.size:
+                self.problems.append(f"refcount table entry {i}: block 0x{e:x} extends beyond end of file")
+            if len(self.problems) >= 3:
+                break
         self.cursor = 0  # every cluster below it is in use
+        # Read-write images: the overlap map new refcount structures are checked against and
+        # entered into, and the driver's refusal (marks the image corrupt, raises).
+        self.meta: MetadataMap | None = None
+        self.refuse: Callable[[str], NoReturn] = _refuse_unchecked
+
+    def get_entry(self, cluster: int) -> tuple[int, int]:
+        """(refcount block index, index inside it) of ``cluster``."""
+        return cluster >> self.block_shift, cluster & (self.block_entries - 1)
+
+    async def get(self, cluster: int) -> int:
+        """The refcount of ``cluster`` (0 where no block covers it)."""
+        index, i = self.get_entry(cluster)
+        entry = await self._block(index)
+        if entry is None:
+            return 0
+        try:
+            return entry.value.get(i)
+        finally:
+            self.cache.release(entry)
 
     # -- lookups ----------------------------------------------------------------------------
 
@@ -224,6 +252,7 @@ class Refcounts:
         blk = RefBlock.empty(self.bits, self.cs)
         blk.set(at_cluster & (self.block_entries - 1), 1)
         offset = at_cluster << self.cluster_bits
+        self._place(offset, self.cs, REFBLOCK, "refcount block")
         entry = self.cache.put_new(self.kind, offset, blk)
         await self.cache.writeback([entry])
         self.table[index] = offset
@@ -250,6 +279,8 @@ class Refcounts:
         if table_clusters * self.cs > 8 << 20:
             raise NbdError(errno.ENOSPC, "refcount table would exceed 8 MiB")
         used = nblocks + table_clusters
+        self._place(start << self.cluster_bits, nblocks * self.cs, REFBLOCK, "refcount block")
+        self._place((start + nblocks) << self.cluster_bits, table_clusters * self.cs, REFTABLE, "refcount table")
         new_table = array("Q", self.table)
         new_table.extend([0] * (table_clusters * self.cs // 8 - old_n))
         entries = []
@@ -274,122 +305,21 @@ class Refcounts:
         self.table = new_table
         self.table_offset, self.table_clusters = table_offset, table_clusters
         first_old = old_offset >> self.cluster_bits
+        if self.meta is not None:
+            self.meta.remove(old_offset, old_clusters * self.cs, REFTABLE)
         await self.decref(range(first_old, first_old + old_clusters))
         self.cursor = min(self.cursor, first_old)
 
+    def _place(self, offset: int, length: int, kind: int, what: str) -> None:
+        """New refcount structures go to clusters the refcounts call free: refuse if the
+        overlap map knows them as metadata, else enter them into it."""
+        if self.meta is None:
+            return
+        bad = self.meta.conflict(offset, length)
+        if bad is not None:
+            self.refuse(f"new {what} at 0x{offset:x} would overwrite {bad}")
+        self.meta.add(offset, length, kind)
 
-async def rebuild(
-    path: str,
-    file: BlockFile,
-    cluster_bits: int,
-    refcount_order: int,
-    extended_l2: bool,
-    l1_tables: list[tuple[int, array]],
-    other_extents: list[tuple[int, int]],
-    active_l1_offset: int,
-) -> tuple[int, int]:
-    """Recount every reference and write fresh refcount structures past the end of the file.
 
-    For a dirty image (lazy refcounts left stale by a crash).  ``l1_tables`` are (offset, table)
-    for the active L1 (first) and each snapshot L1; ``other_extents`` are (offset, length) of
-    further metadata (header cluster, snapshot table).  COPIED flags of the active L1 and its L2
-    tables are corrected to match the new counts.  The new table is synced before the header
-    points at it; returns (refcount_table_offset, refcount_table_clusters).  The old refcount
-    structures are no longer counted, so they become free clusters.  Called before the image is
-    shared (no lock needed).
-    """
-    cs = 1 << cluster_bits
-    nclusters = -(-file.size // cs)
-    counts = array("I", bytes(4 * nclusters))
-
-    def add_range(offset: int, length: int, what: str) -> None:
-        first, last = offset >> cluster_bits, (offset + length - 1) >> cluster_bits
-        if last >= nclusters:
-            raise CorruptImage(path, f"{what} at 0x{offset:x} beyond end of file")
-        for c in range(first, last + 1):
-            counts[c] += 1
-
-    for offset, length in other_extents:
-        add_range(offset, length, "metadata")
-    step = 2 if extended_l2 else 1
-    l2_cache: dict[int, array] = {}
-    for l1_offset, l1 in l1_tables:
-        if len(l1):
-            add_range(l1_offset, len(l1) * 8, "L1 table")
-        for l1e in l1:
-            l2off = l1e & OFFSET_MASK
-            if not l2off:
-                continue
-            add_range(l2off, cs, "L2 table")
-            t = l2_cache.get(l2off)
-            if t is None:
-                t = decode_be64(file.pread(cs, l2off))
-                l2_cache[l2off] = t
-            for i in range(0, len(t), step):
-                e = t[i]
-                if e & COMPRESSED:
-                    host, length = compressed_geometry(e, cluster_bits)
-                    add_range(host & ~511, length + (host & 511), "compressed cluster")
-                elif e & OFFSET_MASK:
-                    add_range(e & OFFSET_MASK, cs, "data cluster")
-    bits = 1 << refcount_order
-    limit = (1 << bits) - 1
-    over = next((c for c, n in enumerate(counts) if n > limit), None)
-    if over is not None:
-        raise CorruptImage(path, f"cluster {over} has {counts[over]} references, more than refcount_bits allow")
-
-    # COPIED flags of the active tables follow the recount.
-    active = l1_tables[0][1]
-    l1_changed = False
-    for i, l1e in enumerate(active):
-        l2off = l1e & OFFSET_MASK
-        if not l2off:
-            continue
-        want = l2off | (COPIED if counts[l2off >> cluster_bits] == 1 else 0)
-        if want != l1e:
-            active[i] = want
-            l1_changed = True
-        t = l2_cache[l2off]
-        changed = False
-        for j in range(0, len(t), step):
-            e = t[j]
-            if e & COMPRESSED or not e & OFFSET_MASK:
-                continue
-            flag = COPIED if counts[(e & OFFSET_MASK) >> cluster_bits] == 1 else 0
-            if e & COPIED != flag:
-                t[j] = (e & ~COPIED) | flag
-                changed = True
-        if changed:
-            file.pwrite(encode_be64(t), l2off)
-    if l1_changed:
-        file.pwrite(encode_be64(active), active_l1_offset)
-
-    # New refcount blocks + table, placed at the end of the file.
-    block_entries = cs * 8 // bits
-    start = nclusters
-    nblocks = 1
-    while True:
-        table_clusters = -(-nblocks * 8 // cs)
-        need = -(-(start + nblocks + table_clusters) // block_entries)
-        if need <= nblocks:
-            break
-        nblocks = need
-    if table_clusters * cs > 8 << 20:
-        raise CorruptImage(path, "image too large to rebuild its refcount table")
-    counts.extend([1] * (nblocks + table_clusters))
-    table = array("Q", bytes(table_clusters * cs))
-    for j in range(nblocks):
-        blk = RefBlock.empty(bits, cs)
-        lo = j * block_entries
-        for c in range(lo, min(lo + block_entries, len(counts))):
-            if counts[c]:
-                blk.set(c - lo, counts[c])
-        offset = (start + j) << cluster_bits
-        table[j] = offset
-        file.pwrite(blk.encode(), offset)
-    table_offset = (start + nblocks) << cluster_bits
-    file.pwrite(encode_be64(table), table_offset)
-    await file.flush()
-    file.pwrite(struct.pack(">QI", table_offset, table_clusters), FIELD_REFCOUNT_TABLE)
-    await file.flush()
-    return table_offset, table_clusters
+def _refuse_unchecked(reason: str) -> NoReturn:
+    raise AssertionError(f"refcount update on an image opened without its overlap map: {reason}")

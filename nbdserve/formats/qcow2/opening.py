@@ -1,0 +1,113 @@
+"""Opening a qcow2 image for writing, and serving its internal snapshots.
+
+Owns the decision a read-write open makes before the first write (docs/qcow2.md, "Consistency
+at open"): run the consistency check (``check.scan``), repair what the export's ``repair``
+option allows (``off``, ``leaks``, ``all``; a dirty image's refcounts are always rebuilt, as
+QEMU does), and otherwise serve the image read-only with a warning naming the problem.  After it
+the overlap map is complete and the refcounts can be trusted; persistent bitmaps (which nbdserve
+does not update) are invalidated and their clusters freed.
+
+Runs before the image is shared: no lock is needed.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+
+from ...errors import CorruptImage, UnsupportedImage
+from ..base import Caps
+from .check import fix_harmless, rebuild, scan
+from .header import FIELD_AUTOCLEAR, FIELD_INCOMPATIBLE, INCOMPAT_CORRUPT, INCOMPAT_DIRTY
+from .overlap import BITMAPS
+from .refcount import Refcounts
+from .snapshot import find_snapshot
+from .tables import load_l1
+
+log = logging.getLogger("nbdserve.qcow2")
+
+
+class OpeningMixin:
+    """Read-write open: check, repair or go read-only; internal snapshots."""
+
+    def _read_only_because(self, reason: str) -> None:
+        """Serve read-only, saying why (a warning naming the field or the inconsistency)."""
+        log.warning("%s: %s; %s", self.path, reason, "reading it anyway" if self.readonly else "serving it read-only")
+        self.readonly = True
+        self.caps = Caps()
+        self._refusal = "image is read-only"
+
+    async def _prepare_writes(self, repair: str) -> None:
+        """Before the first write: check the refcounts, repair what ``repair`` allows, or go
+        read-only (docs/qcow2.md, "Consistency at open").  Never serves read-write an image
+        whose refcounts or COPIED flags could make a write overwrite live data."""
+        h = self.header
+        dirty = bool(h.incompatible_features & INCOMPAT_DIRTY)
+        corrupt = bool(h.incompatible_features & INCOMPAT_CORRUPT)
+        if corrupt and repair != "all":
+            return self._read_only_because("image is marked corrupt (--repair=all checks and repairs it)")
+        if dirty and h.has_bitmaps:
+            return self._read_only_because("image is dirty and has bitmaps (not rebuilt)")
+        found = scan(self)
+        if found.fatal:
+            return self._read_only_because(f"inconsistent beyond repair: {found.summary()}")
+        if dirty or found.n_errors:
+            # A dirty image's refcounts are stale by design (lazy refcounts): QEMU rebuilds them too.
+            if not dirty and repair != "all":
+                return self._read_only_because(f"refcounts are wrong: {found.summary()} (--repair=all rebuilds them)")
+            why = "image is dirty (lazy refcounts)" if dirty else found.summary()
+            log.warning("%s: %s; rebuilding refcounts", self.path, why)
+            offset, clusters = await rebuild(self, found)
+            h.refcount_table_offset, h.refcount_table_clusters = offset, clusters
+            self.refs = self._refcounts()
+            found = scan(self)
+        elif found.leaks or found.missing_copied:
+            if repair in ("leaks", "all"):
+                log.warning("%s: %s; repairing", self.path, found.summary())
+                await fix_harmless(self, found)
+                found = scan(self)
+            else:
+                log.warning("%s: %s (harmless; --repair=leaks fixes it)", self.path, found.summary())
+        if found.harmful:
+            return self._read_only_because(f"still inconsistent after repair: {found.summary()}")
+        if dirty or corrupt:
+            h.incompatible_features &= ~(INCOMPAT_DIRTY | INCOMPAT_CORRUPT)
+            self.file.pwrite(struct.pack(">Q", h.incompatible_features), FIELD_INCOMPATIBLE)
+            await self.file.flush()
+        self.meta = found.meta
+        self.refs.meta, self.refs.refuse = found.meta, self._refuse
+        if h.version >= 3 and h.autoclear_features:
+            # Bits we do not maintain (bitmaps, unknown ones) must be clear before the first write.
+            self.file.pwrite(struct.pack(">Q", 0), FIELD_AUTOCLEAR)
+            await self.file.flush()
+            if found.bitmap_refs:  # the bitmaps are invalid now: free their clusters
+                self.meta.remove(*h.bitmap_directory[:2], BITMAPS)
+                for c in found.bitmap_refs:
+                    self.meta.remove(c << self.cb, self.cs, BITMAPS)
+                await self.refs.decref(found.bitmap_refs)
+                await self.cache.flush(self.file)
+            h.autoclear_features = 0
+
+    def _refcounts(self) -> Refcounts:
+        h = self.header
+        return Refcounts(
+            self.path,
+            self.file,
+            self.cache,
+            self.cb,
+            h.refcount_order,
+            h.refcount_table_offset,
+            h.refcount_table_clusters,
+        )
+
+    def _use_snapshot(self, key: str) -> None:
+        sn = find_snapshot(self.snapshots, key)
+        if sn is None:
+            names = ", ".join(f"{s.id}:{s.name}" for s in self.snapshots) or "none"
+            raise UnsupportedImage(self.path, f"no internal snapshot {key!r} (have: {names})")
+        self.l1 = load_l1(self.path, self.file.pread(sn.l1_size * 8, sn.l1_table_offset), self.cs, "snapshot L1")
+        self.l1_offset = sn.l1_table_offset
+        if sn.disk_size is not None:
+            self.size = sn.disk_size & ~511
+        if len(self.l1) < -(-self.size >> self.l1_shift):
+            raise CorruptImage(self.path, f"snapshot {key!r}: L1 table too small for its disk size")

@@ -1,0 +1,229 @@
+"""qcow2 writes: entry points, in-place writes, the overlap guard, allocating writes.
+
+Owns ``write_now``/``pwritev``: in-place writes to allocated COPIED clusters without the lock,
+and allocating writes as plan (locked) -> data (unlocked with a backing file) -> link (locked),
+see the locking notes in ``driver``.  Owns the overlap guard: every data or metadata write is
+checked against the metadata map first; a write that would land on metadata is refused with
+EIO, the image is marked corrupt and every later write is refused (docs/qcow2.md, "Metadata
+overlap").
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import struct
+from typing import TYPE_CHECKING, NoReturn
+
+from ...cache import CacheEntry
+from ...errors import CorruptImage, NbdError
+from .header import FIELD_INCOMPATIBLE, INCOMPAT_CORRUPT
+from .lookup import NOT_PLAIN
+from .tables import (
+    COMPRESSED,
+    COPIED,
+    L2_RESERVED,
+    L2_RESERVED_EXT,
+    OFFSET_MASK,
+    ZERO_FLAG,
+)
+
+if TYPE_CHECKING:
+    from .allocation import Plan
+
+log = logging.getLogger("nbdserve.qcow2")
+
+
+class WriteMixin:
+    """Write entry points, in-place writes, the overlap guard, the allocating-write sequence."""
+
+    def write_now(self, offset: int, data: memoryview) -> bool:
+        in_c = offset & self.cmask
+        if self._refusal is not None:
+            return False
+        if in_c + len(data) > self.cs or self.ext:
+            return self._write_in_place(offset, data)
+        # Hot path: one standard cluster, allocated, COPIED, its table cached.  (A cluster in
+        # flight never has a plain COPIED entry, so no in-flight check is needed here.)
+        l1e = self.l1[offset >> self.l1_shift]
+        e = self.cache.peek(self.l2kind, l1e & OFFSET_MASK) if l1e & COPIED else None
+        ent = e.value[(offset >> self.cb) & self.l2_mask] if e is not None else 0
+        host = ent & OFFSET_MASK
+        if ent & COPIED and host and not ent & NOT_PLAIN and not host & self.cmask and host < self.file.size:
+            if (host >> self.cb) in self.meta.kinds:  # (the overlap check, inlined: one cluster)
+                self._guard(host + in_c, len(data))
+            self.file.pwrite(data, host + in_c)
+            return True
+        return False
+
+    def _write_in_place(self, offset: int, data: memoryview) -> bool:
+        """Write to clusters that are allocated, COPIED and uncompressed, without the lock.
+
+        Synchronous: the mapping is read and used with no await in between.  Returns False
+        (having written nothing) if any part of the range needs metadata changes.
+        """
+        pieces = []
+        pos, n = 0, len(data)
+        cb, cmask, l1, ext = self.cb, self.cmask, self.l1, self.ext
+        inflight = self._inflight
+        while pos < n:
+            off = offset + pos
+            l1i = off >> self.l1_shift
+            if l1i >= len(l1) or not l1[l1i] & COPIED:
+                return False
+            e = self.cache.peek(self.l2kind, l1[l1i] & OFFSET_MASK)
+            if e is None:
+                return False
+            c = off >> cb
+            if c in inflight:
+                return False
+            ci = c & (self.l2_entries - 1)
+            in_c = off & cmask
+            chunk = min(n - pos, self.cs - in_c)
+            if ext:
+                ent, bm = e.value[2 * ci], e.value[2 * ci + 1]
+                if ent & (COMPRESSED | L2_RESERVED_EXT) or not ent & COPIED:
+                    return False
+                sa, sb = in_c >> self.sc_bits, (in_c + chunk - 1) >> self.sc_bits
+                m = ((2 << sb) - 1) & ~((1 << sa) - 1)
+                if bm & m != m:
+                    return False
+            else:
+                ent = e.value[ci]
+                if ent & (COMPRESSED | ZERO_FLAG | L2_RESERVED) or not ent & COPIED:
+                    return False
+            host = ent & OFFSET_MASK
+            if not host or host & cmask or host >= self.file.size:
+                return False
+            pieces.append((host + in_c, pos, chunk))
+            pos += chunk
+        for host, _p, length in pieces:
+            self._guard(host, length)
+        for host, p, length in pieces:
+            self.file.pwrite(data[p : p + length], host)
+        return True
+
+    async def pwritev(self, offset: int, data: memoryview, *, fua: bool) -> None:
+        if not self.write_now(offset, data):
+            self._check_writable()
+            pos, n = 0, len(data)
+            while pos < n:
+                off = offset + pos
+                chunk = min(n - pos, (((off >> self.l1_shift) + 1) << self.l1_shift) - off)
+                await self._write_span(off, data[pos : pos + chunk])
+                pos += chunk
+        if fua:
+            await self.flush()
+
+    async def _write_span(self, off: int, data: memoryview) -> None:
+        """An allocating write inside one L2 table's span.
+
+        Without a backing file no copy-on-write read can wait, so the whole write happens in one
+        critical section; with one, the data phase runs unlocked with the clusters in flight.
+        """
+        cb = self.cb
+        first, last = off >> cb, (off + len(data) - 1) >> cb
+        await self.lock.lock()
+        try:
+            await self._wait_inflight(first, last)
+            l2e = await self._l2_for_write(off >> self.l1_shift)
+            try:
+                plans = self._plan_write(l2e.value, off, data)
+                deps = await self._allocate(plans)
+            except BaseException:
+                self.cache.release(l2e)
+                raise
+            if self.backing is None:
+                try:
+                    cow = await self._write_data(plans, off, data)  # never suspends here
+                except BaseException:
+                    await self._undo_allocation(plans, l2e)
+                    raise
+                await self._link(plans, l2e, deps, cow)
+                return
+            for p in plans:
+                self._inflight.add(p.c)
+        finally:
+            self.lock.unlock()
+        try:
+            cow = await self._write_data(plans, off, data)
+        except BaseException:
+            async with self.lock:
+                await self._undo_allocation(plans, l2e)
+            raise
+        async with self.lock:
+            await self._link(plans, l2e, deps, cow)
+
+    async def _wait_inflight(self, first: int, last: int) -> None:
+        """Wait until no cluster in [first, last] is being allocated.  Called with self.lock held."""
+        self.lock.assert_locked()
+        while self._inflight and any(c in self._inflight for c in range(first, last + 1)):
+            await self._inflight_q.wait(self.lock)
+
+    async def _undo_allocation(self, plans: list[Plan], l2e: CacheEntry) -> None:
+        """The data phase failed: free the new clusters.  Called with self.lock held."""
+        try:
+            await self.refs.decref([p.host >> self.cb for p in plans if p.new])
+        finally:
+            self._done_inflight(plans, l2e)
+
+    async def _link(self, plans: list[Plan], l2e: CacheEntry, deps: list[CacheEntry], cow: bool) -> None:
+        """Point the L2 entries at the written clusters, drop old references, end the flight.
+
+        Called with self.lock held.
+        """
+        try:
+            t = l2e.value
+            free: list[int] = []
+            if any(p.old & OFFSET_MASK for p in plans):  # a data cluster moves (copy-on-write)
+                self.mappings_changed()
+            for p in plans:
+                if self.ext:
+                    t[2 * p.idx] = p.host | COPIED
+                    t[2 * p.idx + 1] = p.new_bm
+                else:
+                    t[p.idx] = p.host | COPIED
+                free.extend(p.free)
+            self.cache.mark_dirty(l2e, after=deps, sync_before=cow)
+            if free:
+                await self._free_after(l2e, free)
+        finally:
+            self._done_inflight(plans, l2e)
+
+    def _done_inflight(self, plans: list[Plan], l2e: CacheEntry) -> None:
+        """Called with self.lock held."""
+        if self._inflight:
+            for p in plans:
+                self._inflight.discard(p.c)
+            self._inflight_q.wake_all()
+        self.cache.release(l2e)
+
+    def _guard(self, host: int, length: int, what: str = "data", kind: int = 0) -> None:
+        """The overlap check: a write of ``kind`` (0: guest data) must not land on other metadata.
+
+        Synchronous, with or without self.lock: the caller issues the write it guards with no
+        await in between."""
+        bad = self.meta.conflict(host, length, kind)
+        if bad is not None:
+            self._refuse(f"{what} write at 0x{host:x} would overwrite {bad}")
+
+    def _refuse(self, reason: str) -> NoReturn:
+        """A write was about to land on metadata: refuse it (EIO), mark the image corrupt (as
+        QEMU does) and refuse every later write.  Metadata already updated stays valid (each
+        table was checked when it was placed), so flushes still write it.  Synchronous, with or
+        without self.lock (the header field is one 8-byte write)."""
+        if not self.corrupt:
+            self.corrupt = True
+            self._refusal = "image marked corrupt after a refused write"
+            log.error("%s: %s; refusing the write and marking the image corrupt", self.path, reason)
+            h = self.header
+            h.incompatible_features |= INCOMPAT_CORRUPT
+            if h.version >= 3:
+                self.file.pwrite(struct.pack(">Q", h.incompatible_features), FIELD_INCOMPATIBLE)
+        raise CorruptImage(self.path, f"{reason} (metadata overlap: image marked corrupt)")
+
+    def _check_writable(self) -> None:
+        if self.corrupt:
+            raise CorruptImage(self.path, f"{self._refusal}: writes refused")
+        if self._refusal is not None:
+            raise NbdError(errno.EROFS, f"{self.path}: {self._refusal}")
