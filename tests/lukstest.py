@@ -6,7 +6,8 @@
   (``rewrite_luks2``) for hostile-header tests.
 * The secret: ``PASSWORD`` in a file (``secret_file``), as a QEMU ``--object`` (``secret_object``)
   and the ``--image-opts`` strings that use it (``image_opts``).
-* QEMU with the key: ``qemu_io_key``, ``qemu_raw_key`` (the plaintext disk), ``qemu_compare_key``.
+* QEMU with the key: ``qemu_io_key``, ``qemu_raw_key`` (the plaintext disk), ``qemu_compare_key``,
+  ``check_clean_key``, ``qemu_nbd_key``; nbdserve with the key: ``key_config``, ``serve_key``.
 
 qemu-img's PBKDF benchmark sometimes fails on a loaded machine ("Unable to get accurate CPU
 usage"); creation is retried a few times for that message only.
@@ -14,15 +15,15 @@ usage"); creation is retried a few times for that message only.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
+import random
 import struct
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.util import run
+from tests.util import NBDSERVE, nbd_connect, qemu_nbd, run, serve
 
 PASSWORD = b"correct horse battery"
 SECRET_ID = "sec0"
@@ -60,16 +61,45 @@ def make_luks(path: Path, size: int | str, secret: Path, **opts: str) -> Path:
     return path
 
 
-def make_qcow2(path: Path, size: int | str, secret: Path, encrypt: str = "luks", *extra: str, **opts: str) -> Path:
-    """qcow2 with ``encrypt.format=encrypt`` (luks or aes); ``extra`` more -o items, ``opts``
-    encrypt.* options."""
+def make_qcow2(path: Path, size: int | str, secret: Path, encrypt: str = "luks", *args: str, **opts: str) -> Path:
+    """qcow2 with ``encrypt.format=encrypt`` (luks or aes); ``args`` go to qemu-img create as
+    they are (``-b``, more ``-o``), ``opts`` are encrypt.* options."""
     o = [f"encrypt.format={encrypt}", f"encrypt.key-secret={SECRET_ID}"]
     if encrypt == "luks":
         o.append("encrypt.iter-time=10")
     o += [f"encrypt.{k.replace('_', '-')}={v}" for k, v in opts.items()]
-    o += list(extra)
-    _create(["-f", "qcow2", "--object", secret_object(secret), "-o", ",".join(o), str(path), str(size)])
+    _create(["-f", "qcow2", "--object", secret_object(secret), "-o", ",".join(o), *args, str(path), str(size)])
     return path
+
+
+def key_config(tmp: Path, image: Path, secret: Path, **export: str) -> Path:
+    """An nbdserve --config file: the secret and one export (name "") that uses it; ``export``
+    adds keys to the export table (``repair="leaks"``)."""
+    cfg = tmp / f"{image.name}.toml"
+    lines = ["[[secret]]", f'id = "{SECRET_ID}"', f'file = "{secret}"', "", "[[export]]", 'name = ""']
+    lines += [f'path = "{image}"', f'key-secret = "{SECRET_ID}"']
+    lines += [f'{k.replace("_", "-")} = "{v}"' for k, v in export.items()]
+    cfg.write_text("\n".join(lines) + "\n")
+    return cfg
+
+
+def serve_key(tmp: Path, image: Path, secret: Path, *args: str, check_stop: bool = True, **export: str):
+    return serve(tmp, "--config", key_config(tmp, image, secret, **export), *args, check_stop=check_stop)
+
+
+def qemu_nbd_key(tmp: Path, image: Path, fmt: str, secret: Path, *args: str):
+    return qemu_nbd(tmp, image_opts(image, fmt), None, "-A", "--object", secret_object(secret), "--image-opts", *args)
+
+
+def check_clean_key(path: Path, secret: Path) -> dict:
+    """``qemu-img check`` of an encrypted qcow2 with the key: no corruptions, leaks or errors."""
+    p = run("qemu-img", "check", "--output=json", "--object", secret_object(secret), "--image-opts",
+            image_opts(path, "qcow2"), check=False)  # fmt: skip
+    assert p.returncode == 0, p.stdout + p.stderr
+    report = json.loads(p.stdout)
+    for key in ("corruptions", "leaks", "check-errors", "corruptions-fixed", "leaks-fixed"):
+        assert report.get(key, 0) == 0, report
+    return report
 
 
 def qemu_io_key(path: Path, fmt: str, secret: Path, *cmds: str) -> subprocess.CompletedProcess:
@@ -146,5 +176,38 @@ def rewrite_luks2(path: Path, edit: Callable[[dict], object], *, raw_json: bytes
             f.write(whole)
 
 
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
+# -- shared checks ----------------------------------------------------------------------------
+
+
+def unaligned_reads_equal(a: str, b: str, size: int, rng: random.Random, n: int = 40) -> None:
+    import nbd
+
+    ha, hb = nbd_connect(a), nbd_connect(b)
+    for h in (ha, hb):
+        h.set_strict_mode(h.get_strict_mode() & ~nbd.STRICT_ALIGN)
+    for _ in range(n):
+        off = rng.randrange(0, size - 1)
+        length = rng.randint(1, min(size - off, 300_000))
+        assert ha.pread(length, off) == hb.pread(length, off), (off, length)
+    ha.shutdown()
+    hb.shutdown()
+
+
+MOTIF = bytes(range(0x40, 0x80)) * 2  # 128 distinctive bytes
+
+
+def assert_no_plaintext(path: Path, plain: bytes) -> None:
+    """No 32-byte window of the motif appears in ``path`` (checked on aligned and odd offsets)."""
+    raw = path.read_bytes()
+    for start in (0, 7, 33, 64):
+        assert MOTIF[start : start + 32] not in raw, f"plaintext found in {path}"
+    assert MOTIF in plain
+
+
+def start_fails(tmp: Path, *args: str) -> str:
+    p = run(*NBDSERVE, "-k", tmp / "never.sock", *args, check=False, timeout=120)
+    assert p.returncode != 0
+    assert "Traceback" not in p.stderr
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, p.stderr
+    return lines[0]

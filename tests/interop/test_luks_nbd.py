@@ -26,41 +26,28 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from lukstest import (
+    MOTIF,
     PASSWORD,
-    SECRET_ID,
-    image_opts,
+    assert_no_plaintext,
+    key_config,
     make_luks,
     make_luks2,
     qemu_compare_key,
     qemu_io_key,
+    qemu_nbd_key,
     qemu_raw_key,
     secret_file,
-    secret_object,
+    serve_key,
+    start_fails,
+    unaligned_reads_equal,
     volume_key,
 )
 
 from tests.conftest import SLOW
 from tests.imagetest import CrashOracle, assert_same_export, crash_workload, random_trace, replay_trace
-from tests.util import NBDSERVE, nbd_connect, qemu_nbd, run, serve
+from tests.util import nbd_connect, run
 
 MiB = 1 << 20
-
-
-def key_config(tmp: Path, image: Path, secret: Path, fmt: str | None = None, name: str = "") -> Path:
-    """A --config file: the secret and one export that uses it."""
-    cfg = tmp / f"{image.name}.toml"
-    lines = ["[[secret]]", f'id = "{SECRET_ID}"', f'file = "{secret}"', "", "[[export]]", f'name = "{name}"']
-    lines += [f'path = "{image}"', f'key-secret = "{SECRET_ID}"'] + ([f'format = "{fmt}"'] if fmt else [])
-    cfg.write_text("\n".join(lines) + "\n")
-    return cfg
-
-
-def serve_key(tmp: Path, image: Path, secret: Path, *args: str, **kw):
-    return serve(tmp, "--config", key_config(tmp, image, secret), *args, **kw)
-
-
-def qemu_nbd_key(tmp: Path, image: Path, fmt: str, secret: Path, *args: str):
-    return qemu_nbd(tmp, image_opts(image, fmt), None, "-A", "--object", secret_object(secret), "--image-opts", *args)
 
 
 VARIANTS = {
@@ -82,20 +69,6 @@ FILL = [
     "write -z 5M 128k",
     "write -P 0x22 7M 512",
 ]
-
-
-def unaligned_reads_equal(a: str, b: str, size: int, rng: random.Random, n: int = 40) -> None:
-    import nbd
-
-    ha, hb = nbd_connect(a), nbd_connect(b)
-    for h in (ha, hb):
-        h.set_strict_mode(h.get_strict_mode() & ~nbd.STRICT_ALIGN)
-    for _ in range(n):
-        off = rng.randrange(0, size - 1)
-        length = rng.randint(1, min(size - off, 300_000))
-        assert ha.pread(length, off) == hb.pread(length, off), (off, length)
-    ha.shutdown()
-    hb.shutdown()
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -125,17 +98,6 @@ def test_luks_writes_like_qemu_nbd(tmp_path, variant):
         replay_trace(o.uri, ops)
     r = qemu_compare_key(ours, "luks", theirs, "luks", secret)
     assert r.returncode == 0, r.stdout + r.stderr
-
-
-MOTIF = bytes(range(0x40, 0x80)) * 2  # 128 distinctive bytes
-
-
-def assert_no_plaintext(path: Path, plain: bytes) -> None:
-    """No 32-byte window of the motif appears in ``path`` (checked on aligned and odd offsets)."""
-    raw = path.read_bytes()
-    for start in (0, 7, 33, 64):
-        assert MOTIF[start : start + 32] not in raw, f"plaintext found in {path}"
-    assert MOTIF in plain
 
 
 def test_luks_no_plaintext_reaches_the_file(tmp_path):
@@ -216,15 +178,6 @@ def test_luks2_4k_sectors_decrypt_with_the_volume_key(tmp_path):
 
 
 # -- refusals ---------------------------------------------------------------------------------
-
-
-def start_fails(tmp: Path, *args: str) -> str:
-    p = run(*NBDSERVE, "-k", tmp / "never.sock", *args, check=False, timeout=120)
-    assert p.returncode != 0
-    assert "Traceback" not in p.stderr
-    lines = [line for line in p.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, p.stderr
-    return lines[0]
 
 
 def test_wrong_key_and_missing_key_are_refused(tmp_path):
