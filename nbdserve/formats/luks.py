@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from ..blockfile import BlockFile
 from ..cache import ClusterCache
-from ..crypto import CryptoError, UnsupportedCipher, WrongKey, is_luks, open_luks
+from ..crypto import CryptoError, LuksHeader, SectorCipher, UnsupportedCipher, WrongKey, is_luks, open_luks
 from ..errors import CorruptImage, ImageError, UnsupportedImage
 from .base import Caps, FormatDriver, Limits, OpenOptions
 
@@ -43,9 +43,17 @@ class LuksDriver(FormatDriver):
     format_name = "luks"
     encrypted = True
 
-    def __init__(self, file: BlockFile, readonly: bool) -> None:
+    def __init__(self, file: BlockFile, readonly: bool, header: LuksHeader, cipher: SectorCipher) -> None:
         self.file = file
         self.readonly = readonly
+        self.cipher = cipher
+        self.payload = header.payload_offset
+        self.iv_base = header.iv_tweak  # IV of the payload's first 512 bytes
+        ss = header.sector_size
+        available = header.payload_size if header.payload_size is not None else file.size - header.payload_offset
+        self.size = available // ss * ss
+        self.limits = Limits(align=ss, max_transfer=MAX_TRANSFER)
+        self.caps = Caps()
 
     @classmethod
     def probe(cls, head: bytes, file_size: int) -> int:
@@ -67,16 +75,7 @@ class LuksDriver(FormatDriver):
             header, cipher = open_luks(read, file.size, options.passphrase)
         except CryptoError as e:
             raise unlock_error(file.path, e) from None
-        drv = cls(file, readonly)
-        drv.cipher = cipher
-        drv.payload = header.payload_offset
-        drv.iv_base = header.iv_tweak
-        ss = header.sector_size
-        available = header.payload_size if header.payload_size is not None else file.size - header.payload_offset
-        drv.size = available // ss * ss
-        drv.limits = Limits(align=ss, max_transfer=MAX_TRANSFER)
-        drv.caps = Caps()
-        return drv
+        return cls(file, readonly, header, cipher)
 
     def read_now(self, offset: int, buf: memoryview) -> bool:
         self.file.pread_into(buf, self.payload + offset)
