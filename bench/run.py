@@ -24,6 +24,11 @@ through a pidfd if it dies.  Every server is stopped with SIGTERM once its jobs 
 Besides IOPS the report gives the server's CPU time per request (from /proc), which is less
 disturbed than IOPS when client and server compete for the same cores.
 
+TLS jobs (``tls-*``) run after the plaintext ones, against the same image copies served again by
+every server with X.509 credentials made for the run by ``certtool`` (as ``tests/tlscerts.py``
+makes them): nbdserve ``--tls-creds DIR``, qemu-nbd ``--object tls-creds-x509`` and nbdkit
+``--tls=require --tls-certificates DIR``, all requiring TLS.
+
 Standard library only.  Run from the repository: ``.venv/bin/python bench/run.py --help``.
 """
 
@@ -88,6 +93,7 @@ class Job:
     depth: int  # requests in flight per connection
     conns: int = 1  # NBD connections (one fio job each)
     fresh: bool = False  # run against a newly created, empty image (one per run)
+    tls: bool = False  # over TLS (the servers require it)
 
     @property
     def writes(self) -> bool:
@@ -95,7 +101,7 @@ class Job:
 
     def shape(self) -> str:
         size = f"{self.bs // MiB} MiB" if self.bs >= MiB else f"{self.bs >> 10} KiB"
-        return f"{size}, {self.conns} conn{'s' if self.conns > 1 else ''} x QD{self.depth}"
+        return f"{size}, {self.conns} conn{'s' if self.conns > 1 else ''} x QD{self.depth}" + ", TLS" * self.tls
 
 
 JOBS = (
@@ -106,6 +112,8 @@ JOBS = (
     Job("seq-write", "fio", "write", MiB, 16),
     Job("rand-write", "fio", "randwrite", 4096, 32),
     Job("rand-write-fresh", "fio", "randwrite", 4096, 32, fresh=True),
+    Job("tls-seq-read", "fio", "read", MiB, 16, tls=True),
+    Job("tls-rand-read", "fio", "randread", 4096, 32, tls=True),
 )
 
 
@@ -152,6 +160,7 @@ class Config:
     verbose: bool
     sockdir: Path  # short path for Unix sockets (sun_path holds ~107 bytes)
     profile: Path | None = None  # nbdserve runs under cProfile, one .prof file per server start
+    tls_dir: Path | None = None  # server credentials for the TLS jobs (made when one is selected)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,10 +212,16 @@ class Running:
     pid: int
     log: Path
     child: subprocess.Popen | None = None
+    tls: bool = False
 
     @property
     def uri(self) -> str:
-        return f"nbd+unix:///?socket={self.sock}"
+        # libnbd does not check the server's certificate on a Unix socket (no host name to check)
+        return (
+            f"nbds+unix:///?socket={self.sock}&tls-verify-peer=false"
+            if self.tls
+            else f"nbd+unix:///?socket={self.sock}"
+        )
 
     def stop(self) -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -252,43 +267,52 @@ def image_args(image: Path, fmt: str) -> list[str]:
     return ["--object", secret, "--image-opts", f"driver={fmt},file.filename={image},{KEYED[fmt]}=benchkey"]
 
 
-def server_command(name: str, image: Path, fmt: str, sock: Path, pidfile: Path, profile: Path | None) -> list[str]:
-    """The command line; servers that run in the foreground (see ``serving``) get no ``--fork``."""
+def server_command(
+    name: str, image: Path, fmt: str, sock: Path, pidfile: Path, profile: Path | None, tls: Path | None = None
+) -> list[str]:
+    """The command line; servers that run in the foreground (see ``serving``) get no ``--fork``.
+    With ``tls`` (a credentials directory) the server requires TLS."""
     img = image_args(image, fmt)
-    if name == "nbdserve" and profile is not None:
-        return [sys.executable, "-c", PROFILE_MAIN, str(profile), "-k", str(sock), *img]
     if name == "nbdserve":
-        return [sys.executable, "-m", "nbdserve", "--fork", "--pid-file", str(pidfile), "-k", str(sock), *img]
+        creds = ["--tls-creds", str(tls)] if tls else []
+        if profile is not None:
+            return [sys.executable, "-c", PROFILE_MAIN, str(profile), "-k", str(sock), *creds, *img]
+        return [sys.executable, "-m", "nbdserve", "--fork", "--pid-file", str(pidfile), "-k", str(sock), *creds,
+                *img]  # fmt: skip
     if name == "qemu-nbd":
+        creds = ["--object", f"tls-creds-x509,id=tls0,endpoint=server,dir={tls},verify-peer=off",
+                 "--tls-creds", "tls0"] if tls else []  # fmt: skip
         return ["qemu-nbd", "--fork", "--persistent", "-e", "8", "--cache=writeback", "--aio=threads",
-                "-k", str(sock), "--pid-file", str(pidfile), *img]  # fmt: skip
+                "-k", str(sock), "--pid-file", str(pidfile), *creds, *img]  # fmt: skip
     # nbdkit in the foreground (our child): its forking parent may exit before the pid file exists.
-    return ["nbdkit", "-f", "-U", str(sock), "-P", str(pidfile), "file", str(image)]
+    creds = ["--tls=require", f"--tls-certificates={tls}"] if tls else []
+    return ["nbdkit", "-f", "-U", str(sock), "-P", str(pidfile), *creds, "file", str(image)]
 
 
 @contextlib.contextmanager
-def serving(name: str, image: Path, fmt: str, cfg: Config) -> Iterator[Running]:
-    """Start server ``name`` on ``image``; yield once it listens; stop it afterwards.
+def serving(name: str, image: Path, fmt: str, cfg: Config, tls: bool = False) -> Iterator[Running]:
+    """Start server ``name`` on ``image`` (requiring TLS with ``tls``); yield once it listens;
+    stop it afterwards.
 
     With ``--profile DIR`` nbdserve runs in the foreground under cProfile and writes
     ``DIR/<image>.prof`` when it exits on SIGTERM.
     """
-    tag = image.stem
+    tag = image.stem + "-tls" * tls
     sock, pidfile, log = cfg.sockdir / f"{tag}.sock", cfg.workdir / f"{tag}.pid", cfg.workdir / f"{tag}.log"
     for p in (sock, pidfile):
         p.unlink(missing_ok=True)
     profile = cfg.profile / f"{tag}.{fmt}.prof" if cfg.profile is not None and name == "nbdserve" else None
-    cmd = server_command(name, image, fmt, sock, pidfile, profile)
+    cmd = server_command(name, image, fmt, sock, pidfile, profile, cfg.tls_dir if tls else None)
     with open(log, "w") as logf:
         if name == "nbdkit" or profile is not None:
             child = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=ENV)
             wait_listening(sock, child, log)
-            srv = Running(name, sock, child.pid, log, child)
+            srv = Running(name, sock, child.pid, log, child, tls)
         else:
             p = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT, env=ENV, timeout=120)
             if p.returncode != 0:
                 raise RuntimeError(f"{' '.join(cmd)} exited {p.returncode}\n{log.read_text()}")
-            srv = Running(name, sock, int(pidfile.read_text().strip()), log)
+            srv = Running(name, sock, int(pidfile.read_text().strip()), log, tls=tls)
     try:
         yield srv
     finally:
@@ -371,6 +395,15 @@ def make_image(fmt: str, data: Path, workdir: Path) -> Path:
     return img
 
 
+def make_tls_creds(root: Path) -> Path:
+    """A CA and a server certificate for localhost (certtool, as the tests make theirs); returns
+    the server's credential directory (ca-cert.pem, server-cert.pem, server-key.pem)."""
+    sys.path.insert(0, str(REPO))
+    from tests.tlscerts import Ca
+
+    return Ca.make(root / "ca", "nbdserve bench CA").issue(root / "server", "server", "localhost")
+
+
 def make_fresh(fmt: str, size: int, workdir: Path, server: str) -> Path:
     img = workdir / f"{server}-fresh.{fmt}"
     img.unlink(missing_ok=True)
@@ -402,39 +435,52 @@ def estimate_seconds(cfg: Config) -> float:
 def run_format(fmt: str, data: Path, cfg: Config) -> dict[tuple[str, str], Result]:
     """Every job on every server for one format, the servers' runs interleaved (see ``run_job``).
 
-    All servers run at once, each on its own copy of the image; they are stopped before the
-    fresh-image jobs, which start a new server per run.  A server that fails to start gets an
-    error for every job and the others carry on.
+    Each server gets its own copy of the image.  All servers run at once for the plaintext jobs,
+    then are started again requiring TLS for the TLS jobs, and are stopped before the fresh-image
+    jobs, which start a new server per run.  A server that fails to start gets an error for every
+    job of that phase and the others carry on.
     """
     results: dict[tuple[str, str], Result] = {}
     source = make_image(fmt, data, cfg.workdir)
     jobs = [j for j in cfg.jobs if not j.fresh or fmt in FRESH_FORMATS]
+    images = {name: cfg.workdir / f"{name}-copy.{fmt}" for name in servers_for(fmt, cfg.servers)}
     try:
-        with contextlib.ExitStack() as stack:
-            running: dict[str, Running] = {}
-            for name in servers_for(fmt, cfg.servers):
-                image = cfg.workdir / f"{name}-copy.{fmt}"
-                stack.callback(image.unlink, missing_ok=True)  # after the server stops (LIFO)
-                try:
-                    shutil.copyfile(source, image)
-                    running[name] = stack.enter_context(serving(name, image, fmt, cfg))
-                except (RuntimeError, subprocess.TimeoutExpired, OSError) as e:
-                    print(f"  {fmt}: {name} failed: {e}", file=sys.stderr, flush=True)
-                    first = first_line(e)
-                    for job in jobs:
-                        results[job.name, name] = Result(error=f"server failed: {first}")
-            for job in jobs:
-                if not job.fresh:
-                    for name, res in run_job(job, fmt, cfg, running).items():
-                        results[job.name, name] = res
-        fresh: dict[str, Running | None] = dict.fromkeys(running)
+        for image in images.values():
+            shutil.copyfile(source, image)
+        for tls in (False, True):
+            phase = [j for j in jobs if not j.fresh and j.tls == tls]
+            if phase:
+                results.update(run_phase(phase, fmt, cfg, images, tls))
+        fresh: dict[str, Running | None] = dict.fromkeys(images)
         for job in jobs:
             if job.fresh:
                 for name, res in run_job(job, fmt, cfg, fresh).items():
                     results[job.name, name] = res
     finally:
+        for image in images.values():
+            image.unlink(missing_ok=True)
         if source != data:
             source.unlink(missing_ok=True)
+    return results
+
+
+def run_phase(
+    jobs: list[Job], fmt: str, cfg: Config, images: Mapping[str, Path], tls: bool
+) -> dict[tuple[str, str], Result]:
+    """``jobs`` with every server up at once on its copy (requiring TLS with ``tls``)."""
+    results: dict[tuple[str, str], Result] = {}
+    with contextlib.ExitStack() as stack:
+        running: dict[str, Running] = {}
+        for name, image in images.items():
+            try:
+                running[name] = stack.enter_context(serving(name, image, fmt, cfg, tls))
+            except (RuntimeError, subprocess.TimeoutExpired, OSError) as e:
+                print(f"  {fmt}: {name} failed: {e}", file=sys.stderr, flush=True)
+                for job in jobs:
+                    results[job.name, name] = Result(error=f"server failed: {first_line(e)}")
+        for job in jobs:
+            for name, res in run_job(job, fmt, cfg, running).items():
+                results[job.name, name] = res
     return results
 
 
@@ -662,6 +708,13 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="nbdserve-bench-", dir=a.workdir))
     sockdir = Path(tempfile.mkdtemp(prefix="nbdb-", dir="/tmp"))
     cfg = Config(formats, servers, jobs, a.runtime, a.ramp, a.runs, a.size, workdir, a.verbose, sockdir, a.profile)
+    if any(j.tls for j in jobs):
+        try:
+            cfg.tls_dir = make_tls_creds(workdir / "pki")
+        except (RuntimeError, OSError, AssertionError) as e:
+            skipped.append(f"TLS jobs (no credentials: {first_line(e)})")
+            print(f"skipped: {skipped[-1]}", file=sys.stderr, flush=True)
+            cfg.jobs = [j for j in jobs if not j.tls]
     all_results: dict[str, dict[tuple[str, str], Result]] = {}
     print(f"about {estimate_seconds(cfg) / 60:.0f} min; images in {workdir}", flush=True)
     try:

@@ -1,7 +1,9 @@
 """Command line -> ``ServerConfig`` -> ``server.app.run``.  No serving logic lives here.
 
-Flags follow qemu-nbd where it has one (``-p -b -k -x -f -r -D -e -t -s -l --fork --pid-file``);
-``--export``, ``--config``, ``--stdio`` and ``--cache-size`` are nbdserve's own.  With no image at
+Flags follow qemu-nbd where it has one (``-p -b -k -x -f -r -D -e -t -s -l --fork --pid-file``,
+``--object``, ``--tls-creds``, ``--tls-authz``); ``--export``, ``--config``, ``--stdio``,
+``--cache-size``, ``--tls``, ``--tls-verify-peer``, ``--tls-psk``, ``--allow`` and ``--refuse-as``
+are nbdserve's own.  With no image at
 all, a sparse demo image is created and served.
 """
 
@@ -24,8 +26,11 @@ from .config import (
     merge,
     parse_export_spec,
     parse_size,
+    tls_settings,
     validate,
 )
+from .objects import ObjectError, ObjectTable
+from .server.tls import PSK_PYTHON_TEXT
 
 DEMO_SIZE = 1 << 30
 
@@ -80,6 +85,60 @@ def build_parser() -> argparse.ArgumentParser:
         help="add an export (repeatable)",
     )
     g.add_argument("--config", metavar="FILE.toml", help="read [server] settings and [[export]] tables")
+    g = p.add_argument_group(
+        "TLS and access control",
+        "Off by default. --tls-creds or --tls-psk turns TLS on, required for every option (FORCEDTLS) "
+        'unless --tls=on makes it optional; an export with tls="required" in --config then needs it. '
+        "qemu-nbd's spelling works too: --object tls-creds-x509,id=ID,endpoint=server,dir=DIR --tls-creds ID.",
+    )
+    g.add_argument(
+        "--tls", choices=("off", "on", "require"), help="TLS mode (default: require once credentials are given)"
+    )
+    g.add_argument(
+        "--tls-creds",
+        metavar="DIR|ID",
+        help="X.509 directory (ca-cert.pem, server-cert.pem, server-key.pem, optional ca-crl.pem), "
+        "or the id of a tls-creds-x509 / tls-creds-psk --object",
+    )
+    g.add_argument(
+        "--tls-verify-peer",
+        action="store_const",
+        const=True,
+        help="require client certificates signed by ca-cert.pem (on by default for --object tls-creds-x509)",
+    )
+    g.add_argument(
+        "--tls-psk",
+        metavar="FILE",
+        help=f"pre-shared keys, one 'username:hexkey' a line; needs Python >= {PSK_PYTHON_TEXT} "
+        "(on older Pythons nbdserve refuses to start and says so)",
+    )
+    g.add_argument(
+        "--tls-authz",
+        action="append",
+        default=[],
+        metavar="ID",
+        help="only the TLS identity of --object authz-simple,id=ID,identity=DN (or PSK username) may connect "
+        "(repeatable)",
+    )
+    g.add_argument(
+        "--object",
+        action="append",
+        default=[],
+        metavar="TYPE,id=ID,...",
+        help="define tls-creds-x509, tls-creds-psk or authz-simple as qemu-nbd does (',,' is a literal comma)",
+    )
+    g.add_argument(
+        "--allow",
+        action="append",
+        default=[],
+        metavar="ADDR[/PREFIX]|uid:ID|gid:ID",
+        help="only clients matching an entry may use any export (repeatable; Unix-socket clients match uid:/gid:)",
+    )
+    g.add_argument(
+        "--refuse-as",
+        choices=("policy", "unknown"),
+        help="a client refused an export gets ERR_POLICY (default) or is told the export does not exist",
+    )
     g = p.add_argument_group("tuning and limits")
     g.add_argument("--cache-size", type=parse_size, metavar="SIZE", help="shared metadata cache budget (default 64M)")
     g.add_argument(
@@ -156,7 +215,17 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_options=args.max_options,
         max_option_length=args.max_option_length,
         backing_dirs=tuple(args.backing_dir) or None,
+        tls=args.tls,
+        tls_psk_file=args.tls_psk,
+        allow=tuple(args.allow) or None,
+        refuse_as=args.refuse_as,
     )
+    try:
+        objects = ObjectTable(args.object)
+    except ObjectError as e:
+        raise ConfigError(str(e)) from None
+    cfg = merge(cfg, **tls_settings(objects, args.tls_creds, args.tls_authz))
+    cfg = merge(cfg, tls_verify_peer=args.tls_verify_peer)
     return validate(
         merge(
             cfg,

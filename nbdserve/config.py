@@ -7,13 +7,16 @@ image (in that order).  Export names must be unique.  Nothing here opens files o
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from .authz import AccessRules, RuleError
 from .cache import DEFAULT_CACHE_SIZE
 from .crypto.secret import SecretError, Secrets, load_secrets
+from .objects import ObjectError, ObjectTable
 from .protocol.constants import MAX_STRING
 
 DEFAULT_PORT = 10809
@@ -37,6 +40,10 @@ class ExportConfig:
     vpc_size: str = "auto"  # VHD size rule: auto | chs | current
     key_secret: str | None = None  # id of the secret holding an encrypted image's passphrase
     repair: str = "off"  # qcow2 read-write open of an inconsistent image: off | leaks | all
+    tls: str = "optional"  # "required": served only over TLS (SELECTIVETLS), hidden from others
+    allow: tuple[str, ...] = ()  # allow-list entries (see nbdserve.authz); empty: everyone
+    tls_authz: tuple[str, ...] = ()  # TLS identities allowed (DNs or PSK usernames); empty: any
+    max_connections: int = 0  # simultaneous connections to this export, 0 = unlimited
 
 
 @dataclass(frozen=True)
@@ -60,10 +67,33 @@ class ServerConfig:
     verbose: int = 0
     quiet: bool = False
     demo: bool = False  # no image was given: a demo image was created
+    # TLS and authorisation (see README "Serving on a network")
+    tls: str | None = None  # off | on (SELECTIVETLS) | require (FORCEDTLS); None: require with credentials
+    tls_creds: str | None = None  # X.509 directory: ca-cert.pem, server-cert.pem, server-key.pem[, ca-crl.pem]
+    tls_psk_file: str | None = None  # "username:hexkey" lines
+    tls_verify_peer: bool | None = None  # ask for client certificates; None: only if tls_authz is given
+    tls_authz: tuple[str, ...] = ()  # TLS identities allowed to connect at all; empty: any
+    allow: tuple[str, ...] = ()  # server-wide allow list (see nbdserve.authz); empty: everyone
+    refuse_as: str = "policy"  # a refused export answers ERR_POLICY ("policy") or looks absent ("unknown")
     secrets: Secrets = field(default_factory=Secrets)  # --object secret / [[secret]] values by id (repr hides them)
 
     def option_limit(self) -> int:
         return self.max_options or 32 + 4 * len(self.exports)
+
+    @property
+    def tls_mode(self) -> str:
+        """off, on or require, with the default applied (require once credentials are given)."""
+        if self.tls is not None:
+            return self.tls
+        return "require" if self.tls_creds or self.tls_psk_file else "off"
+
+    @property
+    def verify_peer(self) -> bool:
+        """Whether client certificates are asked for (and must verify): as set, else exactly when
+        some rule checks TLS identities of X.509 clients."""
+        if self.tls_verify_peer is not None:
+            return self.tls_verify_peer
+        return bool(self.tls_creds) and (bool(self.tls_authz) or any(e.tls_authz for e in self.exports))
 
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([kKmMgGtT]?)(i?[bB])?\s*$")
@@ -102,9 +132,34 @@ def parse_export_spec(spec: str) -> ExportConfig:
             kw["key_secret"] = value
         elif key == "repair":
             kw["repair"] = value
+        elif key == "tls":
+            kw["tls"] = value
+        elif key == "max-connections":
+            kw["max_connections"] = _int(value, f"--export {spec!r}: max-connections")
         else:
             raise ConfigError(f"--export {spec!r}: unknown option {key!r}")
     return ExportConfig(name=name, path=path, **kw)
+
+
+def _int(text: str, what: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"{what}: not a number: {text!r}") from None
+
+
+def _strings(value: Any) -> tuple[str, ...]:
+    """A TOML string or list of strings as a tuple."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not all(isinstance(v, str) for v in items):
+        raise ConfigError(f"expected a string or a list of strings, not {value!r}")
+    return tuple(items)
+
+
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"expected true or false, not {value!r}")
+    return value
 
 
 def _export_from_table(t: dict[str, Any], where: str) -> ExportConfig:
@@ -113,7 +168,10 @@ def _export_from_table(t: dict[str, Any], where: str) -> ExportConfig:
     for key, value in t.items():
         if key not in known:
             raise ConfigError(f"{where}: unknown export key {key!r}")
-        kw[known[key]] = value
+        try:
+            kw[known[key]] = _strings(value) if key in ("allow", "tls-authz") else value
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {key}: {e}") from None
     if "path" not in kw:
         raise ConfigError(f"{where}: export needs a path")
     kw.setdefault("name", "")
@@ -134,6 +192,13 @@ _SERVER_KEYS = {
     "max-option-length": parse_size,
     "max-requests": int,
     "max-inflight-bytes": parse_size,
+    "tls": str,
+    "tls-creds": str,
+    "tls-psk-file": str,
+    "tls-verify-peer": _bool,
+    "tls-authz": _strings,
+    "allow": _strings,
+    "refuse-as": str,
 }
 
 
@@ -151,7 +216,10 @@ def load_toml(path: str) -> tuple[dict[str, Any], list[ExportConfig]]:
         conv = _SERVER_KEYS.get(key)
         if conv is None:
             raise ConfigError(f"{path}: unknown [server] key {key!r}")
-        server[key.replace("-", "_")] = conv(value)
+        try:
+            server[key.replace("-", "_")] = conv(value)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: [server] {key}: {e}") from None
     exports = [_export_from_table(t, f"{path}: [[export]] #{i + 1}") for i, t in enumerate(doc.get("export", []))]
     defs = []
     for i, t in enumerate(doc.get("secret", [])):
@@ -193,7 +261,70 @@ def validate(cfg: ServerConfig) -> ServerConfig:
         raise ConfigError(f"port out of range: {cfg.port}")
     if cfg.max_requests < 1 or cfg.max_inflight_bytes < (32 << 20):
         raise ConfigError("max-requests must be >= 1 and max-inflight-bytes >= 32M")
+    _validate_access(cfg)
     return cfg
+
+
+def _validate_access(cfg: ServerConfig) -> None:
+    """TLS settings, allow lists and identities: consistent and parseable."""
+    if cfg.tls not in (None, "off", "on", "require"):
+        raise ConfigError(f"--tls must be off, on or require, not {cfg.tls!r}")
+    if cfg.refuse_as not in ("policy", "unknown"):
+        raise ConfigError(f"refuse-as must be policy or unknown, not {cfg.refuse_as!r}")
+    if cfg.tls_creds and cfg.tls_psk_file:
+        raise ConfigError("give X.509 credentials (--tls-creds) or a PSK file (--tls-psk), not both")
+    mode = cfg.tls_mode
+    if mode != "off" and not (cfg.tls_creds or cfg.tls_psk_file):
+        raise ConfigError(f"--tls={mode} needs credentials: --tls-creds DIR or --tls-psk FILE")
+    tls_only = [e.name for e in cfg.exports if e.tls == "required"]
+    uses_identities = bool(cfg.tls_authz) or any(e.tls_authz for e in cfg.exports)
+    if mode == "off" and (tls_only or uses_identities or cfg.tls_verify_peer):
+        raise ConfigError("TLS is off, but an export requires TLS or client identities are checked")
+    if cfg.tls_psk_file and cfg.tls_verify_peer:
+        raise ConfigError("client certificates (verify-peer) do not apply to PSK credentials")
+    if cfg.tls_creds and uses_identities and not cfg.verify_peer:
+        raise ConfigError("tls-authz checks client certificates: it needs verify-peer on")
+    for e in cfg.exports:
+        if e.tls not in ("optional", "required"):
+            raise ConfigError(f"export {e.name!r}: tls must be optional or required, not {e.tls!r}")
+        if e.max_connections < 0:
+            raise ConfigError(f"export {e.name!r}: max-connections must be >= 0")
+    try:
+        AccessRules.build("[server]", cfg.allow, cfg.tls_authz)
+        for e in cfg.exports:
+            AccessRules.build(f"export {e.name!r}", e.allow, e.tls_authz)
+    except RuleError as err:
+        raise ConfigError(str(err)) from None
+
+
+def tls_settings(objects: ObjectTable, creds: str | None, authz_ids: list[str]) -> dict[str, Any]:
+    """ServerConfig fields from ``--tls-creds VALUE`` and ``--tls-authz ID...``.
+
+    VALUE is the id of a ``tls-creds-x509`` or ``tls-creds-psk`` ``--object`` (qemu-nbd's
+    spelling; ``verify-peer`` defaults to on there, as in QEMU) or else an X.509 directory.
+    Each ``--tls-authz`` names an ``authz-simple`` object whose ``identity`` may connect.
+    """
+    out: dict[str, Any] = {}
+    try:
+        if creds is not None:
+            obj = objects.get(creds)
+            if obj is None:
+                out["tls_creds"] = creds
+            else:
+                obj = objects.require(creds, "tls-creds-x509", "tls-creds-psk", what="--tls-creds")
+                if obj.get("endpoint", "client") != "server":
+                    raise ConfigError(f"--object {obj.qom_type},id={obj.id}: nbdserve is a server: use endpoint=server")
+                if obj.qom_type == "tls-creds-x509":
+                    out["tls_creds"] = obj.get("dir")
+                    out["tls_verify_peer"] = obj.flag("verify-peer", True)
+                else:
+                    out["tls_psk_file"] = os.path.join(obj.get("dir") or ".", "keys.psk")
+        ids = [objects.require(i, "authz-simple", what="--tls-authz").get("identity") for i in authz_ids]
+    except ObjectError as e:
+        raise ConfigError(str(e)) from None
+    if ids:
+        out["tls_authz"] = tuple(ids)
+    return out
 
 
 def merge(base: ServerConfig, **overrides: Any) -> ServerConfig:
@@ -211,5 +342,6 @@ __all__ = [
     "merge",
     "parse_export_spec",
     "parse_size",
+    "tls_settings",
     "validate",
 ]

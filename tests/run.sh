@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 PKGS=(qemu-utils qemu-system-x86 libnbd-bin python3-libnbd nbdkit fio nbd-client busybox-static
-      e2fsprogs cpio python3-venv python3-dev gcc python3-libvhdi python3-libqcow
+      e2fsprogs cpio python3-venv python3-dev gcc python3-libvhdi python3-libqcow gnutls-bin
       cryptsetup-bin)
 missing=()
 for p in "${PKGS[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p"); done

@@ -63,19 +63,29 @@ def read_pid(path: Path) -> int:
 
 @dataclass
 class Served:
-    """A running server on a Unix socket."""
+    """A running server on a Unix socket (or, when ``port`` is set, on 127.0.0.1:port)."""
 
     sock: Path
     pid: int
     log: Path
     export: str = ""
+    port: int = 0
 
     @property
     def uri(self) -> str:
-        return f"nbd+unix:///{self.export}?socket={self.sock}"
+        return self.uri_for(self.export)
 
     def uri_for(self, export: str) -> str:
+        if self.port:
+            return f"nbd://127.0.0.1:{self.port}/{export}"
         return f"nbd+unix:///{export}?socket={self.sock}"
+
+    def tls_uri(self, certs: str | os.PathLike, export: str | None = None) -> str:
+        """An nbds:// URI with libnbd's ``tls-certificates`` (the client's credential directory)."""
+        export = self.export if export is None else export
+        if self.port:
+            return f"nbds://127.0.0.1:{self.port}/{export}?tls-certificates={certs}"
+        return f"nbds+unix:///{export}?socket={self.sock}&tls-certificates={certs}"
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> None:
         try:
@@ -106,21 +116,44 @@ def _paths(workdir: Path, tag: str) -> tuple[Path, Path, Path]:
     return workdir / f"{tag}{n}.sock", workdir / f"{tag}{n}.pid", workdir / f"{tag}{n}.log"
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (a server binding it later may still lose a race)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @contextlib.contextmanager
-def serve(workdir: Path, *args: str | os.PathLike, export: str = "", check_stop: bool = True) -> Iterator[Served]:
-    """Run ``nbdserve --fork -k SOCK ARGS...``; yields once the socket listens; stops it after."""
+def serve(
+    workdir: Path,
+    *args: str | os.PathLike,
+    export: str = "",
+    check_stop: bool = True,
+    tcp: bool = False,
+    bind: str = "127.0.0.1",
+    env: dict[str, str] | None = None,
+    python: str = sys.executable,
+) -> Iterator[Served]:
+    """Run ``nbdserve --fork -k SOCK ARGS...`` (``tcp``: on ``bind`` and a free port, retried if
+    another process takes the port first); yields once it listens; stops it after.  ``env`` adds
+    environment variables; ``python`` is the interpreter to run nbdserve with."""
     sock, pidfile, log = _paths(workdir, "nbdserve")
-    with open(log, "w") as logf:
-        p = subprocess.run(
-            [*NBDSERVE, "--fork", "--pid-file", str(pidfile), "-k", str(sock), *map(str, args)],
-            stdout=logf,
-            stderr=subprocess.STDOUT,
-            env=TOOL_ENV,
-            timeout=120,
-        )
+    port = 0
+    for _attempt in range(3):
+        where = ["-b", bind, "-p", str(port := free_port())] if tcp else ["-k", str(sock)]
+        with open(log, "w") as logf:
+            p = subprocess.run(
+                [python, "-m", "nbdserve", "--fork", "--pid-file", str(pidfile), *where, *map(str, args)],
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                env={**TOOL_ENV, **(env or {})},
+                timeout=120,
+            )
+        if p.returncode == 0 or "Address already in use" not in log.read_text():
+            break
     if p.returncode != 0:
         raise AssertionError(f"nbdserve failed to start ({p.returncode}):\n{log.read_text()}")
-    srv = Served(sock, read_pid(pidfile), log, export)
+    srv = Served(sock, read_pid(pidfile), log, export, port)
     try:
         yield srv
     finally:

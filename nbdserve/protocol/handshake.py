@@ -14,6 +14,11 @@ Error direction (as in h11):
 Invariants: option data of known options is buffered whole, but never more than
 ``max_option_length`` bytes; unknown options are drained without buffering; strings are decoded
 as UTF-8 and limited to ``MAX_STRING`` bytes.
+
+TLS: when the server accepts STARTTLS it calls ``starttls()`` before sending the ACK; the bytes
+that follow arrive decrypted (the shell upgrades the transport) and are parsed as before.  A
+client may start TLS only after it reads the ACK, so bytes already received behind the STARTTLS
+option break the protocol (they could be neither plaintext options nor TLS to us).
 """
 
 from __future__ import annotations
@@ -137,6 +142,7 @@ class ServerHandshake:
         self._buf = bytearray()
         self._have_flags = False
         self._drain = 0  # bytes of an unknown option still to discard
+        self.tls = False  # STARTTLS accepted: later bytes come through TLS
 
     @staticmethod
     def greeting() -> bytes:
@@ -158,6 +164,14 @@ class ServerHandshake:
         out = bytes(self._buf)
         self._buf.clear()
         return out
+
+    def starttls(self) -> None:
+        """The server accepts STARTTLS (the last event).  Raises ProtocolError if the client sent
+        anything after it without waiting for the reply."""
+        assert not self.tls, "STARTTLS accepted twice"
+        if self._buf or self._drain:
+            raise ProtocolError("client sent data after STARTTLS before the server's reply")
+        self.tls = True
 
     def next_event(self) -> Event | None:
         buf = self._buf

@@ -7,6 +7,7 @@ Owns ``run(cfg) -> exit status``.  Order of events:
   3. open every export (one-line errors), write the pid file, notify systemd (READY=1);
   4. serve until SIGTERM/SIGINT (or, one-shot, the last client leaving); then stop listening,
      finish in-flight requests, flush and close every image, remove the pid file.
+SIGHUP calls ``Server.reload`` (TLS certificates and keys are read again; see ``server/tls.py``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from ..errors import ImageError
 from ..loop import new_event_loop
 from .exports import close_exports, open_exports
 from .listeners import Server, bind_sockets, describe
+from .tls import TlsServer
 
 log = logging.getLogger("nbdserve")
 
@@ -115,13 +117,18 @@ def _sd_notify(state: str) -> None:
 
 async def _serve(cfg: ServerConfig, socks: list[socket.socket], ready_w: int | None) -> int:
     loop = asyncio.get_running_loop()
+    try:
+        tls = TlsServer(cfg) if cfg.tls_mode != "off" else None
+    except ConfigError as e:
+        _report(ready_w, f"nbdserve: {e}")
+        return 1
     cache = ClusterCache(cfg.cache_size)
     try:
         exports = await open_exports(cfg, cache)
     except ImageError as e:
         _report(ready_w, f"nbdserve: {e}")
         return 1
-    server = Server(cfg, exports, loop)
+    server = Server(cfg, exports, loop, tls)
     try:
         if cfg.stdio:
             await server.serve_stdio()
@@ -136,6 +143,7 @@ async def _serve(cfg: ServerConfig, socks: list[socket.socket], ready_w: int | N
             f.write(f"{os.getpid()}\n")
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, server.shutdown)
+    loop.add_signal_handler(signal.SIGHUP, server.reload)
     if not cfg.stdio and not cfg.quiet:
         for uri in describe(socks, cfg):
             names = [e.name for e in exports]

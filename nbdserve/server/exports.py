@@ -7,14 +7,19 @@ an export see one driver, one cache and one file.
 
 An export that fails to open stays listed with ``image = None`` and its reason; clients asking for
 it get that reason as an error, and every other export keeps serving.
+
+Each export also carries its access settings (whether it needs TLS, its allow rules, its
+connection limit) and the number of connections transmitting on it; ``server/options.py``
+decides with them.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from ..authz import AccessRules
 from ..cache import ClusterCache
 from ..config import ExportConfig, ServerConfig
 from ..errors import ImageError
@@ -31,7 +36,10 @@ class Export:
     readonly: bool
     image: Image | None
     error: str = ""
-    connections: int = 0
+    connections: int = 0  # connections in transmission phase on this export
+    tls_only: bool = False  # served only once TLS is up (SELECTIVETLS)
+    access: AccessRules = field(default_factory=AccessRules)
+    max_connections: int = 0  # 0: unlimited
 
     @property
     def size(self) -> int:
@@ -72,17 +80,22 @@ async def open_exports(cfg: ServerConfig, cache: ClusterCache) -> ExportTable:
     """Open every configured export.  With a single export, a failure raises ``ImageError``."""
     out = []
     for e in cfg.exports:
+        settings = {
+            "tls_only": e.tls == "required",
+            "access": AccessRules.build(f"export {e.name!r}", e.allow, e.tls_authz),
+            "max_connections": e.max_connections,
+        }
         try:
             image = await open_image(image_spec(e, cfg), cache)
         except ImageError as err:
             if len(cfg.exports) == 1:
                 raise
             log.error("export %r not available: %s", e.name, err)
-            out.append(Export(e.name, e.description, True, None, str(err)))
+            out.append(Export(e.name, e.description, True, None, str(err), **settings))
             continue
         if image.readonly and not e.readonly and e.load_snapshot is None:
             log.warning("export %r: %s is read-only; serving it read-only", e.name, e.path)
-        out.append(Export(e.name, e.description, image.readonly, image))
+        out.append(Export(e.name, e.description, image.readonly, image, **settings))
     return ExportTable(out)
 
 

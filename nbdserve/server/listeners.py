@@ -20,7 +20,9 @@ import stat
 
 from ..config import ConfigError, ServerConfig
 from .exports import ExportTable
+from .options import Policy
 from .session import Session
+from .tls import TlsServer
 
 log = logging.getLogger("nbdserve")
 
@@ -99,16 +101,17 @@ def bind_sockets(cfg: ServerConfig) -> list[socket.socket]:
 
 
 def describe(socks: list[socket.socket], cfg: ServerConfig) -> list[str]:
-    """nbd:// URIs a client can use, one per listening socket."""
+    """nbd:// URIs a client can use, one per listening socket (nbds:// when TLS is required)."""
     out = []
+    scheme = "nbds" if cfg.tls_mode == "require" else "nbd"
     for s in socks:
         addr = s.getsockname()
         if s.family == socket.AF_UNIX:
-            out.append(f"nbd+unix:///?socket={addr}")
+            out.append(f"{scheme}+unix:///?socket={addr}")
         else:
             host = addr[0] if addr[0] not in ("0.0.0.0", "::") else "localhost"
             host = f"[{host}]" if ":" in host else host
-            out.append(f"nbd://{host}:{addr[1]}/" if addr[1] != 10809 else f"nbd://{host}/")
+            out.append(f"{scheme}://{host}:{addr[1]}/" if addr[1] != 10809 else f"{scheme}://{host}/")
     return out
 
 
@@ -120,10 +123,14 @@ class _Refuse(asyncio.Protocol):
 
 
 class Server:
-    def __init__(self, cfg: ServerConfig, exports: ExportTable, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self, cfg: ServerConfig, exports: ExportTable, loop: asyncio.AbstractEventLoop, tls: TlsServer | None = None
+    ) -> None:
         self.cfg = cfg
         self.exports = exports
         self.loop = loop
+        self.policy = Policy.from_config(cfg)
+        self.tls = tls  # credentials for STARTTLS (None: TLS off)
         self.sessions: set[Session] = set()
         self._servers: list[asyncio.AbstractServer] = []
         self._served_any = False
@@ -160,6 +167,12 @@ class Server:
         self.cfg = dataclasses.replace(self.cfg, oneshot=True)  # one connection: exit after it
         self._served_any = True
         await self.loop.connect_accepted_socket(lambda: Session(self), sock)
+
+    def reload(self) -> None:
+        """Re-read what can change without a restart (SIGHUP): the TLS credentials.  Established
+        sessions keep going with what they negotiated."""
+        if self.tls is not None:
+            self.tls.reload()
 
     def session_ended(self) -> None:
         if self.cfg.oneshot and self._served_any and not self.sessions:

@@ -1,12 +1,20 @@
-"""One client connection: the handshake, then the transmission phase.
+"""One client connection: the handshake (with its TLS upgrade), then the transmission phase.
 
-Owns ``Session``, an asyncio ``BufferedProtocol``.  Bytes are received straight into the codec's
-buffers (WRITE payloads into their own buffer); every complete request is validated by
-``check_request`` and started eagerly (``coro.start``), so a request whose I/O completes without
-waiting is answered before the next one is parsed, with no Task.  Requests that do wait run
-concurrently and are answered out of order.  Plain READs (no flags, small) at the head of the
-buffer take a leaner path still: decoded as a batch (``RequestParser.next_reads``) and answered
-from ``Image.read_now`` with one buffer per reply and no ``Request`` object (``_serve_reads``).
+Owns ``Session``, an asyncio ``BufferedProtocol``.  The handshake side: the client's identity
+for the access rules (``authz.Peer``: TCP address, or Unix peer credentials from ``SO_PEERCRED``),
+the handshake deadline, and STARTTLS: once the option policy accepts it, the session stops
+reading, sends the ACK and upgrades the transport with ``loop.start_tls`` (asyncio's and uvloop's
+alike); the handshake then goes on over TLS with the client's certificate name (or PSK username)
+known.  A TLS handshake that fails, stalls past the handshake deadline or is cut off ends only this
+connection.
+
+The transmission side: bytes are received straight into the codec's buffers (WRITE payloads into
+their own buffer); every complete request is validated by ``check_request`` and started eagerly
+(``coro.start``), so a request whose I/O completes without waiting is answered before the next one
+is parsed, with no Task. Requests that do wait run concurrently and are answered out of order.
+Plain READs (no flags, small) at the head of the buffer take a leaner path still: decoded as a
+batch (``RequestParser.next_reads``) and answered from ``Image.read_now`` with one buffer per reply
+and no ``Request`` object (``_serve_reads``).
 
 Invariants:
   * At most ``max_requests`` requests and ``max_inflight_bytes`` bytes are in flight per
@@ -27,16 +35,19 @@ import errno
 import itertools
 import logging
 import socket
+import struct
 from typing import TYPE_CHECKING
 
 from .. import coro
+from ..authz import Peer
 from ..errors import ImageError, NbdError, error_of, nbd_errno
 from ..image import STATE_ZERO
 from ..protocol import constants as C
 from ..protocol.handshake import ProtocolError, ServerHandshake
 from ..protocol.transmission import ReplyEncoder, Request, RequestParser, check_request
 from .buffers import ReplyBuffers
-from .options import CLOSE, TRANSMIT, Negotiation
+from .options import CLOSE, STARTTLS, TRANSMIT, Negotiation
+from .tls import describe_session, identity
 
 if TYPE_CHECKING:
     from .exports import Export
@@ -44,7 +55,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("nbdserve")
 
-_HANDSHAKE, _TRANSMISSION, _CLOSED = 0, 1, 2
+# _UPGRADING: STARTTLS accepted, the TLS handshake runs; decrypted bytes that arrive before the
+# upgrade is finished are buffered, not parsed.
+_HANDSHAKE, _TRANSMISSION, _CLOSED, _UPGRADING = 0, 1, 2, 3
+_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 _connection_ids = itertools.count(1)  # names Unix-socket peers in the log
 _MAX_EXTENTS = 1 << 16
 # Replies collected in one _pump are written once they reach this size, so the transport can
@@ -58,6 +72,23 @@ SPARSE_READ_MIN = 64 << 10
 WRITE_BUFFER_HIGH = 4 << 20
 
 
+def identify(transport: asyncio.BaseTransport) -> tuple[str, Peer]:
+    """(log label, identity) of a new connection: the TCP address, or the Unix peer's credentials."""
+    sock = transport.get_extra_info("socket")
+    peername = transport.get_extra_info("peername")
+    if isinstance(peername, tuple):
+        host = peername[0]
+        return f"[{host}]:{peername[1]}" if ":" in host else f"{host}:{peername[1]}", Peer.from_address(host)
+    label = f"local#{next(_connection_ids)}"
+    if sock is not None and sock.family == socket.AF_UNIX:
+        try:
+            _pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+        except OSError:
+            return label, Peer()
+        return f"{label} (uid {uid})", Peer(uid=uid, gid=gid)
+    return label, Peer()
+
+
 class Session(asyncio.BufferedProtocol):
     def __init__(self, server: Server) -> None:
         self.server = server
@@ -67,7 +98,7 @@ class Session(asyncio.BufferedProtocol):
         self.peer = "?"
         self.phase = _HANDSHAKE
         self.hs = ServerHandshake(max_option_length=cfg.max_option_length, max_options=cfg.option_limit())
-        self.neg = Negotiation(server.exports)
+        self.neg = Negotiation(server.exports, server.policy)
         self._hbuf = memoryview(bytearray(64 << 10))
         self._deadline: asyncio.TimerHandle | None = None
         # transmission state
@@ -88,6 +119,8 @@ class Session(asyncio.BufferedProtocol):
         self._read_paused = False
         self._write_paused = False
         self._stopping = False  # DISC received or server shutting down: parse nothing more
+        self._finished = False  # connection_lost ran (or its work, after a failed TLS upgrade)
+        self._upgrade_task: asyncio.Task | None = None
         self.closed: asyncio.Future = server.loop.create_future()
 
     # -- connection life cycle --------------------------------------------------------------
@@ -100,8 +133,7 @@ class Session(asyncio.BufferedProtocol):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
                 pass
-        peer = transport.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else f"local#{next(_connection_ids)}"
+        self.peer, self.neg.peer = identify(transport)
         # Let several large replies queue in the transport before it pushes back: with the
         # default 64 KiB high-water mark every 256 KiB reply paused the pipeline.
         self.transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH, low=WRITE_BUFFER_HIGH // 4)
@@ -112,6 +144,14 @@ class Session(asyncio.BufferedProtocol):
         self.transport.write(self.hs.greeting())
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._finish(exc)
+
+    def _finish(self, exc: BaseException | None) -> None:
+        """The connection is gone.  Also called after a failed TLS upgrade, where the TLS layer
+        owned the transport and does not report the loss to this protocol."""
+        if self._finished:
+            return
+        self._finished = True
         if self.phase == _TRANSMISSION and self.export is not None:
             self.export.connections -= 1
         self.phase = _CLOSED
@@ -124,9 +164,10 @@ class Session(asyncio.BufferedProtocol):
         self.server.session_ended()
 
     def eof_received(self) -> bool:
-        # The client closed its side: finish what is in flight, then close.
+        # The client closed its side: finish what is in flight, then close.  (A TLS transport
+        # closes after EOF whatever this returns, and warns if it is True.)
         self._stop()
-        return True
+        return not self.neg.tls
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -140,8 +181,9 @@ class Session(asyncio.BufferedProtocol):
             self._update_reading()
 
     def _handshake_timeout(self) -> None:
-        if self.phase == _HANDSHAKE:
+        if self.phase in (_HANDSHAKE, _UPGRADING):
             log.warning("%s: handshake not finished within %ss; disconnecting", self.peer, self.cfg.handshake_timeout)
+            self.phase = _CLOSED
             self._abort()
 
     def _abort(self) -> None:
@@ -150,7 +192,8 @@ class Session(asyncio.BufferedProtocol):
 
     def shutdown(self) -> None:
         """Server shutdown: drop a handshaking client, drain a transmitting one."""
-        if self.phase == _HANDSHAKE:
+        if self.phase in (_HANDSHAKE, _UPGRADING):
+            self.phase = _CLOSED
             self._abort()
         else:
             self._stop()
@@ -178,6 +221,8 @@ class Session(asyncio.BufferedProtocol):
         elif self.phase == _HANDSHAKE:
             self.hs.receive_data(self._hbuf[:nbytes])
             self._negotiate()
+        elif self.phase == _UPGRADING:
+            self.hs.receive_data(self._hbuf[:nbytes])  # parsed once the upgrade is finished
 
     def _negotiate(self) -> None:
         try:
@@ -186,6 +231,10 @@ class Session(asyncio.BufferedProtocol):
                 if ev is None:
                     return
                 out = self.neg.answer(ev)
+                if out.refusal:
+                    log.warning("%s: %s", self.peer, out.refusal)
+                if out.action == STARTTLS:
+                    self.hs.starttls()  # ProtocolError if the client did not wait for the ACK
                 if out.data:
                     self.transport.write(out.data)
                 if out.action == CLOSE:
@@ -195,10 +244,54 @@ class Session(asyncio.BufferedProtocol):
                     return
                 if out.action == TRANSMIT:
                     self._start_transmission(out.export)
+                elif out.action == STARTTLS:
+                    self._begin_tls()
         except ProtocolError as e:
             log.warning("%s: protocol error during handshake: %s", self.peer, e)
             self.phase = _CLOSED
             self._abort()
+
+    def _begin_tls(self) -> None:
+        """The STARTTLS ACK is written: stop reading (the ClientHello waits in the kernel for the
+        TLS layer) and upgrade in a task."""
+        self.transport.pause_reading()
+        self.phase = _UPGRADING
+        self._upgrade_task = self.server.loop.create_task(self._upgrade())
+
+    async def _upgrade(self) -> None:
+        raw = self.transport
+        psk_users: list[str] = []
+        timeout = self.cfg.handshake_timeout if self.cfg.handshake_timeout > 0 else None
+        try:
+            ctx = self.server.tls.context(psk_users.append)
+            tls = await self.server.loop.start_tls(raw, self, ctx, server_side=True, ssl_handshake_timeout=timeout)
+        except Exception as e:  # ssl.SSLError, ConnectionError, TimeoutError: only this client is affected
+            self._upgrade_failed(raw, str(e) or ("connection closed" if isinstance(e, ConnectionError) else repr(e)))
+            return
+        # The loop returns None when the connection was lost without an error (the deadline or a
+        # shutdown aborted it, or the client closed it) during the handshake.
+        if tls is None or tls.is_closing() or self.phase != _UPGRADING:
+            if tls is not None:
+                tls.abort()
+            self._upgrade_failed(raw, "connection closed")
+            return
+        self.transport = tls
+        tls.set_write_buffer_limits(high=WRITE_BUFFER_HIGH, low=WRITE_BUFFER_HIGH // 4)
+        ssl_object = tls.get_extra_info("ssl_object")
+        name, dn = identity(ssl_object)
+        if psk_users:
+            name = psk_users[-1]
+        self.neg.tls_started(name, dn)
+        self.phase = _HANDSHAKE
+        log.info("%s: %s%s", self.peer, describe_session(ssl_object), f", client {name!r}" if name else "")
+        self._negotiate()
+
+    def _upgrade_failed(self, raw: asyncio.BaseTransport, reason: str) -> None:
+        if self.phase == _UPGRADING:
+            log.warning("%s: TLS handshake failed: %s", self.peer, reason)
+        raw.abort()
+        self.phase = _CLOSED
+        self._finish(None)
 
     def _start_transmission(self, export: Export) -> None:
         if self._deadline is not None:

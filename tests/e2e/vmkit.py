@@ -31,16 +31,16 @@ import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import time
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from tests.util import NBDSERVE, TOOL_ENV, run, wait_pid_exit
+from tests.util import NBDSERVE, TOOL_ENV, free_port, run, wait_pid_exit
 
 HERE = Path(__file__).resolve().parent
 CACHE = HERE / ".cache"
@@ -275,12 +275,6 @@ def sha256(data: bytes) -> str:
 # ---- NBD servers on TCP -----------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass
 class TcpServer:
     port: int
@@ -320,8 +314,11 @@ def format_available(fmt: str) -> bool:
 
 
 @contextlib.contextmanager
-def tcp_server(work: Path, image: Path, fmt: str, export: str = "disk") -> Iterator[TcpServer]:
+def tcp_server(
+    work: Path, image: Path, fmt: str, export: str = "disk", extra: tuple[str, ...] = ()
+) -> Iterator[TcpServer]:
     """Serve ``image`` on 127.0.0.1:PORT as ``export``; yields once listening; SIGKILLs leftovers.
+    ``extra`` arguments go to the server (spelled so that both qemu-nbd and nbdserve take them).
 
     The port is found free by binding port 0; if another process takes it before the server
     binds it, the start is retried on a new port (three attempts)."""
@@ -329,6 +326,7 @@ def tcp_server(work: Path, image: Path, fmt: str, export: str = "disk") -> Itera
         port = free_port()
         pidfile, log = work / f"server-{port}.pid", work / f"server-{port}.log"
         common = ["-b", "127.0.0.1", "-p", str(port), "-x", export, "-f", fmt, "--fork", "--pid-file", str(pidfile)]
+        common += extra
         if server_kind() == "qemu-nbd":
             cmd = ["qemu-nbd", *common, "--persistent", "--shared=8", "--discard=unmap", str(image)]
         else:
@@ -401,6 +399,7 @@ def run_vm(
     scenario: str,
     *,
     disk_uri: str | None = None,
+    tls_creds: Path | None = None,
     net: bool = False,
     params: dict[str, str] | None = None,
     timeout: float = VM_TIMEOUT,
@@ -411,7 +410,12 @@ def run_vm(
     cmd = ["qemu-system-x86_64", "-accel", "tcg", "-m", "512", "-smp", "1", "-nodefaults", "-display", "none"]
     cmd += ["-no-reboot", "-monitor", "none", "-serial", f"file:{serial}"]
     cmd += ["-kernel", str(k.vmlinuz), "-initrd", str(initrd), "-append", " ".join(append)]
-    if disk_uri:
+    if disk_uri and tls_creds:  # QEMU's NBD client over TLS, with the client credentials in tls_creds
+        u = urllib.parse.urlsplit(disk_uri)
+        cmd += ["-object", f"tls-creds-x509,id=tls0,endpoint=client,dir={tls_creds}"]
+        nbd = f"file.driver=nbd,file.server.type=inet,file.server.host={u.hostname},file.server.port={u.port}"
+        cmd += ["-drive", f"driver=raw,{nbd},file.export={u.path[1:]},file.tls-creds=tls0,if=virtio"]
+    elif disk_uri:
         cmd += ["-drive", f"file={disk_uri},format=raw,if=virtio"]
     if net:
         cmd += ["-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0,romfile="]

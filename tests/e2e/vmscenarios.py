@@ -61,7 +61,11 @@ class Guest:
 PortWrapper = Callable[[int], AbstractContextManager[int]]
 
 
-def boot_scenario(work: Path, guest: Guest, fmt: str, via: PortWrapper = nullcontext) -> VmResult:
+def boot_scenario(
+    work: Path, guest: Guest, fmt: str, via: PortWrapper = nullcontext, tls: tuple[Path, Path] | None = None
+) -> VmResult:
+    """``tls``: (server credentials, client credentials) directories: the server requires TLS
+    and client certificates, QEMU connects with ``tls-creds``."""
     seed = Seed.make()
     raw = build_rootfs(work, seed)
     image = work / f"root.{fmt}"
@@ -69,8 +73,12 @@ def boot_scenario(work: Path, guest: Guest, fmt: str, via: PortWrapper = nullcon
         shutil.move(raw, image)
     else:
         convert(raw, "raw", image, fmt)
-    with tcp_server(work, image, fmt, EXPORT) as srv, via(srv.port) as port:
-        res = run_vm(work, guest.kernel, guest.initrd, "boot", disk_uri=f"nbd://127.0.0.1:{port}/{EXPORT}")
+    extra = ()
+    if tls is not None:  # qemu-nbd's spelling, which nbdserve takes too
+        extra = ("--object", f"tls-creds-x509,id=tls0,endpoint=server,dir={tls[0]}", "--tls-creds", "tls0")
+    with tcp_server(work, image, fmt, EXPORT, extra) as srv, via(srv.port) as port:
+        uri = f"nbd://127.0.0.1:{port}/{EXPORT}"
+        res = run_vm(work, guest.kernel, guest.initrd, "boot", disk_uri=uri, tls_creds=tls and tls[1])
         res.expect_ok("boot")
         srv.stop()
     data = guest_data()

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.tlscerts import Pki
 from tests.util import Served, serve
 
 MiB = 1 << 20
@@ -114,3 +115,9 @@ def served(_slot) -> Served:
 def sparse_raw(_slot) -> Path:
     """The image file behind ``served``."""
     return _slot[1]
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """CA, server and client credentials for the TLS tests (see ``tests/tlscerts.py``)."""
+    return Pki.make(tmp_path_factory.mktemp("pki"))

@@ -12,6 +12,7 @@ connection calls ``wait_closed`` instead of sleeping.
 from __future__ import annotations
 
 import socket
+import ssl
 import struct
 from dataclasses import dataclass, field
 
@@ -24,11 +25,14 @@ SIMPLE_MAGIC = 0x67446698
 STRUCTURED_MAGIC = 0x668E33EF
 EXT_REPLY_MAGIC = 0x6E8A278C
 
-OPT_EXPORT_NAME, OPT_ABORT, OPT_LIST, OPT_INFO, OPT_GO = 1, 2, 3, 6, 7
+OPT_EXPORT_NAME, OPT_ABORT, OPT_LIST, OPT_STARTTLS, OPT_INFO, OPT_GO = 1, 2, 3, 5, 6, 7
 OPT_STRUCTURED_REPLY, OPT_SET_META_CONTEXT, OPT_EXTENDED_HEADERS = 8, 10, 11
 REP_ACK, REP_SERVER, REP_INFO, REP_META_CONTEXT = 1, 2, 3, 4
 REP_ERR_UNSUP = (1 << 31) | 1
+REP_ERR_POLICY = (1 << 31) | 2
 REP_ERR_INVALID = (1 << 31) | 3
+REP_ERR_TLS_REQD = (1 << 31) | 5
+REP_ERR_UNKNOWN = (1 << 31) | 6
 INFO_EXPORT, INFO_BLOCK_SIZE = 0, 3
 
 CMD_READ, CMD_WRITE, CMD_DISC, CMD_FLUSH, CMD_TRIM, CMD_CACHE, CMD_WRITE_ZEROES, CMD_BLOCK_STATUS = range(8)
@@ -60,10 +64,17 @@ class Reply:
 
 
 class RawClient:
-    def __init__(self, path: str, timeout: float = 10.0) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    """Connects to a Unix socket ``path``, or to a TCP ``(host, port)`` (from ``source`` if given)."""
+
+    def __init__(self, path: str | tuple[str, int], timeout: float = 10.0, source: str | None = None) -> None:
+        if isinstance(path, tuple):
+            self.sock = socket.socket(socket.AF_INET6 if ":" in path[0] else socket.AF_INET, socket.SOCK_STREAM)
+            if source is not None:
+                self.sock.bind((source, 0))
+        else:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
-        self.sock.connect(str(path))
+        self.sock.connect(path if isinstance(path, tuple) else str(path))
         self.extended = False
         self.structured = False
         self.size = 0
@@ -103,7 +114,7 @@ class RawClient:
         try:
             while self.sock.recv(65536):
                 pass
-        except ConnectionResetError:
+        except (ConnectionResetError, BrokenPipeError, ssl.SSLError):
             return True
         except TimeoutError:
             return False
@@ -136,6 +147,11 @@ class RawClient:
             out.append((rtype, payload))
             if rtype == REP_ACK or rtype & (1 << 31):
                 return out
+
+    def starttls(self, ctx: ssl.SSLContext, hostname: str | None = "localhost") -> None:
+        """STARTTLS; on its ACK, run the TLS handshake on this socket (later traffic is TLS)."""
+        assert self.option(OPT_STARTTLS) == [(REP_ACK, b"")], "STARTTLS refused"
+        self.sock = ctx.wrap_socket(self.sock, server_hostname=hostname)
 
     def go(self, name: str = "", *, extended: bool = False, structured: bool = True, contexts=()) -> None:
         """Negotiate (extended headers or structured replies, meta contexts) and enter transmission."""

@@ -14,7 +14,16 @@ from pathlib import Path
 
 from tests.util import REPO, run
 
-JOBS = ("seq-read", "rand-read", "rand-read-2conn", "nbdcopy", "seq-write", "rand-write")
+JOBS = (
+    "seq-read",
+    "rand-read",
+    "rand-read-2conn",
+    "nbdcopy",
+    "seq-write",
+    "rand-write",
+    "tls-seq-read",
+    "tls-rand-read",
+)
 
 
 def test_quick_bench_produces_a_table(tmp_path: Path) -> None:

@@ -236,6 +236,51 @@ def test_bytes_after_go_are_kept_for_transmission(split: str) -> None:
     assert hs.buffered == 0
 
 
+# -- STARTTLS: the codec keeps parsing after the upgrade; early bytes break the protocol ------
+
+STARTTLS = f"{OPT} 00000005 00000000"
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_starttls_then_options_over_tls(split: str) -> None:
+    """Before the ACK the client sends nothing more; afterwards (decrypted) options parse as usual."""
+    out: list = []
+    hs = decode(h(f"{FIXED} {STARTTLS}"), split, out)
+    assert out == [F1, SimpleOption(C.OPT_STARTTLS, False)]
+    hs.starttls()
+    assert hs.tls
+    for c in chunks(h(f"{OPT} 00000008 00000000 {OPT} 00000003 00000000"), split):
+        hs.receive_data(c)
+        while (ev := hs.next_event()) is not None:
+            out.append(ev)
+    assert out[2:] == [SimpleOption(C.OPT_STRUCTURED_REPLY, False), SimpleOption(C.OPT_LIST, False)]
+
+
+@pytest.mark.parametrize(
+    "early",
+    [
+        pytest.param("16 0301 0200", id="client-hello-before-the-ack"),
+        pytest.param(f"{OPT} 00000003 00000000", id="plaintext-option-before-the-ack"),
+        pytest.param("00", id="one-byte"),
+    ],
+)
+def test_bytes_behind_starttls_are_a_protocol_error(early: str) -> None:
+    hs = ServerHandshake()
+    hs.receive_data(h(f"{FIXED} {STARTTLS} {early}"))
+    assert hs.next_event() == F1
+    assert hs.next_event() == SimpleOption(C.OPT_STARTTLS, False)
+    with pytest.raises(ProtocolError, match="after STARTTLS"):
+        hs.starttls()
+    assert not hs.tls
+
+
+def test_starttls_counts_against_the_option_limit() -> None:
+    out: list = []
+    with pytest.raises(ProtocolError):
+        decode(h(f"{FIXED} {STARTTLS} {STARTTLS} {STARTTLS}"), "whole", out, max_options=2)
+    assert out == [F1, SimpleOption(C.OPT_STARTTLS, False), SimpleOption(C.OPT_STARTTLS, False)]
+
+
 # -- protocol errors: the connection must be dropped ----------------------------------------
 
 PROTOCOL_ERRORS = [
@@ -297,6 +342,9 @@ ENCODE = [
     ("err-invalid", lambda: rep_error(C.OPT_LIST, C.REP_ERR_INVALID), f"{REP} 00000003 80000003 00000000"),
     ("err-platform", lambda: rep_error(C.OPT_GO, C.REP_ERR_PLATFORM), f"{REP} 00000007 80000004 00000000"),
     ("err-tls-reqd", lambda: rep_error(C.OPT_GO, C.REP_ERR_TLS_REQD), f"{REP} 00000007 80000005 00000000"),
+    ("ack-starttls", lambda: rep_ack(C.OPT_STARTTLS), f"{REP} 00000005 00000001 00000000"),
+    ("err-invalid-second-starttls", lambda: rep_error(C.OPT_STARTTLS, C.REP_ERR_INVALID),
+     f"{REP} 00000005 80000003 00000000"),
     ("err-unknown", lambda: rep_error(C.OPT_INFO, C.REP_ERR_UNKNOWN), f"{REP} 00000006 80000006 00000000"),
     ("err-shutdown", lambda: rep_error(C.OPT_GO, C.REP_ERR_SHUTDOWN), f"{REP} 00000007 80000007 00000000"),
     ("err-block-size-reqd", lambda: rep_error(C.OPT_GO, C.REP_ERR_BLOCK_SIZE_REQD),

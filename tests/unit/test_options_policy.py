@@ -8,6 +8,10 @@ an error reply's u32 length and free-text UTF-8 message (whose wording is not pa
 
 Exports served: ``disk`` (1 MiB raw, writable, description "test disk"), ``ro`` (64 KiB raw,
 read-only, no description) and ``bad`` (failed to open).  Real raw images, opened once per module.
+
+TLS and access tables: a ``|`` in a client stream is where the TLS handshake happens (the option
+before it must be an accepted STARTTLS; the bytes after it are what TLS delivers, decrypted).
+Their scenarios (``SCENARIOS``) give the TLS mode, the access rules and who the client is.
 """
 
 from __future__ import annotations
@@ -17,12 +21,24 @@ import struct
 
 import pytest
 
+from nbdserve.authz import AccessRules, Peer, parse_dn
 from nbdserve.cache import ClusterCache
 from nbdserve.image import ImageSpec, open_image
 from nbdserve.protocol import constants as C
 from nbdserve.protocol.handshake import ServerHandshake
 from nbdserve.server.exports import Export, ExportTable
-from nbdserve.server.options import CLOSE, CONTEXT_IDS, CONTINUE, TRANSMIT, Negotiation, select_contexts
+from nbdserve.server.options import (
+    CLOSE,
+    CONTEXT_IDS,
+    CONTINUE,
+    FORCEDTLS,
+    SELECTIVETLS,
+    STARTTLS,
+    TRANSMIT,
+    Negotiation,
+    Policy,
+    select_contexts,
+)
 
 OPT = "49484156454f5054"  # 'IHAVEOPT'
 REP = "0003e889045565a9"  # option reply magic
@@ -228,17 +244,27 @@ def exports(tmp_path_factory):
     asyncio.run(close_both())
 
 
-def negotiate(exports: ExportTable, client: bytes, split: str):
-    """Run the handshake; returns (server bytes, last outcome, negotiation, handshake)."""
-    hs, neg, out, last = ServerHandshake(), Negotiation(exports), bytearray(), None
-    pieces = [client] if split == "whole" else [client[i : i + 1] for i in range(len(client))]
-    for piece in pieces:
-        hs.receive_data(piece)
-        while (ev := hs.next_event()) is not None:
-            last = neg.answer(ev)
-            out += last.data
-            if last.action != CONTINUE:
-                return bytes(out), last, neg, hs
+def negotiate(exports: ExportTable, client: bytes | list[bytes], split: str, neg: Negotiation | None = None, tls=None):
+    """Run the handshake; returns (server bytes, last outcome, negotiation, handshake).
+
+    ``client`` may be a list of segments with a TLS handshake between each two: the last option
+    of a segment must be an accepted STARTTLS, after which ``neg.tls_started(*tls)`` runs."""
+    hs, out, last = ServerHandshake(), bytearray(), None
+    neg = neg if neg is not None else Negotiation(exports)
+    segments = client if isinstance(client, list) else [client]
+    for n, segment in enumerate(segments):
+        if n:
+            assert last is not None and last.action == STARTTLS, "a TLS handshake needs an accepted STARTTLS"
+            hs.starttls()
+            neg.tls_started(*(tls or ()))
+        pieces = [segment] if split == "whole" else [segment[i : i + 1] for i in range(len(segment))]
+        for piece in pieces:
+            hs.receive_data(piece)
+            while (ev := hs.next_event()) is not None:
+                last = neg.answer(ev)
+                out += last.data
+                if last.action not in (CONTINUE, STARTTLS):
+                    return bytes(out), last, neg, hs
     return bytes(out), last, neg, hs
 
 
@@ -332,3 +358,188 @@ def test_select_contexts(queries: tuple, listing: bool, expected: list) -> None:
 
 def test_context_ids_are_unique_and_nonzero() -> None:
     assert sorted(CONTEXT_IDS.values()) == list(range(1, len(CONTEXT_IDS) + 1))
+
+
+# -- TLS (the spec's NOTLS, FORCEDTLS and SELECTIVETLS answers) and access rules ----------------
+
+STARTTLS_OPT = f"{OPT} 00000005 00000000"
+STARTTLS_ACK = f"{REP} 00000005 00000001 00000000"
+SECRET = "736563726574"  # 'secret', the TLS-only export of the SELECTIVETLS scenarios
+GO_SECRET = f"{OPT} 00000007 0000000c 00000006 {SECRET} 0000"
+EXPORT_SECRET = f"{OPT} 00000001 00000006 {SECRET}"
+SET_SECRET = f"{OPT} 0000000a 00000021 00000006 {SECRET} 00000001 0000000f {BASE_ALLOC}"
+GO_DISK_REPLY = GO_DISK_REPLY_DF.replace("0ded", "0d6d")  # structured replies not negotiated
+LIST_DISK = f"{REP} 00000003 00000002 00000011 00000004 {DISK} 74657374206469736b"
+LIST_SECRET = f"{REP} 00000003 00000002 0000000a 00000006 {SECRET}"
+LIST_ACK = f"{REP} 00000003 00000001 00000000"
+LAN = "6c616e"  # 'lan': an export only 10.0.0.0/8 and uid 0 may use
+GO_BOSS = f"{OPT} 00000007 0000000a 00000004 626f7373 0000"  # 'boss': only ALICE's certificate
+GO_LAN = f"{OPT} 00000007 00000009 00000003 {LAN} 0000"
+EXPORT_LAN = f"{OPT} 00000001 00000003 {LAN}"
+LIST_LAN = f"{REP} 00000003 00000002 00000007 00000003 {LAN}"
+INFO_NOPE = f"{OPT} 00000006 0000000a 00000004 6e6f7065 0000"
+# every option but STARTTLS, ABORT and EXPORT_NAME: known, unknown, malformed
+EVERY_OPTION = (
+    f"{LIST} {OPT} 00000006 0000000a 00000004 {DISK} 0000 {GO_DISK} {SR} {EH} {SET_BASE} "
+    f"{OPT} 00000009 0000000c 00000004 {DISK} 00000000 {OPT} 00000004 00000000 {OPT} 07654321 00000002 abcd "
+    f"{OPT} 00000006 00000000"
+)
+EVERY_OPTION_CODES = ("03", "06", "07", "08", "0b", "0a", "09", "04", "07654321", "06")
+ALICE, MALLORY = "CN=alice,O=nbdserve tests", "CN=mallory,O=nbdserve tests"
+
+
+def every_option_answered(error: str) -> str:
+    return " ".join(f"{REP} {code.rjust(8, '0')} {error} *" for code in EVERY_OPTION_CODES)
+
+
+def scenario(name: str, exports: ExportTable) -> tuple[ExportTable, Negotiation]:
+    """The exports, policy and client of a named scenario."""
+    disk, ro = exports.get("disk"), exports.get("ro")
+    secret = Export("secret", "", True, ro.image, tls_only=True)
+    lan = Export("lan", "", True, ro.image, access=AccessRules.build("export 'lan'", ["10.0.0.0/8", "uid:0"]))
+    local = Peer.from_address("127.0.0.1")
+    table, policy, peer = ExportTable([disk, secret]), Policy(), local
+    if name == "forced":
+        policy = Policy(FORCEDTLS)
+    elif name == "selective":
+        policy = Policy(SELECTIVETLS)
+    elif name == "forced-alice-only":
+        policy = Policy(FORCEDTLS, AccessRules.build("[server]", identities=[ALICE]))
+        table = ExportTable([disk])
+    elif name in ("address-refused", "address-refused-forced"):
+        policy = Policy(FORCEDTLS if name.endswith("forced") else SELECTIVETLS, AccessRules.build("[server]", ["::1"]))
+        table = ExportTable([disk])
+    elif name in ("export-rules", "export-rules-unknown", "export-rules-uid0", "export-rules-uid1000"):
+        table, policy = ExportTable([disk, lan]), Policy(refuse_as_unknown=name == "export-rules-unknown")
+        peer = Peer(uid=int(name[16:])) if "uid" in name else local
+    elif name == "export-dn":
+        boss = Export("boss", "", True, ro.image, access=AccessRules.build("export 'boss'", identities=[ALICE]))
+        table, policy = ExportTable([disk, boss]), Policy(SELECTIVETLS)
+    elif name == "limit":
+        table = ExportTable([disk, Export("one", "", True, ro.image, max_connections=1, connections=1)])
+    else:
+        raise AssertionError(name)
+    return table, Negotiation(table, policy, peer)
+
+
+# Columns: id, scenario, client (| = TLS handshake), expected server bytes, final action,
+# TLS identity shown after the handshake (DN text or "")
+TLS_CASES = [
+    # -- FORCEDTLS: before TLS, everything but STARTTLS and ABORT is ERR_TLS_REQD ------------------
+    ("forced-every-option-tls-reqd", "forced", f"{FIXED} {EVERY_OPTION} {ABORT}",
+     f"{every_option_answered('80000005')} {ABORT_ACK}", CLOSE, ""),
+    ("forced-export-name-before-tls-closes", "forced", f"{FIXED} {EXPORT_DISK}", "", CLOSE, ""),
+    ("forced-starttls-with-data-err-invalid", "forced", f"{FIXED} {OPT} 00000005 00000002 abcd",
+     f"{REP} 00000005 80000003 *", CONTINUE, ""),
+    ("forced-starttls-ack-then-list", "forced", f"{FIXED} {STARTTLS_OPT} | {LIST}",
+     f"{STARTTLS_ACK} {LIST_DISK} {LIST_SECRET} {LIST_ACK}", CONTINUE, ""),
+    ("forced-second-starttls-err-invalid", "forced", f"{FIXED} {STARTTLS_OPT} | {STARTTLS_OPT} {GO_DISK}",
+     f"{STARTTLS_ACK} {REP} 00000005 80000003 * {GO_DISK_REPLY}", TRANSMIT, ""),
+    ("forced-after-tls-export-name", "forced", f"{FIXED_NZ} {STARTTLS_OPT} | {EXPORT_DISK}",
+     f"{STARTTLS_ACK} 0000000000100000 0d6d", TRANSMIT, ""),
+    ("forced-after-tls-unknown-export-err-unknown", "forced", f"{FIXED} {STARTTLS_OPT} | {INFO_NOPE}",
+     f"{STARTTLS_ACK} {REP} 00000006 80000006 *", CONTINUE, ""),
+    # -- SELECTIVETLS: TLS-only exports hidden and refused with ERR_TLS_REQD before TLS --------------
+    ("selective-list-hides-tls-only", "selective", f"{FIXED} {LIST}", f"{LIST_DISK} {LIST_ACK}", CONTINUE, ""),
+    ("selective-list-after-tls-shows-all", "selective", f"{FIXED} {LIST} {STARTTLS_OPT} | {LIST}",
+     f"{LIST_DISK} {LIST_ACK} {STARTTLS_ACK} {LIST_DISK} {LIST_SECRET} {LIST_ACK}", CONTINUE, ""),
+    ("selective-go-tls-only-err-tls-reqd", "selective", f"{FIXED} {GO_SECRET}", f"{REP} 00000007 80000005 *",
+     CONTINUE, ""),
+    ("selective-info-unknown-err-tls-reqd", "selective", f"{FIXED} {INFO_NOPE}", f"{REP} 00000006 80000005 *",
+     CONTINUE, ""),
+    ("selective-export-name-tls-only-closes", "selective", f"{FIXED} {EXPORT_SECRET}", "", CLOSE, ""),
+    ("selective-set-meta-tls-only-err-unknown", "selective", f"{FIXED} {SR} {SET_SECRET}",
+     f"{SR_ACK} {REP} 0000000a 80000006 *", CONTINUE, ""),
+    ("selective-plain-export-served-without-tls", "selective", f"{FIXED} {SR} {GO_DISK}",
+     f"{SR_ACK} {GO_DISK_REPLY_DF}", TRANSMIT, ""),
+    ("selective-go-tls-only-after-tls", "selective", f"{FIXED} {STARTTLS_OPT} | {GO_SECRET}",
+     f"{STARTTLS_ACK} {GO_RO_REPLY}", TRANSMIT, ""),
+    ("selective-state-forgotten-after-starttls", "selective", f"{FIXED} {SR} {SET_BASE} {STARTTLS_OPT} | {GO_DISK}",
+     f"{SR_ACK} {META_SET_BASE} {SET_ACK} {STARTTLS_ACK} {GO_DISK_REPLY}", TRANSMIT, ""),
+    ("selective-eh-forgotten-after-starttls", "selective", f"{FIXED} {EH} {STARTTLS_OPT} | {SR} {GO_DISK}",
+     f"{EH_ACK} {STARTTLS_ACK} {SR_ACK} {GO_DISK_REPLY_DF}", TRANSMIT, ""),
+    ("selective-second-starttls-err-invalid", "selective", f"{FIXED} {STARTTLS_OPT} | {STARTTLS_OPT}",
+     f"{STARTTLS_ACK} {REP} 00000005 80000003 *", CONTINUE, ""),
+    # -- server-wide rules --------------------------------------------------------------------
+    ("address-refused-every-option-err-policy", "address-refused",
+     f"{FIXED} {EVERY_OPTION} {STARTTLS_OPT} {ABORT}",
+     f"{every_option_answered('80000002')} {REP} 00000005 80000002 * {ABORT_ACK}", CLOSE, ""),
+    ("address-refused-before-tls-reqd", "address-refused-forced", f"{FIXED} {LIST} {STARTTLS_OPT}",
+     f"{REP} 00000003 80000002 * {REP} 00000005 80000002 *", CONTINUE, ""),
+    ("address-refused-export-name-closes", "address-refused", f"{FIXED} {EXPORT_DISK}", "", CLOSE, ""),
+    ("identity-rule-tls-reqd-before-tls", "forced-alice-only", f"{FIXED} {LIST} {STARTTLS_OPT} | {LIST}",
+     f"{REP} 00000003 80000005 * {STARTTLS_ACK} {LIST_DISK} {LIST_ACK}", CONTINUE, ALICE),
+    ("identity-rule-other-dn-err-policy", "forced-alice-only", f"{FIXED} {STARTTLS_OPT} | {LIST} {GO_DISK}",
+     f"{STARTTLS_ACK} {REP} 00000003 80000002 * {REP} 00000007 80000002 *", CONTINUE, MALLORY),
+    ("identity-rule-no-certificate-err-policy", "forced-alice-only", f"{FIXED} {STARTTLS_OPT} | {EXPORT_DISK}",
+     STARTTLS_ACK, CLOSE, ""),
+    # -- an export's own rules ----------------------------------------------------------------
+    ("export-rules-list-hides-refused", "export-rules", f"{FIXED} {LIST}", f"{LIST_DISK} {LIST_ACK}", CONTINUE, ""),
+    ("export-rules-go-err-policy", "export-rules", f"{FIXED} {GO_LAN} {GO_DISK}",
+     f"{REP} 00000007 80000002 * {GO_DISK_REPLY}", TRANSMIT, ""),
+    ("export-rules-refused-looks-unknown", "export-rules-unknown", f"{FIXED} {GO_LAN}", f"{REP} 00000007 80000006 *",
+     CONTINUE, ""),
+    ("export-rules-set-meta-err-policy", "export-rules", f"{FIXED} {SR} {OPT} 0000000a 0000001e 00000003 {LAN} "
+     f"00000001 0000000f {BASE_ALLOC}", f"{SR_ACK} {REP} 0000000a 80000002 *", CONTINUE, ""),
+    ("export-rules-export-name-closes", "export-rules", f"{FIXED} {EXPORT_LAN}", "", CLOSE, ""),
+    ("export-rules-uid-allowed", "export-rules-uid0", f"{FIXED} {LIST} {GO_LAN}",
+     f"{LIST_DISK} {LIST_LAN} {LIST_ACK} {GO_RO_REPLY}", TRANSMIT, ""),
+    ("export-rules-uid-refused", "export-rules-uid1000", f"{FIXED} {GO_LAN}", f"{REP} 00000007 80000002 *",
+     CONTINUE, ""),
+    ("export-dn-refused-before-tls", "export-dn", f"{FIXED} {GO_BOSS} {LIST}",
+     f"{REP} 00000007 80000002 * {LIST_DISK} {LIST_ACK}", CONTINUE, ""),
+    ("export-dn-served-to-alice", "export-dn", f"{FIXED} {STARTTLS_OPT} | {GO_BOSS}",
+     f"{STARTTLS_ACK} {GO_RO_REPLY}", TRANSMIT, ALICE),
+    ("export-dn-refused-to-mallory", "export-dn",
+     f"{FIXED} {STARTTLS_OPT} | {GO_BOSS} {GO_DISK}",
+     f"{STARTTLS_ACK} {REP} 00000007 80000002 * {GO_DISK_REPLY}", TRANSMIT, MALLORY),
+    # -- connection limit ---------------------------------------------------------------------
+    ("limit-go-err-policy-info-still-answered", "limit", f"{FIXED} {OPT} 00000007 00000009 00000003 6f6e65 0000 "
+     f"{OPT} 00000006 00000009 00000003 6f6e65 0000", f"{REP} 00000007 80000002 * "
+     + GO_RO_REPLY.replace(f"{REP} 00000007", f"{REP} 00000006"), CONTINUE, ""),
+    ("limit-export-name-closes", "limit", f"{FIXED} {OPT} 00000001 00000003 6f6e65", "", CLOSE, ""),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("split", ["whole", "bytewise"])
+@pytest.mark.parametrize(
+    ("name", "client", "server", "action", "dn"), [pytest.param(*c[1:], id=c[0]) for c in TLS_CASES]
+)
+def test_tls_and_access(exports, name: str, client: str, server: str, action: str, dn: str, split: str) -> None:
+    table, neg = scenario(name, exports)
+    segments = [bytes.fromhex(seg) for seg in client.split("|")]
+    out, last, neg, hs = negotiate(table, segments, split, neg, tls=(dn, parse_dn(dn) if dn else None))
+    assert out.hex(" ") == expected_bytes(server, out).hex(" ")
+    assert last is not None and last.action == action
+    assert neg.tls == ("|" in client)
+    if action == CONTINUE:
+        assert hs.buffered == 0
+    if action == CLOSE:
+        assert last.reason
+
+
+def test_err_tls_reqd_never_without_tls_configured(exports) -> None:
+    """NOTLS: every option of every kind, none answered ERR_TLS_REQD."""
+    out, *_ = negotiate(exports, bytes.fromhex(f"{FIXED} {EVERY_OPTION} {STARTTLS_OPT} {GO_SECRET}"), "whole")
+    assert "80000005" not in out.hex()
+
+
+def test_refusal_logged_once_per_rule(exports) -> None:
+    _, neg = scenario("address-refused", exports)
+    notes = []
+    hs = ServerHandshake()
+    hs.receive_data(bytes.fromhex(f"{FIXED} {LIST} {GO_DISK} {LIST}"))
+    while (ev := hs.next_event()) is not None:
+        notes.append(neg.answer(ev).refusal)
+    assert notes[0] == ""  # client flags
+    assert "127.0.0.1" in notes[1] and "[server] allow = ::1" in notes[1]
+    assert notes[2:] == ["", ""]
+
+
+def test_starttls_ack_only_when_the_session_can_upgrade(exports) -> None:
+    """The outcome of an accepted STARTTLS asks the session to upgrade; the negotiation does not
+    consider TLS up until ``tls_started``."""
+    table, neg = scenario("forced", exports)
+    _, last, neg, _ = negotiate(table, bytes.fromhex(f"{FIXED} {STARTTLS_OPT}"), "whole", neg)
+    assert last.action == STARTTLS and last.data == bytes.fromhex(STARTTLS_ACK)
+    assert not neg.tls
