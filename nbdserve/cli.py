@@ -25,10 +25,13 @@ from .config import (
     load_toml,
     merge,
     parse_export_spec,
+    parse_image_opts,
     parse_size,
+    secrets_from,
     tls_settings,
     validate,
 )
+from .crypto.secret import SecretError
 from .objects import ObjectError, ObjectTable
 from .server.tls import PSK_PYTHON_TEXT
 
@@ -38,7 +41,7 @@ DEMO_SIZE = 1 << 30
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="nbdserve",
-        description="Serve disk images (raw, qcow2, qed, vpc, vhdx) over the NBD protocol.",
+        description="Serve disk images (raw, qcow2, qed, vpc, vhdx, luks) over the NBD protocol.",
         epilog="With no IMAGE, --export or --config, a sparse 1 GiB demo image is created and served.",
     )
     p.add_argument("image", nargs="?", metavar="IMAGE", help="image file to serve (export name: -x, default '')")
@@ -61,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="image format (default: probe; raw needs -f raw for images with another format's magic)",
     )
     g.add_argument("-r", "--read-only", action="store_true", help="serve read-only")
+    g.add_argument(
+        "--image-opts",
+        action="store_true",
+        help="IMAGE is qemu-nbd's option string: driver=FMT,file.filename=PATH[,key-secret=ID] "
+        "(encrypted qcow2: encrypt.key-secret=ID; the secret from --object secret,id=ID,file=PATH)",
+    )
     g.add_argument("-D", "--description", default="", help="export description shown to clients")
     g.add_argument("-s", "--snapshot", action="store_true", help="write to a temporary overlay, discarded at exit")
     g.add_argument("-l", "--load-snapshot", metavar="NAME", help="serve a qcow2 internal snapshot (read-only)")
@@ -125,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="TYPE,id=ID,...",
-        help="define tls-creds-x509, tls-creds-psk or authz-simple as qemu-nbd does (',,' is a literal comma)",
+        help="define tls-creds-x509, tls-creds-psk, authz-simple or secret (an encrypted image's passphrase: "
+        "data=TEXT or file=PATH, format=raw|base64) as qemu-nbd does (',,' is a literal comma)",
     )
     g.add_argument(
         "--allow",
@@ -189,12 +199,16 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     if args.image is None and not exports:
         args.image, demo = demo_image(), True
     if args.image is not None:
+        opts = parse_image_opts(args.image) if args.image_opts else {"path": args.image}
+        if args.image_opts and args.format:
+            raise ConfigError("--image-opts names the format (driver=...); -f is not allowed with it")
         exports.append(
             ExportConfig(
                 name=args.export_name,
-                path=args.image,
-                format=args.format,
-                readonly=args.read_only,
+                path=opts["path"],
+                format=opts.get("format", args.format),
+                readonly=args.read_only or opts.get("readonly", False),
+                key_secret=opts.get("key_secret"),
                 description=args.description or ("nbdserve demo image" if demo else ""),
                 snapshot=args.snapshot,
                 load_snapshot=args.load_snapshot,
@@ -226,6 +240,10 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         raise ConfigError(str(e)) from None
     cfg = merge(cfg, **tls_settings(objects, args.tls_creds, args.tls_authz))
     cfg = merge(cfg, tls_verify_peer=args.tls_verify_peer)
+    try:
+        cfg = merge(cfg, secrets=cfg.secrets.merged(secrets_from(objects)))
+    except SecretError as e:
+        raise ConfigError(str(e)) from None
     return validate(
         merge(
             cfg,

@@ -16,7 +16,7 @@ from typing import Any
 from .authz import AccessRules, RuleError
 from .cache import DEFAULT_CACHE_SIZE
 from .crypto.secret import SecretError, Secrets, load_secrets
-from .objects import ObjectError, ObjectTable
+from .objects import ObjectError, ObjectTable, split_options
 from .protocol.constants import MAX_STRING
 
 DEFAULT_PORT = 10809
@@ -327,6 +327,56 @@ def tls_settings(objects: ObjectTable, creds: str | None, authz_ids: list[str]) 
     return out
 
 
+def secrets_from(objects: ObjectTable) -> Secrets:
+    """The ``--object secret,...`` definitions, resolved in command-line order."""
+    try:
+        return load_secrets((o.id, o.props) for o in objects.of_type("secret"))
+    except SecretError as e:
+        raise ConfigError(f"--object secret: {e}") from None
+
+
+# --image-opts keys nbdserve understands (qemu-nbd's spelling) -> ExportConfig fields.
+_IMAGE_OPTS = {
+    "driver": "format",
+    "file.filename": "path",
+    "file": "path",
+    "key-secret": "key_secret",  # driver=luks
+    "encrypt.key-secret": "key_secret",  # driver=qcow2
+    "read-only": "readonly",
+}
+_ON, _OFF = ("on", "yes", "true"), ("off", "no", "false")
+
+
+def parse_image_opts(text: str) -> dict[str, Any]:
+    """``--image-opts`` IMAGE: ``driver=FMT,file.filename=PATH[,key-secret=ID|encrypt.key-secret=ID]
+    [,encrypt.format=luks|aes][,read-only=on]`` -> ExportConfig fields (``,,`` is a comma)."""
+    out: dict[str, Any] = {}
+    for item in split_options(text):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ConfigError(f"--image-opts: {item!r} is not key=value")
+        if key == "encrypt.format":
+            if value not in ("luks", "aes"):
+                raise ConfigError(f"--image-opts: encrypt.format must be luks or aes, not {value!r}")
+            continue  # the image's header says which; nothing to choose
+        name = _IMAGE_OPTS.get(key)
+        if name is None:
+            known = ", ".join([*_IMAGE_OPTS, "encrypt.format"])
+            raise ConfigError(f"--image-opts: option {key!r} is not supported (known: {known})")
+        if name in out:
+            raise ConfigError(f"--image-opts: {name.replace('_', '-')} given twice")
+        if name == "readonly":
+            if value.lower() not in _ON + _OFF:
+                raise ConfigError(f"--image-opts: read-only={value!r} is not on or off")
+            value = value.lower() in _ON
+        out[name] = value
+    if "path" not in out:
+        raise ConfigError("--image-opts needs file.filename=PATH")
+    if out.get("format") == "file":
+        out["format"] = "raw"
+    return out
+
+
 def merge(base: ServerConfig, **overrides: Any) -> ServerConfig:
     return replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
@@ -341,7 +391,9 @@ __all__ = [
     "load_toml",
     "merge",
     "parse_export_spec",
+    "parse_image_opts",
     "parse_size",
+    "secrets_from",
     "tls_settings",
     "validate",
 ]
