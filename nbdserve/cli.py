@@ -1,7 +1,7 @@
 """Command line -> ``ServerConfig`` -> ``server.app.run``.  No serving logic lives here.
 
 Flags follow qemu-nbd where it has one (``-p -b -k -x -f -r -D -e -t -s -l --fork --pid-file``,
-``--object``, ``--tls-creds``, ``--tls-authz``); ``--export``, ``--config``, ``--stdio``,
+``--object``, ``--image-opts``, ``--tls-creds``, ``--tls-authz``); ``--export``, ``--config``, ``--stdio``,
 ``--cache-size``, ``--tls``, ``--tls-verify-peer``, ``--tls-psk``, ``--allow`` and ``--refuse-as``
 are nbdserve's own.  With no image at
 all, a sparse demo image is created and served.

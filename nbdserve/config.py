@@ -2,7 +2,10 @@
 
 Owns the merge rule: command-line flags override ``[server]`` settings of ``--config FILE``;
 exports are the union of the file's ``[[export]]`` tables, ``--export`` flags and the positional
-image (in that order).  Export names must be unique.  Nothing here opens files or sockets.
+image (in that order).  Export names must be unique.  Secrets (encryption passphrases) are the
+union of the file's ``[[secret]]`` tables and ``--object secret`` definitions (ids unique); an
+export's ``key-secret`` must name one.  Nothing here opens images or sockets (secret files are
+read here, as QEMU reads them when the object is defined).
 """
 
 from __future__ import annotations
