@@ -94,3 +94,21 @@ def test_toml_secrets_and_key_secret(tmp_path):
     cfg.write_text('[[secret]]\nid = "s"\n')
     with pytest.raises(ConfigError, match="exactly one of data= or file="):
         load_toml(str(cfg))
+
+
+def test_deploy_config_encrypted_export_example(tmp_path):
+    """The commented encrypted-export example in deploy/nbdserve.toml parses once uncommented."""
+    from pathlib import Path
+
+    from nbdserve.cli import build_parser, config_from_args
+
+    text = (Path(__file__).resolve().parents[2] / "deploy" / "nbdserve.toml").read_text()
+    at = text.index("# An encrypted image")
+    lines = [ln[1:] if ln.startswith("#") and not ln.startswith("# ") else ln for ln in text[at:].splitlines()]
+    pw = tmp_path / "vault.pass"
+    pw.write_bytes(b"s3cret")
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(text[:at] + "\n".join(lines).replace("/etc/nbdserve/vault.pass", str(pw)) + "\n")
+    c = config_from_args(build_parser().parse_args(["--config", str(cfg)]))
+    vault = [e for e in c.exports if e.name == "vault"]
+    assert vault and vault[0].key_secret == "vault-key" and c.secrets["vault-key"] == b"s3cret"
