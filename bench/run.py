@@ -55,7 +55,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PATH": f"/usr/bin:{os.environ.get('PATH', '')}", "PYTHONPATH": str(REPO)}
 MiB = 1 << 20
-ALL_FORMATS = ("raw", "qcow2", "qed", "vpc", "vhdx", "luks")
+ALL_FORMATS = ("raw", "qcow2", "qed", "vpc", "vhdx", "vmdk", "vdi", "luks")
 ALL_SERVERS = ("nbdserve", "qemu-nbd", "nbdkit")
 # qemu-img create/convert options per format: exact virtual size for VHD (no CHS rounding).
 CREATE_OPTS = {"vpc": ["-o", "subformat=dynamic,force_size=on"]}

@@ -41,7 +41,7 @@ DEMO_SIZE = 1 << 30
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="nbdserve",
-        description="Serve disk images (raw, qcow2, qed, vpc, vhdx, luks) over the NBD protocol.",
+        description="Serve disk images (raw, qcow2, qed, vpc, vhdx, vmdk, vdi, luks) over the NBD protocol.",
         epilog="With no IMAGE, --export or --config, a sparse 1 GiB demo image is created and served.",
     )
     p.add_argument("image", nargs="?", metavar="IMAGE", help="image file to serve (export name: -x, default '')")

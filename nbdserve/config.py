@@ -23,7 +23,7 @@ from .objects import ObjectError, ObjectTable, split_options
 from .protocol.constants import MAX_STRING
 
 DEFAULT_PORT = 10809
-FORMATS = ("raw", "qcow2", "qed", "vpc", "vhdx", "luks")
+FORMATS = ("raw", "qcow2", "qed", "vpc", "vhdx", "vmdk", "vdi", "luks")
 REPAIR_MODES = ("off", "leaks", "all")
 
 

@@ -25,8 +25,9 @@ Lock order: image rwlock (only when align > 1) -> driver CoMutex -> cache.
 from __future__ import annotations
 
 import errno
+import functools
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 from .blockfile import BlockFile
@@ -94,8 +95,8 @@ class Image:
         self._memo: dict[int, int] = {}
         self._map_bits = driver.map_bits
         self._map_mask = (1 << driver.map_bits) - 1
-        self._data_file = driver.file
-        self._data_fd = driver.file.fd
+        self._data_file = driver.map_file or driver.file
+        self._data_fd = self._data_file.fd
         driver.mappings_changed = self.forget_mappings
         cache.memo_owners.add(self)
 
@@ -424,6 +425,7 @@ async def _open_layer(
         if key in seen:
             raise ImageError(path, "backing chain loops back to this file")
         seen.add(key)
+        options = replace(options, resolve=functools.partial(resolve_backing, allowed=allowed))
         if fmt is None:
             head = file.pread(min(512, max(file.size, 0)), 0) if file.size else b""
             drv_cls = probe(bytes(head), file.size, path, raw_fallback=raw_fallback)
@@ -454,16 +456,17 @@ async def _open_layer(
         raise
 
 
-def resolve_backing(image_path: str, name: str, allowed: tuple[str, ...]) -> str:
-    """Backing file name -> path: relative to the image's directory, inside ``allowed``."""
+def resolve_backing(image_path: str, name: str, allowed: tuple[str, ...], what: str = "backing file") -> str:
+    """A file name an image records (its backing file; ``what`` says, e.g. a VMDK extent file)
+    -> path: relative to the image's directory, inside ``allowed``."""
     if not name:
-        raise ImageError(image_path, "empty backing file name")
+        raise ImageError(image_path, f"empty {what} name")
     if name.startswith("json:") or "://" in name or (":" in name.split("/")[0] and not os.path.exists(name)):
-        raise UnsupportedImage(image_path, f"backing file {name!r} is a protocol or json: name, not a file")
+        raise UnsupportedImage(image_path, f"{what} {name!r} is a protocol or json: name, not a file")
     base = os.path.dirname(os.path.realpath(image_path))
     candidate = os.path.realpath(os.path.join(base, name))
     if not any(os.path.commonpath([candidate, d]) == d for d in allowed):
-        raise ImageError(image_path, f"backing file {name!r} resolves to {candidate}, outside the allowed directories")
+        raise ImageError(image_path, f"{what} {name!r} resolves to {candidate}, outside the allowed directories")
     if not os.path.exists(candidate):
-        raise ImageError(image_path, f"backing file {name!r} not found (looked for {candidate})")
+        raise ImageError(image_path, f"{what} {name!r} not found (looked for {candidate})")
     return candidate

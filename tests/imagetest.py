@@ -7,14 +7,20 @@
 * Opening and reading images (``opened``, ``read_image``), QEMU's view of the same file
   (``qemu_raw``, ``qemu_map``, ``check_clean``, ``compare_with_model``) and ours in the same
   terms (``our_map``).
+* Crash states: ``Recorder`` logs every write, truncate and sync of an open image file;
+  ``file_after`` rebuilds the file as a crash at any point of that log may leave it.
+* The kill -9 oracle over NBD (``CrashOracle``, ``crash_workload``) and differential traces
+  (``random_trace``, ``replay_on_both``, ``assert_same_export``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 from pathlib import Path
 
+from nbdserve.blockfile import BlockFile
 from nbdserve.cache import ClusterCache
 from nbdserve.image import STATE_HOLE, STATE_ZERO, Image, ImageSpec, open_image
 from tests.util import qemu_img
@@ -126,6 +132,56 @@ def compare_with_model(path: Path, model: bytes | bytearray, tmp: Path, fmt: str
     p = run_cmd("qemu-img", "compare", "-f", fmt, "-F", "raw", path, ref, check=False)
     assert p.returncode == 0, p.stdout + p.stderr
     ref.unlink()
+
+
+class Recorder:
+    """Records every pwrite / truncate / fdatasync of one BlockFile, with the bytes replaced."""
+
+    def __init__(self, f: BlockFile, path: Path) -> None:
+        self.f, self.path = f, path
+        self.ops: list[tuple] = []  # ("w", off, old, new) | ("t", old_size, new_size) | ("sync",) | ("mark", name)
+        self.real = (f.pwrite, f.truncate, f.flush)
+        f.pwrite, f.truncate, f.flush = self.pwrite, self.truncate, self.flush
+
+    def pwrite(self, data, offset):
+        old = os.pread(self.f.fd, len(data), offset)
+        self.real[0](data, offset)
+        self.ops.append(("w", offset, old, bytes(data)))
+
+    def truncate(self, size):
+        old = self.f.size
+        self.real[1](size)
+        self.ops.append(("t", old, size))
+
+    async def flush(self):
+        await self.real[2]()
+        self.ops.append(("sync",))
+
+    def mark(self, name: str) -> None:
+        self.ops.append(("mark", name))
+
+    def restore(self) -> None:
+        self.f.pwrite, self.f.truncate, self.f.flush = self.real
+
+
+def file_after(base: bytes, ops: list[tuple], lose_unsynced: bool, keep_last: bool = False) -> bytes:
+    """The file after ``ops`` (a ``Recorder`` log).  ``lose_unsynced``: the writes and truncates
+    after the last sync are undone, except (``keep_last``) the very last one, which models a disk
+    that made a later write durable before earlier unsynced ones."""
+    last_sync = max((i for i, op in enumerate(ops) if op[0] == "sync"), default=-1)
+    last_io = max((i for i, op in enumerate(ops) if op[0] in ("w", "t")), default=-1)
+    buf = bytearray(base)
+    for i, op in enumerate(ops):
+        if lose_unsynced and i > last_sync and not (keep_last and i == last_io):
+            continue
+        if op[0] == "w":
+            _, off, _, new = op
+            if len(buf) < off + len(new):
+                buf += bytes(off + len(new) - len(buf))
+            buf[off : off + len(new)] = new
+        elif op[0] == "t":
+            buf = buf[: op[2]] + bytes(max(0, op[2] - len(buf)))
+    return bytes(buf)
 
 
 class CrashOracle:

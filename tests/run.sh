@@ -2,12 +2,18 @@
 # Install everything the test suite needs on a Debian 12 machine, then run the whole suite.
 #   bash tests/run.sh            # everything, VM end-to-end tests included
 #   bash tests/run.sh --no-vm    # skip the VM tests (any other pytest arguments pass through too)
+#   bash tests/run.sh --no-ceph  # skip the tests that start a Ceph cluster
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 PKGS=(qemu-utils qemu-system-x86 libnbd-bin python3-libnbd nbdkit fio nbd-client busybox-static
       e2fsprogs cpio python3-venv python3-dev gcc python3-libvhdi python3-libqcow gnutls-bin
+      # Ceph tests (tests/ceph, skip with --no-ceph): a single-node cluster, its Python bindings,
+      # QEMU's rbd: driver, and botocore from Debian (its version is what the S3 tests know).
+      ceph-mon ceph-mgr ceph-osd ceph-common radosgw python3-rados python3-rbd qemu-block-extra
+      python3-botocore
+      # Encryption tests: LUKS2 images are made by cryptsetup (no device mapper needed).
       cryptsetup-bin)
 missing=()
 for p in "${PKGS[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p"); done

@@ -13,8 +13,10 @@ from .luks import LuksDriver
 from .qcow2 import Qcow2Driver
 from .qed import QedDriver
 from .raw import RawDriver
+from .vdi import VdiDriver
 from .vhd import VhdDriver
 from .vhdx import VhdxDriver
+from .vmdk import VmdkDriver
 
 DRIVERS: tuple[type[FormatDriver], ...] = (
     RawDriver,
@@ -22,6 +24,8 @@ DRIVERS: tuple[type[FormatDriver], ...] = (
     QedDriver,
     VhdDriver,
     VhdxDriver,
+    VmdkDriver,
+    VdiDriver,
     LuksDriver,
 )
 

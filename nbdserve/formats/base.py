@@ -89,14 +89,25 @@ class OpenOptions:
     repair: str = "off"  # qcow2 inconsistencies found at a read-write open: off | leaks | all
     passphrase: bytes | None = None  # key-secret of an encrypted image (LUKS, qcow2 encryption)
     extra: dict[str, str] = field(default_factory=dict)
+    # Set by the image layer: ``resolve(image_path, name, what=...)`` turns a file name an image
+    # records for itself (VMDK extents) into a path inside the allowed directories, or raises
+    # ImageError naming ``what``.
+    resolve: ResolvePath | None = None
 
 
+ResolvePath = Callable[..., str]
 ReadBacking = Callable[[int, memoryview], Awaitable[None]]
 
 
 async def read_zeroes(offset: int, buf: memoryview) -> None:
     """``read_backing`` for a layer without a backing image."""
     buf[:] = bytes(len(buf))
+
+
+def zero_in_place(file: BlockFile, at: int, n: int, may_trim: bool) -> None:
+    """Make host bytes ``[at, at+n)`` read as zeroes: punch (if allowed), zero-range or write."""
+    if not ((may_trim and file.punch_hole(at, n)) or file.zero_range(at, n)):
+        file.write_zeroes(at, n)
 
 
 class FormatDriver:
@@ -112,6 +123,7 @@ class FormatDriver:
     backing: BackingRef | None = None
     read_backing: ReadBacking = staticmethod(read_zeroes)
     map_bits: int = 0  # log2 of the mapping granule; 0: no map_now
+    map_file: BlockFile | None = None  # the file map_now offsets refer to (None: ``file``)
     encrypted: bool = False  # data is encrypted at rest (so e.g. a plaintext -s overlay is refused)
 
     @classmethod
@@ -134,8 +146,9 @@ class FormatDriver:
 
     def map_now(self, offset: int) -> int | None:
         """Where the granule holding ``offset`` (``1 << map_bits`` bytes, aligned) starts in
-        ``file``, if all of it is plain data in this layer and the cached metadata says so; else
-        None.  Synchronous, no side effects; the host range must lie inside ``file``."""
+        ``map_file`` (or ``file``), if all of it is plain data in this layer and the cached
+        metadata says so; else None.  Synchronous, no side effects; the host range must lie
+        inside that file."""
         return None
 
     def mappings_changed(self) -> None:

@@ -52,7 +52,7 @@ MODULE_ARGS = {"nbd": "nbds_max=2"}
 HOST_BINARIES = ("/usr/sbin/nbd-client", "/usr/sbin/mke2fs")
 VM_TIMEOUT = float(os.environ.get("NBDSERVE_E2E_VM_TIMEOUT", "300"))
 MiB = 1 << 20
-FORMATS = ("raw", "qcow2", "qed", "vpc", "vhdx")
+FORMATS = ("raw", "qcow2", "qed", "vpc", "vhdx", "vmdk", "vdi")
 
 
 class ScenarioFailed(AssertionError):

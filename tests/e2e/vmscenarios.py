@@ -44,10 +44,10 @@ from tests.util import merged_map, run
 # reports allocation; "zero": it reads back as zeroes.  Anything else may keep the data (a TRIM is
 # only a hint).  qemu-nbd runs with --discard=unmap.
 TRIM_EFFECT = {
-    "nbdserve": {"raw": "hole", "qcow2": "hole", "vhdx": "hole", "qed": "zero"},
+    "nbdserve": {"raw": "hole", "qcow2": "hole", "vhdx": "hole", "qed": "zero", "vmdk": "zero", "vdi": "hole"},
     "qemu-nbd": {"raw": "hole", "qcow2": "hole"},
 }
-QEMU_MAPS_HOLES = frozenset({"raw", "qcow2", "qed", "vpc"})
+QEMU_MAPS_HOLES = frozenset({"raw", "qcow2", "qed", "vpc", "vmdk", "vdi"})
 EXPORT = "disk"
 
 

@@ -2,7 +2,8 @@
 the image, against qemu-nbd serving a copy.
 
 Formats: raw, qcow2, QED, VHD (dynamic and differencing), VHDX (512- and 4096-byte sectors,
-dynamic and differencing).  One trace per format of READ, WRITE, WRITE_ZEROES (plain, NO_HOLE,
+dynamic and differencing), VMDK (monolithicSparse, with and without zeroed grains) and VDI
+(dynamic and static).  One trace per format of READ, WRITE, WRITE_ZEROES (plain, NO_HOLE,
 FAST_ZERO), TRIM and BLOCK_STATUS at offsets and lengths that are not aligned to anything: one
 byte, odd lengths, ranges straddling sectors, 4 KiB pages, clusters and blocks, and large reads
 from odd offsets (the ones the server answers sparsely, from block status).  Then:
@@ -60,14 +61,24 @@ CASES = {
     "vhdx-4k": Case("vhdx", (4 * KiB, MiB), qemu=False, maps=False, lss=4096),
     "vhdx-diff": Case("vhdx", (512, 4 * KiB, MiB), qemu=False, maps=False),
     "vhdx-diff-4k": Case("vhdx", (4 * KiB, MiB), qemu=False, maps=False, lss=4096),
+    "vmdk": Case("vmdk", (512, 4 * KiB, 64 * KiB), qemu=True, maps=True),
+    "vmdk-zeroed": Case("vmdk", (512, 4 * KiB, 64 * KiB), qemu=True, maps=True),
+    "vdi": Case("vdi", (512, 4 * KiB, MiB), qemu=True, maps=True),
+    "vdi-static": Case("vdi", (512, 4 * KiB, MiB), qemu=True, maps=True),
+}
+CREATE = {
+    "vpc": ["-o", "force_size=on"],
+    "vhdx": ["-o", "block_size=1M"],
+    "vmdk-zeroed": ["-o", "zeroed_grain=on"],
+    "vdi-static": ["-o", "static=on"],
 }
 
 
 def make_image(tmp: Path, name: str, case: Case, rng: random.Random) -> tuple[Path, bytes]:
     """The image to serve and the disk it holds."""
-    if name in ("raw", "qcow2", "qed", "vpc", "vhdx"):
-        path = tmp / f"img.{name}"
-        opts = {"vpc": ["-o", "force_size=on"], "vhdx": ["-o", "block_size=1M"]}.get(name, [])
+    if case.qemu:
+        path = tmp / f"img.{case.fmt}"
+        opts = CREATE.get(name, [])
         qemu_img("create", "-q", "-f", case.fmt, *opts, path, str(SIZE))
         qemu_io(case.fmt, path, *FILL)
         out = tmp / "initial.raw"
@@ -191,7 +202,7 @@ def test_unaligned_requests(tmp_path, name):
     with serve(tmp_path, "-f", case.fmt, path) as srv:  # phase B (only phase for the rest): everything
         run_trace(srv, None, trace(rng, case), model)
     if case.qemu:
-        if case.fmt in ("qcow2", "qed", "vhdx"):
+        if case.fmt in ("qcow2", "qed", "vhdx", "vmdk", "vdi"):
             check_clean(path, case.fmt)
         compare_with_model(path, model, tmp_path, case.fmt)
     elif case.fmt == "vpc":

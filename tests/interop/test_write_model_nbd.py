@@ -35,6 +35,8 @@ FORMATS = {
     "qed": (["-o", "cluster_size=4k,table_size=2"], True),
     "vpc": (["-o", "force_size=on"], False),
     "vhdx": (["-o", "block_size=1M"], True),
+    "vmdk": (["-o", "zeroed_grain=on"], True),
+    "vdi": ([], True),
 }
 
 op = st.tuples(

@@ -36,12 +36,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from vhdxgen import Vhdx, crc_fill, locator_for
 
-from nbdserve.blockfile import BlockFile
 from nbdserve.cache import ClusterCache
 from nbdserve.errors import ImageError, NbdError
 from nbdserve.image import Image, ImageSpec, open_image
 from tests.conftest import SLOW
-from tests.imagetest import FILL, run
+from tests.imagetest import FILL, Recorder, run
+from tests.imagetest import file_after as _state
 from tests.imagetest import opened as _opened
 from tests.imagetest import read_image as read_all
 from tests.util import qemu_img, qemu_io
@@ -588,53 +588,6 @@ def test_generated_log_hostile_entries(tmp_path: Path, kind: str, needle: str) -
 
 
 # -- crash safety ------------------------------------------------------------------------------
-
-
-class Recorder:
-    """Records every pwrite / truncate / fdatasync of one BlockFile, with the bytes replaced."""
-
-    def __init__(self, f: BlockFile, path: Path) -> None:
-        self.f, self.path = f, path
-        self.ops: list[tuple] = []  # ("w", off, old, new) | ("t", old_size, new_size) | ("sync",) | ("mark", name)
-        self.real = (f.pwrite, f.truncate, f.flush)
-        f.pwrite, f.truncate, f.flush = self.pwrite, self.truncate, self.flush
-
-    def pwrite(self, data, offset):
-        old = os.pread(self.f.fd, len(data), offset)
-        self.real[0](data, offset)
-        self.ops.append(("w", offset, old, bytes(data)))
-
-    def truncate(self, size):
-        old = self.f.size
-        self.real[1](size)
-        self.ops.append(("t", old, size))
-
-    async def flush(self):
-        await self.real[2]()
-        self.ops.append(("sync",))
-
-    def mark(self, name: str) -> None:
-        self.ops.append(("mark", name))
-
-    def restore(self) -> None:
-        self.f.pwrite, self.f.truncate, self.f.flush = self.real
-
-
-def _state(base: bytes, ops: list[tuple], lose_unsynced: bool) -> bytes:
-    """The file after ``ops``; with ``lose_unsynced`` the writes after the last sync are undone."""
-    last_sync = max((i for i, op in enumerate(ops) if op[0] == "sync"), default=-1)
-    buf = bytearray(base)
-    for i, op in enumerate(ops):
-        if lose_unsynced and i > last_sync:
-            break
-        if op[0] == "w":
-            _, off, _, new = op
-            if len(buf) < off + len(new):
-                buf += bytes(off + len(new) - len(buf))
-            buf[off : off + len(new)] = new
-        elif op[0] == "t":
-            buf = buf[: op[2]] + bytes(max(0, op[2] - len(buf)))
-    return bytes(buf)
 
 
 def test_crash_at_every_point_of_allocations(tmp_path: Path) -> None:
