@@ -6,7 +6,8 @@ Owns everything between a passphrase and a ready ``SectorCipher``:
   * ``kdf``: PBKDF2 and Argon2 with the limits that keep a hostile header from costing unbounded
     time or memory;
   * ``luks``: parsing LUKS1 and LUKS2 headers (both LUKS2 copies), anti-forensic merge,
-    keyslot unlocking and master-key digest checks.
+    keyslot unlocking and master-key digest checks;
+  * ``secret``: QEMU's secret objects (where a passphrase comes from).
 
 Nothing here does I/O on its own: callers pass a ``read(offset, length)`` function.  The facts
 the code relies on are written down in docs/luks.md.

@@ -528,8 +528,4 @@ def unlock(header: LuksHeader, read: Read, passphrase: bytes) -> bytes:
 def open_luks(read: Read, size: int, passphrase: bytes, area: int | None = None) -> tuple[LuksHeader, SectorCipher]:
     """Parse, unlock, and return the header and its payload cipher."""
     header = parse_luks(read, size, area)
-    key = unlock(header, read, passphrase)
-    try:
-        return header, header.payload_cipher(key)
-    finally:
-        del key
+    return header, header.payload_cipher(unlock(header, read, passphrase))
