@@ -76,7 +76,8 @@ class ReadMixin:
                     if host + length > file.size + self.cs:
                         raise CorruptImage(self.path, f"data cluster 0x{host:x} beyond end of file")
                     file.pread_into(buf[pos : pos + length], host)
-                    self._plaintext(buf[pos : pos + length], offset + pos, host)
+                    if self.crypt is not None:
+                        self._plaintext(buf[pos : pos + length], offset + pos, host)
                 elif k == K_ZERO:
                     buf[pos : pos + length] = bytes(length)
                 elif k == K_COMPRESSED:
