@@ -47,10 +47,11 @@ def test_export_key_secret_and_inline_base64_secret(tmp_path):
         (["--image-opts", "IMGOPTS,cache.direct=on"], "not supported"),
         (["-f", "luks", "--image-opts", "IMGOPTS"], "-f is not allowed"),
         (["--image-opts", "driver=luks"], "needs file.filename"),
+        (["-s", "--object", "secret,id=sec0,file=PASSFILE", "--image-opts", "IMGOPTS"], "unencrypted overlay"),
     ],
 )
 def test_bad_keys_and_options_refused(tmp_path, args, needle):
     secret = secret_file(tmp_path)
     img = make_luks(tmp_path / "b.luks", MiB, secret)
-    args = [a.replace("IMGOPTS", image_opts(img, "luks")) for a in args]
+    args = [a.replace("IMGOPTS", image_opts(img, "luks")).replace("PASSFILE", str(secret)) for a in args]
     assert needle in start_fails(tmp_path, *args)
