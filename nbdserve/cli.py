@@ -1,6 +1,6 @@
 """Command line -> ``ServerConfig`` -> ``server.app.run``.  No serving logic lives here.
 
-Flags follow qemu-nbd where it has one (``-p -b -k -x -f -r -D -e -t -s -l --fork --pid-file``,
+Flags follow qemu-nbd where it has one (``-p -b -k -x -f -r -D -e -t -s -l -B --fork --pid-file``,
 ``--object``, ``--image-opts``, ``--tls-creds``, ``--tls-authz``); ``--export``, ``--config``, ``--stdio``,
 ``--cache-size``, ``--tls``, ``--tls-verify-peer``, ``--tls-psk``, ``--allow`` and ``--refuse-as``
 are nbdserve's own.  With no image at
@@ -81,6 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="a qcow2 opened read-write whose refcounts are wrong: off (default) serves it read-only "
         "(harmless leaks: read-write, with a warning); leaks also frees leaked clusters and sets missing "
         "COPIED flags; all also rebuilds wrong refcounts",
+    )
+    g.add_argument(
+        "-B",
+        "--bitmap",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="export the qcow2 persistent dirty bitmap NAME as the meta context qemu:dirty-bitmap:NAME "
+        "(repeatable; a bitmap of a backing file too)",
     )
     g.add_argument(
         "-A", "--allocation-depth", action="store_true", help="accepted for qemu-nbd compatibility (always on)"
@@ -214,6 +223,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                 load_snapshot=args.load_snapshot,
                 vpc_size=args.vpc_size,
                 repair=args.repair,
+                bitmaps=tuple(args.bitmap),
             )
         )
     cfg = merge(

@@ -25,6 +25,7 @@ from .protocol.constants import MAX_STRING
 DEFAULT_PORT = 10809
 FORMATS = ("raw", "qcow2", "qed", "vpc", "vhdx", "vmdk", "vdi", "luks")
 REPAIR_MODES = ("off", "leaks", "all")
+MAX_BITMAP_NAME = 1023  # QEMU's limit on persistent bitmap names
 
 
 class ConfigError(Exception):
@@ -47,6 +48,7 @@ class ExportConfig:
     allow: tuple[str, ...] = ()  # allow-list entries (see nbdserve.authz); empty: everyone
     tls_authz: tuple[str, ...] = ()  # TLS identities allowed (DNs or PSK usernames); empty: any
     max_connections: int = 0  # simultaneous connections to this export, 0 = unlimited
+    bitmaps: tuple[str, ...] = ()  # -B: persistent dirty bitmaps exported as qemu:dirty-bitmap:NAME
 
 
 @dataclass(frozen=True)
@@ -113,7 +115,7 @@ def parse_size(text: str | int) -> int:
 
 
 def parse_export_spec(spec: str) -> ExportConfig:
-    """``NAME=PATH[,format=F][,readonly][,description=TEXT][,snapshot][,repair=MODE]``."""
+    """``NAME=PATH[,format=F][,readonly][,description=TEXT][,snapshot][,repair=MODE][,bitmap=B]...``."""
     if "=" not in spec:
         raise ConfigError(f"--export {spec!r}: expected NAME=PATH[,format=F][,readonly]")
     name, rest = spec.split("=", 1)
@@ -135,6 +137,8 @@ def parse_export_spec(spec: str) -> ExportConfig:
             kw["key_secret"] = value
         elif key == "repair":
             kw["repair"] = value
+        elif key == "bitmap":
+            kw["bitmaps"] = (*kw.get("bitmaps", ()), value)
         elif key == "tls":
             kw["tls"] = value
         elif key == "max-connections":
@@ -172,7 +176,7 @@ def _export_from_table(t: dict[str, Any], where: str) -> ExportConfig:
         if key not in known:
             raise ConfigError(f"{where}: unknown export key {key!r}")
         try:
-            kw[known[key]] = _strings(value) if key in ("allow", "tls-authz") else value
+            kw[known[key]] = _strings(value) if key in ("allow", "tls-authz", "bitmaps") else value
         except ConfigError as e:
             raise ConfigError(f"{where}: {key}: {e}") from None
     if "path" not in kw:
@@ -256,6 +260,11 @@ def validate(cfg: ServerConfig) -> ServerConfig:
             raise ConfigError(f"export {e.name!r}: key-secret {e.key_secret!r}: no secret with that id")
         if e.repair not in REPAIR_MODES:
             raise ConfigError(f"export {e.name!r}: repair must be one of {', '.join(REPAIR_MODES)}")
+        for b in e.bitmaps:
+            if not b or len(b.encode()) > MAX_BITMAP_NAME:
+                raise ConfigError(f"export {e.name!r}: bitmap name must be 1 to {MAX_BITMAP_NAME} bytes: {b[:40]!r}")
+        if len(set(e.bitmaps)) != len(e.bitmaps):
+            raise ConfigError(f"export {e.name!r}: a bitmap is named twice")
     if not cfg.exports:
         raise ConfigError("nothing to serve: give an IMAGE, --export or --config")
     if cfg.stdio and (cfg.fork or cfg.socket):

@@ -10,6 +10,8 @@ Owns, between the protocol and the drivers:
     recorded formats honoured, never raw-by-guess), feeding each driver's ``read_backing``, and
     walking the chain for block status, which yields ``base:allocation`` flags and the
     ``qemu:allocation-depth`` value (0 unallocated, 1 this image, 2 its backing, ...);
+  * persistent dirty bitmaps for ``-B``: the first layer of the chain that has one of the name
+    (as qemu-nbd looks them up);
   * the ``-s`` snapshot overlay (a temporary qcow2 over the image, removed at close);
   * the mapping memo behind ``read_now``: granule -> host offset for granules of plain data,
     dropped whenever the driver says a mapping changed (see ``formats.base``), so a hot read
@@ -34,7 +36,7 @@ from .blockfile import BlockFile
 from .cache import ClusterCache
 from .errors import ImageError, NbdError, UnsupportedImage
 from .formats import driver_for, probe
-from .formats.base import ALLOCATED, DATA, ZERO, FormatDriver, OpenOptions
+from .formats.base import ALLOCATED, DATA, ZERO, DirtyBitmapView, FormatDriver, OpenOptions
 from .locks import CoRwLock
 
 # NBD base:allocation flags
@@ -353,6 +355,14 @@ class Image:
             else:
                 _append(out, Run(n, STATE_HOLE | STATE_ZERO, 0))
             offset += n
+
+    def dirty_bitmap(self, name: str) -> DirtyBitmapView:
+        """Bitmap ``name`` of the first layer that has one (top first).  Raises ``ImageError``."""
+        for img in self.chain():
+            bm = img.driver.dirty_bitmap(name)
+            if bm is not None:
+                return bm
+        raise ImageError(self.path, f"bitmap {name!r} not found")
 
     # -- life cycle -------------------------------------------------------------------------
 

@@ -4,24 +4,31 @@
 * ``run``: ``asyncio.run`` that hands the result back through a box (on Python 3.11
   ``asyncio.run`` formats ``repr(task)`` including the result when it restores the SIGINT
   handler, which costs seconds for a disk image's worth of bytes).
-* Opening and reading images (``opened``, ``read_image``), QEMU's view of the same file
-  (``qemu_raw``, ``qemu_map``, ``check_clean``, ``compare_with_model``) and ours in the same
-  terms (``our_map``).
+* Opening and reading images (``opened``, ``read_image``, ``served_read_only``), QEMU's view of
+  the same file (``qemu_raw``, ``qemu_map``, ``check_clean``, ``compare_with_model``) and ours in
+  the same terms (``our_map``).
 * Crash states: ``Recorder`` logs every write, truncate and sync of an open image file;
   ``file_after`` rebuilds the file as a crash at any point of that log may leave it.
-* The kill -9 oracle over NBD (``CrashOracle``, ``crash_workload``) and differential traces
-  (``random_trace``, ``replay_on_both``, ``assert_same_export``).
+* Workloads over NBD against a model: ``random_trace``/``replay_trace`` (one connection),
+  ``run_streams`` (several connections at once, asynchronous), ``crash_workload``; the kill -9
+  oracle (``CrashOracle``) and differential traces (``replay_on_both``, ``assert_same_export``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
+import random
+from collections.abc import Callable
 from pathlib import Path
+
+import pytest
 
 from nbdserve.blockfile import BlockFile
 from nbdserve.cache import ClusterCache
+from nbdserve.errors import NbdError
 from nbdserve.image import STATE_HOLE, STATE_ZERO, Image, ImageSpec, open_image
 from tests.util import qemu_img
 from tests.util import run as run_cmd
@@ -61,6 +68,32 @@ async def read_image(img: Image, step: int = 4 << 20) -> bytes:
     for pos in range(0, img.size, step):
         await img.read(pos, memoryview(buf)[pos : pos + step])
     return bytes(buf)
+
+
+def served_read_only(tmp_path: Path, raw: bytes | bytearray, caplog, expected: bytes | None = None) -> str:
+    """Open qcow2 ``raw`` read-write: it must be served read-only, reads equal ``expected`` (by
+    default QEMU's reading), the file stays unchanged.  Returns the warning."""
+    path = tmp_path / "ro.qcow2"
+    path.write_bytes(bytes(raw))
+    if expected is None:
+        expected = qemu_raw(path, tmp_path)
+
+    async def main():
+        with caplog.at_level(logging.WARNING, logger="nbdserve.qcow2"):
+            img = await opened(path)
+        try:
+            assert img.readonly
+            assert await read_image(img) == expected
+            with pytest.raises(NbdError):
+                await img.write(0, memoryview(b"z"), fua=False)
+        finally:
+            await img.close()
+
+    caplog.clear()
+    run(main())
+    assert path.read_bytes() == raw
+    assert "read-only" in caplog.text
+    return caplog.text
 
 
 def _fmt(fmt: str | None) -> list[str]:
@@ -285,6 +318,91 @@ def replay_trace(uri: str, ops) -> None:
         else:
             h.pwrite(bytes([byte]) * length, off, nbd.CMD_FLAG_FUA if kind == "fua" else 0)
     h.shutdown()
+
+
+def run_streams(
+    uri: str,
+    plan: list[list[tuple[str, int, int]]],
+    model: bytearray,
+    seed: int,
+    *,
+    stripe: int,
+    trim: Callable[[bytearray, int, int], None] | None = None,
+    touched: Callable[[int, int], None] | None = None,
+) -> None:
+    """Send per-connection streams of (kind, offset in the stripe, length) requests (kinds
+    ``write``, ``zero``, ``zero_nohole``, ``trim``, ``flush``) through one libnbd connection each,
+    asynchronously, connection ``i`` on bytes [i * stripe, (i + 1) * stripe) (connections interleave
+    freely in time; requests of one connection in flight together never overlap), keeping
+    ``model`` (the disk) up to date.  ``trim(model, offset, length)``: the server's known TRIM
+    semantics; without it a TRIM's range is unspecified, so it is written right afterwards.
+    ``touched(offset, length)`` is told of every write, zero and trim sent.  Finally every
+    connection flushes and reads every stripe back (multi-conn visibility)."""
+    import nbd
+
+    from tests.util import nbd_connect
+
+    rng = random.Random(seed)
+    handles = [nbd_connect(uri) for _ in plan]
+    for h in handles:
+        assert h.can_multi_conn()
+    pending = [list(reversed(p)) for p in plan]
+    inflight: list[list[tuple[int, int]]] = [[] for _ in plan]  # ranges possibly still in flight
+    keep = []  # buffers must outlive their requests
+
+    def drain(i: int) -> None:
+        while handles[i].aio_in_flight():
+            handles[i].poll(-1)
+        inflight[i].clear()
+
+    while any(pending):
+        i = rng.randrange(len(handles))
+        h = handles[i]
+        if not pending[i]:
+            continue
+        kind, off, n = pending[i].pop()
+        off += i * stripe
+        n = min(n, (i + 1) * stripe - off)
+        if not h.aio_in_flight():
+            inflight[i].clear()
+        if any(a < off + n and off < b for a, b in inflight[i]):
+            drain(i)  # requests in flight together are unordered: never overlap them
+        inflight[i].append((off, off + n))
+        if touched is not None and kind != "flush":
+            touched(off, n)
+        if kind == "write":
+            data = rng.randbytes(n)
+            buf = nbd.Buffer.from_bytearray(bytearray(data))
+            keep.append(buf)
+            h.aio_pwrite(buf, off)
+            model[off : off + n] = data
+        elif kind in ("zero", "zero_nohole"):
+            h.aio_zero(n, off, flags=nbd.CMD_FLAG_NO_HOLE if kind == "zero_nohole" else 0)
+            model[off : off + n] = bytes(n)
+        elif kind == "trim" and trim is not None:
+            h.aio_trim(n, off)
+            trim(model, off, n)
+        elif kind == "trim":
+            # TRIM is a hint: the range becomes unspecified; make it known by writing it afterwards
+            h.aio_trim(n, off)
+            drain(i)
+            data = rng.randbytes(n)
+            h.pwrite(data, off)
+            model[off : off + n] = data
+        else:
+            h.aio_flush()
+        if h.aio_in_flight() > 8:
+            h.poll(-1)
+    for i, h in enumerate(handles):
+        drain(i)
+        h.flush()
+    # every connection sees every stripe (multi-conn visibility after flush)
+    for h in handles:
+        for i in range(len(handles)):
+            got = h.pread(stripe, i * stripe)
+            assert got == model[i * stripe : (i + 1) * stripe], f"stripe {i} differs on another connection"
+    for h in handles:
+        h.shutdown()
 
 
 def assert_same_export(ours, theirs, *, maps: bool = True) -> None:

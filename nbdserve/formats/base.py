@@ -32,6 +32,11 @@ the image layer sets; it reads the backing chain or zeroes); copy-on-write uses 
 function.  A driver never opens its backing file itself: it reports ``backing`` (file name and
 recorded format) from ``open`` and the image layer opens it.
 
+Persistent dirty bitmaps: ``dirty_bitmap(name)`` gives the layer's bitmap of that name (None if it
+has none), an object with ``extents(offset, length, limit) -> [(length, 1 dirty / 0 clean)]``
+that stays current while the driver writes; it raises ``ImageError`` when the bitmap exists but
+cannot be used.  The image layer searches the chain, top first.
+
 Errors: ``NbdError(errno)`` for a failed request, ``OSError`` passes through, ``CorruptImage``
 when metadata turns out to be bad at run time (the request fails with EIO).  ``open`` raises
 ``ImageError`` subclasses with a one-line reason naming the field.
@@ -45,7 +50,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import ClassVar, NamedTuple
+from typing import ClassVar, NamedTuple, Protocol
 
 from ..blockfile import BlockFile
 from ..cache import ClusterCache
@@ -96,6 +101,14 @@ class OpenOptions:
 
 
 ResolvePath = Callable[..., str]
+
+
+class DirtyBitmapView(Protocol):
+    """A persistent dirty bitmap as block status reports it (see "Persistent dirty bitmaps")."""
+
+    def extents(self, offset: int, length: int, limit: int) -> list[tuple[int, int]]: ...
+
+
 ReadBacking = Callable[[int, memoryview], Awaitable[None]]
 
 
@@ -175,6 +188,10 @@ class FormatDriver:
 
     async def block_status(self, offset: int, length: int) -> Extent:
         return Extent(length, ALLOCATED | DATA)
+
+    def dirty_bitmap(self, name: str) -> DirtyBitmapView | None:
+        """The persistent dirty bitmap ``name`` of this layer, or None (see above)."""
+        return None
 
     async def cache_hint(self, offset: int, length: int) -> None:
         """NBD_CMD_CACHE: warm metadata for the range.  Failure must not change semantics."""

@@ -127,8 +127,10 @@ REPLY_TYPE_ERROR_OFFSET = (1 << 15) | 2
 # -- meta contexts ------------------------------------------------------------------------
 CONTEXT_BASE_ALLOCATION = "base:allocation"
 CONTEXT_ALLOCATION_DEPTH = "qemu:allocation-depth"
+CONTEXT_DIRTY_BITMAP = "qemu:dirty-bitmap:"  # + the bitmap's name
 STATE_HOLE = 1 << 0
 STATE_ZERO = 1 << 1
+STATE_DIRTY = 1 << 0  # qemu:dirty-bitmap:NAME
 
 # -- sizes --------------------------------------------------------------------------------
 MAX_STRING = 4096  # export names, descriptions, error messages, context names

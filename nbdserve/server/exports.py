@@ -1,6 +1,7 @@
 """The exports a server offers: each an open image shared by all of its connections.
 
-Owns ``Export`` (name, description, the open ``Image`` or the one-line reason it failed to open)
+Owns ``Export`` (name, description, the open ``Image`` or the one-line reason it failed to open,
+the persistent dirty bitmaps it exports: ``-B``)
 and ``ExportTable`` (lookup by name, in configuration order).  An image is opened once, at
 start-up, and shared by every connection, which is what makes multi-conn true: all connections of
 an export see one driver, one cache and one file.
@@ -23,7 +24,7 @@ from ..authz import AccessRules
 from ..cache import ClusterCache
 from ..config import ExportConfig, ServerConfig
 from ..errors import ImageError
-from ..formats.base import OpenOptions
+from ..formats.base import DirtyBitmapView, OpenOptions
 from ..image import BackingPolicy, Image, ImageSpec, open_image
 
 log = logging.getLogger("nbdserve")
@@ -40,6 +41,7 @@ class Export:
     tls_only: bool = False  # served only once TLS is up (SELECTIVETLS)
     access: AccessRules = field(default_factory=AccessRules)
     max_connections: int = 0  # 0: unlimited
+    bitmaps: dict[str, DirtyBitmapView] = field(default_factory=dict)  # name -> bitmap, in -B order
 
     @property
     def size(self) -> int:
@@ -87,6 +89,7 @@ async def open_exports(cfg: ServerConfig, cache: ClusterCache) -> ExportTable:
         }
         try:
             image = await open_image(image_spec(e, cfg), cache)
+            bitmaps = await _bitmaps(image, e)
         except ImageError as err:
             if len(cfg.exports) == 1:
                 raise
@@ -95,8 +98,17 @@ async def open_exports(cfg: ServerConfig, cache: ClusterCache) -> ExportTable:
             continue
         if image.readonly and not e.readonly and e.load_snapshot is None:
             log.warning("export %r: %s is read-only; serving it read-only", e.name, e.path)
-        out.append(Export(e.name, e.description, image.readonly, image, **settings))
+        out.append(Export(e.name, e.description, image.readonly, image, bitmaps=bitmaps, **settings))
     return ExportTable(out)
+
+
+async def _bitmaps(image: Image, e: ExportConfig) -> dict[str, DirtyBitmapView]:
+    """The export's ``-B`` bitmaps (the image is closed if one cannot be used)."""
+    try:
+        return {name: image.dirty_bitmap(name) for name in e.bitmaps}
+    except ImageError:
+        await image.close()
+        raise
 
 
 async def close_exports(table: ExportTable) -> None:

@@ -35,10 +35,12 @@ is named to the client:
 Other decisions:
   * INFO/GO always send INFO_EXPORT, INFO_BLOCK_SIZE (min 1, preferred 4096, max payload) and
     INFO_DESCRIPTION when the export has one; INFO_NAME when asked.
-  * Meta contexts: ``base:allocation`` and ``qemu:allocation-depth``; ``base:`` and ``qemu:`` are
-    wildcards in LIST and ignored in SET; unknown namespaces and leaves are ignored.  SET before
-    structured replies -> ERR_INVALID.  A SET replaces the selection even when it fails.  GO for
-    another export than the one contexts were selected for drops them.
+  * Meta contexts: ``base:allocation``, ``qemu:allocation-depth`` and ``qemu:dirty-bitmap:NAME``
+    for each bitmap the export names (``-B``), with ids in that order from 1; ``base:``, ``qemu:``
+    and ``qemu:dirty-bitmap:`` are wildcards in LIST and ignored in SET (as qemu-nbd does);
+    unknown namespaces and leaves are ignored.  SET before structured replies -> ERR_INVALID.
+    A SET replaces the selection even when it fails.  GO for another export than the one
+    contexts were selected for drops them.
   * EXPORT_NAME of an unknown export, with a malformed name, or after extended headers, ends the
     connection (it cannot carry an error).
 """
@@ -55,6 +57,7 @@ from .exports import Export, ExportTable
 
 CONTEXTS = (C.CONTEXT_BASE_ALLOCATION, C.CONTEXT_ALLOCATION_DEPTH)
 CONTEXT_IDS = {name: i + 1 for i, name in enumerate(CONTEXTS)}
+WILDCARDS = ("base:", "qemu:", C.CONTEXT_DIRTY_BITMAP)  # in LIST only
 
 CONTINUE, TRANSMIT, CLOSE, STARTTLS = "continue", "transmit", "close", "starttls"
 NOTLS, SELECTIVETLS, FORCEDTLS = "NOTLS", "SELECTIVETLS", "FORCEDTLS"
@@ -276,9 +279,11 @@ class Negotiation:
         refused = self._refusal(export)
         if refused is not None:
             return self._refuse(opt, export, refused)
-        names = select_contexts(ev.queries, listing=not ev.set)
+        offered = offered_contexts(export)
+        names = select_contexts(ev.queries, listing=not ev.set, offered=offered)
         if ev.set:
-            self.contexts = tuple((CONTEXT_IDS[n], n) for n in names)
+            ids = {n: i + 1 for i, n in enumerate(offered)}
+            self.contexts = tuple((ids[n], n) for n in names)
             self.contexts_export = export.name
             out = [H.rep_meta_context(opt, cid, n) for cid, n in self.contexts]
         else:
@@ -299,16 +304,22 @@ class Negotiation:
         return flags
 
 
-def select_contexts(queries: tuple[str, ...], *, listing: bool) -> list[str]:
-    """Context names matched by ``queries`` (no queries: all when listing, none when setting)."""
+def offered_contexts(export: Export) -> tuple[str, ...]:
+    """The contexts ``export`` offers, in id order (id = position + 1)."""
+    return CONTEXTS + tuple(C.CONTEXT_DIRTY_BITMAP + name for name in export.bitmaps)
+
+
+def select_contexts(queries: tuple[str, ...], *, listing: bool, offered: tuple[str, ...] = CONTEXTS) -> list[str]:
+    """Context names of ``offered`` matched by ``queries`` (no queries: all when listing, none
+    when setting)."""
     if not queries:
-        return list(CONTEXTS) if listing else []
+        return list(offered) if listing else []
     out: list[str] = []
     for q in queries:
-        if q in CONTEXTS:
+        if q in offered:
             matched = [q]
-        elif listing and q in ("base:", "qemu:"):
-            matched = [c for c in CONTEXTS if c.startswith(q)]
+        elif listing and q in WILDCARDS:
+            matched = [c for c in offered if c.startswith(q)]
         else:
             matched = []
         for name in matched:

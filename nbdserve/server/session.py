@@ -588,21 +588,25 @@ class Session(asyncio.BufferedProtocol):
 
     async def _block_status(self, req: Request) -> None:
         enc, off, n = self.enc, req.offset, req.length
-        one = bool(req.flags & C.CMD_FLAG_REQ_ONE)
-        runs = await self.image.runs(off, n, limit=1 if one else _MAX_EXTENTS)
+        limit = 1 if req.flags & C.CMD_FLAG_REQ_ONE else _MAX_EXTENTS
         contexts = self.neg.contexts
+        runs = None
         chunks = []
         for i, (cid, name) in enumerate(contexts):
-            key = 1 if name == C.CONTEXT_BASE_ALLOCATION else 2
-            extents: list[tuple[int, int]] = []
-            for r in runs:
-                value = r[key]
-                if extents and extents[-1][1] == value:
-                    extents[-1] = (extents[-1][0] + r.length, value)
-                else:
-                    extents.append((r.length, value))
-            if one:
-                extents = extents[:1]
+            if name.startswith(C.CONTEXT_DIRTY_BITMAP):
+                extents = self.export.bitmaps[name[len(C.CONTEXT_DIRTY_BITMAP) :]].extents(off, n, limit)
+            else:
+                if runs is None:
+                    runs = await self.image.runs(off, n, limit=limit)
+                key = 1 if name == C.CONTEXT_BASE_ALLOCATION else 2
+                extents = []
+                for r in runs:
+                    value = r[key]
+                    if extents and extents[-1][1] == value:
+                        extents[-1] = (extents[-1][0] + r.length, value)
+                    else:
+                        extents.append((r.length, value))
+                extents = extents[:limit]
             chunks.append(enc.block_status(req.cookie, off, cid, extents, done=i == len(contexts) - 1))
         self._sendv(chunks)
 

@@ -12,16 +12,13 @@ asynchronously, several in flight per connection.  After each example:
 
 from __future__ import annotations
 
-import random
-
-import nbd
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import SLOW
-from tests.imagetest import check_clean, compare_with_model
-from tests.util import nbd_connect, qemu_img, serve
+from tests.imagetest import check_clean, compare_with_model, run_streams
+from tests.util import qemu_img, serve
 
 MiB = 1 << 20
 SIZE = 24 * MiB
@@ -47,65 +44,6 @@ op = st.tuples(
 streams = st.lists(st.lists(op, max_size=60), min_size=CONNS, max_size=CONNS)
 
 
-def run_streams(uri: str, plan: list[list[tuple[str, int, int]]], model: bytearray, seed: int) -> None:
-    rng = random.Random(seed)
-    handles = [nbd_connect(uri) for _ in plan]
-    for h in handles:
-        assert h.can_multi_conn()
-    pending = [list(reversed(p)) for p in plan]
-    inflight: list[list[tuple[int, int]]] = [[] for _ in plan]  # ranges possibly still in flight
-    keep = []  # buffers must outlive their requests
-
-    def drain(i: int) -> None:
-        while handles[i].aio_in_flight():
-            handles[i].poll(-1)
-        inflight[i].clear()
-
-    while any(pending):
-        i = rng.randrange(len(handles))
-        h = handles[i]
-        if not pending[i]:
-            continue
-        kind, off, n = pending[i].pop()
-        off += i * STRIPE
-        n = min(n, (i + 1) * STRIPE - off)
-        if not h.aio_in_flight():
-            inflight[i].clear()
-        if any(a < off + n and off < b for a, b in inflight[i]):
-            drain(i)  # requests in flight together are unordered: never overlap them
-        inflight[i].append((off, off + n))
-        if kind == "write":
-            data = rng.randbytes(n)
-            buf = nbd.Buffer.from_bytearray(bytearray(data))
-            keep.append(buf)
-            h.aio_pwrite(buf, off)
-            model[off : off + n] = data
-        elif kind in ("zero", "zero_nohole"):
-            h.aio_zero(n, off, flags=nbd.CMD_FLAG_NO_HOLE if kind == "zero_nohole" else 0)
-            model[off : off + n] = bytes(n)
-        elif kind == "trim":
-            # TRIM is a hint: the range becomes unspecified; make it known by writing it afterwards
-            h.aio_trim(n, off)
-            drain(i)
-            data = rng.randbytes(n)
-            h.pwrite(data, off)
-            model[off : off + n] = data
-        else:
-            h.aio_flush()
-        if h.aio_in_flight() > 8:
-            h.poll(-1)
-    for i, h in enumerate(handles):
-        drain(i)
-        h.flush()
-    # every connection sees every stripe (multi-conn visibility after flush)
-    for h in handles:
-        for i in range(CONNS):
-            got = h.pread(STRIPE, i * STRIPE)
-            assert got == model[i * STRIPE : (i + 1) * STRIPE], f"stripe {i} differs on another connection"
-    for h in handles:
-        h.shutdown()
-
-
 @pytest.mark.parametrize("fmt", sorted(FORMATS))
 def test_concurrent_connections_match_model(tmp_path_factory, fmt):
     opts, has_check = FORMATS[fmt]
@@ -122,7 +60,7 @@ def test_concurrent_connections_match_model(tmp_path_factory, fmt):
         qemu_img("create", "-q", "-f", fmt, *opts, img, str(SIZE))
         model = bytearray(SIZE)
         with serve(tmp, "-f", fmt, img) as srv:
-            run_streams(srv.uri, plan, model, seed)
+            run_streams(srv.uri, plan, model, seed, stripe=STRIPE)
         if has_check:
             check_clean(img, fmt)
         compare_with_model(img, model, tmp, fmt)

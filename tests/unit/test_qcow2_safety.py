@@ -108,6 +108,8 @@ def lying_base(tmp_path_factory) -> tuple[bytes, dict[str, int], bytes, bytes]:
     t = lay.l2(lay.l1[0])
     bm_ext = raw.find(struct.pack(">I", 0x23852875), 104)
     bm_dir = struct.unpack_from(">Q", raw, bm_ext + 8 + 16)[0]
+    bm_table = struct.unpack_from(">Q", raw, bm_dir)[0]
+    bm_data = struct.unpack_from(">Q", raw, bm_table)[0]
     file_clusters = -(-len(raw) // CS)
     roles = {
         "header": 0,
@@ -119,6 +121,8 @@ def lying_base(tmp_path_factory) -> tuple[bytes, dict[str, int], bytes, bytes]:
         "snap_l2": snap_l2 >> 16,
         "snap_table": lay.sn_offset >> 16,
         "bitmap_dir": bm_dir >> 16,
+        "bitmap_table": bm_table >> 16,
+        "bitmap_data": bm_data >> 16,
         "data": (t[1] & OFFSET_MASK) >> 16,  # written after the snapshot: refcount 1
         "shared_data": (t[0] & OFFSET_MASK) >> 16,  # shared with the snapshot: refcount 2
         "compressed": (t[32] & ((1 << 54) - 1)) >> 16,
@@ -169,7 +173,8 @@ def qemu_check(path: Path) -> dict:
 
 
 LIES = [(role, how) for role in (
-    "header", "reftable", "refblock", "l1", "l2", "snap_l1", "snap_l2", "snap_table", "bitmap_dir",
+    "header", "reftable", "refblock", "l1", "l2", "snap_l1", "snap_l2", "snap_table", "bitmap_dir", "bitmap_table",
+    "bitmap_data",
     "data", "shared_data", "compressed", "free_at_eof",
 ) for how in ("zero", "one", "high")]  # fmt: skip
 
@@ -228,8 +233,10 @@ def test_lying_refcounts(tmp_path, lying_base, role, how, caplog):
 
 # -- the runtime overlap guard ----------------------------------------------------------------
 
-# (Not the bitmap directory: a read-write open invalidates the bitmaps and frees their clusters.)
-GUARD_ROLES = ["header", "reftable", "refblock", "l1", "l2", "snap_l1", "snap_l2", "snap_table"]
+GUARD_ROLES = [
+    "header", "reftable", "refblock", "l1", "l2", "snap_l1", "snap_l2", "snap_table", "bitmap_dir", "bitmap_table",
+    "bitmap_data",
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("role", GUARD_ROLES)
@@ -266,12 +273,18 @@ def test_allocation_onto_metadata_is_refused_at_run_time(tmp_path, lying_base, r
     run(main())
     after = path.read_bytes()[cluster * CS : (cluster + 1) * CS]
     assert b"\xee" * 100 not in after  # no data landed there
-    if role == "header":  # only the feature bits changed (corrupt set, autoclear cleared)
+    if role == "header":  # only the feature bits changed (corrupt set)
         assert after[:72] == before[:72] and after[96:] == before[96:]
+    elif role == "bitmap_dir":  # only the bitmap's in_use flag, set at open
+        want = bytearray(before)
+        want[15] |= 1
+        assert after == want
     elif role != "refblock":  # (the refcount block itself is rightly written)
         assert after == before
     info = json.loads(qemu_img("info", "--output=json", "-U", path).stdout)
     assert info["format-specific"]["data"]["corrupt"] is True
+    # nothing more was written after the refusal: the bitmap was not stored and stays in use
+    assert info["format-specific"]["data"]["bitmaps"][0]["flags"] == ["in-use", "auto"]
     assert qemu_raw(path, tmp_path, "-l", "snapshot.name=s1") == snap
 
 

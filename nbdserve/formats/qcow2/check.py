@@ -39,7 +39,8 @@ from functools import lru_cache
 from typing import TYPE_CHECKING
 
 from ...errors import CorruptImage
-from .header import AUTOCLEAR_BITMAPS, FIELD_REFCOUNT_TABLE, MAX_HOST_OFFSET, MAX_REFTABLE_BYTES
+from .bitmaps import TABLE_OFFSET, BitmapError, decode_table
+from .header import FIELD_REFCOUNT_TABLE, MAX_HOST_OFFSET, MAX_REFTABLE_BYTES
 from .overlap import BITMAPS, CRYPTO, HEADER, L1, L2, REFBLOCK, REFTABLE, SNAP_L1, SNAP_L2, SNAPSHOTS, MetadataMap
 from .refcount import RefBlock
 from .tables import (
@@ -59,9 +60,7 @@ if TYPE_CHECKING:
     from .driver import Qcow2Driver
 
 MAX_COUNTED = 1 << 26  # clusters counted at most (256 MiB of counts): larger images are not checked
-MAX_BITMAP_TABLE = 64 << 20
 _SAMPLES = 3  # problems named per kind in the warning
-_BITMAP_ENTRY = struct.Struct(">QIIBBHI")  # 24 bytes
 
 
 @dataclass
@@ -75,7 +74,6 @@ class Findings:
     l2_fixes: dict[int, dict[int, int]] = field(default_factory=dict)  # L2 offset -> {index: entry}
     counts: dict[int, array] = field(default_factory=dict)  # refcount block index -> counts
     meta: MetadataMap | None = None
-    bitmap_refs: list[int] = field(default_factory=list)  # clusters the live bitmaps reference
 
     @property
     def harmful(self) -> bool:
@@ -346,39 +344,36 @@ def _count_l2(drv: Qcow2Driver, f: Findings, t: array, n: int, counter: _Counter
 
 
 def _count_bitmaps(drv: Qcow2Driver, f: Findings, add_meta, counter: _Counter, read: _Reader) -> None:
-    """Persistent bitmaps count only while the autoclear bit says they are valid (as QEMU does)."""
-    h = drv.header
-    if h.bitmap_directory is None or not h.autoclear_features & AUTOCLEAR_BITMAPS:
+    """Persistent bitmaps count only while the autoclear bit says they are valid (as QEMU does),
+    in use or not.  Every bitmap cluster (directory, tables, data) must be used once: the driver
+    rewrites them in place."""
+    bitmaps = drv.bitmaps
+    if not bitmaps.valid:
         return
-    file, cb, cs = drv.file, drv.cb, drv.cs
-    offset, size, nb = h.bitmap_directory
-    if offset + size > file.size:
-        f.fail(f"bitmap directory at 0x{offset:x} lies beyond the end of the file")
-        return
-    add_meta(offset, size, BITMAPS, "bitmap directory")
-    f.bitmap_refs.extend(f.meta.clusters(offset, size))
-    d = read(size, offset)
-    pos = 0
-    for _ in range(nb):
-        if pos + _BITMAP_ENTRY.size > size:
-            f.fail("bitmap directory entry runs past the directory")
-            return
-        t_off, t_size, _flags, _type, _gran, name_len, extra = _BITMAP_ENTRY.unpack_from(d, pos)
-        pos += (_BITMAP_ENTRY.size + extra + name_len + 7) & ~7
-        if t_off & (cs - 1) or t_size * 8 > MAX_BITMAP_TABLE or t_off + t_size * 8 > file.size:
-            f.fail(f"bitmap table at 0x{t_off:x} (+{t_size} entries) is malformed")
-            return
-        if not t_size:
+    cs = drv.cs
+    seen: set[int] = set()
+
+    def claim(offset: int, length: int, what: str) -> None:
+        clusters = f.meta.clusters(offset, length)
+        if seen.intersection(clusters):
+            f.fail(f"{what} at 0x{offset:x} shares a cluster with another bitmap structure")
+        seen.update(clusters)
+        add_meta(offset, length, BITMAPS, what)
+
+    claim(*bitmaps.directory, "bitmap directory")
+    for e in bitmaps.entries:
+        what = f"bitmap {e.name!r}"
+        claim(e.table_offset, 8 * e.table_size, f"{what} table")
+        try:
+            table = decode_table(read(8 * e.table_size, e.table_offset), cs, what)
+        except BitmapError as err:
+            f.fail(str(err))
             continue
-        add_meta(t_off, t_size * 8, BITMAPS, "bitmap table")
-        f.bitmap_refs.extend(f.meta.clusters(t_off, t_size * 8))
-        for e in decode_be64(read(t_size * 8, t_off)):
-            data = e & OFFSET_MASK
-            if data:
-                counter.add(data >> cb, 1, "bitmap data cluster")
-                f.bitmap_refs.append(data >> cb)
-        if pos > size:
-            break
+        for t in table:
+            if t & TABLE_OFFSET:
+                claim(t & TABLE_OFFSET, cs, f"{what} data cluster")
+        if len(f.fatal) >= _SAMPLES:
+            return
 
 
 def _compare_refcounts(drv: Qcow2Driver, f: Findings, read: _Reader) -> None:

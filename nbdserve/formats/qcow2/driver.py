@@ -16,6 +16,10 @@ last decompressed cluster.  The work is done by one mixin per idea, each in its 
   * ``zeroing.ZeroMixin``: WRITE_ZEROES and TRIM;
   * ``crypt.CryptMixin``: the key of an encrypted image and the transform of data clusters.
 
+Persistent dirty bitmaps live in ``self.bitmaps`` (``bitmaps.BitmapSet``): read at open, the
+enabled ones kept up to date through ``self._track`` (called by every write, write-zeroes and
+trim before its data reaches the file), stored at a clean close.
+
 Locking (every mixin follows it):
   * ``self.lock`` (CoMutex) guards L1/L2/refcount/header state, the overlap map and allocation.
     Every method named ``_locked_*`` or documented "called with self.lock held" assumes it.
@@ -42,6 +46,7 @@ from ...cache import ClusterCache
 from ...locks import CoMutex, CoQueue
 from ..base import BackingRef, Caps, FormatDriver, Limits, OpenOptions
 from .allocation import AllocationMixin
+from .bitmaps import BitmapSet, DirtyBitmap
 from .crypt import CryptMixin
 from .header import MAGIC, Header, parse_header
 from .lookup import LookupMixin
@@ -103,6 +108,8 @@ class Qcow2Driver(
             self.backing = BackingRef(h.backing_file, h.backing_format)
         self.limits = Limits(align=1)
         self.caps = Caps(native_zero=not readonly, native_trim=not readonly, fast_zero=not readonly)
+        self.bitmaps = BitmapSet(self.path, file, h, h.size & ~511)
+        self._track = None  # BitmapSet.mark once the enabled bitmaps are tracked (read-write)
 
     @classmethod
     async def open(cls, file: BlockFile, *, readonly: bool, cache: ClusterCache, options: OpenOptions) -> Qcow2Driver:
@@ -114,6 +121,7 @@ class Qcow2Driver(
         h = parse_header(path, bytes(read(0, 112)), read, file.size)
         readonly = readonly or file.readonly or options.snapshot is not None
         drv = cls(file, cache, h, readonly)
+        drv._report_bitmaps()
         if options.snapshot is not None:
             drv._use_snapshot(options.snapshot)
         if h.crypt_method:
@@ -133,6 +141,12 @@ class Qcow2Driver(
         async with self.lock:
             await self.cache.flush(self.file)
 
+    def dirty_bitmap(self, name: str) -> DirtyBitmap | None:
+        return self.bitmaps.bitmap(name)
+
     async def close(self) -> None:
         if not self.readonly:
             await self.flush()
+            if not self.corrupt:  # after a refused write nothing more is written: bitmaps stay in use
+                async with self.lock:
+                    await self.bitmaps.store(self)

@@ -4,8 +4,8 @@ Owns the decision a read-write open makes before the first write (docs/qcow2.md,
 at open"): run the consistency check (``check.scan``), repair what the export's ``repair``
 option allows (``off``, ``leaks``, ``all``; a dirty image's refcounts are always rebuilt, as
 QEMU does), and otherwise serve the image read-only with a warning naming the problem.  After it
-the overlap map is complete and the refcounts can be trusted; persistent bitmaps (which nbdserve
-does not update) are invalidated and their clusters freed.
+the overlap map is complete, the refcounts can be trusted, the enabled persistent bitmaps are in
+memory and every bitmap is marked in use on disk (docs/qcow2.md, "Persistent dirty bitmaps").
 
 Runs before the image is shared: no lock is needed.
 """
@@ -17,9 +17,9 @@ import struct
 
 from ...errors import CorruptImage, UnsupportedImage
 from ..base import Caps
+from .bitmaps import BitmapError
 from .check import fix_harmless, rebuild, scan
-from .header import FIELD_AUTOCLEAR, FIELD_INCOMPATIBLE, INCOMPAT_CORRUPT, INCOMPAT_DIRTY
-from .overlap import BITMAPS
+from .header import AUTOCLEAR_BITMAPS, FIELD_AUTOCLEAR, FIELD_INCOMPATIBLE, INCOMPAT_CORRUPT, INCOMPAT_DIRTY
 from .refcount import Refcounts
 from .snapshot import find_snapshot
 from .tables import load_l1
@@ -46,8 +46,13 @@ class OpeningMixin:
         corrupt = bool(h.incompatible_features & INCOMPAT_CORRUPT)
         if corrupt and repair != "all":
             return self._read_only_because("image is marked corrupt (--repair=all checks and repairs it)")
-        if dirty and h.has_bitmaps:
-            return self._read_only_because("image is dirty and has bitmaps (not rebuilt)")
+        bitmaps = self.bitmaps
+        if bitmaps.problem is not None:
+            return self._read_only_because(bitmaps.problem)
+        try:
+            bitmaps.load_tracked()
+        except BitmapError as err:
+            return self._read_only_because(f"bitmaps cannot be kept up to date: {err}")
         found = scan(self)
         if found.fatal:
             return self._read_only_because(f"inconsistent beyond repair: {found.summary()}")
@@ -76,17 +81,36 @@ class OpeningMixin:
             await self.file.flush()
         self.meta = found.meta
         self.refs.meta, self.refs.refuse = found.meta, self._refuse
-        if h.version >= 3 and h.autoclear_features:
-            # Bits we do not maintain (bitmaps, unknown ones) must be clear before the first write.
-            self.file.pwrite(struct.pack(">Q", 0), FIELD_AUTOCLEAR)
+        # Autoclear bits we do not maintain must be clear before the first write; the bitmaps bit
+        # stays set: we keep the bitmaps consistent.
+        keep = AUTOCLEAR_BITMAPS if bitmaps.valid else 0
+        if h.version >= 3 and h.autoclear_features & ~keep:
+            h.autoclear_features &= keep
+            self.file.pwrite(struct.pack(">Q", h.autoclear_features), FIELD_AUTOCLEAR)
             await self.file.flush()
-            if found.bitmap_refs:  # the bitmaps are invalid now: free their clusters
-                self.meta.remove(*h.bitmap_directory[:2], BITMAPS)
-                for c in found.bitmap_refs:
-                    self.meta.remove(c << self.cb, self.cs, BITMAPS)
-                await self.refs.decref(found.bitmap_refs)
-                await self.cache.flush(self.file)
-            h.autoclear_features = 0
+        await bitmaps.set_in_use(self)  # durable before any guest write
+        if bitmaps.tracked:
+            self._track = bitmaps.mark
+
+    def _report_bitmaps(self) -> None:
+        """Warn about bitmaps that cannot be used (any open; QEMU warns about stale ones too)."""
+        b = self.bitmaps
+        if b.stale:
+            log.warning(
+                "%s: the bitmaps extension was invalidated by a program without bitmap support; its bitmaps are "
+                "ignored (their clusters are leaks: --repair=leaks frees them)",
+                self.path,
+            )
+        elif b.problem is not None and self.readonly:
+            log.warning("%s: %s", self.path, b.problem)
+        if b.inconsistent:
+            names = ", ".join(repr(n) for n in sorted(b.inconsistent))
+            log.warning(
+                "%s: bitmap(s) %s in use (not closed cleanly): inconsistent, never updated or exported; "
+                "qemu-img bitmap --remove deletes them",
+                self.path,
+                names,
+            )
 
     def _refcounts(self) -> Refcounts:
         h = self.header

@@ -41,6 +41,8 @@ class WriteMixin:
         in_c = offset & self.cmask
         if self._refusal is not None:
             return False
+        if self._track is not None:
+            self._track(offset, len(data))  # before any of the data lands
         if in_c + len(data) > self.cs or self.ext:
             return self._write_in_place(offset, data)
         # Hot path: one standard cluster, allocated, COPIED, its table cached.  (A cluster in

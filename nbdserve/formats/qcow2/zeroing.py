@@ -28,6 +28,8 @@ class ZeroMixin:
 
     async def pwrite_zeroes(self, offset: int, length: int, *, may_trim: bool, fast: bool, fua: bool) -> None:
         self._check_writable()
+        if self._track is not None:
+            self._track(offset, length)  # the whole request, as QEMU marks it (failures too)
         gran = 1 << self.sc_bits
         end = offset + length
         if self.version < 3 and self.backing is not None:
@@ -164,6 +166,8 @@ class ZeroMixin:
 
     async def pdiscard(self, offset: int, length: int) -> None:
         self._check_writable()
+        if self._track is not None:
+            self._track(offset, length)  # the whole request, even the parts left allocated
         end = offset + length
         start = -(-offset // self.cs) * self.cs
         stop = end & ~self.cmask if end < self.size else end
