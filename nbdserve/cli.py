@@ -218,6 +218,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                 format=opts.get("format", args.format),
                 readonly=args.read_only or opts.get("readonly", False),
                 key_secret=opts.get("key_secret"),
+                backing_key_secret=opts.get("backing_key_secret"),
                 description=args.description or ("nbdserve demo image" if demo else ""),
                 snapshot=args.snapshot,
                 load_snapshot=args.load_snapshot,

@@ -43,6 +43,7 @@ class ExportConfig:
     load_snapshot: str | None = None  # -l: internal snapshot name or id (read-only)
     vpc_size: str = "auto"  # VHD size rule: auto | chs | current
     key_secret: str | None = None  # id of the secret holding an encrypted image's passphrase
+    backing_key_secret: str | None = None  # ... and of its encrypted backing files' (one for all)
     repair: str = "off"  # qcow2 read-write open of an inconsistent image: off | leaks | all
     tls: str = "optional"  # "required": served only over TLS (SELECTIVETLS), hidden from others
     allow: tuple[str, ...] = ()  # allow-list entries (see nbdserve.authz); empty: everyone
@@ -135,6 +136,8 @@ def parse_export_spec(spec: str) -> ExportConfig:
             kw["load_snapshot"] = value
         elif key == "key-secret":
             kw["key_secret"] = value
+        elif key == "backing-key-secret":
+            kw["backing_key_secret"] = value
         elif key == "repair":
             kw["repair"] = value
         elif key == "bitmap":
@@ -256,8 +259,9 @@ def validate(cfg: ServerConfig) -> ServerConfig:
             raise ConfigError(f"export {e.name!r}: unknown format {e.format!r} (one of {', '.join(FORMATS)})")
         if e.vpc_size not in ("auto", "chs", "current"):
             raise ConfigError(f"export {e.name!r}: vpc-size must be auto, chs or current")
-        if e.key_secret is not None and e.key_secret not in cfg.secrets:
-            raise ConfigError(f"export {e.name!r}: key-secret {e.key_secret!r}: no secret with that id")
+        for what, sid in (("key-secret", e.key_secret), ("backing-key-secret", e.backing_key_secret)):
+            if sid is not None and sid not in cfg.secrets:
+                raise ConfigError(f"export {e.name!r}: {what} {sid!r}: no secret with that id")
         if e.repair not in REPAIR_MODES:
             raise ConfigError(f"export {e.name!r}: repair must be one of {', '.join(REPAIR_MODES)}")
         for b in e.bitmaps:
@@ -354,6 +358,8 @@ _IMAGE_OPTS = {
     "file": "path",
     "key-secret": "key_secret",  # driver=luks
     "encrypt.key-secret": "key_secret",  # driver=qcow2
+    "backing.key-secret": "backing_key_secret",  # every encrypted image below (QEMU: per level)
+    "backing.encrypt.key-secret": "backing_key_secret",
     "read-only": "readonly",
 }
 _ON, _OFF = ("on", "yes", "true"), ("off", "no", "false")
@@ -361,7 +367,8 @@ _ON, _OFF = ("on", "yes", "true"), ("off", "no", "false")
 
 def parse_image_opts(text: str) -> dict[str, Any]:
     """``--image-opts`` IMAGE: ``driver=FMT,file.filename=PATH[,key-secret=ID|encrypt.key-secret=ID]
-    [,encrypt.format=luks|aes][,read-only=on]`` -> ExportConfig fields (``,,`` is a comma)."""
+    [,backing.encrypt.key-secret=ID][,encrypt.format=luks|aes][,read-only=on]`` -> ExportConfig
+    fields (``,,`` is a comma).  The backing key serves every encrypted image below the top."""
     out: dict[str, Any] = {}
     for item in split_options(text):
         key, eq, value = item.partition("=")

@@ -93,6 +93,7 @@ class OpenOptions:
     vpc_size: str = "auto"  # VHD virtual size rule: auto | chs | current
     repair: str = "off"  # qcow2 inconsistencies found at a read-write open: off | leaks | all
     passphrase: bytes | None = None  # key-secret of an encrypted image (LUKS, qcow2 encryption)
+    backing_passphrase: bytes | None = None  # the same for every encrypted image below it in the chain
     extra: dict[str, str] = field(default_factory=dict)
     # Set by the image layer: ``resolve(image_path, name, what=...)`` turns a file name an image
     # records for itself (VMDK extents) into a path inside the allowed directories, or raises

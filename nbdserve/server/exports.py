@@ -73,6 +73,7 @@ def image_spec(e: ExportConfig, cfg: ServerConfig) -> ImageSpec:
             vpc_size=e.vpc_size,
             repair=e.repair,
             passphrase=cfg.secrets[e.key_secret] if e.key_secret is not None else None,
+            backing_passphrase=cfg.secrets[e.backing_key_secret] if e.backing_key_secret is not None else None,
         ),
         backing=BackingPolicy(allowed_dirs=cfg.backing_dirs),
     )

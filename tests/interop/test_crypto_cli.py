@@ -55,3 +55,43 @@ def test_bad_keys_and_options_refused(tmp_path, args, needle):
     img = make_luks(tmp_path / "b.luks", MiB, secret)
     args = [a.replace("IMGOPTS", image_opts(img, "luks")).replace("PASSFILE", str(secret)) for a in args]
     assert needle in start_fails(tmp_path, *args)
+
+
+def test_encrypted_backing_chain_with_its_own_key(tmp_path):
+    """An encrypted qcow2 over an encrypted qcow2 with another passphrase: both keys given as QEMU
+    takes them (``backing.encrypt.key-secret``); reads equal qemu-nbd's, and after the same writes
+    (copy-on-write from the encrypted backing file into the encrypted top) both files hold the same
+    disk as qemu-nbd reads them."""
+    import random
+    import shutil
+
+    from tests.imagetest import random_trace, replay_trace
+
+    key_base, key_top = tmp_path / "base.pass", tmp_path / "top.pass"
+    key_base.write_bytes(b"base passphrase")
+    key_top.write_bytes(b"top passphrase")
+    base = make_qcow2(tmp_path / "base.qcow2", 4 * MiB, key_base)
+    qemu_io_key(base, "qcow2", key_base, "write -P 0x33 0 3M")
+    top = make_qcow2(tmp_path / "top.qcow2", 4 * MiB, key_top, "luks", "-u", "-b", str(base), "-F", "qcow2")
+    objects = ["--object", f"secret,id=t,file={key_top}", "--object", f"secret,id=b,file={key_base}"]
+
+    def opts(path):
+        return f"driver=qcow2,file.filename={path},encrypt.key-secret=t,backing.encrypt.key-secret=b"
+
+    with (
+        serve(tmp_path, *objects, "--image-opts", "-r", opts(top)) as ours,
+        qemu_nbd(tmp_path, opts(top), None, "-A", *objects, "--image-opts", "-r") as theirs,
+    ):
+        assert_same_export(ours, theirs)
+    theirs_top = tmp_path / "theirs.qcow2"
+    shutil.copyfile(top, theirs_top)
+    ops = random_trace(random.Random(5), 4 * MiB, 30, max_len=150_000)
+    with serve(tmp_path, *objects, "--image-opts", opts(top)) as ours:
+        replay_trace(ours.uri, ops)
+    with qemu_nbd(tmp_path, opts(theirs_top), None, *objects, "--image-opts") as theirs:
+        replay_trace(theirs.uri, ops)
+    with (
+        qemu_nbd(tmp_path, opts(top), None, "-A", *objects, "--image-opts", "-r") as a,
+        qemu_nbd(tmp_path, opts(theirs_top), None, "-A", *objects, "--image-opts", "-r") as b,
+    ):
+        assert_same_export(a, b)
