@@ -1,7 +1,9 @@
 """Positioned I/O on one open host file: the only module that reads or writes image files.
 
 Owns ``BlockFile``: pread/pwrite into caller buffers, durable flush, hole punching and
-zero-range, SEEK_DATA/SEEK_HOLE, size and truncation.
+zero-range, SEEK_DATA/SEEK_HOLE, size and truncation; and the file's image lock
+(``BlockFile.lock``), the byte-range scheme QEMU uses, so QEMU, qemu-nbd and nbdserve never write
+one image at the same time (docs/image-locks.md).
 
 I/O policy: reads and writes run synchronously on the event-loop thread.  On the page cache they
 cost microseconds, far less than a thread hop, and keep eagerly started requests task-free.
@@ -13,6 +15,11 @@ Invariants:
     read past EOF check ``size`` first.
   * ``pwrite`` writes everything or raises.
   * No method keeps a reference to a caller's buffer after returning.
+  * A file opened for writing is never opened without ``O_RDWR``: a file the process may not
+    write is an error for a read-write open, never a silent downgrade.
+  * Locks are OFD locks: they belong to this open file description, so a second ``BlockFile`` on
+    the same file (in this process or another) conflicts exactly as another QEMU process would,
+    and closing the file drops them.
 """
 
 from __future__ import annotations
@@ -20,9 +27,14 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
+import enum
 import errno
+import fcntl
 import os
 import stat
+import struct
+
+from .errors import ImageError
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _fallocate = _libc.fallocate
@@ -40,6 +52,33 @@ def _fallocate_or_raise(fd: int, mode: int, offset: int, length: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
+class Perm(enum.IntFlag):
+    """What a user of an image file does with it (QEMU's block permissions, same bit values)."""
+
+    CONSISTENT_READ = 0x01  # reads see consistent data (metadata included)
+    WRITE = 0x02  # changes the contents
+    WRITE_UNCHANGED = 0x04  # writes that leave the contents as they are
+    RESIZE = 0x08  # changes the file's size
+
+    @property
+    def label(self) -> str:
+        """QEMU's name for the permission, as its lock errors show it."""
+        return (self.name or "").lower().replace("_", " ")
+
+
+PERM_ALL = Perm.CONSISTENT_READ | Perm.WRITE | Perm.WRITE_UNCHANGED | Perm.RESIZE
+PERM_LOCK_BASE = 100  # byte 100 + bit index: "I hold this permission"
+UNSHARE_LOCK_BASE = 200  # byte 200 + bit index: "I do not let others hold this permission"
+# struct flock (Linux, 64-bit off_t): l_type, l_whence, l_start, l_len, l_pid, padding
+_FLOCK = struct.Struct("hhqqi4x")
+
+
+def _flock(fd: int, cmd: int, kind: int, byte: int) -> int:
+    """One OFD lock call on ``byte``; returns the l_type the kernel hands back (for GETLK)."""
+    out = fcntl.fcntl(fd, cmd, _FLOCK.pack(kind, os.SEEK_SET, byte, 1, 0))
+    return _FLOCK.unpack(out)[0]
+
+
 class BlockFile:
     """One host file opened for positioned I/O.  ``path`` is kept for error messages."""
 
@@ -55,19 +94,61 @@ class BlockFile:
         self.can_punch = not readonly
         self.can_zero_range = not readonly
         self.can_seek_data = True
+        # Lock bytes this file holds (see lock()).
+        self.perm = Perm(0)
+        self.unshared = Perm(0)
 
-    @classmethod
-    def try_writable(cls, path: str, readonly: bool) -> BlockFile:
-        """Open read-write unless ``readonly`` or the file is not writable (then read-only)."""
-        if not readonly:
+    # -- image locks ------------------------------------------------------------------------
+
+    def lock(self, perm: Perm, shared: Perm) -> None:
+        """Hold ``perm`` and let others hold only ``shared``, or raise ``ImageError`` naming the
+        permission another user's lock denies (QEMU's "Failed to get ... lock").
+
+        First take the new lock bytes, then test the other side's bytes: two users starting at
+        the same moment then both see the conflict (neither can slip past the other).  On a
+        conflict the previous locks are restored; on success bytes no longer needed are released
+        (so this also downgrades a writer to a reader).
+        """
+        unshared = PERM_ALL & ~shared
+        old = (self.perm, self.unshared)
+        try:
+            self._apply(self.perm | perm, self.unshared | unshared)
+            for p in perm:
+                if self._held_by_others(UNSHARE_LOCK_BASE, p):
+                    raise self._conflict(f'Failed to get "{p.label}" lock')
+            for p in unshared:
+                if self._held_by_others(PERM_LOCK_BASE, p):
+                    raise self._conflict(f'Failed to get shared "{p.label}" lock')
+        except BaseException:
             try:
-                return cls(path, readonly=False)
-            except PermissionError:
-                pass
-            except OSError as e:
-                if e.errno != errno.EROFS:
-                    raise
-        return cls(path, readonly=True)
+                self._apply(*old)
+            except ImageError:
+                pass  # only releases: cannot fail on a working file; the first error says more
+            raise
+        self._apply(perm, unshared)
+
+    def _conflict(self, what: str) -> ImageError:
+        return ImageError(self.path, f"{what}: is another process (QEMU, qemu-nbd, nbdserve) using the image?")
+
+    def _apply(self, perm: Perm, unshared: Perm) -> None:
+        """Make the held lock bytes exactly ``perm`` and ``unshared``.  They are shared (read)
+        locks, which conflict only with another user's test, never with each other."""
+        for p in Perm:
+            for base, attr, want in ((PERM_LOCK_BASE, "perm", perm), (UNSHARE_LOCK_BASE, "unshared", unshared)):
+                have = getattr(self, attr)
+                if (want ^ have) & p:
+                    kind = fcntl.F_RDLCK if want & p else fcntl.F_UNLCK
+                    try:
+                        _flock(self.fd, fcntl.F_OFD_SETLK, kind, base + p.bit_length() - 1)
+                    except OSError as e:
+                        raise ImageError(self.path, f"cannot lock the image: {e.strerror}") from None
+                    setattr(self, attr, have ^ p)
+
+    def _held_by_others(self, base: int, p: Perm) -> bool:
+        try:
+            return _flock(self.fd, fcntl.F_OFD_GETLK, fcntl.F_WRLCK, base + p.bit_length() - 1) != fcntl.F_UNLCK
+        except OSError as e:
+            raise ImageError(self.path, f"cannot test the image's locks: {e.strerror}") from None
 
     # -- data -------------------------------------------------------------------------------
 
@@ -188,3 +269,32 @@ class BlockFile:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def lock_perms(*, writable: bool, force_share: bool = False) -> tuple[Perm, Perm]:
+    """(held, shared) lock permissions for an image file, as QEMU takes them: a writer holds
+    read, write and resize and lets others only read; a reader holds read and refuses writers,
+    unless ``force_share`` (``-U``), when it shares everything."""
+    if writable:
+        return Perm.CONSISTENT_READ | Perm.WRITE | Perm.RESIZE, Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED
+    if force_share:
+        return Perm.CONSISTENT_READ, PERM_ALL
+    return Perm.CONSISTENT_READ, PERM_ALL & ~(Perm.WRITE | Perm.RESIZE)
+
+
+def open_locked(path: str, *, readonly: bool, force_share: bool = False) -> BlockFile:
+    """Open and lock one image file (``lock_perms``): what the image layer and drivers that open
+    more files (VMDK extents) use.  Read-write is exactly what ``readonly`` says: a file this
+    process may not write is refused (as qemu-nbd does), never silently served read-only."""
+    try:
+        file = BlockFile(path, readonly=readonly)
+    except OSError as e:
+        if not readonly and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise ImageError(path, f"cannot open for writing: {e.strerror} (serve it read-only: -r)") from None
+        raise ImageError(path, f"cannot open: {e.strerror}") from None
+    try:
+        file.lock(*lock_perms(writable=not readonly, force_share=force_share))
+    except BaseException:
+        file.close()
+        raise
+    return file

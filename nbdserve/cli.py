@@ -16,6 +16,8 @@ import sys
 
 from . import __version__
 from .config import (
+    DEFAULT_BACKLOG,
+    DEFAULT_MAX_CONNECTIONS,
     DEFAULT_PORT,
     FORMATS,
     REPAIR_MODES,
@@ -50,7 +52,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-b", "--bind", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
     g.add_argument("-k", "--socket", metavar="PATH", help="listen on a Unix socket instead of TCP")
     g.add_argument("--stdio", action="store_true", help="serve one connection on stdin/stdout (a socket)")
-    g.add_argument("-e", "--shared", type=int, metavar="N", help="at most N clients at once (default 0: unlimited)")
+    g.add_argument(
+        "-e",
+        "--shared",
+        type=int,
+        metavar="N",
+        help=f"at most N clients at once; more are refused (default {DEFAULT_MAX_CONNECTIONS}; 0: no limit)",
+    )
+    g.add_argument(
+        "--backlog", type=int, metavar="N", help=f"listen queue for connect bursts (default {DEFAULT_BACKLOG})"
+    )
     g.add_argument("-t", "--persistent", action="store_true", help="keep serving after clients leave (the default)")
     g.add_argument("--oneshot", action="store_true", help="exit when the last client disconnects")
     g.add_argument("--fork", action="store_true", help="go to the background once listening")
@@ -64,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="image format (default: probe; raw needs -f raw for images with another format's magic)",
     )
     g.add_argument("-r", "--read-only", action="store_true", help="serve read-only")
+    g.add_argument(
+        "-U",
+        "--force-share",
+        action="store_true",
+        help="with -r: open the image even while another process (QEMU, qemu-nbd) writes it",
+    )
     g.add_argument(
         "--image-opts",
         action="store_true",
@@ -223,6 +240,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                 snapshot=args.snapshot,
                 load_snapshot=args.load_snapshot,
                 vpc_size=args.vpc_size,
+                force_share=args.force_share,
                 repair=args.repair,
                 bitmaps=tuple(args.bitmap),
             )
@@ -234,6 +252,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         bind=args.bind,
         socket=args.socket,
         shared=args.shared,
+        backlog=args.backlog,
         pid_file=args.pid_file,
         cache_size=args.cache_size,
         handshake_timeout=args.handshake_timeout,

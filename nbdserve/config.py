@@ -23,6 +23,8 @@ from .objects import ObjectError, ObjectTable, split_options
 from .protocol.constants import MAX_STRING
 
 DEFAULT_PORT = 10809
+DEFAULT_BACKLOG = 4096  # the listen queue: a burst of this many connects is queued, not dropped
+DEFAULT_MAX_CONNECTIONS = 4096  # -e/--shared default; each idle connection costs a few kB
 FORMATS = ("raw", "qcow2", "qed", "vpc", "vhdx", "vmdk", "vdi", "luks")
 REPAIR_MODES = ("off", "leaks", "all")
 MAX_BITMAP_NAME = 1023  # QEMU's limit on persistent bitmap names
@@ -42,6 +44,7 @@ class ExportConfig:
     snapshot: bool = False  # -s: serve through a throw-away qcow2 overlay
     load_snapshot: str | None = None  # -l: internal snapshot name or id (read-only)
     vpc_size: str = "auto"  # VHD size rule: auto | chs | current
+    force_share: bool = False  # -U: open read-only even while another process writes the image
     key_secret: str | None = None  # id of the secret holding an encrypted image's passphrase
     backing_key_secret: str | None = None  # ... and of its encrypted backing files' (one for all)
     repair: str = "off"  # qcow2 read-write open of an inconsistent image: off | leaks | all
@@ -59,7 +62,8 @@ class ServerConfig:
     port: int = DEFAULT_PORT
     socket: str | None = None  # Unix socket path; replaces TCP
     stdio: bool = False
-    shared: int = 0  # max simultaneous connections, 0 = unlimited
+    shared: int = DEFAULT_MAX_CONNECTIONS  # max simultaneous connections, 0 = unlimited
+    backlog: int = DEFAULT_BACKLOG  # listen backlog (the kernel caps it at net.core.somaxconn)
     oneshot: bool = False  # exit when the last client disconnects
     fork: bool = False
     pid_file: str | None = None
@@ -116,7 +120,7 @@ def parse_size(text: str | int) -> int:
 
 
 def parse_export_spec(spec: str) -> ExportConfig:
-    """``NAME=PATH[,format=F][,readonly][,description=TEXT][,snapshot][,repair=MODE][,bitmap=B]...``."""
+    """``NAME=PATH[,format=F][,readonly][,description=TEXT][,snapshot][,force-share][,repair=MODE][,bitmap=B]...``."""
     if "=" not in spec:
         raise ConfigError(f"--export {spec!r}: expected NAME=PATH[,format=F][,readonly]")
     name, rest = spec.split("=", 1)
@@ -134,6 +138,8 @@ def parse_export_spec(spec: str) -> ExportConfig:
             kw["snapshot"] = True
         elif key == "load-snapshot":
             kw["load_snapshot"] = value
+        elif key == "force-share":
+            kw["force_share"] = True
         elif key == "key-secret":
             kw["key_secret"] = value
         elif key == "backing-key-secret":
@@ -193,6 +199,7 @@ _SERVER_KEYS = {
     "port": int,
     "socket": str,
     "shared": int,
+    "backlog": int,
     "oneshot": bool,
     "pid-file": str,
     "cache-size": parse_size,
@@ -259,6 +266,8 @@ def validate(cfg: ServerConfig) -> ServerConfig:
             raise ConfigError(f"export {e.name!r}: unknown format {e.format!r} (one of {', '.join(FORMATS)})")
         if e.vpc_size not in ("auto", "chs", "current"):
             raise ConfigError(f"export {e.name!r}: vpc-size must be auto, chs or current")
+        if e.force_share and not (e.readonly or e.snapshot or e.load_snapshot is not None):
+            raise ConfigError(f"export {e.name!r}: -U/--force-share needs a read-only export (-r)")
         for what, sid in (("key-secret", e.key_secret), ("backing-key-secret", e.backing_key_secret)):
             if sid is not None and sid not in cfg.secrets:
                 raise ConfigError(f"export {e.name!r}: {what} {sid!r}: no secret with that id")
@@ -275,6 +284,8 @@ def validate(cfg: ServerConfig) -> ServerConfig:
         raise ConfigError("--stdio serves one connection on stdin/stdout; it excludes --fork and --socket")
     if not 0 <= cfg.port <= 65535:
         raise ConfigError(f"port out of range: {cfg.port}")
+    if cfg.backlog < 1 or cfg.shared < 0:
+        raise ConfigError("backlog must be >= 1 and shared (the connection limit) >= 0")
     if cfg.max_requests < 1 or cfg.max_inflight_bytes < (32 << 20):
         raise ConfigError("max-requests must be >= 1 and max-inflight-bytes >= 32M")
     _validate_access(cfg)
@@ -401,6 +412,8 @@ def merge(base: ServerConfig, **overrides: Any) -> ServerConfig:
 
 
 __all__ = [
+    "DEFAULT_BACKLOG",
+    "DEFAULT_MAX_CONNECTIONS",
     "DEFAULT_PORT",
     "FORMATS",
     "REPAIR_MODES",

@@ -8,6 +8,9 @@ Owns:
     single line naming the file and the field, e.g. ``disk.qcow2: L1 table offset 0x… beyond end
     of file``.
   * ``nbd_errno``: the only place errnos become NBD error numbers.
+  * ``for_client``: the text a client may see.  Messages name files by their full path for the
+    server's log; what goes over the wire names them by their file name only, so no reply tells a
+    client where the server keeps its images.
 
 Invariants: the NBD error numbers sent on the wire are only those the spec defines; ENOTSUP is
 sent only for FAST_ZERO, EOVERFLOW only for DF or oversize requests without payload.
@@ -16,6 +19,7 @@ sent only for FAST_ZERO, EOVERFLOW only for DF or oversize requests without payl
 from __future__ import annotations
 
 import errno as _errno
+import re
 
 # NBD error values (spec "Error values"); equal to the Linux errnos of the same name.
 NBD_EPERM = 1
@@ -88,3 +92,13 @@ def error_of(exc: BaseException) -> tuple[int, str]:
     if isinstance(exc, CorruptImage):
         return _errno.EIO, str(exc)
     return _errno.EIO, f"internal error: {type(exc).__name__}: {exc}"
+
+
+# An absolute path not inside another word (or URI): kept are the last component
+# and whatever follows it (a colon, quote or space).
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.~:/-])/(?:[^\s/'\":]+/)*([^\s/'\":]+)")
+
+
+def for_client(message: str) -> str:
+    """``message`` with every absolute path shortened to its file name (for error replies)."""
+    return _ABSOLUTE_PATH.sub(r"\1", message)

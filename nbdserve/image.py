@@ -13,6 +13,10 @@ Owns, between the protocol and the drivers:
   * persistent dirty bitmaps for ``-B``: the first layer of the chain that has one of the name
     (as qemu-nbd looks them up);
   * the ``-s`` snapshot overlay (a temporary qcow2 over the image, removed at close);
+  * opening files: read-write exactly when asked (a file this process may not write is an error,
+    not a silent read-only export), locked the way QEMU locks images (``lock_perms``;
+    docs/image-locks.md) on the image and every backing file, and probed safely
+    (``formats.probe``; a probed-raw image guards its first sector, see ``formats.raw``);
   * the mapping memo behind ``read_now``: granule -> host offset for granules of plain data,
     dropped whenever the driver says a mapping changed (see ``formats.base``), so a hot read
     costs one dict lookup and one pread.  All images' memos together hold at most the cache's
@@ -28,16 +32,19 @@ from __future__ import annotations
 
 import errno
 import functools
+import logging
 import os
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
-from .blockfile import BlockFile
+from .blockfile import lock_perms, open_locked
 from .cache import ClusterCache
 from .errors import ImageError, NbdError, UnsupportedImage
-from .formats import driver_for, probe
+from .formats import PROBE_SIZE, driver_for, identify, probe
 from .formats.base import ALLOCATED, DATA, ZERO, DirtyBitmapView, FormatDriver, OpenOptions
 from .locks import CoRwLock
+
+log = logging.getLogger("nbdserve")
 
 # NBD base:allocation flags
 STATE_HOLE = 1
@@ -68,6 +75,7 @@ class ImageSpec:
     format: str | None = None  # None: probe
     readonly: bool = False
     snapshot_overlay: bool = False  # -s: writes go to a throw-away overlay
+    force_share: bool = False  # -U: a read-only image (and its chain) may be open by a writer
     options: OpenOptions = field(default_factory=OpenOptions)
     backing: BackingPolicy = field(default_factory=BackingPolicy)
 
@@ -408,7 +416,17 @@ async def open_image(spec: ImageSpec, cache: ClusterCache) -> Image:
     top_dir = os.path.dirname(os.path.realpath(spec.path))
     allowed = tuple(os.path.realpath(d) for d in spec.backing.allowed_dirs) or (top_dir,)
     return await _open_layer(
-        spec.path, spec.format, spec.readonly, spec.options, cache, spec.backing, allowed, 0, set(), raw_fallback=True
+        spec.path,
+        spec.format,
+        spec.readonly,
+        spec.options,
+        cache,
+        spec.backing,
+        allowed,
+        0,
+        set(),
+        raw_fallback=True,
+        force_share=spec.force_share,
     )
 
 
@@ -424,24 +442,30 @@ async def _open_layer(
     seen: set[tuple[int, int]],
     *,
     raw_fallback: bool,
+    force_share: bool,
 ) -> Image:
     try:
-        file = BlockFile.try_writable(path, readonly)
+        st = os.stat(path)
     except OSError as e:
         raise ImageError(path, f"cannot open: {e.strerror}") from None
+    key = (st.st_dev, st.st_ino)
+    if key in seen:  # before opening: the chain's own lock on the file would hide the loop
+        raise ImageError(path, "backing chain loops back to this file")
+    seen.add(key)
+    file = open_locked(path, readonly=readonly, force_share=force_share)
+    driver = None
     try:
-        st = os.fstat(file.fd)
-        key = (st.st_dev, st.st_ino)
-        if key in seen:
-            raise ImageError(path, "backing chain loops back to this file")
-        seen.add(key)
-        options = replace(options, resolve=functools.partial(resolve_backing, allowed=allowed))
+        options = replace(options, resolve=functools.partial(resolve_backing, allowed=allowed), force_share=force_share)
         if fmt is None:
-            head = file.pread(min(512, max(file.size, 0)), 0) if file.size else b""
+            head = file.pread(min(PROBE_SIZE, max(file.size, 0)), 0) if file.size else b""
             drv_cls = probe(bytes(head), file.size, path, raw_fallback=raw_fallback)
         else:
             drv_cls = driver_for(fmt, path)
-        driver = await drv_cls.open(file, readonly=readonly or file.readonly, cache=cache, options=options)
+        driver = await drv_cls.open(file, readonly=readonly, cache=cache, options=options)
+        if driver.readonly and not file.readonly:  # the driver chose read-only: be a reader
+            file.lock(*lock_perms(writable=False, force_share=force_share))
+        if fmt is None and drv_cls.format_name == "raw":
+            driver.head_guard = identify
         backing = None
         if driver.backing is not None:
             if depth + 1 > policy.max_depth:
@@ -462,9 +486,15 @@ async def _open_layer(
                 depth + 1,
                 seen,
                 raw_fallback=False,
+                force_share=force_share,
             )
         return Image(driver, backing, cache)
     except BaseException:
+        if driver is not None:  # opened, but its backing chain failed: release what it holds
+            try:
+                await driver.close()  # its own files (VMDK extents) and their locks too
+            except Exception as e:
+                log.warning("%s: closing after a failed open: %s", path, e)
         cache.discard_file(file)
         file.close()
         raise
@@ -475,6 +505,8 @@ def resolve_backing(image_path: str, name: str, allowed: tuple[str, ...], what: 
     -> path: relative to the image's directory, inside ``allowed``."""
     if not name:
         raise ImageError(image_path, f"empty {what} name")
+    if "\0" in name:
+        raise ImageError(image_path, f"{what} name {name!r} contains a NUL byte")
     if name.startswith("json:") or "://" in name or (":" in name.split("/")[0] and not os.path.exists(name)):
         raise UnsupportedImage(image_path, f"{what} {name!r} is a protocol or json: name, not a file")
     base = os.path.dirname(os.path.realpath(image_path))

@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 PKGS=(qemu-utils qemu-system-x86 libnbd-bin python3-libnbd nbdkit fio nbd-client busybox-static
       e2fsprogs cpio python3-venv python3-dev gcc python3-libvhdi python3-libqcow gnutls-bin
+      iproute2 util-linux
       # Ceph tests (tests/ceph, skip with --no-ceph): a single-node cluster, its Python bindings,
       # QEMU's rbd: driver, and botocore from Debian (its version is what the S3 tests know).
       ceph-mon ceph-mgr ceph-osd ceph-common radosgw python3-rados python3-rbd qemu-block-extra

@@ -161,6 +161,27 @@ def serve(
             srv.stop() if check_stop else srv.stop(signal.SIGKILL)
 
 
+def start_error(workdir: Path, *args: str | os.PathLike) -> str:
+    """Start ``nbdserve --fork -k SOCK ARGS...`` expecting it to fail; its one-line error.  (A
+    server that starts anyway is stopped and the assertion fails.)"""
+    _, pidfile, log = _paths(workdir, "refused")
+    with open(log, "w") as logf:  # a file, not a pipe: a server that did start would hold a pipe open
+        p = subprocess.run(
+            [*NBDSERVE, "--fork", "--pid-file", str(pidfile), "-k", str(workdir / "refused.sock"), *map(str, args)],
+            stdout=subprocess.DEVNULL,
+            stderr=logf,
+            env=TOOL_ENV,
+            timeout=120,
+        )
+    text = log.read_text()
+    if p.returncode == 0:
+        Served(workdir / "refused.sock", read_pid(pidfile), log).stop()
+    assert p.returncode != 0, f"nbdserve started: {text}"
+    lines = [line for line in text.splitlines() if line.strip()]
+    assert len(lines) == 1, text  # one line, no traceback
+    return lines[0]
+
+
 @contextlib.contextmanager
 def qemu_nbd(
     workdir: Path, image: str | os.PathLike, fmt: str | None, *args: str, export: str = ""

@@ -92,6 +92,7 @@ class OpenOptions:
     snapshot: str | None = None  # qcow2 internal snapshot to serve (read-only)
     vpc_size: str = "auto"  # VHD virtual size rule: auto | chs | current
     repair: str = "off"  # qcow2 inconsistencies found at a read-write open: off | leaks | all
+    force_share: bool = False  # -U: files a driver opens itself are locked sharing writes too
     passphrase: bytes | None = None  # key-secret of an encrypted image (LUKS, qcow2 encryption)
     backing_passphrase: bytes | None = None  # the same for every encrypted image below it in the chain
     extra: dict[str, str] = field(default_factory=dict)

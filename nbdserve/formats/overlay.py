@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import tempfile
 
-from ..blockfile import BlockFile
+from ..blockfile import open_locked
 from ..cache import ClusterCache
 from ..errors import UnsupportedImage
 from ..image import Image, ImageSpec, _open_layer
@@ -25,7 +25,17 @@ async def open_with_overlay(spec: ImageSpec, cache: ClusterCache) -> Image:
     top_dir = os.path.dirname(os.path.realpath(spec.path))
     allowed = tuple(os.path.realpath(d) for d in spec.backing.allowed_dirs) or (top_dir,)
     base = await _open_layer(
-        spec.path, spec.format, True, spec.options, cache, spec.backing, allowed, 0, set(), raw_fallback=True
+        spec.path,
+        spec.format,
+        True,
+        spec.options,
+        cache,
+        spec.backing,
+        allowed,
+        0,
+        set(),
+        raw_fallback=True,
+        force_share=spec.force_share,
     )
     path = None
     try:
@@ -35,7 +45,7 @@ async def open_with_overlay(spec: ImageSpec, cache: ClusterCache) -> Image:
         os.close(fd)
         os.unlink(path)  # re-created exclusively below
         create_qcow2(path, base.size, backing_file=os.path.realpath(spec.path), backing_format=base.format)
-        file = BlockFile(path, readonly=False)
+        file = open_locked(path, readonly=False)
         try:
             driver = await Qcow2Driver.open(file, readonly=False, cache=cache, options=OpenOptions())
         except BaseException:

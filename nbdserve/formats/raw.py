@@ -11,6 +11,14 @@ scans page by page: milliseconds on a dense file), so ranges found to be data ar
 anything), so the cache needs no invalidation for writes; our own punches drop the ranges they touch
 so trimmed space is reported as a hole again.
 
+Probed raw (no ``-f raw``): the image layer sets ``head_guard`` (``formats.identify``), and a
+write, zeroing or trim that would leave the first ``guard_size`` bytes looking like an image format
+fails with EPERM, as QEMU does for a probed raw image: otherwise a client could write, say, a qcow2
+header naming another file as its backing file, and the next probe would serve that file.  The
+check sees the whole new first sector (the old bytes patched with the request's), so unaligned
+writes are judged exactly; it and the write happen in one synchronous step, so no other request
+can change the sector in between.
+
 No metadata, so no lock: concurrent requests go straight to the file.
 """
 
@@ -18,6 +26,7 @@ from __future__ import annotations
 
 import bisect
 import errno
+from collections.abc import Callable
 
 from ..blockfile import BlockFile
 from ..cache import ClusterCache
@@ -61,6 +70,9 @@ class DataRanges:
 
 class RawDriver(FormatDriver):
     format_name = "raw"
+    # Set for a probed raw image: (head, file size) -> the format that head would be, or None.
+    head_guard: Callable[[bytes, int], tuple[str, object] | None] | None = None
+    guard_size = 512
 
     def __init__(self, file: BlockFile, readonly: bool) -> None:
         self.file = file
@@ -85,16 +97,36 @@ class RawDriver(FormatDriver):
     async def preadv(self, offset: int, buf: memoryview) -> None:
         self.file.pread_into(buf, offset)
 
+    def _guard(self, offset: int, data: bytes | memoryview | None, length: int) -> None:
+        """Refuse (EPERM) a change of the first ``guard_size`` bytes that makes them an image
+        format's magic; ``data`` None means zeroes."""
+        end = self.guard_size
+        if self.head_guard is None or offset >= end:
+            return
+        head = self.file.pread(end, 0)
+        n = min(length, end - offset)
+        head[offset : offset + n] = bytes(n) if data is None else data[:n]
+        found = self.head_guard(bytes(head), max(self.file.size, offset + length))
+        if found is not None:
+            raise NbdError(
+                errno.EPERM,
+                f"refusing a write that makes sector 0 of this probed-raw image a {found[0]} header "
+                "(serve it with an explicit raw format to allow it)",
+            )
+
     def write_now(self, offset: int, data: memoryview) -> bool:
+        self._guard(offset, data, len(data))
         self.file.pwrite(data, offset)
         return True
 
     async def pwritev(self, offset: int, data: memoryview, *, fua: bool) -> None:
+        self._guard(offset, data, len(data))
         self.file.pwrite(data, offset)
         if fua:
             await self.file.flush()
 
     async def pwrite_zeroes(self, offset: int, length: int, *, may_trim: bool, fast: bool, fua: bool) -> None:
+        self._guard(offset, None, length)
         punched = may_trim and self.file.punch_hole(offset, length)
         if punched:
             self.known_data.forget(offset, offset + length)
@@ -107,6 +139,7 @@ class RawDriver(FormatDriver):
             await self.file.flush()
 
     async def pdiscard(self, offset: int, length: int) -> None:
+        self._guard(offset, None, length)
         if self.file.punch_hole(offset, length):
             self.known_data.forget(offset, offset + length)
 

@@ -13,12 +13,17 @@ Owns:
 Invariants: a request's payload is buffered only up to ``max_payload``; a larger payload (up to
 ``drain_limit``) is discarded as it arrives and the request is marked ``oversize``; beyond that the
 peer is cut off (``ProtocolError``).  No method performs I/O.
+
+Memory: the parser's receive buffer is taken (``take_buffer``) when bytes are about to arrive and
+handed back (``release_idle``) once it holds no unparsed byte, so an idle connection holds no
+receive buffer; the server shares one pool of them among all connections.
 """
 
 from __future__ import annotations
 
 import errno
 import struct
+from collections.abc import Callable
 
 from . import constants as C
 from .handshake import ProtocolError, message_bytes
@@ -79,13 +84,17 @@ class RequestParser:
         max_payload: int = C.DEFAULT_MAX_PAYLOAD,
         drain_limit: int = 1 << 30,
         buffer_size: int = 256 << 10,
+        take_buffer: Callable[[], bytearray] | None = None,
+        give_buffer: Callable[[bytearray], None] | None = None,
     ) -> None:
         self.extended = extended
         self.max_payload = max_payload
         self.drain_limit = drain_limit
         assert buffer_size <= PAYLOAD_STEP, "a payload's first bytes must fit its first part"
-        self._buf = bytearray(buffer_size)
-        self._view = memoryview(self._buf)
+        self._take = take_buffer or (lambda: bytearray(buffer_size))
+        self._give = give_buffer
+        self._buf: bytearray | None = None  # the receive buffer, while it is needed
+        self._view: memoryview | None = None
         self._start = 0  # first unparsed byte
         self._end = 0  # end of received bytes
         self._state = _HEADER
@@ -104,11 +113,22 @@ class RequestParser:
 
     # -- input ------------------------------------------------------------------------------
 
+    def release_idle(self) -> None:
+        """Hand the receive buffer back if it holds nothing unparsed (it is taken again by the
+        next ``get_buffer``)."""
+        if self._start == self._end and self._buf is not None and self._give is not None:
+            buf, self._buf, self._view = self._buf, None, None
+            self._start = self._end = 0
+            self._give(buf)
+
     def get_buffer(self) -> memoryview:
         if self._state == _PAYLOAD:
             if self._pfill == len(self._pview) and self._ptodo:
                 self._next_part()
             return self._pview[self._pfill :]
+        if self._buf is None:
+            self._buf = self._take()
+            self._view = memoryview(self._buf)
         if self._start == self._end:
             self._start = self._end = 0
         elif len(self._buf) - self._end < 4096:
@@ -128,9 +148,9 @@ class RequestParser:
         """Convenience for tests and the stdio path: copy ``data`` in via get_buffer."""
         data = memoryview(data)
         while data:
+            buf = self.get_buffer()
             if self._state == _HEADER and self._end == len(self._buf) and self._start == 0:
                 raise AssertionError("receive_data: call next_event() before feeding more")
-            buf = self.get_buffer()
             n = min(len(buf), len(data))
             if n == 0:
                 raise AssertionError("receive_data: call next_event() before feeding more")

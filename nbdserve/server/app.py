@@ -1,13 +1,17 @@
 """Running the server: fork, pid file, readiness, signals, and the orderly end.
 
 Owns ``run(cfg) -> exit status``.  Order of events:
-  1. bind the listening sockets (errors are reported before anything else);
+  1. bind the sockets, not yet listening (errors are reported before anything else);
   2. with ``--fork``, fork; the parent waits on a pipe until the child reports "ready" (or an
      error, which the parent prints) and then exits, so "the command returned" means "serving";
-  3. open every export (one-line errors), write the pid file, notify systemd (READY=1);
+  3. open every export (one-line errors), then listen and accept, write the pid file, notify
+     systemd (READY=1): no client connects before the images are open;
   4. serve until SIGTERM/SIGINT (or, one-shot, the last client leaving); then stop listening,
-     finish in-flight requests, flush and close every image, remove the pid file.
+     finish in-flight requests, flush and close every image, remove the pid file and the Unix
+     socket file this process created (on every exit after binding, errors included).
 SIGHUP calls ``Server.reload`` (TLS certificates and keys are read again; see ``server/tls.py``).
+
+The open-file limit is raised to its hard limit at start (each connection is a descriptor).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import ctypes
 import ctypes.util
 import logging
 import os
+import resource
 import signal
 import socket
 import sys
@@ -26,7 +31,7 @@ from ..config import ConfigError, ServerConfig
 from ..errors import ImageError
 from ..loop import new_event_loop
 from .exports import close_exports, open_exports
-from .listeners import Server, bind_sockets, describe
+from .listeners import Bound, Server, bind_sockets, describe
 from .tls import TlsServer
 
 log = logging.getLogger("nbdserve")
@@ -49,10 +54,25 @@ def tune_allocator() -> None:
         pass  # not glibc: nothing to tune
 
 
+def raise_fd_limit(cfg: ServerConfig) -> None:
+    """Raise the soft open-file limit to the hard one; warn if the connection limit needs more."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    need = cfg.shared + 64  # connections, plus images, listeners and the loop's own
+    if cfg.shared and soft != resource.RLIM_INFINITY and need > soft:
+        log.warning("the open-file limit (%d) allows fewer clients than -e/--shared %d", soft, cfg.shared)
+
+
 def run(cfg: ServerConfig) -> int:
     tune_allocator()
+    raise_fd_limit(cfg)
     try:
-        socks = [] if cfg.stdio else bind_sockets(cfg)
+        bound = Bound([]) if cfg.stdio else bind_sockets(cfg)
     except ConfigError as e:
         print(f"nbdserve: {e}", file=sys.stderr)
         return 1
@@ -62,8 +82,7 @@ def run(cfg: ServerConfig) -> int:
         pid = os.fork()
         if pid:
             os.close(w)
-            for s in socks:
-                s.close()
+            bound.close()  # the child serves them (and removes the socket file)
             return _parent_wait(r)
         os.close(r)
         os.setsid()
@@ -71,12 +90,15 @@ def run(cfg: ServerConfig) -> int:
         devnull = os.open(os.devnull, os.O_RDWR)
         os.dup2(devnull, 0)
         os.close(devnull)
-    loop = new_event_loop()
     try:
-        return loop.run_until_complete(_serve(cfg, socks, ready_w))
+        loop = new_event_loop()
+        try:
+            return loop.run_until_complete(_serve(cfg, bound, ready_w))
+        finally:
+            loop.run_until_complete(loop.shutdown_default_executor())
+            loop.close()
     finally:
-        loop.run_until_complete(loop.shutdown_default_executor())
-        loop.close()
+        bound.remove_socket_file()
 
 
 def _parent_wait(r: int) -> int:
@@ -115,17 +137,20 @@ def _sd_notify(state: str) -> None:
         log.warning("sd_notify failed: %s", e)
 
 
-async def _serve(cfg: ServerConfig, socks: list[socket.socket], ready_w: int | None) -> int:
+async def _serve(cfg: ServerConfig, bound: Bound, ready_w: int | None) -> int:
     loop = asyncio.get_running_loop()
     try:
         tls = TlsServer(cfg) if cfg.tls_mode != "off" else None
     except ConfigError as e:
+        bound.remove_socket_file()  # before the parent hears of it: the file is gone on exit
         _report(ready_w, f"nbdserve: {e}")
         return 1
     cache = ClusterCache(cfg.cache_size)
+    socks = bound.socks
     try:
         exports = await open_exports(cfg, cache)
     except ImageError as e:
+        bound.remove_socket_file()
         _report(ready_w, f"nbdserve: {e}")
         return 1
     server = Server(cfg, exports, loop, tls)
@@ -136,6 +161,7 @@ async def _serve(cfg: ServerConfig, socks: list[socket.socket], ready_w: int | N
             await server.listen(socks)
     except (ConfigError, OSError) as e:
         await close_exports(exports)
+        bound.remove_socket_file()
         _report(ready_w, f"nbdserve: {e}")
         return 1
     if cfg.pid_file:
@@ -155,6 +181,7 @@ async def _serve(cfg: ServerConfig, socks: list[socket.socket], ready_w: int | N
     _sd_notify("STOPPING=1")
     log.info("shutting down: flushing and closing images")
     await close_exports(exports)
+    bound.remove_socket_file()
     if cfg.pid_file:
         try:
             os.unlink(cfg.pid_file)

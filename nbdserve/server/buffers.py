@@ -1,14 +1,19 @@
-"""Reusable buffers for large READ replies, one pool per connection.
+"""Reusable buffers, shared by every connection of a server: ``ReplyBuffers`` for large READ
+replies and ``ReceiveBuffers`` for the request parsers' receive buffers.
+
+Connections take buffers when they need them and give them back (receive buffers) or drop them
+(reply buffers, judged free by reference count) when done, so an idle connection holds none: its
+memory is its Python objects and the kernel's socket buffers.
 
 A fresh ``bytearray`` of a MiB costs a memset and, once the transport holds several of them,
 page faults for new heap memory: about a sixth of the CPU of a 1 MiB read.  Replies of the same
 size (clients use one request size: fio's bs, nbdcopy's 256 KiB, qemu-img's 2 MiB) reuse their
 buffers instead.
 
-Invariant: a buffer is handed out again only when nothing but the pool refers to it, judged by
-its reference count: the transport keeps a reference (a memoryview) to every buffer it has not
+Invariant: a reply buffer is handed out again only when nothing but the pool refers to it, judged
+by its reference count: the transport keeps a reference (a memoryview) to every buffer it has not
 finished sending, so a buffer in flight is never overwritten.  A reused buffer holds stale bytes
-of an earlier reply of this connection; callers overwrite all of it (header and data).
+of an earlier reply; callers overwrite all of it (header and data).
 """
 
 from __future__ import annotations
@@ -55,3 +60,20 @@ class ReplyBuffers:
         if len(pool) < self.per_size:
             pool.append(b)
         return b
+
+
+class ReceiveBuffers:
+    """Fixed-size receive buffers: ``take`` one (a kept one if any), ``give`` it back when it holds
+    nothing of value; at most ``keep`` are kept for reuse."""
+
+    def __init__(self, size: int, *, keep: int = 16) -> None:
+        self.size = size
+        self.keep = keep
+        self._free: list[bytearray] = []
+
+    def take(self) -> bytearray:
+        return self._free.pop() if self._free else bytearray(self.size)
+
+    def give(self, buf: bytearray) -> None:
+        if len(self._free) < self.keep:
+            self._free.append(buf)

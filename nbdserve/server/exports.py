@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from ..authz import AccessRules
 from ..cache import ClusterCache
 from ..config import ExportConfig, ServerConfig
-from ..errors import ImageError
+from ..errors import ImageError, for_client
 from ..formats.base import DirtyBitmapView, OpenOptions
 from ..image import BackingPolicy, Image, ImageSpec, open_image
 
@@ -36,7 +36,7 @@ class Export:
     description: str
     readonly: bool
     image: Image | None
-    error: str = ""
+    error: str = ""  # why it failed to open, as a client may see it (no server paths)
     connections: int = 0  # connections in transmission phase on this export
     tls_only: bool = False  # served only once TLS is up (SELECTIVETLS)
     access: AccessRules = field(default_factory=AccessRules)
@@ -68,6 +68,7 @@ def image_spec(e: ExportConfig, cfg: ServerConfig) -> ImageSpec:
         format=e.format,
         readonly=e.readonly or e.load_snapshot is not None,
         snapshot_overlay=e.snapshot,
+        force_share=e.force_share,
         options=OpenOptions(
             snapshot=e.load_snapshot,
             vpc_size=e.vpc_size,
@@ -83,6 +84,7 @@ async def open_exports(cfg: ServerConfig, cache: ClusterCache) -> ExportTable:
     """Open every configured export.  With a single export, a failure raises ``ImageError``."""
     out = []
     for e in cfg.exports:
+        log.info("opening export %r: %s", e.name, e.path)
         settings = {
             "tls_only": e.tls == "required",
             "access": AccessRules.build(f"export {e.name!r}", e.allow, e.tls_authz),
@@ -95,7 +97,7 @@ async def open_exports(cfg: ServerConfig, cache: ClusterCache) -> ExportTable:
             if len(cfg.exports) == 1:
                 raise
             log.error("export %r not available: %s", e.name, err)
-            out.append(Export(e.name, e.description, True, None, str(err), **settings))
+            out.append(Export(e.name, e.description, True, None, for_client(str(err)), **settings))
             continue
         if image.readonly and not e.readonly and e.load_snapshot is None:
             log.warning("export %r: %s is read-only; serving it read-only", e.name, e.path)

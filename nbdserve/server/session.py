@@ -40,12 +40,11 @@ from typing import TYPE_CHECKING
 
 from .. import coro
 from ..authz import Peer
-from ..errors import ImageError, NbdError, error_of, nbd_errno
+from ..errors import ImageError, NbdError, error_of, for_client, nbd_errno
 from ..image import STATE_ZERO
 from ..protocol import constants as C
 from ..protocol.handshake import ProtocolError, ServerHandshake
 from ..protocol.transmission import ReplyEncoder, Request, RequestParser, check_request
-from .buffers import ReplyBuffers
 from .options import CLOSE, STARTTLS, TRANSMIT, Negotiation
 from .tls import describe_session, identity
 
@@ -99,7 +98,6 @@ class Session(asyncio.BufferedProtocol):
         self.phase = _HANDSHAKE
         self.hs = ServerHandshake(max_option_length=cfg.max_option_length, max_options=cfg.option_limit())
         self.neg = Negotiation(server.exports, server.policy)
-        self._hbuf = memoryview(bytearray(64 << 10))
         self._deadline: asyncio.TimerHandle | None = None
         # transmission state
         self.export: Export | None = None
@@ -113,7 +111,7 @@ class Session(asyncio.BufferedProtocol):
         # An oversize WRITE is answered (EINVAL) only once its payload has been discarded: a
         # client still sending the payload is not ready for the reply (libnbd drops the link).
         self._held: Request | None = None
-        self._buffers = ReplyBuffers(min_size=SPARSE_READ_MIN)  # for large READ replies
+        self._buffers = server.reply_buffers  # for large READ replies, shared by all sessions
         self._batch: list | None = None  # replies collected during one _pump
         self._batch_bytes = 0
         self._read_paused = False
@@ -209,20 +207,25 @@ class Session(asyncio.BufferedProtocol):
 
     # -- receiving --------------------------------------------------------------------------
 
+    # Buffers are the server's, lent only while needed (see server.buffers): during the handshake
+    # every session receives into the one server-wide buffer (the codec copies the bytes out
+    # before the next receive), and the parser hands its receive buffer back once idle.
+
     def get_buffer(self, sizehint: int) -> memoryview:
         if self.phase == _TRANSMISSION:
             return self.parser.get_buffer()
-        return self._hbuf
+        return self.server.handshake_buffer
 
     def buffer_updated(self, nbytes: int) -> None:
         if self.phase == _TRANSMISSION:
             self.parser.buffer_updated(nbytes)
             self._pump()
+            self.parser.release_idle()
         elif self.phase == _HANDSHAKE:
-            self.hs.receive_data(self._hbuf[:nbytes])
+            self.hs.receive_data(self.server.handshake_buffer[:nbytes])
             self._negotiate()
         elif self.phase == _UPGRADING:
-            self.hs.receive_data(self._hbuf[:nbytes])  # parsed once the upgrade is finished
+            self.hs.receive_data(self.server.handshake_buffer[:nbytes])  # parsed once the upgrade is finished
 
     def _negotiate(self) -> None:
         try:
@@ -302,7 +305,14 @@ class Session(asyncio.BufferedProtocol):
         export.connections += 1
         self.image = export.image
         self.export_flags = neg.transmission_flags(export)
-        self.parser = RequestParser(extended=neg.extended, max_payload=C.DEFAULT_MAX_PAYLOAD)
+        pool = self.server.receive_buffers
+        self.parser = RequestParser(
+            extended=neg.extended,
+            max_payload=C.DEFAULT_MAX_PAYLOAD,
+            buffer_size=pool.size,
+            take_buffer=pool.take,
+            give_buffer=pool.give,
+        )
         self.enc = ReplyEncoder(structured=neg.structured, extended=neg.extended)
         self.phase = _TRANSMISSION
         log.info(
@@ -432,7 +442,7 @@ class Session(asyncio.BufferedProtocol):
         expected = isinstance(exc, NbdError) and err != errno.EIO
         bug = not isinstance(exc, (NbdError, OSError, ImageError))
         log.log(logging.DEBUG if expected else logging.WARNING, "%s: %r failed: %s", self.peer, req, msg, exc_info=bug)
-        self._send(self.enc.error(req.cookie, req.offset, nbd_errno(err, fast_zero=fast), msg))
+        self._send(self.enc.error(req.cookie, req.offset, nbd_errno(err, fast_zero=fast), for_client(msg)))
 
     def _flush_batch(self) -> None:
         """Write the replies collected so far in this _pump (called while pumping)."""

@@ -64,17 +64,24 @@ class Reply:
 
 
 class RawClient:
-    """Connects to a Unix socket ``path``, or to a TCP ``(host, port)`` (from ``source`` if given)."""
+    """Connects to a Unix socket ``path`` or a TCP ``(host, port)`` (from ``source`` if given), or
+    takes over an already connected socket."""
 
-    def __init__(self, path: str | tuple[str, int], timeout: float = 10.0, source: str | None = None) -> None:
-        if isinstance(path, tuple):
-            self.sock = socket.socket(socket.AF_INET6 if ":" in path[0] else socket.AF_INET, socket.SOCK_STREAM)
-            if source is not None:
-                self.sock.bind((source, 0))
+    def __init__(
+        self, path: str | tuple[str, int] | socket.socket, timeout: float = 10.0, source: str | None = None
+    ) -> None:
+        if isinstance(path, socket.socket):
+            self.sock = path
+            self.sock.settimeout(timeout)
         else:
-            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        self.sock.connect(path if isinstance(path, tuple) else str(path))
+            if isinstance(path, tuple):
+                self.sock = socket.socket(socket.AF_INET6 if ":" in path[0] else socket.AF_INET, socket.SOCK_STREAM)
+                if source is not None:
+                    self.sock.bind((source, 0))
+            else:
+                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.settimeout(timeout)
+            self.sock.connect(path if isinstance(path, tuple) else str(path))
         self.extended = False
         self.structured = False
         self.size = 0

@@ -4,11 +4,9 @@ one-line reason, and in a multi-export server the other exports keep serving."""
 
 from __future__ import annotations
 
-import subprocess
-
 import pytest
 
-from tests.util import NBDSERVE, TOOL_ENV, merged_map, qemu_img, qemu_io, qemu_nbd, run, serve
+from tests.util import merged_map, qemu_img, qemu_io, qemu_nbd, run, serve, start_error
 
 
 def make_chain(d):
@@ -30,21 +28,6 @@ def test_chain_matches_qemu_nbd(tmp_path):
         depth = merged_map(ours.uri, "qemu:allocation-depth")
         assert depth == merged_map(ref.uri, "qemu:allocation-depth")
         assert {t for _, _, t in depth} == {1, 2, 3}
-
-
-def start_error(tmp_path, *args) -> str:
-    """Start nbdserve (--fork) expecting failure; return its one-line error."""
-    p = subprocess.run(
-        [*NBDSERVE, "--fork", "-k", str(tmp_path / "x.sock"), *map(str, args)],
-        capture_output=True,
-        text=True,
-        env=TOOL_ENV,
-        timeout=60,
-    )
-    assert p.returncode != 0, p.stdout + p.stderr
-    lines = [line for line in p.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, p.stderr  # one line, no traceback
-    return lines[0]
 
 
 def test_loop_is_refused(tmp_path):

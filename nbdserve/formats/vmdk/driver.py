@@ -34,7 +34,7 @@ import logging
 import os
 import secrets
 
-from ...blockfile import BlockFile
+from ...blockfile import BlockFile, open_locked
 from ...cache import ClusterCache
 from ...errors import CorruptImage, ImageError, NbdError, UnsupportedImage
 from ...locks import CoMutex
@@ -134,13 +134,16 @@ class VmdkDriver(FormatDriver):
         if options.resolve is None:
             raise UnsupportedImage(self.path, f"{what}: extent files can only be opened through the image layer")
         where = options.resolve(self.path, line.name, what="extent file")
-        try:
-            ext_file = BlockFile.try_writable(where, self.readonly or line.access != "RW")
-        except OSError as e:
-            raise ImageError(self.path, f"{what}: cannot open {where}: {e.strerror}") from None
-        self._files.append(ext_file)
-        if os.path.samefile(where, self.path):
+        if os.path.samefile(where, self.path):  # before opening: our own lock would answer first
             raise CorruptImage(self.path, f"{what}: the extent file is the descriptor itself")
+        readonly = self.readonly or line.access != "RW"
+        ext_file = self._opened(where, readonly)
+        if ext_file is None:
+            try:  # locked like the descriptor (docs/image-locks.md): an extent is the disk's data
+                ext_file = open_locked(where, readonly=readonly, force_share=options.force_share)
+            except ImageError as e:
+                raise ImageError(self.path, f"{what}: {e}") from None
+            self._files.append(ext_file)
         size = line.sectors * SECTOR
         self._claim(ext_file, what, line.offset * SECTOR if line.type in ("FLAT", "VMFS") else None, size)
         try:
@@ -162,6 +165,16 @@ class VmdkDriver(FormatDriver):
             self._add(ext)
         except ImageError as e:
             raise type(e)(self.path, e.reason) from None
+
+    def _opened(self, where: str, readonly: bool) -> BlockFile | None:
+        """The file of an earlier extent if it is ``where`` and open as needed: extents sharing
+        a file share its one open (a second open would conflict with the first's lock)."""
+        st = os.stat(where)
+        for f in self._files:
+            fst = os.fstat(f.fd)
+            if (fst.st_dev, fst.st_ino) == (st.st_dev, st.st_ino) and (readonly or not f.readonly):
+                return f
+        return None
 
     def _claim(self, file: BlockFile, what: str, at: int | None, size: int) -> None:
         """Refuse a file that two extents would share, unless both are flat and their byte
