@@ -72,18 +72,20 @@ def make_qcow2(path: Path, size: int | str, secret: Path, encrypt: str = "luks",
     return path
 
 
-def key_config(tmp: Path, image: Path, secret: Path, **export: str) -> Path:
+def key_config(tmp: Path, image: Path, secret: Path, **export: str | bool) -> Path:
     """An nbdserve --config file: the secret and one export (name "") that uses it; ``export``
-    adds keys to the export table (``repair="leaks"``)."""
+    adds keys to the export table (``repair="leaks"``, ``readonly=True``)."""
     cfg = tmp / f"{image.name}.toml"
     lines = ["[[secret]]", f'id = "{SECRET_ID}"', f'file = "{secret}"', "", "[[export]]", 'name = ""']
     lines += [f'path = "{image}"', f'key-secret = "{SECRET_ID}"']
-    lines += [f'{k.replace("_", "-")} = "{v}"' for k, v in export.items()]
+    lines += [
+        f"{k.replace('_', '-')} = {str(v).lower() if isinstance(v, bool) else repr(str(v))}" for k, v in export.items()
+    ]
     cfg.write_text("\n".join(lines) + "\n")
     return cfg
 
 
-def serve_key(tmp: Path, image: Path, secret: Path, *args: str, check_stop: bool = True, **export: str):
+def serve_key(tmp: Path, image: Path, secret: Path, *args: str, check_stop: bool = True, **export: str | bool):
     return serve(tmp, "--config", key_config(tmp, image, secret, **export), *args, check_stop=check_stop)
 
 

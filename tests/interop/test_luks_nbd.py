@@ -76,7 +76,10 @@ def test_luks_read_like_qemu_nbd(tmp_path, variant):
     secret = secret_file(tmp_path)
     img = make_luks(tmp_path / "d.luks", "8M", secret, **VARIANTS[variant])
     qemu_io_key(img, "luks", secret, *FILL)
-    with qemu_nbd_key(tmp_path, img, "luks", secret, "-r") as theirs, serve_key(tmp_path, img, secret, "-r") as ours:
+    with (
+        qemu_nbd_key(tmp_path, img, "luks", secret, "-r") as theirs,
+        serve_key(tmp_path, img, secret, readonly=True) as ours,
+    ):
         assert_same_export(ours, theirs, maps=True)
         unaligned_reads_equal(ours.uri, theirs.uri, 8 * MiB, random.Random(variant))
 

@@ -71,7 +71,10 @@ def make(tmp, name, variant, size=8 * MiB, *more):
 def test_encrypted_qcow2_read_like_qemu_nbd(tmp_path, variant):
     img, secret = make(tmp_path, "r.qcow2", variant)
     qemu_io_key(img, "qcow2", secret, *FILL)
-    with qemu_nbd_key(tmp_path, img, "qcow2", secret, "-r") as theirs, serve_key(tmp_path, img, secret, "-r") as ours:
+    with (
+        qemu_nbd_key(tmp_path, img, "qcow2", secret, "-r") as theirs,
+        serve_key(tmp_path, img, secret, readonly=True) as ours,
+    ):
         assert_same_export(ours, theirs, maps=True)
         unaligned_reads_equal(ours.uri, theirs.uri, 8 * MiB, random.Random(variant))
 
