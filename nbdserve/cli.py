@@ -42,9 +42,11 @@ from .config import (
     parse_export_spec,
     parse_image_opts,
     parse_size,
+    secrets_from,
     tls_settings,
     validate,
 )
+from .crypto.secret import SecretError
 from .logsetup import DESTINATIONS
 from .objects import ObjectError, ObjectTable, split_options
 from .server.tls import PSK_PYTHON_TEXT
@@ -77,7 +79,7 @@ QEMU_NBD_OPTIONS: tuple[QemuOption, ...] = (
     QemuOption(("-A", "--allocation-depth"), "implemented", "qemu:allocation-depth (always offered)"),
     QemuOption(("-B", "--bitmap"), "implemented", "a qcow2 persistent dirty bitmap as qemu:dirty-bitmap:NAME"),
     QemuOption(("-L", "--list"), "implemented", "list the exports of an NBD server"),
-    QemuOption(("--object",), "implemented", "tls-creds-x509, tls-creds-psk, authz-simple objects"),
+    QemuOption(("--object",), "implemented", "secret, tls-creds-x509, tls-creds-psk, authz-simple objects"),
     QemuOption(("--tls-creds",), "implemented", "TLS credentials (an --object id, or a directory)"),
     QemuOption(("--tls-authz",), "implemented", "only this authz-simple identity may connect"),
     QemuOption(("--tls-hostname",), "implemented", "with -L: the name the server's certificate must carry"),
@@ -130,7 +132,7 @@ def build_parser(qemu_nbd: bool = False) -> ArgumentParser:
     p = ArgumentParser(
         prog=prog,
         qemu_nbd=qemu_nbd,
-        description="Serve disk images (raw, qcow2, qed, vpc, vhdx) over the NBD protocol.",
+        description="Serve disk images (raw, qcow2, qed, vpc, vhdx, vmdk, vdi, luks) over the NBD protocol.",
         epilog="With no IMAGE, --export or --config, a sparse 1 GiB demo image is created and served. See nbdserve(8).",
     )
     p.add_argument(
@@ -186,7 +188,8 @@ def build_parser(qemu_nbd: bool = False) -> ArgumentParser:
     g.add_argument(
         "--image-opts",
         action="store_true",
-        help="IMAGE is qemu's option string: driver=FMT,file.filename=PATH[,read-only=on][,cache.direct=on]...",
+        help="IMAGE is qemu's option string: driver=FMT,file.filename=PATH[,read-only=on][,cache.direct=on]"
+        "[,key-secret=ID (luks) | encrypt.key-secret=ID (qcow2)]...; the secret from --object secret,id=ID,...",
     )
     g.add_argument("-r", "--read-only", action="store_true", help="serve read-only")
     g.add_argument(
@@ -299,7 +302,8 @@ def build_parser(qemu_nbd: bool = False) -> ArgumentParser:
         action="append",
         default=[],
         metavar="TYPE,id=ID,...",
-        help="define tls-creds-x509, tls-creds-psk or authz-simple as qemu-nbd does (',,' is a literal comma)",
+        help="define tls-creds-x509, tls-creds-psk, authz-simple or secret (an encrypted image's passphrase: "
+        "data=TEXT or file=PATH, format=raw|base64) as qemu-nbd does (',,' is a literal comma)",
     )
     g.add_argument(
         "--allow",
@@ -498,6 +502,10 @@ def config_from_args(args: argparse.Namespace, qemu_nbd: bool = False) -> Server
         raise ConfigError(str(e)) from None
     cfg = merge(cfg, **tls_settings(objects, args.tls_creds, args.tls_authz))
     cfg = merge(cfg, tls_verify_peer=args.tls_verify_peer)
+    try:
+        cfg = merge(cfg, secrets=cfg.secrets.merged(secrets_from(objects)))
+    except SecretError as e:
+        raise ConfigError(str(e)) from None
     if args.connect is not None:
         # qemu-nbd -c: a private socket, one client (the kernel), gone when it leaves; in the
         # background unless -v.

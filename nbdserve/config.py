@@ -2,7 +2,10 @@
 
 Owns the merge rule: command-line flags override ``[server]`` settings of ``--config FILE``;
 exports are the union of the file's ``[[export]]`` tables, ``--export`` flags and the positional
-image (in that order).  Export names must be unique.  Nothing here opens files or sockets.
+image (in that order).  Export names must be unique.  Secrets (encryption passphrases) are the
+union of the file's ``[[secret]]`` tables and ``--object secret`` definitions (ids unique); an
+export's ``key-secret`` must name one.  Nothing here opens images or sockets (secret files are
+read here, as QEMU reads them when the object is defined).
 """
 
 from __future__ import annotations
@@ -12,18 +15,19 @@ import os
 import re
 import tomllib
 from collections.abc import Callable
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, get_args, get_origin, get_type_hints
 
 from .authz import AccessRules, RuleError
 from .cache import DEFAULT_CACHE_SIZE
+from .crypto.secret import SecretError, Secrets, load_secrets
 from .objects import ObjectError, ObjectTable, split_options
 from .protocol.constants import MAX_STRING
 
 DEFAULT_PORT = 10809
 DEFAULT_BACKLOG = 4096  # the listen queue: a burst of this many connects is queued, not dropped
 DEFAULT_MAX_CONNECTIONS = 4096  # -e/--shared default; each idle connection costs a few kB
-FORMATS = ("raw", "qcow2", "qed", "vpc", "vhdx", "vmdk", "vdi")
+FORMATS = ("raw", "qcow2", "qed", "vpc", "vhdx", "vmdk", "vdi", "luks")
 REPAIR_MODES = ("off", "leaks", "all")
 MAX_BITMAP_NAME = 1023  # QEMU's limit on persistent bitmap names
 
@@ -43,6 +47,8 @@ class ExportConfig:
     load_snapshot: str | None = None  # -l: internal snapshot name or id (read-only)
     vpc_size: str = "auto"  # VHD size rule: auto | chs | current
     force_share: bool = False  # -U: open read-only even while another process writes the image
+    key_secret: str | None = None  # id of the secret holding an encrypted image's passphrase
+    backing_key_secret: str | None = None  # ... and of its encrypted backing files' (one for all)
     repair: str = "off"  # qcow2 read-write open of an inconsistent image: off | leaks | all
     tls: str = "optional"  # "required": served only over TLS (SELECTIVETLS), hidden from others
     allow: tuple[str, ...] = ()  # allow-list entries (see nbdserve.authz); empty: everyone
@@ -87,6 +93,7 @@ class ServerConfig:
     tls_authz: tuple[str, ...] = ()  # TLS identities allowed to connect at all; empty: any
     allow: tuple[str, ...] = ()  # server-wide allow list (see nbdserve.authz); empty: everyone
     refuse_as: str = "policy"  # a refused export answers ERR_POLICY ("policy") or looks absent ("unknown")
+    secrets: Secrets = field(default_factory=Secrets)  # --object secret / [[secret]] values by id (repr hides them)
     # Running it (see nbdserve.server.app)
     config_file: str | None = None  # --config: re-read on SIGHUP
     reload_grace: float = 30.0  # seconds the clients of a removed export keep it after a reload
@@ -329,13 +336,26 @@ def load_toml(path: str) -> tuple[dict[str, Any], list[ExportConfig]]:
 
         return where
 
-    unknown = sorted(set(doc) - {"server", "export"})
+    defs = []
+    for i, t in enumerate(doc.get("secret", [])):
+        if not isinstance(t, dict) or not all(isinstance(v, str) for v in t.values()):
+            raise ConfigError(
+                f"{at('secret', i)('')}[[secret]] #{i + 1}: expected string keys (id, data or file, format, ...)"
+            )
+        props = dict(t)
+        defs.append((props.pop("id", ""), props))
+    try:
+        secrets = load_secrets(defs)
+    except SecretError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    unknown = sorted(set(doc) - {"server", "export", "secret"})
     if unknown:
         n = lines.get((unknown[0], 0, "")) or lines.get(("", 0, unknown[0]))
         raise ConfigError(
-            f"{path}:{n or '?'}: unknown table or key {unknown[0]!r} (the file has [server] and [[export]])"
+            f"{path}:{n or '?'}: unknown table or key {unknown[0]!r} (the file has [server], [[export]] and [[secret]])"
         )
     server = _table(doc.get("server", {}), SERVER_SCHEMA, "[server]", at("server", 0))
+    server["secrets"] = secrets
     exports_raw = doc.get("export", [])
     if not isinstance(exports_raw, list):
         raise ConfigError(f"{path}: export must be written [[export]] (a list of tables)")
@@ -361,6 +381,9 @@ def validate(cfg: ServerConfig) -> ServerConfig:
             raise ConfigError(f"export {e.name!r}: vpc-size must be auto, chs or current")
         if e.force_share and not (e.readonly or e.snapshot or e.load_snapshot is not None):
             raise ConfigError(f"export {e.name!r}: -U/--force-share needs a read-only export (-r)")
+        for what, sid in (("key-secret", e.key_secret), ("backing-key-secret", e.backing_key_secret)):
+            if sid is not None and sid not in cfg.secrets:
+                raise ConfigError(f"export {e.name!r}: {what} {sid!r}: no secret with that id")
         if e.repair not in REPAIR_MODES:
             raise ConfigError(f"export {e.name!r}: repair must be one of {', '.join(REPAIR_MODES)}")
         _validate_io(e)
@@ -500,6 +523,14 @@ def tls_settings(objects: ObjectTable, creds: str | None, authz_ids: list[str]) 
     return out
 
 
+def secrets_from(objects: ObjectTable) -> Secrets:
+    """The ``--object secret,...`` definitions, resolved in command-line order."""
+    try:
+        return load_secrets((o.id, o.props) for o in objects.of_type("secret"))
+    except SecretError as e:
+        raise ConfigError(f"--object secret: {e}") from None
+
+
 # --image-opts keys (QEMU's spelling) -> ExportConfig fields and how to read the value.
 _IMAGE_OPTS = {
     "driver": ("format", str),
@@ -514,14 +545,21 @@ _IMAGE_OPTS = {
     "detect-zeroes": ("detect_zeroes", str),
     "file.aio": ("aio", str),
     "offset": ("offset", int),
+    "key-secret": ("key_secret", str),  # driver=luks
+    "encrypt.key-secret": ("key_secret", str),  # driver=qcow2
+    "backing.key-secret": ("backing_key_secret", str),  # every encrypted image below (QEMU: per level)
+    "backing.encrypt.key-secret": ("backing_key_secret", str),
+    "encrypt.format": (None, "encrypt-format"),  # luks or aes: the image's header says which
 }
 _ON, _OFF = ("on", "yes", "true"), ("off", "no", "false")
 
 
 def parse_image_opts(text: str) -> dict[str, Any]:
     """``--image-opts`` IMAGE: ``driver=FMT,file.filename=PATH[,read-only=on][,cache.direct=on]
-    [,cache.no-flush=on][,discard=unmap][,detect-zeroes=on][,offset=N]`` -> ExportConfig fields
-    (``,,`` is a comma).  An unknown key is refused in one line."""
+    [,cache.no-flush=on][,discard=unmap][,detect-zeroes=on][,offset=N][,key-secret=ID|
+    encrypt.key-secret=ID][,backing.encrypt.key-secret=ID][,encrypt.format=luks|aes]`` ->
+    ExportConfig fields (``,,`` is a comma).  The backing key serves every encrypted image below
+    the top.  An unknown key is refused in one line."""
     out: dict[str, Any] = {}
     for item in split_options(text):
         key, eq, value = item.partition("=")
@@ -531,6 +569,10 @@ def parse_image_opts(text: str) -> dict[str, Any]:
         if spec is None:
             raise ConfigError(f"--image-opts: option {key!r} is not supported (known: {', '.join(_IMAGE_OPTS)})")
         name, kind = spec
+        if kind == "encrypt-format":
+            if value not in ("luks", "aes"):
+                raise ConfigError(f"--image-opts: encrypt.format must be luks or aes, not {value!r}")
+            continue
         if kind == "file":
             if value not in ("file", "host_device"):
                 raise ConfigError(f"--image-opts: file.driver={value!r}: only local files (file, host_device)")
@@ -572,6 +614,7 @@ __all__ = [
     "parse_export_spec",
     "parse_image_opts",
     "parse_size",
+    "secrets_from",
     "tls_settings",
     "validate",
 ]

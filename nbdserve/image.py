@@ -481,7 +481,11 @@ async def _open_layer(
                 bpath,
                 driver.backing.format,
                 True,
-                OpenOptions(vpc_size=options.vpc_size),
+                OpenOptions(
+                    vpc_size=options.vpc_size,
+                    passphrase=options.backing_passphrase,
+                    backing_passphrase=options.backing_passphrase,
+                ),
                 cache,
                 policy,
                 allowed,

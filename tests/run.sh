@@ -14,6 +14,8 @@ PKGS=(qemu-utils qemu-system-x86 libnbd-bin python3-libnbd nbdkit fio nbd-client
       # QEMU's rbd: driver, and botocore from Debian (its version is what the S3 tests know).
       ceph-mon ceph-mgr ceph-osd ceph-common radosgw python3-rados python3-rbd qemu-block-extra
       python3-botocore
+      # Encryption tests: LUKS2 images are made by cryptsetup (no device mapper needed).
+      cryptsetup-bin
       # Operations tests: systemd-analyze checks the units (nothing is started), strace counts
       # the syscalls behind --cache and --detect-zeroes, man checks the manual page renders.
       systemd strace man-db)

@@ -93,6 +93,8 @@ class OpenOptions:
     vpc_size: str = "auto"  # VHD virtual size rule: auto | chs | current
     repair: str = "off"  # qcow2 inconsistencies found at a read-write open: off | leaks | all
     force_share: bool = False  # -U: files a driver opens itself are locked sharing writes too
+    passphrase: bytes | None = None  # key-secret of an encrypted image (LUKS, qcow2 encryption)
+    backing_passphrase: bytes | None = None  # the same for every encrypted image below it in the chain
     extra: dict[str, str] = field(default_factory=dict)
     # Set by the image layer: ``resolve(image_path, name, what=...)`` turns a file name an image
     # records for itself (VMDK extents) into a path inside the allowed directories, or raises
@@ -137,6 +139,7 @@ class FormatDriver:
     read_backing: ReadBacking = staticmethod(read_zeroes)
     map_bits: int = 0  # log2 of the mapping granule; 0: no map_now
     map_file: BlockFile | None = None  # the file map_now offsets refer to (None: ``file``)
+    encrypted: bool = False  # data is encrypted at rest (so e.g. a plaintext -s overlay is refused)
 
     @classmethod
     def probe(cls, head: bytes, file_size: int) -> int:

@@ -14,6 +14,7 @@ import tempfile
 
 from ..blockfile import open_locked
 from ..cache import ClusterCache
+from ..errors import UnsupportedImage
 from ..image import Image, ImageSpec, _open_layer
 from .base import OpenOptions
 from .qcow2 import Qcow2Driver
@@ -38,6 +39,8 @@ async def open_with_overlay(spec: ImageSpec, cache: ClusterCache) -> Image:
     )
     path = None
     try:
+        if any(layer.driver.encrypted for layer in base.chain()):
+            raise UnsupportedImage(spec.path, "-s would write decrypted data to an unencrypted overlay; refused")
         fd, path = tempfile.mkstemp(prefix="nbdserve-overlay-", suffix=".qcow2")
         os.close(fd)
         os.unlink(path)  # re-created exclusively below

@@ -82,7 +82,13 @@ def image_spec(e: ExportConfig, cfg: ServerConfig) -> ImageSpec:
         snapshot_overlay=e.snapshot,
         force_share=e.force_share,
         direct=io_policy(e).direct,
-        options=OpenOptions(snapshot=e.load_snapshot, vpc_size=e.vpc_size, repair=e.repair),
+        options=OpenOptions(
+            snapshot=e.load_snapshot,
+            vpc_size=e.vpc_size,
+            repair=e.repair,
+            passphrase=cfg.secrets[e.key_secret] if e.key_secret is not None else None,
+            backing_passphrase=cfg.secrets[e.backing_key_secret] if e.backing_key_secret is not None else None,
+        ),
         backing=BackingPolicy(allowed_dirs=cfg.backing_dirs),
     )
 

@@ -79,7 +79,7 @@ class AllocationMixin:
             if host >= self.file.size:
                 raise CorruptImage(self.path, f"data cluster 0x{host:x} beyond end of file")
             self._guard(host + a, b - a)
-            self.file.pwrite(data[dpos : dpos + b - a], host + a)
+            self.file.pwrite(self._ciphertext(data[dpos : dpos + b - a], (c << self.cb) + a, host + a), host + a)
             return None
         p = Plan(c, idx, a, b, dpos, e, 0)
         p.fa, p.fb = 0, self.cs
@@ -103,7 +103,7 @@ class AllocationMixin:
         if host and e & COPIED and not e & COMPRESSED:
             if alloc & m == m:
                 self._guard(host + a, b - a)
-                self.file.pwrite(data[dpos : dpos + b - a], host + a)
+                self.file.pwrite(self._ciphertext(data[dpos : dpos + b - a], (c << self.cb) + a, host + a), host + a)
                 return None
             self._guard(host, self.cs)
             p = Plan(c, idx, a, b, dpos, e, bm)
@@ -262,6 +262,7 @@ class AllocationMixin:
                 view[:] = bytes(len(view))
             elif host:
                 self.file.pread_into(view, host + start)
+                self._plaintext(view, guest + start, host + start)
             else:
                 await self.read_backing(guest + start, view)
             return
@@ -274,6 +275,7 @@ class AllocationMixin:
             v = view[pos - start : pos - start + n]
             if k == K_DATA:
                 self.file.pread_into(v, host + pos)
+                self._plaintext(v, guest + pos, host + pos)
             elif k == K_ZERO:
                 v[:] = bytes(n)
             else:
@@ -291,13 +293,16 @@ class AllocationMixin:
         for p in plans:
             head_zero = self._old_known_zero(p, p.fa, p.a)
             tail_zero = self._old_known_zero(p, p.b, p.fb)
-            if (p.fa == p.a and p.fb == p.b) or (p.fresh and head_zero and tail_zero):
+            # (Encrypted: a hole decrypts to noise, so the zeroes around a write are written too.)
+            if (p.fa == p.a and p.fb == p.b) or (p.fresh and head_zero and tail_zero and self.crypt is None):
                 host = p.host + p.a
                 if run_len and run_host + run_len == host and run_pos + run_len == p.dpos:
                     run_len += p.b - p.a
                 else:
                     if run_len:
-                        file.pwrite(data[run_pos : run_pos + run_len], run_host)
+                        file.pwrite(
+                            self._ciphertext(data[run_pos : run_pos + run_len], off + run_pos, run_host), run_host
+                        )
                     run_host, run_pos, run_len = host, p.dpos, p.b - p.a
                 continue
             buf = memoryview(bytearray(p.fb - p.fa))
@@ -306,10 +311,10 @@ class AllocationMixin:
             if not tail_zero:
                 await self._read_old(p, p.b, buf[p.b - p.fa :])
             buf[p.a - p.fa : p.b - p.fa] = data[p.dpos : p.dpos + p.b - p.a]
-            file.pwrite(buf, p.host + p.fa)
+            file.pwrite(self._ciphertext(buf, (p.c << self.cb) + p.fa, p.host + p.fa), p.host + p.fa)
             cow = True
         if run_len:
-            file.pwrite(data[run_pos : run_pos + run_len], run_host)
+            file.pwrite(self._ciphertext(data[run_pos : run_pos + run_len], off + run_pos, run_host), run_host)
         # The file covers every allocated cluster whole, as QEMU's files do: a small write into
         # a fresh cluster at the end would otherwise leave the file ending inside it, and other
         # readers take that for a short (corrupt) cluster.  Extending leaves a hole: zeroes.

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING
 from ...errors import CorruptImage
 from .bitmaps import TABLE_OFFSET, BitmapError, decode_table
 from .header import FIELD_REFCOUNT_TABLE, MAX_HOST_OFFSET, MAX_REFTABLE_BYTES
-from .overlap import BITMAPS, HEADER, L1, L2, REFBLOCK, REFTABLE, SNAP_L1, SNAP_L2, SNAPSHOTS, MetadataMap
+from .overlap import BITMAPS, CRYPTO, HEADER, L1, L2, REFBLOCK, REFTABLE, SNAP_L1, SNAP_L2, SNAPSHOTS, MetadataMap
 from .refcount import RefBlock
 from .tables import (
     COMPRESSED,
@@ -248,6 +248,8 @@ def _scan(drv: Qcow2Driver, f: Findings) -> None:
     for off, (n, kinds) in l2_refs.items():
         add_meta(off, cs, kinds, "L2 table", n)
     _count_bitmaps(drv, f, add_meta, counter, read)
+    if h.crypto_header is not None:
+        add_meta(*h.crypto_header, CRYPTO, "encryption header")
     # Data and compressed clusters: each L2 table read once, counted once per reference to it.
     active_tables: dict[int, tuple[array, int]] = {}  # offset -> (table, first cluster of its run)
     counter.meta_sorted = sorted(meta.kinds)

@@ -13,7 +13,8 @@ last decompressed cluster.  The work is done by one mixin per idea, each in its 
     plan -> data -> link sequence of an allocating write;
   * ``allocation.AllocationMixin``: planning, new clusters, new and copied L2 tables, COPIED
     flags, copy-on-write data;
-  * ``zeroing.ZeroMixin``: WRITE_ZEROES and TRIM.
+  * ``zeroing.ZeroMixin``: WRITE_ZEROES and TRIM;
+  * ``crypt.CryptMixin``: the key of an encrypted image and the transform of data clusters.
 
 Persistent dirty bitmaps live in ``self.bitmaps`` (``bitmaps.BitmapSet``): read at open, the
 enabled ones kept up to date through ``self._track`` (called by every write, write-zeroes and
@@ -46,6 +47,7 @@ from ...locks import CoMutex, CoQueue
 from ..base import BackingRef, Caps, FormatDriver, Limits, OpenOptions
 from .allocation import AllocationMixin
 from .bitmaps import BitmapSet, DirtyBitmap
+from .crypt import CryptMixin
 from .header import MAGIC, Header, parse_header
 from .lookup import LookupMixin
 from .opening import OpeningMixin
@@ -57,7 +59,9 @@ from .writes import WriteMixin
 from .zeroing import ZeroMixin
 
 
-class Qcow2Driver(OpeningMixin, ReadMixin, WriteMixin, AllocationMixin, ZeroMixin, LookupMixin, FormatDriver):
+class Qcow2Driver(
+    OpeningMixin, ReadMixin, WriteMixin, AllocationMixin, ZeroMixin, LookupMixin, CryptMixin, FormatDriver
+):
     format_name = "qcow2"
 
     @classmethod
@@ -120,6 +124,8 @@ class Qcow2Driver(OpeningMixin, ReadMixin, WriteMixin, AllocationMixin, ZeroMixi
         drv._report_bitmaps()
         if options.snapshot is not None:
             drv._use_snapshot(options.snapshot)
+        if h.crypt_method:
+            drv._open_crypto(options.passphrase)
         for doubt in h.doubts + drv.refs.problems:
             drv._read_only_because(doubt)
         if not drv.readonly:

@@ -34,6 +34,8 @@ class ReadMixin:
         if host is None:
             return False
         self.file.pread_into(buf, host + in_c)
+        if self.crypt is not None:
+            self._plaintext(buf, offset, host + in_c)
         return True
 
     def map_now(self, offset: int) -> int | None:
@@ -74,6 +76,8 @@ class ReadMixin:
                     if host + length > file.size + self.cs:
                         raise CorruptImage(self.path, f"data cluster 0x{host:x} beyond end of file")
                     file.pread_into(buf[pos : pos + length], host)
+                    if self.crypt is not None:
+                        self._plaintext(buf[pos : pos + length], offset + pos, host)
                 elif k == K_ZERO:
                     buf[pos : pos + length] = bytes(length)
                 elif k == K_COMPRESSED:
@@ -95,6 +99,8 @@ class ReadMixin:
     def _decompress_entry(self, e: int) -> bytes:
         if e == self._zc_key:
             return self._zc_data
+        if self.crypt is not None:
+            raise CorruptImage(self.path, "compressed cluster in an encrypted image")
         if e & COPIED:
             raise self._bad("compressed L2 entry with the COPIED flag:", e)
         host, length = compressed_geometry(e, self.cb)
@@ -117,7 +123,7 @@ class ReadMixin:
                 else:
                     k, n, host = self._run(t, pos, span_end - pos)
                     s = _KIND_STATE[k]
-                    if k == K_DATA:
+                    if k == K_DATA and self.crypt is None:  # (encrypted holes decrypt to noise)
                         s, n = self._host_state(host, n)
                 if state == -1:
                     state = s

@@ -54,7 +54,7 @@ class WriteMixin:
         if ent & COPIED and host and not ent & NOT_PLAIN and not host & self.cmask and host < self.file.size:
             if (host >> self.cb) in self.meta.kinds:  # (the overlap check, inlined: one cluster)
                 self._guard(host + in_c, len(data))
-            self.file.pwrite(data, host + in_c)
+            self.file.pwrite(self._ciphertext(data, offset, host + in_c), host + in_c)
             return True
         return False
 
@@ -102,7 +102,7 @@ class WriteMixin:
         for host, _p, length in pieces:
             self._guard(host, length)
         for host, p, length in pieces:
-            self.file.pwrite(data[p : p + length], host)
+            self.file.pwrite(self._ciphertext(data[p : p + length], offset + p, host), host)
         return True
 
     async def pwritev(self, offset: int, data: memoryview, *, fua: bool) -> None:
