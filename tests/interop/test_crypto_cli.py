@@ -44,7 +44,7 @@ def test_export_key_secret_and_inline_base64_secret(tmp_path):
         (["--object", "secret,id=sec0,data=wrong", "--image-opts", "IMGOPTS"], "invalid password"),
         (["--object", "secret,id=sec0", "--image-opts", "IMGOPTS"], "exactly one of data= or file="),
         (["--object", "secret,id=other,data=x", "--image-opts", "IMGOPTS"], "no secret with that id"),
-        (["--image-opts", "IMGOPTS,throttle-group=t0"], "not supported"),  # cache.direct is taken (ops)
+        (["--image-opts", "IMGOPTS,throttle-group=t0"], "not supported"),  # (cache.direct is supported)
         (["-f", "luks", "--image-opts", "IMGOPTS"], "-f is not allowed"),
         (["--image-opts", "driver=luks"], "needs file.filename"),
         (["-s", "--object", "secret,id=sec0,file=PASSFILE", "--image-opts", "IMGOPTS"], "unencrypted overlay"),
