@@ -257,7 +257,8 @@ def build_rootfs(work: Path, seed: Seed, size_mib: int = 64) -> Path:
 # What the guest's Python needs of the host's: the interpreter, its standard library (without
 # tests and GUI toolkits), nbdserve's compiled dependencies, and every shared library they link.
 PY_SKIP = frozenset({"test", "idlelib", "tkinter", "turtledemo", "lib2to3", "ensurepip", "pydoc_data", "unittest"})
-PY_PACKAGES = ("crc32c", "zstandard")
+# (Packages not installed here are left out; single-file modules are copied as files.)
+PY_PACKAGES = ("crc32c", "zstandard", "cryptography", "cffi", "_cffi_backend", "argon2", "_argon2_cffi_bindings")
 
 
 def build_python_disk(work: Path, repo: Path) -> Path:
@@ -281,10 +282,18 @@ def build_python_disk(work: Path, repo: Path) -> Path:
     shutil.copytree(repo / "nbdserve", root / "opt/nbdserve/nbdserve", ignore=shutil.ignore_patterns("__pycache__"))
     for name in PY_PACKAGES:
         spec = importlib.util.find_spec(name)
-        src = Path(spec.origin).parent
-        shutil.copytree(src, root / "opt/nbdserve" / name, ignore=shutil.ignore_patterns("__pycache__"))
-        for meta in src.parent.glob(f"{name}-*.dist-info"):  # importlib.metadata asks for versions
-            shutil.copytree(meta, root / "opt/nbdserve" / meta.name)
+        if spec is None or spec.origin is None:
+            continue
+        if spec.submodule_search_locations:
+            src = Path(spec.origin).parent
+            shutil.copytree(src, root / "opt/nbdserve" / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            src = Path(spec.origin)
+            shutil.copy(src, root / "opt/nbdserve" / src.name)
+        for meta in src.parent.glob(f"{name}-*.*-info"):  # importlib.metadata asks for versions
+            if not (root / "opt/nbdserve" / meta.name).exists():
+                copy = shutil.copytree if meta.is_dir() else shutil.copy
+                copy(meta, root / "opt/nbdserve" / meta.name)
     objects = [python, *root.rglob("*.so")]
     libs: set[Path] = set()
     for obj in objects:
