@@ -37,12 +37,12 @@ import os
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
-from .blockfile import lock_perms, open_locked
 from .cache import ClusterCache
 from .errors import ImageError, NbdError, UnsupportedImage
 from .formats import PROBE_SIZE, driver_for, identify, probe
 from .formats.base import ALLOCATED, DATA, ZERO, DirtyBitmapView, FormatDriver, OpenOptions
 from .locks import CoRwLock
+from .storage.local import lock_perms, open_locked
 
 log = logging.getLogger("nbdserve")
 
@@ -151,7 +151,7 @@ class Image:
             self._remember(g, host)
         pos = host + (offset & self._map_mask)
         # os.preadv directly (this is the hottest line of the server); a short read means EOF,
-        # which BlockFile.pread_into handles (zeroes past it).
+        # which LocalFile.pread_into handles (zeroes past it).
         if os.preadv(self._data_fd, [buf], pos) != n:
             self._data_file.pread_into(buf, pos)
         return True
@@ -388,8 +388,8 @@ class Image:
             finally:
                 img.forget_mappings()
                 img.cache.memo_owners.discard(img)
-                img.cache.discard_file(img.driver.file)
-                img.driver.file.close()
+                img.cache.discard_storage(img.driver.file)
+                img.driver.file.close_now()
         for path in self._cleanup:
             try:
                 os.unlink(path)
@@ -491,8 +491,8 @@ async def _open_layer(
                 await driver.close()  # its own files (VMDK extents) and their locks too
             except Exception as e:
                 log.warning("%s: closing after a failed open: %s", path, e)
-        cache.discard_file(file)
-        file.close()
+        cache.discard_storage(file)
+        file.close_now()
         raise
 
 

@@ -26,10 +26,10 @@ from pathlib import Path
 
 import pytest
 
-from nbdserve.blockfile import BlockFile
 from nbdserve.cache import ClusterCache
 from nbdserve.errors import NbdError
 from nbdserve.image import STATE_HOLE, STATE_ZERO, Image, ImageSpec, open_image
+from nbdserve.storage.local import LocalFile
 from tests.util import qemu_img
 from tests.util import run as run_cmd
 
@@ -168,22 +168,27 @@ def compare_with_model(path: Path, model: bytes | bytearray, tmp: Path, fmt: str
 
 
 class Recorder:
-    """Records every pwrite / truncate / fdatasync of one BlockFile, with the bytes replaced."""
+    """Records every write / truncate / flush of one open ``LocalFile``, with the bytes replaced."""
 
-    def __init__(self, f: BlockFile, path: Path) -> None:
+    def __init__(self, f: LocalFile, path: Path) -> None:
         self.f, self.path = f, path
         self.ops: list[tuple] = []  # ("w", off, old, new) | ("t", old_size, new_size) | ("sync",) | ("mark", name)
-        self.real = (f.pwrite, f.truncate, f.flush)
-        f.pwrite, f.truncate, f.flush = self.pwrite, self.truncate, self.flush
+        self.real = (f.write, f.truncate, f.flush, f.truncate_now)
+        f.write, f.truncate, f.flush, f.truncate_now = self.write, self.truncate, self.flush, self.truncate_now
 
-    def pwrite(self, data, offset):
+    def write(self, offset, data):
         old = os.pread(self.f.fd, len(data), offset)
-        self.real[0](data, offset)
+        self.real[0](offset, data)
         self.ops.append(("w", offset, old, bytes(data)))
 
-    def truncate(self, size):
+    async def truncate(self, size):
         old = self.f.size
-        self.real[1](size)
+        await self.real[1](size)
+        self.ops.append(("t", old, size))
+
+    def truncate_now(self, size):
+        old = self.f.size
+        self.real[3](size)
         self.ops.append(("t", old, size))
 
     async def flush(self):
@@ -194,7 +199,7 @@ class Recorder:
         self.ops.append(("mark", name))
 
     def restore(self) -> None:
-        self.f.pwrite, self.f.truncate, self.f.flush = self.real
+        self.f.write, self.f.truncate, self.f.flush, self.f.truncate_now = self.real
 
 
 def file_after(base: bytes, ops: list[tuple], lose_unsynced: bool, keep_last: bool = False) -> bytes:

@@ -52,8 +52,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import ClassVar, NamedTuple, Protocol
 
-from ..blockfile import BlockFile
 from ..cache import ClusterCache
+from ..storage.local import LocalFile
 
 # Block-status state bits (driver level; the image layer maps them to NBD flags).
 DATA = 1
@@ -117,10 +117,10 @@ async def read_zeroes(offset: int, buf: memoryview) -> None:
     buf[:] = bytes(len(buf))
 
 
-def zero_in_place(file: BlockFile, at: int, n: int, may_trim: bool) -> None:
+def zero_in_place(file: LocalFile, at: int, n: int, may_trim: bool) -> None:
     """Make host bytes ``[at, at+n)`` read as zeroes: punch (if allowed), zero-range or write."""
     if not ((may_trim and file.punch_hole(at, n)) or file.zero_range(at, n)):
-        file.write_zeroes(at, n)
+        file.fill_zeroes(at, n)
 
 
 class FormatDriver:
@@ -130,13 +130,13 @@ class FormatDriver:
 
     size: int
     readonly: bool
-    file: BlockFile
+    file: LocalFile
     limits: Limits = Limits()
     caps: Caps = Caps()
     backing: BackingRef | None = None
     read_backing: ReadBacking = staticmethod(read_zeroes)
     map_bits: int = 0  # log2 of the mapping granule; 0: no map_now
-    map_file: BlockFile | None = None  # the file map_now offsets refer to (None: ``file``)
+    map_file: LocalFile | None = None  # the file map_now offsets refer to (None: ``file``)
 
     @classmethod
     def probe(cls, head: bytes, file_size: int) -> int:
@@ -144,7 +144,7 @@ class FormatDriver:
         return 0
 
     @classmethod
-    async def open(cls, file: BlockFile, *, readonly: bool, cache: ClusterCache, options: OpenOptions) -> FormatDriver:
+    async def open(cls, file: LocalFile, *, readonly: bool, cache: ClusterCache, options: OpenOptions) -> FormatDriver:
         raise NotImplementedError
 
     async def preadv(self, offset: int, buf: memoryview) -> None:

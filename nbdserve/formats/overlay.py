@@ -12,9 +12,9 @@ from __future__ import annotations
 import os
 import tempfile
 
-from ..blockfile import open_locked
 from ..cache import ClusterCache
 from ..image import Image, ImageSpec, _open_layer
+from ..storage.local import open_locked
 from .base import OpenOptions
 from .qcow2 import Qcow2Driver
 from .qcow2.create import create_qcow2
@@ -46,8 +46,8 @@ async def open_with_overlay(spec: ImageSpec, cache: ClusterCache) -> Image:
         try:
             driver = await Qcow2Driver.open(file, readonly=False, cache=cache, options=OpenOptions())
         except BaseException:
-            cache.discard_file(file)
-            file.close()
+            cache.discard_storage(file)
+            file.close_now()
             raise
         image = Image(driver, base, cache)
         image._cleanup.append(path)

@@ -28,9 +28,9 @@ import bisect
 import errno
 from collections.abc import Callable
 
-from ..blockfile import BlockFile
 from ..cache import ClusterCache
 from ..errors import NbdError
+from ..storage.local import LocalFile
 from .base import ALLOCATED, DATA, ZERO, Caps, Extent, FormatDriver, Limits, OpenOptions
 
 
@@ -74,7 +74,7 @@ class RawDriver(FormatDriver):
     head_guard: Callable[[bytes, int], tuple[str, object] | None] | None = None
     guard_size = 512
 
-    def __init__(self, file: BlockFile, readonly: bool) -> None:
+    def __init__(self, file: LocalFile, readonly: bool) -> None:
         self.file = file
         self.readonly = readonly
         self.size = file.size
@@ -87,7 +87,7 @@ class RawDriver(FormatDriver):
         return 1  # anything is raw, but only as a last resort chosen explicitly (see formats.probe)
 
     @classmethod
-    async def open(cls, file: BlockFile, *, readonly: bool, cache: ClusterCache, options: OpenOptions) -> RawDriver:
+    async def open(cls, file: LocalFile, *, readonly: bool, cache: ClusterCache, options: OpenOptions) -> RawDriver:
         return cls(file, readonly or file.readonly)
 
     def read_now(self, offset: int, buf: memoryview) -> bool:
@@ -134,7 +134,7 @@ class RawDriver(FormatDriver):
         if not done:
             if fast:
                 raise NbdError(errno.ENOTSUP, "zeroing is not faster than writing on this file")
-            self.file.write_zeroes(offset, length)
+            self.file.fill_zeroes(offset, length)
         if fua:
             await self.file.flush()
 

@@ -48,10 +48,10 @@ import struct
 import uuid
 from array import array
 
-from ..blockfile import BlockFile
 from ..cache import CacheEntry, ClusterCache
 from ..errors import CorruptImage, NbdError, UnsupportedImage
 from ..locks import CoMutex
+from ..storage.local import LocalFile
 from .base import ALLOCATED, DATA, ZERO, Caps, Extent, FormatDriver, Limits, OpenOptions, zero_in_place
 from .tables import decode_le32, encode_le
 
@@ -88,7 +88,7 @@ def _identity(buf: bytearray) -> bytearray:
 class VdiDriver(FormatDriver):
     format_name = "vdi"
 
-    def __init__(self, file: BlockFile, readonly: bool, cache: ClusterCache, fields: tuple) -> None:
+    def __init__(self, file: LocalFile, readonly: bool, cache: ClusterCache, fields: tuple) -> None:
         self.file = file
         self.path = file.path
         self.readonly = readonly
@@ -116,7 +116,7 @@ class VdiDriver(FormatDriver):
     # -- opening ----------------------------------------------------------------------------
 
     @classmethod
-    async def open(cls, file: BlockFile, *, readonly: bool, cache: ClusterCache, options: OpenOptions) -> VdiDriver:
+    async def open(cls, file: LocalFile, *, readonly: bool, cache: ClusterCache, options: OpenOptions) -> VdiDriver:
         drv = cls(file, readonly or file.readonly, cache, _parse_header(file))
         drv._scan()
         if not drv.readonly:
@@ -184,7 +184,7 @@ class VdiDriver(FormatDriver):
         finally:
             self.cache.release(header)
         if cut:
-            self.file.truncate(end)
+            self.file.truncate_now(end)
             await self.file.flush()
 
     # -- lookups ----------------------------------------------------------------------------
@@ -293,7 +293,7 @@ class VdiDriver(FormatDriver):
                 zero_in_place(self.file, host, min(self.block_size, self.file.size - host), False)
             self.file.pwrite(data, host + inblk)
             if self.file.size < host + self.block_size:
-                self.file.truncate(host + self.block_size)
+                self.file.truncate_now(host + self.block_size)
             self.allocated = index + 1
             struct.pack_into("<I", header.value, BLOCKS_ALLOCATED_AT, index + 1)
             self.cache.mark_dirty(header, sync_before=True)
@@ -385,7 +385,7 @@ class VdiDriver(FormatDriver):
         finally:
             self.cache.release(header)
             self.cache.release(freed)
-        self.file.truncate(self._host(self.allocated))
+        self.file.truncate_now(self._host(self.allocated))
 
     def _rest_is_zero(self, index: int, a: int, n: int) -> bool:
         """Whether data block ``index`` holds only zero bytes outside ``[a, a+n)``."""
@@ -402,7 +402,7 @@ class VdiDriver(FormatDriver):
             await self.flush()
 
 
-def _parse_header(file: BlockFile) -> tuple:
+def _parse_header(file: LocalFile) -> tuple:
     """The header fields of a VDI file, validated (see the module docstring)."""
     path = file.path
     if file.size < SECTOR:

@@ -85,10 +85,10 @@ import uuid
 from array import array
 from typing import Any
 
-from ..blockfile import BlockFile
 from ..cache import CacheEntry, ClusterCache, TableKind
 from ..errors import CorruptImage, ImageError, NbdError, UnsupportedImage
 from ..locks import CoMutex
+from ..storage.local import LocalFile
 from .base import ALLOCATED, DATA, ZERO, BackingRef, Caps, Extent, FormatDriver, Limits, OpenOptions
 
 log = logging.getLogger(__name__)
@@ -235,7 +235,7 @@ def _identity(buf: Any) -> Any:
 class VhdDriver(FormatDriver):
     format_name = "vpc"
 
-    def __init__(self, file: BlockFile, readonly: bool, footer: Footer, size: int) -> None:
+    def __init__(self, file: LocalFile, readonly: bool, footer: Footer, size: int) -> None:
         self.file = file
         self.readonly = readonly
         self.footer = footer
@@ -266,7 +266,7 @@ class VhdDriver(FormatDriver):
     # -- open -------------------------------------------------------------------------------
 
     @classmethod
-    async def open(cls, file: BlockFile, *, readonly: bool, cache: ClusterCache, options: OpenOptions) -> VhdDriver:
+    async def open(cls, file: LocalFile, *, readonly: bool, cache: ClusterCache, options: OpenOptions) -> VhdDriver:
         path = file.path
         if file.size < FOOTER_SIZE:
             raise CorruptImage(path, f"file of {file.size} bytes is shorter than a VHD footer (512)")
@@ -679,7 +679,7 @@ class VhdDriver(FormatDriver):
     def _zero_in_place(self, at: int, n: int, may_trim: bool) -> None:
         f = self.file
         if not ((may_trim and f.punch_hole(at, n)) or f.zero_range(at, n)):
-            f.write_zeroes(at, n)
+            f.fill_zeroes(at, n)
 
     async def _write_zero_bytes(self, offset: int, n: int) -> None:
         end = offset + n

@@ -12,12 +12,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nbdserve.blockfile import BlockFile
 from nbdserve.cache import ClusterCache
 from nbdserve.errors import ImageError, NbdError, UnsupportedImage
 from nbdserve.formats.base import Limits
 from nbdserve.formats.raw import RawDriver
 from nbdserve.image import STATE_HOLE, STATE_ZERO, Image, ImageSpec, open_image, resolve_backing
+from nbdserve.storage.local import LocalFile
 
 SIZE = 64 * 1024
 
@@ -33,7 +33,7 @@ class SectorRaw(RawDriver):
 def make_image(path, align512: bool) -> Image:
     with open(path, "wb") as f:
         f.truncate(SIZE)
-    bf = BlockFile(str(path), readonly=False)
+    bf = LocalFile(str(path), readonly=False)
     drv = (SectorRaw if align512 else RawDriver)(bf, False)
     return Image(drv, None, ClusterCache(1 << 20))
 

@@ -25,13 +25,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nbdserve.blockfile import BlockFile
 from nbdserve.cache import ClusterCache
 from nbdserve.errors import ImageError
 from nbdserve.formats import probe
 from nbdserve.formats.base import OpenOptions
 from nbdserve.formats.vhd import VhdDriver, bit_run, set_bits
 from nbdserve.image import Image
+from nbdserve.storage.local import LocalFile
 from tests import vhdgen
 from tests.conftest import SLOW
 from tests.imagetest import FILL, opened, read_image, run
@@ -536,7 +536,7 @@ class Crash(Exception):
     pass
 
 
-class CrashFile(BlockFile):
+class CrashFile(LocalFile):
     """Fault injection: the ``budget``-th pwrite or flush raises ``Crash``.
 
     ``mode`` says what reached the disk of the writes since the last completed flush:
@@ -593,8 +593,8 @@ async def _crash_run(path: Path, budget: int, mode: str, seed: int, done: list[i
                 await img.flush()
                 done.append(i)
     finally:
-        cache.discard_file(file)
-        file.close()
+        cache.discard_storage(file)
+        file.close_now()
         if backing is not None:
             await backing.close()
 

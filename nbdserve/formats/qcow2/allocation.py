@@ -315,5 +315,5 @@ class AllocationMixin:
         # readers take that for a short (corrupt) cluster.  Extending leaves a hole: zeroes.
         end = max((p.host for p in plans), default=-self.cs) + self.cs
         if end > file.size:
-            file.truncate(end)
+            file.truncate_now(end)
         return cow

@@ -48,8 +48,8 @@ from array import array
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ...blockfile import BlockFile
 from ...errors import ImageError
+from ...storage.local import LocalFile
 from .header import AUTOCLEAR_BITMAPS, Header
 from .overlap import BITMAPS
 from .tables import decode_be64
@@ -296,7 +296,7 @@ class DirtyBitmap:
 class BitmapSet:
     """An image's bitmaps (see the module docstring).  ``problem``: why they cannot be used."""
 
-    def __init__(self, path: str, file: BlockFile, h: Header, disk_size: int) -> None:
+    def __init__(self, path: str, file: LocalFile, h: Header, disk_size: int) -> None:
         self.path = path
         self.file = file
         self.cs = h.cluster_size

@@ -40,9 +40,9 @@ from __future__ import annotations
 
 from array import array
 
-from ...blockfile import BlockFile
 from ...cache import ClusterCache
 from ...locks import CoMutex, CoQueue
+from ...storage.local import LocalFile
 from ..base import BackingRef, Caps, FormatDriver, Limits, OpenOptions
 from .allocation import AllocationMixin
 from .bitmaps import BitmapSet, DirtyBitmap
@@ -64,7 +64,7 @@ class Qcow2Driver(OpeningMixin, ReadMixin, WriteMixin, AllocationMixin, ZeroMixi
     def probe(cls, head: bytes, file_size: int) -> int:
         return 100 if head[:4] == MAGIC else 0
 
-    def __init__(self, file: BlockFile, cache: ClusterCache, h: Header, readonly: bool) -> None:
+    def __init__(self, file: LocalFile, cache: ClusterCache, h: Header, readonly: bool) -> None:
         self.file = file
         self.path = file.path
         self.cache = cache
@@ -108,7 +108,7 @@ class Qcow2Driver(OpeningMixin, ReadMixin, WriteMixin, AllocationMixin, ZeroMixi
         self._track = None  # BitmapSet.mark once the enabled bitmaps are tracked (read-write)
 
     @classmethod
-    async def open(cls, file: BlockFile, *, readonly: bool, cache: ClusterCache, options: OpenOptions) -> Qcow2Driver:
+    async def open(cls, file: LocalFile, *, readonly: bool, cache: ClusterCache, options: OpenOptions) -> Qcow2Driver:
         path = file.path
 
         def read(off: int, n: int) -> bytearray:

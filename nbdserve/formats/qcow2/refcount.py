@@ -32,9 +32,9 @@ from array import array
 from collections.abc import Callable
 from typing import NoReturn
 
-from ...blockfile import BlockFile
 from ...cache import CacheEntry, ClusterCache
 from ...errors import CorruptImage, NbdError
+from ...storage.local import LocalFile
 from .header import FIELD_REFCOUNT_TABLE
 from .overlap import REFBLOCK, REFTABLE, MetadataMap
 from .tables import decode_be64, encode_be64
@@ -112,7 +112,7 @@ class Refcounts:
     def __init__(
         self,
         path: str,
-        file: BlockFile,
+        file: LocalFile,
         cache: ClusterCache,
         cluster_bits: int,
         refcount_order: int,

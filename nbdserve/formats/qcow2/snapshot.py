@@ -14,8 +14,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from ...blockfile import BlockFile
 from ...errors import CorruptImage
+from ...storage.local import LocalFile
 from .header import MAX_L1_BYTES, Header
 
 _ENTRY = struct.Struct(">QIHHIIQII")  # 40 bytes
@@ -34,7 +34,7 @@ class Snapshot:
     date_sec: int
 
 
-def read_snapshots(path: str, h: Header, file: BlockFile) -> tuple[list[Snapshot], int]:
+def read_snapshots(path: str, h: Header, file: LocalFile) -> tuple[list[Snapshot], int]:
     """The snapshot table's entries and its length in bytes."""
     out: list[Snapshot] = []
     pos = h.snapshots_offset

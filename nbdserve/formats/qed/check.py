@@ -20,8 +20,8 @@ from __future__ import annotations
 from array import array
 from dataclasses import dataclass
 
-from ...blockfile import BlockFile
 from ...errors import CorruptImage
+from ...storage.local import LocalFile
 from .header import QedHeader
 from .tables import UNALLOCATED, ZERO_CLUSTER, decode_table, encode_table
 
@@ -66,7 +66,7 @@ class _Used:
             self.last -= 1
 
 
-def _compact(file: BlockFile, h: QedHeader, l1: array, used: _Used) -> int:
+def _compact(file: LocalFile, h: QedHeader, l1: array, used: _Used) -> int:
     """Move data clusters from the end of the file down into leaked clusters, so the leaks end up
     at the end of the file where truncation reclaims them.  Tables are not moved: compaction
     stops at the last table.  Returns the number of clusters moved.
@@ -117,7 +117,7 @@ def _compact(file: BlockFile, h: QedHeader, l1: array, used: _Used) -> int:
     return len(moves)
 
 
-def check_and_repair(file: BlockFile, h: QedHeader, l1: array, file_end: int) -> CheckResult:
+def check_and_repair(file: LocalFile, h: QedHeader, l1: array, file_end: int) -> CheckResult:
     """Check every table of the image and repair it in place (see the module docstring).
 
     ``l1`` is the driver's in-memory L1 table and is updated along with the file.
@@ -156,7 +156,7 @@ def check_and_repair(file: BlockFile, h: QedHeader, l1: array, file_end: int) ->
     new_end = max(used.last + 1, first) << bits
     if new_end < file_end or file.size > file_end:
         result.truncated_leaks = (file_end - new_end) // cs if new_end < file_end else 0
-        file.truncate(new_end)
+        file.truncate_now(new_end)
     result.leaks = (new_end >> bits) - first - used.count()  # only clusters past the header are marked
     result.file_end = new_end
     return result

@@ -38,10 +38,10 @@ import time
 from array import array
 from bisect import bisect_right
 
-from ...blockfile import BlockFile
 from ...cache import CacheEntry, ClusterCache
 from ...errors import CorruptImage, NbdError
 from ...locks import CoMutex
+from ...storage.local import LocalFile
 from ..base import ALLOCATED, DATA, ZERO, BackingRef, Caps, Extent, FormatDriver, Limits, OpenOptions
 from .check import check_and_repair
 from .header import (
@@ -72,7 +72,7 @@ class QedDriver(FormatDriver):
     format_name = "qed"
 
     def __init__(
-        self, file: BlockFile, readonly: bool, cache: ClusterCache, h: QedHeader, l1: array, file_end: int
+        self, file: LocalFile, readonly: bool, cache: ClusterCache, h: QedHeader, l1: array, file_end: int
     ) -> None:
         self.file = file
         self.path = file.path
@@ -112,7 +112,7 @@ class QedDriver(FormatDriver):
         return 100 if head[:4] == MAGIC else 0
 
     @classmethod
-    async def open(cls, file: BlockFile, *, readonly: bool, cache: ClusterCache, options: OpenOptions) -> QedDriver:
+    async def open(cls, file: LocalFile, *, readonly: bool, cache: ClusterCache, options: OpenOptions) -> QedDriver:
         path = file.path
         head = file.pread(min(SECTOR, file.size), 0)
         h = QedHeader.parse(path, head, file.size)
@@ -424,7 +424,7 @@ class QedDriver(FormatDriver):
         zeroes until written (a partial cluster left at the end of the file is cut off first).
         """
         if self.file.size > self.file_end:
-            self.file.truncate(self.file_end)
+            self.file.truncate_now(self.file_end)
         host = self.file_end
         self.file_end += n * self.cluster_size
         return host
@@ -434,7 +434,7 @@ class QedDriver(FormatDriver):
         left in the middle of the file.  Called with self.lock held (nothing was allocated since)."""
         self.file_end = host
         if self.file.size > host:
-            self.file.truncate(host)
+            self.file.truncate_now(host)
 
     async def _allocate(self, pos: int, stop: int, data: memoryview, l1_index: int, entry: CacheEntry | None) -> None:
         """Allocate clusters for the guest range ``[pos, stop)`` (unallocated or zero clusters of
@@ -455,7 +455,7 @@ class QedDriver(FormatDriver):
             if last > stop:
                 await self._cow(stop, last, host + (stop - first), table)
             if self.file.size < host + n * cs:
-                self.file.truncate(host + n * cs)
+                self.file.truncate_now(host + n * cs)
             if self.backing is not None:
                 await self.file.flush()  # the data must be durable before a table points at it
         except BaseException:
@@ -592,7 +592,7 @@ class QedDriver(FormatDriver):
         """Zero allocated host clusters in place (punching holes if allowed).  Called with self.lock held."""
         f = self.file
         if not ((may_trim and f.punch_hole(host, length)) or f.zero_range(host, length)):
-            f.write_zeroes(host, length)
+            f.fill_zeroes(host, length)
 
     # -- flush and close --------------------------------------------------------------------
 

@@ -36,10 +36,11 @@ import os
 import uuid
 from array import array
 
-from ...blockfile import BlockFile
 from ...cache import ClusterCache
 from ...errors import CorruptImage, ImageError, NbdError, UnsupportedImage
 from ...locks import CoMutex
+from ...storage.base import Storage
+from ...storage.local import LocalFile
 from ..base import ALLOCATED, DATA, ZERO, BackingRef, Caps, Extent, FormatDriver, Limits, OpenOptions
 from . import bat as B
 from .bat import Geometry, check_bat, decode_page, encode_page, reads_from
@@ -74,7 +75,7 @@ def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
-class _ReplayedView:
+class _ReplayedView(Storage):
     """A read-only view of a file with a pending log applied in memory (read-only opens).
 
     ``sectors`` maps 4 KiB-aligned file offsets to replayed contents and is always newer than any
@@ -82,9 +83,9 @@ class _ReplayedView:
     applies the zero ranges first and the sectors last.
     """
 
-    def __init__(self, file: BlockFile, changes: list[tuple[int, bytes | None, int]], size: int) -> None:
+    def __init__(self, file: LocalFile, changes: list[tuple[int, bytes | None, int]], size: int) -> None:
         self.file = file
-        self.path = file.path
+        self.name = self.path = file.name
         self.size = size
         self.readonly = True
         self.sectors: dict[int, bytes] = {}
@@ -98,7 +99,10 @@ class _ReplayedView:
                     del self.sectors[k]
 
     def pread_into(self, buf: memoryview | bytearray, offset: int) -> None:
-        self.file.pread_into(buf, offset)
+        self.read(offset, memoryview(buf))
+
+    def read(self, offset: int, buf: memoryview) -> None:
+        self.file.read(offset, buf)
         end = offset + len(buf)
         view = memoryview(buf)
         for zs, ze in self.zeroes:
@@ -123,12 +127,12 @@ class _ReplayedView:
 class VhdxDriver(FormatDriver):
     format_name = "vhdx"
 
-    def __init__(self, file: BlockFile, readonly: bool, cache: ClusterCache) -> None:
+    def __init__(self, file: LocalFile, readonly: bool, cache: ClusterCache) -> None:
         self.file = file
         self.readonly = readonly
         self.cache = cache
         self.lock = CoMutex("vhdx")
-        self.rf: BlockFile | _ReplayedView = file
+        self.rf: LocalFile | _ReplayedView = file
         self.header: Header
         self.meta: Metadata
         self.geo: Geometry
@@ -147,7 +151,7 @@ class VhdxDriver(FormatDriver):
         return 100 if head[:8] == FILE_IDENTIFIER else 0
 
     @classmethod
-    async def open(cls, file: BlockFile, *, readonly: bool, cache: ClusterCache, options: OpenOptions) -> VhdxDriver:
+    async def open(cls, file: LocalFile, *, readonly: bool, cache: ClusterCache, options: OpenOptions) -> VhdxDriver:
         self = cls(file, readonly or file.readonly, cache)
         await self._open()
         return self
@@ -249,9 +253,9 @@ class VhdxDriver(FormatDriver):
                     continue
                 n = min(length, file.size - foff)
                 if n > 0 and not file.punch_hole(foff, n) and not file.zero_range(foff, n):
-                    file.write_zeroes(foff, n)
+                    file.fill_zeroes(foff, n)
         if file.size < end:
-            file.truncate(end)
+            file.truncate_now(end)
         await file.flush()
         await self._write_header(log_guid=ZERO_GUID)
 
@@ -312,7 +316,7 @@ class VhdxDriver(FormatDriver):
     def _check_linkage(self, parent: str, loc: dict[str, str]) -> None:
         path = self.file.path
         try:
-            pf = BlockFile(parent, readonly=True)
+            pf = LocalFile(parent, readonly=True)
         except OSError as e:
             raise ImageError(path, f"cannot open parent {parent}: {e.strerror}") from None
         try:
@@ -321,7 +325,7 @@ class VhdxDriver(FormatDriver):
             copies = (bytes(pf.pread(HEADER_SIZE, HEADER_OFFSETS[0])), bytes(pf.pread(HEADER_SIZE, HEADER_OFFSETS[1])))
             ph = choose_header(parent, copies, pf.size)
         finally:
-            pf.close()
+            pf.close_now()
         wanted = [parse_linkage(path, loc[k]) for k in ("parent_linkage", "parent_linkage2") if k in loc]
         if ph.data_write_guid not in wanted:
             raise CorruptImage(
@@ -498,7 +502,7 @@ class VhdxDriver(FormatDriver):
                 at += length
         else:
             host = _round_up(file.size, MiB)
-            file.truncate(host + bs)
+            file.truncate_now(host + bs)
             if how == B.READ_PARENT:
                 await self._copy_parent(start, host, in_block, fresh=True)
                 tail = in_block + len(view)
@@ -635,7 +639,7 @@ class VhdxDriver(FormatDriver):
                         if not self.file.zero_range(host, seg):
                             if fast:
                                 raise NbdError(errno.ENOTSUP, "the file system cannot zero a range quickly")
-                            self.file.write_zeroes(host, seg)
+                            self.file.fill_zeroes(host, seg)
                     else:
                         changes.update(await self._fill_block(block, in_block, memoryview(bytes(seg)), e))
                         filled = True
@@ -726,4 +730,4 @@ class VhdxDriver(FormatDriver):
         if not self.readonly:
             await self.flush()
         if self.rf is not self.file:
-            self.cache.discard_file(self.rf)  # type: ignore[arg-type]
+            self.cache.discard_storage(self.rf)  # type: ignore[arg-type]

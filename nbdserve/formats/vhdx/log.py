@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 import crc32c
 
-from ...blockfile import BlockFile
 from ...errors import CorruptImage
+from ...storage.local import LocalFile
 from .header import Header, MiB
 
 SECTOR = 4096
@@ -63,7 +63,7 @@ class EntryInfo:
 class LogReader:
     """Reads the circular log of one file as described by ``header``."""
 
-    def __init__(self, file: BlockFile, header: Header) -> None:
+    def __init__(self, file: LocalFile, header: Header) -> None:
         self.file = file
         self.header = header
         self.offset = header.log_offset

@@ -34,10 +34,10 @@ import logging
 import os
 import secrets
 
-from ...blockfile import BlockFile, open_locked
 from ...cache import ClusterCache
 from ...errors import CorruptImage, ImageError, NbdError, UnsupportedImage
 from ...locks import CoMutex
+from ...storage.local import LocalFile, open_locked
 from ..base import BackingRef, Caps, Extent, FormatDriver, Limits, OpenOptions
 from .descriptor import (
     DESCRIPTOR_FILE_TYPES,
@@ -63,7 +63,7 @@ FLAT_MAP_BITS = 20
 class VmdkDriver(FormatDriver):
     format_name = "vmdk"
 
-    def __init__(self, file: BlockFile, readonly: bool, cache: ClusterCache) -> None:
+    def __init__(self, file: LocalFile, readonly: bool, cache: ClusterCache) -> None:
         self.file = file
         self.path = file.path
         self.readonly = readonly
@@ -76,8 +76,8 @@ class VmdkDriver(FormatDriver):
         self.desc: Descriptor | None = None
         self.desc_at = 0  # where the descriptor starts in ``file``
         self._cid_done = False
-        self._dirty: set[BlockFile] = set()
-        self._files: list[BlockFile] = []  # extent files we opened (not ``file``)
+        self._dirty: set[LocalFile] = set()
+        self._files: list[LocalFile] = []  # extent files we opened (not ``file``)
         self._claims: dict[tuple[int, int], list[tuple[str, int | None, int]]] = {}  # file -> extents in it
 
     @classmethod
@@ -89,7 +89,7 @@ class VmdkDriver(FormatDriver):
     # -- opening ----------------------------------------------------------------------------
 
     @classmethod
-    async def open(cls, file: BlockFile, *, readonly: bool, cache: ClusterCache, options: OpenOptions) -> VmdkDriver:
+    async def open(cls, file: LocalFile, *, readonly: bool, cache: ClusterCache, options: OpenOptions) -> VmdkDriver:
         drv = cls(file, readonly or file.readonly, cache)
         try:
             await drv._open(options)
@@ -166,7 +166,7 @@ class VmdkDriver(FormatDriver):
         except ImageError as e:
             raise type(e)(self.path, e.reason) from None
 
-    def _opened(self, where: str, readonly: bool) -> BlockFile | None:
+    def _opened(self, where: str, readonly: bool) -> LocalFile | None:
         """The file of an earlier extent if it is ``where`` and open as needed: extents sharing
         a file share its one open (a second open would conflict with the first's lock)."""
         st = os.stat(where)
@@ -176,7 +176,7 @@ class VmdkDriver(FormatDriver):
                 return f
         return None
 
-    def _claim(self, file: BlockFile, what: str, at: int | None, size: int) -> None:
+    def _claim(self, file: LocalFile, what: str, at: int | None, size: int) -> None:
         """Refuse a file that two extents would share, unless both are flat and their byte
         ranges are disjoint (``at`` None: a sparse extent, which owns its whole file)."""
         st = os.fstat(file.fd)
@@ -335,14 +335,14 @@ class VmdkDriver(FormatDriver):
 
     def _close_files(self) -> None:
         for f in self._files:
-            self.cache.discard_file(f)
-            f.close()
+            self.cache.discard_storage(f)
+            f.close_now()
         self._files.clear()
 
 
 def read_cid(path: str) -> int | None:
     """The CID in the descriptor of the VMDK at ``path`` (None if it is no VMDK or has none)."""
-    f = BlockFile(path, readonly=True)
+    f = LocalFile(path, readonly=True)
     try:
         head = f.pread(min(SECTOR, f.size), 0)
         if head[:4] == MAGIC:
@@ -354,4 +354,4 @@ def read_cid(path: str) -> int | None:
             return None
         return parse_descriptor(path, raw).cid
     finally:
-        f.close()
+        f.close_now()

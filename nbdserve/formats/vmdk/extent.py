@@ -23,8 +23,8 @@ from __future__ import annotations
 import errno
 from typing import TYPE_CHECKING
 
-from ...blockfile import BlockFile
 from ...errors import NbdError
+from ...storage.local import LocalFile
 from ..base import ALLOCATED, ZERO
 
 if TYPE_CHECKING:
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 class Extent:
     """Defaults: a read-only extent whose bytes all read as zeroes (the ZERO extent type)."""
 
-    file: BlockFile | None = None
+    file: LocalFile | None = None
     readonly = True
     grain_bits = 0  # log2 of the grain size; 0: no grains (map_now answers any aligned granule)
     why_readonly = "ZERO extents cannot be written"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ...blockfile import BlockFile
+from ...storage.local import LocalFile
 from ..base import ALLOCATED, DATA, ZERO, zero_in_place
 from ..raw import DataRanges
 from .extent import Extent
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 class FlatExtent(Extent):
     grain_bits = 0
 
-    def __init__(self, owner: VmdkDriver, start: int, size: int, file: BlockFile, offset: int) -> None:
+    def __init__(self, owner: VmdkDriver, start: int, size: int, file: LocalFile, offset: int) -> None:
         super().__init__(owner, start, size)
         self.file = file
         self.offset = offset  # byte offset of the extent's first byte inside ``file``

@@ -18,8 +18,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from ...blockfile import BlockFile
 from ...errors import CorruptImage, UnsupportedImage
+from ...storage.local import LocalFile
 
 SECTOR = 512
 MAGIC = b"KDMV"
@@ -85,7 +85,7 @@ def _decode(raw: bytes | bytearray) -> SparseHeader:
     return SparseHeader(*f[1:])
 
 
-def read_sparse_header(file: BlockFile, what: str) -> SparseHeader:
+def read_sparse_header(file: LocalFile, what: str) -> SparseHeader:
     """The validated header of the sparse extent in ``file`` (``what`` names it in messages)."""
     path = file.path
     if file.size < SECTOR:
@@ -130,7 +130,7 @@ def read_sparse_header(file: BlockFile, what: str) -> SparseHeader:
     return h
 
 
-def _read_footer(file: BlockFile, what: str) -> SparseHeader:
+def _read_footer(file: LocalFile, what: str) -> SparseHeader:
     """The footer of a streamOptimized extent: footer marker, footer, end-of-stream marker."""
     path = file.path
     if file.size < 3 * SECTOR or file.size % SECTOR:

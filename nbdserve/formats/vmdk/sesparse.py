@@ -23,9 +23,9 @@ import struct
 from array import array
 from typing import TYPE_CHECKING
 
-from ...blockfile import BlockFile
 from ...cache import ClusterCache
 from ...errors import CorruptImage, UnsupportedImage
+from ...storage.local import LocalFile
 from ..base import ALLOCATED, DATA, ZERO
 from ..tables import decode_le64, encode_le
 from .extent import Extent
@@ -67,7 +67,7 @@ class SeSparseExtent(Extent):
     readonly = True
     grain_bits = GRAIN.bit_length() - 1
 
-    def __init__(self, owner: VmdkDriver, start: int, file: BlockFile, cache: ClusterCache, what: str) -> None:
+    def __init__(self, owner: VmdkDriver, start: int, file: LocalFile, cache: ClusterCache, what: str) -> None:
         self.file = file
         self.path = file.path
         self.what = what

@@ -43,9 +43,9 @@ from array import array
 from collections import OrderedDict
 from typing import TYPE_CHECKING
 
-from ...blockfile import BlockFile
 from ...cache import CacheEntry, ClusterCache
 from ...errors import CorruptImage, NbdError
+from ...storage.local import LocalFile
 from ..base import ALLOCATED, DATA, ZERO, zero_in_place
 from ..tables import decode_le32, encode_le
 from .extent import Extent
@@ -69,7 +69,7 @@ STATUS_TABLES = 64  # grain tables looked at per cache_hint
 
 class SparseExtent(Extent):
     def __init__(
-        self, owner: VmdkDriver, start: int, file: BlockFile, h: SparseHeader, cache: ClusterCache, what: str
+        self, owner: VmdkDriver, start: int, file: LocalFile, h: SparseHeader, cache: ClusterCache, what: str
     ) -> None:
         super().__init__(owner, start, h.capacity * SECTOR)
         self.file = file
@@ -399,7 +399,7 @@ class SparseExtent(Extent):
         """Reserve ``length`` bytes at the cursor; anything past it (a failed allocation's
         leftovers) is cut off first, so the new space reads as zeroes.  Called with owner.lock held."""
         if self.file.size > self.next_alloc:
-            self.file.truncate(self.next_alloc)
+            self.file.truncate_now(self.next_alloc)
         host = self.next_alloc
         self.next_alloc += length
         return host
@@ -408,7 +408,7 @@ class SparseExtent(Extent):
         """Give back what ``_alloc`` reserved from ``host`` on.  Called with owner.lock held."""
         self.next_alloc = host
         if self.file.size > host:
-            self.file.truncate(host)
+            self.file.truncate_now(host)
 
     async def _allocate(self, pos: int, stop: int, data: memoryview, gdi: int, entry: CacheEntry | None) -> None:
         """New grains for guest ``[pos, stop)`` (unallocated or zeroed grains of one GT, or all of
@@ -427,7 +427,7 @@ class SparseExtent(Extent):
             if last > stop:
                 await self._cow(stop, last, host + (stop - first), table)
             if self.file.size < host + n * gs:
-                self.file.truncate(host + n * gs)
+                self.file.truncate_now(host + n * gs)
         except BaseException:
             self._unalloc(host)
             raise
@@ -479,7 +479,7 @@ class SparseExtent(Extent):
         copies = 1 if self.rgd is None else 2
         region = -(-size * copies // self.grain) * self.grain
         at = self._alloc(region)
-        self.file.truncate(at + region)
+        self.file.truncate_now(at + region)
         table = array("I", bytes(self.gt_bytes))
         table[i0 : i0 + len(values)] = array("I", values)
         entries = [self.cache.put_new(self.gt_kind, at, table)]
