@@ -91,7 +91,7 @@ class ClusterCache:
         self.evictions = 0
         self.writebacks = 0
         self.peak = 0
-        # The images' mapping memos (``Image.read_now``) share this limit on their entries,
+        # The images' mapping memos (``Image.read``) share this limit on their entries,
         # about 4% of the budget at ~90 bytes per entry; the cache only keeps the count.
         self.memo_limit = max(4096, budget // 2048)
         self.memo_used = 0

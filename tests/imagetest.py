@@ -29,6 +29,7 @@ import pytest
 from nbdserve.cache import ClusterCache
 from nbdserve.errors import NbdError
 from nbdserve.image import STATE_HOLE, STATE_ZERO, Image, ImageSpec, open_image
+from nbdserve.storage.base import settled
 from nbdserve.storage.local import LocalFile
 from tests.util import qemu_img
 from tests.util import run as run_cmd
@@ -66,7 +67,7 @@ async def opened(
 async def read_image(img: Image, step: int = 4 << 20) -> bytes:
     buf = bytearray(img.size)
     for pos in range(0, img.size, step):
-        await img.read(pos, memoryview(buf)[pos : pos + step])
+        await settled(img.read(pos, memoryview(buf)[pos : pos + step]))
     return bytes(buf)
 
 
@@ -85,7 +86,7 @@ def served_read_only(tmp_path: Path, raw: bytes | bytearray, caplog, expected: b
             assert img.readonly
             assert await read_image(img) == expected
             with pytest.raises(NbdError):
-                await img.write(0, memoryview(b"z"), fua=False)
+                await settled(img.write(0, memoryview(b"z"), fua=False))
         finally:
             await img.close()
 

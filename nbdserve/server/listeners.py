@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from ..config import ConfigError, ServerConfig
 from ..protocol import constants as C
 from ..protocol import handshake as H
-from .buffers import ReceiveBuffers, ReplyBuffers
+from .buffers import PayloadBuffers, ReceiveBuffers, ReplyBuffers
 from .exports import ExportTable
 from .options import Policy
 from .session import SPARSE_READ_MIN, Session
@@ -219,6 +219,7 @@ class Server:
         self.handshake_buffer = memoryview(bytearray(64 << 10))
         self.receive_buffers = ReceiveBuffers(256 << 10)
         self.reply_buffers = ReplyBuffers(min_size=SPARSE_READ_MIN, per_size=32)
+        self.payload_buffers = PayloadBuffers(per_size=32)
         self._servers: list[asyncio.AbstractServer] = []
         self._served_any = False
         self._stopping = False

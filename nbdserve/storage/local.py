@@ -36,7 +36,7 @@ import stat
 import struct
 
 from ..errors import ImageError
-from .base import Storage
+from .base import Buffer, Storage
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _fallocate = _libc.fallocate
@@ -198,14 +198,18 @@ class LocalFile(_Transitional, Storage):
                 return
             n += got
 
-    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        view = memoryview(data)
-        n = os.pwritev(self.fd, [view], offset)
-        length = view.nbytes
-        if n < length:
-            view = view.cast("B")
+    def write(self, offset: int, data: Buffer | list[Buffer]) -> None:
+        """Write ``data`` (a buffer, or a list of buffers written one after the other) at
+        ``offset``: one ``pwritev``."""
+        if type(data) is list:
+            bufs, length = data, sum(map(len, data))
+        else:
+            bufs, length = [data], len(data)
+        n = os.pwritev(self.fd, bufs, offset)
+        if n < length:  # rare (a signal, a full file system about to fail): finish piecewise
+            rest = memoryview(b"".join(bufs) if len(bufs) > 1 else bufs[0]).cast("B")
             while n < length:
-                n += os.pwritev(self.fd, [view[n:]], offset + n)
+                n += os.pwritev(self.fd, [rest[n:]], offset + n)
         end = offset + length
         if end > self.size:
             self.size = end

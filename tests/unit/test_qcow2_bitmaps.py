@@ -37,6 +37,7 @@ from nbdserve.formats.qcow2.bitmaps import (
     parse_directory,
 )
 from nbdserve.formats.qcow2.overlap import BITMAPS
+from nbdserve.storage.base import settled
 from tests.conftest import SLOW
 from tests.imagetest import check_clean, opened, qemu_raw, read_image, run, served_read_only
 from tests.util import REPO, merged_map, qemu_img, qemu_io, qemu_nbd
@@ -306,7 +307,7 @@ def test_read_write_open_marks_in_use_and_clean_close_stores(tmp_path, caplog):
             ops = [("w", 5 * M + 100, 7000), ("z", 9 * M - 1, 2), ("t", 12 * M + 3, 300 * K), ("w", size - 1, 1)]
             for kind, off, n in ops:
                 if kind == "w":
-                    await img.write(off, memoryview(b"\x77" * n), fua=False)
+                    await settled(img.write(off, memoryview(b"\x77" * n), fua=False))
                     data[off : off + n] = b"\x77" * n
                 elif kind == "z":
                     await img.write_zeroes(off, n, may_trim=True, fast=False, fua=False)
@@ -369,7 +370,7 @@ def test_bitmap_in_use_at_open_is_inconsistent(tmp_path, caplog):
             assert not img.readonly
             with pytest.raises(ImageError, match="'crashed' is inconsistent"):
                 img.dirty_bitmap("crashed")
-            await img.write(5 * M, memoryview(b"x"), fua=False)
+            await settled(img.write(5 * M, memoryview(b"x"), fua=False))
             model.wrote(5 * M, 1)
             assert runs_of(img.dirty_bitmap("good"), size) == model.runs("good")
         finally:
@@ -400,7 +401,7 @@ def test_stale_bitmaps_extension_is_ignored(tmp_path, caplog):
             assert not img.readonly
             with pytest.raises(ImageError, match="bitmap 'b' not found"):
                 img.dirty_bitmap("b")
-            await img.write(0, memoryview(b"x"), fua=False)
+            await settled(img.write(0, memoryview(b"x"), fua=False))
         finally:
             await img.close()
 
@@ -424,7 +425,7 @@ def test_bitmaps_of_the_backing_file(tmp_path):
         img = await opened(top)
         try:
             assert runs_of(img.dirty_bitmap("both"), size) == [(0, size, 0)]  # the top one
-            await img.write(M + 5000, memoryview(b"x" * 10), fua=False)
+            await settled(img.write(M + 5000, memoryview(b"x" * 10), fua=False))
             assert runs_of(img.dirty_bitmap("base"), size) == model.runs("base")  # unchanged
             with pytest.raises(ImageError, match="'nope' not found"):
                 img.dirty_bitmap("nope")
@@ -557,6 +558,7 @@ import asyncio, logging, sys
 sys.path.insert(0, {str(REPO)!r})
 logging.basicConfig(level=logging.WARNING, format="%(message)s")
 from tests.imagetest import opened
+from nbdserve.storage.base import settled
 async def main():
     img = await opened({str(path)!r})
     print("readonly", img.readonly)
@@ -596,7 +598,7 @@ def test_all_ones_table_entries_load_and_survive_a_store(tmp_path):
         try:
             assert runs_of(img.dirty_bitmap("b"), size) == model.runs("b")
             for off in (100, 3 * M, 4 * M + 7):  # before, inside and after the all-ones part
-                await img.write(off, memoryview(b"w"), fua=False)
+                await settled(img.write(off, memoryview(b"w"), fua=False))
                 model.wrote(off, 1)
         finally:
             await img.close()

@@ -65,7 +65,7 @@ class Qcow2Driver(OpeningMixin, ReadMixin, WriteMixin, AllocationMixin, ZeroMixi
         return 100 if head[:4] == MAGIC else 0
 
     def __init__(self, file: LocalFile, cache: ClusterCache, h: Header, readonly: bool) -> None:
-        self.file = file
+        self.file = self.storage = file
         self.path = file.path
         self.cache = cache
         self.header = h
