@@ -55,10 +55,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PATH": f"/usr/bin:{os.environ.get('PATH', '')}", "PYTHONPATH": str(REPO)}
 MiB = 1 << 20
-ALL_FORMATS = ("raw", "qcow2", "qed", "vpc", "vhdx", "vmdk", "vdi")
+ALL_FORMATS = ("raw", "qcow2", "qed", "vpc", "vhdx", "vmdk", "vdi", "luks")
 ALL_SERVERS = ("nbdserve", "qemu-nbd", "nbdkit")
 # qemu-img create/convert options per format: exact virtual size for VHD (no CHS rounding).
 CREATE_OPTS = {"vpc": ["-o", "subformat=dynamic,force_size=on"]}
+# Encrypted formats: both servers get the passphrase as a QEMU secret object in a file (KEY_FILE,
+# next to the image) and open the image through --image-opts.  (PBKDF cost at open only.)
+KEYED = {"luks": "key-secret"}
+KEY_FILE = "bench.key"
 # Formats that also get the "random write into a fresh (empty) image" job.
 FRESH_FORMATS = ("qcow2",)
 NBDCOPY_REQUEST = 256 << 10
@@ -254,22 +258,32 @@ def wait_listening(sock: Path, child: subprocess.Popen, log: Path, timeout: floa
         os.close(fd)
 
 
+def image_args(image: Path, fmt: str) -> list[str]:
+    """How both nbdserve and qemu-nbd are told the image: ``-f FMT IMAGE``, or for an encrypted
+    format the secret object and ``--image-opts``."""
+    if fmt not in KEYED:
+        return ["-f", fmt, str(image)]
+    secret = f"secret,id=benchkey,file={image.parent / KEY_FILE}"
+    return ["--object", secret, "--image-opts", f"driver={fmt},file.filename={image},{KEYED[fmt]}=benchkey"]
+
+
 def server_command(
     name: str, image: Path, fmt: str, sock: Path, pidfile: Path, profile: Path | None, tls: Path | None = None
 ) -> list[str]:
     """The command line; servers that run in the foreground (see ``serving``) get no ``--fork``.
     With ``tls`` (a credentials directory) the server requires TLS."""
+    img = image_args(image, fmt)
     if name == "nbdserve":
         creds = ["--tls-creds", str(tls)] if tls else []
         if profile is not None:
-            return [sys.executable, "-c", PROFILE_MAIN, str(profile), "-k", str(sock), *creds, "-f", fmt, str(image)]
+            return [sys.executable, "-c", PROFILE_MAIN, str(profile), "-k", str(sock), *creds, *img]
         return [sys.executable, "-m", "nbdserve", "--fork", "--pid-file", str(pidfile), "-k", str(sock), *creds,
-                "-f", fmt, str(image)]  # fmt: skip
+                *img]  # fmt: skip
     if name == "qemu-nbd":
         creds = ["--object", f"tls-creds-x509,id=tls0,endpoint=server,dir={tls},verify-peer=off",
                  "--tls-creds", "tls0"] if tls else []  # fmt: skip
         return ["qemu-nbd", "--fork", "--persistent", "-e", "8", "--cache=writeback", "--aio=threads",
-                "-k", str(sock), "--pid-file", str(pidfile), *creds, "-f", fmt, str(image)]  # fmt: skip
+                "-k", str(sock), "--pid-file", str(pidfile), *creds, *img]  # fmt: skip
     # nbdkit in the foreground (our child): its forking parent may exit before the pid file exists.
     creds = ["--tls=require", f"--tls-certificates={tls}"] if tls else []
     return ["nbdkit", "-f", "-U", str(sock), "-P", str(pidfile), *creds, "file", str(image)]
@@ -372,7 +386,12 @@ def make_image(fmt: str, data: Path, workdir: Path) -> Path:
     if fmt == "raw":
         return data
     img = workdir / f"data.{fmt}"
-    run(["qemu-img", "convert", "-f", "raw", "-O", fmt, *CREATE_OPTS.get(fmt, []), str(data), str(img)])
+    opts = CREATE_OPTS.get(fmt, [])
+    if fmt in KEYED:
+        (workdir / KEY_FILE).write_bytes(b"nbdserve bench passphrase")
+        secret = f"secret,id=benchkey,file={workdir / KEY_FILE}"
+        opts = ["--object", secret, "-o", f"{KEYED[fmt]}=benchkey,iter-time=100", *opts]
+    run(["qemu-img", "convert", "-f", "raw", "-O", fmt, *opts, str(data), str(img)])
     return img
 
 

@@ -1,7 +1,7 @@
 """Command line -> ``ServerConfig`` -> ``server.app.run``.  No serving logic lives here.
 
 Flags follow qemu-nbd where it has one (``-p -b -k -x -f -r -D -e -t -s -l -B --fork --pid-file``,
-``--object``, ``--tls-creds``, ``--tls-authz``); ``--export``, ``--config``, ``--stdio``,
+``--object``, ``--image-opts``, ``--tls-creds``, ``--tls-authz``); ``--export``, ``--config``, ``--stdio``,
 ``--cache-size``, ``--tls``, ``--tls-verify-peer``, ``--tls-psk``, ``--allow`` and ``--refuse-as``
 are nbdserve's own.  With no image at
 all, a sparse demo image is created and served.
@@ -27,10 +27,13 @@ from .config import (
     load_toml,
     merge,
     parse_export_spec,
+    parse_image_opts,
     parse_size,
+    secrets_from,
     tls_settings,
     validate,
 )
+from .crypto.secret import SecretError
 from .objects import ObjectError, ObjectTable
 from .server.tls import PSK_PYTHON_TEXT
 
@@ -40,7 +43,7 @@ DEMO_SIZE = 1 << 30
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="nbdserve",
-        description="Serve disk images (raw, qcow2, qed, vpc, vhdx, vmdk, vdi) over the NBD protocol.",
+        description="Serve disk images (raw, qcow2, qed, vpc, vhdx, vmdk, vdi, luks) over the NBD protocol.",
         epilog="With no IMAGE, --export or --config, a sparse 1 GiB demo image is created and served.",
     )
     p.add_argument("image", nargs="?", metavar="IMAGE", help="image file to serve (export name: -x, default '')")
@@ -77,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--force-share",
         action="store_true",
         help="with -r: open the image even while another process (QEMU, qemu-nbd) writes it",
+    )
+    g.add_argument(
+        "--image-opts",
+        action="store_true",
+        help="IMAGE is qemu-nbd's option string: driver=FMT,file.filename=PATH[,key-secret=ID] "
+        "(encrypted qcow2: encrypt.key-secret=ID; the secret from --object secret,id=ID,file=PATH)",
     )
     g.add_argument("-D", "--description", default="", help="export description shown to clients")
     g.add_argument("-s", "--snapshot", action="store_true", help="write to a temporary overlay, discarded at exit")
@@ -151,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="TYPE,id=ID,...",
-        help="define tls-creds-x509, tls-creds-psk or authz-simple as qemu-nbd does (',,' is a literal comma)",
+        help="define tls-creds-x509, tls-creds-psk, authz-simple or secret (an encrypted image's passphrase: "
+        "data=TEXT or file=PATH, format=raw|base64) as qemu-nbd does (',,' is a literal comma)",
     )
     g.add_argument(
         "--allow",
@@ -215,12 +225,17 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     if args.image is None and not exports:
         args.image, demo = demo_image(), True
     if args.image is not None:
+        opts = parse_image_opts(args.image) if args.image_opts else {"path": args.image}
+        if args.image_opts and args.format:
+            raise ConfigError("--image-opts names the format (driver=...); -f is not allowed with it")
         exports.append(
             ExportConfig(
                 name=args.export_name,
-                path=args.image,
-                format=args.format,
-                readonly=args.read_only,
+                path=opts["path"],
+                format=opts.get("format", args.format),
+                readonly=args.read_only or opts.get("readonly", False),
+                key_secret=opts.get("key_secret"),
+                backing_key_secret=opts.get("backing_key_secret"),
                 description=args.description or ("nbdserve demo image" if demo else ""),
                 snapshot=args.snapshot,
                 load_snapshot=args.load_snapshot,
@@ -255,6 +270,10 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         raise ConfigError(str(e)) from None
     cfg = merge(cfg, **tls_settings(objects, args.tls_creds, args.tls_authz))
     cfg = merge(cfg, tls_verify_peer=args.tls_verify_peer)
+    try:
+        cfg = merge(cfg, secrets=cfg.secrets.merged(secrets_from(objects)))
+    except SecretError as e:
+        raise ConfigError(str(e)) from None
     return validate(
         merge(
             cfg,

@@ -2,7 +2,10 @@
 
 Owns the merge rule: command-line flags override ``[server]`` settings of ``--config FILE``;
 exports are the union of the file's ``[[export]]`` tables, ``--export`` flags and the positional
-image (in that order).  Export names must be unique.  Nothing here opens files or sockets.
+image (in that order).  Export names must be unique.  Secrets (encryption passphrases) are the
+union of the file's ``[[secret]]`` tables and ``--object secret`` definitions (ids unique); an
+export's ``key-secret`` must name one.  Nothing here opens images or sockets (secret files are
+read here, as QEMU reads them when the object is defined).
 """
 
 from __future__ import annotations
@@ -10,18 +13,19 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from .authz import AccessRules, RuleError
 from .cache import DEFAULT_CACHE_SIZE
-from .objects import ObjectError, ObjectTable
+from .crypto.secret import SecretError, Secrets, load_secrets
+from .objects import ObjectError, ObjectTable, split_options
 from .protocol.constants import MAX_STRING
 
 DEFAULT_PORT = 10809
 DEFAULT_BACKLOG = 4096  # the listen queue: a burst of this many connects is queued, not dropped
 DEFAULT_MAX_CONNECTIONS = 4096  # -e/--shared default; each idle connection costs a few kB
-FORMATS = ("raw", "qcow2", "qed", "vpc", "vhdx", "vmdk", "vdi")
+FORMATS = ("raw", "qcow2", "qed", "vpc", "vhdx", "vmdk", "vdi", "luks")
 REPAIR_MODES = ("off", "leaks", "all")
 MAX_BITMAP_NAME = 1023  # QEMU's limit on persistent bitmap names
 
@@ -41,6 +45,8 @@ class ExportConfig:
     load_snapshot: str | None = None  # -l: internal snapshot name or id (read-only)
     vpc_size: str = "auto"  # VHD size rule: auto | chs | current
     force_share: bool = False  # -U: open read-only even while another process writes the image
+    key_secret: str | None = None  # id of the secret holding an encrypted image's passphrase
+    backing_key_secret: str | None = None  # ... and of its encrypted backing files' (one for all)
     repair: str = "off"  # qcow2 read-write open of an inconsistent image: off | leaks | all
     tls: str = "optional"  # "required": served only over TLS (SELECTIVETLS), hidden from others
     allow: tuple[str, ...] = ()  # allow-list entries (see nbdserve.authz); empty: everyone
@@ -79,6 +85,7 @@ class ServerConfig:
     tls_authz: tuple[str, ...] = ()  # TLS identities allowed to connect at all; empty: any
     allow: tuple[str, ...] = ()  # server-wide allow list (see nbdserve.authz); empty: everyone
     refuse_as: str = "policy"  # a refused export answers ERR_POLICY ("policy") or looks absent ("unknown")
+    secrets: Secrets = field(default_factory=Secrets)  # --object secret / [[secret]] values by id (repr hides them)
 
     def option_limit(self) -> int:
         return self.max_options or 32 + 4 * len(self.exports)
@@ -133,6 +140,10 @@ def parse_export_spec(spec: str) -> ExportConfig:
             kw["load_snapshot"] = value
         elif key == "force-share":
             kw["force_share"] = True
+        elif key == "key-secret":
+            kw["key_secret"] = value
+        elif key == "backing-key-secret":
+            kw["backing_key_secret"] = value
         elif key == "repair":
             kw["repair"] = value
         elif key == "bitmap":
@@ -227,7 +238,17 @@ def load_toml(path: str) -> tuple[dict[str, Any], list[ExportConfig]]:
         except ConfigError as e:
             raise ConfigError(f"{path}: [server] {key}: {e}") from None
     exports = [_export_from_table(t, f"{path}: [[export]] #{i + 1}") for i, t in enumerate(doc.get("export", []))]
-    unknown = set(doc) - {"server", "export"}
+    defs = []
+    for i, t in enumerate(doc.get("secret", [])):
+        if not isinstance(t, dict) or not all(isinstance(v, str) for v in t.values()):
+            raise ConfigError(f"{path}: [[secret]] #{i + 1}: expected string keys (id, data or file, format, ...)")
+        props = dict(t)
+        defs.append((props.pop("id", ""), props))
+    try:
+        server["secrets"] = load_secrets(defs)
+    except SecretError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    unknown = set(doc) - {"server", "export", "secret"}
     if unknown:
         raise ConfigError(f"{path}: unknown section(s) {', '.join(sorted(unknown))}")
     return server, exports
@@ -247,6 +268,9 @@ def validate(cfg: ServerConfig) -> ServerConfig:
             raise ConfigError(f"export {e.name!r}: vpc-size must be auto, chs or current")
         if e.force_share and not (e.readonly or e.snapshot or e.load_snapshot is not None):
             raise ConfigError(f"export {e.name!r}: -U/--force-share needs a read-only export (-r)")
+        for what, sid in (("key-secret", e.key_secret), ("backing-key-secret", e.backing_key_secret)):
+            if sid is not None and sid not in cfg.secrets:
+                raise ConfigError(f"export {e.name!r}: {what} {sid!r}: no secret with that id")
         if e.repair not in REPAIR_MODES:
             raise ConfigError(f"export {e.name!r}: repair must be one of {', '.join(REPAIR_MODES)}")
         for b in e.bitmaps:
@@ -330,6 +354,59 @@ def tls_settings(objects: ObjectTable, creds: str | None, authz_ids: list[str]) 
     return out
 
 
+def secrets_from(objects: ObjectTable) -> Secrets:
+    """The ``--object secret,...`` definitions, resolved in command-line order."""
+    try:
+        return load_secrets((o.id, o.props) for o in objects.of_type("secret"))
+    except SecretError as e:
+        raise ConfigError(f"--object secret: {e}") from None
+
+
+# --image-opts keys nbdserve understands (qemu-nbd's spelling) -> ExportConfig fields.
+_IMAGE_OPTS = {
+    "driver": "format",
+    "file.filename": "path",
+    "file": "path",
+    "key-secret": "key_secret",  # driver=luks
+    "encrypt.key-secret": "key_secret",  # driver=qcow2
+    "backing.key-secret": "backing_key_secret",  # every encrypted image below (QEMU: per level)
+    "backing.encrypt.key-secret": "backing_key_secret",
+    "read-only": "readonly",
+}
+_ON, _OFF = ("on", "yes", "true"), ("off", "no", "false")
+
+
+def parse_image_opts(text: str) -> dict[str, Any]:
+    """``--image-opts`` IMAGE: ``driver=FMT,file.filename=PATH[,key-secret=ID|encrypt.key-secret=ID]
+    [,backing.encrypt.key-secret=ID][,encrypt.format=luks|aes][,read-only=on]`` -> ExportConfig
+    fields (``,,`` is a comma).  The backing key serves every encrypted image below the top."""
+    out: dict[str, Any] = {}
+    for item in split_options(text):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ConfigError(f"--image-opts: {item!r} is not key=value")
+        if key == "encrypt.format":
+            if value not in ("luks", "aes"):
+                raise ConfigError(f"--image-opts: encrypt.format must be luks or aes, not {value!r}")
+            continue  # the image's header says which; nothing to choose
+        name = _IMAGE_OPTS.get(key)
+        if name is None:
+            known = ", ".join([*_IMAGE_OPTS, "encrypt.format"])
+            raise ConfigError(f"--image-opts: option {key!r} is not supported (known: {known})")
+        if name in out:
+            raise ConfigError(f"--image-opts: {name.replace('_', '-')} given twice")
+        if name == "readonly":
+            if value.lower() not in _ON + _OFF:
+                raise ConfigError(f"--image-opts: read-only={value!r} is not on or off")
+            value = value.lower() in _ON
+        out[name] = value
+    if "path" not in out:
+        raise ConfigError("--image-opts needs file.filename=PATH")
+    if out.get("format") == "file":
+        out["format"] = "raw"
+    return out
+
+
 def merge(base: ServerConfig, **overrides: Any) -> ServerConfig:
     return replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
@@ -346,7 +423,9 @@ __all__ = [
     "load_toml",
     "merge",
     "parse_export_spec",
+    "parse_image_opts",
     "parse_size",
+    "secrets_from",
     "tls_settings",
     "validate",
 ]

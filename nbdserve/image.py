@@ -215,15 +215,15 @@ class Image:
         self.cache.memo_used -= len(self._memo)
         self._memo.clear()
 
-    async def _read_backing(self, offset: int, buf: memoryview) -> None:
-        """Read from the backing image; the part past its end reads as zeroes."""
+    def _read_backing(self, offset: int, buf: memoryview) -> Pending:
+        """Read from the backing image (the driver's ``read_backing``); the part past its end
+        reads as zeroes."""
         backing = self.backing
         assert backing is not None
         n = max(0, min(len(buf), backing.size - offset))
-        if n:
-            await settled(backing.read(offset, buf[:n]))
         if n < len(buf):
             buf[n:] = bytes(len(buf) - n)
+        return backing.read(offset, buf[:n]) if n else None
 
     # -- writes -----------------------------------------------------------------------------
 
@@ -388,10 +388,10 @@ class Image:
             else:
                 _append(out, Run(n, STATE_HOLE | STATE_ZERO, 0))
 
-    def dirty_bitmap(self, name: str) -> DirtyBitmapView:
+    async def dirty_bitmap(self, name: str) -> DirtyBitmapView:
         """Bitmap ``name`` of the first layer that has one (top first).  Raises ``ImageError``."""
         for img in self.chain():
-            bm = img.driver.dirty_bitmap(name)
+            bm = await img.driver.dirty_bitmap(name)
             if bm is not None:
                 return bm
         raise ImageError(self.path, f"bitmap {name!r} not found")
@@ -461,6 +461,8 @@ async def _open_overlay(path: str, base: Image, cache: ClusterCache) -> Image:
     at close.  Closes ``base`` if that fails."""
     overlay = None
     try:
+        if any(layer.driver.encrypted for layer in base.chain()):
+            raise UnsupportedImage(path, "-s would write decrypted data to an unencrypted overlay; refused")
         fd, overlay = tempfile.mkstemp(prefix="nbdserve-overlay-", suffix=".qcow2")
         os.close(fd)
         os.unlink(overlay)  # re-created exclusively below
@@ -527,7 +529,11 @@ async def _open_layer(
                 bpath,
                 driver.backing.format,
                 True,
-                OpenOptions(vpc_size=options.vpc_size),
+                OpenOptions(
+                    vpc_size=options.vpc_size,
+                    passphrase=options.backing_passphrase,
+                    backing_passphrase=options.backing_passphrase,
+                ),
                 cache,
                 policy,
                 allowed,

@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from .crypto.secret import SECRET_KEYS
+
 
 class ObjectError(ValueError):
     """A malformed or unsupported ``--object``; the message says which and why."""
@@ -32,6 +34,8 @@ OBJECT_TYPES: dict[str, ObjectType] = {
     "tls-creds-psk": ObjectType(frozenset({"endpoint", "dir", "username", "priority", "loaded"}), frozenset({"dir"})),
     # One authorised TLS identity (a certificate's distinguished name, or a PSK username).
     "authz-simple": ObjectType(frozenset({"identity", "loaded"}), frozenset({"identity"})),
+    # A passphrase for encrypted images (what the keys mean: nbdserve.crypto.secret).
+    "secret": ObjectType(SECRET_KEYS),
 }
 
 _TRUE, _FALSE = ("on", "yes", "true", "y"), ("off", "no", "false", "n")
@@ -123,6 +127,10 @@ class ObjectTable:
 
     def get(self, oid: str) -> QemuObject | None:
         return self._by_id.get(oid)
+
+    def of_type(self, qom_type: str) -> list[QemuObject]:
+        """The objects of one type, in command-line order."""
+        return [o for o in self._by_id.values() if o.qom_type == qom_type]
 
     def require(self, oid: str, *types: str, what: str) -> QemuObject:
         """The object ``oid``, which must be one of ``types``; ``what`` names the flag asking."""

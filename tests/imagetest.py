@@ -174,22 +174,18 @@ class Recorder:
     def __init__(self, f: LocalFile, path: Path) -> None:
         self.f, self.path = f, path
         self.ops: list[tuple] = []  # ("w", off, old, new) | ("t", old_size, new_size) | ("sync",) | ("mark", name)
-        self.real = (f.write, f.truncate, f.flush, f.truncate_now)
-        f.write, f.truncate, f.flush, f.truncate_now = self.write, self.truncate, self.flush, self.truncate_now
+        self.real = (f.write, f.truncate, f.flush)
+        f.write, f.truncate, f.flush = self.write, self.truncate, self.flush
 
     def write(self, offset, data):
+        data = b"".join(data) if isinstance(data, list) else bytes(data)
         old = os.pread(self.f.fd, len(data), offset)
         self.real[0](offset, data)
-        self.ops.append(("w", offset, old, bytes(data)))
+        self.ops.append(("w", offset, old, data))
 
     async def truncate(self, size):
         old = self.f.size
         await self.real[1](size)
-        self.ops.append(("t", old, size))
-
-    def truncate_now(self, size):
-        old = self.f.size
-        self.real[3](size)
         self.ops.append(("t", old, size))
 
     async def flush(self):
@@ -200,7 +196,7 @@ class Recorder:
         self.ops.append(("mark", name))
 
     def restore(self) -> None:
-        self.f.write, self.f.truncate, self.f.flush, self.f.truncate_now = self.real
+        self.f.write, self.f.truncate, self.f.flush = self.real
 
 
 def file_after(base: bytes, ops: list[tuple], lose_unsynced: bool, keep_last: bool = False) -> bytes:

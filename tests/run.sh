@@ -13,7 +13,9 @@ PKGS=(qemu-utils qemu-system-x86 libnbd-bin python3-libnbd nbdkit fio nbd-client
       # Ceph tests (tests/ceph, skip with --no-ceph): a single-node cluster, its Python bindings,
       # QEMU's rbd: driver, and botocore from Debian (its version is what the S3 tests know).
       ceph-mon ceph-mgr ceph-osd ceph-common radosgw python3-rados python3-rbd qemu-block-extra
-      python3-botocore)
+      python3-botocore
+      # Encryption tests: LUKS2 images are made by cryptsetup (no device mapper needed).
+      cryptsetup-bin)
 missing=()
 for p in "${PKGS[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p"); done
 # The VM tests fetch a Debian cloud kernel with apt-get download: they need fresh package lists.

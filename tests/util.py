@@ -183,10 +183,14 @@ def start_error(workdir: Path, *args: str | os.PathLike) -> str:
 
 
 @contextlib.contextmanager
-def qemu_nbd(workdir: Path, image: str | os.PathLike, fmt: str, *args: str, export: str = "") -> Iterator[Served]:
-    """The oracle: ``qemu-nbd --fork --persistent -k SOCK``; yields once listening."""
+def qemu_nbd(
+    workdir: Path, image: str | os.PathLike, fmt: str | None, *args: str, export: str = ""
+) -> Iterator[Served]:
+    """The oracle: ``qemu-nbd --fork --persistent -k SOCK``; yields once listening.  ``fmt`` None:
+    no ``-f`` (for ``--image-opts``)."""
     sock, pidfile, log = _paths(workdir, "qemu-nbd")
-    cmd = ["qemu-nbd", "--fork", "--persistent", "--pid-file", str(pidfile), "-k", str(sock), "-f", fmt]
+    cmd = ["qemu-nbd", "--fork", "--persistent", "--pid-file", str(pidfile), "-k", str(sock)]
+    cmd += ["-f", fmt] if fmt else []
     cmd += ["-x", export, *args, str(image)]
     with open(log, "w") as logf:
         p = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT, timeout=120)

@@ -1,7 +1,7 @@
 """The format drivers, listed once, and format probing.
 
 ``DRIVERS`` is the one explicit list of drivers.  ``UNDECODED`` is the one table of formats
-nbdserve recognises by their magic but does not decode (LUKS, Parallels, ...).  ``identify`` names
+nbdserve recognises by their magic but does not decode (Parallels, qcow version 1, ...).  ``identify`` names
 the format the first bytes of a file belong to, from both; ``probe`` turns that into a driver.
 
 Rules (docs/probing.md):
@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 from ..errors import UnsupportedImage
 from .base import FormatDriver
+from .luks import LuksDriver
 from .qcow2 import Qcow2Driver
 from .qed import QedDriver
 from .raw import RawDriver
@@ -38,6 +39,7 @@ DRIVERS: tuple[type[FormatDriver], ...] = (
     VhdxDriver,
     VmdkDriver,
     VdiDriver,
+    LuksDriver,
 )
 
 BY_NAME: dict[str, type[FormatDriver]] = {d.format_name: d for d in DRIVERS}
@@ -46,7 +48,6 @@ PROBE_SIZE = 512  # bytes of the file's start that probing looks at (and a probe
 
 
 UNDECODED: dict[str, Callable[[bytes], bool]] = {
-    "luks": lambda h: h[:6] == b"LUKS\xba\xbe",
     "parallels": lambda h: h[:16] in (b"WithoutFreeSpace", b"WithouFreSpacExt"),
     "qcow": lambda h: h[:8] == b"QFI\xfb\x00\x00\x00\x01",  # qcow version 1 (qcow2 is 2 and 3)
     "bochs": lambda h: h.startswith(b"Bochs Virtual HD Image"),

@@ -119,6 +119,8 @@ class OpenOptions:
     vpc_size: str = "auto"  # VHD virtual size rule: auto | chs | current
     repair: str = "off"  # qcow2 inconsistencies found at a read-write open: off | leaks | all
     force_share: bool = False  # -U: files a driver opens itself are locked sharing writes too
+    passphrase: bytes | None = None  # key-secret of an encrypted image (LUKS, qcow2 encryption)
+    backing_passphrase: bytes | None = None  # the same for every encrypted image below it in the chain
     extra: dict[str, str] = field(default_factory=dict)
     # Set by the image layer: ``resolve(image_path, name, what=...)`` turns a file name an image
     # records for itself (VMDK extents) into a path inside the allowed directories, or raises
@@ -139,13 +141,14 @@ ReadBacking = Callable[[int, memoryview], Pending]
 ZEROES = bytes(1 << 20)  # a source of zero bytes (never written to)
 
 
-async def read_zeroes(offset: int, buf: memoryview) -> None:  # transitional: async until qcow2 is converted
-    """``read_backing`` for a layer without a backing image."""
+def read_zeroes(offset: int, buf: memoryview) -> Pending:
+    """``read_backing`` for a layer without a backing image (completes at once)."""
     n = len(buf)
     if n <= len(ZEROES):
         buf[:] = ZEROES[:n]
     else:
         buf[:] = bytes(n)
+    return None
 
 
 async def zero_in_place(storage: Storage, at: int, n: int, may_trim: bool) -> None:
@@ -170,6 +173,7 @@ class FormatDriver:
     read_backing: ReadBacking = staticmethod(read_zeroes)
     map_bits: int = 0  # log2 of the mapping granule; 0: no map_now
     map_storage: Storage | None = None  # where map_now offsets point (None: ``storage``)
+    encrypted: bool = False  # data is encrypted at rest (so e.g. a plaintext -s overlay is refused)
 
     @classmethod
     def probe(cls, head: bytes, file_size: int) -> int:
@@ -182,11 +186,11 @@ class FormatDriver:
 
     def read(self, offset: int, buf: memoryview) -> Pending:
         """Fill ``buf`` with the layer's contents at ``offset`` (see "Reads and writes")."""
-        return self.preadv(offset, buf)  # transitional: drivers not yet on the one-route contract
+        raise NotImplementedError
 
     def write(self, offset: int, data: memoryview, *, fua: bool) -> Pending:
         """Write ``data`` at ``offset``; with ``fua`` it is durable on completion."""
-        return self.pwritev(offset, data, fua=fua)  # transitional
+        raise NotImplementedError
 
     def map_now(self, offset: int) -> int | None:
         """Where the granule holding ``offset`` (``1 << map_bits`` bytes, aligned) starts in
@@ -212,7 +216,7 @@ class FormatDriver:
     async def block_status(self, offset: int, length: int) -> Extent:
         return Extent(length, ALLOCATED | DATA)
 
-    def dirty_bitmap(self, name: str) -> DirtyBitmapView | None:
+    async def dirty_bitmap(self, name: str) -> DirtyBitmapView | None:
         """The persistent dirty bitmap ``name`` of this layer, or None (see above)."""
         return None
 

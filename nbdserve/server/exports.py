@@ -69,7 +69,13 @@ def image_spec(e: ExportConfig, cfg: ServerConfig) -> ImageSpec:
         readonly=e.readonly or e.load_snapshot is not None,
         snapshot_overlay=e.snapshot,
         force_share=e.force_share,
-        options=OpenOptions(snapshot=e.load_snapshot, vpc_size=e.vpc_size, repair=e.repair),
+        options=OpenOptions(
+            snapshot=e.load_snapshot,
+            vpc_size=e.vpc_size,
+            repair=e.repair,
+            passphrase=cfg.secrets[e.key_secret] if e.key_secret is not None else None,
+            backing_passphrase=cfg.secrets[e.backing_key_secret] if e.backing_key_secret is not None else None,
+        ),
         backing=BackingPolicy(allowed_dirs=cfg.backing_dirs),
     )
 
@@ -102,7 +108,7 @@ async def open_exports(cfg: ServerConfig, cache: ClusterCache) -> ExportTable:
 async def _bitmaps(image: Image, e: ExportConfig) -> dict[str, DirtyBitmapView]:
     """The export's ``-B`` bitmaps (the image is closed if one cannot be used)."""
     try:
-        return {name: image.dirty_bitmap(name) for name in e.bitmaps}
+        return {name: await image.dirty_bitmap(name) for name in e.bitmaps}
     except ImageError:
         await image.close()
         raise

@@ -585,7 +585,7 @@ def test_check_fast_path_sees_lies_in_contiguous_tables(tmp_path):
                     table = await drv.cache.get(drv.l2kind, e & OFFSET_MASK)
                     runs += bool(_run_start(drv, table.value))
                     drv.cache.release(table)
-                return runs, scan(drv)
+                return runs, await scan(drv)
             finally:
                 await img.close()
 

@@ -563,11 +563,11 @@ class CrashFile(LocalFile):
                         os.pwrite(self.fd, new, off)
             raise Crash
 
-    def pwrite(self, data, offset: int) -> None:
+    def write(self, offset: int, data) -> None:
         self._tick()
-        new = bytes(data)
+        new = b"".join(data) if isinstance(data, list) else bytes(data)
         self.unsynced.append((offset, os.pread(self.fd, len(new), offset), os.fstat(self.fd).st_size, new))
-        super().pwrite(data, offset)
+        super().write(offset, data)
 
     async def flush(self) -> None:
         self._tick()

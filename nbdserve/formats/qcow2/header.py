@@ -66,6 +66,10 @@ MAX_REFTABLE_BYTES = 8 << 20
 MAX_SNAPSHOTS = 65536
 MAX_BACKING_NAME = 1023
 MAX_HOST_OFFSET = 1 << 56  # host offsets are 56-bit fields
+MAX_CRYPTO_HEADER = 16 << 20  # a LUKS1 header with 8 keyslots of 64-byte keys takes about 2 MiB
+
+
+MIN_CLUSTER_BITS, MAX_CLUSTER_BITS = 9, 21
 
 
 @dataclass
@@ -92,6 +96,7 @@ class Header:
     backing_format: str | None = None
     feature_names: dict[tuple[int, int], str] = field(default_factory=dict)
     bitmap_directory: tuple[int, int, int] | None = None  # (offset, size in bytes, count)
+    crypto_header: tuple[int, int] | None = None  # LUKS header clusters (offset, length in bytes)
     unknown_extensions: list[int] = field(default_factory=list)
     doubts: list[str] = field(default_factory=list)  # unusual but readable: serve read-only
 
@@ -172,7 +177,7 @@ def parse_header(path: str, head: bytes, read, file_size: int) -> Header:
             raise CorruptImage(path, f"header_length {h.header_length} too short (minimum 104)")
         if h.header_length % 8:
             raise CorruptImage(path, f"header_length {h.header_length} is not a multiple of 8")
-    if not 9 <= cluster_bits <= 21:
+    if not MIN_CLUSTER_BITS <= cluster_bits <= MAX_CLUSTER_BITS:
         raise UnsupportedImage(path, f"cluster_bits {cluster_bits} out of range (9..21: 512 B to 2 MiB)")
     cs = h.cluster_size
     if h.header_length > cs:
@@ -190,8 +195,8 @@ def parse_header(path: str, head: bytes, read, file_size: int) -> Header:
         raise CorruptImage(path, "compression_type and the compression-type incompatible bit disagree")
     if h.extended_l2 and cluster_bits < 14:
         raise CorruptImage(path, "extended_l2 needs a cluster size of at least 16 KiB")
-    if crypt_method != 0:
-        raise UnsupportedImage(path, f"encrypted image (crypt_method {crypt_method}) is not supported")
+    if crypt_method not in (0, 1, 2):
+        raise UnsupportedImage(path, f"unknown encryption method (crypt_method {crypt_method})")
     if h.incompatible_features & INCOMPAT_DATA_FILE:
         raise UnsupportedImage(path, "external data file images are not supported")
     if h.autoclear_features & AUTOCLEAR_DATA_FILE_RAW:
@@ -227,6 +232,14 @@ def parse_header(path: str, head: bytes, read, file_size: int) -> Header:
             raise CorruptImage(path, "backing file name extends past end of file")
         h.backing_file = _c_string(path, "backing file name", raw_name).decode("utf-8", "surrogateescape")
     _parse_extensions(h, path, read)
+    if h.crypto_header is not None:
+        off, length = h.crypto_header
+        if not off or not _aligned(h, off) or not 0 < length <= MAX_CRYPTO_HEADER or off + length > file_size:
+            raise CorruptImage(
+                path, f"encryption header at 0x{off:x} (+{length} bytes) misplaced or beyond end of file"
+            )
+    elif crypt_method == 2:
+        raise CorruptImage(path, "LUKS encryption (crypt_method 2) without the full-disk encryption header extension")
     unknown = h.incompatible_features & ~INCOMPAT_KNOWN
     if unknown:
         bits = [b for b in range(64) if unknown >> b & 1]
@@ -292,7 +305,11 @@ def _parse_extensions(h: Header, path: str, read) -> None:
                 raise CorruptImage(path, "bitmaps extension invalid (count, reserved, directory size or offset)")
             h.bitmap_directory = (dir_offset, dir_size, nb)
         elif ext_type == EXT_CRYPTO:
-            raise CorruptImage(path, "full-disk encryption header extension in an unencrypted image")
+            if h.crypt_method != 2:
+                raise CorruptImage(path, "full-disk encryption header extension in an image not encrypted with LUKS")
+            if ext_len != 16:
+                raise CorruptImage(path, f"full-disk encryption header extension length {ext_len} (must be 16)")
+            h.crypto_header = struct.unpack_from(">QQ", data)
         elif ext_type == EXT_DATA_FILE:
             raise UnsupportedImage(path, "external data file images are not supported")
         else:

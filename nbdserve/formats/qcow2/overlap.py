@@ -30,6 +30,7 @@ SNAPSHOTS = 1 << 5
 SNAP_L1 = 1 << 6
 SNAP_L2 = 1 << 7
 BITMAPS = 1 << 8
+CRYPTO = 1 << 9
 
 NAMES = {
     HEADER: "the header",
@@ -41,6 +42,7 @@ NAMES = {
     SNAP_L1: "a snapshot's L1 table",
     SNAP_L2: "a snapshot's L2 table",
     BITMAPS: "the bitmap directory or a bitmap table",
+    CRYPTO: "the encryption (LUKS) header",
 }
 
 
