@@ -11,7 +11,8 @@ Two personalities share one parser:
     background unless ``-v``; usage errors exit with status 1.
 
 ``QEMU_NBD_OPTIONS`` is the table of every option qemu-nbd 7.2 lists in ``--help`` (and those
-later versions added) and what nbdserve does with it; the tests run every row.  Every other
+later versions added) and what nbdserve does with it; the tests run every row, and
+docs/qemu-nbd.md shows the same table to readers (a test keeps the two equal).  Every other
 option is nbdserve's own (from nbdkit where it has one: ``--run``, ``--exit-with-parent``,
 ``--print-uri``, ``-U -``).  Abbreviated long options are not accepted.
 
@@ -70,8 +71,16 @@ QEMU_NBD_OPTIONS: tuple[QemuOption, ...] = (
     QemuOption(("-p", "--port"), "implemented", "TCP port to listen on (or, with -L, to connect to)"),
     QemuOption(("-b", "--bind"), "implemented", "address to listen on (or, with -L, to connect to)"),
     QemuOption(("-k", "--socket"), "implemented", "Unix socket path (- : a private one in a temporary directory)"),
-    QemuOption(("-e", "--shared"), "implemented", "clients at once; qemu-nbd way: the next one waits"),
-    QemuOption(("-t", "--persistent"), "implemented", "keep serving after the last client (nbdserve's default)"),
+    QemuOption(
+        ("-e", "--shared"),
+        "implemented",
+        "at most NUM clients at once; the next one waits (qemu-nbd way) or is refused with a reason (nbdserve)",
+    ),
+    QemuOption(
+        ("-t", "--persistent"),
+        "implemented",
+        "keep serving after the last client; without it the qemu-nbd way exits then (nbdserve never does)",
+    ),
     QemuOption(("-v", "--verbose"), "implemented", "log more; with -c, stay in the foreground"),
     QemuOption(("-x", "--export-name"), "implemented", "export name"),
     QemuOption(("-D", "--description"), "implemented", "export description"),
@@ -83,7 +92,11 @@ QEMU_NBD_OPTIONS: tuple[QemuOption, ...] = (
     QemuOption(("--tls-creds",), "implemented", "TLS credentials (an --object id, or a directory)"),
     QemuOption(("--tls-authz",), "implemented", "only this authz-simple identity may connect"),
     QemuOption(("--tls-hostname",), "implemented", "with -L: the name the server's certificate must carry"),
-    QemuOption(("-T", "--trace"), "implemented", "log filter: lower-level messages matching the pattern are logged"),
+    QemuOption(
+        ("-T", "--trace"),
+        "implemented",
+        "a log filter: messages matching the pattern are logged whatever their level (no QEMU trace events)",
+    ),
     QemuOption(("--fork",), "implemented", "go to the background once serving; the parent exits 0"),
     QemuOption(("--pid-file",), "implemented", "write the server's pid"),
     QemuOption(
@@ -93,7 +106,7 @@ QEMU_NBD_OPTIONS: tuple[QemuOption, ...] = (
     ),
     QemuOption(("-c", "--connect"), "implemented", "attach the image to a kernel NBD device (/dev/nbdX)"),
     QemuOption(("-d", "--disconnect"), "implemented", "detach a kernel NBD device"),
-    QemuOption(("-f", "--format"), "implemented", "image format (raw, qcow2, qed, vpc, vhdx)"),
+    QemuOption(("-f", "--format"), "implemented", f"image format ({', '.join(FORMATS)})"),
     QemuOption(("-r", "--read-only"), "implemented", "serve read-only"),
     QemuOption(("-s", "--snapshot"), "implemented", "writes go to a temporary overlay, discarded at exit"),
     QemuOption(("-l", "--load-snapshot"), "implemented", "serve an internal qcow2 snapshot, read-only"),
@@ -163,7 +176,10 @@ def build_parser(qemu_nbd: bool = False) -> ArgumentParser:
         "--backlog", type=int, metavar="N", help=f"listen queue for connect bursts (default {DEFAULT_BACKLOG})"
     )
     g.add_argument(
-        "-t", "--persistent", action="store_true", help="keep serving after the last client (nbdserve's default)"
+        "-t",
+        "--persistent",
+        action="store_true",
+        help="keep serving after the last client; without it the qemu-nbd way exits then (nbdserve never does)",
     )
     g.add_argument("--oneshot", action="store_true", help="exit once the last client has disconnected")
     g.add_argument("--fork", action="store_true", help="go to the background once serving")

@@ -139,6 +139,35 @@ def test_metrics_match_the_requests_a_client_made(tmp_path: Path) -> None:
     assert f"read {read_bytes} bytes, written {written} bytes; 1 errors" in line, line
 
 
+def test_pipelined_requests_are_counted_one_by_one(tmp_path: Path) -> None:
+    """Sequential WRITEs sent together may be written as one run, and plain READs answered as a
+    batch: each request still counts once, with its own bytes."""
+    img = write_sparse_raw(tmp_path / "p.img")
+    port = free_port()
+    with serve(tmp_path, "--metrics", f"127.0.0.1:{port}", "-f", "raw", img) as srv:
+        h = nbd.NBD()
+        h.connect_uri(srv.uri)
+        n, size = 32, 4096 + 512
+        for i in range(n):  # one guest-contiguous run
+            h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray([i]) * size), i * size)
+        while h.aio_in_flight():
+            h.poll(-1)
+        bufs = [nbd.Buffer(1000) for _ in range(n)]
+        for i, b in enumerate(bufs):
+            h.aio_pread(b, 3 * MiB + i * 7)
+        while h.aio_in_flight():
+            h.poll(-1)
+        assert h.pread(n * size, 0) == b"".join(bytes([i]) * size for i in range(n))
+        h.shutdown()
+        m = samples(scrape(port)[1])
+    assert value(m, "nbdserve_requests_total", export="", command="write") == n
+    assert value(m, "nbdserve_request_bytes_total", export="", command="write") == n * size
+    assert value(m, "nbdserve_request_duration_seconds_count", export="", command="write") == n
+    assert value(m, "nbdserve_requests_total", export="", command="read") == n + 1
+    assert value(m, "nbdserve_request_bytes_total", export="", command="read") == n * 1000 + n * size
+    assert value(m, "nbdserve_request_duration_seconds_bucket", export="", command="read", le="+Inf") == n + 1
+
+
 def test_metrics_off_by_default_and_bad_address(tmp_path: Path) -> None:
     img = write_sparse_raw(tmp_path / "o.img", size=MiB, runs=())
     with serve(tmp_path, "-f", "raw", img) as srv:

@@ -1,6 +1,6 @@
 """nbdserve as a qemu-nbd drop-in: every option of ``qemu-nbd --help`` (the table
-``nbdserve.cli.QEMU_NBD_OPTIONS``) run once, qemu-nbd's -t/-e/exit behaviour next to the real
-qemu-nbd's, and the command lines scripts use, unchanged.
+``nbdserve.cli.QEMU_NBD_OPTIONS``, shown to readers as docs/qemu-nbd.md) run once, qemu-nbd's
+-t/-e/exit behaviour next to the real qemu-nbd's, and the command lines scripts use, unchanged.
 
 nbdserve runs "the qemu-nbd way" as ``python -m nbdserve.qemu_nbd`` (what the
 ``nbdserve-qemu-nbd`` command and a ``qemu-nbd`` link run).  The kernel's NBD driver is not
@@ -29,6 +29,7 @@ from tests.tlscerts import ALICE_DN, Pki
 from tests.util import (
     NBDSERVE,
     QEMU_NBD_WAY,
+    REPO,
     TOOL_ENV,
     Served,
     free_port,
@@ -110,6 +111,19 @@ def test_the_table_lists_every_option_of_qemu_nbd_help() -> None:
     assert len(listed) > 30, listed
     table = {f for o in QEMU_NBD_OPTIONS for f in o.flags}
     assert listed - table == set()
+
+
+def doc_row(o) -> str:
+    """One row of docs/qemu-nbd.md's table, as the code's table gives it."""
+    flags = ", ".join(f"`{f}`" for f in o.flags)
+    meaning = o.meaning.replace("|", "\\|")
+    return f"| {flags} | {o.status} | {meaning} | `test_option[{o.flags[-1]}]` |"
+
+
+def test_the_documented_table_is_the_code_table() -> None:
+    text = (REPO / "docs" / "qemu-nbd.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| `")]
+    assert rows == [doc_row(o) for o in QEMU_NBD_OPTIONS]
 
 
 def test_every_table_option_is_parsed_and_has_a_test() -> None:
