@@ -47,6 +47,7 @@ from typing import Any
 from .. import logsetup
 from ..cache import ClusterCache
 from ..config import ConfigError, ExportConfig, ServerConfig
+from ..logsetup import NOTICE
 from ..loop import new_event_loop
 from .exports import Export, ExportTable, close_exports, open_exports, settings
 from .metrics import ExportStats, snapshot, statistics_lines
@@ -291,7 +292,7 @@ class Supervisor:
                 "background": self.cfg.fork,
             }
         )
-        log.info("worker %d: pid %d, exports %s", w.index, w.proc.pid, _names(self._mine(w.index)))
+        log.log(NOTICE, "worker %d: pid %d, exports %s", w.index, w.proc.pid, _names(self._mine(w.index)))
 
     def _mine(self, index: int) -> list[str]:
         return [e.name for e in self.cfg.exports if self.owner[e.name] == index]
@@ -662,7 +663,7 @@ async def _work(ctrl: socket.socket, cfg: ServerConfig, index: int) -> None:
             chan.send({"t": "stats", "id": msg["id"], "snap": snap})
         elif t == "usr1":
             for line in statistics_lines(server):
-                log.log(logsetup.NOTICE, "worker %d: %s", index, line)
+                log.log(NOTICE, "worker %d: %s", index, line)
         elif t == "reload":
             task = loop.create_task(reload(msg["id"], msg["cfg"]))
             tasks.add(task)
