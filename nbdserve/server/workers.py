@@ -99,9 +99,11 @@ def assign(exports: tuple[ExportConfig, ...], n: int, previous: dict[str, int] |
     return owner
 
 
-def worker_config(cfg: ServerConfig, owner: dict[str, int], index: int) -> ServerConfig:
-    """``cfg`` with only the exports of worker ``index``."""
-    return replace(cfg, exports=tuple(e for e in cfg.exports if owner[e.name] == index))
+def worker_config(cfg: ServerConfig, owner: dict[str, int], index: int, n: int) -> ServerConfig:
+    """``cfg`` with only the exports of worker ``index`` and its share of the cache budget
+    (``--cache-size`` is the server's, whatever the number of processes)."""
+    mine = tuple(e for e in cfg.exports if owner[e.name] == index)
+    return replace(cfg, exports=mine, cache_size=cfg.cache_size // n)
 
 
 # -- the control channel --------------------------------------------------------------------------
@@ -256,12 +258,14 @@ class Supervisor:
 
     def _reason(self, name: str) -> str:
         rep = self.workers[self.owner[name]].report.get(name)
-        return rep["reason"] if rep else "its worker did not start"
+        return rep["detail"] or rep["reason"] if rep else "its worker did not start"
 
     def attach(self, server: Any) -> None:
         self.server = server
         server.handoff = self.hand_off
         server.exports.replace([self.by_name[e.name] for e in self.cfg.exports])
+        for w in self.workers:
+            self._log_worker(w)
 
     def _spawn(self, w: _Worker) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -287,11 +291,15 @@ class Supervisor:
             {
                 "t": "start",
                 "index": w.index,
-                "cfg": worker_config(self.cfg, self.owner, w.index),
+                "cfg": worker_config(self.cfg, self.owner, w.index, len(self.workers)),
                 "log": self.log_settings,
                 "background": self.cfg.fork,
             }
         )
+        if self.server is not None:  # a restart (the first start is logged once serving)
+            self._log_worker(w)
+
+    def _log_worker(self, w: _Worker) -> None:
         log.log(NOTICE, "worker %d: pid %d, exports %s", w.index, w.proc.pid, _names(self._mine(w.index)))
 
     def _mine(self, index: int) -> list[str]:
@@ -353,6 +361,10 @@ class Supervisor:
         t = msg["t"]
         if t == "exports":
             w.report = {r["name"]: r for r in msg["exports"]}
+            if w.first_report.done():  # a restart (the first start's failures are the caller's to tell)
+                for r in msg["exports"]:
+                    if r["reason"]:
+                        log.error("export %r not available: %s", r["name"], r["detail"] or r["reason"])
             w.ready = True
             w.quick_deaths = 0 if self.loop.time() - w.started >= 1.0 else w.quick_deaths
             self._update_table()
@@ -493,20 +505,21 @@ class Supervisor:
         for ec in new.exports:
             if ec.worker is not None and ec.worker != owner[ec.name]:
                 log.warning("reload: export %r stays on worker %d until a restart", ec.name, owner[ec.name])
-        asks = [self._ask(w, {"t": "reload", "cfg": worker_config(new, owner, w.index)}, None) for w in self.workers]
+        n = len(self.workers)
+        asks = [self._ask(w, {"t": "reload", "cfg": worker_config(new, owner, w.index, n)}, None) for w in self.workers]
         replies = await asyncio.gather(*asks)
-        self.cfg, self.owner = new, owner
-        server.cfg, server.policy, server.tls = new, Policy.from_config(new), tls
+        ok = all(r is not None and r["ok"] for r in replies)
+        if ok:
+            self.cfg, self.owner = new, owner
+            server.cfg, server.policy, server.tls = new, Policy.from_config(new), tls
+            server.metrics.reloads += 1
+        else:
+            server.metrics.reload_failures += 1
+            log.error("reload: a worker refused its part (its line above); the acceptor keeps the previous exports")
         for w, r in zip(self.workers, replies, strict=True):
             if r is not None:
                 w.report = {x["name"]: x for x in r["exports"]}
         self._update_table()
-        ok = all(r is not None and r["ok"] for r in replies)
-        if ok:
-            server.metrics.reloads += 1
-        else:
-            server.metrics.reload_failures += 1
-            log.error("reload: a worker rejected its part (see its line above); the others applied theirs")
         return ok
 
 
@@ -603,7 +616,9 @@ def worker_main() -> None:
         loop.close()
 
 
-def _report(server: Any) -> list[dict]:
+def _report(server: Any, details: dict[str, str]) -> list[dict]:
+    """What the acceptor needs of each export (``reason``: as a client may see it; ``detail``:
+    the full one-line error of the open, for the log)."""
     return [
         {
             "name": e.name,
@@ -611,6 +626,7 @@ def _report(server: Any) -> list[dict]:
             "readonly": e.readonly,
             "bitmaps": list(e.bitmaps),
             "reason": e.error if e.image is None else "",
+            "detail": details.get(e.name, "") if e.image is None else "",
         }
         for e in server.exports
     ]
@@ -623,8 +639,7 @@ async def _work(ctrl: socket.socket, cfg: ServerConfig, index: int) -> None:
     loop = asyncio.get_running_loop()
     cache = ClusterCache(cfg.cache_size)
     exports, failed = await open_exports(cfg, cache)
-    for name, reason in failed:
-        log.error("export %r not available: %s", name, reason)
+    details = dict(failed)
     server = Server(cfg, exports, loop, None, cache)
     tasks: set[asyncio.Task] = set()
     chan: Channel
@@ -641,7 +656,7 @@ async def _work(ctrl: socket.socket, cfg: ServerConfig, index: int) -> None:
 
     async def reload(rid: int, new: ServerConfig) -> None:
         ok = await server.reload(new)
-        chan.send({"t": "reloaded", "id": rid, "ok": ok, "exports": _report(server)})
+        chan.send({"t": "reloaded", "id": rid, "ok": ok, "exports": _report(server, details)})
 
     def message(msg: dict, fds: list[int]) -> None:
         t = msg["t"]
@@ -673,7 +688,7 @@ async def _work(ctrl: socket.socket, cfg: ServerConfig, index: int) -> None:
 
     chan = Channel(loop, ctrl, message, server.shutdown)
     loop.add_signal_handler(signal.SIGTERM, server.shutdown)
-    chan.send({"t": "exports", "exports": _report(server)})
+    chan.send({"t": "exports", "exports": _report(server, details)})
     await server.stopped
     await close_exports(server.exports)
     for e in list(server.retired):
