@@ -140,6 +140,7 @@ class Channel:
         if len(data) > _INLINE_MAX:
             mfd = os.memfd_create("nbdserve-message")
             os.write(mfd, data)  # a memfd takes the whole write
+            os.lseek(mfd, 0, os.SEEK_SET)  # the receiver reads it from the start
             data = pickle.dumps({"t": "memfd"})
             fds.insert(0, mfd)
         self._queue.append((data, fds))
@@ -178,12 +179,16 @@ class Channel:
                 self.close()
                 self.on_eof()
                 return
-            msg = pickle.loads(data)
-            if msg.get("t") == "memfd":
-                mfd, fds = fds[0], fds[1:]
-                with open(mfd, "rb") as f:
-                    msg = pickle.loads(f.read())
-            self.on_message(msg, fds)
+            try:
+                msg = _decode(data, fds)
+            except Exception as e:  # a bug on the other side: drop the message, keep the channel
+                log.error("control channel: undecodable message (%s)", e)
+                for fd in fds:
+                    os.close(fd)
+                continue
+            if msg["t"] == "memfd":
+                fds = fds[1:]
+            self.on_message(msg["msg"] if msg["t"] == "memfd" else msg, fds)
 
     def close(self) -> None:
         if self.closed:
@@ -197,6 +202,16 @@ class Channel:
                 os.close(fd)
         self._queue.clear()
         self.sock.close()
+
+
+def _decode(data: bytes, fds: list[int]) -> dict:
+    """A received message; one sent in a memfd comes back as {"t": "memfd", "msg": ...} (the
+    memfd, ``fds[0]``, is closed here)."""
+    msg = pickle.loads(data)
+    if msg.get("t") == "memfd":
+        with open(fds[0], "rb") as f:  # closes the memfd
+            msg = {"t": "memfd", "msg": pickle.loads(f.read())}
+    return msg
 
 
 # -- the acceptor's side --------------------------------------------------------------------------
@@ -601,10 +616,8 @@ def worker_main() -> None:
     acceptor is gone).  Signals other than SIGTERM are the acceptor's to route."""
     ctrl = socket.socket(fileno=int(sys.argv[2]))
     data, fds, _flags, _addr = socket.recv_fds(ctrl, _RECV_MAX, _MAX_FDS)
-    msg = pickle.loads(data)
-    if msg["t"] == "memfd":
-        with open(fds[0], "rb") as f:
-            msg = pickle.loads(f.read())
+    msg = _decode(data, fds)
+    msg = msg["msg"] if msg["t"] == "memfd" else msg
     for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
     logsetup.setup(msg["log"], background=msg["background"])
