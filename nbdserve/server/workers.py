@@ -81,8 +81,10 @@ class Handoff:
 
 def assign(exports: tuple[ExportConfig, ...], n: int, previous: dict[str, int] | None = None) -> dict[str, int]:
     """Export name -> worker index.  Kept from ``previous`` when it has one (a reload moves no
-    export), else the export's pin, else the worker with the fewest exports (lowest index on a
-    tie), in configuration order: the same configuration always gives the same assignment."""
+    export), else the export's pin, else the worker of an earlier export of the same file (so
+    the image locks decide between them in one process, in configuration order, as without
+    workers), else the worker with the fewest exports (lowest index on a tie), in configuration
+    order: the same configuration always gives the same assignment."""
     previous = previous or {}
     owner: dict[str, int] = {}
     load = [0] * n
@@ -91,12 +93,27 @@ def assign(exports: tuple[ExportConfig, ...], n: int, previous: dict[str, int] |
         if i is not None and i < n:
             owner[e.name] = i
             load[i] += 1
+    by_file: dict[object, int] = {}
     for e in exports:
+        key = _file_key(e.path)
         if e.name not in owner:
-            i = min(range(n), key=lambda k: (load[k], k))
+            i = by_file.get(key)
+            if i is None:
+                i = min(range(n), key=lambda k: (load[k], k))
             owner[e.name] = i
             load[i] += 1
+        by_file.setdefault(key, owner[e.name])
     return owner
+
+
+def _file_key(path: str) -> object:
+    """What identifies an image file: (device, inode), or the resolved path if it cannot be
+    looked at (it will fail to open anyway)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return os.path.realpath(path)
+    return (st.st_dev, st.st_ino)
 
 
 def worker_config(cfg: ServerConfig, owner: dict[str, int], index: int, n: int) -> ServerConfig:
@@ -266,7 +283,12 @@ class Supervisor:
         """Start every worker and wait for their reports: (the export table, failed exports)."""
         for w in self.workers:
             self._spawn(w)
-        await asyncio.gather(*(w.first_report for w in self.workers))
+        # The interpreters start together; the images open one worker after the other, so when
+        # two exports conflict (a file that is another's backing file, say) the same one wins
+        # at every start.
+        for w in self.workers:
+            w.channel.send({"t": "open"})
+            await w.first_report
         self._update_table()
         failed = [(e.name, self._reason(e.name)) for e in self.by_name.values() if e.image is None]
         return ExportTable([self.by_name[e.name] for e in self.cfg.exports]), failed
@@ -311,6 +333,8 @@ class Supervisor:
                 "background": self.cfg.fork,
             }
         )
+        if w.first_report.done():  # a restart: open at once (the others hold their images)
+            w.channel.send({"t": "open"})
         if self.server is not None:  # a restart (the first start is logged once serving)
             self._log_worker(w)
 
@@ -620,6 +644,9 @@ def worker_main() -> None:
     msg = msg["msg"] if msg["t"] == "memfd" else msg
     for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
+    data, _fds, _flags, _addr = socket.recv_fds(ctrl, _RECV_MAX, _MAX_FDS)
+    if not data or pickle.loads(data)["t"] != "open":  # told to stop before opening anything
+        return
     logsetup.setup(msg["log"], background=msg["background"])
     loop = new_event_loop()
     try:

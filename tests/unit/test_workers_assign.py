@@ -36,3 +36,16 @@ def test_worker_count() -> None:
     assert ServerConfig(exports=exports(None, 5)).worker_count() == max(min(cores, 2), 6)  # covers the pin
     assert ServerConfig(exports=exports(None, None), oneshot=True).worker_count() == 1
     assert ServerConfig(exports=exports(None, None), workers=1).worker_count() == 1
+
+
+def test_exports_of_one_file_share_a_worker(tmp_path) -> None:
+    img = tmp_path / "one.img"
+    img.write_bytes(b"")
+    link = tmp_path / "link.img"
+    link.symlink_to(img)
+    e = (
+        ExportConfig(name="a", path=str(img)),
+        ExportConfig(name="b", path=str(tmp_path / "other.img")),
+        ExportConfig(name="c", path=str(link)),  # the same file as a, by another name
+    )
+    assert assign(e, 2) == {"a": 0, "b": 1, "c": 0}
