@@ -1,21 +1,24 @@
 """The shared cluster cache: one per process, one byte budget, for every image and connection.
 
 Owns decoded metadata tables (qcow2 L2 tables and refcount blocks, QED L2 tables, VHD/VHDX BAT
-pages, ...).  A driver describes each kind of table once with a ``TableKind`` (file, size,
-decode, encode) and then asks for tables by host offset.
+pages, ...).  A driver describes each kind of table once with a ``TableKind`` (the storage it lives in,
+size, decode, encode) and then asks for tables by host offset.  All I/O goes through the storage
+contract (``storage.base``), so tables of images on any backend are cached alike.
 
 Rules (the contract drivers rely on):
   * ``get`` returns the entry **pinned**; ``release`` unpins it.  Pinned entries are never evicted,
     so the budget may be exceeded while many are pinned.  ``peek`` returns an entry unpinned: use
     it only until the next ``await``.
-  * Concurrent misses on one (kind, offset) share a single read (single flight).
+  * Concurrent misses on one (kind, offset) share a single read (single flight) when the read
+    must wait; a read that completes at once needs none (nobody else runs meanwhile).
   * A driver changes ``entry.value`` and calls ``mark_dirty`` **without an await in between**, and
     only while holding its own metadata lock.
   * Dirty entries are written back in dependency order: ``mark_dirty(e, after=[d])`` means ``d``
     must be on stable storage before ``e`` is written (qcow2: a refcount block before the L2 table
-    that uses the cluster).  ``sync_before=True`` means "fdatasync the file before writing this
+    that uses the cluster).  ``sync_before=True`` means "flush the storage before writing this
     entry" (e.g. data written by copy-on-write must be durable before the L2 entry points to it).
-  * ``flush(file)`` writes back every entry of that file dirty when it starts and syncs the file.
+  * ``flush(storage)`` writes back every entry of that storage dirty when it starts, then
+    flushes the storage.
   * Eviction is LRU over unpinned entries; clean ones go first, dirty ones are written back
     (with their dependencies) before they are dropped.
 
@@ -30,8 +33,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from .blockfile import BlockFile
 from .errors import CorruptImage
+from .storage.base import Storage
 
 DEFAULT_CACHE_SIZE = 64 << 20
 
@@ -39,12 +42,12 @@ DEFAULT_CACHE_SIZE = 64 << 20
 class TableKind:
     """One kind of fixed-size metadata table in one file (e.g. "L2 tables of disk.qcow2")."""
 
-    __slots__ = ("cache", "decode", "encode", "file", "name", "size")
+    __slots__ = ("cache", "decode", "encode", "name", "size", "storage")
 
     def __init__(
         self,
         cache: ClusterCache,
-        file: BlockFile,
+        storage: Storage,
         *,
         name: str,
         size: int,
@@ -52,14 +55,14 @@ class TableKind:
         encode: Callable[[Any], bytes | bytearray | memoryview],
     ) -> None:
         self.cache = cache
-        self.file = file
+        self.storage = storage
         self.name = name
         self.size = size
         self.decode = decode
         self.encode = encode
 
     def __repr__(self) -> str:
-        return f"<TableKind {self.name} of {self.file.path}>"
+        return f"<TableKind {self.name} of {self.storage.name}>"
 
 
 class CacheEntry:
@@ -88,14 +91,14 @@ class ClusterCache:
         self.evictions = 0
         self.writebacks = 0
         self.peak = 0
-        # The images' mapping memos (``Image.read_now``) share this limit on their entries,
+        # The images' mapping memos (``Image.read``) share this limit on their entries,
         # about 4% of the budget at ~90 bytes per entry; the cache only keeps the count.
         self.memo_limit = max(4096, budget // 2048)
         self.memo_used = 0
         self.memo_owners: set[Any] = set()
 
-    def kind(self, file: BlockFile, **kw: Any) -> TableKind:
-        return TableKind(self, file, **kw)
+    def kind(self, storage: Storage, **kw: Any) -> TableKind:
+        return TableKind(self, storage, **kw)
 
     # -- lookup -----------------------------------------------------------------------------
 
@@ -109,7 +112,13 @@ class ClusterCache:
         return e
 
     async def get(self, kind: TableKind, offset: int) -> CacheEntry:
-        """The table at ``offset``, read on a miss; returned pinned (call ``release``)."""
+        """The table at ``offset``, read on a miss; returned pinned (call ``release``).
+
+        A miss reads through ``kind.storage.read``.  When that completes at once (a local file)
+        the entry is ready before anyone else runs; when it must wait (RBD, S3), the entry is
+        entered with a ``ready`` future first, so concurrent misses on it wait for the one read
+        (single flight) instead of reading again.
+        """
         key = (kind, offset)
         e = self._entries.get(key)
         if e is not None:
@@ -125,24 +134,35 @@ class ClusterCache:
             self._entries.move_to_end(key)
             return e
         self.misses += 1
+        storage = kind.storage
+        if offset + kind.size > storage.size:
+            raise CorruptImage(storage.name, f"{kind.name} at 0x{offset:x} extends past end of file")
         e = CacheEntry(kind, offset)
         e.pins = 1
-        e.ready = asyncio.get_running_loop().create_future()
+        raw = bytearray(kind.size)
+        pending = storage.read(offset, memoryview(raw))
+        if pending is None:
+            e.value = kind.decode(raw)
+        else:
+            e.ready = asyncio.get_running_loop().create_future()
+            self._entries[key] = e
+            self.used += kind.size
+            try:
+                await pending
+                e.value = kind.decode(raw)
+            except BaseException as exc:
+                del self._entries[key]
+                self.used -= kind.size
+                e.ready.set_exception(exc)
+                e.ready.exception()  # mark retrieved: waiters re-raise it themselves
+                e.ready = None
+                raise
+            ready, e.ready = e.ready, None
+            ready.set_result(None)
+            await self._make_room()
+            return e
         self._entries[key] = e
         self.used += kind.size
-        try:
-            if offset + kind.size > kind.file.size:
-                raise CorruptImage(kind.file.path, f"{kind.name} at 0x{offset:x} extends past end of file")
-            e.value = kind.decode(kind.file.pread(kind.size, offset))
-        except BaseException as exc:
-            del self._entries[key]
-            self.used -= kind.size
-            e.ready.set_exception(exc)
-            e.ready.exception()  # mark retrieved: waiters re-raise it themselves
-            e.ready = None
-            raise
-        ready, e.ready = e.ready, None
-        ready.set_result(None)
         await self._make_room()
         return e
 
@@ -201,13 +221,13 @@ class ClusterCache:
             visit(e)
         await self._write_ordered(todo, _active)
 
-    async def flush(self, file: BlockFile) -> None:
-        """Write back every dirty entry of ``file`` in dependency order, then fdatasync it."""
-        todo = [e for e in self._entries.values() if e.dirty and e.kind.file is file]
+    async def flush(self, storage: Storage) -> None:
+        """Write back every dirty entry of ``storage`` in dependency order, then flush it."""
+        todo = [e for e in self._entries.values() if e.dirty and e.kind.storage is storage]
         if todo:
             await self.writeback(todo)
         else:
-            await file.flush()
+            await storage.flush()
 
     async def _write_ordered(self, todo: list[CacheEntry], active: frozenset[int] = frozenset()) -> None:
         """``todo`` is in dependency order (dependencies first).  Syncs between layers.
@@ -217,7 +237,7 @@ class ClusterCache:
         the write itself follows the last check with no await in between.  ``active``: entries
         being written by callers up the stack (a dependency cycle is not followed again).
         """
-        files: set[BlockFile] = set()
+        stores: set[Storage] = set()
         written: set[int] = set()
         unsynced = False
         for e in todo:
@@ -229,25 +249,34 @@ class ClusterCache:
                     await self.writeback(pending, active | {id(e)})
                     continue
                 if unsynced and (e.sync_before or any(id(d) in written for d in e.after)):
-                    for f in files:
-                        await f.flush()
+                    for st in stores:
+                        await st.flush()
                     unsynced = False
                     continue
                 if e.sync_before:
                     gen = e.sync_before
-                    await e.kind.file.flush()
+                    await e.kind.storage.flush()
                     if e.sync_before == gen:  # no new copy-on-write data while we synced
                         e.sync_before = 0
                     continue
+                # Clean from here: a change made while the write is in flight dirties it again.
                 e.dirty = False
-                e.after = []
-                e.kind.file.pwrite(e.kind.encode(e.value), e.offset)
+                after, e.after = e.after, []
+                storage = e.kind.storage
+                try:
+                    pending = storage.write(e.offset, e.kind.encode(e.value))
+                    if pending is not None:
+                        await pending
+                except BaseException:
+                    e.dirty = True  # not known to be written: it is written again next time
+                    e.after = after + e.after
+                    raise
                 self.writebacks += 1
                 written.add(id(e))
-                files.add(e.kind.file)
+                stores.add(storage)
                 unsynced = True
-        for f in files:
-            await f.flush()
+        for st in stores:
+            await st.flush()
 
     async def make_room(self) -> None:
         """Evict down to the budget; for callers that added tables with ``put_new`` (no miss)."""
@@ -278,16 +307,9 @@ class ClusterCache:
                 self.used -= e.kind.size
                 self.evictions += 1
 
-    async def drop_file(self, file: BlockFile) -> None:
-        """Flush and forget every entry of ``file`` (the image is closing)."""
-        await self.flush(file)
-        for key in [k for k in self._entries if k[0].file is file]:
-            e = self._entries.pop(key)
-            self.used -= e.kind.size
-
-    def discard_file(self, file: BlockFile) -> None:
-        """Forget every entry of ``file`` without writing (read-only or failed open)."""
-        for key in [k for k in self._entries if k[0].file is file]:
+    def discard_storage(self, storage: Storage) -> None:
+        """Forget every entry of ``storage`` without writing (closed, read-only or failed open)."""
+        for key in [k for k in self._entries if k[0].storage is storage]:
             e = self._entries.pop(key)
             self.used -= e.kind.size
 

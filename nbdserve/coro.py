@@ -1,10 +1,11 @@
-"""Eager coroutine start and the notion of "who is running" used by the locks.
+"""Eager start of awaitables and the notion of "who is running" used by the locks.
 
 Owns:
-  * ``start(coro, done)``: run a coroutine synchronously until it first suspends, and keep
-    driving it from future callbacks afterwards.  A request whose driver work completes without
-    waiting (a page-cache hit, a cached L2 table) therefore costs no ``asyncio.Task`` and no
-    loop iteration: this is the server's hot path.  ``done(result, exc)`` is called exactly once.
+  * ``start(awaitable, done)``: run a coroutine (or any awaitable: the ``Pending`` a layer hands
+    back, e.g. a storage future) synchronously until it first suspends, and keep driving it from
+    future callbacks afterwards.  A request whose work needs no waiting never gets here (each
+    layer completes it synchronously and returns None); one that waits costs no
+    ``asyncio.Task``.  ``done(result, exc)`` is called exactly once.
   * ``current_owner()``: the identity a lock records as its holder.  Inside ``start`` it is the
     eager runner; inside an ordinary task it is the task.
 
@@ -15,7 +16,7 @@ never needs ``asyncio.current_task()`` and is never cancelled (the server drains
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Generator
 from typing import Any
 
 _current: _Runner | None = None
@@ -29,8 +30,8 @@ def current_owner() -> object:
 class _Runner:
     __slots__ = ("__weakref__", "coro", "done")
 
-    def __init__(self, coro: Coroutine[Any, Any, Any], done: Callable[[Any, BaseException | None], None]):
-        self.coro = coro
+    def __init__(self, coro: Generator[Any, None, Any], done: Callable[[Any, BaseException | None], None]):
+        self.coro = coro  # the awaitable's iterator (``__await__()``)
         self.done = done
 
     def step(self, exc: BaseException | None = None) -> None:
@@ -62,6 +63,6 @@ class _Runner:
             self.step()
 
 
-def start(coro: Coroutine[Any, Any, Any], done: Callable[[Any, BaseException | None], None]) -> None:
-    """Run ``coro`` now, up to its first suspension; ``done(result, exc)`` when it finishes."""
-    _Runner(coro, done).step()
+def start(awaitable: Awaitable[Any], done: Callable[[Any, BaseException | None], None]) -> None:
+    """Run ``awaitable`` now, up to its first suspension; ``done(result, exc)`` when it finishes."""
+    _Runner(awaitable.__await__(), done).step()

@@ -1,26 +1,42 @@
 """The image layer: one open image (a chain of format drivers) as the server sees it.
 
 Owns, between the protocol and the drivers:
+  * the one way in for reads and writes: ``read(offset, buf) -> Pending`` and
+    ``write(offset, data, *, fua) -> Pending`` (``storage.base.Pending``: None when the request
+    completed synchronously, else an awaitable to wait for);
   * alignment: read-modify-write for requests smaller than the driver's ``limits.align``
     (serialised against other writes by the image rwlock; aligned writes share it);
   * splitting to ``limits.max_transfer``;
+  * the mapping memo, inside ``read``: granule -> host offset for granules of plain data
+    (``FormatDriver.map_now``), dropped whenever the driver says a mapping changed (see
+    ``formats.base``), so a hot read costs one dict lookup and one storage read.  All images'
+    memos together hold at most the cache's ``memo_limit`` entries (a small share of
+    ``--cache-size``); at the limit they start over;
   * emulation of what a driver lacks: WRITE_ZEROES -> writes of zero bytes (ENOTSUP when FAST_ZERO
     asks for speed), TRIM -> nothing (it is a hint), FUA -> flush;
   * backing chains: opening them (relative names, allowed directories, loop and depth limits,
     recorded formats honoured, never raw-by-guess), feeding each driver's ``read_backing``, and
-    walking the chain for block status, which yields ``base:allocation`` flags and the
-    ``qemu:allocation-depth`` value (0 unallocated, 1 this image, 2 its backing, ...);
+    walking the chain for block status (aligned to each layer's ``limits.align``), which yields
+    ``base:allocation`` flags and the ``qemu:allocation-depth`` value (0 unallocated, 1 this
+    image, 2 its backing, ...);
   * persistent dirty bitmaps for ``-B``: the first layer of the chain that has one of the name
     (as qemu-nbd looks them up);
-  * the ``-s`` snapshot overlay (a temporary qcow2 over the image, removed at close);
+  * the ``-s`` snapshot overlay: a temporary qcow2 over the image (opened read-only), removed at
+    close, so the image itself is never written;
   * opening files: read-write exactly when asked (a file this process may not write is an error,
     not a silent read-only export), locked the way QEMU locks images (``lock_perms``;
     docs/image-locks.md) on the image and every backing file, and probed safely
-    (``formats.probe``; a probed-raw image guards its first sector, see ``formats.raw``);
-  * the mapping memo behind ``read_now``: granule -> host offset for granules of plain data,
-    dropped whenever the driver says a mapping changed (see ``formats.base``), so a hot read
-    costs one dict lookup and one pread.  All images' memos together hold at most the cache's
-    ``memo_limit`` entries (a small share of ``--cache-size``); at the limit they start over.
+    (``formats.probe``; a probed-raw image guards its first sector, see ``formats.raw``).
+
+The call chains (session -> image -> driver -> storage):
+  * READ of plain data: ``Session._read`` -> ``Image.read`` (memo hit, or ``driver.map_now``
+    fills it) -> ``storage.read`` (``LocalFile.read``: one ``preadv``).  Otherwise
+    ``Image.read`` -> ``driver.read`` (fast case: cached tables -> ``storage.read``; slow case: a
+    coroutine that loads tables through the cluster cache, reads the backing image through
+    ``read_backing`` -> the backing ``Image.read``, decompresses...).
+  * WRITE: ``Session._write`` -> ``Image.write`` (alignment, the rwlock of sector formats) ->
+    ``driver.write`` (fast case: allocated, cached, no FUA -> ``storage.write``, one ``pwritev``
+    of the payload buffer; slow case: a coroutine that allocates under the driver lock).
 
 The caller (the server) guarantees ``0 <= offset``, ``offset + length <= size`` and
 ``length > 0``; it also refuses writes to a read-only image.  Everything below is then trusted.
@@ -34,23 +50,22 @@ import errno
 import functools
 import logging
 import os
+import tempfile
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
-from .blockfile import lock_perms, open_locked
 from .cache import ClusterCache
 from .errors import ImageError, NbdError, UnsupportedImage
 from .formats import PROBE_SIZE, driver_for, identify, probe
 from .formats.base import ALLOCATED, DATA, ZERO, DirtyBitmapView, FormatDriver, OpenOptions
+from .formats.qcow2 import Qcow2Driver
+from .formats.qcow2.create import create_qcow2
 from .locks import CoRwLock
+from .protocol.constants import STATE_HOLE, STATE_ZERO
+from .storage.base import ZERO_CHUNK, Pending, joined, read_at, settled
+from .storage.local import lock_perms, open_locked
 
 log = logging.getLogger("nbdserve")
-
-# NBD base:allocation flags
-STATE_HOLE = 1
-STATE_ZERO = 2
-
-ZERO_CHUNK = bytes(1 << 20)
 
 
 class Run(NamedTuple):
@@ -88,105 +103,105 @@ class Image:
         self.driver = driver
         self.backing = backing
         self.cache = cache
-        self.path = driver.file.path
+        self.path = driver.storage.name
         self.format = driver.format_name
         self.size = driver.size
         self.readonly = driver.readonly
         self.align = driver.limits.align
         self.max_transfer = driver.limits.max_transfer
-        caps = driver.caps
-        self.can_trim = not self.readonly
-        self.can_zero = not self.readonly
-        self.can_fast_zero = not self.readonly and caps.fast_zero
+        self.can_fast_zero = not self.readonly and driver.caps.fast_zero
+        # A run of buffers may be handed to the driver whole (see ``write``).
+        self.vectored = driver.vectored and self.align == 1
+        self._align_mask = self.align - 1
         self._rmw = CoRwLock() if self.align > 1 else None
         self._cleanup: list[str] = []  # files to remove at close (snapshot overlays)
         if backing is not None:
             driver.read_backing = self._read_backing
         # Mapping memo (see formats.base): granule index -> host offset of plain data.
         self._memo: dict[int, int] = {}
-        # With O_DIRECT (``BlockFile.dfd``) reads go through the driver and BlockFile's bounce
-        # buffer: the memo's direct preadv would read through the page cache.
-        direct = getattr(driver.map_file or driver.file, "dfd", -1) >= 0
-        self._map_bits = 0 if direct else driver.map_bits
+        self._map_bits = driver.map_bits
         self._map_mask = (1 << driver.map_bits) - 1
-        self._data_file = driver.map_file or driver.file
-        self._data_fd = self._data_file.fd
+        self._data = driver.map_storage or driver.storage
         driver.mappings_changed = self.forget_mappings
         cache.memo_owners.add(self)
 
     # -- reads ------------------------------------------------------------------------------
 
-    async def read(self, offset: int, buf: memoryview) -> None:
-        """Fill ``buf`` with the disk contents at ``offset``."""
-        align = self.align
-        if (offset | len(buf)) & (align - 1):
-            start = offset & ~(align - 1)
-            end = -(-(offset + len(buf)) // align) * align
-            bounce = memoryview(bytearray(end - start))
-            await self._read_aligned(start, bounce)
-            buf[:] = bounce[offset - start : offset - start + len(buf)]
-            return
-        await self._read_aligned(offset, buf)
-
-    def read_now(self, offset: int, buf: memoryview) -> bool:
-        """Synchronous read when it needs no waiting (see FormatDriver.read_now): the hot path.
+    def read(self, offset: int, buf: memoryview) -> Pending:
+        """Fill ``buf`` with the disk contents at ``offset``: the one way in for reads.
 
         Inside one granule of plain data the memo gives the host offset at the cost of one dict
-        lookup; reads over several granules try the memo for each (``mapped_runs``); the rest
-        ask the driver."""
+        lookup (a miss asks ``driver.map_now`` once and remembers the answer); anything the memo
+        cannot place goes to ``driver.read``.  Takes no lock: the memo is used with no await
+        between the lookup and the storage read it starts.
+        """
         n = len(buf)
-        if (offset | n) & (self.align - 1) or n > self.max_transfer:
-            return False
+        if (offset | n) & self._align_mask or n > self.max_transfer:
+            return self._read_pieces(offset, buf)
         bits = self._map_bits
         if not bits:
-            return self.driver.read_now(offset, buf)
-        if (offset & self._map_mask) + n > 1 << bits:
-            runs = self.mapped_runs(offset, n)
-            if runs is None:
-                return self.driver.read_now(offset, buf)
-            self.read_runs(buf, runs)
-            return True
-        memo, g = self._memo, offset >> bits
-        host = memo.get(g)
+            return self.driver.read(offset, buf)
+        mask = self._map_mask
+        if (offset & mask) + n > mask + 1:
+            return self._read_granules(offset, buf)
+        g = offset >> bits
+        host = self._memo.get(g)
         if host is None:
             host = self.driver.map_now(offset)
             if host is None:
-                return self.driver.read_now(offset, buf)
+                return self.driver.read(offset, buf)
             self._remember(g, host)
-        pos = host + (offset & self._map_mask)
-        # os.preadv directly (this is the hottest line of the server); a short read means EOF,
-        # which BlockFile.pread_into handles (zeroes past it).
-        if os.preadv(self._data_fd, [buf], pos) != n:
-            self._data_file.pread_into(buf, pos)
-        return True
+        return self._data.read(host + (offset & mask), buf)
 
-    def mapped_runs(self, offset: int, length: int) -> list[list[int]] | None:
-        """If every granule of the range is plain data of this layer (known to the memo, or to
-        the driver's cached metadata), its host runs ``[position in range, host offset,
-        length]`` (host-contiguous granules merged) for ``read_runs``; else None.  Synchronous:
-        valid until the caller's next await."""
-        bits = self._map_bits
-        if not bits or (offset | length) & (self.align - 1) or length > self.max_transfer:
-            return None
-        mask, memo, map_now = self._map_mask, self._memo, self.driver.map_now
-        runs: list[list[int]] = []
-        pos, end = offset, offset + length
+    def _read_granules(self, offset: int, buf: memoryview) -> Pending:
+        """``read`` across granules: the memo places the leading granules (host-contiguous ones
+        read together), the driver reads from the first one it cannot place.  Synchronous up to
+        the storage and driver calls it starts."""
+        bits, mask, memo, map_now, data = self._map_bits, self._map_mask, self._memo, self.driver.map_now, self._data
+        pendings = []
+        pos, end = offset, offset + len(buf)
+        run_pos = run_host = run_len = 0
         while pos < end:
             g = pos >> bits
             host = memo.get(g)
             if host is None:
                 host = map_now(pos)
                 if host is None:
-                    return None
+                    break
                 self._remember(g, host)
             at = host + (pos & mask)
             seg = min(end, (g + 1) << bits) - pos
-            if runs and runs[-1][1] + runs[-1][2] == at:
-                runs[-1][2] += seg
+            if run_len and run_host + run_len == at:
+                run_len += seg
             else:
-                runs.append([pos - offset, at, seg])
+                if run_len:
+                    p = data.read(run_host, buf[run_pos - offset : run_pos - offset + run_len])
+                    if p is not None:
+                        pendings.append(p)
+                run_pos, run_host, run_len = pos, at, seg
             pos += seg
-        return runs
+        if run_len:
+            p = data.read(run_host, buf[run_pos - offset : run_pos - offset + run_len])
+            if p is not None:
+                pendings.append(p)
+        if pos < end:
+            p = self.driver.read(pos, buf[pos - offset :])
+            if p is not None:
+                pendings.append(p)
+        return joined(pendings)
+
+    async def _read_pieces(self, offset: int, buf: memoryview) -> None:
+        """``read`` of a range that is not whole sectors (through a bounce buffer of the
+        covering sectors) or longer than ``max_transfer`` (in pieces)."""
+        align, n = self.align, len(buf)
+        start = offset & ~(align - 1)
+        end = -(-(offset + n) // align) * align
+        target = buf if (start, end) == (offset, offset + n) else memoryview(bytearray(end - start))
+        step = self.max_transfer
+        for pos in range(0, end - start, step):
+            await settled(self.read(start + pos, target[pos : pos + step]))
+        if target is not buf:
+            buf[:] = target[offset - start : offset - start + n]
 
     def _remember(self, granule: int, host: int) -> None:
         cache = self.cache
@@ -201,68 +216,69 @@ class Image:
         self.cache.memo_used -= len(self._memo)
         self._memo.clear()
 
-    def read_runs(self, buf: memoryview, runs: list[list[int]]) -> None:
-        """Fill ``buf`` from the host runs ``mapped_runs`` just gave for it."""
-        for start, at, length in runs:
-            self._data_file.pread_into(buf[start : start + length], at)
-
-    async def _read_aligned(self, offset: int, buf: memoryview) -> None:
-        step = self.max_transfer
-        if len(buf) <= step:
-            await self.driver.preadv(offset, buf)
-            return
-        for pos in range(0, len(buf), step):
-            await self.driver.preadv(offset + pos, buf[pos : pos + step])
-
-    async def _read_backing(self, offset: int, buf: memoryview) -> None:
-        """Read from the backing image; the part past its end reads as zeroes."""
+    def _read_backing(self, offset: int, buf: memoryview) -> Pending:
+        """Read from the backing image (the driver's ``read_backing``); the part past its end
+        reads as zeroes."""
         backing = self.backing
         assert backing is not None
         n = max(0, min(len(buf), backing.size - offset))
-        if n:
-            await backing.read(offset, buf[:n])
         if n < len(buf):
             buf[n:] = bytes(len(buf) - n)
+        return backing.read(offset, buf[:n]) if n else None
 
     # -- writes -----------------------------------------------------------------------------
 
-    async def write(self, offset: int, data: memoryview, *, fua: bool) -> None:
-        align = self.align
-        if align == 1:
-            await self._write_aligned(offset, data, fua)
-            return
-        if (offset | len(data)) & (align - 1):
-            await self._rmw_write(offset, data, fua)
-            return
+    def write(self, offset: int, data: memoryview | list[memoryview], *, fua: bool) -> Pending:
+        """Write ``data`` at ``offset``: the one way in for writes.  ``data`` may be a list of
+        buffers (one guest-contiguous run) only when ``vectored``.
+
+        Whole sectors take the image rwlock shared (without waiting when it is free) for as long
+        as the driver's write runs; anything smaller is read-modify-write under it exclusively.
+        """
+        if self.vectored and type(data) is list:
+            return self.driver.write(offset, data, fua=fua)
+        n = len(data)
+        rmw = self._rmw
+        if rmw is None:
+            if n > self.max_transfer:
+                return self._write_pieces(offset, data, fua)
+            return self.driver.write(offset, data, fua=fua)
+        if (offset | n) & self._align_mask:
+            return self._rmw_write(offset, data, fua)
+        if n > self.max_transfer or not rmw.try_rdlock():
+            return self._write_shared(offset, data, fua)
+        try:
+            pending = self.driver.write(offset, data, fua=fua)
+        except BaseException:
+            rmw.unlock()
+            raise
+        if pending is None:
+            rmw.unlock()
+            return None
+        return self._unlock_after(pending)
+
+    async def _unlock_after(self, pending: Pending) -> None:
+        """Wait for a write started under the rwlock (shared), then release it."""
+        try:
+            await pending
+        finally:
+            self._rmw.unlock()
+
+    async def _write_shared(self, offset: int, data: memoryview, fua: bool) -> None:
+        """Whole sectors, when the rwlock is contended or the write is split: take it shared."""
         await self._rmw.rdlock()
         try:
-            await self._write_aligned(offset, data, fua)
+            await self._write_pieces(offset, data, fua)
         finally:
             self._rmw.unlock()
 
-    def write_now(self, offset: int, data: memoryview) -> bool:
-        """Synchronous write (no FUA) when the driver can do it without waiting (see
-        FormatDriver.write_now); needs whole sectors and, for sector formats, an uncontended
-        image rwlock."""
-        if (offset | len(data)) & (self.align - 1) or len(data) > self.max_transfer:
-            return False
-        if self._rmw is None:
-            return self.driver.write_now(offset, data)
-        if not self._rmw.try_rdlock():
-            return False
-        try:
-            return self.driver.write_now(offset, data)
-        finally:
-            self._rmw.unlock()
-
-    async def _write_aligned(self, offset: int, data: memoryview, fua: bool) -> None:
+    async def _write_pieces(self, offset: int, data: memoryview, fua: bool) -> None:
+        """The driver's write in pieces of at most ``max_transfer`` (FUA on the last).  Called with
+        the rwlock held (shared or exclusive) where there is one."""
         step = self.max_transfer
-        if len(data) <= step:
-            await self.driver.pwritev(offset, data, fua=fua)
-            return
         for pos in range(0, len(data), step):
             last = pos + step >= len(data)
-            await self.driver.pwritev(offset + pos, data[pos : pos + step], fua=fua and last)
+            await settled(self.driver.write(offset + pos, data[pos : pos + step], fua=fua and last))
 
     async def _rmw_write(self, offset: int, data: memoryview, fua: bool) -> None:
         """Sub-alignment write: read the covering aligned range, patch it, write it back.
@@ -275,9 +291,9 @@ class Image:
         await self._rmw.wrlock()
         try:
             bounce = memoryview(bytearray(end - start))
-            await self._read_aligned(start, bounce)
+            await settled(self.read(start, bounce))
             bounce[offset - start : offset - start + len(data)] = data
-            await self._write_aligned(start, bounce, fua)
+            await self._write_pieces(start, bounce, fua)
         finally:
             self._rmw.unlock()
 
@@ -291,28 +307,25 @@ class Image:
         if fast and (head_end > offset or tail_start < offset + length):
             raise NbdError(errno.ENOTSUP, "fast zeroing needs whole sectors")
         if head_end > offset:
-            await self.write(offset, memoryview(ZERO_CHUNK)[: head_end - offset], fua=False)
+            await settled(self.write(offset, memoryview(ZERO_CHUNK)[: head_end - offset], fua=False))
         if tail_start < offset + length:
-            await self.write(tail_start, memoryview(ZERO_CHUNK)[: offset + length - tail_start], fua=False)
+            await settled(self.write(tail_start, memoryview(ZERO_CHUNK)[: offset + length - tail_start], fua=False))
         if tail_start > head_end:
             if self.driver.caps.native_zero:
-                if self._rmw is None:
+                if self._rmw is not None:
+                    await self._rmw.rdlock()
+                try:
                     await self.driver.pwrite_zeroes(
                         head_end, tail_start - head_end, may_trim=may_trim, fast=fast, fua=False
                     )
-                else:
-                    await self._rmw.rdlock()
-                    try:
-                        await self.driver.pwrite_zeroes(
-                            head_end, tail_start - head_end, may_trim=may_trim, fast=fast, fua=False
-                        )
-                    finally:
+                finally:
+                    if self._rmw is not None:
                         self._rmw.unlock()
             else:
                 pos = head_end
                 while pos < tail_start:
                     n = min(len(ZERO_CHUNK), tail_start - pos, self.max_transfer)
-                    await self.write(pos, memoryview(ZERO_CHUNK)[:n], fua=False)
+                    await settled(self.write(pos, memoryview(ZERO_CHUNK)[:n], fua=False))
                     pos += n
         if fua:
             await self.flush()
@@ -347,31 +360,39 @@ class Image:
         return out
 
     async def _runs(self, offset: int, length: int, depth: int, out: list[Run], limit: int) -> None:
+        """Runs of ``[offset, offset+length)`` at ``depth``.  The driver is asked about whole
+        sectors (the range widened to ``align``); the answers are clipped back to the range."""
         end = offset + length
+        align = self.align
+        pos = offset & ~(align - 1)
+        stop = min(-(-end // align) * align, self.size)
         drv = self.driver
-        while offset < end and len(out) < limit:
-            ext = await drv.block_status(offset, end - offset)
-            n = ext.length
-            if n <= 0:
+        while pos < end and len(out) < limit:
+            ext = await drv.block_status(pos, stop - pos)
+            if ext.length <= 0:
                 raise NbdError(errno.EIO, f"{self.path}: driver returned an empty block-status run")
+            lo, hi = max(pos, offset), min(pos + ext.length, end)
+            pos += ext.length
+            n = hi - lo
+            if n <= 0:
+                continue
             state = ext.state
             if state & ALLOCATED:
                 _append(out, Run(n, (0 if state & DATA else STATE_HOLE) | (STATE_ZERO if state & ZERO else 0), depth))
             elif self.backing is not None:
-                inside = max(0, min(n, self.backing.size - offset))
+                inside = max(0, min(n, self.backing.size - lo))
                 if inside:
-                    await self.backing._runs(offset, inside, depth + 1, out, limit)
+                    await self.backing._runs(lo, inside, depth + 1, out, limit)
                 if inside < n:
                     # past the end of a shorter backing file: zeroes, attributed to that file (as QEMU does)
                     _append(out, Run(n - inside, STATE_HOLE | STATE_ZERO, depth + 1))
             else:
                 _append(out, Run(n, STATE_HOLE | STATE_ZERO, 0))
-            offset += n
 
-    def dirty_bitmap(self, name: str) -> DirtyBitmapView:
+    async def dirty_bitmap(self, name: str) -> DirtyBitmapView:
         """Bitmap ``name`` of the first layer that has one (top first).  Raises ``ImageError``."""
         for img in self.chain():
-            bm = img.driver.dirty_bitmap(name)
+            bm = await img.driver.dirty_bitmap(name)
             if bm is not None:
                 return bm
         raise ImageError(self.path, f"bitmap {name!r} not found")
@@ -387,13 +408,14 @@ class Image:
 
     async def close(self) -> None:
         for img in self.chain():
+            storage = img.driver.storage
             try:
                 await img.driver.close()
             finally:
                 img.forget_mappings()
                 img.cache.memo_owners.discard(img)
-                img.cache.discard_file(img.driver.file)
-                img.driver.file.close()
+                img.cache.discard_storage(storage)
+                await storage.close()
         for path in self._cleanup:
             try:
                 os.unlink(path)
@@ -412,17 +434,14 @@ def _append(out: list[Run], run: Run) -> None:
 
 
 async def open_image(spec: ImageSpec, cache: ClusterCache) -> Image:
-    """Open ``spec.path`` and its backing chain.  Raises ``ImageError`` with a one-line reason."""
-    if spec.snapshot_overlay:
-        from .formats.overlay import open_with_overlay  # qcow2 overlay creation
-
-        return await open_with_overlay(spec, cache)
+    """Open ``spec.path`` and its backing chain (under a ``-s`` overlay if asked).  Raises
+    ``ImageError`` with a one-line reason."""
     top_dir = os.path.dirname(os.path.realpath(spec.path))
     allowed = tuple(os.path.realpath(d) for d in spec.backing.allowed_dirs) or (top_dir,)
-    return await _open_layer(
+    image = await _open_layer(
         spec.path,
         spec.format,
-        spec.readonly,
+        spec.readonly or spec.snapshot_overlay,
         spec.options,
         cache,
         spec.backing,
@@ -433,6 +452,38 @@ async def open_image(spec: ImageSpec, cache: ClusterCache) -> Image:
         force_share=spec.force_share,
         direct=spec.direct,
     )
+    if spec.snapshot_overlay:
+        return await _open_overlay(spec.path, image, cache)
+    return image
+
+
+async def _open_overlay(path: str, base: Image, cache: ClusterCache) -> Image:
+    """``-s``: an empty qcow2 v3 overlay in the temporary directory, backed by the already open
+    ``base`` (its absolute path and format recorded), opened read-write on top of it and removed
+    at close.  Closes ``base`` if that fails."""
+    overlay = None
+    try:
+        if any(layer.driver.encrypted for layer in base.chain()):
+            raise UnsupportedImage(path, "-s would write decrypted data to an unencrypted overlay; refused")
+        fd, overlay = tempfile.mkstemp(prefix="nbdserve-overlay-", suffix=".qcow2")
+        os.close(fd)
+        os.unlink(overlay)  # re-created exclusively below
+        create_qcow2(overlay, base.size, backing_file=os.path.realpath(path), backing_format=base.format)
+        file = open_locked(overlay, readonly=False)
+        try:
+            driver = await Qcow2Driver.open(file, readonly=False, cache=cache, options=OpenOptions())
+        except BaseException:
+            cache.discard_storage(file)
+            file.close_now()
+            raise
+        image = Image(driver, base, cache)
+        image._cleanup.append(overlay)
+        return image
+    except BaseException:
+        await base.close()
+        if overlay is not None and os.path.exists(overlay):
+            os.unlink(overlay)
+        raise
 
 
 async def _open_layer(
@@ -463,7 +514,7 @@ async def _open_layer(
     try:
         options = replace(options, resolve=functools.partial(resolve_backing, allowed=allowed), force_share=force_share)
         if fmt is None:
-            head = file.pread(min(PROBE_SIZE, max(file.size, 0)), 0) if file.size else b""
+            head = await read_at(file, 0, min(PROBE_SIZE, file.size))
             drv_cls = probe(bytes(head), file.size, path, raw_fallback=raw_fallback)
         else:
             drv_cls = driver_for(fmt, path)
@@ -502,8 +553,8 @@ async def _open_layer(
                 await driver.close()  # its own files (VMDK extents) and their locks too
             except Exception as e:
                 log.warning("%s: closing after a failed open: %s", path, e)
-        cache.discard_file(file)
-        file.close()
+        cache.discard_storage(file)
+        file.close_now()
         raise
 
 

@@ -26,10 +26,11 @@ from pathlib import Path
 
 import pytest
 
-from nbdserve.blockfile import BlockFile
 from nbdserve.cache import ClusterCache
 from nbdserve.errors import NbdError
 from nbdserve.image import STATE_HOLE, STATE_ZERO, Image, ImageSpec, open_image
+from nbdserve.storage.base import settled
+from nbdserve.storage.local import LocalFile
 from tests.util import qemu_img
 from tests.util import run as run_cmd
 
@@ -66,7 +67,7 @@ async def opened(
 async def read_image(img: Image, step: int = 4 << 20) -> bytes:
     buf = bytearray(img.size)
     for pos in range(0, img.size, step):
-        await img.read(pos, memoryview(buf)[pos : pos + step])
+        await settled(img.read(pos, memoryview(buf)[pos : pos + step]))
     return bytes(buf)
 
 
@@ -85,7 +86,7 @@ def served_read_only(tmp_path: Path, raw: bytes | bytearray, caplog, expected: b
             assert img.readonly
             assert await read_image(img) == expected
             with pytest.raises(NbdError):
-                await img.write(0, memoryview(b"z"), fua=False)
+                await settled(img.write(0, memoryview(b"z"), fua=False))
         finally:
             await img.close()
 
@@ -168,22 +169,23 @@ def compare_with_model(path: Path, model: bytes | bytearray, tmp: Path, fmt: str
 
 
 class Recorder:
-    """Records every pwrite / truncate / fdatasync of one BlockFile, with the bytes replaced."""
+    """Records every write / truncate / flush of one open ``LocalFile``, with the bytes replaced."""
 
-    def __init__(self, f: BlockFile, path: Path) -> None:
+    def __init__(self, f: LocalFile, path: Path) -> None:
         self.f, self.path = f, path
         self.ops: list[tuple] = []  # ("w", off, old, new) | ("t", old_size, new_size) | ("sync",) | ("mark", name)
-        self.real = (f.pwrite, f.truncate, f.flush)
-        f.pwrite, f.truncate, f.flush = self.pwrite, self.truncate, self.flush
+        self.real = (f.write, f.truncate, f.flush)
+        f.write, f.truncate, f.flush = self.write, self.truncate, self.flush
 
-    def pwrite(self, data, offset):
+    def write(self, offset, data):
+        data = b"".join(data) if isinstance(data, list) else bytes(data)
         old = os.pread(self.f.fd, len(data), offset)
-        self.real[0](data, offset)
-        self.ops.append(("w", offset, old, bytes(data)))
+        self.real[0](offset, data)
+        self.ops.append(("w", offset, old, data))
 
-    def truncate(self, size):
+    async def truncate(self, size):
         old = self.f.size
-        self.real[1](size)
+        await self.real[1](size)
         self.ops.append(("t", old, size))
 
     async def flush(self):
@@ -194,7 +196,7 @@ class Recorder:
         self.ops.append(("mark", name))
 
     def restore(self) -> None:
-        self.f.pwrite, self.f.truncate, self.f.flush = self.real
+        self.f.write, self.f.truncate, self.f.flush = self.real
 
 
 def file_after(base: bytes, ops: list[tuple], lose_unsynced: bool, keep_last: bool = False) -> bytes:

@@ -1,36 +1,60 @@
-"""The format-driver contract: what every driver (raw, qcow2, qed, vpc, vhdx) implements.
+"""The format-driver contract: what every driver (raw, qcow2, qed, vpc, vhdx, vmdk, vdi) implements.
 
-A driver owns the bytes of one image file (one layer of a chain).  The image layer
-(``nbdserve.image``) sits above it and guarantees, for every call below:
+A driver owns the bytes of one image (one layer of a chain), kept in ``self.storage`` (the
+``storage.base`` contract: a local file, an RBD image, an S3 object; a driver never knows
+which).  The image layer (``nbdserve.image``) sits above it and guarantees, for every call below:
   * ``0 <= offset``, ``offset + length <= self.size``, ``length > 0``;
   * ``offset`` and ``length`` are multiples of ``self.limits.align`` (it does read-modify-write
     for anything smaller) and ``length <= self.limits.max_transfer``;
   * the image is writable when a writing method is called (``readonly`` is False).
-So drivers do not re-check ranges.  They do check everything read from the file.
+So drivers do not re-check ranges.  They do check everything read from the storage.
+
+Reads and writes, one way in each (``Pending`` is ``storage.base.Pending``)::
+
+    read(offset, buf) -> Pending              # fill buf in place
+    write(offset, data, *, fua) -> Pending    # data: a buffer, or a list of buffers (``vectored``)
+
+Each completes synchronously and returns None when it can (the fast case: metadata cached, the
+data plain, no FUA; the storage read or write itself completing at once), and otherwise returns
+an awaitable the caller must wait for (typically the coroutine of the driver's slow case, or the
+storage's own Pending passed up).  Nothing is done twice: the fast case lives inside the one
+method, and a slow case that starts over after an await looks the tables up again.  A write's
+``data`` belongs to the caller again once it has completed.  Only a driver with ``vectored`` set
+is given a list of buffers (one guest-contiguous run written as one ``storage.write``).
 
 Block status: ``block_status(offset, length)`` describes ONE run starting at ``offset`` (length
-``<= length``); the image layer loops, merges runs and walks the backing chain.  A run's ``state``
-is a combination of
+``<= length``); the image layer loops, merges runs and walks the backing chain.  ``offset`` and
+``length`` are multiples of ``limits.align`` like every other call (the image layer widens an
+unaligned question and clips the answer).  A run's ``state`` is a combination of
   * ``ALLOCATED``: this layer decides the content (clear: "ask the backing image"; with no
     backing image the range reads as zeroes);
   * ``DATA``: host storage holds the data (clear with ALLOCATED: a zero cluster / hole);
   * ``ZERO``: the range is known to read as zeroes.
 
-Reads fill caller buffers in place.  ``read_now`` is the synchronous twin of ``preadv`` for the
-common case (cached metadata, plain data): the server answers such reads without a coroutine;
-``write_now`` does the same for writes into allocated space.
+For ranges that are not ALLOCATED the driver fills in data from ``self.read_backing(offset, buf)
+-> Pending`` (which the image layer sets; it reads the backing chain, or zeroes); copy-on-write
+uses the same function.  A driver never opens its backing file itself: it reports ``backing``
+(file name and recorded format) from ``open`` and the image layer opens it.
 
 Mapping memo: a driver whose data lives in fixed-size granules (clusters, blocks) may set
-``map_bits`` and answer ``map_now(offset)`` with the host offset of a granule that is plain data in
-this layer; the image layer remembers the answers and reads such granules straight from ``file``
-without asking the driver again.  In return the driver calls ``mappings_changed()`` right after it
-changes where, or whether, guest data lives (freeing, relocating or zeroing a data granule), in
-the same synchronous step as the table change; creating a mapping where there was none needs no
-call (the memo never holds unmapped granules).
-For ranges that are not ALLOCATED the driver fills in data from ``self.read_backing`` (which
-the image layer sets; it reads the backing chain or zeroes); copy-on-write uses the same
-function.  A driver never opens its backing file itself: it reports ``backing`` (file name and
-recorded format) from ``open`` and the image layer opens it.
+``map_bits`` and answer ``map_now(offset)`` with the host offset (in ``map_storage``, by default
+``storage``) of a granule that is plain data in this layer; the image layer remembers the
+answers and reads such granules straight from that storage without asking the driver again.
+In return the driver calls ``mappings_changed()`` in the same synchronous step in which a granule
+``map_now`` could have answered for stops being plain data at that host offset: when it is
+freed, moved to other host bytes, or turned into a zero/unallocated entry.  Who calls it:
+  * qcow2: copy-on-write of a shared cluster (the guest cluster moves), WRITE_ZEROES and TRIM
+    (entries become zero or unallocated, clusters are freed and may be reused);
+  * VHDX: every BAT change that leaves a FULLY_PRESENT block (zeroing, trimming);
+  * VDI: TRIM/zeroing that removes a block (the last block is moved into its place);
+  * VMDK: every grain table change that drops or moves a mapped grain (sparse extents' zero
+    and trim);
+  * never QED or VHD: both only ever map new granules (QED turns only unallocated clusters
+    into zero clusters and zeroes allocated ones in place; VHD never frees a block, and
+    ``map_now`` answers only for blocks with every sector present, a state a block never
+    leaves), and zeroing in place leaves a mapping true (the host bytes read as zeroes);
+  * raw and LUKS have no memo (``map_bits`` 0: the host bytes are the guest's, or ciphertext).
+Mapping a granule that was not mapped needs no call: the memo never holds unmapped granules.
 
 Persistent dirty bitmaps: ``dirty_bitmap(name)`` gives the layer's bitmap of that name (None if it
 has none), an object with ``extents(offset, length, limit) -> [(length, 1 dirty / 0 clean)]``
@@ -39,21 +63,23 @@ cannot be used.  The image layer searches the chain, top first.
 
 Errors: ``NbdError(errno)`` for a failed request, ``OSError`` passes through, ``CorruptImage``
 when metadata turns out to be bad at run time (the request fails with EIO).  ``open`` raises
-``ImageError`` subclasses with a one-line reason naming the field.
+``ImageError`` subclasses with a one-line reason naming the field.  A ``read``/``write`` may raise
+synchronously or through its Pending.
 
 Locking: each driver documents, at every method that assumes it, which lock it holds.  Metadata
 (tables, refcounts, headers, allocation cursors) changes only under the driver's CoMutex; data I/O
-to allocated clusters happens outside it.
+to allocated clusters happens outside it, its mapping looked up and its storage I/O started with
+no await in between.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar, NamedTuple, Protocol
 
-from ..blockfile import BlockFile
 from ..cache import ClusterCache
+from ..storage.base import Pending, Storage, write_zero_bytes
 
 # Block-status state bits (driver level; the image layer maps them to NBD flags).
 DATA = 1
@@ -111,18 +137,25 @@ class DirtyBitmapView(Protocol):
     def extents(self, offset: int, length: int, limit: int) -> list[tuple[int, int]]: ...
 
 
-ReadBacking = Callable[[int, memoryview], Awaitable[None]]
+ReadBacking = Callable[[int, memoryview], Pending]
+ZEROES = bytes(1 << 20)  # a source of zero bytes (never written to)
 
 
-async def read_zeroes(offset: int, buf: memoryview) -> None:
-    """``read_backing`` for a layer without a backing image."""
-    buf[:] = bytes(len(buf))
+def read_zeroes(offset: int, buf: memoryview) -> Pending:
+    """``read_backing`` for a layer without a backing image (completes at once)."""
+    n = len(buf)
+    if n <= len(ZEROES):
+        buf[:] = ZEROES[:n]
+    else:
+        buf[:] = bytes(n)
+    return None
 
 
-def zero_in_place(file: BlockFile, at: int, n: int, may_trim: bool) -> None:
-    """Make host bytes ``[at, at+n)`` read as zeroes: punch (if allowed), zero-range or write."""
-    if not ((may_trim and file.punch_hole(at, n)) or file.zero_range(at, n)):
-        file.write_zeroes(at, n)
+async def zero_in_place(storage: Storage, at: int, n: int, may_trim: bool) -> None:
+    """Make host bytes ``[at, at+n)`` read as zeroes: natively (unmapping if allowed), else by
+    writing zero bytes."""
+    if not await storage.write_zeroes(at, n, may_unmap=may_trim):
+        await write_zero_bytes(storage, at, n)
 
 
 class FormatDriver:
@@ -132,13 +165,14 @@ class FormatDriver:
 
     size: int
     readonly: bool
-    file: BlockFile
+    storage: Storage
     limits: Limits = Limits()
     caps: Caps = Caps()
+    vectored: bool = False  # write takes a list of buffers (a guest-contiguous run)
     backing: BackingRef | None = None
     read_backing: ReadBacking = staticmethod(read_zeroes)
     map_bits: int = 0  # log2 of the mapping granule; 0: no map_now
-    map_file: BlockFile | None = None  # the file map_now offsets refer to (None: ``file``)
+    map_storage: Storage | None = None  # where map_now offsets point (None: ``storage``)
     encrypted: bool = False  # data is encrypted at rest (so e.g. a plaintext -s overlay is refused)
 
     @classmethod
@@ -147,35 +181,26 @@ class FormatDriver:
         return 0
 
     @classmethod
-    async def open(cls, file: BlockFile, *, readonly: bool, cache: ClusterCache, options: OpenOptions) -> FormatDriver:
+    async def open(cls, storage: Storage, *, readonly: bool, cache: ClusterCache, options: OpenOptions) -> FormatDriver:
         raise NotImplementedError
 
-    async def preadv(self, offset: int, buf: memoryview) -> None:
+    def read(self, offset: int, buf: memoryview) -> Pending:
+        """Fill ``buf`` with the layer's contents at ``offset`` (see "Reads and writes")."""
         raise NotImplementedError
 
-    def read_now(self, offset: int, buf: memoryview) -> bool:
-        """The synchronous hot path: fill ``buf`` and return True if that needs no waiting (the
-        metadata is cached, the data is plain); else return False without side effects and the
-        caller uses ``preadv``.  Same guarantees as ``preadv``.  Default: never possible."""
-        return False
+    def write(self, offset: int, data: memoryview, *, fua: bool) -> Pending:
+        """Write ``data`` at ``offset``; with ``fua`` it is durable on completion."""
+        raise NotImplementedError
 
     def map_now(self, offset: int) -> int | None:
         """Where the granule holding ``offset`` (``1 << map_bits`` bytes, aligned) starts in
-        ``map_file`` (or ``file``), if all of it is plain data in this layer and the cached
+        ``map_storage`` (or ``storage``), if all of it is plain data in this layer and the cached
         metadata says so; else None.  Synchronous, no side effects; the host range must lie
-        inside that file."""
+        inside that storage."""
         return None
 
     def mappings_changed(self) -> None:
         """See "Mapping memo" above; the image layer replaces this to drop its memo."""
-
-    async def pwritev(self, offset: int, data: memoryview, *, fua: bool) -> None:
-        raise NotImplementedError
-
-    def write_now(self, offset: int, data: memoryview) -> bool:
-        """The synchronous twin of ``pwritev`` (without FUA) for writes that need no allocation
-        and no waiting; False, without side effects, otherwise.  Default: never possible."""
-        return False
 
     async def pwrite_zeroes(self, offset: int, length: int, *, may_trim: bool, fast: bool, fua: bool) -> None:
         """Only called when ``caps.native_zero``; raise NbdError(ENOTSUP) if ``fast`` cannot be honoured."""
@@ -191,7 +216,7 @@ class FormatDriver:
     async def block_status(self, offset: int, length: int) -> Extent:
         return Extent(length, ALLOCATED | DATA)
 
-    def dirty_bitmap(self, name: str) -> DirtyBitmapView | None:
+    async def dirty_bitmap(self, name: str) -> DirtyBitmapView | None:
         """The persistent dirty bitmap ``name`` of this layer, or None (see above)."""
         return None
 

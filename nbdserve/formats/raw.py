@@ -1,9 +1,11 @@
-"""The raw driver: the virtual disk is the host file, byte for byte.
+"""The raw driver: the virtual disk is the storage, byte for byte.
 
-Owns: reads/writes straight to the file, block status from SEEK_DATA/SEEK_HOLE (a host hole is
-ALLOCATED|ZERO: it reads as zeroes and no backing image sits below raw), TRIM by punching holes,
-WRITE_ZEROES by punching (may_trim) or FALLOC_FL_ZERO_RANGE (NO_HOLE), both "fast" only when the
-filesystem supports them.
+Owns: reads and writes passed straight to the storage (``read``/``write`` return the storage's
+own Pending: None on a local file), runs of sequential writes as one storage write
+(``vectored``: a local file's one ``pwritev``), block status from the storage's ``extent`` (a
+host hole is ALLOCATED|ZERO: it reads as zeroes and no backing image sits below raw), TRIM by
+the storage's discard (punching holes), WRITE_ZEROES by its native zeroing (unmapping when
+allowed), "fast" only when that works.
 
 Known-data cache: SEEK_HOLE can cost time proportional to the distance to the next hole (tmpfs
 scans page by page: milliseconds on a dense file), so ranges found to be data are remembered in
@@ -16,10 +18,10 @@ write, zeroing or trim that would leave the first ``guard_size`` bytes looking l
 fails with EPERM, as QEMU does for a probed raw image: otherwise a client could write, say, a qcow2
 header naming another file as its backing file, and the next probe would serve that file.  The
 check sees the whole new first sector (the old bytes patched with the request's), so unaligned
-writes are judged exactly; it and the write happen in one synchronous step, so no other request
-can change the sector in between.
+writes are judged exactly; every request that changes those bytes holds ``_head_lock`` from
+reading them to its write's completion, so no other can change the sector in between.
 
-No metadata, so no lock: concurrent requests go straight to the file.
+No metadata, so no other lock: concurrent requests go straight to the storage.
 """
 
 from __future__ import annotations
@@ -28,9 +30,10 @@ import bisect
 import errno
 from collections.abc import Callable
 
-from ..blockfile import BlockFile
 from ..cache import ClusterCache
 from ..errors import NbdError
+from ..locks import CoMutex
+from ..storage.base import Pending, Storage, read_at, settled, write_zero_bytes
 from .base import ALLOCATED, DATA, ZERO, Caps, Extent, FormatDriver, Limits, OpenOptions
 
 
@@ -70,43 +73,62 @@ class DataRanges:
 
 class RawDriver(FormatDriver):
     format_name = "raw"
+    vectored = True
     # Set for a probed raw image: (head, file size) -> the format that head would be, or None.
     head_guard: Callable[[bytes, int], tuple[str, object] | None] | None = None
     guard_size = 512
 
-    def __init__(self, file: BlockFile, readonly: bool) -> None:
-        self.file = file
+    def __init__(self, storage: Storage, readonly: bool) -> None:
+        self.storage = storage
         self.readonly = readonly
-        self.size = file.size
+        self.size = storage.size
         self.limits = Limits(align=1)
         self.caps = Caps(native_zero=not readonly, native_trim=not readonly, fast_zero=not readonly)
         self.known_data = DataRanges()
+        self._head_lock = CoMutex(f"raw head {storage.name}")
 
     @classmethod
     def probe(cls, head: bytes, file_size: int) -> int:
         return 1  # anything is raw, but only as a last resort chosen explicitly (see formats.probe)
 
     @classmethod
-    async def open(cls, file: BlockFile, *, readonly: bool, cache: ClusterCache, options: OpenOptions) -> RawDriver:
-        return cls(file, readonly or file.readonly)
+    async def open(cls, storage: Storage, *, readonly: bool, cache: ClusterCache, options: OpenOptions) -> RawDriver:
+        return cls(storage, readonly or storage.readonly)
 
-    def read_now(self, offset: int, buf: memoryview) -> bool:
-        self.file.pread_into(buf, offset)
-        return True
+    def read(self, offset: int, buf: memoryview) -> Pending:
+        return self.storage.read(offset, buf)
 
-    async def preadv(self, offset: int, buf: memoryview) -> None:
-        self.file.pread_into(buf, offset)
+    def write(self, offset: int, data: memoryview | list[memoryview], *, fua: bool) -> Pending:
+        if offset < self.guard_size and self.head_guard is not None:
+            return self._write_guarded(offset, data, fua)
+        pending = self.storage.write(offset, data)
+        if fua:
+            return self._flush_after(pending)
+        return pending
 
-    def _guard(self, offset: int, data: bytes | memoryview | None, length: int) -> None:
+    async def _flush_after(self, pending: Pending) -> None:
+        await settled(pending)
+        await self.storage.flush()
+
+    async def _write_guarded(self, offset: int, data: memoryview | list[memoryview], fua: bool) -> None:
+        """A write into the guarded head of a probed-raw image (see the module docstring)."""
+        first = b"".join(data) if type(data) is list else data
+        length = len(first)
+        async with self._head_lock:
+            await self._guard(offset, first, length)
+            await settled(self.storage.write(offset, data))
+        if fua:
+            await self.storage.flush()
+
+    async def _guard(self, offset: int, data: bytes | memoryview | None, length: int) -> None:
         """Refuse (EPERM) a change of the first ``guard_size`` bytes that makes them an image
-        format's magic; ``data`` None means zeroes."""
+        format's magic; ``data`` None means zeroes.  Called with ``_head_lock`` held."""
+        self._head_lock.assert_locked()
         end = self.guard_size
-        if self.head_guard is None or offset >= end:
-            return
-        head = self.file.pread(end, 0)
+        head = await read_at(self.storage, 0, end)
         n = min(length, end - offset)
         head[offset : offset + n] = bytes(n) if data is None else data[:n]
-        found = self.head_guard(bytes(head), max(self.file.size, offset + length))
+        found = self.head_guard(bytes(head), max(self.storage.size, offset + length))
         if found is not None:
             raise NbdError(
                 errno.EPERM,
@@ -114,50 +136,53 @@ class RawDriver(FormatDriver):
                 "(serve it with an explicit raw format to allow it)",
             )
 
-    def write_now(self, offset: int, data: memoryview) -> bool:
-        self._guard(offset, data, len(data))
-        self.file.pwrite(data, offset)
-        return True
-
-    async def pwritev(self, offset: int, data: memoryview, *, fua: bool) -> None:
-        self._guard(offset, data, len(data))
-        self.file.pwrite(data, offset)
-        if fua:
-            await self.file.flush()
-
     async def pwrite_zeroes(self, offset: int, length: int, *, may_trim: bool, fast: bool, fua: bool) -> None:
-        self._guard(offset, None, length)
-        punched = may_trim and self.file.punch_hole(offset, length)
-        if punched:
-            self.known_data.forget(offset, offset + length)
-        done = punched or self.file.zero_range(offset, length)
-        if not done:
-            if fast:
-                raise NbdError(errno.ENOTSUP, "zeroing is not faster than writing on this file")
-            self.file.write_zeroes(offset, length)
+        guarded = offset < self.guard_size and self.head_guard is not None
+        if guarded:
+            await self._head_lock.lock()
+        try:
+            if guarded:
+                await self._guard(offset, None, length)
+            if may_trim:
+                self.known_data.forget(offset, offset + length)
+            if not await self.storage.write_zeroes(offset, length, may_unmap=may_trim):
+                if fast:
+                    raise NbdError(errno.ENOTSUP, "zeroing is not faster than writing on this file")
+                await write_zero_bytes(self.storage, offset, length)
+        finally:
+            if guarded:
+                self._head_lock.unlock()
         if fua:
-            await self.file.flush()
+            await self.storage.flush()
 
     async def pdiscard(self, offset: int, length: int) -> None:
-        self._guard(offset, None, length)
-        if self.file.punch_hole(offset, length):
+        guarded = offset < self.guard_size and self.head_guard is not None
+        if guarded:
+            await self._head_lock.lock()
+        try:
+            if guarded:
+                await self._guard(offset, None, length)
             self.known_data.forget(offset, offset + length)
+            await self.storage.discard(offset, length)
+        finally:
+            if guarded:
+                self._head_lock.unlock()
 
     async def flush(self) -> None:
-        await self.file.flush()
+        await self.storage.flush()
 
     async def block_status(self, offset: int, length: int) -> Extent:
         end = offset + length
         known = self.known_data.end_of(offset)
         if known:
             return Extent(min(known, end) - offset, ALLOCATED | DATA)
-        hole = self.file.next_hole(offset)
-        if hole > offset:
-            self.known_data.add(offset, hole)
-            return Extent(min(hole, end) - offset, ALLOCATED | DATA)
-        data = self.file.next_data(offset)
-        return Extent(min(data, end) - offset, ALLOCATED | ZERO)
+        # ask about the rest of the disk: a data run is remembered whole
+        run, is_data = await self.storage.extent(offset, self.size - offset)
+        if is_data:
+            self.known_data.add(offset, offset + run)
+            return Extent(min(run, length), ALLOCATED | DATA)
+        return Extent(min(run, length), ALLOCATED | ZERO)
 
     async def close(self) -> None:
         if not self.readonly:
-            await self.file.flush()
+            await self.storage.flush()

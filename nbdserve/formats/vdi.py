@@ -20,8 +20,11 @@ that appends at ``blocks_allocated`` (QEMU, VirtualBox, us) never hands out a us
     slot (synced); the moved block's entry points at its new slot (synced); the header's count
     drops by one (synced); the file is cut after the last block.  (VirtualBox copies first, so
     a crash can show the moved block's bytes where zeroes were promised.)  Each table change is
-    made in memory in the same synchronous step as the data it depends on is read or copied,
-    with ``mappings_changed`` in that step, so no request in flight sees a half-done move.
+    made in memory together with ``mappings_changed``, and while the block being checked or
+    moved is read or copied, lock-free writes to it are held back (``_moving``: they take the
+    slow path and wait for the lock), so no write lands in a slot after it was read.  (A write
+    already in flight on a storage that completes asynchronously is not waited for: VDI relies
+    on a storage that completes synchronously for that, as local files do.)
 A crash between those writes leaves a count that disagrees with the map (``qemu-img check``
 reports it) or a hole in the index space; a read-write open repairs both (moving blocks down
 into holes, fixing the count, cutting leaked blocks off the end) before serving.
@@ -48,10 +51,10 @@ import struct
 import uuid
 from array import array
 
-from ..blockfile import BlockFile
 from ..cache import CacheEntry, ClusterCache
 from ..errors import CorruptImage, NbdError, UnsupportedImage
 from ..locks import CoMutex
+from ..storage.base import Pending, Storage, joined, read_at, settled
 from .base import ALLOCATED, DATA, ZERO, Caps, Extent, FormatDriver, Limits, OpenOptions, zero_in_place
 from .tables import decode_le32, encode_le
 
@@ -88,12 +91,12 @@ def _identity(buf: bytearray) -> bytearray:
 class VdiDriver(FormatDriver):
     format_name = "vdi"
 
-    def __init__(self, file: BlockFile, readonly: bool, cache: ClusterCache, fields: tuple) -> None:
-        self.file = file
-        self.path = file.path
+    def __init__(self, storage: Storage, readonly: bool, cache: ClusterCache, fields: tuple) -> None:
+        self.storage = storage
+        self.path = storage.name
         self.readonly = readonly
         self.cache = cache
-        self.lock = CoMutex(f"vdi {file.path}")
+        self.lock = CoMutex(f"vdi {storage.name}")
         self.static = fields[4] == TYPE_STATIC
         self.offset_bmap, self.offset_data = fields[7], fields[8]
         self.block_size = fields[15]
@@ -106,8 +109,11 @@ class VdiDriver(FormatDriver):
         self.caps = Caps(native_zero=writable, native_trim=writable)
         self.map_bits = self.block_bits
         self.rev = array("I")  # data block index -> virtual block (UNALLOCATED: unused)
-        self.bmap_kind = cache.kind(file, name="VDI block map page", size=PAGE, decode=decode_le32, encode=encode_le)
-        self.header_kind = cache.kind(file, name="VDI header", size=SECTOR, decode=bytearray, encode=_identity)
+        # The virtual block whose data ``_remove`` is copying to another slot (-1: none); writes
+        # to it wait for the lock, so none lands in the old slot after it was read.
+        self._moving = -1
+        self.bmap_kind = cache.kind(storage, name="VDI block map page", size=PAGE, decode=decode_le32, encode=encode_le)
+        self.header_kind = cache.kind(storage, name="VDI header", size=SECTOR, decode=bytearray, encode=_identity)
 
     @classmethod
     def probe(cls, head: bytes, file_size: int) -> int:
@@ -116,20 +122,20 @@ class VdiDriver(FormatDriver):
     # -- opening ----------------------------------------------------------------------------
 
     @classmethod
-    async def open(cls, file: BlockFile, *, readonly: bool, cache: ClusterCache, options: OpenOptions) -> VdiDriver:
-        drv = cls(file, readonly or file.readonly, cache, _parse_header(file))
-        drv._scan()
+    async def open(cls, storage: Storage, *, readonly: bool, cache: ClusterCache, options: OpenOptions) -> VdiDriver:
+        drv = cls(storage, readonly or storage.readonly, cache, await _parse_header(storage))
+        await drv._scan()
         if not drv.readonly:
             await drv._repair()
         return drv
 
-    def _scan(self) -> None:
+    async def _scan(self) -> None:
         """Check every block map entry; build the reverse map."""
-        path, bs, file = self.path, self.block_size, self.file
+        path, bs, storage = self.path, self.block_size, self.storage
         rev = array("I", [UNALLOCATED]) * self.blocks
         for first in range(0, self.blocks, SCAN_CHUNK // 4):
             n = min(SCAN_CHUNK // 4, self.blocks - first)
-            chunk = decode_le32(file.pread(n * 4, self.offset_bmap + first * 4))
+            chunk = decode_le32(await read_at(storage, self.offset_bmap + first * 4, n * 4))
             for k, e in enumerate(chunk):
                 if e >= DISCARDED:
                     continue
@@ -139,7 +145,7 @@ class VdiDriver(FormatDriver):
                 if rev[e] != UNALLOCATED:
                     raise CorruptImage(path, f"block map entries {rev[e]} and {vb} both use data block {e}")
                 need = min(bs, self.size - vb * bs) if vb * bs < self.size else 0
-                if self.offset_data + e * bs + need > file.size:
+                if self.offset_data + e * bs + need > storage.size:
                     raise CorruptImage(path, f"block map entry {vb} ({e}): its data lies past the end of the file")
                 rev[e] = vb
         self.rev = rev
@@ -149,7 +155,7 @@ class VdiDriver(FormatDriver):
         image some other tool left so).  Runs before anything is served: no lock."""
         used = len(self.rev) - self.rev.count(UNALLOCATED)
         end = self.offset_data + used * self.block_size
-        cut = not self.static and self.file.size > end
+        cut = not self.static and self.storage.size > end
         if used == self.allocated and not self.rev[:used].count(UNALLOCATED) and not cut:
             return
         log.warning("%s: block count %d, %d blocks in use: repairing", self.path, self.allocated, used)
@@ -163,10 +169,8 @@ class VdiDriver(FormatDriver):
             if top < hole:
                 break
             vb = self.rev[top]
-            self.file.pwrite(
-                self.file.pread(self.block_size, self.offset_data + top * self.block_size), self._host(hole)
-            )
-            await self.file.flush()
+            await self._copy_block(top, hole)
+            await self.storage.flush()
             page = await self._page(vb)
             try:
                 page.value[vb % PAGE_ENTRIES] = hole
@@ -184,13 +188,18 @@ class VdiDriver(FormatDriver):
         finally:
             self.cache.release(header)
         if cut:
-            self.file.truncate(end)
-            await self.file.flush()
+            await self.storage.truncate(end)
+            await self.storage.flush()
 
     # -- lookups ----------------------------------------------------------------------------
 
     def _host(self, index: int) -> int:
         return self.offset_data + index * self.block_size
+
+    async def _copy_block(self, src: int, dst: int) -> None:
+        """Copy data block ``src`` into the slot of data block ``dst``."""
+        block = await read_at(self.storage, self._host(src), self.block_size)
+        await settled(self.storage.write(self._host(dst), block))
 
     def _entry_now(self, vb: int) -> int | None:
         """Block map entry ``vb`` if its page is cached, else None (never suspends)."""
@@ -215,22 +224,40 @@ class VdiDriver(FormatDriver):
 
     # -- reads ------------------------------------------------------------------------------
 
-    async def preadv(self, offset: int, buf: memoryview) -> None:
-        bits, bs = self.block_bits, self.block_size
-        n = len(buf)
-        pos = 0
+    def read(self, offset: int, buf: memoryview) -> Pending:
+        pendings: list = []
+        pos = self._read_cached(offset, buf, 0, pendings)
+        if pos == len(buf):
+            return joined(pendings)
+        return self._read_loading(offset, buf, pos, pendings)
+
+    def _read_cached(self, offset: int, buf: memoryview, pos: int, pendings: list) -> int:
+        """Start the reads of ``buf`` (guest ``offset``) from ``pos`` (relative to ``buf``) on,
+        block by block, while the map pages are cached; returns where it stopped.  Synchronous:
+        each storage read starts right after its lookup."""
+        bits, bs, n, storage = self.block_bits, self.block_size, len(buf), self.storage
         while pos < n:
             off = offset + pos
             inblk = off & (bs - 1)
             cnt = min(bs - inblk, n - pos)
             e = self._entry_now(off >> bits)
             if e is None:
-                e = await self._entry(off >> bits)
+                return pos
             if e >= DISCARDED:
                 buf[pos : pos + cnt] = bytes(cnt)
             else:
-                self.file.pread_into(buf[pos : pos + cnt], self._host(e) + inblk)
+                p = storage.read(self._host(e) + inblk, buf[pos : pos + cnt])
+                if p is not None:
+                    pendings.append(p)
             pos += cnt
+        return pos
+
+    async def _read_loading(self, offset: int, buf: memoryview, pos: int, pendings: list) -> None:
+        """``read`` from ``pos`` on, where a map page is not cached: load it and walk on."""
+        while pos < len(buf):
+            await self._entry((offset + pos) >> self.block_bits)
+            pos = self._read_cached(offset, buf, pos, pendings)
+        await settled(joined(pendings))
 
     async def block_status(self, offset: int, length: int) -> Extent:
         bits = self.block_bits
@@ -253,7 +280,36 @@ class VdiDriver(FormatDriver):
 
     # -- writes -----------------------------------------------------------------------------
 
-    async def pwritev(self, offset: int, data: memoryview, *, fua: bool) -> None:
+    def write(self, offset: int, data: memoryview, *, fua: bool) -> Pending:
+        pendings = None if fua else self._write_in_place(offset, data)
+        if pendings is None:
+            return self._write_slow(offset, data, fua)
+        return joined(pendings)
+
+    def _write_in_place(self, offset: int, data: memoryview) -> list | None:
+        """Start the writes without the lock if every block is allocated, its map page cached
+        and not being moved (returns their Pendings); else None, and nothing written."""
+        bits, bs, n = self.block_bits, self.block_size, len(data)
+        plan = []
+        pos = 0
+        while pos < n:
+            off = offset + pos
+            inblk = off & (bs - 1)
+            cnt = min(bs - inblk, n - pos)
+            e = self._entry_now(off >> bits)
+            if e is None or e >= DISCARDED or off >> bits == self._moving:
+                return None
+            plan.append((pos, cnt, self._host(e) + inblk))
+            pos += cnt
+        pendings = []
+        for pos, cnt, host in plan:
+            p = self.storage.write(host, data[pos : pos + cnt])
+            if p is not None:
+                pendings.append(p)
+        return pendings
+
+    async def _write_slow(self, offset: int, data: memoryview, fua: bool) -> None:
+        """``write`` block by block: in place where allocated, else allocating under the lock."""
         bits, bs = self.block_bits, self.block_size
         n = len(data)
         pos = 0
@@ -265,8 +321,8 @@ class VdiDriver(FormatDriver):
             e = self._entry_now(vb)
             if e is None:
                 e = await self._entry(vb)
-            if e < DISCARDED:
-                self.file.pwrite(data[pos : pos + cnt], self._host(e) + inblk)
+            if e < DISCARDED and vb != self._moving:
+                await settled(self.storage.write(self._host(e) + inblk, data[pos : pos + cnt]))
             else:
                 async with self.lock:
                     await self._allocate(vb, inblk, data[pos : pos + cnt])
@@ -283,17 +339,18 @@ class VdiDriver(FormatDriver):
         try:
             e = page.value[vb % PAGE_ENTRIES]
             if e < DISCARDED:
-                self.file.pwrite(data, self._host(e) + inblk)
+                await settled(self.storage.write(self._host(e) + inblk, data))
                 return
             index = self.allocated
             if index >= self.blocks:
                 raise NbdError(errno.ENOSPC, f"{self.path}: every data block is in use")
             host = self._host(index)
-            if host < self.file.size:
-                zero_in_place(self.file, host, min(self.block_size, self.file.size - host), False)
-            self.file.pwrite(data, host + inblk)
-            if self.file.size < host + self.block_size:
-                self.file.truncate(host + self.block_size)
+            size = self.storage.size
+            if host < size:
+                await zero_in_place(self.storage, host, min(self.block_size, size - host), False)
+            await settled(self.storage.write(host + inblk, data))
+            if self.storage.size < host + self.block_size:
+                await self.storage.truncate(host + self.block_size)
             self.allocated = index + 1
             struct.pack_into("<I", header.value, BLOCKS_ALLOCATED_AT, index + 1)
             self.cache.mark_dirty(header, sync_before=True)
@@ -323,7 +380,7 @@ class VdiDriver(FormatDriver):
                 async with self.lock:
                     await self._remove(vb, 0, bs)
             else:
-                zero_in_place(self.file, self._host(e) + inblk, cnt, may_trim)
+                await zero_in_place(self.storage, self._host(e) + inblk, cnt, may_trim)
             pos += cnt
         if fua:
             await self.flush()
@@ -348,17 +405,21 @@ class VdiDriver(FormatDriver):
         ``[a, a+n)``, all zeroes.  Called with self.lock held."""
         self.lock.assert_locked()
         d = await self._entry(vb)
-        if d >= DISCARDED or not self._rest_is_zero(d, a, n):
+        if d >= DISCARDED or not await self._rest_is_zero(d, a, n):
             return
-        await self.cache.flush(self.file)  # nothing else pending: the writes below go in order
+        await self.cache.flush(self.storage)  # nothing else pending: the writes below go in order
         freed = await self._page(vb)
         header = await self.cache.get(self.header_kind, 0)
         try:
             # (1) The entry says "zeroes" on disk before anything overwrites the block's slot.
             # Checked again: in-place writes take no lock and may have landed meanwhile.
             d = freed.value[vb % PAGE_ENTRIES]
-            if d >= DISCARDED or not self._rest_is_zero(d, a, n):
-                return
+            self._moving = vb
+            try:
+                if d >= DISCARDED or not await self._rest_is_zero(d, a, n):
+                    return
+            finally:
+                self._moving = -1
             freed.value[vb % PAGE_ENTRIES] = DISCARDED
             self.rev[d] = UNALLOCATED
             self.mappings_changed()
@@ -369,14 +430,16 @@ class VdiDriver(FormatDriver):
             if d != last:
                 moved_vb = self.rev[last]
                 moved = await self._page(moved_vb)
+                self._moving = moved_vb  # in-place writes to it now wait for the lock
                 try:
-                    self.file.pwrite(self.file.pread(self.block_size, self._host(last)), self._host(d))
+                    await self._copy_block(last, d)
                     moved.value[moved_vb % PAGE_ENTRIES] = d
                     self.rev[d], self.rev[last] = moved_vb, UNALLOCATED
                     self.mappings_changed()
                     self.cache.mark_dirty(moved, sync_before=True)
                     self.cache.mark_dirty(header, after=[moved])
                 finally:
+                    self._moving = -1
                     self.cache.release(moved)
             self.allocated = last
             struct.pack_into("<I", header.value, BLOCKS_ALLOCATED_AT, last)
@@ -385,29 +448,29 @@ class VdiDriver(FormatDriver):
         finally:
             self.cache.release(header)
             self.cache.release(freed)
-        self.file.truncate(self._host(self.allocated))
+        await self.storage.truncate(self._host(self.allocated))
 
-    def _rest_is_zero(self, index: int, a: int, n: int) -> bool:
+    async def _rest_is_zero(self, index: int, a: int, n: int) -> bool:
         """Whether data block ``index`` holds only zero bytes outside ``[a, a+n)``."""
         if a == 0 and n == self.block_size:
             return True
-        block = self.file.pread(self.block_size, self._host(index))
+        block = await read_at(self.storage, self._host(index), self.block_size)
         return block[:a].count(0) == a and block[a + n :].count(0) == self.block_size - a - n
 
     async def flush(self) -> None:
-        await self.cache.flush(self.file)
+        await self.cache.flush(self.storage)
 
     async def close(self) -> None:
         if not self.readonly:
             await self.flush()
 
 
-def _parse_header(file: BlockFile) -> tuple:
+async def _parse_header(storage: Storage) -> tuple:
     """The header fields of a VDI file, validated (see the module docstring)."""
-    path = file.path
-    if file.size < SECTOR:
-        raise CorruptImage(path, f"file of {file.size} bytes is shorter than a VDI header")
-    f = HEADER.unpack_from(file.pread(SECTOR, 0))
+    path, size = storage.name, storage.size
+    if size < SECTOR:
+        raise CorruptImage(path, f"file of {size} bytes is shorter than a VDI header")
+    f = HEADER.unpack_from(await read_at(storage, 0, SECTOR))
     (_, signature, version, header_size, image_type, _, _, offset_bmap, offset_data, _, _, _, sector_size) = f[:13]
     disk_size, block_size, block_extra, blocks, allocated, _, _, link, parent = f[14:]
     if signature != SIGNATURE:
@@ -433,8 +496,8 @@ def _parse_header(file: BlockFile) -> tuple:
     if header_size < MIN_HEADER_SIZE or PRE_HEADER + header_size > offset_bmap:
         raise CorruptImage(path, f"header_size {header_size} is below 0x180 or runs into the block map")
     bmap_end = -(-(offset_bmap + blocks * 4) // SECTOR) * SECTOR
-    if offset_bmap % SECTOR or bmap_end > file.size:
+    if offset_bmap % SECTOR or bmap_end > size:
         raise CorruptImage(path, f"offset_bmap 0x{offset_bmap:x} (block map) is unaligned or not inside the file")
-    if offset_data % SECTOR or offset_data < bmap_end or (allocated and offset_data >= file.size):
+    if offset_data % SECTOR or offset_data < bmap_end or (allocated and offset_data >= size):
         raise CorruptImage(path, f"offset_data 0x{offset_data:x} is unaligned, on the block map or past the end")
     return f

@@ -66,6 +66,13 @@ before anything is read), table_offset; every BAT entry inside the file; blocks 
 each other, the footer copy, the dynamic header, the BAT or parent-locator data; at most
 MAX_BLOCKS allocated blocks (memory stays bounded: the BAT is scanned a chunk at a time).
 
+Reads and writes (``read``/``write``, see ``formats.base``): a fixed image passes straight to the
+storage.  Otherwise the fast case walks the cached BAT pages (and sector bitmaps) synchronously
+and starts each piece's storage or backing read; a read that meets a page or bitmap not cached
+returns a coroutine that loads it and walks on; a write goes to the storage at once when every
+block it touches is allocated, fully present and its BAT page cached (no bitmap changes), else
+it returns the coroutine that allocates and sets bitmap bits.
+
 Locking: ``self.lock`` (a CoMutex) guards the BAT, the bitmaps, ``free_offset`` and the footer.
 Reads and writes of data in allocated blocks run without it.  Allocation re-checks the BAT entry
 under the lock, so concurrent writes into one unallocated block allocate it once.
@@ -85,11 +92,23 @@ import uuid
 from array import array
 from typing import Any
 
-from ..blockfile import BlockFile
 from ..cache import CacheEntry, ClusterCache, TableKind
 from ..errors import CorruptImage, ImageError, NbdError, UnsupportedImage
 from ..locks import CoMutex
-from .base import ALLOCATED, DATA, ZERO, BackingRef, Caps, Extent, FormatDriver, Limits, OpenOptions
+from ..storage.base import Pending, Storage, joined, read_at, settled
+from .base import (
+    ALLOCATED,
+    DATA,
+    ZERO,
+    ZEROES,
+    BackingRef,
+    Caps,
+    Extent,
+    FormatDriver,
+    Limits,
+    OpenOptions,
+    zero_in_place,
+)
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +128,6 @@ BAT_PAGE_ENTRIES = BAT_PAGE // 4
 SCAN_CHUNK = 1 << 20  # bytes of BAT decoded at a time during the open-time scan
 MAX_BLOCKS = 1 << 21  # allocated blocks; 2M x 2 MiB blocks is twice the largest VHD
 MAX_LOCATOR = 64 << 10  # bytes; a parent path longer than this is not a path
-ZERO_CHUNK = bytes(1 << 20)
 STATUS_BLOCKS = 4096  # blocks looked at per block_status call
 SWAP = sys.byteorder == "little"  # BAT entries are big-endian
 
@@ -235,15 +253,16 @@ def _identity(buf: Any) -> Any:
 class VhdDriver(FormatDriver):
     format_name = "vpc"
 
-    def __init__(self, file: BlockFile, readonly: bool, footer: Footer, size: int) -> None:
-        self.file = file
+    def __init__(self, storage: Storage, readonly: bool, footer: Footer, size: int) -> None:
+        self.storage = storage
+        self.path = storage.name
         self.readonly = readonly
         self.footer = footer
         self.size = size
         self.fixed = footer.disk_type == DISK_FIXED
         self.limits = Limits(align=SECTOR)
         self.caps = Caps(native_zero=not readonly)
-        self.lock = CoMutex(f"vhd {file.path}")
+        self.lock = CoMutex(f"vhd {storage.name}")
         self.backing = None
         # dynamic / differencing only (set by _open_dynamic)
         self.cache: ClusterCache | None = None
@@ -266,15 +285,15 @@ class VhdDriver(FormatDriver):
     # -- open -------------------------------------------------------------------------------
 
     @classmethod
-    async def open(cls, file: BlockFile, *, readonly: bool, cache: ClusterCache, options: OpenOptions) -> VhdDriver:
-        path = file.path
-        if file.size < FOOTER_SIZE:
-            raise CorruptImage(path, f"file of {file.size} bytes is shorter than a VHD footer (512)")
-        tail_at = file.size - FOOTER_SIZE
-        tail, tail_err = parse_footer(file.pread(FOOTER_SIZE, tail_at))
+    async def open(cls, storage: Storage, *, readonly: bool, cache: ClusterCache, options: OpenOptions) -> VhdDriver:
+        path = storage.name
+        if storage.size < FOOTER_SIZE:
+            raise CorruptImage(path, f"file of {storage.size} bytes is shorter than a VHD footer (512)")
+        tail_at = storage.size - FOOTER_SIZE
+        tail, tail_err = parse_footer(await read_at(storage, tail_at, FOOTER_SIZE))
         footer, repair = tail, False
         if tail is None:
-            head, head_err = parse_footer(file.pread(FOOTER_SIZE, 0))
+            head, head_err = parse_footer(await read_at(storage, 0, FOOTER_SIZE))
             if head is None or head.disk_type not in (DISK_DYNAMIC, DISK_DIFFERENCING):
                 why = head_err or f"its disk_type is {head.disk_type}"
                 raise CorruptImage(path, f"no valid VHD footer (at end of file: {tail_err}; copy at offset 0: {why})")
@@ -291,22 +310,22 @@ class VhdDriver(FormatDriver):
                 path, size, field, tail_at,
             )  # fmt: skip
             readonly = True
-        drv = cls(file, readonly, footer, size)
+        drv = cls(storage, readonly, footer, size)
         if drv.fixed:
             return drv
         await drv._open_dynamic(cache)
         if repair and not readonly:
-            at = max(drv.free_offset, -(-file.size // SECTOR) * SECTOR)
-            file.pwrite(footer.raw, at)
-            await file.flush()
+            at = max(drv.free_offset, -(-storage.size // SECTOR) * SECTOR)
+            await settled(storage.write(at, footer.raw))
+            await storage.flush()
         return drv
 
     async def _open_dynamic(self, cache: ClusterCache) -> None:
-        file, path, footer = self.file, self.file.path, self.footer
+        storage, path, footer = self.storage, self.path, self.footer
         hdr_at = footer.data_offset
-        if hdr_at % SECTOR or hdr_at < FOOTER_SIZE or hdr_at + DYN_HEADER_SIZE > file.size - FOOTER_SIZE:
+        if hdr_at % SECTOR or hdr_at < FOOTER_SIZE or hdr_at + DYN_HEADER_SIZE > storage.size - FOOTER_SIZE:
             raise CorruptImage(path, f"footer data_offset 0x{hdr_at:x} (dynamic header) is not inside the file")
-        raw = file.pread(DYN_HEADER_SIZE, hdr_at)
+        raw = await read_at(storage, hdr_at, DYN_HEADER_SIZE)
         (cookie, _, table_offset, _, entries, block_size, checksum, parent_uuid, _, _, parent_name) = (
             DYN_HEADER.unpack_from(raw)
         )
@@ -323,7 +342,7 @@ class VhdDriver(FormatDriver):
                 path, f"max_table_entries {entries} x block_size {block_size} is smaller than the disk size {self.size}"
             )
         bat_end = table_offset + 4 * entries
-        if table_offset % SECTOR or table_offset < FOOTER_SIZE or bat_end > file.size - FOOTER_SIZE:
+        if table_offset % SECTOR or table_offset < FOOTER_SIZE or bat_end > storage.size - FOOTER_SIZE:
             raise CorruptImage(
                 path,
                 f"dynamic header table_offset 0x{table_offset:x} (BAT of {entries} entries) is not inside the file",
@@ -339,39 +358,39 @@ class VhdDriver(FormatDriver):
         regions = [(0, FOOTER_SIZE, "footer copy"), (hdr_at, hdr_at + DYN_HEADER_SIZE, "dynamic header")]
         regions.append((table_offset, bat_end, "BAT"))
         if footer.disk_type == DISK_DIFFERENCING:
-            self.backing = self._find_parent(raw, parent_uuid, parent_name, regions)
-        self._scan_bat(regions)
-        self._bat_kind = cache.kind(file, name="VHD BAT page", size=BAT_PAGE, decode=_decode_bat, encode=_encode_bat)
+            self.backing = await self._find_parent(raw, parent_uuid, parent_name, regions)
+        await self._scan_bat(regions)
+        self._bat_kind = cache.kind(storage, name="VHD BAT page", size=BAT_PAGE, decode=_decode_bat, encode=_encode_bat)
         self._full = bytearray((entries + 7) // 8)
         tail = entries % BAT_PAGE_ENTRIES
         if tail:
             self._tail_page = entries // BAT_PAGE_ENTRIES
             self._bat_tail_kind = cache.kind(
-                file, name="VHD BAT tail", size=tail * 4, decode=_decode_bat, encode=_encode_bat
+                storage, name="VHD BAT tail", size=tail * 4, decode=_decode_bat, encode=_encode_bat
             )
         self._bitmap_kind = cache.kind(
-            file, name="VHD sector bitmap", size=self.bitmap_size, decode=_identity, encode=_identity
+            storage, name="VHD sector bitmap", size=self.bitmap_size, decode=_identity, encode=_identity
         )
 
-    def _scan_bat(self, regions: list[tuple[int, int, str]]) -> None:
+    async def _scan_bat(self, regions: list[tuple[int, int, str]]) -> None:
         """Check every BAT entry (inside the file, no overlaps) and find where free space starts.
 
         Memory stays bounded: the BAT is decoded a chunk at a time, allocated entries are kept
         as 4-byte array items, and their number is capped (by what fits in the file, and at
         MAX_BLOCKS) before anything is sorted.
         """
-        file, path = self.file, self.file.path
+        storage, path = self.storage, self.path
         span = self.bitmap_size + self.block_size
-        fits = min(MAX_BLOCKS, file.size // span)
+        fits = min(MAX_BLOCKS, storage.size // span)
         blocks = array("I")
         pos, end = self.table_offset, self.table_offset + 4 * self.entries
         while pos < end:
             n = min(SCAN_CHUNK, end - pos)
-            chunk = _decode_bat(file.pread(n, pos))
+            chunk = _decode_bat(await read_at(storage, pos, n))
             used = [x for x in chunk if x != UNALLOCATED]
             if used:
                 top = max(used)
-                if top * SECTOR + span > file.size:
+                if top * SECTOR + span > storage.size:
                     idx = (pos - self.table_offset) // 4 + chunk.index(top)
                     raise CorruptImage(
                         path, f"BAT entry {idx} (sector 0x{top:x}): block past the end of the file (truncated image?)"
@@ -401,22 +420,22 @@ class VhdDriver(FormatDriver):
             top_end = max(top_end, starts[-1] * SECTOR + span)
         self.free_offset = -(-top_end // SECTOR) * SECTOR
 
-    def _find_parent(
+    async def _find_parent(
         self, raw: bytearray, parent_uuid: bytes, parent_name: bytes, regions: list[tuple[int, int, str]]
     ) -> BackingRef:
         """Choose the parent among the locators and the parent name; check its footer's UUID."""
-        file, path = self.file, self.file.path
+        storage, path = self.storage, self.path
         candidates: list[str] = []
         by_kind: dict[bytes, list[str]] = {b"W2ru": [], b"W2ku": [], b"MacX": []}
         for i in range(8):
             code, _space, length, _res, offset = LOCATOR.unpack_from(raw, LOCATORS_AT + i * LOCATOR.size)
             if code not in by_kind or length == 0:
                 continue
-            if length > MAX_LOCATOR or offset + length > file.size:
+            if length > MAX_LOCATOR or offset + length > storage.size:
                 where = f"0x{offset:x}+{length}"
                 raise CorruptImage(path, f"parent locator {i} ({code.decode()}) data at {where} is not inside the file")
             regions.append((offset, offset + length, f"parent locator {i}"))
-            data = bytes(file.pread(length, offset))
+            data = bytes(await read_at(storage, offset, length))
             try:
                 text = data.decode("utf-8") if code == b"MacX" else data.decode("utf-16-le")
             except UnicodeDecodeError:
@@ -504,20 +523,6 @@ class VhdDriver(FormatDriver):
 
     # -- reads ------------------------------------------------------------------------------
 
-    def read_now(self, offset: int, buf: memoryview) -> bool:
-        """Hot path: a fixed image, or inside one fully present block with its BAT page cached."""
-        if self.fixed:
-            self.file.pread_into(buf, offset)
-            return True
-        inblk = offset & (self.block_size - 1)
-        if inblk + len(buf) > self.block_size:
-            return False
-        host = self.map_now(offset)
-        if host is None:
-            return False
-        self.file.pread_into(buf, host + inblk)
-        return True
-
     def map_now(self, offset: int) -> int | None:
         """A dynamic image's block whose sectors are all present, its BAT page cached."""
         idx = offset >> self.block_shift
@@ -526,70 +531,144 @@ class VhdDriver(FormatDriver):
             return block * SECTOR + self.bitmap_size
         return None
 
-    async def preadv(self, offset: int, buf: memoryview) -> None:
-        if self.read_now(offset, buf):
-            return
+    def read(self, offset: int, buf: memoryview) -> Pending:
+        if self.fixed:
+            return self.storage.read(offset, buf)
+        pendings: list = []
+        pos = self._read_cached(offset, buf, offset, pendings)
+        if pos == offset + len(buf):
+            return joined(pendings)
+        return self._read_loading(offset, buf, pos, pendings)
+
+    def _read_cached(self, offset: int, buf: memoryview, pos: int, pendings: list) -> int:
+        """Start the reads of ``buf`` (guest ``offset``) from ``pos`` on, block by block, as long
+        as the BAT pages and the bitmaps needed are cached; returns where it stopped.
+        Synchronous (no lock: a block's mapping never changes once it is allocated)."""
+        shift, end = self.block_shift, offset + len(buf)
+        while pos < end:
+            idx = pos >> shift
+            block = self._bat_cached(idx)
+            if block is None:
+                return pos
+            bm = None
+            if block != UNALLOCATED and not self._full[idx >> 3] & (1 << (idx & 7)):
+                e = self.cache.peek(self._bitmap_kind, block * SECTOR)
+                if e is None:
+                    return pos
+                bm = e.value
+            pos = self._read_block(offset, buf, pos, block, bm, pendings)
+        return pos
+
+    def _read_block(
+        self, offset: int, buf: memoryview, pos: int, block: int, bm: bytearray | None, pendings: list
+    ) -> int:
+        """Start the reads of the part of block ``block`` (its BAT entry) from guest ``pos``;
+        ``bm`` is its sector bitmap (None: unallocated or fully present).  Returns the next
+        guest offset."""
+        bs = self.block_size
+        inblk = pos & (bs - 1)
+        cnt = min(bs - inblk, offset + len(buf) - pos)
+        view = buf[pos - offset : pos - offset + cnt]
+        if block == UNALLOCATED:
+            p = self.read_backing(pos, view)
+            if p is not None:
+                pendings.append(p)
+            return pos + cnt
+        data_at = block * SECTOR + self.bitmap_size
+        if bm is None:
+            p = self.storage.read(data_at + inblk, view)
+            if p is not None:
+                pendings.append(p)
+            return pos + cnt
+        self._note_full(pos >> self.block_shift, bm)
+        s0 = inblk >> 9
+        s, e = s0, s0 + (cnt >> 9)
+        while s < e:
+            run, present = bit_run(bm, s, e)
+            part = view[(s - s0) << 9 : (s - s0 + run) << 9]
+            p = (
+                self.storage.read(data_at + (s << 9), part)
+                if present
+                else self.read_backing(pos + ((s - s0) << 9), part)
+            )
+            if p is not None:
+                pendings.append(p)
+            s += run
+        return pos + cnt
+
+    async def _read_loading(self, offset: int, buf: memoryview, pos: int, pendings: list) -> None:
+        """``read`` from ``pos`` on, where a BAT page or bitmap is not cached: load them (the
+        block is then read from the values loaded, even if loading one evicted the other)."""
+        end = offset + len(buf)
+        while pos < end:
+            idx = pos >> self.block_shift
+            block = await self._bat(idx)
+            bm = None
+            if block != UNALLOCATED and not self._is_full(idx):
+                bm = await self._bitmap(block)
+            pos = self._read_block(offset, buf, pos, block, bm, pendings)
+            pos = self._read_cached(offset, buf, pos, pendings)
+        await settled(joined(pendings))
+
+    # -- writes -----------------------------------------------------------------------------
+
+    def write(self, offset: int, data: memoryview, *, fua: bool) -> Pending:
+        if self.fixed:
+            pending = self.storage.write(offset, data)
+            return self._flush_after(pending) if fua else pending
+        pendings = None if fua else self._write_in_place(offset, data)
+        if pendings is None:
+            return self._write_slow(offset, data, fua)
+        return joined(pendings)
+
+    async def _flush_after(self, pending: Pending) -> None:
+        await settled(pending)
+        await self.flush()
+
+    def _write_in_place(self, offset: int, data: memoryview) -> list | None:
+        """Start the writes if every block is allocated, fully present (no bitmap to change) and
+        its BAT page cached (returns their Pendings); else None, and nothing written."""
         shift, bs = self.block_shift, self.block_size
-        n = len(buf)
-        pos = 0
+        plan = []
+        pos, n = 0, len(data)
+        while pos < n:
+            off = offset + pos
+            idx = off >> shift
+            block = self._bat_cached(idx)
+            if block is None or block == UNALLOCATED or not self._full[idx >> 3] & (1 << (idx & 7)):
+                return None
+            inblk = off & (bs - 1)
+            cnt = min(bs - inblk, n - pos)
+            plan.append((block * SECTOR + self.bitmap_size + inblk, pos, cnt))
+            pos += cnt
+        pendings = []
+        for at, pos, cnt in plan:
+            p = self.storage.write(at, data[pos : pos + cnt])
+            if p is not None:
+                pendings.append(p)
+        return pendings
+
+    async def _write_slow(self, offset: int, data: memoryview, fua: bool) -> None:
+        """``write`` that allocates blocks or sets bitmap bits (or carries FUA)."""
+        shift, bs = self.block_shift, self.block_size
+        pos, n = 0, len(data)
         while pos < n:
             off = offset + pos
             inblk = off & (bs - 1)
             cnt = min(bs - inblk, n - pos)
             idx = off >> shift
-            block = self._bat_cached(idx)
-            if block is None:
-                block = await self._bat(idx)
+            block = await self._bat(idx)
             if block == UNALLOCATED:
-                await self.read_backing(off, buf[pos : pos + cnt])
-            elif self._full[idx >> 3] & (1 << (idx & 7)):
-                self.file.pread_into(buf[pos : pos + cnt], block * SECTOR + self.bitmap_size + inblk)
-            else:
-                await self._read_block(idx, block, off, inblk, buf[pos : pos + cnt])
-            pos += cnt
-
-    async def _read_block(self, idx: int, block: int, off: int, inblk: int, view: memoryview) -> None:
-        data_at = block * SECTOR + self.bitmap_size
-        bm = await self._bitmap(block)
-        self._note_full(idx, bm)
-        s0 = inblk >> 9
-        s, e = s0, s0 + (len(view) >> 9)
-        while s < e:
-            run, present = bit_run(bm, s, e)
-            part = view[(s - s0) << 9 : (s - s0 + run) << 9]
-            if present:
-                self.file.pread_into(part, data_at + (s << 9))
-            else:
-                await self.read_backing(off + ((s - s0) << 9), part)
-                if s + run < e:
-                    bm = await self._bitmap(block)
-            s += run
-
-    # -- writes -----------------------------------------------------------------------------
-
-    async def pwritev(self, offset: int, data: memoryview, *, fua: bool) -> None:
-        if self.fixed:
-            self.file.pwrite(data, offset)
-        else:
-            shift, bs = self.block_shift, self.block_size
-            pos, n = 0, len(data)
-            while pos < n:
-                off = offset + pos
-                inblk = off & (bs - 1)
-                cnt = min(bs - inblk, n - pos)
-                idx = off >> shift
-                block = await self._bat(idx)
-                if block == UNALLOCATED:
+                async with self.lock:
+                    block = await self._allocate(idx)
+            await settled(self.storage.write(block * SECTOR + self.bitmap_size + inblk, data[pos : pos + cnt]))
+            if not self._is_full(idx):
+                s, e = inblk >> 9, (inblk + cnt) >> 9
+                run, present = bit_run(await self._bitmap(block), s, e)
+                if not present or run < e - s:
                     async with self.lock:
-                        block = await self._allocate(idx)
-                self.file.pwrite(data[pos : pos + cnt], block * SECTOR + self.bitmap_size + inblk)
-                if not self._is_full(idx):
-                    s, e = inblk >> 9, (inblk + cnt) >> 9
-                    run, present = bit_run(await self._bitmap(block), s, e)
-                    if not present or run < e - s:
-                        async with self.lock:
-                            await self._mark_present(idx, block, s, e)
-                pos += cnt
+                        await self._mark_present(idx, block, s, e)
+            pos += cnt
         if fua:
             await self.flush()
 
@@ -602,15 +681,15 @@ class VhdDriver(FormatDriver):
         block = await self._bat(idx)
         if block != UNALLOCATED:
             return block
-        file, cache = self.file, self.cache
+        storage, cache = self.storage, self.cache
         # Never reuse bytes between free_offset and the old footer: they may hold anything.
-        at = max(self.free_offset, (file.size - FOOTER_SIZE) // SECTOR * SECTOR)
+        at = max(self.free_offset, (storage.size - FOOTER_SIZE) // SECTOR * SECTOR)
         new_end = at + self.bitmap_size + self.block_size
         if at // SECTOR >= UNALLOCATED:
-            raise NbdError(errno.ENOSPC, f"{file.path}: VHD file would grow past 2 TiB of BAT-addressable space")
+            raise NbdError(errno.ENOSPC, f"{self.path}: VHD file would grow past 2 TiB of BAT-addressable space")
         # (1) the new trailing footer, durable before anything overwrites the old one
-        file.pwrite(self.footer.raw, new_end)
-        await file.flush()
+        await settled(storage.write(new_end, self.footer.raw))
+        await storage.flush()
         # (2) the block's bitmap (all clear) takes the old footer's place; (3) then the BAT entry
         kind, page_off = self._bat_loc(idx)
         page = await cache.get(kind, page_off)
@@ -649,7 +728,7 @@ class VhdDriver(FormatDriver):
         clear sectors would show the parent, so they are written like data (allocating).
         """
         if self.fixed:
-            self._zero_in_place(offset, length, may_trim)
+            await zero_in_place(self.storage, offset, length, may_trim)
         else:
             diff = self.footer.disk_type == DISK_DIFFERENCING
             shift, bs = self.block_shift, self.block_size
@@ -668,7 +747,7 @@ class VhdDriver(FormatDriver):
                         run, present = bit_run(await self._bitmap(block), s, e)
                         if present:
                             at = block * SECTOR + self.bitmap_size + (s << 9)
-                            self._zero_in_place(at, run << 9, may_trim)
+                            await zero_in_place(self.storage, at, run << 9, may_trim)
                         elif diff:
                             await self._write_zero_bytes(pos + ((s - s0) << 9), run << 9)
                         s += run
@@ -676,36 +755,26 @@ class VhdDriver(FormatDriver):
         if fua:
             await self.flush()
 
-    def _zero_in_place(self, at: int, n: int, may_trim: bool) -> None:
-        f = self.file
-        if not ((may_trim and f.punch_hole(at, n)) or f.zero_range(at, n)):
-            f.write_zeroes(at, n)
-
     async def _write_zero_bytes(self, offset: int, n: int) -> None:
         end = offset + n
         while offset < end:
-            k = min(len(ZERO_CHUNK), end - offset)
-            await self.pwritev(offset, memoryview(ZERO_CHUNK)[:k], fua=False)
+            k = min(len(ZEROES), end - offset)
+            await settled(self.write(offset, memoryview(ZEROES)[:k], fua=False))
             offset += k
 
     async def flush(self) -> None:
         if self.fixed:
-            await self.file.flush()
+            await self.storage.flush()
         else:
-            await self.cache.flush(self.file)
+            await self.cache.flush(self.storage)
 
     # -- block status -----------------------------------------------------------------------
 
     async def block_status(self, offset: int, length: int) -> Extent:
         end = offset + length
-        if self.fixed:
-            if offset >= self.file.size:  # a short fixed image (read-only): zeroes past the file
-                return Extent(length, ALLOCATED | ZERO)
-            hole = self.file.next_hole(offset)
-            if hole > offset:
-                return Extent(min(hole, end) - offset, ALLOCATED | DATA)
-            nxt = self.file.next_data(offset)
-            return Extent(min(nxt, end) - offset, ALLOCATED | ZERO)
+        if self.fixed:  # past the file (a short fixed image, read-only): a hole, zeroes
+            run, is_data = await self.storage.extent(offset, length)
+            return Extent(run, ALLOCATED | DATA if is_data else ALLOCATED | ZERO)
         shift, bs = self.block_shift, self.block_size
         state = None
         pos = offset

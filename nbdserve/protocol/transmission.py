@@ -2,9 +2,13 @@
 
 Owns:
   * ``RequestParser``: an incremental request decoder shaped like asyncio's BufferedProtocol
-    (``get_buffer``/``buffer_updated``), so the server receives straight into it with no copies;
-    WRITE payloads are received directly into their own buffer.  Compact (28-byte) or extended
-    (32-byte) headers.
+    (``get_buffer``/``buffer_updated``), so the server receives straight into it with no copies.
+    A WRITE payload that fits the receive buffer (at most ``inline_max``) is handed out where it
+    was received (a view of the receive buffer: the final buffer of a write that completes at
+    once); a larger one is received straight into its own buffer (``take_payload``), in which
+    the write then runs.  ``next_plain`` decodes runs of plain READs and WRITEs without
+    ``Request`` objects (the server's fast case).  Compact (28-byte) or extended (32-byte)
+    headers.
   * ``check_request``: the protocol's validity rules for one request against an export
     (flags, ranges, alignment, read-only), giving the errno the spec prescribes.
   * ``ReplyEncoder``: simple replies, structured chunks and extended-header chunks, packed into
@@ -16,7 +20,10 @@ peer is cut off (``ProtocolError``).  No method performs I/O.
 
 Memory: the parser's receive buffer is taken (``take_buffer``) when bytes are about to arrive and
 handed back (``release_idle``) once it holds no unparsed byte, so an idle connection holds no
-receive buffer; the server shares one pool of them among all connections.
+receive buffer; the server shares one pool of them among all connections.  Views of the receive
+buffer handed out (inline payloads) are valid until the next ``get_buffer``, unless the caller
+calls ``detach`` first: the parser then moves to a new buffer and leaves the old one (never given
+back) to whoever still refers to it.
 """
 
 from __future__ import annotations
@@ -45,10 +52,11 @@ EXT_CHUNK_SIZE = _EXT_CHUNK.size  # 32
 
 
 class Request:
-    """One decoded request.  ``payload`` is the WRITE data (or None); ``oversize`` means the
-    payload exceeded ``max_payload`` and was discarded."""
+    """One decoded request.  ``payload`` is the WRITE data (or None), ``inline`` when it is a view
+    of the receive buffer (see ``RequestParser.detach``); ``oversize`` means the payload exceeded
+    ``max_payload`` and was discarded."""
 
-    __slots__ = ("cookie", "flags", "length", "offset", "oversize", "payload", "type")
+    __slots__ = ("cookie", "flags", "inline", "length", "offset", "oversize", "payload", "type")
 
     def __init__(self, type_: int, flags: int, cookie: int, offset: int, length: int) -> None:
         self.type = type_
@@ -56,7 +64,8 @@ class Request:
         self.cookie = cookie
         self.offset = offset
         self.length = length
-        self.payload: bytearray | None = None
+        self.payload: memoryview | None = None
+        self.inline = False
         self.oversize = False
 
     def __repr__(self) -> str:
@@ -65,16 +74,15 @@ class Request:
 
 
 _HEADER, _PAYLOAD, _DRAIN = 0, 1, 2
-# A WRITE payload is received into parts of at most this size, allocated as its bytes arrive, so
-# a client that sends a header and stalls pins at most one part, not the announced length.
-PAYLOAD_STEP = 1 << 20
+# Inline WRITE payloads (received and written where they arrived) are at most this long.
+INLINE_MAX = 128 << 10
 
 
 class RequestParser:
     """Incremental request decoder; see the module docstring.
 
     ``get_buffer()`` returns where the next bytes must go; after writing ``n`` bytes there call
-    ``buffer_updated(n)``; then ``next_event()`` until it returns None.
+    ``buffer_updated(n)``; then ``next_plain``/``next_event`` until they return nothing.
     """
 
     def __init__(
@@ -84,25 +92,28 @@ class RequestParser:
         max_payload: int = C.DEFAULT_MAX_PAYLOAD,
         drain_limit: int = 1 << 30,
         buffer_size: int = 256 << 10,
+        inline_max: int = INLINE_MAX,
         take_buffer: Callable[[], bytearray] | None = None,
         give_buffer: Callable[[bytearray], None] | None = None,
+        take_payload: Callable[[int], bytearray] | None = None,
     ) -> None:
         self.extended = extended
         self.max_payload = max_payload
         self.drain_limit = drain_limit
-        assert buffer_size <= PAYLOAD_STEP, "a payload's first bytes must fit its first part"
+        self._hsize = 32 if extended else 28
+        # a payload stays inline only if its request fits the receive buffer whole
+        self.inline_max = min(inline_max, buffer_size - self._hsize, max_payload)
         self._take = take_buffer or (lambda: bytearray(buffer_size))
         self._give = give_buffer
+        self._take_payload = take_payload or bytearray
         self._buf: bytearray | None = None  # the receive buffer, while it is needed
         self._view: memoryview | None = None
         self._start = 0  # first unparsed byte
         self._end = 0  # end of received bytes
         self._state = _HEADER
         self._pending: Request | None = None  # request whose payload is being received
-        self._parts: list[bytearray] = []  # the payload received so far, in parts
-        self._pview: memoryview | None = None  # the part being filled
+        self._pview: memoryview | None = None  # its payload buffer
         self._pfill = 0
-        self._ptodo = 0  # payload bytes not yet allocated
         self._drain = 0
         self._ready: Request | None = None
 
@@ -121,22 +132,42 @@ class RequestParser:
             self._start = self._end = 0
             self._give(buf)
 
+    def detach(self) -> None:
+        """Leave the receive buffer to the inline payloads still in use: move what is unparsed to
+        a new buffer; the old one is never written or given back by the parser again."""
+        old = self._buf
+        if old is None:
+            return
+        n = self._end - self._start
+        new = self._take()
+        new[:n] = old[self._start : self._end]
+        self._buf, self._view = new, memoryview(new)
+        self._start, self._end = 0, n
+
     def get_buffer(self) -> memoryview:
         if self._state == _PAYLOAD:
-            if self._pfill == len(self._pview) and self._ptodo:
-                self._next_part()
             return self._pview[self._pfill :]
         if self._buf is None:
             self._buf = self._take()
             self._view = memoryview(self._buf)
         if self._start == self._end:
             self._start = self._end = 0
-        elif len(self._buf) - self._end < 4096:
-            # compact: move the partial header to the front
+        elif len(self._buf) - self._end < 4096 or len(self._buf) - self._start < self._needed():
+            # compact: move the partial request to the front
             n = self._end - self._start
             self._buf[:n] = self._buf[self._start : self._end]
             self._start, self._end = 0, n
         return self._view[self._end :]
+
+    def _needed(self) -> int:
+        """Bytes the request at ``_start`` takes in the receive buffer: its header, plus its
+        payload if that is received inline."""
+        size = self._hsize
+        if self._end - self._start < size:
+            return size
+        _, flags, type_, _, _, length = (_EXT_REQ if self.extended else _REQ).unpack_from(self._buf, self._start)
+        payload = length if (flags & C.CMD_FLAG_PAYLOAD_LEN if self.extended else type_ == C.CMD_WRITE) else 0
+        return size + payload if 0 < payload <= self.inline_max else size
 
     def buffer_updated(self, n: int) -> None:
         if self._state == _PAYLOAD:
@@ -149,15 +180,13 @@ class RequestParser:
         data = memoryview(data)
         while data:
             buf = self.get_buffer()
-            if self._state == _HEADER and self._end == len(self._buf) and self._start == 0:
-                raise AssertionError("receive_data: call next_event() before feeding more")
             n = min(len(buf), len(data))
             if n == 0:
                 raise AssertionError("receive_data: call next_event() before feeding more")
             buf[:n] = data[:n]
             self.buffer_updated(n)
             data = data[n:]
-            if self._state == _PAYLOAD and self._payload_complete():
+            if self._state == _PAYLOAD and self._pfill == len(self._pview):
                 self._ready = self._finish_payload()
 
     # -- decoding ---------------------------------------------------------------------------
@@ -167,7 +196,7 @@ class RequestParser:
             req, self._ready = self._ready, None
             return req
         if self._state == _PAYLOAD:
-            return self._finish_payload() if self._payload_complete() else None
+            return self._finish_payload() if self._pfill == len(self._pview) else None
         if self._state == _DRAIN:
             avail = self._end - self._start
             n = min(avail, self._drain)
@@ -177,24 +206,30 @@ class RequestParser:
                 return None
             self._state = _HEADER
         avail = self._end - self._start
+        size = self._hsize
+        if avail < size:
+            return None
         if self.extended:
-            if avail < 32:
-                return None
             magic, flags, type_, cookie, offset, length = _EXT_REQ.unpack_from(self._buf, self._start)
             if magic != C.EXTENDED_REQUEST_MAGIC:
                 raise ProtocolError(f"bad extended request magic 0x{magic:x}")
-            self._start += 32
             payload_len = length if flags & C.CMD_FLAG_PAYLOAD_LEN else 0
         else:
-            if avail < 28:
-                return None
             magic, flags, type_, cookie, offset, length = _REQ.unpack_from(self._buf, self._start)
             if magic != C.REQUEST_MAGIC:
                 raise ProtocolError(f"bad request magic 0x{magic:x}")
-            self._start += 28
             payload_len = length if type_ == C.CMD_WRITE else 0
+        if 0 < payload_len <= self.inline_max and avail < size + payload_len:
+            return None  # the rest of the payload arrives in this buffer (see _needed)
         req = Request(type_, flags, cookie, offset, length)
+        start = self._start + size
+        self._start = start
         if not payload_len:
+            return req
+        if payload_len <= self.inline_max:
+            req.payload = self._view[start : start + payload_len]
+            req.inline = True
+            self._start = start + payload_len
             return req
         if payload_len > self.max_payload:
             if payload_len > self.drain_limit:
@@ -208,60 +243,58 @@ class RequestParser:
             if not self._drain:
                 self._state = _HEADER
             return req
-        n = min(self._end - self._start, payload_len)  # <= the ring buffer <= PAYLOAD_STEP
+        n = min(self._end - start, payload_len)
         self._pending = req
-        self._ptodo = payload_len
-        self._next_part()
-        self._pview[:n] = self._view[self._start : self._start + n]
-        self._start += n
+        self._pview = memoryview(self._take_payload(payload_len))[:payload_len]
+        self._pview[:n] = self._view[start : start + n]
+        self._start = start + n
         self._pfill = n
         self._state = _PAYLOAD
-        return self._finish_payload() if self._payload_complete() else None
+        return self._finish_payload() if n == payload_len else None
 
-    def next_reads(self, *, max_count: int, max_bytes: int, max_length: int) -> list[tuple[int, int, int]]:
-        """The hot path's batch decoder: consume the plain READs at the head of the buffer and
-        return ``(cookie, offset, length)`` for each.
+    def next_plain(
+        self, *, max_count: int, max_bytes: int, max_read: int, writes: bool
+    ) -> list[tuple[int, int, int, memoryview | None]]:
+        """The fast case's batch decoder: consume the plain READs (and, with ``writes``, plain
+        WRITEs) at the head of the buffer and return ``(cookie, offset, length, payload)`` for
+        each, ``payload`` None for a READ and an inline view for a WRITE.
 
-        A plain READ has no flags and ``0 < length <= max_length``.  Decoding stops before the
-        first other request (which ``next_event`` then decodes, magic checks included), after
-        ``max_count`` reads, or once the lengths reach ``max_bytes``.  Returns [] unless the
-        parser is between requests.
+        Plain: no flags (a WRITE under extended headers: PAYLOAD_LEN only), ``0 < length``, a
+        READ at most ``max_read`` long, a WRITE's payload inline and all received.  Decoding stops
+        before the first other request (which ``next_event`` then decodes, magic checks included),
+        after ``max_count`` requests, or once the READ lengths reach ``max_bytes``.  Returns []
+        unless the parser is between requests.
         """
         if self._state != _HEADER or self._ready is not None:
             return []
         if self.extended:
-            hdr, magic_ok, size = _EXT_REQ, C.EXTENDED_REQUEST_MAGIC, 32
+            unpack, magic_ok, wflags = _EXT_REQ.unpack_from, C.EXTENDED_REQUEST_MAGIC, C.CMD_FLAG_PAYLOAD_LEN
         else:
-            hdr, magic_ok, size = _REQ, C.REQUEST_MAGIC, 28
-        unpack, buf, pos, end = hdr.unpack_from, self._buf, self._start, self._end
-        out: list[tuple[int, int, int]] = []
-        read = C.CMD_READ
-        stop = min(end - size, pos + (max_count - 1) * size)  # last header start allowed
-        while pos <= stop and max_bytes > 0:
+            unpack, magic_ok, wflags = _REQ.unpack_from, C.REQUEST_MAGIC, 0
+        size, buf, view, pos, end = self._hsize, self._buf, self._view, self._start, self._end
+        out: list[tuple[int, int, int, memoryview | None]] = []
+        read, write, inline_max = C.CMD_READ, C.CMD_WRITE if writes else -1, self.inline_max
+        while len(out) < max_count and max_bytes > 0 and end - pos >= size:
             magic, flags, type_, cookie, offset, length = unpack(buf, pos)
-            if magic != magic_ok or type_ != read or flags or not 0 < length <= max_length:
+            if magic != magic_ok:
                 break
-            out.append((cookie, offset, length))
-            max_bytes -= length
-            pos += size
+            if type_ == read and not flags and 0 < length <= max_read:
+                out.append((cookie, offset, length, None))
+                max_bytes -= length
+                pos += size
+            elif type_ == write and flags == wflags and 0 < length <= inline_max and pos + size + length <= end:
+                out.append((cookie, offset, length, view[pos + size : pos + size + length]))
+                pos += size + length
+            else:
+                break
         self._start = pos
         return out
 
-    def _next_part(self) -> None:
-        part = bytearray(min(self._ptodo, PAYLOAD_STEP))
-        self._ptodo -= len(part)
-        self._parts.append(part)
-        self._pview = memoryview(part)
-        self._pfill = 0
-
-    def _payload_complete(self) -> bool:
-        return self._pfill == len(self._pview) and not self._ptodo
-
     def _finish_payload(self) -> Request:
-        req, parts = self._pending, self._parts
+        req = self._pending
         assert req is not None
-        req.payload = parts[0] if len(parts) == 1 else bytearray().join(parts)
-        self._pending, self._parts, self._pview = None, [], None
+        req.payload = self._pview
+        self._pending, self._pview = None, None
         self._state = _HEADER
         return req
 
@@ -424,15 +457,16 @@ class ReplyEncoder:
             return self.chunk(C.REPLY_FLAG_DONE, C.REPLY_TYPE_NONE, cookie, offset)
         return _SIMPLE.pack(C.SIMPLE_REPLY_MAGIC, 0, cookie)
 
-    def data_buffer(self, cookie: int, req_offset: int, offset: int, length: int, *, done: bool):
-        """An OFFSET_DATA chunk buffer; returns (buffer, view for the data)."""
+    def data_header(self, cookie: int, req_offset: int, offset: int, length: int, *, done: bool) -> bytearray:
+        """The header of an OFFSET_DATA chunk (with its offset field) for ``length`` data bytes
+        that the caller sends right after it."""
         hs = self.chunk_size
-        out = bytearray(hs + 8 + length)
+        out = bytearray(hs + 8)
         self._header_into(
             out, 0, C.REPLY_FLAG_DONE if done else 0, C.REPLY_TYPE_OFFSET_DATA, cookie, req_offset, 8 + length
         )
         _U64.pack_into(out, hs, offset)
-        return out, memoryview(out)[hs + 8 :]
+        return out
 
     def hole(self, cookie: int, req_offset: int, offset: int, length: int, *, done: bool) -> bytes:
         return self.chunk(

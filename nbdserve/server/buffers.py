@@ -1,5 +1,6 @@
 """Reusable buffers, shared by every connection of a server: ``ReplyBuffers`` for large READ
-replies and ``ReceiveBuffers`` for the request parsers' receive buffers.
+replies, ``PayloadBuffers`` for WRITE payloads too large to stay in the receive buffer, and
+``ReceiveBuffers`` for the request parsers' receive buffers.
 
 Connections take buffers when they need them and give them back (receive buffers) or drop them
 (reply buffers, judged free by reference count) when done, so an idle connection holds none: its
@@ -10,14 +11,20 @@ page faults for new heap memory: about a sixth of the CPU of a 1 MiB read.  Repl
 size (clients use one request size: fio's bs, nbdcopy's 256 KiB, qemu-img's 2 MiB) reuse their
 buffers instead.
 
-Invariant: a reply buffer is handed out again only when nothing but the pool refers to it, judged
-by its reference count: the transport keeps a reference (a memoryview) to every buffer it has not
-finished sending, so a buffer in flight is never overwritten.  A reused buffer holds stale bytes
-of an earlier reply; callers overwrite all of it (header and data).
+Invariant: a pooled buffer is handed out again only when nothing but the pool refers to it,
+judged by its reference count: the transport keeps a reference (a memoryview) to every reply it
+has not finished sending, and a write in flight keeps one to its payload, so a buffer in use is
+never overwritten.  A reused buffer holds stale bytes of an earlier request; callers overwrite
+all of it (reply header and data; a payload as it is received).
+
+A payload over ``PayloadBuffers.large`` bytes gets an anonymous mapping of its own instead: its
+pages are committed only as the payload arrives, so a client that announces a large write and
+stalls pins what it sent, not the announced length.
 """
 
 from __future__ import annotations
 
+import mmap
 import sys
 
 
@@ -60,6 +67,17 @@ class ReplyBuffers:
         if len(pool) < self.per_size:
             pool.append(b)
         return b
+
+
+class PayloadBuffers(ReplyBuffers):
+    """WRITE payload buffers: pooled by exact size up to ``large`` bytes, mapped above."""
+
+    def __init__(self, *, large: int = 1 << 20, **kw: int) -> None:
+        super().__init__(**kw)
+        self.large = large
+
+    def get(self, size: int) -> bytearray | mmap.mmap:  # type: ignore[override]
+        return super().get(size) if size <= self.large else mmap.mmap(-1, size)
 
 
 class ReceiveBuffers:

@@ -148,7 +148,7 @@ async def open_exports(cfg: ServerConfig, cache: ClusterCache) -> tuple[ExportTa
 async def _bitmaps(image: Image, e: ExportConfig) -> dict[str, DirtyBitmapView]:
     """The export's ``-B`` bitmaps (the image is closed if one cannot be used)."""
     try:
-        return {name: image.dirty_bitmap(name) for name in e.bitmaps}
+        return {name: await image.dirty_bitmap(name) for name in e.bitmaps}
     except ImageError:
         await image.close()
         raise

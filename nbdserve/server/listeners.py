@@ -41,7 +41,7 @@ from ..cache import ClusterCache
 from ..config import DEFAULT_PORT, ConfigError, ServerConfig
 from ..protocol import constants as C
 from ..protocol import handshake as H
-from .buffers import ReceiveBuffers, ReplyBuffers
+from .buffers import PayloadBuffers, ReceiveBuffers, ReplyBuffers
 from .exports import Export, ExportTable
 from .metrics import ExportStats, Metrics
 from .options import Policy
@@ -245,6 +245,7 @@ class Server:
         self.handshake_buffer = memoryview(bytearray(64 << 10))
         self.receive_buffers = ReceiveBuffers(256 << 10)
         self.reply_buffers = ReplyBuffers(min_size=SPARSE_READ_MIN, per_size=32)
+        self.payload_buffers = PayloadBuffers(per_size=32)
         self.retired: list[Export] = []  # exports a reload took away, still with clients
         self._gone: dict[int, asyncio.Future] = {}  # id(retired export) -> resolved once closed
         self._servers: list[asyncio.AbstractServer] = []

@@ -9,8 +9,8 @@ by ``prometheus_client`` from a custom collector) and ``GET /health``.
 Cost on the request path: a request adds one to a few plain list items (no locks, no metric
 objects, no label lookups); a latency is a bucket count found with ``bisect`` on a fixed tuple.
 Everything else, including gauges such as requests in flight and open connections, is computed
-when a scrape (or SIGUSR1) asks, from the server's own state.  Synchronously answered batches of
-READs are timed once per batch, and each READ of the batch is counted at the batch's mean.
+when a scrape (or SIGUSR1) asks, from the server's own state.  Requests answered at once in one
+batch (plain READs and WRITEs) are timed once per batch, each counted at the batch's mean.
 
 Several processes: every number here is a plain integer in ``ExportStats.snapshot()`` (a dict
 that pickles and JSON-encodes), and the collector renders a *list* of snapshots summed per
@@ -95,19 +95,17 @@ class ExportStats:
 
     def request(self, cmd: int, length: int, elapsed_ns: int) -> None:
         """One request answered (with or without an error) ``elapsed_ns`` after it was parsed."""
+        self.batch(cmd, 1, length, elapsed_ns)
+
+    def batch(self, cmd: int, count: int, nbytes: int, elapsed_ns: int) -> None:
+        """``count`` requests of command ``cmd`` answered together, ``nbytes`` between them,
+        taking ``elapsed_ns`` in all (each is put in the bucket of the mean)."""
         if cmd >= OTHER:
             cmd = OTHER  # an unknown command (answered EINVAL)
-        self.requests[cmd] += 1
-        self.nbytes[cmd] += length
-        self.latency[cmd][bisect.bisect_left(_BOUNDS_NS, elapsed_ns)] += 1
+        self.requests[cmd] += count
+        self.nbytes[cmd] += nbytes
+        self.latency[cmd][bisect.bisect_left(_BOUNDS_NS, elapsed_ns // count)] += count
         self.latency_sum[cmd] += elapsed_ns
-
-    def reads(self, count: int, nbytes: int, elapsed_ns: int) -> None:
-        """``count`` READs answered synchronously in one batch that took ``elapsed_ns``."""
-        self.requests[C.CMD_READ] += count
-        self.nbytes[C.CMD_READ] += nbytes
-        self.latency[C.CMD_READ][bisect.bisect_left(_BOUNDS_NS, elapsed_ns // count)] += count
-        self.latency_sum[C.CMD_READ] += elapsed_ns
 
     def error(self, err: int) -> None:
         self.errors[err] = self.errors.get(err, 0) + 1

@@ -15,13 +15,25 @@ bytes already received to the worker owning the export); the worker's starts in 
 transmission phase (``Session(server, handoff)``).  Nothing else in this class knows about
 workers.
 
-The transmission side: bytes are received straight into the codec's buffers (WRITE payloads into
-their own buffer); every complete request is validated by ``check_request`` and started eagerly
-(``coro.start``), so a request whose I/O completes without waiting is answered before the next one
-is parsed, with no Task. Requests that do wait run concurrently and are answered out of order.
-Plain READs (no flags, small) at the head of the buffer take a leaner path still: decoded as a
-batch (``RequestParser.next_reads``) and answered from ``Image.read_now`` with one buffer per reply
-and no ``Request`` object (``_serve_reads``).
+The transmission side: bytes are received straight into the codec's buffers.  READ and WRITE
+each have one route, ``_read`` and ``_write``, the fast case inside it: plain requests at the
+head of the receive buffer are decoded as a run (``RequestParser.next_plain``: no ``Request``
+objects, the range checked inline) and each is answered at once when ``Image.read``/``write``
+completes synchronously; otherwise the returned awaitable is driven by ``coro.start`` (no Task)
+and the reply follows when it completes, out of order.  Other requests are decoded one by one,
+validated by ``check_request`` and enter the same routes (READ, WRITE) or their coroutine
+handler (FLUSH, TRIM, WRITE_ZEROES, CACHE, BLOCK_STATUS).
+
+The call chains (see ``nbdserve.image`` for the layers below):
+  * READ: ``_pump`` -> ``next_plain`` -> ``_read``: a reply buffer with room for the header,
+    ``Image.read`` into it -> ``_reply_read``: the header packed in front, appended to the batch
+    (a large structured read whose data holds runs of zero granules goes out as data and hole
+    chunks instead);
+  * WRITE: ``_pump`` -> ``next_plain`` -> ``_write``: ``Image.write`` of the payload where it was
+    received (a view of the receive buffer, or a large payload's own buffer), and the reply.  On
+    an image that takes runs (``Image.vectored``: raw), sequential plain WRITEs of one receive go
+    down as one write of their payloads (one ``pwritev``).  A write that must wait keeps its view
+    of the receive buffer, so the parser is told to ``detach`` from that buffer.
 
 Invariants:
   * At most ``max_requests`` requests and ``max_inflight_bytes`` bytes are in flight per
@@ -48,7 +60,6 @@ from typing import TYPE_CHECKING
 from .. import coro
 from ..authz import Peer
 from ..errors import ImageError, NbdError, error_of, for_client, nbd_errno
-from ..image import STATE_ZERO
 from ..protocol import constants as C
 from ..protocol.handshake import ProtocolError, ServerHandshake
 from ..protocol.transmission import ReplyEncoder, Request, RequestParser, check_request
@@ -75,9 +86,11 @@ _MAX_EXTENTS = 1 << 16
 # signal pause_writing and stop the parsing of more requests: a client that does not read its
 # replies makes the server buffer about this plus one reply, not every reply it asked for.
 _BATCH_LIMIT = 256 << 10
-# Structured reads at least this long send unallocated/zero ranges as OFFSET_HOLE chunks; shorter
-# reads always send data (a block-status lookup would cost more than the zeroes it saves).
+# Structured reads at least this long send runs of all-zero granules as OFFSET_HOLE chunks;
+# shorter reads always send one data chunk (the zeroes they could save are not worth a chunk).
 SPARSE_READ_MIN = 64 << 10
+HOLE_GRANULE = 4096  # the unit of a hole in a sparse reply (relative to the request's offset)
+_ZEROES = memoryview(bytes(C.DEFAULT_MAX_PAYLOAD))
 # Bytes of replies a connection's transport may hold before reading pauses (back-pressure).
 WRITE_BUFFER_HIGH = 4 << 20
 
@@ -121,11 +134,14 @@ class Session(asyncio.BufferedProtocol):
         self.inflight = 0
         self.stats: ExportStats | None = None  # the export's counters (server/metrics.py)
         self.inflight_bytes = 0
+        self._writable = False  # plain WRITEs may be decoded as a run (the export is writable)
+        self._detach = False  # a write in flight refers to the receive buffer (see RequestParser.detach)
         self._pumping = False
         # An oversize WRITE is answered (EINVAL) only once its payload has been discarded: a
         # client still sending the payload is not ready for the reply (libnbd drops the link).
         self._held: Request | None = None
         self._buffers = server.reply_buffers  # for large READ replies, shared by all sessions
+        self._small_reply = server.reply_buffers.min_size  # replies shorter than this are not pooled
         self._batch: list | None = None  # replies collected during one _pump
         self._batch_bytes = 0
         self._read_paused = False
@@ -329,6 +345,7 @@ class Session(asyncio.BufferedProtocol):
         self.stats = self.server.transmission_started(self, export)
         self.image = export.image
         self.export_flags = neg.transmission_flags(export)
+        self._writable = not self.export_flags & C.FLAG_READ_ONLY
         pool = self.server.receive_buffers
         self.parser = RequestParser(
             extended=neg.extended,
@@ -336,6 +353,7 @@ class Session(asyncio.BufferedProtocol):
             buffer_size=pool.size,
             take_buffer=pool.take,
             give_buffer=pool.give,
+            take_payload=self.server.payload_buffers.get,
         )
         self.enc = ReplyEncoder(structured=neg.structured, extended=neg.extended)
         self.phase = _TRANSMISSION
@@ -415,18 +433,18 @@ class Session(asyncio.BufferedProtocol):
         self._pumping = True
         self._batch = []
         self._batch_bytes = 0
+        parser = self.parser
         try:
-            parser = self.parser
-            fast_max = SPARSE_READ_MIN - 1 if self.enc.structured else C.DEFAULT_MAX_PAYLOAD
             while not (self._stopping or self._write_paused) and self.phase == _TRANSMISSION and not self._throttled():
                 if self._held is None:
-                    reads = parser.next_reads(
+                    plain = parser.next_plain(
                         max_count=self.cfg.max_requests - self.inflight,
                         max_bytes=_BATCH_LIMIT - self._batch_bytes,
-                        max_length=fast_max,
+                        max_read=C.DEFAULT_MAX_PAYLOAD,
+                        writes=self._writable,
                     )
-                    if reads:
-                        self._serve_reads(reads)
+                    if plain:
+                        self._serve_plain(plain)
                         if self._batch_bytes >= _BATCH_LIMIT:
                             self._flush_batch()
                         continue
@@ -452,6 +470,9 @@ class Session(asyncio.BufferedProtocol):
                 self._held = None
         finally:
             self._pumping = False
+            if self._detach:  # before the parser can receive into the buffer again
+                self._detach = False
+                parser.detach()
             batch, self._batch = self._batch, None
             if batch:
                 self._sendv(batch)
@@ -459,13 +480,61 @@ class Session(asyncio.BufferedProtocol):
 
     # -- requests ---------------------------------------------------------------------------
 
+    def _serve_plain(self, plain: list[tuple[int, int, int, memoryview | None]]) -> None:
+        """Start a run of plain READs and WRITEs (``RequestParser.next_plain``), checking each
+        range inline; one out of range goes to ``_dispatch`` for its error reply.  Sequential
+        WRITEs are handed to a vectored image as one run.  Metrics: the requests answered at once
+        are counted together at the end, each at the run's mean latency."""
+        t0 = now_ns()
+        size = self.image.size
+        nreads = read_bytes = nwrites = write_bytes = 0  # answered at once
+        run: list[memoryview] = []  # a run of sequential WRITEs not started yet
+        replies: list[tuple[int, int]] = []
+        run_start = run_end = 0
+        vectored = self.image.vectored
+        for cookie, offset, length, payload in plain:
+            if payload is not None and run:
+                if offset == run_end and vectored and run_end - run_start + length <= C.DEFAULT_MAX_PAYLOAD:
+                    run.append(payload)
+                    replies.append((cookie, offset))
+                    run_end += length
+                    continue
+                if self._write(run_start, run if len(run) > 1 else run[0], replies, 0, True):
+                    nwrites += len(replies)
+                    write_bytes += run_end - run_start
+                run, replies = [], []
+            if offset + length > size:  # the error reply, as check_request words it
+                if payload is None:
+                    self._dispatch(Request(C.CMD_READ, 0, cookie, offset, length))
+                else:
+                    flags = C.CMD_FLAG_PAYLOAD_LEN if self.neg.extended else 0
+                    self._dispatch(Request(C.CMD_WRITE, flags, cookie, offset, length))
+            elif payload is None:
+                if self._read(cookie, offset, length, 0):
+                    nreads += 1
+                    read_bytes += length
+            else:
+                run, replies = [payload], [(cookie, offset)]
+                run_start, run_end = offset, offset + length
+        if run and self._write(run_start, run if len(run) > 1 else run[0], replies, 0, True):
+            nwrites += len(replies)
+            write_bytes += run_end - run_start
+        if nreads or nwrites:
+            mean = (now_ns() - t0) // (nreads + nwrites)
+            if nreads:
+                self.stats.batch(C.CMD_READ, nreads, read_bytes, mean * nreads)
+            if nwrites:
+                self.stats.batch(C.CMD_WRITE, nwrites, write_bytes, mean * nwrites)
+
     def _dispatch(self, req: Request) -> None:
+        """A request decoded on its own: checked by ``check_request``, then its route.  Counted
+        in the metrics here when answered at once, else when ``_wait`` finishes it."""
         t = req.type
         if t == C.CMD_DISC:
             log.debug("%s: DISC", self.peer)
             self._stop()
             return
-        t0 = now_ns()  # metrics: each way out below counts the request once (_count)
+        t0 = now_ns()
         bad = check_request(
             req,
             size=self.image.size,
@@ -480,33 +549,132 @@ class Session(asyncio.BufferedProtocol):
             log.debug("%s: rejected %r: %s", self.peer, req, msg)
             self.stats.error(err)
             self._send(self.enc.error(req.cookie, req.offset, nbd_errno(err), msg))
-            self._count(req, t0)
+        elif t == C.CMD_READ:
+            if not self._read(req.cookie, req.offset, req.length, req.flags):
+                return
+        elif t == C.CMD_WRITE:
+            if not self._write(req.offset, req.payload, [(req.cookie, req.offset)], req.flags, req.inline):
+                return
+        else:
+            self._wait(_HANDLERS[t](self, req), req, 0, None)
             return
-        if (t == C.CMD_READ and req.length >= SPARSE_READ_MIN and self._read_mapped(req)) or (
-            t == C.CMD_WRITE and self._write_now(req)
-        ):
-            self._count(req, t0)
-            return
-        handler = _HANDLERS[t]
-        cost = req.length if t in (C.CMD_READ, C.CMD_WRITE) else 0
+        self.stats.request(t, req.length, now_ns() - t0)
+
+    def _wait(self, pending, req: Request, cost: int, reply, count: int = 1) -> None:
+        """Drive ``pending`` (``coro.start``: no Task) with ``req`` counted in flight; then
+        ``reply()`` (None: the handler replied itself), or the error reply.  The metrics count
+        ``count`` requests of ``req.type`` (a run of WRITEs) and ``req.length`` bytes."""
         self.inflight += 1
         self.inflight_bytes += cost
+        t0 = now_ns()
 
         def done(_result: object, exc: BaseException | None) -> None:
             self.inflight -= 1
             self.inflight_bytes -= cost
             if exc is not None:
                 self._fail(req, exc)
-            self._count(req, t0)
+            elif reply is not None:
+                reply()
+            self.stats.batch(req.type, count, req.length, (now_ns() - t0) * count)
             if self._stopping:
                 self._maybe_close()
             elif not self._pumping:
                 self._pump()
 
-        coro.start(handler(self, req), done)
+        coro.start(pending, done)
 
-    def _count(self, req: Request, t0: int) -> None:
-        self.stats.request(req.type, req.length, now_ns() - t0)
+    def _read(self, cookie: int, offset: int, length: int, flags: int) -> bool:
+        """The one READ route: a reply buffer with the data after its header, filled by
+        ``Image.read``; the reply at once if that completed (True), else when it does (False:
+        ``_wait`` counts it)."""
+        enc = self.enc
+        if not length:
+            self._send(enc.none(cookie, offset) if enc.structured else enc.simple(cookie))
+            return True
+        hsize = enc.read_header_size
+        out = bytearray(hsize + length) if hsize + length < self._small_reply else self._buffers.get(hsize + length)
+        try:
+            pending = self.image.read(offset, memoryview(out)[hsize:])
+        except Exception as exc:  # becomes the request's error reply
+            self._fail(Request(C.CMD_READ, flags, cookie, offset, length), exc)
+            return True
+        if pending is None:
+            self._reply_read(out, cookie, offset, length, flags)
+            return True
+        req = Request(C.CMD_READ, flags, cookie, offset, length)
+        self._wait(pending, req, length, lambda: self._reply_read(out, cookie, offset, length, flags))
+        return False
+
+    def _reply_read(self, out: bytearray, cookie: int, offset: int, length: int, flags: int) -> None:
+        """Send a READ's reply: ``out`` holds the data after room for the header.  A structured
+        read of at least ``SPARSE_READ_MIN`` bytes (without DF) whose data holds whole zero
+        granules is sent as data and hole chunks."""
+        enc = self.enc
+        if length >= SPARSE_READ_MIN and enc.structured and not flags & C.CMD_FLAG_DF:
+            holes = _zero_runs(out, enc.read_header_size, length)
+            if holes:
+                self._send_sparse(out, cookie, offset, length, holes)
+                return
+        enc.pack_read_header(out, cookie, offset, length)
+        self._send(out)
+
+    def _send_sparse(self, out: bytearray, cookie: int, offset: int, length: int, holes: list[tuple[int, int]]) -> None:
+        """Data chunks (views of ``out``) and hole chunks, ``holes`` being [start, end) runs."""
+        enc = self.enc
+        hsize = enc.read_header_size
+        data = memoryview(out)[hsize:]
+        chunks: list = []
+        pos = 0
+        for i, (start, end) in enumerate(holes):
+            if start > pos:
+                chunks += [enc.data_header(cookie, offset, offset + pos, start - pos, done=False), data[pos:start]]
+            chunks.append(
+                enc.hole(cookie, offset, offset + start, end - start, done=end == length and i == len(holes) - 1)
+            )
+            pos = end
+        if pos < length:
+            chunks += [enc.data_header(cookie, offset, offset + pos, length - pos, done=True), data[pos:]]
+        self._sendv(chunks)
+
+    def _write(
+        self,
+        offset: int,
+        data: memoryview | list[memoryview] | None,
+        replies: list[tuple[int, int]],
+        flags: int,
+        inline: bool,
+    ) -> bool:
+        """The one WRITE route: ``Image.write`` of the payload (or of a run of sequential
+        payloads) where it was received; a reply per ``(cookie, offset)`` of ``replies``, at once
+        if the write completed (True), else when it does (False: ``_wait`` counts them).
+        ``inline``: the payload is a view of the receive buffer, which a write that must wait
+        keeps (the parser detaches from it)."""
+        try:
+            pending = self.image.write(offset, data, fua=bool(flags & C.CMD_FLAG_FUA)) if data else None
+        except Exception as exc:  # becomes the error reply of every request of the run
+            for cookie, off in replies:
+                self._fail(Request(C.CMD_WRITE, flags, cookie, off, 0), exc)
+            return True
+        done = self.enc.done
+        if pending is None:
+            for cookie, off in replies:
+                self._send(done(cookie, off))
+            return True
+        self._detach |= inline
+        cost = sum(map(len, data)) if type(data) is list else len(data)
+        cookie, off = replies[0]
+        req = Request(C.CMD_WRITE, flags, cookie, off, cost)
+
+        def reply() -> None:
+            for cookie, off in replies:
+                self._send(done(cookie, off))
+
+        def fail(exc: BaseException) -> None:
+            for cookie, off in replies[1:]:
+                self._fail(Request(C.CMD_WRITE, flags, cookie, off, 0), exc)
+
+        self._wait(_also_failing(pending, fail) if len(replies) > 1 else pending, req, cost, reply, len(replies))
+        return False
 
     def _fail(self, req: Request, exc: BaseException) -> None:
         if not isinstance(exc, Exception):
@@ -547,106 +715,8 @@ class Session(asyncio.BufferedProtocol):
         if t is not None and not t.is_closing():
             t.writelines(chunks)
 
-    def _serve_reads(self, reads: list[tuple[int, int, int]]) -> None:
-        """The hot path: answer plain READs (``RequestParser.next_reads``) synchronously, each
-        with one buffer holding reply header and data, when the image can read without waiting
-        (no coroutine, no task, no ``Request``).  The rest take ``_dispatch``, which validates
-        them (a range past the end is an error reply) and reads in a coroutine."""
-        enc, image = self.enc, self.image
-        hsize, pack, size, read_now = enc.read_header_size, enc.pack_read_header, image.size, image.read_now
-        batch, nbytes, buffers = self._batch, 0, self._buffers
-        t0, answered = now_ns(), 0
-        pool_min = buffers.min_size - hsize
-        for cookie, offset, length in reads:
-            if offset + length <= size:
-                # ReplyBuffers.get's own small-size rule, inlined: most reads here are small
-                out = bytearray(hsize + length) if length < pool_min else buffers.get(hsize + length)
-                try:
-                    done = read_now(offset, memoryview(out)[hsize:])
-                except Exception as exc:  # becomes the request's error reply
-                    self._fail(Request(C.CMD_READ, 0, cookie, offset, length), exc)
-                    self.stats.request(C.CMD_READ, length, 0)
-                    continue
-                if done:
-                    pack(out, cookie, offset, length)
-                    batch.append(out)
-                    nbytes += hsize + length
-                    answered += 1
-                    continue
-            self._dispatch(Request(C.CMD_READ, 0, cookie, offset, length))
-        self._batch_bytes += nbytes
-        if answered:
-            self.stats.reads(answered, nbytes - answered * hsize, now_ns() - t0)
-
-    def _read_mapped(self, req: Request) -> bool:
-        """Answer a large READ at once, as one data chunk, when the image's mapping memo shows
-        plain data all through it (so there is no hole to report and no block-status walk is
-        needed); else False and the coroutine path does it."""
-        image, enc, off, n = self.image, self.enc, req.offset, req.length
-        runs = image.mapped_runs(off, n)
-        if runs is None:
-            return False
-        hsize = enc.read_header_size
-        out = self._buffers.get(hsize + n)
-        try:
-            image.read_runs(memoryview(out)[hsize:], runs)
-        except Exception as exc:  # becomes the request's error reply
-            self._fail(req, exc)
-            return True
-        enc.pack_read_header(out, req.cookie, off, n)
-        self._send(out)
-        return True
-
-    def _write_now(self, req: Request) -> bool:
-        """Answer a WRITE synchronously when the image can take it without waiting (allocated
-        space, no FUA); else False and the coroutine path does it."""
-        if not req.length or req.flags & C.CMD_FLAG_FUA:
-            return False
-        try:
-            if not self.image.write_now(req.offset, memoryview(req.payload)):
-                return False
-        except Exception as exc:  # becomes the request's error reply
-            self._fail(req, exc)
-            return True
-        self._send(self.enc.done(req.cookie, req.offset))
-        return True
-
-    # Handlers: each replies on success; an exception becomes an error reply (see _fail).
-
-    async def _read(self, req: Request) -> None:
-        enc, image, off, n, cookie = self.enc, self.image, req.offset, req.length, req.cookie
-        if n == 0:
-            self._send(enc.none(cookie, off) if enc.structured else enc.simple(cookie))
-            return
-        if not enc.structured or n < SPARSE_READ_MIN or req.flags & C.CMD_FLAG_DF:
-            runs = None
-        else:
-            runs = await image.runs(off, n)
-            if len(runs) == 1 and not runs[0].flags & STATE_ZERO:
-                runs = None
-        if runs is None:  # one reply carrying all the data
-            hsize = enc.read_header_size
-            buf = self._buffers.get(hsize + n)
-            await image.read(off, memoryview(buf)[hsize:])
-            enc.pack_read_header(buf, cookie, off, n)
-            self._send(buf)
-            return
-        chunks = []
-        pos, last = off, len(runs) - 1
-        for i, r in enumerate(runs):
-            if r.flags & STATE_ZERO:
-                chunks.append(enc.hole(cookie, off, pos, r.length, done=i == last))
-            else:
-                buf, view = enc.data_buffer(cookie, off, pos, r.length, done=i == last)
-                await image.read(pos, view)
-                chunks.append(buf)
-            pos += r.length
-        self._sendv(chunks)
-
-    async def _write(self, req: Request) -> None:
-        if req.length:
-            await self.image.write(req.offset, memoryview(req.payload), fua=bool(req.flags & C.CMD_FLAG_FUA))
-        self._send(self.enc.done(req.cookie, req.offset))
+    # Coroutine handlers of the rarer requests: each replies on success; an exception becomes an
+    # error reply (see _fail).
 
     async def _flush(self, req: Request) -> None:
         await self.image.flush()
@@ -688,10 +758,10 @@ class Session(asyncio.BufferedProtocol):
             else:
                 if runs is None:
                     runs = await self.image.runs(off, n, limit=limit)
-                key = 1 if name == C.CONTEXT_BASE_ALLOCATION else 2
+                allocation = name == C.CONTEXT_BASE_ALLOCATION  # else qemu:allocation-depth
                 extents = []
                 for r in runs:
-                    value = r[key]
+                    value = r.flags if allocation else r.depth
                     if extents and extents[-1][1] == value:
                         extents[-1] = (extents[-1][0] + r.length, value)
                     else:
@@ -701,9 +771,51 @@ class Session(asyncio.BufferedProtocol):
         self._sendv(chunks)
 
 
+async def _also_failing(pending, fail) -> None:
+    """``pending``, calling ``fail(exc)`` before its error propagates (the other requests of a
+    coalesced run of writes get the error reply too)."""
+    try:
+        await pending
+    except Exception as exc:
+        fail(exc)
+        raise
+
+
+def _zero_runs(out: bytearray, start: int, length: int) -> list[tuple[int, int]]:
+    """[begin, end) runs (relative to ``start``) of whole ``HOLE_GRANULE``s of ``out[start:start+
+    length]`` that hold only zero bytes; [] if there are none.  One byte of each granule is sampled
+    first (a bytes copy of a strided view), so data with no zero granule costs a few microseconds
+    per MiB; candidates are compared with ``startswith`` (memcmp), a run of them at once."""
+    g = HOLE_GRANULE
+    count = length // g
+    if not count:
+        return []
+    sample = bytes(memoryview(out)[start + g - 1 : start + count * g : g])
+    i = sample.find(0)
+    runs: list[tuple[int, int]] = []
+    while i >= 0:
+        j = i + 1
+        while j < count and not sample[j]:
+            j += 1
+        a, b = i * g, j * g
+        if out.startswith(_ZEROES[: b - a], start + a):
+            _add_run(runs, a, b)
+        else:
+            for k in range(i, j):
+                if out.startswith(_ZEROES[:g], start + k * g):
+                    _add_run(runs, k * g, (k + 1) * g)
+        i = sample.find(0, j)
+    return runs
+
+
+def _add_run(runs: list[tuple[int, int]], a: int, b: int) -> None:
+    if runs and runs[-1][1] == a:
+        runs[-1] = (runs[-1][0], b)
+    else:
+        runs.append((a, b))
+
+
 _HANDLERS = {
-    C.CMD_READ: Session._read,
-    C.CMD_WRITE: Session._write,
     C.CMD_FLUSH: Session._flush,
     C.CMD_TRIM: Session._trim,
     C.CMD_WRITE_ZEROES: Session._write_zeroes,

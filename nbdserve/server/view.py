@@ -3,14 +3,15 @@ and ``-o/--offset`` rules, applied between the session and the image layer.
 
 Owns ``IoPolicy`` (the four settings, validated) and ``View``, an object with the ``Image``
 methods a session calls.  With the default policy no ``View`` is made at all (the session calls
-the image directly); otherwise every call is adjusted here, and the hot synchronous paths stay
-plain bound methods where the policy leaves them alone.
+the image directly); otherwise every call is adjusted here.  ``read`` and ``write`` keep the
+image's contract (``storage.base.Pending``: None when done at once), so a View costs the hot path
+one call at most.
 
 Semantics (QEMU's, see qemu-nbd(8) and the QEMU block layer's cache options):
   * ``--cache``: ``writeback`` (the default): writes may sit in the host page cache until FLUSH
     or FUA; ``writethrough``: every write, zero-write and trim is made durable before its reply
     (FUA on all of them); ``none``: like writeback, but the image file is opened with O_DIRECT
-    where the filesystem allows (see ``nbdserve.blockfile``); ``directsync``: O_DIRECT and
+    where the filesystem allows (see ``nbdserve.storage.local``); ``directsync``: O_DIRECT and
     writethrough; ``unsafe``: FLUSH and FUA do nothing (fast, and a host crash loses data).
   * ``--discard=ignore``: TRIM is accepted and does nothing, and WRITE_ZEROES never deallocates;
     ``unmap``: TRIM deallocates where the format can (nbdserve's default; qemu-nbd's is ignore).
@@ -23,6 +24,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+
+from ..storage.base import Pending
 
 CACHE_MODES = ("writeback", "writethrough", "none", "directsync", "unsafe")
 DISCARD_MODES = ("ignore", "unmap")
@@ -72,10 +75,6 @@ class IoPolicy:
         )
 
 
-def _never(_offset: int, _data: Any) -> bool:
-    return False
-
-
 class View:
     """An image seen through an ``IoPolicy`` (see the module docstring)."""
 
@@ -94,33 +93,23 @@ class View:
         self._trim = policy.discard == "unmap"
         self._detect = policy.detect_zeroes != "off"
         self._detect_unmap = policy.detect_zeroes == "unmap"
-        if off:
-            self.read_now = lambda o, buf: image.read_now(o + off, buf)
-            self.mapped_runs = lambda o, n: image.mapped_runs(o + off, n)
-        else:
-            self.read_now = image.read_now
-            self.mapped_runs = image.mapped_runs
-        self.read_runs = image.read_runs
-        if self._fua_all or self._detect:
-            self.write_now = _never  # the coroutine path applies the rule
-        elif off:
-            self.write_now = lambda o, data: image.write_now(o + off, data)
-        else:
-            self.write_now = image.write_now
+        # A run of WRITE payloads is handed on whole only where no payload is looked at here.
+        self.vectored = image.vectored and not self._detect
+        if not off:
+            self.read = image.read  # the hot path stays the image's own bound method
 
     def _fua(self, fua: bool) -> bool:
         return (fua or self._fua_all) and not self._fua_none
 
-    async def read(self, offset: int, buf: memoryview) -> None:
-        await self.image.read(offset + self.off, buf)
+    def read(self, offset: int, buf: memoryview) -> Pending:
+        return self.image.read(offset + self.off, buf)
 
-    async def write(self, offset: int, data: memoryview, *, fua: bool) -> None:
-        if self._detect and _all_zero(data):
-            await self.image.write_zeroes(
+    def write(self, offset: int, data: memoryview | list[memoryview], *, fua: bool) -> Pending:
+        if self._detect and _all_zero(data):  # never a list: not ``vectored`` then
+            return self.image.write_zeroes(
                 offset + self.off, len(data), may_trim=self._detect_unmap, fast=False, fua=self._fua(fua)
             )
-            return
-        await self.image.write(offset + self.off, data, fua=self._fua(fua))
+        return self.image.write(offset + self.off, data, fua=self._fua(fua))
 
     async def write_zeroes(self, offset: int, length: int, *, may_trim: bool, fast: bool, fua: bool) -> None:
         await self.image.write_zeroes(

@@ -18,7 +18,9 @@ coroutines.
 
 Guarantees a backend gives:
   * ``read`` fills the whole buffer; bytes at or past ``size`` read as zeroes.
-  * ``write`` writes everything or raises; writing past ``size`` grows it.
+  * ``write`` writes everything or raises; writing past ``size`` grows it.  ``data`` is a buffer
+    or a list of buffers written one after the other (a run of guest writes coalesced: a local
+    file's one ``pwritev``).
   * ``flush`` makes every write that completed before the call durable (fdatasync, aio_flush).
   * ``discard`` and ``write_zeroes`` return False, having changed nothing, when the backend cannot
     do them natively (the caller then writes zero bytes or, for a discard hint, does nothing);
@@ -36,10 +38,62 @@ complete synchronously (local files): hot paths may rely on that to skip the awa
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from typing import ClassVar
 
 Pending = Awaitable[None] | None
+Buffer = bytes | bytearray | memoryview
+
+
+async def settled(pending: Pending) -> None:
+    """Wait for ``pending`` if there is anything to wait for: ``await settled(layer.read(...))``
+    is the one-line form for code off the hot path."""
+    if pending is not None:
+        await pending
+
+
+def joined(pendings: Sequence[Awaitable[None]]) -> Pending:
+    """One ``Pending`` for several operations already started (None if none must wait)."""
+    if not pendings:
+        return None
+    if len(pendings) == 1:
+        return pendings[0]
+    return _all(pendings)
+
+
+async def _all(pendings: Sequence[Awaitable[None]]) -> None:
+    """Wait for every one of ``pendings``, even after one failed (so none is left running with a
+    caller's buffer, and no coroutine is left unstarted); then raise the first error."""
+    first: BaseException | None = None
+    for p in pendings:
+        try:
+            await p
+        except BaseException as e:
+            if first is None:
+                first = e
+    if first is not None:
+        raise first
+
+
+ZERO_CHUNK = bytes(1 << 20)
+
+
+async def write_zero_bytes(storage: Storage, offset: int, length: int) -> None:
+    """Write explicit zero bytes over ``[offset, offset+length)`` (where zeroing is not native)."""
+    end = offset + length
+    while offset < end:
+        n = min(len(ZERO_CHUNK), end - offset)
+        await settled(storage.write(offset, memoryview(ZERO_CHUNK)[:n]))
+        offset += n
+
+
+async def read_at(storage: Storage, offset: int, length: int) -> bytearray:
+    """``length`` bytes at ``offset`` in a new buffer (metadata reads; zeroes past the end)."""
+    buf = bytearray(length)
+    pending = storage.read(offset, memoryview(buf))
+    if pending is not None:
+        await pending
+    return buf
 
 
 class Storage:
@@ -53,7 +107,7 @@ class Storage:
     def read(self, offset: int, buf: memoryview) -> Pending:
         raise NotImplementedError
 
-    def write(self, offset: int, data: bytes | bytearray | memoryview) -> Pending:
+    def write(self, offset: int, data: Buffer | list[Buffer]) -> Pending:
         raise NotImplementedError
 
     async def flush(self) -> None:
@@ -63,6 +117,11 @@ class Storage:
         return False
 
     async def write_zeroes(self, offset: int, length: int, *, may_unmap: bool) -> bool:
+        return False
+
+    def can_zero_fast(self) -> bool:
+        """False if ``write_zeroes`` is known not to work natively (FAST_ZERO is then refused
+        before anything changes); True if it may."""
         return False
 
     async def extent(self, offset: int, length: int) -> tuple[int, bool]:

@@ -49,7 +49,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..errors import ImageError
-from .base import Pending, Storage
+from .base import Buffer, Pending, Storage
 from .location import RbdLocation
 
 log = logging.getLogger(__name__)
@@ -371,8 +371,10 @@ class RbdStorage(Storage):
         self._submit(op, self._image.aio_read, offset, length)
         return op.fut
 
-    def write(self, offset: int, data: bytes | bytearray | memoryview) -> Pending:
+    def write(self, offset: int, data: Buffer | list[Buffer]) -> Pending:
         self._check_writable()
+        if type(data) is list:
+            data = b"".join(data)
         n = len(data)
         if n == 0:
             return None
@@ -423,6 +425,9 @@ class RbdStorage(Storage):
         if may_unmap:
             self.map.note_zeroed(offset, length, seq)
         return True
+
+    def can_zero_fast(self) -> bool:
+        return not self.readonly
 
     async def extent(self, offset: int, length: int) -> tuple[int, bool]:
         if offset >= self.size:

@@ -37,7 +37,7 @@ import logging
 from typing import Any
 
 from ..errors import ImageError
-from .base import Pending, Storage
+from .base import Buffer, Pending, Storage
 from .location import S3Location
 
 log = logging.getLogger(__name__)
@@ -180,7 +180,7 @@ class S3Storage(Storage):
             self._read_ahead(last + 1)
         return None
 
-    def write(self, offset: int, data: bytes | bytearray | memoryview) -> Pending:
+    def write(self, offset: int, data: Buffer | list[Buffer]) -> Pending:
         raise self._readonly()
 
     async def flush(self) -> None:

@@ -34,6 +34,7 @@ import pytest
 from nbdserve.cache import ClusterCache
 from nbdserve.errors import ImageError, NbdError
 from nbdserve.image import ImageSpec, open_image
+from nbdserve.storage.base import settled
 from tests import vhdgen, vhdxgen
 from tests.conftest import SLOW
 from tests.util import qemu_img, qemu_io
@@ -231,9 +232,9 @@ async def exercise(path: Path, fmt: str, rng: random.Random) -> list[str]:
                 kind = "read"
             try:
                 if kind == "read":
-                    await img.read(off, memoryview(bytearray(n)))
+                    await settled(img.read(off, memoryview(bytearray(n))))
                 elif kind == "write":
-                    await img.write(off, memoryview(rng.randbytes(n)), fua=rng.random() < 0.2)
+                    await settled(img.write(off, memoryview(rng.randbytes(n)), fua=rng.random() < 0.2))
                 elif kind == "zero":
                     await img.write_zeroes(off, n, may_trim=rng.random() < 0.5, fast=False, fua=False)
                 elif kind == "trim":

@@ -1,5 +1,5 @@
 """The shared cluster cache: hits and misses, pinning, the byte budget, dependency-ordered
-write-back.  A BlockFile subclass records the order of writes and syncs (it still does them)."""
+write-back.  A LocalFile subclass records the order of writes and syncs (it still does them)."""
 
 from __future__ import annotations
 
@@ -8,21 +8,21 @@ import os
 
 import pytest
 
-from nbdserve.blockfile import BlockFile
 from nbdserve.cache import ClusterCache
 from nbdserve.errors import CorruptImage
+from nbdserve.storage.local import LocalFile
 
 TABLE = 4096
 
 
-class RecordingFile(BlockFile):
+class RecordingFile(LocalFile):
     def __init__(self, path: str) -> None:
         super().__init__(path, readonly=False)
         self.events: list[tuple[str, int]] = []
 
-    def pwrite(self, data, offset: int) -> None:
+    def write(self, offset: int, data) -> None:
         self.events.append(("write", offset))
-        super().pwrite(data, offset)
+        super().write(offset, data)
 
     async def flush(self) -> None:
         self.events.append(("sync", -1))
@@ -37,10 +37,10 @@ def file(tmp_path):
             f.write(bytes([i]) * TABLE)
     bf = RecordingFile(str(p))
     yield bf
-    bf.close()
+    bf.close_now()
 
 
-def kind(cache: ClusterCache, f: BlockFile, name: str = "t"):
+def kind(cache: ClusterCache, f: LocalFile, name: str = "t"):
     return cache.kind(f, name=name, size=TABLE, decode=bytearray, encode=bytes)
 
 
@@ -96,7 +96,7 @@ def test_dirty_entries_written_back_after_their_dependencies(file):
         await c.flush(file)
         # refcount block, then a sync, then the L2 table, then the final sync
         assert file.events == [("write", 10 * TABLE), ("sync", -1), ("write", 20 * TABLE), ("sync", -1)]
-        assert file.pread(1, 10 * TABLE) == b"\xaa" and file.pread(1, 20 * TABLE) == b"\xbb"
+        assert os.pread(file.fd, 1, 10 * TABLE) == b"\xaa" and os.pread(file.fd, 1, 20 * TABLE) == b"\xbb"
         assert not rb.dirty and not t.dirty
 
     asyncio.run(main())
@@ -135,7 +135,7 @@ def test_eviction_writes_back_dirty_entries_with_dependencies(file):
             c.release(await c.get(l2, i * TABLE))
         # evicting the L2 table first wrote (and synced) the refcount block it depends on
         assert file.events[:3] == [("write", 1 * TABLE), ("sync", -1), ("write", 2 * TABLE)]
-        assert file.pread(1, 2 * TABLE) == b"\x02"
+        assert os.pread(file.fd, 1, 2 * TABLE) == b"\x02"
 
     asyncio.run(main())
 
@@ -148,7 +148,7 @@ def test_put_new_is_dirty_and_pinned_and_table_past_eof_is_corrupt(file):
         assert e.dirty and e.pins == 1
         c.release(e)
         await c.flush(file)
-        assert file.pread(1, 100 * TABLE) == b"\x05"
+        assert os.pread(file.fd, 1, 100 * TABLE) == b"\x05"
         with pytest.raises(CorruptImage, match="past end of file"):
             await c.get(k, 1000 * TABLE)
         assert c.peek(k, 1000 * TABLE) is None  # a failed load leaves nothing behind
@@ -161,15 +161,15 @@ def test_entries_of_two_files_share_one_budget(tmp_path, file):
     other_path.write_bytes(os.urandom(16 * TABLE))
 
     async def main():
-        other = BlockFile(str(other_path), readonly=True)
+        other = LocalFile(str(other_path), readonly=True)
         c = ClusterCache(6 * TABLE)
         ka, kb = kind(c, file), kind(c, other)
         for i in range(8):
             c.release(await c.get(ka, i * TABLE))
             c.release(await c.get(kb, i * TABLE))
         assert c.used <= 6 * TABLE
-        c.discard_file(other)
+        c.discard_storage(other)
         assert all(c.peek(kb, i * TABLE) is None for i in range(8))
-        other.close()
+        other.close_now()
 
     asyncio.run(main())

@@ -194,8 +194,9 @@ def test_request_protocol_error(extended: bool, wire: str, split: str) -> None:
 
 
 def test_write_payload_received_into_its_own_buffer() -> None:
-    """Once the header is parsed, get_buffer hands out the payload buffer itself (no copy)."""
-    parser = RequestParser()
+    """A payload too large to stay inline: once the header is parsed, get_buffer hands out the
+    payload buffer itself (the kernel writes it there, no copy), and it is the request's."""
+    parser = RequestParser(inline_max=0x800)
     parser.receive_data(h(f"{REQ} 0000 0001 {CK} 0000000000000000 00001000 0102"))
     assert parser.next_event() is None
     buf = parser.get_buffer()
@@ -204,6 +205,24 @@ def test_write_payload_received_into_its_own_buffer() -> None:
     parser.buffer_updated(len(buf))
     req = parser.next_event()
     assert req is not None and bytes(req.payload) == b"\x01\x02" + b"\x03" * (0x1000 - 2)
+    assert not req.inline and req.payload.obj is buf.obj
+    assert parser.idle
+
+
+def test_small_write_payload_stays_in_the_receive_buffer() -> None:
+    """A payload that fits waits in the receive buffer (the partial request moved to the front
+    when the buffer's end is near) and is handed out as a view of it."""
+    parser = RequestParser(buffer_size=100)
+    header = h(f"{REQ} 0000 0001 {CK} 0000000000000000 00000030")
+    parser.receive_data(h(f"{REQ} 0000 0000 {CK} 0000000000000000 00000001") + header + b"\x05" * 10)
+    assert parser.next_event().type == C.CMD_READ
+    assert parser.next_event() is None  # the write's payload is not all here yet
+    room = parser.get_buffer()
+    assert len(room) >= 0x30 - 10, "the partial write was not moved to make room for its payload"
+    room[: 0x30 - 10] = b"\x06" * (0x30 - 10)
+    parser.buffer_updated(0x30 - 10)
+    req = parser.next_event()
+    assert req.inline and bytes(req.payload) == b"\x05" * 10 + b"\x06" * (0x30 - 10)
     assert parser.idle
 
 
@@ -292,10 +311,8 @@ def test_check_request_oversize_write() -> None:
 # Columns: id, encoder(structured, extended), call, hex, decode_reply_header result
 
 
-def _read_into(pair, data: bytes) -> bytes:
-    buf, view = pair
-    view[:] = data
-    return bytes(buf)
+def _read_into(header: bytearray, data: bytes) -> bytes:
+    return bytes(header) + data
 
 
 def _read_reply(enc: ReplyEncoder, offset: int, data: bytes) -> bytes:
@@ -321,12 +338,12 @@ REPLIES = [
      f"{SIMPLE} 00000016 {CK}", False, ("simple", 22, COOKIE)),
     ("structured-done-is-simple", lambda: SR_ENC.done(COOKIE, 0), f"{SIMPLE} 00000000 {CK}", False,
      ("simple", 0, COOKIE)),
-    ("structured-offset-data", lambda: _read_into(SR_ENC.data_buffer(COOKIE, 0x1000, 0x1200, 3, done=True), b"xyz"),
+    ("structured-offset-data", lambda: _read_into(SR_ENC.data_header(COOKIE, 0x1000, 0x1200, 3, done=True), b"xyz"),
      f"{CHUNK} 0001 0001 {CK} 0000000b 0000000000001200 78797a", False, ("chunk", 1, 1, COOKIE, None, 11)),
     ("structured-read-reply", lambda: _read_reply(SR_ENC, 0x1200, b"xyz"),
      f"{CHUNK} 0001 0001 {CK} 0000000b 0000000000001200 78797a", False, ("chunk", 1, 1, COOKIE, None, 11)),
     ("structured-offset-data-not-done",
-     lambda: _read_into(SR_ENC.data_buffer(COOKIE, 0, 0, 1, done=False), b"\x00"),
+     lambda: _read_into(SR_ENC.data_header(COOKIE, 0, 0, 1, done=False), b"\x00"),
      f"{CHUNK} 0000 0001 {CK} 00000009 0000000000000000 00", False, ("chunk", 0, 1, COOKIE, None, 9)),
     ("structured-offset-hole", lambda: SR_ENC.hole(COOKIE, 0x1000, 0x1000, 0x200, done=False),
      f"{CHUNK} 0000 0002 {CK} 0000000c 0000000000001000 00000200", False, ("chunk", 0, 2, COOKIE, None, 12)),
@@ -354,7 +371,7 @@ REPLIES = [
      f"{EXT_CHUNK} 0001 0000 {CK} fffffffffffffe00 0000000000000000", True,
      ("chunk", 1, 0, COOKIE, 0xFFFFFFFFFFFFFE00, 0)),
     ("extended-offset-data",
-     lambda: _read_into(EH_ENC.data_buffer(COOKIE, 0x1000, 0x1200, 3, done=True), b"xyz"),
+     lambda: _read_into(EH_ENC.data_header(COOKIE, 0x1000, 0x1200, 3, done=True), b"xyz"),
      f"{EXT_CHUNK} 0001 0001 {CK} 0000000000001000 000000000000000b 0000000000001200 78797a", True,
      ("chunk", 1, 1, COOKIE, 0x1000, 11)),
     ("extended-read-reply", lambda: _read_reply(EH_ENC, 0x1200, b"xyz"),
@@ -428,19 +445,24 @@ def _stream(draw) -> tuple:
     wire = b"".join(encode_request(t, c, o, n, f, p or b"", extended=extended) for t, f, c, o, n, p, _ in reqs)
     cuts = sorted(draw(st.lists(st.integers(0, len(wire)), max_size=20)))
     buffer_size = draw(st.sampled_from([64, 100, 256 << 10]))
-    # None: next_event only; else (max_count, max_bytes, max_length) for next_reads batches first
-    batch = draw(st.none() | st.tuples(st.integers(1, 4), st.integers(1, 1 << 33), st.integers(1, 1 << 33)))
-    return extended, reqs, wire, cuts, buffer_size, batch
+    # None: next_event only; else (max_count, max_bytes, max_read, writes) for next_plain batches first
+    batch = draw(
+        st.none() | st.tuples(st.integers(1, 4), st.integers(1, 1 << 33), st.integers(1, 1 << 33), st.booleans())
+    )
+    detach = draw(st.booleans())  # the server detaching after every batch (a write in flight)
+    return extended, reqs, wire, cuts, buffer_size, batch, detach
 
 
 @settings(max_examples=300, deadline=None)
 @given(_stream())
 def test_property_split_requests_decode_to_themselves(case) -> None:
-    """Also with the hot path's ``next_reads`` taking plain READs first: together with
-    ``next_event`` it yields every request once, in order."""
-    extended, reqs, wire, cuts, buffer_size, batch = case
+    """Also with the fast case's ``next_plain`` taking plain READs (and WRITEs) first: together
+    with ``next_event`` it yields every request once, in order, payloads intact; also when the
+    receive buffer is detached after each batch (inline payloads still referred to)."""
+    extended, reqs, wire, cuts, buffer_size, batch, detach = case
     parser = RequestParser(extended=extended, buffer_size=buffer_size)
     out = []
+    held = []  # inline payloads handed out, with their bytes: must not change after a detach
     bounds = [0, *cuts, len(wire)]
     for a, b in itertools.pairwise(bounds):
         pos = a
@@ -453,17 +475,34 @@ def test_property_split_requests_decode_to_themselves(case) -> None:
             pos += n
             while True:
                 if batch is not None:
-                    max_count, max_bytes, max_length = batch
-                    reads = parser.next_reads(max_count=max_count, max_bytes=max_bytes, max_length=max_length)
-                    assert len(reads) <= max_count and all(0 < n <= max_length for _, _, n in reads)
-                    assert sum(n for _, _, n in reads[:-1]) < max_bytes
-                    out += [(C.CMD_READ, 0, c, o, n, None, False) for c, o, n in reads]
-                    if reads:
+                    max_count, max_bytes, max_read, writes = batch
+                    plain = parser.next_plain(
+                        max_count=max_count, max_bytes=max_bytes, max_read=max_read, writes=writes
+                    )
+                    assert len(plain) <= max_count
+                    reads = [n for _, _, n, p in plain if p is None]
+                    assert all(0 < n <= max_read for n in reads) and sum(reads[:-1]) < max_bytes
+                    assert writes or len(reads) == len(plain)
+                    wf = C.CMD_FLAG_PAYLOAD_LEN if extended else 0
+                    for c, o, n, p in plain:
+                        t, f = (C.CMD_READ, 0) if p is None else (C.CMD_WRITE, wf)
+                        out.append((t, f, c, o, n, None if p is None else bytes(p), False))
+                        if p is not None:
+                            held.append((p, bytes(p)))
+                    if plain:
                         continue
                 req = parser.next_event()
                 if req is None:
                     break
                 out.append(fields(req))
+                if req.inline:
+                    held.append((req.payload, bytes(req.payload)))
+            if detach:
+                parser.detach()
+            else:
+                held.clear()
+    for view, data in held:
+        assert bytes(view) == data, "a detached buffer changed"
     assert out == [(t, f, c, o, n, p or None, ov) for t, f, c, o, n, p, ov in reqs]
     assert parser.idle
 
@@ -476,7 +515,7 @@ def test_error_chunk_message_capped_on_a_character_boundary(enc: ReplyEncoder) -
     assert payload[6:].decode("utf-8") == "a" + "\u00e9" * 2047
 
 
-# -- the hot path's batch decoder ----------------------------------------------------------
+# -- the fast case's batch decoder ----------------------------------------------------------
 
 PLAIN_READ_1 = f"{REQ} 0000 0000 {CK} 0000000000001000 00001000"
 PLAIN_READ_2 = f"{REQ} 0000 0000 0000000000000002 0000000000002000 00000200"
@@ -486,34 +525,46 @@ FLUSH_REQ = f"{REQ} 0000 0003 {CK} 0000000000000000 00000000"
 BAD_MAGIC = f"25609514 0000 0000 {CK} 0000000000000000 00000200"
 EXT_READ = f"{EXT_REQ} 0000 0000 {CK} 0000000000001000 0000000000001000"
 
-NEXT_READS = [
-    # id, extended, wire, (max_count, max_bytes, max_length), batch, then next_event's type
-    ("two-plain-then-flush", False, f"{PLAIN_READ_1} {PLAIN_READ_2} {FLUSH_REQ}", (8, 1 << 20, 1 << 20),
-     [(COOKIE, 0x1000, 0x1000), (2, 0x2000, 0x200)], C.CMD_FLUSH),
-    ("count-limit", False, f"{PLAIN_READ_1} {PLAIN_READ_2}", (1, 1 << 20, 1 << 20),
-     [(COOKIE, 0x1000, 0x1000)], C.CMD_READ),
-    ("bytes-limit-after-reaching-it", False, f"{PLAIN_READ_1} {PLAIN_READ_2}", (8, 0x1000, 1 << 20),
-     [(COOKIE, 0x1000, 0x1000)], C.CMD_READ),
-    ("length-limit", False, f"{PLAIN_READ_1} {PLAIN_READ_2}", (8, 1 << 20, 0xFFF), [], C.CMD_READ),
-    ("flags-stop-the-batch", False, f"{READ_FUA} {PLAIN_READ_1}", (8, 1 << 20, 1 << 20), [], C.CMD_READ),
-    ("zero-length-is-not-plain", False, f"{READ_EMPTY}", (8, 1 << 20, 1 << 20), [], C.CMD_READ),
-    ("partial-header-waits", False, f"{PLAIN_READ_1} {PLAIN_READ_2[:-2]}", (8, 1 << 20, 1 << 20),
-     [(COOKIE, 0x1000, 0x1000)], None),
-    ("extended", True, f"{EXT_READ} {EXT_READ}", (8, 1 << 20, 1 << 20),
-     [(COOKIE, 0x1000, 0x1000), (COOKIE, 0x1000, 0x1000)], None),
-    ("compact-magic-under-extended-stops", True, f"{PLAIN_READ_1} 00000000", (8, 1 << 20, 1 << 20), [], "error"),
-    ("bad-magic-left-to-next-event", False, f"{PLAIN_READ_1} {BAD_MAGIC}", (8, 1 << 20, 1 << 20),
-     [(COOKIE, 0x1000, 0x1000)], "error"),
+PLAIN_WRITE = f"{REQ} 0000 0001 0000000000000003 0000000000003000 00000004 61626364"
+WRITE_FUA = f"{REQ} 0001 0001 0000000000000003 0000000000003000 00000004 61626364"
+EXT_WRITE = f"{EXT_REQ} 0020 0001 0000000000000003 0000000000003000 0000000000000002 6566"
+R1, R2, WR = (COOKIE, 0x1000, 0x1000, None), (2, 0x2000, 0x200, None), (3, 0x3000, 4, b"abcd")
+
+NEXT_PLAIN = [
+    # id, extended, wire, (max_count, max_bytes, max_read, writes), batch, then next_event's type
+    ("two-plain-then-flush", False, f"{PLAIN_READ_1} {PLAIN_READ_2} {FLUSH_REQ}", (8, 1 << 20, 1 << 20, True),
+     [R1, R2], C.CMD_FLUSH),
+    ("count-limit", False, f"{PLAIN_READ_1} {PLAIN_READ_2}", (1, 1 << 20, 1 << 20, True), [R1], C.CMD_READ),
+    ("bytes-limit-after-reaching-it", False, f"{PLAIN_READ_1} {PLAIN_READ_2}", (8, 0x1000, 1 << 20, True),
+     [R1], C.CMD_READ),
+    ("length-limit", False, f"{PLAIN_READ_1} {PLAIN_READ_2}", (8, 1 << 20, 0xFFF, True), [], C.CMD_READ),
+    ("flags-stop-the-batch", False, f"{READ_FUA} {PLAIN_READ_1}", (8, 1 << 20, 1 << 20, True), [], C.CMD_READ),
+    ("zero-length-is-not-plain", False, f"{READ_EMPTY}", (8, 1 << 20, 1 << 20, True), [], C.CMD_READ),
+    ("partial-header-waits", False, f"{PLAIN_READ_1} {PLAIN_READ_2[:-2]}", (8, 1 << 20, 1 << 20, True), [R1], None),
+    ("extended", True, f"{EXT_READ} {EXT_READ}", (8, 1 << 20, 1 << 20, True), [R1, R1], None),
+    ("compact-magic-under-extended-stops", True, f"{PLAIN_READ_1} 00000000", (8, 1 << 20, 1 << 20, True), [],
+     "error"),
+    ("bad-magic-left-to-next-event", False, f"{PLAIN_READ_1} {BAD_MAGIC}", (8, 1 << 20, 1 << 20, True), [R1],
+     "error"),
+    ("reads-and-writes-mixed", False, f"{PLAIN_READ_1} {PLAIN_WRITE} {PLAIN_READ_2}", (8, 1 << 20, 1 << 20, True),
+     [R1, WR, R2], None),
+    ("writes-not-taken", False, f"{PLAIN_READ_1} {PLAIN_WRITE}", (8, 1 << 20, 1 << 20, False), [R1], C.CMD_WRITE),
+    ("write-fua-is-not-plain", False, f"{WRITE_FUA} {PLAIN_READ_1}", (8, 1 << 20, 1 << 20, True), [], C.CMD_WRITE),
+    ("write-bytes-do-not-count", False, f"{PLAIN_WRITE} {PLAIN_WRITE}", (8, 1, 1 << 20, True), [WR, WR], None),
+    ("write-payload-incomplete-waits", False, f"{PLAIN_WRITE[:-2]}", (8, 1 << 20, 1 << 20, True), [], None),
+    ("extended-write-payload-len", True, f"{EXT_WRITE}", (8, 1 << 20, 1 << 20, True), [(3, 0x3000, 2, b"ef")],
+     None),
 ]  # fmt: skip
 
 
 @pytest.mark.parametrize(("extended", "wire", "limits", "batch", "then"),
-                         [pytest.param(*case[1:], id=case[0]) for case in NEXT_READS])  # fmt: skip
-def test_next_reads(extended: bool, wire: str, limits: tuple, batch: list, then) -> None:
+                         [pytest.param(*case[1:], id=case[0]) for case in NEXT_PLAIN])  # fmt: skip
+def test_next_plain(extended: bool, wire: str, limits: tuple, batch: list, then) -> None:
     parser = RequestParser(extended=extended)
     parser.receive_data(h(wire))
-    max_count, max_bytes, max_length = limits
-    assert parser.next_reads(max_count=max_count, max_bytes=max_bytes, max_length=max_length) == batch
+    max_count, max_bytes, max_read, writes = limits
+    got = parser.next_plain(max_count=max_count, max_bytes=max_bytes, max_read=max_read, writes=writes)
+    assert [(c, o, n, None if p is None else bytes(p)) for c, o, n, p in got] == batch
     if then == "error":
         with pytest.raises(ProtocolError):
             parser.next_event()
@@ -523,12 +574,11 @@ def test_next_reads(extended: bool, wire: str, limits: tuple, batch: list, then)
         assert parser.next_event().type == then
 
 
-def test_next_reads_waits_while_a_payload_is_pending() -> None:
-    parser = RequestParser()
+def test_next_plain_waits_while_a_payload_is_pending() -> None:
+    parser = RequestParser(inline_max=2)  # a 4-byte payload goes to its own buffer
     parser.receive_data(h(f"{REQ} 0000 0001 {CK} 0000000000000000 00000004 6162"))  # WRITE, half its payload
     assert parser.next_event() is None
-    assert parser.next_reads(max_count=8, max_bytes=1 << 20, max_length=1 << 20) == []
+    assert parser.next_plain(max_count=8, max_bytes=1 << 20, max_read=1 << 20, writes=True) == []
     parser.receive_data(h(f"6364 {PLAIN_READ_1}"))
-    assert parser.next_reads(max_count=8, max_bytes=1 << 20, max_length=1 << 20) == []  # the WRITE comes first
+    assert parser.next_plain(max_count=8, max_bytes=1 << 20, max_read=1 << 20, writes=True) == []  # the WRITE first
     assert fields(parser.next_event()) == (C.CMD_WRITE, 0, COOKIE, 0, 4, b"abcd", False)
-    assert parser.next_reads(max_count=8, max_bytes=1 << 20, max_length=1 << 20) == [(COOKIE, 0x1000, 0x1000)]

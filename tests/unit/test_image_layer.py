@@ -12,12 +12,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nbdserve.blockfile import BlockFile
 from nbdserve.cache import ClusterCache
 from nbdserve.errors import ImageError, NbdError, UnsupportedImage
 from nbdserve.formats.base import Limits
 from nbdserve.formats.raw import RawDriver
 from nbdserve.image import STATE_HOLE, STATE_ZERO, Image, ImageSpec, open_image, resolve_backing
+from nbdserve.storage.base import settled
+from nbdserve.storage.local import LocalFile
 
 SIZE = 64 * 1024
 
@@ -33,7 +34,7 @@ class SectorRaw(RawDriver):
 def make_image(path, align512: bool) -> Image:
     with open(path, "wb") as f:
         f.truncate(SIZE)
-    bf = BlockFile(str(path), readonly=False)
+    bf = LocalFile(str(path), readonly=False)
     drv = (SectorRaw if align512 else RawDriver)(bf, False)
     return Image(drv, None, ClusterCache(1 << 20))
 
@@ -60,7 +61,7 @@ def test_random_ops_match_a_byte_model(tmp_path, ops, align512):
         for op, off, n, byte in ops:
             n = min(n, SIZE - off)
             if op == "write":
-                await img.write(off, memoryview(bytes([byte]) * n), fua=False)
+                await settled(img.write(off, memoryview(bytes([byte]) * n), fua=False))
                 model[off : off + n] = bytes([byte]) * n
             elif op.startswith("zero"):
                 await img.write_zeroes(off, n, may_trim=op == "zero", fast=False, fua=False)
@@ -69,15 +70,15 @@ def test_random_ops_match_a_byte_model(tmp_path, ops, align512):
                 await img.trim(off, n, fua=False)
                 # TRIM is a hint: afterwards the range is either old data or zero; make it known
                 got = bytearray(n)
-                await img.read(off, memoryview(got))
+                await settled(img.read(off, memoryview(got)))
                 for i in range(n):
                     assert got[i] in (model[off + i], 0)
                 model[off : off + n] = got
         out = bytearray(SIZE)
-        await img.read(0, memoryview(out))
+        await settled(img.read(0, memoryview(out)))
         assert out == model
         odd = bytearray(777)
-        await img.read(1234, memoryview(odd))
+        await settled(img.read(1234, memoryview(odd)))
         assert odd == model[1234 : 1234 + 777]
         await img.close()
 
@@ -91,7 +92,7 @@ def test_concurrent_unaligned_writes_into_one_sector_all_survive(tmp_path):
         # 64 writers, each owning 8 bytes of the same two sectors: RMW must not lose any of them
         await asyncio.gather(*(img.write(100 + 8 * i, memoryview(bytes([i + 1]) * 8), fua=False) for i in range(64)))
         out = bytearray(512)
-        await img.read(100, memoryview(out))
+        await settled(img.read(100, memoryview(out)))
         assert out == b"".join(bytes([i + 1]) * 8 for i in range(64))
         await img.close()
 
@@ -113,7 +114,7 @@ def test_fast_zero_refused_for_partial_sectors(tmp_path):
 def test_runs_report_holes_and_data_merged(tmp_path):
     async def main():
         img = make_image(tmp_path / "r.img", align512=False)
-        await img.write(0, memoryview(b"x" * 4096), fua=False)
+        await settled(img.write(0, memoryview(b"x" * 4096), fua=False))
         runs = await img.runs(0, SIZE)
         assert runs[0].flags == 0 and runs[0].length == 4096 and runs[0].depth == 1
         assert all(r.flags == STATE_HOLE | STATE_ZERO for r in runs[1:])

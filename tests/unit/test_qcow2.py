@@ -40,6 +40,7 @@ from nbdserve.formats.qcow2 import Qcow2Driver
 from nbdserve.formats.qcow2.create import create_qcow2
 from nbdserve.image import Image, ImageSpec, open_image
 from nbdserve.locks import CoQueue
+from nbdserve.storage.base import settled
 from tests.imagetest import FILL, check_clean, opened, our_map, qemu_map, qemu_raw, run, served_read_only
 from tests.imagetest import compare_with_model as _compare_with_model
 from tests.imagetest import read_image as read_all
@@ -132,7 +133,7 @@ def test_all_compressed_image(tmp_path, ctype):
             # Unaligned small reads across compressed cluster boundaries.
             for off in (65536 - 7, 3 * 65536 + 100, 8 * M - 5):
                 buf = bytearray(min(4096, 8 * M - off))
-                await img.read(off, memoryview(buf))
+                await settled(img.read(off, memoryview(buf)))
                 assert buf == src.read_bytes()[off : off + len(buf)]
         finally:
             await img.close()
@@ -189,8 +190,8 @@ def test_backing_chain_raw_qcow2_qcow2(tmp_path):
             assert await read_all(img) == expected
             assert await our_map(img, depth=True) == qemu_map(top, depth=True)
             # Copy-on-write from two levels down into a partial cluster of the top image.
-            await img.write(41 * M + 50, memoryview(b"\xee" * 10), fua=False)
-            await img.write(40 * M + 4095, memoryview(b"\xdd" * 2), fua=False)
+            await settled(img.write(41 * M + 50, memoryview(b"\xee" * 10), fua=False))
+            await settled(img.write(40 * M + 4095, memoryview(b"\xdd" * 2), fua=False))
             await img.flush()
         finally:
             await img.close()
@@ -271,7 +272,7 @@ async def apply_ops(img: Image, model: bytearray, ops, *, v2_backing: bool, back
         length = min(length, img.size - off)
         if kind == "write":
             data = bytes([byte]) * length
-            await img.write(off, memoryview(data), fua=byte % 7 == 0)
+            await settled(img.write(off, memoryview(data), fua=byte % 7 == 0))
             model[off : off + length] = data
         elif kind in ("zero", "zero_nohole"):
             await img.write_zeroes(off, length, may_trim=kind == "zero", fast=False, fua=False)
@@ -389,7 +390,7 @@ def test_concurrent_writers_share_cluster_allocations(tmp_path):
                 for k in range(n):
                     off = (c + k) * 4096 + slot * 512
                     data = bytes([slot + 1]) * 512
-                    await img.write(off, memoryview(data), fua=False)
+                    await settled(img.write(off, memoryview(data), fua=False))
                     model[off : off + 512] = data
 
         try:
@@ -451,7 +452,7 @@ def test_concurrent_overlapping_writers(tmp_path_factory, streams):
                 if v == 0:
                     await img.write_zeroes(off, n, may_trim=True, fast=False, fua=False)
                 else:
-                    await img.write(off, memoryview(bytes([v]) * n), fua=False)
+                    await settled(img.write(off, memoryview(bytes([v]) * n), fua=False))
 
         try:
             await asyncio.gather(*(stream(m) for m in ops))
@@ -487,7 +488,7 @@ def test_concurrent_mixed_ops(tmp_path):
                 op = rnd.random()
                 if op < 0.6:
                     data = rnd.randbytes(n)
-                    await img.write(off, memoryview(data), fua=False)
+                    await settled(img.write(off, memoryview(data), fua=False))
                     model[off : off + n] = data
                 elif op < 0.9:
                     await img.write_zeroes(off, n, may_trim=op < 0.75, fast=False, fua=False)
@@ -517,7 +518,7 @@ def test_refcount_table_growth(tmp_path):
         img = await opened(path)
         try:
             for pos in range(0, 6 * M, 1 * M):
-                await img.write(pos, memoryview(data)[pos : pos + M], fua=False)
+                await settled(img.write(pos, memoryview(data)[pos : pos + M], fua=False))
         finally:
             await img.close()
 
@@ -539,7 +540,7 @@ def test_writes_into_compressed_and_snapshot_shared_clusters(tmp_path):
         try:
             for off, n in ((4 * M + 100, 10), (3 * M + 65530, 20), (100, 4096), (63 * M + 5, 3), (20 * M, 1)):
                 data = bytes([0xE1]) * n
-                await img.write(off, memoryview(data), fua=False)
+                await settled(img.write(off, memoryview(data), fua=False))
                 model[off : off + n] = data
             await img.write_zeroes(4 * M, 64 * K, may_trim=True, fast=False, fua=False)
             model[4 * M : 4 * M + 64 * K] = bytes(64 * K)
@@ -576,7 +577,7 @@ def test_dirty_image_is_repaired_on_read_write_open(tmp_path, extra):
             await img.close()
         img = await opened(path)
         try:
-            await img.write(30 * M, memoryview(b"x" * 70000), fua=True)
+            await settled(img.write(30 * M, memoryview(b"x" * 70000), fua=True))
             expected[30 * M : 30 * M + 70000] = b"x" * 70000
         finally:
             await img.close()
@@ -606,7 +607,7 @@ def test_unknown_autoclear_bits_cleared_and_extensions_kept(tmp_path):
         img = await opened(path)
         try:
             assert img.driver.header.unknown_extensions == [0x12345678]
-            await img.write(0, memoryview(b"y" * 512), fua=True)
+            await settled(img.write(0, memoryview(b"y" * 512), fua=True))
         finally:
             await img.close()
 
@@ -653,7 +654,7 @@ def test_create_and_overlay(tmp_path):
         overlay = img.path
         try:
             assert img.format == "qcow2" and img.backing.path == str(base.resolve())
-            await img.write(4096, memoryview(b"\x77" * 8192), fua=True)
+            await settled(img.write(4096, memoryview(b"\x77" * 8192), fua=True))
             data = await read_all(img)
             assert data[:4096] == b"\x21" * 4096 and data[4096:12288] == b"\x77" * 8192
             assert os.path.exists(overlay)
@@ -682,7 +683,7 @@ def test_cache_budget_with_many_l2_tables(tmp_path):
                 for span in rnd.sample(range(256), 256):  # 256 L2 tables, visited in random order
                     off = span * 32 * K + rnd.randrange(0, 31 * K)
                     data = rnd.randbytes(rnd.randrange(1, 1500))
-                    await img.write(off, memoryview(data), fua=False)
+                    await settled(img.write(off, memoryview(data), fua=False))
                     model[off : off + len(data)] = data
             assert await read_all(img) == model
         finally:
@@ -704,10 +705,8 @@ def test_hot_read_does_not_suspend(tmp_path):
         img = await opened(path, readonly=True)
         try:
             buf = memoryview(bytearray(4096))
-            await img.read(3 * M, buf)  # loads the L2 table
-            coro = img.read(3 * M + 8192, buf)
-            with pytest.raises(StopIteration):
-                coro.send(None)  # finished on the first step: no suspension
+            await settled(img.read(3 * M, buf))  # loads the L2 table
+            assert img.read(3 * M + 8192, buf) is None  # completed at once: nothing to wait for
             assert bytes(buf) == b"\x11" * 4096
         finally:
             await img.close()
@@ -775,8 +774,8 @@ def open_error(tmp_path: Path, raw: bytes | bytearray, *, read: bool = False, wr
             if read:
                 await read_all(img)
             if write:
-                await img.write(0, memoryview(b"z" * 512), fua=False)
-                await img.write(128 * K, memoryview(b"z" * 512), fua=False)
+                await settled(img.write(0, memoryview(b"z" * 512), fua=False))
+                await settled(img.write(128 * K, memoryview(b"z" * 512), fua=False))
         finally:
             await img.close()
 
@@ -1067,7 +1066,7 @@ def test_consistent_images_open_read_write_quietly(tmp_path, opts, caplog):
             img = await opened(path)
         try:
             assert not img.readonly
-            await img.write(7 * M + 3, memoryview(b"\x42" * 9), fua=False)
+            await settled(img.write(7 * M + 3, memoryview(b"\x42" * 9), fua=False))
         finally:
             await img.close()
 

@@ -37,6 +37,7 @@ from nbdserve.formats.qcow2.bitmaps import (
     parse_directory,
 )
 from nbdserve.formats.qcow2.overlap import BITMAPS
+from nbdserve.storage.base import settled
 from tests.conftest import SLOW
 from tests.imagetest import check_clean, opened, qemu_raw, read_image, run, served_read_only
 from tests.util import REPO, merged_map, qemu_img, qemu_io, qemu_nbd
@@ -260,7 +261,7 @@ def test_qemu_stored_bitmaps_load_and_encode_alike(tmp_path, cluster_size):
         img = await opened(path, readonly=True)
         try:
             for name in model.gbits:
-                bm = img.dirty_bitmap(name)
+                bm = await img.dirty_bitmap(name)
                 assert runs_of(bm, size) == model.runs(name)
                 e = next(e for e in directory(raw)[3] if e["name"] == name)
                 mine = DirtyBitmap(BitmapEntry(name, 0, 0, 1, 0, e["gbits"]), size, cluster_size)
@@ -306,7 +307,7 @@ def test_read_write_open_marks_in_use_and_clean_close_stores(tmp_path, caplog):
             ops = [("w", 5 * M + 100, 7000), ("z", 9 * M - 1, 2), ("t", 12 * M + 3, 300 * K), ("w", size - 1, 1)]
             for kind, off, n in ops:
                 if kind == "w":
-                    await img.write(off, memoryview(b"\x77" * n), fua=False)
+                    await settled(img.write(off, memoryview(b"\x77" * n), fua=False))
                     data[off : off + n] = b"\x77" * n
                 elif kind == "z":
                     await img.write_zeroes(off, n, may_trim=True, fast=False, fua=False)
@@ -319,7 +320,7 @@ def test_read_write_open_marks_in_use_and_clean_close_stores(tmp_path, caplog):
             await img.flush()
             assert flags_of(path) == {"b0": 3, "b9": 3, "off": 1}  # a flush does not store bitmaps
             for name in model.gbits:  # live, before anything is stored
-                assert runs_of(img.dirty_bitmap(name), size) == model.runs(name)
+                assert runs_of(await img.dirty_bitmap(name), size) == model.runs(name)
         finally:
             await img.close()
 
@@ -342,7 +343,7 @@ def test_read_write_open_marks_in_use_and_clean_close_stores(tmp_path, caplog):
         img = await opened(path, readonly=True)
         try:
             for name in model.gbits:
-                assert runs_of(img.dirty_bitmap(name), size) == model.runs(name)
+                assert runs_of(await img.dirty_bitmap(name), size) == model.runs(name)
         finally:
             await img.close()
 
@@ -368,10 +369,10 @@ def test_bitmap_in_use_at_open_is_inconsistent(tmp_path, caplog):
         try:
             assert not img.readonly
             with pytest.raises(ImageError, match="'crashed' is inconsistent"):
-                img.dirty_bitmap("crashed")
-            await img.write(5 * M, memoryview(b"x"), fua=False)
+                await img.dirty_bitmap("crashed")
+            await settled(img.write(5 * M, memoryview(b"x"), fua=False))
             model.wrote(5 * M, 1)
-            assert runs_of(img.dirty_bitmap("good"), size) == model.runs("good")
+            assert runs_of(await img.dirty_bitmap("good"), size) == model.runs("good")
         finally:
             await img.close()
 
@@ -399,8 +400,8 @@ def test_stale_bitmaps_extension_is_ignored(tmp_path, caplog):
         try:
             assert not img.readonly
             with pytest.raises(ImageError, match="bitmap 'b' not found"):
-                img.dirty_bitmap("b")
-            await img.write(0, memoryview(b"x"), fua=False)
+                await img.dirty_bitmap("b")
+            await settled(img.write(0, memoryview(b"x"), fua=False))
         finally:
             await img.close()
 
@@ -423,11 +424,11 @@ def test_bitmaps_of_the_backing_file(tmp_path):
     async def main():
         img = await opened(top)
         try:
-            assert runs_of(img.dirty_bitmap("both"), size) == [(0, size, 0)]  # the top one
-            await img.write(M + 5000, memoryview(b"x" * 10), fua=False)
-            assert runs_of(img.dirty_bitmap("base"), size) == model.runs("base")  # unchanged
+            assert runs_of(await img.dirty_bitmap("both"), size) == [(0, size, 0)]  # the top one
+            await settled(img.write(M + 5000, memoryview(b"x" * 10), fua=False))
+            assert runs_of(await img.dirty_bitmap("base"), size) == model.runs("base")  # unchanged
             with pytest.raises(ImageError, match="'nope' not found"):
-                img.dirty_bitmap("nope")
+                await img.dirty_bitmap("nope")
         finally:
             await img.close()
 
@@ -536,7 +537,7 @@ def test_hostile_bitmap_directory(tmp_path, pristine_bitmaps, patch, needle, exp
         img = await opened(path, readonly=True)
         try:
             with pytest.raises(ImageError) as info:
-                img.dirty_bitmap("b")
+                await img.dirty_bitmap("b")
             assert needle in str(info.value) and "\n" not in str(info.value)
             assert await read_image(img) == disk
         finally:
@@ -557,11 +558,12 @@ import asyncio, logging, sys
 sys.path.insert(0, {str(REPO)!r})
 logging.basicConfig(level=logging.WARNING, format="%(message)s")
 from tests.imagetest import opened
+from nbdserve.storage.base import settled
 async def main():
     img = await opened({str(path)!r})
     print("readonly", img.readonly)
     try:
-        img.dirty_bitmap("huge")
+        await img.dirty_bitmap("huge")
     except Exception as e:
         print("export:", e)
     await img.close()
@@ -594,9 +596,9 @@ def test_all_ones_table_entries_load_and_survive_a_store(tmp_path):
     async def main():
         img = await opened(path)
         try:
-            assert runs_of(img.dirty_bitmap("b"), size) == model.runs("b")
+            assert runs_of(await img.dirty_bitmap("b"), size) == model.runs("b")
             for off in (100, 3 * M, 4 * M + 7):  # before, inside and after the all-ones part
-                await img.write(off, memoryview(b"w"), fua=False)
+                await settled(img.write(off, memoryview(b"w"), fua=False))
                 model.wrote(off, 1)
         finally:
             await img.close()

@@ -31,6 +31,7 @@ import pytest
 
 from nbdserve.errors import CorruptImage, ImageError, NbdError
 from nbdserve.formats.base import OpenOptions
+from nbdserve.storage.base import settled
 from tests.conftest import SLOW
 from tests.imagetest import check_clean, opened, qemu_raw, read_image, run
 from tests.util import qemu_img, qemu_io
@@ -152,7 +153,7 @@ async def apply(img, model: bytearray, ops) -> None:
     for kind, off, n, byte in ops:
         if kind == "write":
             data = bytes([byte]) * n
-            await img.write(off, memoryview(data), fua=False)
+            await settled(img.write(off, memoryview(data), fua=False))
             model[off : off + n] = data
         elif kind in ("zero", "zero_keep"):
             await img.write_zeroes(off, n, may_trim=kind == "zero", fast=False, fua=False)
@@ -262,10 +263,10 @@ def test_allocation_onto_metadata_is_refused_at_run_time(tmp_path, lying_base, r
             with pytest.raises((CorruptImage, NbdError)) as info:
                 # Fresh clusters everywhere: allocation walks every free-looking cluster.
                 for off in range(6 * M, 8 * M, CS):
-                    await img.write(off + 100, memoryview(b"\xee" * 100), fua=False)
+                    await settled(img.write(off + 100, memoryview(b"\xee" * 100), fua=False))
             assert "metadata" in str(info.value)
             with pytest.raises((CorruptImage, NbdError)):
-                await img.write(7 * M + 5, memoryview(b"x"), fua=False)
+                await settled(img.write(7 * M + 5, memoryview(b"x"), fua=False))
             assert (await read_image(img))[: 6 * M] == active[: 6 * M]
         finally:
             await img.close()
@@ -315,7 +316,7 @@ def test_small_write_into_fresh_cluster_covers_the_cluster(tmp_path):
         img = await opened(path)
         try:
             for off, n in ((100, 10), (1 * M + 7, 512), (3 * M, 1), (5 * M + 65000, 1000), (7 * M + 4096, 4096)):
-                await img.write(off, memoryview(b"\x5a" * n), fua=False)
+                await settled(img.write(off, memoryview(b"\x5a" * n), fua=False))
                 model[off : off + n] = b"\x5a" * n
         finally:
             await img.close()
@@ -344,7 +345,7 @@ def test_l2_copy_sets_copied_where_refcount_is_one(tmp_path):
         img = await opened(path)
         try:
             assert not img.readonly
-            await img.write(3 * M + 5, memoryview(b"\x23" * 10), fua=False)
+            await settled(img.write(3 * M + 5, memoryview(b"\x23" * 10), fua=False))
             model[3 * M + 5 : 3 * M + 15] = b"\x23" * 10
         finally:
             await img.close()
@@ -367,7 +368,7 @@ def test_l2_copy_of_a_shared_table_keeps_shared_entries_unflagged(tmp_path):
     async def main():
         img = await opened(path)
         try:
-            await img.write(2 * M, memoryview(b"\x32" * 3), fua=False)
+            await settled(img.write(2 * M, memoryview(b"\x32" * 3), fua=False))
             model[2 * M : 2 * M + 3] = b"\x32" * 3
         finally:
             await img.close()
@@ -515,9 +516,9 @@ def test_mutations_end_in_one_line_errors(header_rich, where):
             try:
                 n = min(img.size, 2 * M)  # a mutated size may be huge: read the start
                 if n:
-                    await img.read(0, memoryview(bytearray(n)))
+                    await settled(img.read(0, memoryview(bytearray(n))))
                 if not img.readonly and n:
-                    await img.write(n // 2, memoryview(b"\x77" * 700), fua=True)
+                    await settled(img.write(n // 2, memoryview(b"\x77" * 700), fua=True))
             finally:
                 await img.close()
 
@@ -545,7 +546,7 @@ def test_corrupt_bit_cleared_by_repair_all(tmp_path, caplog):
         img = await opened(path, options=options)
         try:
             if not img.readonly:
-                await img.write(3 * M, memoryview(b"\x52" * 3), fua=False)
+                await settled(img.write(3 * M, memoryview(b"\x52" * 3), fua=False))
             return img.readonly
         finally:
             await img.close()
@@ -584,7 +585,7 @@ def test_check_fast_path_sees_lies_in_contiguous_tables(tmp_path):
                     table = await drv.cache.get(drv.l2kind, e & OFFSET_MASK)
                     runs += bool(_run_start(drv, table.value))
                     drv.cache.release(table)
-                return runs, scan(drv)
+                return runs, await scan(drv)
             finally:
                 await img.close()
 

@@ -32,6 +32,7 @@ from nbdserve.errors import CorruptImage, ImageError, NbdError, UnsupportedImage
 from nbdserve.formats.qed import QedDriver
 from nbdserve.formats.qed.header import F_NEED_CHECK
 from nbdserve.image import Image
+from nbdserve.storage.base import settled
 from tests.imagetest import FILL, opened, run
 from tests.imagetest import check_clean as _check_clean
 from tests.imagetest import compare_with_model as _compare_with_model
@@ -158,7 +159,7 @@ async def apply(img: Image, model: bytearray, ops, lo: int, hi: int, cs: int) ->
         n = min(op[2], hi - off)
         if op[0] == "write":
             data = bytes([op[3]]) * n
-            await img.write(off, memoryview(data), fua=False)
+            await settled(img.write(off, memoryview(data), fua=False))
             model[off : off + n] = data
         elif op[0] == "zero":
             try:
@@ -262,7 +263,7 @@ def test_zero_and_trim_make_zero_clusters(tmp_path: Path) -> None:
     async def go():
         img = await opened(path)
         try:
-            await img.write(0, memoryview(b"\x01" * (128 * K)), fua=False)
+            await settled(img.write(0, memoryview(b"\x01" * (128 * K)), fua=False))
             await img.write_zeroes(0, 64 * K, may_trim=True, fast=True, fua=False)  # allocated: zeroed in place
             await img.write_zeroes(256 * K, 128 * K, may_trim=False, fast=True, fua=False)  # backing -> zero clusters
             with pytest.raises(NbdError) as e:
@@ -308,11 +309,9 @@ def test_allocated_read_does_not_suspend(tmp_path: Path) -> None:
         img = await opened(path, readonly=True)
         try:
             buf = bytearray(4 * K)
-            await img.driver.preadv(8 * K, memoryview(buf))  # loads the L2 table
+            await settled(img.driver.read(8 * K, memoryview(buf)))  # loads the L2 table
             buf = bytearray(4 * K)
-            coro = img.driver.preadv(12 * K, memoryview(buf))
-            with pytest.raises(StopIteration):
-                coro.send(None)
+            assert img.driver.read(12 * K, memoryview(buf)) is None  # done, nothing to wait for
             assert buf == b"\x42" * (4 * K)
         finally:
             await img.close()
@@ -333,8 +332,8 @@ def test_partial_write_into_zero_cluster_does_not_resurrect_backing(tmp_path: Pa
     async def go():
         img = await opened(ours)
         try:
-            await img.write(1000, memoryview(b"\x01" * 1000), fua=False)
-            await img.write(64 * K + 60 * K, memoryview(b"\x02" * (8 * K)), fua=False)  # spans into backing
+            await settled(img.write(1000, memoryview(b"\x01" * 1000), fua=False))
+            await settled(img.write(64 * K + 60 * K, memoryview(b"\x02" * (8 * K)), fua=False))  # spans into backing
         finally:
             await img.close()
 
@@ -363,7 +362,7 @@ def test_table_size_one(tmp_path: Path) -> None:
         try:
             for k, off in enumerate((0, 4 * K - 3, M - 10, 2 * M - 5000)):  # 512 entries x 4 KiB per table
                 data = bytes([k + 1]) * 5000
-                await img.write(off, memoryview(data), fua=False)
+                await settled(img.write(off, memoryview(data), fua=False))
                 model[off : off + 5000] = data
             await img.write_zeroes(1 * M + 4 * K, 8 * K, may_trim=True, fast=False, fua=False)
             model[M + 4 * K : M + 12 * K] = bytes(8 * K)
@@ -390,14 +389,14 @@ def test_need_check_set_while_allocating_and_cleared_by_flush(tmp_path: Path) ->
     async def go():
         img = await opened(path)
         try:
-            await img.write(0, memoryview(b"x" * 512), fua=False)
+            await settled(img.write(0, memoryview(b"x" * 512), fua=False))
             assert features(path) & F_NEED_CHECK
             await img.flush()  # metadata changed less than 5 s ago: the flag stays (QEMU's idle rule)
             assert features(path) & F_NEED_CHECK
             img.driver.need_check_idle = 0.0
             await img.flush()
             assert not features(path) & F_NEED_CHECK
-            await img.write(0, memoryview(b"y" * 512), fua=False)  # in place: no metadata change
+            await settled(img.write(0, memoryview(b"y" * 512), fua=False))  # in place: no metadata change
             assert not features(path) & F_NEED_CHECK
             await img.write_zeroes(M, 64 * K, may_trim=True, fast=False, fua=False)  # a zero cluster
             assert features(path) & F_NEED_CHECK
@@ -523,18 +522,18 @@ async def _crash_workload(path: Path, model: bytearray, ops, cs: int) -> list[tu
     snapshots: list[tuple[bytes, list[bytes]]] = []
     states = [bytes(model)]
     img = await opened(path)
-    f = img.driver.file
-    real_pwrite, real_truncate = f.pwrite, f.truncate
+    f = img.driver.storage
+    real_write, real_truncate = f.write, f.truncate
 
-    def pwrite(data, offset):
-        real_pwrite(data, offset)
+    def write(offset, data):
+        real_write(offset, data)
         snapshots.append((path.read_bytes(), states))
 
-    def truncate(size):
-        real_truncate(size)
+    async def truncate(size):
+        await real_truncate(size)
         snapshots.append((path.read_bytes(), states))
 
-    f.pwrite, f.truncate = pwrite, truncate
+    f.write, f.truncate = write, truncate
     try:
         for op in ops:
             await apply(img, model, [op], 0, len(model), cs)
@@ -543,7 +542,7 @@ async def _crash_workload(path: Path, model: bytearray, ops, cs: int) -> list[tu
             else:
                 states.append(bytes(model))  # a later snapshot of this op may show it
     finally:
-        f.pwrite, f.truncate = real_pwrite, real_truncate
+        f.write, f.truncate = real_write, real_truncate
         await img.close()
     return snapshots
 
@@ -734,16 +733,16 @@ def test_hostile_table_entries_fail_requests(tmp_path: Path) -> None:
         img = await opened(path, fmt="qed")
         try:
             buf = memoryview(bytearray(4096))
-            await img.read(0, buf)
+            await settled(img.read(0, buf))
             assert bytes(buf) == b"\x01" * 4096
             for k, field in ((1, "L2 entry"), (2, "L2 entry")):
                 with pytest.raises(NbdError) as e:
-                    await img.read(k * 4096, buf)
+                    await settled(img.read(k * 4096, buf))
                 assert e.value.errno == errno.EINVAL and field in str(e.value)
                 with pytest.raises(NbdError):
                     await img.runs(k * 4096, 4096)
             with pytest.raises(CorruptImage, match="overlaps the table"):
-                await img.write(3 * 4096, memoryview(b"\xff" * 10), fua=False)
+                await settled(img.write(3 * 4096, memoryview(b"\xff" * 10), fua=False))
             assert path.read_bytes()[4096:4104] == struct.pack("<Q", 8192)  # L1 untouched
         finally:
             await img.close()
@@ -781,10 +780,10 @@ def test_failed_allocation_leaves_no_leak(tmp_path: Path) -> None:
             good = img.driver.read_backing
             img.driver.read_backing = failing
             with pytest.raises(OSError):
-                await img.write(64 * K + 100, memoryview(b"\x02" * 100), fua=False)
+                await settled(img.write(64 * K + 100, memoryview(b"\x02" * 100), fua=False))
             assert path.stat().st_size == size and img.driver.file_end == size
             img.driver.read_backing = good
-            await img.write(64 * K + 100, memoryview(b"\x02" * 100), fua=False)
+            await settled(img.write(64 * K + 100, memoryview(b"\x02" * 100), fua=False))
         finally:
             await img.close()
 

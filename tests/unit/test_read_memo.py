@@ -1,8 +1,8 @@
-"""The image layer's mapping memo (``Image.read_now``) never serves a stale mapping.
+"""The image layer's mapping memo (inside ``Image.read``) never serves a stale mapping.
 
 Hypothesis sequences of write / zero / trim / read on images QEMU made, in-process.  Every read
-goes through ``read_now`` (the server's hot path, which fills and uses the memo) and must equal
-both a byte model and the driver's own table walk (``Image.read``).  The sequences target the
+goes through ``Image.read`` (the server's route, which fills and uses the memo) and must equal
+both a byte model and the driver's own table walk (``driver.read``, below the memo).  The sequences target the
 events that move or drop a mapped granule: zeroing and trimming data (qcow2, VHDX; QED and VHD
 never move a data granule), and copy-on-write of clusters shared with an internal snapshot
 (qcow2: a write relocates the cluster, and a stale memo entry would still point at the
@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nbdserve.cache import ClusterCache
+from nbdserve.storage.base import settled
 from tests.imagetest import opened, run
 from tests.util import qemu_img, qemu_io
 
@@ -70,33 +71,32 @@ def test_hot_reads_follow_every_mapping_change(tmp_path, variant, plan, seed):
         img = await opened(path, fmt=fmt)
         try:
             model = bytearray(size)
-            await img.read(0, memoryview(model))
+            await settled(img.read(0, memoryview(model)))
             for kind, slot, sectors, frac in plan:
                 n = max(512, int(frac * max_len) // 512 * 512)
                 off = min(slot * (size // 4) + sectors * 512, size - n)
                 if kind == "read":  # mostly one 4 KiB block: inside one granule, the memo's case
                     n, off = (4 * K, off // (4 * K) * 4 * K) if frac < 0.7 else (n, off)
                     hot = memoryview(bytearray(n))
-                    if not img.read_now(off, hot):
-                        await img.read(off, hot)
+                    await settled(img.read(off, hot))
                     walked = memoryview(bytearray(n))
-                    await img.read(off, walked)
+                    await settled(img.driver.read(off, walked))
                     assert bytes(walked) == bytes(model[off : off + n]), (kind, off, n)
                     assert bytes(hot) == bytes(walked), (kind, off, n)
                 elif kind == "write":
                     data = rng.randbytes(n)
-                    await img.write(off, memoryview(data), fua=False)
+                    await settled(img.write(off, memoryview(data), fua=False))
                     model[off : off + n] = data
                 elif kind in ("zero", "zero_nohole"):
                     await img.write_zeroes(off, n, may_trim=kind == "zero", fast=False, fua=False)
                     model[off : off + n] = bytes(n)
                 else:  # TRIM leaves the range unspecified: learn it from the table walk
                     await img.trim(off, n, fua=False)
-                    await img.read(off, memoryview(model)[off : off + n])
+                    await settled(img.read(off, memoryview(model)[off : off + n]))
             # the memo was used at all (otherwise this test would prove nothing)
             probe = memoryview(bytearray(4 * K))
             for off in range(0, size, 64 * K):
-                img.read_now(off, probe)
+                await settled(img.read(off, probe))
             assert img._memo, "no read went through the mapping memo"
         finally:
             await img.close()
@@ -126,11 +126,11 @@ def test_a_mapping_change_drops_the_memo(tmp_path, variant, change, granule):
         img = await opened(path, fmt=fmt)
         try:
             buf = memoryview(bytearray(4 * K))
-            await img.read(off, buf)  # loads the tables
-            assert img.read_now(off, buf)
+            await settled(img.read(off, buf))  # loads the tables
+            assert img.read(off, buf) is None  # synchronous: the memo's case
             assert img._memo, "the hot read did not go through the memo"
             if change == "write":
-                await img.write(off, memoryview(b"\x5a" * granule), fua=False)
+                await settled(img.write(off, memoryview(b"\x5a" * granule), fua=False))
             elif change == "zero":
                 await img.write_zeroes(off, granule, may_trim=True, fast=False, fua=False)
             else:
@@ -138,12 +138,12 @@ def test_a_mapping_change_drops_the_memo(tmp_path, variant, change, granule):
             seen = set()
             for rewrite in (False, True):  # after the change, and after new data goes there
                 if rewrite:
-                    await img.write(off, memoryview(b"\xa5" * (4 * K)), fua=False)
+                    await settled(img.write(off, memoryview(b"\xa5" * (4 * K)), fua=False))
                 walked = memoryview(bytearray(4 * K))
-                await img.read(off, walked)
+                await settled(img.driver.read(off, walked))
                 hot = memoryview(bytearray(4 * K))
-                if img.read_now(off, hot):
-                    assert bytes(hot) == bytes(walked), f"stale hot read (rewrite={rewrite})"
+                await settled(img.read(off, hot))
+                assert bytes(hot) == bytes(walked), f"stale hot read (rewrite={rewrite})"
                 seen.add(bytes(walked))
             assert bytes(buf) not in seen and len(seen) == 2, "the changes did not change what the granule reads"
         finally:
@@ -168,10 +168,10 @@ def test_memos_share_one_bounded_budget(tmp_path):
         try:
             buf = memoryview(bytearray(4 * K))
             for img in (a, b):
-                await img.read(0, memoryview(bytearray(24 * M)))  # loads every L2 table
+                await settled(img.read(0, memoryview(bytearray(24 * M))))  # loads every L2 table
             for off in range(0, 24 * M, 4 * K):  # 6144 granules in each image
                 for img, fill in ((a, b"a"), (b, b"b")):
-                    assert img.read_now(off, buf)
+                    assert img.read(off, buf) is None
                     assert bytes(buf) == fill * (4 * K)
                     assert cache.memo_used == len(a._memo) + len(b._memo) <= cache.memo_limit == 4096
             assert cache.memo_used > 2048  # the memos were in use, not starting over every time

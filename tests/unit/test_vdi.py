@@ -30,6 +30,7 @@ from nbdserve.errors import CorruptImage, ImageError, UnsupportedImage
 from nbdserve.formats import probe
 from nbdserve.formats.vdi import VdiDriver
 from nbdserve.image import Image
+from nbdserve.storage.base import settled
 from tests.conftest import SLOW
 from tests.imagetest import FILL, Recorder, file_after, opened, run
 from tests.imagetest import check_clean as _check_clean
@@ -159,7 +160,7 @@ async def apply(img: Image, model: bytearray, ops, lo: int, hi: int) -> None:
         n = min(op[2], hi - off)
         if op[0] == "write":
             data = bytes([op[3]]) * n
-            await img.write(off, memoryview(data), fua=False)
+            await settled(img.write(off, memoryview(data), fua=False))
             model[off : off + n] = data
         elif op[0] == "zero":
             await img.write_zeroes(off, n, may_trim=op[3], fast=False, fua=False)
@@ -167,7 +168,7 @@ async def apply(img: Image, model: bytearray, ops, lo: int, hi: int) -> None:
         else:
             await img.trim(off, n, fua=False)
             data = bytes([op[3]]) * n
-            await img.write(off, memoryview(data), fua=False)
+            await settled(img.write(off, memoryview(data), fua=False))
             model[off : off + n] = data
 
 
@@ -261,7 +262,7 @@ def test_discard_moves_the_last_block_and_shrinks(tmp_path: Path) -> None:
             await img.write_zeroes(6 * M, M, may_trim=False, fast=False, fua=False)  # in place: stays
             h = header(path)
             assert h["allocated"] == 2 and h["entries"][0] == DISCARDED and h["entries"][6] < DISCARDED
-            await img.write(2 * M + 5, memoryview(b"\x09" * 10), fua=False)  # a discarded block again
+            await settled(img.write(2 * M + 5, memoryview(b"\x09" * 10), fua=False))  # a discarded block again
             return await read_all(img)
         finally:
             await img.close()
@@ -320,7 +321,7 @@ def test_crash_at_every_point(tmp_path: Path) -> None:
 
     async def workload(out: list[tuple]) -> None:
         img = await opened(path)
-        rec = Recorder(img.driver.file, path)
+        rec = Recorder(img.driver.storage, path)
         try:
             for k, step in enumerate(steps):
                 if step[0] == "flush":
@@ -328,7 +329,7 @@ def test_crash_at_every_point(tmp_path: Path) -> None:
                     rec.mark("flushed")
                     continue
                 if step[0] == "write":
-                    await img.write(step[1], memoryview(bytes([step[3]]) * step[2]), fua=False)
+                    await settled(img.write(step[1], memoryview(bytes([step[3]]) * step[2]), fua=False))
                 elif step[0] == "trim":
                     await img.trim(step[1], step[2], fua=False)
                 else:

@@ -25,13 +25,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nbdserve.blockfile import BlockFile
 from nbdserve.cache import ClusterCache
 from nbdserve.errors import ImageError
 from nbdserve.formats import probe
 from nbdserve.formats.base import OpenOptions
 from nbdserve.formats.vhd import VhdDriver, bit_run, set_bits
 from nbdserve.image import Image
+from nbdserve.storage.base import settled
+from nbdserve.storage.local import LocalFile
 from tests import vhdgen
 from tests.conftest import SLOW
 from tests.imagetest import FILL, opened, read_image, run
@@ -217,7 +218,7 @@ async def _apply(img: Image, model: bytearray, ops) -> None:
         n = min(n, size - off)
         if op == "write":
             data = bytes([arg]) * n
-            await img.write(off, memoryview(data), fua=False)
+            await settled(img.write(off, memoryview(data), fua=False))
             model[off : off + n] = data
         elif op == "zero":
             await img.write_zeroes(off, n, may_trim=arg, fast=False, fua=False)
@@ -356,7 +357,7 @@ def test_sector_exact_block_status_after_write(tmp_path):
     async def go():
         img = await _open(p, readonly=False)
         try:
-            await img.write(2 * MiB + 1024, memoryview(b"x" * 1536), fua=True)
+            await settled(img.write(2 * MiB + 1024, memoryview(b"x" * 1536), fua=True))
             return await img.runs(0, img.size)
         finally:
             await img.close()
@@ -373,9 +374,7 @@ def test_cached_read_does_not_suspend(small_qemu_vhd):
             await img.cache_hint(0, img.size)  # NBD_CMD_CACHE warms the BAT page and the bitmap
             cache = img.cache
             before = cache.stats()
-            coro = img.driver.preadv(1 * MiB + 16384, buf)
-            with pytest.raises(StopIteration):
-                coro.send(None)  # completes without ever suspending
+            assert img.driver.read(1 * MiB + 16384, buf) is None  # completed: nothing to wait for
             assert bytes(buf) == b"\x5a" * 4096
             after = cache.stats()
             assert after["misses"] == before["misses"]  # metadata came from the cache
@@ -536,7 +535,7 @@ class Crash(Exception):
     pass
 
 
-class CrashFile(BlockFile):
+class CrashFile(LocalFile):
     """Fault injection: the ``budget``-th pwrite or flush raises ``Crash``.
 
     ``mode`` says what reached the disk of the writes since the last completed flush:
@@ -564,11 +563,11 @@ class CrashFile(BlockFile):
                         os.pwrite(self.fd, new, off)
             raise Crash
 
-    def pwrite(self, data, offset: int) -> None:
+    def write(self, offset: int, data) -> None:
         self._tick()
-        new = bytes(data)
+        new = b"".join(data) if isinstance(data, list) else bytes(data)
         self.unsynced.append((offset, os.pread(self.fd, len(new), offset), os.fstat(self.fd).st_size, new))
-        super().pwrite(data, offset)
+        super().write(offset, data)
 
     async def flush(self) -> None:
         self._tick()
@@ -588,13 +587,13 @@ async def _crash_run(path: Path, budget: int, mode: str, seed: int, done: list[i
     img = Image(drv, backing, cache)
     try:
         for i, (off, val) in enumerate(WORKLOAD):
-            await img.write(off, memoryview(bytes([val]) * 8192), fua=False)
+            await settled(img.write(off, memoryview(bytes([val]) * 8192), fua=False))
             if i % 2 == 0:
                 await img.flush()
                 done.append(i)
     finally:
-        cache.discard_file(file)
-        file.close()
+        cache.discard_storage(file)
+        file.close_now()
         if backing is not None:
             await backing.close()
 
@@ -602,7 +601,7 @@ async def _crash_run(path: Path, budget: int, mode: str, seed: int, done: list[i
 async def _write_one(path: Path, offset: int, data: bytes) -> None:
     img = await _open(path, readonly=False)
     try:
-        await img.write(offset, memoryview(data), fua=True)
+        await settled(img.write(offset, memoryview(data), fua=True))
     finally:
         await img.close()
 
@@ -839,7 +838,7 @@ def test_fixed_writes(tmp_path):
     async def go():
         img = await _open(p, readonly=False)
         try:
-            await img.write(1000, memoryview(b"z" * 5000), fua=True)
+            await settled(img.write(1000, memoryview(b"z" * 5000), fua=True))
             await img.write_zeroes(2000, 100, may_trim=True, fast=False, fua=False)
             return img.size
         finally:

@@ -36,6 +36,7 @@ from nbdserve.errors import CorruptImage, ImageError, NbdError, UnsupportedImage
 from nbdserve.formats import probe
 from nbdserve.formats.vmdk import VmdkDriver
 from nbdserve.image import Image
+from nbdserve.storage.base import settled
 from tests import vmdkgen
 from tests.conftest import SLOW
 from tests.imagetest import FILL, Recorder, file_after, opened, run
@@ -182,8 +183,8 @@ def test_first_write_changes_cid_only(tmp_path: Path) -> None:
         img = await opened(path, readonly=readonly)
         try:
             if not readonly:
-                await img.write(0, memoryview(b"x"), fua=False)
-                await img.write(M, memoryview(b"y"), fua=False)
+                await settled(img.write(0, memoryview(b"x"), fua=False))
+                await settled(img.write(M, memoryview(b"y"), fua=False))
         finally:
             await img.close()
 
@@ -282,7 +283,7 @@ async def apply(img: Image, model: bytearray, ops, lo: int, hi: int) -> None:
         n = min(op[2], hi - off)
         if op[0] == "write":
             data = bytes([op[3]]) * n
-            await img.write(off, memoryview(data), fua=False)
+            await settled(img.write(off, memoryview(data), fua=False))
             model[off : off + n] = data
         elif op[0] == "zero":
             await img.write_zeroes(off, n, may_trim=op[3], fast=False, fua=False)
@@ -290,7 +291,7 @@ async def apply(img: Image, model: bytearray, ops, lo: int, hi: int) -> None:
         else:
             await img.trim(off, n, fua=False)
             data = bytes([op[3]]) * n
-            await img.write(off, memoryview(data), fua=False)
+            await settled(img.write(off, memoryview(data), fua=False))
             model[off : off + n] = data
 
 
@@ -358,7 +359,7 @@ def test_writes_across_mixed_extents(tmp_path: Path) -> None:
         try:
             for k, (off, n) in enumerate([(5 * M - 3000, 7000), (9 * M - 1, 2 * M + 2), (100, 12 * M - 200)]):
                 data = bytes([k + 1]) * n
-                await img.write(off, memoryview(data), fua=False)
+                await settled(img.write(off, memoryview(data), fua=False))
                 model[off : off + n] = data
             await img.write_zeroes(4 * M + 7, 6 * M, may_trim=True, fast=False, fua=False)
             model[4 * M + 7 : 10 * M + 7] = bytes(6 * M)
@@ -406,7 +407,7 @@ def test_zeroes_over_parent_use_zeroed_grains(tmp_path: Path) -> None:
             await img.write_zeroes(M, M, may_trim=False, fast=False, fua=False)  # whole grains: no data
             assert path.stat().st_size == before
             await img.write_zeroes(2 * M + 100, 1000, may_trim=False, fast=False, fua=False)  # partial: a grain
-            await img.write(0, memoryview(b"\x01" * (128 * K)), fua=False)
+            await settled(img.write(0, memoryview(b"\x01" * (128 * K)), fua=False))
             await img.write_zeroes(0, 64 * K, may_trim=True, fast=False, fua=False)  # allocated: in place
             await img.trim(64 * K, 64 * K, fua=False)  # punched: reads as zeroes, stays mapped
             runs = [(r.length, r.flags, r.depth) for r in await img.runs(0, 4 * M)]
@@ -439,7 +440,7 @@ def test_missing_grain_table_is_allocated(tmp_path: Path) -> None:
         img = await opened(path)
         try:
             assert [(r.length, r.flags, r.depth) for r in await img.runs(32 * M, 32 * M)] == [(32 * M, 3, 0)]
-            await img.write(40 * M + 5, memoryview(b"\x42" * 70000), fua=False)
+            await settled(img.write(40 * M + 5, memoryview(b"\x42" * 70000), fua=False))
         finally:
             await img.close()
 
@@ -466,14 +467,14 @@ def test_stream_writes_as_qemu_allows(tmp_path: Path) -> None:
         img = await opened(path)
         try:
             data = os.urandom(3 * 64 * K)
-            await img.write(M, memoryview(data), fua=False)  # three whole, new grains
+            await settled(img.write(M, memoryview(data), fua=False))  # three whole, new grains
             model[M : M + len(data)] = data
             await img.write_zeroes(4 * M, M, may_trim=False, fast=False, fua=False)  # already zero: nothing
             with pytest.raises(NbdError) as e:
-                await img.write(2 * M + 512, memoryview(b"x" * 512), fua=False)
+                await settled(img.write(2 * M + 512, memoryview(b"x" * 512), fua=False))
             assert "whole grains" in str(e.value)
             with pytest.raises(NbdError) as e:
-                await img.write(0, memoryview(b"y" * 64 * K), fua=False)  # already written
+                await settled(img.write(0, memoryview(b"y" * 64 * K), fua=False))  # already written
             assert "once" in str(e.value)
             assert await read_all(img) == model
         finally:
@@ -504,10 +505,10 @@ def test_crash_at_every_point_of_allocations(tmp_path: Path, parent: bool) -> No
 
     async def workload(out: list[tuple]) -> None:
         img = await opened(path)
-        rec = Recorder(img.driver.file, path)
+        rec = Recorder(img.driver.storage, path)
         try:
             for k, (off, n, byte) in enumerate(requests):
-                await img.write(off, memoryview(bytes([byte]) * n), fua=False)
+                await settled(img.write(off, memoryview(bytes([byte]) * n), fua=False))
                 rec.mark(f"done{k}")
                 if k in (0, 2):
                     await img.flush()
@@ -751,15 +752,15 @@ def test_hostile_grain_entries_fail_requests(tmp_path: Path) -> None:
         img = await opened(path)
         try:
             buf = memoryview(bytearray(64 * K))
-            await img.read(0, buf)
+            await settled(img.read(0, buf))
             assert bytes(buf) == b"\x01" * (64 * K)
             for k, why in ((1, "beyond the end of the file"), (2, "below overHead"), (3, "below overHead")):
                 with pytest.raises(CorruptImage, match=why):
-                    await img.read(k * 64 * K, buf)
+                    await settled(img.read(k * 64 * K, buf))
                 with pytest.raises(CorruptImage):
                     await img.runs(k * 64 * K, 64 * K)
                 with pytest.raises(CorruptImage):
-                    await img.write(k * 64 * K + 5, memoryview(b"\xff" * 10), fua=False)
+                    await settled(img.write(k * 64 * K + 5, memoryview(b"\xff" * 10), fua=False))
         finally:
             await img.close()
 

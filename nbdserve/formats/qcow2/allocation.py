@@ -19,6 +19,7 @@ from array import array
 
 from ...cache import CacheEntry
 from ...errors import CorruptImage
+from ...storage.base import Pending, settled
 from .lookup import K_COMPRESSED, K_DATA, K_UNALLOC, K_ZERO
 from .overlap import L2
 from .tables import (
@@ -50,8 +51,9 @@ class Plan:
 class AllocationMixin:
     """Plans, new clusters, new and copied L2 tables, copy-on-write."""
 
-    def _plan_write(self, t: array, off: int, data: memoryview) -> list[Plan]:
-        """Decide, per cluster, how the write lands.  In-place parts are written right away.
+    def _plan_write(self, t: array, off: int, data: memoryview, started: list) -> list[Plan]:
+        """Decide, per cluster, how the write lands.  In-place parts are written right away
+        (their storage writes started; the Pendings of those that must wait go to ``started``).
 
         Called with self.lock held; synchronous.
         """
@@ -65,34 +67,38 @@ class AllocationMixin:
             a, b = max(off, base) - base, min(end, base + cs) - base
             dpos = base + a - off
             idx = c & (self.l2_entries - 1)
-            p = plan(t, c, idx, a, b, dpos, data)
+            p = plan(t, c, idx, a, b, dpos, data, started)
             if p is not None:
                 plans.append(p)
             c += 1
         return plans
 
-    def _plan_std(self, t: array, c: int, idx: int, a: int, b: int, dpos: int, data: memoryview) -> Plan | None:
+    def _plan_std(
+        self, t: array, c: int, idx: int, a: int, b: int, dpos: int, data: memoryview, started: list
+    ) -> Plan | None:
         """One standard-L2 cluster (see ``_plan_write``).  Called with self.lock held."""
         e = t[idx]
         kind, host = self._classify(e)
         if kind == K_DATA and e & COPIED:
-            if host >= self.file.size:
+            if host >= self.storage.size:
                 raise CorruptImage(self.path, f"data cluster 0x{host:x} beyond end of file")
             self._guard(host + a, b - a)
-            self.file.pwrite(self._ciphertext(data[dpos : dpos + b - a], (c << self.cb) + a, host + a), host + a)
+            _keep(started, self._write_data_at(data[dpos : dpos + b - a], (c << self.cb) + a, host + a))
             return None
         p = Plan(c, idx, a, b, dpos, e, 0)
         p.fa, p.fb = 0, self.cs
         if kind == K_COMPRESSED:
             p.free = list(compressed_host_clusters(e, self.cb))
-        elif kind == K_ZERO and host and e & COPIED and host < self.file.size:
+        elif kind == K_ZERO and host and e & COPIED and host < self.storage.size:
             self._guard(host, self.cs)
             p.host = host  # ZERO_ALLOC: reuse the preallocated cluster in place
         elif host:
             p.free = [host >> self.cb]
         return p
 
-    def _plan_ext(self, t: array, c: int, idx: int, a: int, b: int, dpos: int, data: memoryview) -> Plan | None:
+    def _plan_ext(
+        self, t: array, c: int, idx: int, a: int, b: int, dpos: int, data: memoryview, started: list
+    ) -> Plan | None:
         """One extended-L2 cluster (see ``_plan_write``).  Called with self.lock held."""
         e, bm = t[2 * idx], t[2 * idx + 1]
         host = self._check_ext(e, bm)
@@ -103,7 +109,7 @@ class AllocationMixin:
         if host and e & COPIED and not e & COMPRESSED:
             if alloc & m == m:
                 self._guard(host + a, b - a)
-                self.file.pwrite(self._ciphertext(data[dpos : dpos + b - a], (c << self.cb) + a, host + a), host + a)
+                _keep(started, self._write_data_at(data[dpos : dpos + b - a], (c << self.cb) + a, host + a))
                 return None
             self._guard(host, self.cs)
             p = Plan(c, idx, a, b, dpos, e, bm)
@@ -141,7 +147,7 @@ class AllocationMixin:
                     p = need[i + k]
                     p.host = (start + k) << self.cb
                     p.new = True
-                    p.fresh = p.host >= self.file.size
+                    p.fresh = p.host >= self.storage.size
                     self._guard(p.host, self.cs)
                 i += n
         except BaseException:
@@ -171,7 +177,7 @@ class AllocationMixin:
                 self.cache.release(entry)
                 raise
             self.l1[l1i] = l2off | COPIED
-            self.file.pwrite(struct.pack(">Q", l2off | COPIED), self.l1_offset + l1i * 8)
+            await self._write_l1_entry(l1i)
             return entry
         if l2off and l1e & COPIED:
             self._guard(l2off, self.cs, "L2 table", L2)
@@ -195,13 +201,21 @@ class AllocationMixin:
         self.cache.mark_dirty(entry, after=[rb])
         await self.cache.writeback([entry])
         self.l1[l1i] = new_off | COPIED
-        self.file.pwrite(struct.pack(">Q", new_off | COPIED), self.l1_offset + l1i * 8)
+        await self._write_l1_entry(l1i)
         if l2off:
-            await self.file.flush()  # the L1 switch is durable before the old table loses a reference
+            await self.storage.flush()  # the L1 switch is durable before the old table loses a reference
             self.meta.remove(l2off, self.cs, L2)  # (a snapshot's table stays SNAP_L2)
             await self.refs.decref([l2off >> cb])
         await self.cache.make_room()  # ``entry`` is pinned, so it stays
         return entry
+
+    async def _write_l1_entry(self, l1i: int) -> None:
+        """Write L1 entry ``l1i`` through.  Called with self.lock held."""
+        await settled(self.storage.write(self.l1_offset + l1i * 8, struct.pack(">Q", self.l1[l1i])))
+
+    def _write_data_at(self, data: memoryview, guest: int, host: int) -> Pending:
+        """Start writing guest ``data`` (at guest offset ``guest``) to ``host``, encrypted."""
+        return self.storage.write(host, self._ciphertext(data, guest, host))
 
     async def _set_copied(self, t: array) -> bool:
         """Make COPIED of every entry of table ``t`` say "refcount is 1" (compressed and
@@ -254,17 +268,16 @@ class AllocationMixin:
             return
         e, guest = p.old, p.c << self.cb
         if e & COMPRESSED:
-            view[:] = self._decompress_entry(e)[start : start + len(view)]
+            view[:] = (await self._load_compressed(e))[start : start + len(view)]
             return
         host = e & OFFSET_MASK
         if not self.ext:
             if e & ZERO_FLAG:
                 view[:] = bytes(len(view))
             elif host:
-                self.file.pread_into(view, host + start)
-                self._plaintext(view, guest + start, host + start)
+                await settled(self._read_data(view, guest + start, host + start))
             else:
-                await self.read_backing(guest + start, view)
+                await settled(self.read_backing(guest + start, view))
             return
         pos, end = start, start + len(view)
         scs = 1 << self.sc_bits
@@ -274,12 +287,11 @@ class AllocationMixin:
             k = self._sc_kind(e, p.old_bm, sc)
             v = view[pos - start : pos - start + n]
             if k == K_DATA:
-                self.file.pread_into(v, host + pos)
-                self._plaintext(v, guest + pos, host + pos)
+                await settled(self._read_data(v, guest + pos, host + pos))
             elif k == K_ZERO:
                 v[:] = bytes(n)
             else:
-                await self.read_backing(guest + pos, v)
+                await settled(self.read_backing(guest + pos, v))
             pos += n
 
     async def _write_data(self, plans: list[Plan], off: int, data: memoryview) -> bool:
@@ -289,7 +301,6 @@ class AllocationMixin:
         """
         cow = False
         run_host = run_pos = run_len = 0
-        file = self.file
         for p in plans:
             head_zero = self._old_known_zero(p, p.fa, p.a)
             tail_zero = self._old_known_zero(p, p.b, p.fb)
@@ -300,9 +311,7 @@ class AllocationMixin:
                     run_len += p.b - p.a
                 else:
                     if run_len:
-                        file.pwrite(
-                            self._ciphertext(data[run_pos : run_pos + run_len], off + run_pos, run_host), run_host
-                        )
+                        await settled(self._write_data_at(data[run_pos : run_pos + run_len], off + run_pos, run_host))
                     run_host, run_pos, run_len = host, p.dpos, p.b - p.a
                 continue
             buf = memoryview(bytearray(p.fb - p.fa))
@@ -311,14 +320,19 @@ class AllocationMixin:
             if not tail_zero:
                 await self._read_old(p, p.b, buf[p.b - p.fa :])
             buf[p.a - p.fa : p.b - p.fa] = data[p.dpos : p.dpos + p.b - p.a]
-            file.pwrite(self._ciphertext(buf, (p.c << self.cb) + p.fa, p.host + p.fa), p.host + p.fa)
+            await settled(self._write_data_at(buf, (p.c << self.cb) + p.fa, p.host + p.fa))
             cow = True
         if run_len:
-            file.pwrite(self._ciphertext(data[run_pos : run_pos + run_len], off + run_pos, run_host), run_host)
+            await settled(self._write_data_at(data[run_pos : run_pos + run_len], off + run_pos, run_host))
         # The file covers every allocated cluster whole, as QEMU's files do: a small write into
         # a fresh cluster at the end would otherwise leave the file ending inside it, and other
         # readers take that for a short (corrupt) cluster.  Extending leaves a hole: zeroes.
         end = max((p.host for p in plans), default=-self.cs) + self.cs
-        if end > file.size:
-            file.truncate(end)
+        if end > self.storage.size:
+            await self.storage.truncate(end)
         return cow
+
+
+def _keep(started: list, pending: Pending) -> None:
+    if pending is not None:
+        started.append(pending)

@@ -48,8 +48,8 @@ from array import array
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ...blockfile import BlockFile
 from ...errors import ImageError
+from ...storage.base import Storage, read_at, settled
 from .header import AUTOCLEAR_BITMAPS, Header
 from .overlap import BITMAPS
 from .tables import decode_be64
@@ -296,9 +296,10 @@ class DirtyBitmap:
 class BitmapSet:
     """An image's bitmaps (see the module docstring).  ``problem``: why they cannot be used."""
 
-    def __init__(self, path: str, file: BlockFile, h: Header, disk_size: int) -> None:
+    def __init__(self, path: str, storage: Storage, h: Header, disk_size: int) -> None:
         self.path = path
-        self.file = file
+        self.storage = storage
+        self._header = h
         self.cs = h.cluster_size
         self.disk_size = disk_size
         self.entries: list[BitmapEntry] = []
@@ -311,6 +312,10 @@ class BitmapSet:
         self.inconsistent: set[str] = set()  # in use at open: left by a crash, never trusted
         self._raw = bytearray()
         self._set_by_us: list[BitmapEntry] = []  # in_use flags set at open, cleared at close
+
+    async def read_directory(self) -> None:
+        """Read and check the bitmap directory (every open, before anything else uses the set)."""
+        h, storage = self._header, self.storage
         if h.bitmap_directory is None:
             return
         if h.version < 3 or not h.autoclear_features & AUTOCLEAR_BITMAPS:
@@ -319,12 +324,12 @@ class BitmapSet:
         offset, size, count = h.bitmap_directory
         self.directory = (offset, size)
         try:
-            if not size or offset + size > file.size:
+            if not size or offset + size > storage.size:
                 raise BitmapError(f"bitmap directory at 0x{offset:x} (+{size}) is empty or beyond the end of the file")
-            self._raw = file.pread(size, offset)
-            self.entries = parse_directory(self._raw, count, self.cs, disk_size)
+            self._raw = await read_at(storage, offset, size)
+            self.entries = parse_directory(self._raw, count, self.cs, self.disk_size)
             for e in self.entries:
-                if e.table_offset + 8 * e.table_size > file.size:
+                if e.table_offset + 8 * e.table_size > storage.size:
                     raise BitmapError(f"bitmap {e.name!r}: bitmap table lies beyond the end of the file")
             self.inconsistent = {e.name for e in self.entries if e.in_use}
         except BitmapError as err:
@@ -344,7 +349,7 @@ class BitmapSet:
 
     # -- loading ----------------------------------------------------------------------------
 
-    def _load(self, e: BitmapEntry) -> DirtyBitmap:
+    async def _load(self, e: BitmapEntry) -> DirtyBitmap:
         """Read bitmap ``e`` into memory (within ``MEMORY_CAP``).  Raises ``BitmapError``."""
         bm = self.loaded.get(e.name)
         if bm is not None:
@@ -356,8 +361,8 @@ class BitmapSet:
                 f"{what} needs {need >> 20} MiB in memory; with the image's other bitmaps that is more "
                 f"than the {MEMORY_CAP >> 20} MiB cap (a larger granularity needs less)"
             )
-        cs, file = self.cs, self.file
-        table = decode_table(file.pread(8 * e.table_size, e.table_offset), cs, what)
+        cs, file = self.cs, self.storage
+        table = decode_table(await read_at(file, e.table_offset, 8 * e.table_size), cs, what)
         bm = DirtyBitmap(e, self.disk_size, cs)
         bm.table = table
         for i, t in enumerate(table):
@@ -366,7 +371,7 @@ class BitmapSet:
                 if off + cs > file.size:
                     raise BitmapError(f"{what}: data cluster 0x{off:x} lies beyond the end of the file")
                 lo, hi = i * cs, min(bm.nbytes, (i + 1) * cs)
-                bm.bits[lo:hi] = file.pread(hi - lo, off)
+                bm.bits[lo:hi] = await read_at(file, off, hi - lo)
             elif t & ALL_ONES:
                 _set_bits(bm.bits, i * bm.chunk_bits, min(bm.nbits, (i + 1) * bm.chunk_bits))
         if bm.nbits & 7:
@@ -375,12 +380,12 @@ class BitmapSet:
         self.loaded[e.name] = bm
         return bm
 
-    def load_tracked(self) -> None:
+    async def load_tracked(self) -> None:
         """Load every enabled bitmap that is not in use (read-write open, before any write).
         Raises ``BitmapError``: the image must then be served read-only."""
-        self.tracked = [self._load(e) for e in self.entries if e.auto and not e.in_use]
+        self.tracked = [await self._load(e) for e in self.entries if e.auto and not e.in_use]
 
-    def bitmap(self, name: str) -> DirtyBitmap | None:
+    async def bitmap(self, name: str) -> DirtyBitmap | None:
         """Bitmap ``name`` for an NBD export (None: the image has none of that name).  Raises
         ``ImageError`` when it exists but cannot be used (in use, the directory is broken, too
         large)."""
@@ -396,7 +401,7 @@ class BitmapSet:
                 "close it) and cannot be used; remove it with qemu-img bitmap --remove",
             )
         try:
-            return self._load(e)
+            return await self._load(e)
         except BitmapError as err:
             raise ImageError(self.path, str(err)) from None
 
@@ -409,8 +414,8 @@ class BitmapSet:
             return
         for e in todo:
             e.flags |= IN_USE
-        self._write_flags(drv)
-        await self.file.flush()
+        await self._write_flags(drv)
+        await self.storage.flush()
         self._set_by_us = todo
 
     def mark(self, offset: int, length: int) -> None:
@@ -427,7 +432,7 @@ class BitmapSet:
         and a last sync.  A crash anywhere before the flags leaves the bitmaps in use."""
         if not self._set_by_us:
             return
-        cs, file = self.cs, self.file
+        cs, file = self.cs, self.storage
         new_entries: list[tuple[DirtyBitmap, int, int]] = []  # (bitmap, table index, cluster offset)
         for bm in self.tracked:
             for i in (i for i, c in enumerate(bm.changed) if c):
@@ -443,28 +448,28 @@ class BitmapSet:
                     new_entries.append((bm, i, off))
                 else:
                     drv._guard(off, cs, "bitmap data", BITMAPS)
-                file.pwrite(bm.chunk(i, cs), off)
+                await settled(file.write(off, bm.chunk(i, cs)))
         await drv.cache.flush(file)  # the data, and the refcounts of new clusters (then synced)
         if new_entries:
             for bm, i, off in new_entries:
                 bm.table[i] = off
                 where = bm.entry.table_offset + 8 * i
                 drv._guard(where, 8, "bitmap table", BITMAPS)
-                file.pwrite(struct.pack(">Q", off), where)
+                await settled(file.write(where, struct.pack(">Q", off)))
             await file.flush()
         for bm in self.tracked:
             bm.changed[:] = bytes(len(bm.changed))
         for e in self._set_by_us:
             e.flags &= ~IN_USE
-        self._write_flags(drv)
+        await self._write_flags(drv)
         await file.flush()
         self._set_by_us = []
 
-    def _write_flags(self, drv: Qcow2Driver) -> None:
+    async def _write_flags(self, drv: Qcow2Driver) -> None:
         """Write the directory with the entries' current flags.  Only the 4-byte flags fields
         change, so a torn write leaves each bitmap with its old or its new flags, both valid."""
         for e in self.entries:
             struct.pack_into(">I", self._raw, e.pos + 12, e.flags)
         offset, size = self.directory
         drv._guard(offset, size, "bitmap directory", BITMAPS)
-        self.file.pwrite(self._raw, offset)
+        await settled(self.storage.write(offset, self._raw))

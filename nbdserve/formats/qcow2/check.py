@@ -39,6 +39,7 @@ from functools import lru_cache
 from typing import TYPE_CHECKING
 
 from ...errors import CorruptImage
+from ...storage.base import Storage, read_at, settled
 from .bitmaps import TABLE_OFFSET, BitmapError, decode_table
 from .header import FIELD_REFCOUNT_TABLE, MAX_HOST_OFFSET, MAX_REFTABLE_BYTES
 from .overlap import BITMAPS, CRYPTO, HEADER, L1, L2, REFBLOCK, REFTABLE, SNAP_L1, SNAP_L2, SNAPSHOTS, MetadataMap
@@ -177,22 +178,22 @@ class _Reader:
     image never overlap, so together they fit in the file; more means tables named many times
     over (hostile), which would otherwise make the scan read without bound."""
 
-    def __init__(self, file) -> None:
-        self.file = file
-        self.left = file.size
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+        self.left = storage.size
 
-    def __call__(self, length: int, offset: int) -> bytearray:
+    async def __call__(self, length: int, offset: int) -> bytearray:
         self.left -= length
         if self.left < 0:
             raise _Overread
-        return self.file.pread(length, offset)
+        return await read_at(self.storage, offset, length)
 
 
-def scan(drv: Qcow2Driver) -> Findings:
+async def scan(drv: Qcow2Driver) -> Findings:
     """Recount the image (see the module docstring).  Raises CorruptImage for unreadable tables."""
     f = Findings(meta=MetadataMap(drv.cb))
     try:
-        _scan(drv, f)
+        await _scan(drv, f)
     except _TooLarge:
         f.fail(f"image too large to check (more than {MAX_COUNTED} clusters referenced)")
     except _Overread:
@@ -202,8 +203,8 @@ def scan(drv: Qcow2Driver) -> Findings:
     return f
 
 
-def _scan(drv: Qcow2Driver, f: Findings) -> None:
-    file, cb, cs, h, refs = drv.file, drv.cb, drv.cs, drv.header, drv.refs
+async def _scan(drv: Qcow2Driver, f: Findings) -> None:
+    file, cb, cs, h, refs = drv.storage, drv.cb, drv.cs, drv.header, drv.refs
     meta = f.meta
     assert meta is not None
     nfile = -(-file.size // cs)
@@ -233,7 +234,7 @@ def _scan(drv: Qcow2Driver, f: Findings) -> None:
     for sn in drv.snapshots:
         if sn.l1_size:
             add_meta(sn.l1_table_offset, sn.l1_size * 8, SNAP_L1, f"snapshot {sn.id!r} L1 table")
-            raw = read(sn.l1_size * 8, sn.l1_table_offset)
+            raw = await read(sn.l1_size * 8, sn.l1_table_offset)
             l1s.append(load_l1(drv.path, raw, cs, f"snapshot {sn.id!r} L1 table"))
     # Every L2 table, with the number of L1 entries naming it.
     l2_refs: dict[int, list[int]] = {}  # offset -> [references, kinds]
@@ -247,7 +248,7 @@ def _scan(drv: Qcow2Driver, f: Findings) -> None:
                 r[1] |= kind
     for off, (n, kinds) in l2_refs.items():
         add_meta(off, cs, kinds, "L2 table", n)
-    _count_bitmaps(drv, f, add_meta, counter, read)
+    await _count_bitmaps(drv, f, add_meta, counter, read)
     if h.crypto_header is not None:
         add_meta(*h.crypto_header, CRYPTO, "encryption header")
     # Data and compressed clusters: each L2 table read once, counted once per reference to it.
@@ -256,7 +257,7 @@ def _scan(drv: Qcow2Driver, f: Findings) -> None:
     for off, (n, kinds) in l2_refs.items():
         if off + cs > file.size:
             continue  # already reported beyond the end of the file
-        t = decode_be64(read(cs, off))
+        t = decode_be64(await read(cs, off))
         run = _count_run(drv, f, t, n, counter)
         if not run:
             _count_l2(drv, f, t, n, counter)
@@ -264,7 +265,7 @@ def _scan(drv: Qcow2Driver, f: Findings) -> None:
             active_tables[off] = (t, run)
     if f.fatal:
         return
-    _compare_refcounts(drv, f, read)
+    await _compare_refcounts(drv, f, read)
     _check_copied(drv, f, counter, active_tables)
 
 
@@ -343,7 +344,7 @@ def _count_l2(drv: Qcow2Driver, f: Findings, t: array, n: int, counter: _Counter
             a[c & mask] += n
 
 
-def _count_bitmaps(drv: Qcow2Driver, f: Findings, add_meta, counter: _Counter, read: _Reader) -> None:
+async def _count_bitmaps(drv: Qcow2Driver, f: Findings, add_meta, counter: _Counter, read: _Reader) -> None:
     """Persistent bitmaps count only while the autoclear bit says they are valid (as QEMU does),
     in use or not.  Every bitmap cluster (directory, tables, data) must be used once: the driver
     rewrites them in place."""
@@ -365,7 +366,7 @@ def _count_bitmaps(drv: Qcow2Driver, f: Findings, add_meta, counter: _Counter, r
         what = f"bitmap {e.name!r}"
         claim(e.table_offset, 8 * e.table_size, f"{what} table")
         try:
-            table = decode_table(read(8 * e.table_size, e.table_offset), cs, what)
+            table = decode_table(await read(8 * e.table_size, e.table_offset), cs, what)
         except BitmapError as err:
             f.fail(str(err))
             continue
@@ -376,7 +377,7 @@ def _count_bitmaps(drv: Qcow2Driver, f: Findings, add_meta, counter: _Counter, r
             return
 
 
-def _compare_refcounts(drv: Qcow2Driver, f: Findings, read: _Reader) -> None:
+async def _compare_refcounts(drv: Qcow2Driver, f: Findings, read: _Reader) -> None:
     refs, cs = drv.refs, drv.cs
     limit = refs.max
     for bi in sorted(set(f.counts) | {i for i, e in enumerate(refs.table) if e}):
@@ -386,7 +387,7 @@ def _compare_refcounts(drv: Qcow2Driver, f: Findings, read: _Reader) -> None:
         if not off:
             f.error(f"clusters from 0x{base * cs:x} are in use but no refcount block covers them")
             continue
-        blk = RefBlock.decode(refs.bits, read(cs, off))
+        blk = RefBlock.decode(refs.bits, await read(cs, off))
         if want is None:
             want = array("I")
         n = len(want)
@@ -455,37 +456,37 @@ def _flag(f: Findings, e: int, host: int, what: str) -> None:
 
 async def fix_harmless(drv: Qcow2Driver, f: Findings) -> None:
     """Lower leaked refcounts to their references and correct COPIED flags, in place."""
-    refs, file, cs = drv.refs, drv.file, drv.cs
+    refs, file, cs = drv.refs, drv.storage, drv.cs
     by_block: dict[int, list[int]] = {}
     for c in f.leaks:
         by_block.setdefault(c >> refs.block_shift, []).append(c)
     for bi, clusters in by_block.items():
         off = refs.table[bi]
-        blk = RefBlock.decode(refs.bits, file.pread(cs, off))
+        blk = RefBlock.decode(refs.bits, await read_at(file, off, cs))
         for c in clusters:
             blk.set(c & (refs.block_entries - 1), f.leaks[c])
-        file.pwrite(blk.encode(), off)
-    _fix_flags(drv, f)
+        await settled(file.write(off, blk.encode()))
+    await _fix_flags(drv, f)
     await file.flush()
 
 
-def _fix_flags(drv: Qcow2Driver, f: Findings) -> None:
-    file, cs = drv.file, drv.cs
+async def _fix_flags(drv: Qcow2Driver, f: Findings) -> None:
+    file, cs = drv.storage, drv.cs
     for off, fixes in f.l2_fixes.items():
-        t = decode_be64(file.pread(cs, off))
+        t = decode_be64(await read_at(file, off, cs))
         for i, e in fixes.items():
             t[i] = e
-        file.pwrite(encode_be64(t), off)
+        await settled(file.write(off, encode_be64(t)))
     for i, e in f.l1_fixes.items():
         drv.l1[i] = e
-        file.pwrite(struct.pack(">Q", e), drv.l1_offset + 8 * i)
+        await settled(file.write(drv.l1_offset + 8 * i, struct.pack(">Q", e)))
 
 
 async def rebuild(drv: Qcow2Driver, f: Findings) -> tuple[int, int]:
     """New refcount blocks and table past the end of the file holding the counts, the header
     switched to them, COPIED flags corrected.  Returns (table offset, table clusters).  The old
     refcount structures are no longer counted: they become free."""
-    refs, file, cb, cs = drv.refs, drv.file, drv.cb, drv.cs
+    refs, file, cb, cs = drv.refs, drv.storage, drv.cb, drv.cs
     be, shift = refs.block_entries, refs.block_shift
     start = -(-file.size // cs)
     nblocks = 1
@@ -518,12 +519,12 @@ async def rebuild(drv: Qcow2Driver, f: Findings) -> tuple[int, int]:
                 blk.set(c & (be - 1), 1)
         offset = (start + j) << cb
         table[j] = offset
-        file.pwrite(blk.encode(), offset)
+        await settled(file.write(offset, blk.encode()))
     table_offset = (start + nblocks) << cb
-    file.pwrite(encode_be64(table), table_offset)
+    await settled(file.write(table_offset, encode_be64(table)))
     await file.flush()
-    file.pwrite(struct.pack(">QI", table_offset, table_clusters), FIELD_REFCOUNT_TABLE)
+    await settled(file.write(FIELD_REFCOUNT_TABLE, struct.pack(">QI", table_offset, table_clusters)))
     await file.flush()
-    _fix_flags(drv, f)
+    await _fix_flags(drv, f)
     await file.flush()
     return table_offset, table_clusters

@@ -16,10 +16,10 @@ compressed clusters are refused (qcow2 does not combine compression with encrypt
 
 from __future__ import annotations
 
-from ...crypto import CryptoError, SectorCipher, legacy_qcow_cipher, open_luks
+from ...crypto import CryptoError, SectorCipher, legacy_qcow_cipher
 from ...errors import UnsupportedImage
 from ..base import Limits
-from ..luks import unlock_error
+from ..luks import open_luks_on, unlock_error
 
 CRYPT_AES = 1
 CRYPT_LUKS = 2
@@ -32,7 +32,7 @@ class CryptMixin:
     crypt: SectorCipher | None = None
     crypt_host_iv = False  # IVs from the host offset (LUKS) or the guest offset (legacy AES)
 
-    def _open_crypto(self, passphrase: bytes | None) -> None:
+    async def _open_crypto(self, passphrase: bytes | None) -> None:
         h = self.header
         name = "luks" if h.crypt_method == CRYPT_LUKS else "aes"
         if passphrase is None:
@@ -45,12 +45,8 @@ class CryptMixin:
             self.crypt = legacy_qcow_cipher(passphrase)
         else:
             offset, length = h.crypto_header
-
-            def read(pos: int, n: int) -> bytes:
-                return bytes(self.file.pread(max(0, min(n, length - pos)), offset + pos))
-
             try:
-                header, self.crypt = open_luks(read, length, passphrase, area=length)
+                header, self.crypt = await open_luks_on(self.storage, offset, length, passphrase, area=length)
             except CryptoError as e:
                 raise unlock_error(self.path, e) from None
             if header.sector_size != SECTOR:

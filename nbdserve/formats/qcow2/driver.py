@@ -41,14 +41,14 @@ from __future__ import annotations
 
 from array import array
 
-from ...blockfile import BlockFile
 from ...cache import ClusterCache
 from ...locks import CoMutex, CoQueue
+from ...storage.base import Storage, read_at
 from ..base import BackingRef, Caps, FormatDriver, Limits, OpenOptions
 from .allocation import AllocationMixin
 from .bitmaps import BitmapSet, DirtyBitmap
 from .crypt import CryptMixin
-from .header import MAGIC, Header, parse_header
+from .header import MAGIC, MAX_CLUSTER_BITS, MIN_CLUSTER_BITS, Header, parse_header
 from .lookup import LookupMixin
 from .opening import OpeningMixin
 from .overlap import MetadataMap
@@ -68,9 +68,10 @@ class Qcow2Driver(
     def probe(cls, head: bytes, file_size: int) -> int:
         return 100 if head[:4] == MAGIC else 0
 
-    def __init__(self, file: BlockFile, cache: ClusterCache, h: Header, readonly: bool) -> None:
-        self.file = file
-        self.path = file.path
+    def __init__(self, storage: Storage, cache: ClusterCache, h: Header, readonly: bool) -> None:
+        """The state from the header; ``_load`` reads the tables it names."""
+        self.storage = storage
+        self.path = storage.name
         self.cache = cache
         self.header = h
         self.readonly = readonly
@@ -87,50 +88,62 @@ class Qcow2Driver(
         self.map_bits = 0 if self.ext else self.cb
         self.size = h.size & ~511
         self.compression = h.compression_type
-        self.lock = CoMutex(f"qcow2 {file.path}")
+        self.lock = CoMutex(f"qcow2 {storage.name}")
         self._inflight: set[int] = set()
         self._inflight_q = CoQueue()
         self._zc_key = -1
         self._zc_data = b""
         self._data_region = (0, 0)  # host bytes known to be data (see _host_state)
-        self.l2kind = cache.kind(file, name="L2 table", size=self.cs, decode=decode_be64, encode=encode_be64)
-        self.refs = self._refcounts()
+        self.l2kind = cache.kind(storage, name="L2 table", size=self.cs, decode=decode_be64, encode=encode_be64)
         self.meta = MetadataMap(self.cb)  # filled by the consistency check of a read-write open
         self.corrupt = False  # a write was refused: no more writes
         self._refusal: str | None = "image is read-only" if readonly else None  # why writes fail
         self.l1_offset = h.l1_table_offset
-        self.l1 = load_l1(self.path, file.pread(h.l1_size * 8, h.l1_table_offset), self.cs) if h.l1_size else array("Q")
+        self.l1 = array("Q")
         self.snapshots: list[Snapshot] = []
         self.snapshot_table_bytes = 0
-        if h.nb_snapshots:
-            self.snapshots, self.snapshot_table_bytes = read_snapshots(self.path, h, file)
         if h.backing_file:
             self.backing = BackingRef(h.backing_file, h.backing_format)
         self.limits = Limits(align=1)
         self.caps = Caps(native_zero=not readonly, native_trim=not readonly, fast_zero=not readonly)
-        self.bitmaps = BitmapSet(self.path, file, h, h.size & ~511)
+        self.bitmaps = BitmapSet(self.path, storage, h, h.size & ~511)
         self._track = None  # BitmapSet.mark once the enabled bitmaps are tracked (read-write)
 
     @classmethod
-    async def open(cls, file: BlockFile, *, readonly: bool, cache: ClusterCache, options: OpenOptions) -> Qcow2Driver:
-        path = file.path
+    async def open(cls, storage: Storage, *, readonly: bool, cache: ClusterCache, options: OpenOptions) -> Qcow2Driver:
+        path, size = storage.name, storage.size
+        # The header, its extensions and the backing file name all lie in the first cluster.
+        head = await read_at(storage, 0, min(112, size))
+        bits = int.from_bytes(head[20:24], "big") if len(head) >= 24 else 0
+        first = bytes(await read_at(storage, 0, min(size, 1 << min(max(bits, MIN_CLUSTER_BITS), MAX_CLUSTER_BITS))))
 
-        def read(off: int, n: int) -> bytearray:
-            return file.pread(max(0, min(n, file.size - off)), off)
+        def read(off: int, n: int) -> bytes:
+            return first[off : off + n]
 
-        h = parse_header(path, bytes(read(0, 112)), read, file.size)
-        readonly = readonly or file.readonly or options.snapshot is not None
-        drv = cls(file, cache, h, readonly)
+        h = parse_header(path, first[:112], read, size)
+        readonly = readonly or storage.readonly or options.snapshot is not None
+        drv = cls(storage, cache, h, readonly)
+        await drv._load()
         drv._report_bitmaps()
         if options.snapshot is not None:
-            drv._use_snapshot(options.snapshot)
+            await drv._use_snapshot(options.snapshot)
         if h.crypt_method:
-            drv._open_crypto(options.passphrase)
+            await drv._open_crypto(options.passphrase)
         for doubt in h.doubts + drv.refs.problems:
             drv._read_only_because(doubt)
         if not drv.readonly:
             await drv._prepare_writes(options.repair)
         return drv
+
+    async def _load(self) -> None:
+        """Read the tables the header names: L1, refcount table, snapshots, bitmap directory."""
+        h = self.header
+        if h.l1_size:
+            self.l1 = load_l1(self.path, await read_at(self.storage, h.l1_table_offset, h.l1_size * 8), self.cs)
+        self.refs = await self._refcounts()
+        if h.nb_snapshots:
+            self.snapshots, self.snapshot_table_bytes = await read_snapshots(self.path, h, self.storage)
+        await self.bitmaps.read_directory()
 
     async def cache_hint(self, offset: int, length: int) -> None:
         """NBD_CMD_CACHE: load the L2 tables of the range into the cache."""
@@ -139,10 +152,10 @@ class Qcow2Driver(
 
     async def flush(self) -> None:
         async with self.lock:
-            await self.cache.flush(self.file)
+            await self.cache.flush(self.storage)
 
-    def dirty_bitmap(self, name: str) -> DirtyBitmap | None:
-        return self.bitmaps.bitmap(name)
+    async def dirty_bitmap(self, name: str) -> DirtyBitmap | None:
+        return await self.bitmaps.bitmap(name)
 
     async def close(self) -> None:
         if not self.readonly:

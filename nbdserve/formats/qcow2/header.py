@@ -69,6 +69,9 @@ MAX_HOST_OFFSET = 1 << 56  # host offsets are 56-bit fields
 MAX_CRYPTO_HEADER = 16 << 20  # a LUKS1 header with 8 keyslots of 64-byte keys takes about 2 MiB
 
 
+MIN_CLUSTER_BITS, MAX_CLUSTER_BITS = 9, 21
+
+
 @dataclass
 class Header:
     version: int
@@ -174,7 +177,7 @@ def parse_header(path: str, head: bytes, read, file_size: int) -> Header:
             raise CorruptImage(path, f"header_length {h.header_length} too short (minimum 104)")
         if h.header_length % 8:
             raise CorruptImage(path, f"header_length {h.header_length} is not a multiple of 8")
-    if not 9 <= cluster_bits <= 21:
+    if not MIN_CLUSTER_BITS <= cluster_bits <= MAX_CLUSTER_BITS:
         raise UnsupportedImage(path, f"cluster_bits {cluster_bits} out of range (9..21: 512 B to 2 MiB)")
     cs = h.cluster_size
     if h.header_length > cs:

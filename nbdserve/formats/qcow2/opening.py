@@ -16,6 +16,7 @@ import logging
 import struct
 
 from ...errors import CorruptImage, UnsupportedImage
+from ...storage.base import read_at, settled
 from ..base import Caps
 from .bitmaps import BitmapError
 from .check import fix_harmless, rebuild, scan
@@ -50,10 +51,10 @@ class OpeningMixin:
         if bitmaps.problem is not None:
             return self._read_only_because(bitmaps.problem)
         try:
-            bitmaps.load_tracked()
+            await bitmaps.load_tracked()
         except BitmapError as err:
             return self._read_only_because(f"bitmaps cannot be kept up to date: {err}")
-        found = scan(self)
+        found = await scan(self)
         if found.fatal:
             return self._read_only_because(f"inconsistent beyond repair: {found.summary()}")
         if dirty or found.n_errors:
@@ -64,21 +65,21 @@ class OpeningMixin:
             log.warning("%s: %s; rebuilding refcounts", self.path, why)
             offset, clusters = await rebuild(self, found)
             h.refcount_table_offset, h.refcount_table_clusters = offset, clusters
-            self.refs = self._refcounts()
-            found = scan(self)
+            self.refs = await self._refcounts()
+            found = await scan(self)
         elif found.leaks or found.missing_copied:
             if repair in ("leaks", "all"):
                 log.warning("%s: %s; repairing", self.path, found.summary())
                 await fix_harmless(self, found)
-                found = scan(self)
+                found = await scan(self)
             else:
                 log.warning("%s: %s (harmless; --repair=leaks fixes it)", self.path, found.summary())
         if found.harmful:
             return self._read_only_because(f"still inconsistent after repair: {found.summary()}")
         if dirty or corrupt:
             h.incompatible_features &= ~(INCOMPAT_DIRTY | INCOMPAT_CORRUPT)
-            self.file.pwrite(struct.pack(">Q", h.incompatible_features), FIELD_INCOMPATIBLE)
-            await self.file.flush()
+            await settled(self.storage.write(FIELD_INCOMPATIBLE, struct.pack(">Q", h.incompatible_features)))
+            await self.storage.flush()
         self.meta = found.meta
         self.refs.meta, self.refs.refuse = found.meta, self._refuse
         # Autoclear bits we do not maintain must be clear before the first write; the bitmaps bit
@@ -86,8 +87,8 @@ class OpeningMixin:
         keep = AUTOCLEAR_BITMAPS if bitmaps.valid else 0
         if h.version >= 3 and h.autoclear_features & ~keep:
             h.autoclear_features &= keep
-            self.file.pwrite(struct.pack(">Q", h.autoclear_features), FIELD_AUTOCLEAR)
-            await self.file.flush()
+            await settled(self.storage.write(FIELD_AUTOCLEAR, struct.pack(">Q", h.autoclear_features)))
+            await self.storage.flush()
         await bitmaps.set_in_use(self)  # durable before any guest write
         if bitmaps.tracked:
             self._track = bitmaps.mark
@@ -112,24 +113,27 @@ class OpeningMixin:
                 names,
             )
 
-    def _refcounts(self) -> Refcounts:
+    async def _refcounts(self) -> Refcounts:
         h = self.header
+        raw = await read_at(self.storage, h.refcount_table_offset, h.refcount_table_clusters * self.cs)
         return Refcounts(
             self.path,
-            self.file,
+            self.storage,
             self.cache,
             self.cb,
             h.refcount_order,
             h.refcount_table_offset,
             h.refcount_table_clusters,
+            raw,
         )
 
-    def _use_snapshot(self, key: str) -> None:
+    async def _use_snapshot(self, key: str) -> None:
         sn = find_snapshot(self.snapshots, key)
         if sn is None:
             names = ", ".join(f"{s.id}:{s.name}" for s in self.snapshots) or "none"
             raise UnsupportedImage(self.path, f"no internal snapshot {key!r} (have: {names})")
-        self.l1 = load_l1(self.path, self.file.pread(sn.l1_size * 8, sn.l1_table_offset), self.cs, "snapshot L1")
+        raw = await read_at(self.storage, sn.l1_table_offset, sn.l1_size * 8)
+        self.l1 = load_l1(self.path, raw, self.cs, "snapshot L1")
         self.l1_offset = sn.l1_table_offset
         if sn.disk_size is not None:
             self.size = sn.disk_size & ~511

@@ -1,11 +1,13 @@
 """qcow2 reads and block status.
 
-Owns ``read_now``/``map_now`` (the synchronous hot path over cached L2 tables, see
-``formats.base``), ``preadv`` (any range: data, zero, compressed, unallocated -> backing),
+Owns ``read`` (see ``formats.base``: the fast case walks the cached L2 tables synchronously and
+starts every run's I/O: data -> ``storage.read``, zero -> zeroes, unallocated -> the backing
+image, compressed -> the one-cluster memo; it returns a coroutine only where a table or a
+compressed cluster must be loaded first), ``map_now`` (the mapping memo's query),
 decompression with a one-cluster memo, and ``block_status`` (one run; holes in the host file
 read as zeroes, as QEMU reports them).
 
-No lock: every lookup is used with no await before the I/O it drives; after an await the
+No lock: every lookup is used with no await before the I/O it starts; after an await the
 table is looked up again.
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 from array import array
 
 from ...errors import CorruptImage
+from ...storage.base import Pending, joined, read_at, settled
 from ..base import ALLOCATED, DATA, ZERO, Extent
 from .compress import decompress_cluster
 from .lookup import K_COMPRESSED, K_DATA, K_UNALLOC, K_ZERO, NOT_PLAIN
@@ -25,19 +28,6 @@ _KIND_STATE = {K_UNALLOC: 0, K_ZERO: ALLOCATED | ZERO, K_DATA: ALLOCATED | DATA,
 class ReadMixin:
     """Reads and block status (no lock; see the module docstring)."""
 
-    def read_now(self, offset: int, buf: memoryview) -> bool:
-        """Hot path: inside one standard cluster of plain data (see ``map_now``)."""
-        in_c = offset & self.cmask
-        if in_c + len(buf) > self.cs or self.ext:
-            return False
-        host = self.map_now(offset)
-        if host is None:
-            return False
-        self.file.pread_into(buf, host + in_c)
-        if self.crypt is not None:
-            self._plaintext(buf, offset, host + in_c)
-        return True
-
     def map_now(self, offset: int) -> int | None:
         """A standard cluster holding plain data, its L2 table cached (extended L2: map_bits 0)."""
         l1, l1i = self.l1, offset >> self.l1_shift
@@ -46,57 +36,102 @@ class ReadMixin:
             return None
         ent = e.value[(offset >> self.cb) & self.l2_mask]
         host = ent & OFFSET_MASK
-        if host and not ent & NOT_PLAIN and not host & self.cmask and host < self.file.size:
+        if host and not ent & NOT_PLAIN and not host & self.cmask and host < self.storage.size:
             return host
         return None
 
-    async def preadv(self, offset: int, buf: memoryview) -> None:
-        if self.read_now(offset, buf):
-            return
-        pos, n = 0, len(buf)
-        peek, kind, l1, file = self.cache.peek, self.l2kind, self.l1, self.file
+    def read(self, offset: int, buf: memoryview) -> Pending:
+        pendings: list = []
+        pos = self._read_cached(offset, buf, 0, pendings)
+        if pos == len(buf):
+            return joined(pendings)
+        return self._read_loading(offset, buf, pos, pendings)
+
+    def _read_cached(self, offset: int, buf: memoryview, pos: int, pendings: list) -> int:
+        """Start the reads of ``buf`` (guest ``offset``) from ``pos`` (relative to ``buf``) on,
+        run by run, while the L2 tables (and compressed clusters) are at hand; returns where it
+        stopped.  Synchronous: each run's I/O starts right after its lookup."""
+        n = len(buf)
+        peek, kind, l1, shift = self.cache.peek, self.l2kind, self.l1, self.l1_shift
         while pos < n:
             off = offset + pos
-            l1i = off >> self.l1_shift
-            span = min(n - pos, ((l1i + 1) << self.l1_shift) - off)
+            l1i = off >> shift
+            end = pos + min(n - pos, ((l1i + 1) << shift) - off)
             l2off = l1[l1i] & OFFSET_MASK if l1i < len(l1) else 0
             if not l2off:
-                await self.read_backing(off, buf[pos : pos + span])
-                pos += span
+                p = self.read_backing(off, buf[pos:end])
+                if p is not None:
+                    pendings.append(p)
+                pos = end
                 continue
             e = peek(kind, l2off)
             if e is None:
-                self.cache.release(await self.cache.get(kind, l2off))
-                continue  # look up again: the table may have changed while we waited
+                return pos
             t = e.value
-            end = pos + span
             while pos < end:
                 k, length, host = self._run(t, offset + pos, end - pos)
+                part = buf[pos : pos + length]
                 if k == K_DATA:
-                    if host + length > file.size + self.cs:
+                    if host + length > self.storage.size + self.cs:
                         raise CorruptImage(self.path, f"data cluster 0x{host:x} beyond end of file")
-                    file.pread_into(buf[pos : pos + length], host)
-                    if self.crypt is not None:
-                        self._plaintext(buf[pos : pos + length], offset + pos, host)
+                    p = self._read_data(part, offset + pos, host)
                 elif k == K_ZERO:
-                    buf[pos : pos + length] = bytes(length)
+                    part[:] = bytes(length)
+                    p = None
                 elif k == K_COMPRESSED:
                     off = offset + pos
                     data = self._decompressed(t, off)
+                    if data is None:
+                        return pos
                     in_c = off & self.cmask
-                    buf[pos : pos + length] = data[in_c : in_c + length]
+                    part[:] = data[in_c : in_c + length]
+                    p = None
                 else:
-                    await self.read_backing(offset + pos, buf[pos : pos + length])
-                    pos += length
-                    break  # after an await, look the table up again
+                    p = self.read_backing(offset + pos, part)
+                if p is not None:
+                    pendings.append(p)
                 pos += length
+        return pos
 
-    def _decompressed(self, t: array, off: int) -> bytes:
+    async def _read_loading(self, offset: int, buf: memoryview, pos: int, pendings: list) -> None:
+        """``read`` from ``pos`` on, where an L2 table or a compressed cluster must be loaded
+        first: load it, then walk on (looking the table up again)."""
+        while pos < len(buf):
+            off = offset + pos
+            l2off = self.l1[off >> self.l1_shift] & OFFSET_MASK
+            e = self.cache.peek(self.l2kind, l2off)
+            if e is None:
+                self.cache.release(await self.cache.get(self.l2kind, l2off))
+            else:
+                await self._load_compressed(self._entry_at(e.value, off))
+            pos = self._read_cached(offset, buf, pos, pendings)
+        await settled(joined(pendings))
+
+    def _read_data(self, view: memoryview, guest: int, host: int) -> Pending:
+        """Read data cluster bytes at ``host`` into ``view`` (guest offset ``guest``), decrypted."""
+        p = self.storage.read(host, view)
+        if self.crypt is None:
+            return p
+        if p is None:
+            self._plaintext(view, guest, host)
+            return None
+        return self._decrypt_after(p, view, guest, host)
+
+    async def _decrypt_after(self, pending: Pending, view: memoryview, guest: int, host: int) -> None:
+        await pending
+        self._plaintext(view, guest, host)
+
+    def _entry_at(self, t: array, off: int) -> int:
         ci = (off >> self.cb) & (self.l2_entries - 1)
-        e = t[2 * ci] if self.ext else t[ci]
-        return self._decompress_entry(e)
+        return t[2 * ci] if self.ext else t[ci]
 
-    def _decompress_entry(self, e: int) -> bytes:
+    def _decompressed(self, t: array, off: int) -> bytes | None:
+        """The decompressed cluster at guest ``off`` if it is the one in the memo, else None
+        (``_load_compressed`` loads it)."""
+        return self._zc_data if self._entry_at(t, off) == self._zc_key else None
+
+    async def _load_compressed(self, e: int) -> bytes:
+        """Read and decompress the compressed cluster of L2 entry ``e`` into the memo."""
         if e == self._zc_key:
             return self._zc_data
         if self.crypt is not None:
@@ -104,9 +139,10 @@ class ReadMixin:
         if e & COPIED:
             raise self._bad("compressed L2 entry with the COPIED flag:", e)
         host, length = compressed_geometry(e, self.cb)
-        if host + length > self.file.size + 512 or host < self.cs:
+        if host + length > self.storage.size + 512 or host < self.cs:
             raise CorruptImage(self.path, f"compressed cluster at 0x{host:x} (+{length}) outside the file")
-        data = decompress_cluster(self.path, self.compression, self.file.pread(length, host), self.cs)
+        raw = await read_at(self.storage, host, length)
+        data = decompress_cluster(self.path, self.compression, raw, self.cs)
         self._zc_key, self._zc_data = e, data
         return data
 
@@ -116,23 +152,22 @@ class ReadMixin:
         while pos < end:
             l1i = pos >> self.l1_shift
             span_end = min(end, (l1i + 1) << self.l1_shift)
-            t = await self._table(l1i)
-            while pos < span_end:  # no await in here: ``t`` stays valid
-                if t is None:
-                    s, n = 0, span_end - pos
-                else:
-                    k, n, host = self._run(t, pos, span_end - pos)
-                    s = _KIND_STATE[k]
-                    if k == K_DATA and self.crypt is None:  # (encrypted holes decrypt to noise)
-                        s, n = self._host_state(host, n)
-                if state == -1:
-                    state = s
-                elif s != state:
-                    return Extent(pos - offset, state)
-                pos += n
+            t = await self._table(l1i)  # looked up again after every await
+            if t is None:
+                s, n = 0, span_end - pos
+            else:
+                k, n, host = self._run(t, pos, span_end - pos)
+                s = _KIND_STATE[k]
+                if k == K_DATA and self.crypt is None:  # (encrypted holes decrypt to noise)
+                    s, n = await self._host_state(host, n)
+            if state == -1:
+                state = s
+            elif s != state:
+                break
+            pos += n
         return Extent(pos - offset, state)
 
-    def _host_state(self, host: int, n: int) -> tuple[int, int]:
+    async def _host_state(self, host: int, n: int) -> tuple[int, int]:
         """Allocated data at ``host``: holes in the host file also read as zeroes (as QEMU says).
 
         The last host data region found is remembered (``_data_region``): writes only ever turn
@@ -142,14 +177,11 @@ class ReadMixin:
         lo, hi = self._data_region
         if lo <= host < hi:
             return ALLOCATED | DATA, min(n, hi - host)
-        f = self.file
-        if host >= f.size:
+        size = self.storage.size
+        if host >= size:
             return ALLOCATED | DATA | ZERO, n
-        hole = f.next_hole(host)
-        if hole > host:
-            self._data_region = (host, hole)
-            return ALLOCATED | DATA, min(n, hole - host)
-        data = f.next_data(host)
-        if data <= host:
-            return ALLOCATED | DATA, n
-        return ALLOCATED | DATA | ZERO, min(n, data - host)
+        run, is_data = await self.storage.extent(host, size - host)
+        if is_data:
+            self._data_region = (host, host + run)
+            return ALLOCATED | DATA, min(n, run)
+        return ALLOCATED | DATA | ZERO, min(n, run)

@@ -32,9 +32,9 @@ from array import array
 from collections.abc import Callable
 from typing import NoReturn
 
-from ...blockfile import BlockFile
 from ...cache import CacheEntry, ClusterCache
 from ...errors import CorruptImage, NbdError
+from ...storage.base import Storage, settled
 from .header import FIELD_REFCOUNT_TABLE
 from .overlap import REFBLOCK, REFTABLE, MetadataMap
 from .tables import decode_be64, encode_be64
@@ -112,15 +112,17 @@ class Refcounts:
     def __init__(
         self,
         path: str,
-        file: BlockFile,
+        storage: Storage,
         cache: ClusterCache,
         cluster_bits: int,
         refcount_order: int,
         table_offset: int,
         table_clusters: int,
+        raw_table: bytes | bytearray,
     ) -> None:
+        """``raw_table``: the refcount table as stored (``table_clusters`` clusters)."""
         self.path = path
-        self.file = file
+        self.storage = storage
         self.cache = cache
         self.cluster_bits = cluster_bits
         self.cs = 1 << cluster_bits
@@ -132,21 +134,20 @@ class Refcounts:
         self.table_clusters = table_clusters
         bits = self.bits
         self.kind = cache.kind(
-            file,
+            storage,
             name="refcount block",
             size=self.cs,
             decode=lambda raw: RefBlock.decode(bits, raw),
             encode=RefBlock.encode,
         )
-        raw = file.pread(table_clusters * self.cs, table_offset)
-        self.table = decode_be64(raw)
+        self.table = decode_be64(raw_table)
         # Refcounts matter only for writing: a bad entry makes the image read-only, not unreadable.
         self.problems: list[str] = []
         mask = REFTABLE_RESERVED | (self.cs - 1)
         for i, e in enumerate(self.table):
             if e & mask:
                 self.problems.append(f"refcount table entry {i} (0x{e:x}) has reserved bits set or is unaligned")
-            elif e and e + self.cs > file.size:
+            elif e and e + self.cs > storage.size:
                 self.problems.append(f"refcount table entry {i}: block 0x{e:x} extends beyond end of file")
             if len(self.problems) >= 3:
                 break
@@ -256,8 +257,8 @@ class Refcounts:
         entry = self.cache.put_new(self.kind, offset, blk)
         await self.cache.writeback([entry])
         self.table[index] = offset
-        self.file.pwrite(struct.pack(">Q", offset), self.table_offset + index * 8)
-        await self.file.flush()
+        await settled(self.storage.write(self.table_offset + index * 8, struct.pack(">Q", offset)))
+        await self.storage.flush()
         if self.cursor == at_cluster:
             self.cursor += 1
         await self.cache.make_room()  # ``entry`` is pinned, so it stays
@@ -297,10 +298,10 @@ class Refcounts:
             self.cache.release(e)
         await self.cache.make_room()
         table_offset = (start + nblocks) << self.cluster_bits
-        self.file.pwrite(encode_be64(new_table), table_offset)
-        await self.file.flush()
-        self.file.pwrite(struct.pack(">QI", table_offset, table_clusters), FIELD_REFCOUNT_TABLE)
-        await self.file.flush()
+        await settled(self.storage.write(table_offset, encode_be64(new_table)))
+        await self.storage.flush()
+        await settled(self.storage.write(FIELD_REFCOUNT_TABLE, struct.pack(">QI", table_offset, table_clusters)))
+        await self.storage.flush()
         old_offset, old_clusters = self.table_offset, self.table_clusters
         self.table = new_table
         self.table_offset, self.table_clusters = table_offset, table_clusters

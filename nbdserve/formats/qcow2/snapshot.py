@@ -14,8 +14,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from ...blockfile import BlockFile
 from ...errors import CorruptImage
+from ...storage.base import Storage, read_at
 from .header import MAX_L1_BYTES, Header
 
 _ENTRY = struct.Struct(">QIHHIIQII")  # 40 bytes
@@ -34,7 +34,7 @@ class Snapshot:
     date_sec: int
 
 
-def read_snapshots(path: str, h: Header, file: BlockFile) -> tuple[list[Snapshot], int]:
+async def read_snapshots(path: str, h: Header, file: Storage) -> tuple[list[Snapshot], int]:
     """The snapshot table's entries and its length in bytes."""
     out: list[Snapshot] = []
     pos = h.snapshots_offset
@@ -44,7 +44,7 @@ def read_snapshots(path: str, h: Header, file: BlockFile) -> tuple[list[Snapshot
         if pos + _ENTRY.size > min(file.size, end_cap):
             raise CorruptImage(path, f"snapshot table entry {i} extends beyond end of file or the 64 MiB cap")
         l1_off, l1_size, id_len, name_len, date_sec, _nsec, _clock, vm_state, extra_size = _ENTRY.unpack(
-            file.pread(_ENTRY.size, pos)
+            await read_at(file, pos, _ENTRY.size)
         )
         if extra_size > MAX_EXTRA:
             raise CorruptImage(path, f"snapshot {i}: extra_size {extra_size} too large (cap {MAX_EXTRA})")
@@ -53,7 +53,7 @@ def read_snapshots(path: str, h: Header, file: BlockFile) -> tuple[list[Snapshot
         var_len = extra_size + id_len + name_len
         if pos + _ENTRY.size + var_len > min(file.size, end_cap):
             raise CorruptImage(path, f"snapshot {i}: id or name extends beyond the snapshot table")
-        var = file.pread(var_len, pos + _ENTRY.size)
+        var = await read_at(file, pos + _ENTRY.size, var_len)
         extra = var[:extra_size]
         disk_size = struct.unpack_from(">Q", extra, 8)[0] if extra_size >= 16 else None
         if extra_size >= 8:

@@ -1,7 +1,8 @@
 """qcow2 writes: entry points, in-place writes, the overlap guard, allocating writes.
 
-Owns ``write_now``/``pwritev``: in-place writes to allocated COPIED clusters without the lock,
-and allocating writes as plan (locked) -> data (unlocked with a backing file) -> link (locked),
+Owns ``write`` (see ``formats.base``): the fast case writes in place to allocated COPIED
+clusters without the lock, synchronously; anything else (or FUA) returns the coroutine of the
+slow case: allocating writes as plan (locked) -> data (unlocked with a backing file) -> link (locked),
 see the locking notes in ``driver``.  Owns the overlap guard: every data or metadata write is
 checked against the metadata map first; a write that would land on metadata is refused with
 EIO, the image is marked corrupt and every later write is refused (docs/qcow2.md, "Metadata
@@ -15,8 +16,10 @@ import logging
 import struct
 from typing import TYPE_CHECKING, NoReturn
 
+from ... import coro
 from ...cache import CacheEntry
 from ...errors import CorruptImage, NbdError
+from ...storage.base import Pending, joined, settled
 from .header import FIELD_INCOMPATIBLE, INCOMPAT_CORRUPT
 from .lookup import NOT_PLAIN
 from .tables import (
@@ -37,10 +40,20 @@ log = logging.getLogger("nbdserve.qcow2")
 class WriteMixin:
     """Write entry points, in-place writes, the overlap guard, the allocating-write sequence."""
 
-    def write_now(self, offset: int, data: memoryview) -> bool:
+    def write(self, offset: int, data: memoryview, *, fua: bool) -> Pending:
+        if not fua:
+            done = self._write_now(offset, data)
+            if done is not None:
+                return joined(done)
+        return self._write_slow(offset, data, fua)
+
+    def _write_now(self, offset: int, data: memoryview) -> list | None:
+        """The fast case: every cluster allocated, COPIED, its table cached.  Returns the
+        Pendings of the storage writes it started (an empty list: all done), or None, having
+        written nothing."""
         in_c = offset & self.cmask
         if self._refusal is not None:
-            return False
+            return None
         if self._track is not None:
             self._track(offset, len(data))  # before any of the data lands
         if in_c + len(data) > self.cs or self.ext:
@@ -51,18 +64,19 @@ class WriteMixin:
         e = self.cache.peek(self.l2kind, l1e & OFFSET_MASK) if l1e & COPIED else None
         ent = e.value[(offset >> self.cb) & self.l2_mask] if e is not None else 0
         host = ent & OFFSET_MASK
-        if ent & COPIED and host and not ent & NOT_PLAIN and not host & self.cmask and host < self.file.size:
+        if ent & COPIED and host and not ent & NOT_PLAIN and not host & self.cmask and host < self.storage.size:
             if (host >> self.cb) in self.meta.kinds:  # (the overlap check, inlined: one cluster)
                 self._guard(host + in_c, len(data))
-            self.file.pwrite(self._ciphertext(data, offset, host + in_c), host + in_c)
-            return True
-        return False
+            p = self._write_data_at(data, offset, host + in_c)
+            return [] if p is None else [p]
+        return None
 
-    def _write_in_place(self, offset: int, data: memoryview) -> bool:
+    def _write_in_place(self, offset: int, data: memoryview) -> list | None:
         """Write to clusters that are allocated, COPIED and uncompressed, without the lock.
 
-        Synchronous: the mapping is read and used with no await in between.  Returns False
-        (having written nothing) if any part of the range needs metadata changes.
+        Synchronous: the mapping is read and used with no await in between.  Returns the
+        Pendings of the writes started, or None (having written nothing) if any part of the
+        range needs metadata changes.
         """
         pieces = []
         pos, n = 0, len(data)
@@ -72,41 +86,48 @@ class WriteMixin:
             off = offset + pos
             l1i = off >> self.l1_shift
             if l1i >= len(l1) or not l1[l1i] & COPIED:
-                return False
+                return None
             e = self.cache.peek(self.l2kind, l1[l1i] & OFFSET_MASK)
             if e is None:
-                return False
+                return None
             c = off >> cb
             if c in inflight:
-                return False
+                return None
             ci = c & (self.l2_entries - 1)
             in_c = off & cmask
             chunk = min(n - pos, self.cs - in_c)
             if ext:
                 ent, bm = e.value[2 * ci], e.value[2 * ci + 1]
                 if ent & (COMPRESSED | L2_RESERVED_EXT) or not ent & COPIED:
-                    return False
+                    return None
                 sa, sb = in_c >> self.sc_bits, (in_c + chunk - 1) >> self.sc_bits
                 m = ((2 << sb) - 1) & ~((1 << sa) - 1)
                 if bm & m != m:
-                    return False
+                    return None
             else:
                 ent = e.value[ci]
                 if ent & (COMPRESSED | ZERO_FLAG | L2_RESERVED) or not ent & COPIED:
-                    return False
+                    return None
             host = ent & OFFSET_MASK
-            if not host or host & cmask or host >= self.file.size:
-                return False
+            if not host or host & cmask or host >= self.storage.size:
+                return None
             pieces.append((host + in_c, pos, chunk))
             pos += chunk
         for host, _p, length in pieces:
             self._guard(host, length)
+        started = []
         for host, p, length in pieces:
-            self.file.pwrite(self._ciphertext(data[p : p + length], offset + p, host), host)
-        return True
+            w = self._write_data_at(data[p : p + length], offset + p, host)
+            if w is not None:
+                started.append(w)
+        return started
 
-    async def pwritev(self, offset: int, data: memoryview, *, fua: bool) -> None:
-        if not self.write_now(offset, data):
+    async def _write_slow(self, offset: int, data: memoryview, fua: bool) -> None:
+        """``write`` where it must wait: in place if it can, else allocating span by span."""
+        done = self._write_now(offset, data)
+        if done is not None:
+            await settled(joined(done))
+        else:
             self._check_writable()
             pos, n = 0, len(data)
             while pos < n:
@@ -130,7 +151,9 @@ class WriteMixin:
             await self._wait_inflight(first, last)
             l2e = await self._l2_for_write(off >> self.l1_shift)
             try:
-                plans = self._plan_write(l2e.value, off, data)
+                started: list = []
+                plans = self._plan_write(l2e.value, off, data, started)
+                await settled(joined(started))
                 deps = await self._allocate(plans)
             except BaseException:
                 self.cache.release(l2e)
@@ -220,8 +243,10 @@ class WriteMixin:
             log.error("%s: %s; refusing the write and marking the image corrupt", self.path, reason)
             h = self.header
             h.incompatible_features |= INCOMPAT_CORRUPT
-            if h.version >= 3:
-                self.file.pwrite(struct.pack(">Q", h.incompatible_features), FIELD_INCOMPATIBLE)
+            if h.version >= 3:  # started now; a storage that must wait finishes it in the background
+                pending = self.storage.write(FIELD_INCOMPATIBLE, struct.pack(">Q", h.incompatible_features))
+                if pending is not None:
+                    coro.start(pending, _ignore)
         raise CorruptImage(self.path, f"{reason} (metadata overlap: image marked corrupt)")
 
     def _check_writable(self) -> None:
@@ -229,3 +254,7 @@ class WriteMixin:
             raise CorruptImage(self.path, f"{self._refusal}: writes refused")
         if self._refusal is not None:
             raise NbdError(errno.EROFS, f"{self.path}: {self._refusal}")
+
+
+def _ignore(_result: object, _exc: BaseException | None) -> None:
+    """The corrupt mark is best effort: the refused write already fails with its own error."""

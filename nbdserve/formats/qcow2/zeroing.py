@@ -13,6 +13,8 @@ from __future__ import annotations
 import errno
 
 from ...errors import NbdError
+from ...storage.base import settled
+from ..base import ZEROES
 from .lookup import K_COMPRESSED, K_UNALLOC, K_ZERO
 from .tables import (
     ALL_ALLOC,
@@ -50,11 +52,11 @@ class ZeroMixin:
             await self.flush()
 
     async def _write_zeroes_explicit(self, offset: int, length: int) -> None:
-        zero = memoryview(bytes(min(length, 1 << 20)))
+        zero = memoryview(ZEROES)
         pos = 0
         while pos < length:
             n = min(len(zero), length - pos)
-            await self.pwritev(offset + pos, zero[:n], fua=False)
+            await settled(self.write(offset + pos, zero[:n], fua=False))
             pos += n
 
     async def _zero_partial(self, lo: int, hi: int) -> bool:

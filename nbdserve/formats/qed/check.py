@@ -20,8 +20,8 @@ from __future__ import annotations
 from array import array
 from dataclasses import dataclass
 
-from ...blockfile import BlockFile
 from ...errors import CorruptImage
+from ...storage.base import Storage, read_at, settled
 from .header import QedHeader
 from .tables import UNALLOCATED, ZERO_CLUSTER, decode_table, encode_table
 
@@ -66,7 +66,7 @@ class _Used:
             self.last -= 1
 
 
-def _compact(file: BlockFile, h: QedHeader, l1: array, used: _Used) -> int:
+async def _compact(storage: Storage, h: QedHeader, l1: array, used: _Used) -> int:
     """Move data clusters from the end of the file down into leaked clusters, so the leaks end up
     at the end of the file where truncation reclaims them.  Tables are not moved: compaction
     stops at the last table.  Returns the number of clusters moved.
@@ -82,7 +82,7 @@ def _compact(file: BlockFile, h: QedHeader, l1: array, used: _Used) -> int:
     # Where each data cluster at or past ``target`` is referenced: cluster -> (L2 offset, index).
     refs: dict[int, tuple[int, int]] = {}
     for l2_offset in sorted(set(l1) - {UNALLOCATED}):
-        for j, offset in enumerate(decode_table(file.pread(h.table_bytes, l2_offset))):
+        for j, offset in enumerate(decode_table(await read_at(storage, l2_offset, h.table_bytes))):
             if offset > ZERO_CLUSTER and offset >> bits >= target:
                 refs[offset >> bits] = (l2_offset, j)
     free = (c for c in range(first, target) if not used.is_set(c))
@@ -99,30 +99,30 @@ def _compact(file: BlockFile, h: QedHeader, l1: array, used: _Used) -> int:
     if not moves:
         return 0
     for src, dst in moves:
-        file.pwrite(file.pread(h.cluster_size, src << bits), dst << bits)
-    file.flush_sync()
+        await settled(storage.write(dst << bits, await read_at(storage, src << bits, h.cluster_size)))
+    await storage.flush()
     by_table: dict[int, list[tuple[int, int]]] = {}
     for src, dst in moves:
         l2_offset, j = refs[src]
         by_table.setdefault(l2_offset, []).append((j, dst << bits))
     for l2_offset, changes in by_table.items():
-        table = decode_table(file.pread(h.table_bytes, l2_offset))
+        table = decode_table(await read_at(storage, l2_offset, h.table_bytes))
         for j, offset in changes:
             table[j] = offset
-        file.pwrite(encode_table(table), l2_offset)
-    file.flush_sync()
+        await settled(storage.write(l2_offset, encode_table(table)))
+    await storage.flush()
     for src, dst in moves:
         used.map[dst >> 3] |= 1 << (dst & 7)
         used.clear(src)
     return len(moves)
 
 
-def check_and_repair(file: BlockFile, h: QedHeader, l1: array, file_end: int) -> CheckResult:
+async def check_and_repair(storage: Storage, h: QedHeader, l1: array, file_end: int) -> CheckResult:
     """Check every table of the image and repair it in place (see the module docstring).
 
     ``l1`` is the driver's in-memory L1 table and is updated along with the file.
     """
-    path = file.path
+    path = storage.name
     cs, bits = h.cluster_size, h.cluster_bits
     used = _Used(path, bits, file_end >> bits)
     used.mark(h.l1_table_offset, h.table_size, "L1 table")
@@ -135,7 +135,7 @@ def check_and_repair(file: BlockFile, h: QedHeader, l1: array, file_end: int) ->
             result.cleared_l1 += 1
             continue
         used.mark(l2_offset, h.table_size, f"L2 table of L1 entry {i}")
-        table = decode_table(file.pread(h.table_bytes, l2_offset))
+        table = decode_table(await read_at(storage, l2_offset, h.table_bytes))
         cleared = 0
         for j, offset in enumerate(table):
             if offset in (UNALLOCATED, ZERO_CLUSTER):
@@ -146,17 +146,17 @@ def check_and_repair(file: BlockFile, h: QedHeader, l1: array, file_end: int) ->
                 continue
             used.mark(offset, 1, f"L2 table 0x{l2_offset:x} entry {j}")
         if cleared:
-            file.pwrite(encode_table(table), l2_offset)
+            await settled(storage.write(l2_offset, encode_table(table)))
             result.cleared_l2 += cleared
     if result.cleared_l1:
-        file.pwrite(encode_table(l1), h.l1_table_offset)
+        await settled(storage.write(h.l1_table_offset, encode_table(l1)))
     first = h.header_size
     if (used.last + 1) - first > used.count():  # free clusters below the last used one
-        result.relocated = _compact(file, h, l1, used)
+        result.relocated = await _compact(storage, h, l1, used)
     new_end = max(used.last + 1, first) << bits
-    if new_end < file_end or file.size > file_end:
+    if new_end < file_end or storage.size > file_end:
         result.truncated_leaks = (file_end - new_end) // cs if new_end < file_end else 0
-        file.truncate(new_end)
+        await storage.truncate(new_end)
     result.leaks = (new_end >> bits) - first - used.count()  # only clusters past the header are marked
     result.file_end = new_end
     return result

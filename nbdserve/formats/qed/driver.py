@@ -4,13 +4,19 @@ Owns one open QED image: its header (``QedHeader``), the L1 table (in memory, wr
 the L2 tables (decoded in the shared cluster cache, written through) and the allocation cursor
 ``file_end`` (new clusters are appended there).
 
+Reads and writes (``read``/``write``, see ``formats.base``): the fast case walks the cached L2
+tables synchronously and starts the storage I/O of every run (data: a storage read or write;
+zero clusters: zeroes; unallocated: the backing image); a read that meets a table not cached
+returns a coroutine that loads it and walks on from there; a write that is not all in place
+(allocated clusters, cached tables, no FUA) returns the coroutine that takes the lock.
+
 Locking: ``self.lock`` (one CoMutex per image) guards the header, the L1 table, every L2 update and
 the allocation cursor.  Allocating requests hold it from lookup to table update, so one allocating
 request runs at a time and the lookup is repeated after waiting for it (two writes to one
 unallocated cluster never allocate it twice).  Reads, and writes whose clusters are all allocated,
-take no lock: with the L2 table cached they do not suspend at all.
+take no lock: a mapping is looked up and its storage I/O started with no await in between.
 
-Crash ordering (formats.md §3.3):
+Crash ordering (docs/qed.md):
   * NEED_CHECK is set in the header and synced before the first allocation after open or after a
     flush cleared it (with or without a backing file, so a crash always triggers the repair);
   * data clusters are written (copy-on-write head and tail included) before the L2 entry that
@@ -38,11 +44,11 @@ import time
 from array import array
 from bisect import bisect_right
 
-from ...blockfile import BlockFile
 from ...cache import CacheEntry, ClusterCache
 from ...errors import CorruptImage, NbdError
 from ...locks import CoMutex
-from ..base import ALLOCATED, DATA, ZERO, BackingRef, Caps, Extent, FormatDriver, Limits, OpenOptions
+from ...storage.base import Pending, Storage, joined, read_at, settled
+from ..base import ALLOCATED, DATA, ZERO, BackingRef, Caps, Extent, FormatDriver, Limits, OpenOptions, zero_in_place
 from .check import check_and_repair
 from .header import (
     F_BACKING_FILE,
@@ -72,10 +78,10 @@ class QedDriver(FormatDriver):
     format_name = "qed"
 
     def __init__(
-        self, file: BlockFile, readonly: bool, cache: ClusterCache, h: QedHeader, l1: array, file_end: int
+        self, storage: Storage, readonly: bool, cache: ClusterCache, h: QedHeader, l1: array, file_end: int
     ) -> None:
-        self.file = file
-        self.path = file.path
+        self.storage = storage
+        self.path = storage.name
         self.readonly = readonly
         self.cache = cache
         self.h = h
@@ -85,7 +91,7 @@ class QedDriver(FormatDriver):
         self.limits = Limits(align=1)
         writable = not readonly
         self.caps = Caps(native_zero=writable, native_trim=writable, fast_zero=writable)
-        self.lock = CoMutex(f"qed {file.path}")
+        self.lock = CoMutex(f"qed {storage.name}")
         self.cluster_size = h.cluster_size
         self.cluster_bits = h.cluster_bits
         self.map_bits = h.cluster_bits
@@ -95,7 +101,7 @@ class QedDriver(FormatDriver):
         self.l2_mask = nelems - 1
         self.l1_shift = self.cluster_bits + nelems.bit_length() - 1
         self.l2_kind = cache.kind(
-            file, name="QED L2 table", size=h.table_bytes, decode=decode_table, encode=encode_table
+            storage, name="QED L2 table", size=h.table_bytes, decode=decode_table, encode=encode_table
         )
         self.tables: list[int] = []  # sorted start offsets of the L1 and all L2 tables (overlap guard)
         # A flush clears NEED_CHECK only this many seconds after the last metadata change (as
@@ -112,16 +118,17 @@ class QedDriver(FormatDriver):
         return 100 if head[:4] == MAGIC else 0
 
     @classmethod
-    async def open(cls, file: BlockFile, *, readonly: bool, cache: ClusterCache, options: OpenOptions) -> QedDriver:
-        path = file.path
-        head = file.pread(min(SECTOR, file.size), 0)
-        h = QedHeader.parse(path, head, file.size)
-        file_end = file.size & ~(h.cluster_size - 1)
-        l1 = decode_table(file.pread(h.table_bytes, h.l1_table_offset))
-        drv = cls(file, readonly, cache, h, l1, file_end)
+    async def open(cls, storage: Storage, *, readonly: bool, cache: ClusterCache, options: OpenOptions) -> QedDriver:
+        path = storage.name
+        head = await read_at(storage, 0, min(SECTOR, storage.size))
+        h = QedHeader.parse(path, head, storage.size)
+        file_end = storage.size & ~(h.cluster_size - 1)
+        l1 = decode_table(await read_at(storage, h.l1_table_offset, h.table_bytes))
+        drv = cls(storage, readonly, cache, h, l1, file_end)
         drv._sector0 = head
         if h.features & F_BACKING_FILE:
-            raw = bytes(file.pread(h.backing_filename_size, h.backing_filename_offset)).split(b"\0", 1)[0]
+            name = await read_at(storage, h.backing_filename_offset, h.backing_filename_size)
+            raw = bytes(name).split(b"\0", 1)[0]
             if not raw:
                 raise CorruptImage(
                     path, f"backing file name at backing_filename_offset 0x{h.backing_filename_offset:x} is empty"
@@ -133,8 +140,8 @@ class QedDriver(FormatDriver):
                 await drv._repair()
             if h.autoclear_features:  # no autoclear bits are defined: clear them all
                 h.autoclear_features = 0
-                drv._write_header()
-                await file.flush()
+                await drv._write_header()
+                await storage.flush()
         drv._index_tables()
         return drv
 
@@ -143,7 +150,7 @@ class QedDriver(FormatDriver):
 
         Called during open, before anything is served (no lock needed).
         """
-        r = check_and_repair(self.file, self.h, self.l1, self.file_end)
+        r = await check_and_repair(self.storage, self.h, self.l1, self.file_end)
         self.file_end = r.file_end
         if r.cleared_l1 or r.cleared_l2 or r.truncated_leaks or r.leaks or r.relocated:
             log.warning(
@@ -156,10 +163,10 @@ class QedDriver(FormatDriver):
                 r.truncated_leaks,
                 r.leaks,
             )
-        await self.file.flush()
+        await self.storage.flush()
         self.h.features &= ~F_NEED_CHECK
-        self._write_header()
-        await self.file.flush()
+        await self._write_header()
+        await self.storage.flush()
 
     def _index_tables(self) -> None:
         """Validate every L1 entry and record where the tables are; tables must not overlap."""
@@ -180,13 +187,13 @@ class QedDriver(FormatDriver):
                 raise CorruptImage(self.path, f"{what_b} at 0x{b:x} overlaps {what_a} at 0x{a:x}")
         self.tables = [off for off, _ in found]
 
-    def _write_header(self) -> None:
+    async def _write_header(self) -> None:
         """Rewrite the first header sector with the current header.  Called with self.lock held
         (or during open)."""
         sector = bytearray(self._sector0)
         sector[:HEADER_LEN] = self.h.encode()
-        self.file.pwrite(sector, 0)
         self._sector0 = sector
+        await settled(self.storage.write(0, sector))
 
     # -- lookup -----------------------------------------------------------------------------
 
@@ -263,25 +270,6 @@ class QedDriver(FormatDriver):
 
     # -- reads ------------------------------------------------------------------------------
 
-    def read_now(self, offset: int, buf: memoryview) -> bool:
-        """Hot path: inside one L2 table that is cached, one run of data or zero clusters."""
-        end = offset + len(buf)
-        l1_index = offset >> self.l1_shift
-        if end > (l1_index + 1) << self.l1_shift:
-            return False
-        l2_offset = self.l1[l1_index]
-        e = self.cache.peek(self.l2_kind, l2_offset) if l2_offset else None
-        if e is None:
-            return False
-        kind, run_end, host = self._run(e.value, offset, end, True)
-        if run_end != end or kind not in (RUN_DATA, RUN_ZERO):
-            return False
-        if kind == RUN_DATA:
-            self.file.pread_into(buf, host)
-        else:
-            buf[:] = bytes(len(buf))
-        return True
-
     def map_now(self, offset: int) -> int | None:
         """A data cluster whose L2 table is cached."""
         l2_offset = self.l1[offset >> self.l1_shift]
@@ -293,33 +281,50 @@ class QedDriver(FormatDriver):
             return value
         return None
 
-    async def preadv(self, offset: int, buf: memoryview) -> None:
-        if self.read_now(offset, buf):
-            return
+    def read(self, offset: int, buf: memoryview) -> Pending:
+        pendings: list = []
+        pos = self._read_cached(offset, buf, offset, pendings)
+        if pos == offset + len(buf):
+            return joined(pendings)
+        return self._read_loading(offset, buf, pos, pendings)
+
+    def _read_cached(self, offset: int, buf: memoryview, pos: int, pendings: list) -> int:
+        """Start the reads of ``buf`` (guest ``offset``) from ``pos`` on, run by run, as long as
+        the L2 tables are cached; returns where it stopped (the end, or a table to load).
+        Synchronous: each run's storage or backing read starts right after its lookup."""
         end = offset + len(buf)
-        pos = offset
-        shift = self.l1_shift
+        shift, l1, peek, kind, storage = self.l1_shift, self.l1, self.cache.peek, self.l2_kind, self.storage
         while pos < end:
             l1_index = pos >> shift
-            seg_end = (l1_index + 1) << shift
-            if seg_end > end:
-                seg_end = end
-            l2_offset = self.l1[l1_index]
-            e = self.cache.peek(self.l2_kind, l2_offset) if l2_offset else None
-            table = e.value if e is not None else await self._table(l1_index)
-            if table is NO_TABLE:
-                await self.read_backing(pos, buf[pos - offset : seg_end - offset])
-                pos = seg_end
-                continue
-            kind, run_end, host = self._run(table, pos, seg_end, True)
-            part = buf[pos - offset : run_end - offset]
-            if kind == RUN_DATA:
-                self.file.pread_into(part, host)
-            elif kind == RUN_ZERO:
-                part[:] = bytes(len(part))
+            seg_end = min(end, (l1_index + 1) << shift)
+            l2_offset = l1[l1_index]
+            if l2_offset == UNALLOCATED:
+                run, run_end, host = RUN_UNALLOCATED, seg_end, 0
             else:
-                await self.read_backing(pos, part)
+                e = peek(kind, l2_offset)
+                if e is None:
+                    return pos
+                run, run_end, host = self._run(e.value, pos, seg_end, True)
+            part = buf[pos - offset : run_end - offset]
+            if run == RUN_DATA:
+                p = storage.read(host, part)
+            elif run == RUN_ZERO:
+                part[:] = bytes(len(part))
+                p = None
+            else:
+                p = self.read_backing(pos, part)
+            if p is not None:
+                pendings.append(p)
             pos = run_end
+        return pos
+
+    async def _read_loading(self, offset: int, buf: memoryview, pos: int, pendings: list) -> None:
+        """``read`` from ``pos`` on, where an L2 table is not cached: load it and walk on."""
+        end = offset + len(buf)
+        while pos < end:
+            await self._table(pos >> self.l1_shift)
+            pos = self._read_cached(offset, buf, pos, pendings)
+        await settled(joined(pendings))
 
     async def block_status(self, offset: int, length: int) -> Extent:
         l1_index = offset >> self.l1_shift
@@ -340,19 +345,26 @@ class QedDriver(FormatDriver):
 
     # -- writes -----------------------------------------------------------------------------
 
-    async def pwritev(self, offset: int, data: memoryview, *, fua: bool) -> None:
-        if not self._write_in_place(offset, data):
-            await self.lock.lock()
-            try:
-                await self._write_locked(offset, data)
-            finally:
-                self.lock.unlock()
-        if fua:
-            await self.file.flush()
+    def write(self, offset: int, data: memoryview, *, fua: bool) -> Pending:
+        pendings = None if fua else self._write_in_place(offset, data)
+        if pendings is None:
+            return self._write_slow(offset, data, fua)
+        return joined(pendings)
 
-    def _write_in_place(self, offset: int, data: memoryview) -> bool:
-        """Write without the lock if every cluster is allocated and its L2 table cached; else False
-        (and nothing written)."""
+    async def _write_slow(self, offset: int, data: memoryview, fua: bool) -> None:
+        """``write`` that allocates (or carries FUA): in place if it can, else under the lock."""
+        pendings = self._write_in_place(offset, data)
+        if pendings is None:
+            async with self.lock:
+                await self._write_locked(offset, data)
+        else:
+            await settled(joined(pendings))
+        if fua:
+            await self.storage.flush()
+
+    def _write_in_place(self, offset: int, data: memoryview) -> list | None:
+        """Start the writes without the lock if every cluster is allocated and its L2 table cached
+        (returns their Pendings); else None, and nothing written."""
         end = offset + len(data)
         pos = offset
         shift = self.l1_shift
@@ -361,17 +373,20 @@ class QedDriver(FormatDriver):
             l1_index = pos >> shift
             table = self._peek_table(l1_index)
             if table is None or table is NO_TABLE:
-                return False
+                return None
             seg_end = min(end, (l1_index + 1) << shift)
             kind, run_end, host = self._run(table, pos, seg_end, True)
             if kind != RUN_DATA:
-                return False
+                return None
             self._guard(host, run_end - pos)
             plan.append((pos, run_end, host))
             pos = run_end
+        pendings = []
         for start, stop, host in plan:
-            self.file.pwrite(data[start - offset : stop - offset], host)
-        return True
+            p = self.storage.write(host, data[start - offset : stop - offset])
+            if p is not None:
+                pendings.append(p)
+        return pendings
 
     async def _write_locked(self, offset: int, data: memoryview) -> None:
         """Write, allocating clusters as needed.  Called with self.lock held."""
@@ -390,7 +405,7 @@ class QedDriver(FormatDriver):
                 kind, run_end, host = self._run(entry.value, pos, seg_end, True)
                 if kind == RUN_DATA:
                     self._guard(host, run_end - pos)
-                    self.file.pwrite(data[pos - offset : run_end - offset], host)
+                    await settled(self.storage.write(host, data[pos - offset : run_end - offset]))
                 else:
                     run_end = self._unallocated_end(entry.value, pos, seg_end)
                     await self._allocate(pos, run_end, data[pos - offset : run_end - offset], l1_index, entry)
@@ -414,27 +429,27 @@ class QedDriver(FormatDriver):
         self._last_change = time.monotonic()
         if not self.h.features & F_NEED_CHECK:
             self.h.features |= F_NEED_CHECK
-            self._write_header()
-            await self.file.flush()
+            await self._write_header()
+            await self.storage.flush()
 
-    def _alloc_clusters(self, n: int) -> int:
+    async def _alloc_clusters(self, n: int) -> int:
         """Reserve ``n`` clusters at the end of the file.  Called with self.lock held.
 
         The file never extends past ``file_end`` between allocations, so the new clusters read as
         zeroes until written (a partial cluster left at the end of the file is cut off first).
         """
-        if self.file.size > self.file_end:
-            self.file.truncate(self.file_end)
+        if self.storage.size > self.file_end:
+            await self.storage.truncate(self.file_end)
         host = self.file_end
         self.file_end += n * self.cluster_size
         return host
 
-    def _unalloc(self, host: int) -> None:
+    async def _unalloc(self, host: int) -> None:
         """Give back the clusters from ``host`` on after a failed allocation, so that no leak is
         left in the middle of the file.  Called with self.lock held (nothing was allocated since)."""
         self.file_end = host
-        if self.file.size > host:
-            self.file.truncate(host)
+        if self.storage.size > host:
+            await self.storage.truncate(host)
 
     async def _allocate(self, pos: int, stop: int, data: memoryview, l1_index: int, entry: CacheEntry | None) -> None:
         """Allocate clusters for the guest range ``[pos, stop)`` (unallocated or zero clusters of
@@ -447,26 +462,26 @@ class QedDriver(FormatDriver):
         n = (last - first) >> cb
         table = None if entry is None else entry.value
         await self._ensure_need_check()
-        host = self._alloc_clusters(n)
+        host = await self._alloc_clusters(n)
         try:
             if pos > first:
                 await self._cow(first, pos, host, table)
-            self.file.pwrite(data, host + (pos - first))
+            await settled(self.storage.write(host + (pos - first), data))
             if last > stop:
                 await self._cow(stop, last, host + (stop - first), table)
-            if self.file.size < host + n * cs:
-                self.file.truncate(host + n * cs)
+            if self.storage.size < host + n * cs:
+                await self.storage.truncate(host + n * cs)
             if self.backing is not None:
-                await self.file.flush()  # the data must be durable before a table points at it
+                await self.storage.flush()  # the data must be durable before a table points at it
         except BaseException:
-            self._unalloc(host)
+            await self._unalloc(host)
             raise
         i0 = (first >> cb) & self.l2_mask
         values = range(host, host + n * cs, cs)
         if entry is None:
             await self._new_table(l1_index, i0, values)
         else:
-            self._update_table(entry, i0, values)
+            await self._update_table(entry, i0, values)
 
     async def _cow(self, start: int, stop: int, host: int, table: array | None) -> None:
         """Fill ``[start, stop)`` (part of one newly allocated cluster) with what it read as
@@ -479,22 +494,22 @@ class QedDriver(FormatDriver):
         buf = bytearray(stop - start)
         inside = min(stop, self.size) - start
         if inside > 0:
-            await self.read_backing(start, memoryview(buf)[:inside])
-        self.file.pwrite(buf, host)
+            await settled(self.read_backing(start, memoryview(buf)[:inside]))
+        await settled(self.storage.write(host, buf))
 
-    def _update_table(self, entry: CacheEntry, i0: int, values: range | list[int]) -> None:
+    async def _update_table(self, entry: CacheEntry, i0: int, values: range | list[int]) -> None:
         """Set L2 entries ``i0..`` and write their sectors through.  Called with self.lock held."""
         table = entry.value
         i1 = i0 + len(values) - 1
         table[i0 : i1 + 1] = array("Q", values)
         rel, blob = entry_sectors(table, i0, i1)
-        self.file.pwrite(blob, entry.offset + rel)
+        await settled(self.storage.write(entry.offset + rel, blob))
 
     async def _new_table(self, l1_index: int, i0: int, values: range | list[int]) -> None:
         """Create the L2 table for ``l1_index`` holding ``values`` at ``i0..``: write it whole and
         sync, then point the L1 entry at it.  Called with self.lock held."""
         h = self.h
-        off = self._alloc_clusters(h.table_size)
+        off = await self._alloc_clusters(h.table_size)
         table = array("Q", [0]) * h.table_nelems
         table[i0 : i0 + len(values)] = array("Q", values)
         entry = self.cache.put_new(self.l2_kind, off, table)
@@ -505,7 +520,7 @@ class QedDriver(FormatDriver):
         self.tables.append(off)  # allocated past every existing table: the list stays sorted
         self.l1[l1_index] = off
         rel, blob = entry_sectors(self.l1, l1_index, l1_index)
-        self.file.pwrite(blob, h.l1_table_offset + rel)
+        await settled(self.storage.write(h.l1_table_offset + rel, blob))
 
     # -- zeroing ----------------------------------------------------------------------------
 
@@ -516,7 +531,7 @@ class QedDriver(FormatDriver):
         tail_start = max(head_end, end & ~self.cluster_mask)
         if fast and (head_end > offset or tail_start < end):
             raise NbdError(errno.ENOTSUP, "fast zeroing needs whole clusters")
-        if fast and not (self.file.can_punch or self.file.can_zero_range):
+        if fast and not self.storage.can_zero_fast():
             raise NbdError(errno.ENOTSUP, "the host file cannot zero ranges quickly")
         await self.lock.lock()
         try:
@@ -529,7 +544,7 @@ class QedDriver(FormatDriver):
         finally:
             self.lock.unlock()
         if fua:
-            await self.file.flush()
+            await self.storage.flush()
 
     async def pdiscard(self, offset: int, length: int) -> None:
         """TRIM the whole clusters in the range; partial ones are kept.
@@ -579,20 +594,14 @@ class QedDriver(FormatDriver):
                     kind, run_end, host = self._run(table, pos, seg_end, True)
                     if kind == RUN_DATA:
                         self._guard(host, run_end - pos)
-                        self._zero_host(host, run_end - pos, may_trim)
+                        await zero_in_place(self.storage, host, run_end - pos, may_trim)
                     elif kind == RUN_UNALLOCATED:
                         await self._ensure_need_check()
                         n = (run_end - pos) >> cb
-                        self._update_table(entry, (pos >> cb) & self.l2_mask, [ZERO_CLUSTER] * n)
+                        await self._update_table(entry, (pos >> cb) & self.l2_mask, [ZERO_CLUSTER] * n)
                     pos = run_end
             finally:
                 self.cache.release(entry)
-
-    def _zero_host(self, host: int, length: int, may_trim: bool) -> None:
-        """Zero allocated host clusters in place (punching holes if allowed).  Called with self.lock held."""
-        f = self.file
-        if not ((may_trim and f.punch_hole(host, length)) or f.zero_range(host, length)):
-            f.write_zeroes(host, length)
 
     # -- flush and close --------------------------------------------------------------------
 
@@ -605,11 +614,11 @@ class QedDriver(FormatDriver):
         means no allocation is half done."""
         await self.lock.lock()
         try:
-            await self.file.flush()
+            await self.storage.flush()
             if mark_clean and self.h.features & F_NEED_CHECK:
                 self.h.features &= ~F_NEED_CHECK
-                self._write_header()
-                await self.file.flush()
+                await self._write_header()
+                await self.storage.flush()
         finally:
             self.lock.unlock()
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import sys
 from array import array
-from collections.abc import Iterable
+from collections.abc import AsyncIterable
 from dataclasses import dataclass
 from itertools import pairwise
 
@@ -119,8 +119,8 @@ class Geometry:
         return (block // cr) * (cr + 1) + cr
 
 
-def check_bat(
-    path: str, pages: Iterable[tuple[int, array]], geo: Geometry, file_size: int, reserved: list[tuple[int, int]]
+async def check_bat(
+    path: str, pages: AsyncIterable[tuple[int, array]], geo: Geometry, file_size: int, reserved: list[tuple[int, int]]
 ) -> str | None:
     """Validate every entry: states, offsets inside the file and not overlapping, and a present
     sector bitmap for every chunk with a PARTIALLY_PRESENT block.  Returns None, or a note on
@@ -132,7 +132,7 @@ def check_bat(
     """
     spans: list[tuple[int, int, int, int]] = []
     odd: list[tuple[int, int]] = []  # (index, entry) of the first entry with reserved bits, and more
-    for base, page in pages:
+    async for base, page in pages:
         if page.count(NOT_PRESENT) + page.count(ZERO) == len(page):
             continue  # the common all-empty page: nothing to check
         for j, e in enumerate(page):

@@ -21,9 +21,15 @@ Crash-consistency protocol (every step that matters is ordered by an fdatasync):
      syncs again: after a flush the log is empty and QEMU can open the file read-only.
 A crash anywhere leaves either the old mapping (leaked space) or a log whose replay gives the new.
 
+Reads and writes (``read``/``write``, see ``formats.base``): the fast case walks the cached BAT
+pages synchronously and starts each block's storage or backing read (a PARTIALLY_PRESENT block,
+whose sector bitmap is read from the file, is the slow case); a write goes to the storage at once
+when every block it touches is FULLY_PRESENT, its BAT page cached and this session's header
+already written, else it returns the coroutine that takes the lock.
+
 Locking: ``self.lock`` (one CoMutex) guards the BAT, the log, the headers and allocation.  Data
-I/O to FULLY_PRESENT blocks runs without it, and a read or write whose BAT page is cached never
-suspends.  Allocation happens only with the lock held, after re-reading the entry, so two
+I/O to FULLY_PRESENT blocks runs without it: its mapping is looked up and its storage I/O
+started with no await in between.  Allocation happens only with the lock held, after re-reading the entry, so two
 writers never allocate one block twice.  BAT pages live in the shared cluster cache and are
 never dirty there: they are updated in memory and on disk together under the lock.
 """
@@ -36,11 +42,24 @@ import os
 import uuid
 from array import array
 
-from ...blockfile import BlockFile
 from ...cache import ClusterCache
 from ...errors import CorruptImage, ImageError, NbdError, UnsupportedImage
 from ...locks import CoMutex
-from ..base import ALLOCATED, DATA, ZERO, BackingRef, Caps, Extent, FormatDriver, Limits, OpenOptions
+from ...storage.base import Pending, Storage, joined, read_at, settled, write_zero_bytes
+from ...storage.local import LocalFile
+from ..base import (
+    ALLOCATED,
+    DATA,
+    ZERO,
+    ZEROES,
+    BackingRef,
+    Caps,
+    Extent,
+    FormatDriver,
+    Limits,
+    OpenOptions,
+    zero_in_place,
+)
 from . import bat as B
 from .bat import Geometry, check_bat, decode_page, encode_page, reads_from
 from .header import (
@@ -74,7 +93,7 @@ def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
-class _ReplayedView:
+class _ReplayedView(Storage):
     """A read-only view of a file with a pending log applied in memory (read-only opens).
 
     ``sectors`` maps 4 KiB-aligned file offsets to replayed contents and is always newer than any
@@ -82,9 +101,9 @@ class _ReplayedView:
     applies the zero ranges first and the sectors last.
     """
 
-    def __init__(self, file: BlockFile, changes: list[tuple[int, bytes | None, int]], size: int) -> None:
-        self.file = file
-        self.path = file.path
+    def __init__(self, storage: Storage, changes: list[tuple[int, bytes | None, int]], size: int) -> None:
+        self.storage = storage
+        self.name = storage.name
         self.size = size
         self.readonly = True
         self.sectors: dict[int, bytes] = {}
@@ -97,8 +116,19 @@ class _ReplayedView:
                 for k in [k for k in self.sectors if foff <= k < foff + length]:
                     del self.sectors[k]
 
-    def pread_into(self, buf: memoryview | bytearray, offset: int) -> None:
-        self.file.pread_into(buf, offset)
+    def read(self, offset: int, buf: memoryview) -> Pending:
+        pending = self.storage.read(offset, buf)
+        if pending is None:
+            self._apply(offset, buf)
+            return None
+        return self._apply_after(pending, offset, buf)
+
+    async def _apply_after(self, pending: Pending, offset: int, buf: memoryview) -> None:
+        await pending
+        self._apply(offset, buf)
+
+    def _apply(self, offset: int, buf: memoryview) -> None:
+        """Lay the replayed zero ranges and sectors over ``buf``, just read from ``offset``."""
         end = offset + len(buf)
         view = memoryview(buf)
         for zs, ze in self.zeroes:
@@ -114,21 +144,17 @@ class _ReplayedView:
             lo, hi = max(offset, k), min(end, k + SECTOR)
             view[lo - offset : hi - offset] = self.sectors[k][lo - k : hi - k]
 
-    def pread(self, length: int, offset: int) -> bytearray:
-        buf = bytearray(length)
-        self.pread_into(buf, offset)
-        return buf
-
 
 class VhdxDriver(FormatDriver):
     format_name = "vhdx"
 
-    def __init__(self, file: BlockFile, readonly: bool, cache: ClusterCache) -> None:
-        self.file = file
+    def __init__(self, storage: Storage, readonly: bool, cache: ClusterCache) -> None:
+        self.storage = storage
+        self.path = storage.name
         self.readonly = readonly
         self.cache = cache
         self.lock = CoMutex("vhdx")
-        self.rf: BlockFile | _ReplayedView = file
+        self.rf: Storage = storage  # what reads see: the storage, or a view with a log replayed
         self.header: Header
         self.meta: Metadata
         self.geo: Geometry
@@ -147,33 +173,35 @@ class VhdxDriver(FormatDriver):
         return 100 if head[:8] == FILE_IDENTIFIER else 0
 
     @classmethod
-    async def open(cls, file: BlockFile, *, readonly: bool, cache: ClusterCache, options: OpenOptions) -> VhdxDriver:
-        self = cls(file, readonly or file.readonly, cache)
+    async def open(cls, storage: Storage, *, readonly: bool, cache: ClusterCache, options: OpenOptions) -> VhdxDriver:
+        self = cls(storage, readonly or storage.readonly, cache)
         await self._open()
         return self
 
     async def _open(self) -> None:
-        file, path = self.file, self.file.path
-        if file.size < MiB:
-            raise CorruptImage(path, f"file size {file.size} is smaller than the 1 MiB VHDX header section")
-        if bytes(file.pread(8, 0)) != FILE_IDENTIFIER:
+        storage, path = self.storage, self.path
+        if storage.size < MiB:
+            raise CorruptImage(path, f"file size {storage.size} is smaller than the 1 MiB VHDX header section")
+        if bytes(await read_at(storage, 0, 8)) != FILE_IDENTIFIER:
             raise CorruptImage(path, "file identifier is not 'vhdxfile'")
-        copies = (bytes(file.pread(HEADER_SIZE, HEADER_OFFSETS[0])), bytes(file.pread(HEADER_SIZE, HEADER_OFFSETS[1])))
-        self.header = choose_header(path, copies, file.size)
+        copies = [bytes(await read_at(storage, off, HEADER_SIZE)) for off in HEADER_OFFSETS]
+        self.header = choose_header(path, tuple(copies), storage.size)
         # The region tables sit in the header section, which no log entry may touch: read them first.
-        tables = tuple(bytes(file.pread(REGION_TABLE_SIZE, off)) for off in REGION_TABLE_OFFSETS)
-        regions = parse_region_tables(path, tables, self.header, file.size)  # type: ignore[arg-type]
+        tables = tuple([bytes(await read_at(storage, off, REGION_TABLE_SIZE)) for off in REGION_TABLE_OFFSETS])
+        regions = parse_region_tables(path, tables, self.header, storage.size)  # type: ignore[arg-type]
         await self._replay_log(regions)
         rf = self.rf
         moff = regions.metadata_offset
-        self.meta = meta = parse_metadata(path, lambda off, n: rf.pread(n, moff + off), regions.metadata_length)
+        self.meta = meta = await parse_metadata(
+            path, lambda off, n: read_at(rf, moff + off, n), regions.metadata_length
+        )
         for note in meta.warnings:
             log.warning("%s: %s", path, note)
         self.size = meta.virtual_disk_size
         self.geo = geo = Geometry(meta.virtual_disk_size, meta.block_size, meta.logical_sector_size, meta.has_parent)
         self._bs, self._cr = geo.block_size, geo.chunk_ratio
-        # The memo reads ``file``; a log replayed into memory (``rf``) keeps every read here.
-        self.map_bits = geo.block_size.bit_length() - 1 if self.rf is self.file else 0
+        # The memo reads ``storage``; a log replayed into memory (``rf``) keeps every read here.
+        self.map_bits = geo.block_size.bit_length() - 1 if self.rf is self.storage else 0
         if geo.entries * 8 > regions.bat_length:
             raise CorruptImage(path, f"BAT region of {regions.bat_length} bytes is too small for {geo.entries} entries")
         self.bat_offset = regions.bat_offset
@@ -189,14 +217,14 @@ class VhdxDriver(FormatDriver):
         reserved.append((regions.metadata_offset, regions.metadata_offset + regions.metadata_length))
         if h.log_length:
             reserved.append((h.log_offset, h.log_offset + h.log_length))
-        odd = check_bat(path, self._bat_pages(geo.entries), geo, rf.size, reserved)
+        odd = await check_bat(path, self._bat_pages(geo.entries), geo, rf.size, reserved)
         if odd is not None and not self.readonly:
             log.warning("%s: %s; serving the image read-only", path, odd)
             self.readonly = True
         elif odd is not None:
             log.warning("%s: %s (ignored: only state and offset are read)", path, odd)
         if meta.has_parent:
-            self.backing = self._find_parent()
+            self.backing = await self._find_parent()
         self.limits = Limits(align=meta.logical_sector_size)
         writable = not self.readonly
         self.caps = Caps(native_zero=writable, native_trim=writable, fast_zero=writable)
@@ -204,12 +232,12 @@ class VhdxDriver(FormatDriver):
             raise UnsupportedImage(path, "header log_length is 0: metadata writes cannot be journalled")
         self._log_dirty = h.log_guid != ZERO_GUID
 
-    def _bat_pages(self, entries: int):
+    async def _bat_pages(self, entries: int):
         """(first index, decoded entries) for the used part of the BAT, 1 MiB at a time."""
         per = MiB // 8
         for base in range(0, entries, per):
             n = min(per, entries - base)
-            yield base, decode_page(self.rf.pread(n * 8, self.bat_offset + base * 8))
+            yield base, decode_page(await read_at(self.rf, self.bat_offset + base * 8, n * 8))
 
     async def _replay_log(self, regions: Regions) -> None:
         """Replay a pending log: into the file when writable, into a view when read-only.
@@ -219,43 +247,43 @@ class VhdxDriver(FormatDriver):
         of the file is skipped (the final extension reads as zeroes), so replay never allocates
         more than the data sectors it writes.
         """
-        reader = LogReader(self.file, self.header)
-        entries = find_active_sequence(reader)
+        storage = self.storage
+        reader = LogReader(storage, self.header)
+        entries = await find_active_sequence(reader)
         if not entries:
             return
-        path = self.file.path
-        size = self.file.size
-        limit = self._replay_limit(reader, entries, regions)
+        path = self.path
+        size = storage.size
+        limit = await self._replay_limit(reader, entries, regions)
         end = max([size] + [_round_up(e.last_file_offset, MiB) for e in entries])
         if self.readonly:
             changes: list[tuple[int, bytes | None, int]] = []
             held = 0
             for e in entries:
-                for change in iter_changes(reader, e, size, limit):
+                async for change in iter_changes(reader, e, size, limit):
                     held += SECTOR
                     if held > OVERLAY_LIMIT:
                         raise UnsupportedImage(path, "log too large to replay in memory for a read-only open")
                     changes.append(change)
-            self.rf = _ReplayedView(self.file, changes, end)
+            self.rf = _ReplayedView(storage, changes, end)
             return
         for e in entries:  # validate every descriptor before the first write
-            for _ in iter_changes(reader, e, size, limit):
+            async for _ in iter_changes(reader, e, size, limit):
                 pass
-        file = self.file
         for e in entries:
-            for foff, data, length in iter_changes(reader, e, size, limit):
+            async for foff, data, length in iter_changes(reader, e, size, limit):
                 if data is not None:
-                    file.pwrite(data, foff)
+                    await settled(storage.write(foff, data))
                     continue
-                n = min(length, file.size - foff)
-                if n > 0 and not file.punch_hole(foff, n) and not file.zero_range(foff, n):
-                    file.write_zeroes(foff, n)
-        if file.size < end:
-            file.truncate(end)
-        await file.flush()
+                n = min(length, storage.size - foff)
+                if n > 0:
+                    await zero_in_place(storage, foff, n, True)
+        if storage.size < end:
+            await storage.truncate(end)
+        await storage.flush()
         await self._write_header(log_guid=ZERO_GUID)
 
-    def _replay_limit(self, reader: LogReader, entries: list, regions: Regions) -> int:
+    async def _replay_limit(self, reader: LogReader, entries: list, regions: Regions) -> int:
         """Where a log may write: below the file's size (or the end of the header section, log
         and regions, if that is larger) plus the image's possible extent, every block the
         metadata allows.  A replay may grow a file by at most what the whole image can hold.
@@ -264,20 +292,20 @@ class VhdxDriver(FormatDriver):
         the larger extent counts, and if neither parses the open fails on the replayed one.
         Memory: only the logged sectors that fall in the metadata region are held.
         """
-        path, size, h = self.file.path, self.file.size, self.header
+        path, size, h = self.path, self.storage.size, self.header
         mlo, mlen = regions.metadata_offset, regions.metadata_length
         logged: list[tuple[int, bytes | None, int]] = []
         for e in entries:
-            for foff, data, length in iter_changes(reader, e, size):
+            async for foff, data, length in iter_changes(reader, e, size):
                 if foff < mlo + mlen and mlo < foff + length:
                     logged.append((foff, data, length))
                     if len(logged) * SECTOR > OVERLAY_LIMIT:
                         raise UnsupportedImage(path, "log rewrites more metadata than nbdserve replays")
         fixed = max(MiB, h.log_offset + h.log_length, regions.bat_offset + regions.bat_length, mlo + mlen)
         extents, failure = [], None
-        for view in (_ReplayedView(self.file, logged, size), self.file):
+        for view in (_ReplayedView(self.storage, logged, size), self.storage):
             try:
-                meta = parse_metadata(path, lambda off, n, v=view: v.pread(n, mlo + off), mlen)
+                meta = await parse_metadata(path, lambda off, n, v=view: read_at(v, mlo + off, n), mlen)
             except ImageError as exc:
                 failure = failure or exc
                 continue
@@ -287,9 +315,9 @@ class VhdxDriver(FormatDriver):
             raise failure  # type: ignore[misc]
         return max(_round_up(size, MiB), fixed) + max(extents)
 
-    def _find_parent(self) -> BackingRef:
+    async def _find_parent(self) -> BackingRef:
         """The parent named by the locator (relative_path first), with its linkage checked."""
-        path = self.file.path
+        path = self.path
         loc = self.meta.parent_locator
         here = os.path.dirname(os.path.realpath(path))
         tried = []
@@ -305,23 +333,23 @@ class VhdxDriver(FormatDriver):
                 continue
             tried.append(f"{key} {value!r} -> {name}")
             if os.path.isfile(name):
-                self._check_linkage(name, loc)
+                await self._check_linkage(name, loc)
                 return BackingRef(os.path.realpath(name), "vhdx")
         raise ImageError(path, "parent VHDX not found (" + "; ".join(tried) + ")")
 
-    def _check_linkage(self, parent: str, loc: dict[str, str]) -> None:
-        path = self.file.path
+    async def _check_linkage(self, parent: str, loc: dict[str, str]) -> None:
+        path = self.path
         try:
-            pf = BlockFile(parent, readonly=True)
+            pf = LocalFile(parent, readonly=True)
         except OSError as e:
             raise ImageError(path, f"cannot open parent {parent}: {e.strerror}") from None
         try:
-            if pf.size < MiB or bytes(pf.pread(8, 0)) != FILE_IDENTIFIER:
+            if pf.size < MiB or bytes(await read_at(pf, 0, 8)) != FILE_IDENTIFIER:
                 raise CorruptImage(path, f"parent {parent} is not a VHDX file")
-            copies = (bytes(pf.pread(HEADER_SIZE, HEADER_OFFSETS[0])), bytes(pf.pread(HEADER_SIZE, HEADER_OFFSETS[1])))
-            ph = choose_header(parent, copies, pf.size)
+            copies = [bytes(await read_at(pf, off, HEADER_SIZE)) for off in HEADER_OFFSETS]
+            ph = choose_header(parent, tuple(copies), pf.size)
         finally:
-            pf.close()
+            pf.close_now()
         wanted = [parse_linkage(path, loc[k]) for k in ("parent_linkage", "parent_linkage2") if k in loc]
         if ph.data_write_guid not in wanted:
             raise CorruptImage(
@@ -350,12 +378,12 @@ class VhdxDriver(FormatDriver):
         geo = self.geo
         sb = await self._entry(geo.bitmap_index(block))
         if sb & B.STATE_MASK != B.SB_PRESENT:
-            raise CorruptImage(self.file.path, f"block {block} is partially present but its sector bitmap is not")
+            raise CorruptImage(self.path, f"block {block} is partially present but its sector bitmap is not")
         lss = geo.logical_sector_size
         s0, s1 = in_block // lss, -(-(in_block + length) // lss)  # the sectors the range touches
         first = (block % geo.chunk_ratio) * (geo.block_size // lss) + s0
         count = s1 - s0
-        raw = self.rf.pread((first + count + 7) // 8 - first // 8, (sb & B.OFFSET_MASK) + first // 8)
+        raw = await read_at(self.rf, (sb & B.OFFSET_MASK) + first // 8, (first + count + 7) // 8 - first // 8)
         bits = int.from_bytes(raw, "little") >> (first % 8)
         runs: list[tuple[int, bool]] = []
         i, pos, end = 0, in_block, in_block + length
@@ -371,20 +399,9 @@ class VhdxDriver(FormatDriver):
 
     # -- reads ------------------------------------------------------------------------------
 
-    def read_now(self, offset: int, buf: memoryview) -> bool:
-        """Hot path: inside one fully present block whose BAT page is cached."""
-        in_block = offset % self._bs
-        if in_block + len(buf) > self._bs:
-            return False
-        host = self.map_now(offset)
-        if host is None:
-            return False
-        self.rf.pread_into(buf, host + in_block)
-        return True
-
     def map_now(self, offset: int) -> int | None:
         """Where the fully present block holding ``offset`` starts in ``rf``, its BAT page
-        cached; else None.  (The image layer asks only while ``rf`` is ``file``: map_bits.)"""
+        cached; else None.  (The image layer asks only while ``rf`` is ``storage``: map_bits.)"""
         block = offset // self._bs
         index = block + block // self._cr
         page = self.cache.peek(self.bat_kind, self.bat_offset + (index >> B.PAGE_SHIFT) * B.PAGE_SIZE)
@@ -395,31 +412,63 @@ class VhdxDriver(FormatDriver):
             return None
         return e & B.OFFSET_MASK
 
-    async def preadv(self, offset: int, buf: memoryview) -> None:
-        if self.read_now(offset, buf):
-            return
-        bs = self._bs
-        has_parent = self.geo.has_parent
-        pos, n = 0, len(buf)
-        while pos < n:
-            off = offset + pos
-            block, in_block = divmod(off, bs)
-            seg = min(n - pos, bs - in_block)
-            view = buf[pos : pos + seg]
-            index = block + block // self._cr
-            e = self._peek(index)
+    def read(self, offset: int, buf: memoryview) -> Pending:
+        pendings: list = []
+        pos = self._read_cached(offset, buf, offset, pendings)
+        if pos == offset + len(buf):
+            return joined(pendings)
+        return self._read_loading(offset, buf, pos, pendings)
+
+    def _read_cached(self, offset: int, buf: memoryview, pos: int, pendings: list) -> int:
+        """Start the reads of ``buf`` (guest ``offset``) from ``pos`` on, block by block, while
+        the BAT pages are cached and no block reads through its sector bitmap; returns where it
+        stopped.  Synchronous."""
+        bs, cr, has_parent, end = self._bs, self._cr, self.geo.has_parent, offset + len(buf)
+        while pos < end:
+            block = pos // bs
+            e = self._peek(block + block // cr)
             if e is None:
-                e = await self._entry(index)
+                return pos
             how = reads_from(e & B.STATE_MASK, has_parent)
-            if how == B.READ_FILE:
-                self.rf.pread_into(view, (e & B.OFFSET_MASK) + in_block)
-            elif how == B.READ_ZERO:
-                view[:] = bytes(seg)
-            elif how == B.READ_PARENT:
-                await self.read_backing(off, view)
+            if how == B.READ_BITMAP:
+                return pos
+            pos = self._read_block(offset, buf, pos, e, how, pendings)
+        return pos
+
+    def _read_block(self, offset: int, buf: memoryview, pos: int, e: int, how: int, pendings: list) -> int:
+        """Start the read of the part of one block (BAT entry ``e``, read ``how``, not through
+        its bitmap) from guest ``pos``; returns the next guest offset."""
+        bs = self._bs
+        in_block = pos % bs
+        seg = min(offset + len(buf) - pos, bs - in_block)
+        view = buf[pos - offset : pos - offset + seg]
+        if how == B.READ_FILE:
+            p = self.rf.read((e & B.OFFSET_MASK) + in_block, view)
+        elif how == B.READ_ZERO:
+            view[:] = ZEROES[:seg] if seg <= len(ZEROES) else bytes(seg)
+            p = None
+        else:
+            p = self.read_backing(pos, view)
+        if p is not None:
+            pendings.append(p)
+        return pos + seg
+
+    async def _read_loading(self, offset: int, buf: memoryview, pos: int, pendings: list) -> None:
+        """``read`` from ``pos`` on, where a BAT page is not cached or a block reads through its
+        sector bitmap: load what is needed, then walk on."""
+        bs, end = self._bs, offset + len(buf)
+        while pos < end:
+            block, in_block = divmod(pos, bs)
+            e = await self._entry(block + block // self._cr)
+            how = reads_from(e & B.STATE_MASK, self.geo.has_parent)
+            if how == B.READ_BITMAP:
+                seg = min(end - pos, bs - in_block)
+                await self._read_partial(block, in_block, buf[pos - offset : pos - offset + seg], e)
+                pos += seg
             else:
-                await self._read_partial(block, in_block, view, e)
-            pos += seg
+                pos = self._read_block(offset, buf, pos, e, how, pendings)
+            pos = self._read_cached(offset, buf, pos, pendings)
+        await settled(joined(pendings))
 
     async def _read_partial(self, block: int, in_block: int, view: memoryview, e: int) -> None:
         host = (e & B.OFFSET_MASK) + in_block
@@ -428,34 +477,66 @@ class VhdxDriver(FormatDriver):
         for length, here in await self._bitmap_runs(block, in_block, len(view)):
             part = view[at : at + length]
             if here:
-                self.rf.pread_into(part, host + at)
+                await settled(self.rf.read(host + at, part))
             else:
-                await self.read_backing(base + at, part)
+                await settled(self.read_backing(base + at, part))
             at += length
 
     # -- writes -----------------------------------------------------------------------------
 
-    async def pwritev(self, offset: int, data: memoryview, *, fua: bool) -> None:
+    def write(self, offset: int, data: memoryview, *, fua: bool) -> Pending:
+        pendings = None if fua else self._write_in_place(offset, data)
+        if pendings is None:
+            return self._write_slow(offset, data, fua)
+        return joined(pendings)
+
+    def _write_in_place(self, offset: int, data: memoryview) -> list | None:
+        """Start the writes if every block is FULLY_PRESENT with its BAT page cached and this
+        session's header is written (returns their Pendings); else None, and nothing written."""
+        if not self._visible:
+            return None
+        bs, cr = self._bs, self._cr
+        plan = []
+        pos, n = 0, len(data)
+        while pos < n:
+            block, in_block = divmod(offset + pos, bs)
+            e = self._peek(block + block // cr)
+            if e is None or e & B.STATE_MASK != B.FULLY_PRESENT:
+                return None
+            seg = min(n - pos, bs - in_block)
+            plan.append(((e & B.OFFSET_MASK) + in_block, pos, seg))
+            pos += seg
+        pendings = []
+        for at, pos, seg in plan:
+            p = self.storage.write(at, data[pos : pos + seg])
+            if p is not None:
+                pendings.append(p)
+        return pendings
+
+    async def _write_slow(self, offset: int, data: memoryview, fua: bool) -> None:
+        """``write`` that allocates (or carries FUA): blocks that need it under the lock."""
         bs = self._bs
         pos, n = 0, len(data)
         slow: list[tuple[int, int, memoryview]] = []
+        pendings = []
         while pos < n:
             off = offset + pos
             block, in_block = divmod(off, bs)
             seg = min(n - pos, bs - in_block)
-            index = block + block // self._cr
-            page = self.cache.peek(self.bat_kind, self.bat_offset + (index >> B.PAGE_SHIFT) * B.PAGE_SIZE)
-            e = page.value[index & B.PAGE_MASK] if page is not None and self._visible else 0
-            if e & B.STATE_MASK == B.FULLY_PRESENT:
-                self.file.pwrite(data[pos : pos + seg], (e & B.OFFSET_MASK) + in_block)
+            e = self._peek(block + block // self._cr) if self._visible else None
+            if e is not None and e & B.STATE_MASK == B.FULLY_PRESENT:
+                p = self.storage.write((e & B.OFFSET_MASK) + in_block, data[pos : pos + seg])
+                if p is not None:
+                    pendings.append(p)
             else:
                 slow.append((block, in_block, data[pos : pos + seg]))
             pos += seg
+        await settled(joined(pendings))
         if slow:
             async with self.lock:
                 await self._write_locked(slow)
         if fua:
-            await self.file.flush()
+            await self.storage.flush()
 
     async def _write_locked(self, segments: list[tuple[int, int, memoryview]]) -> None:
         """Write (block, offset in block, data) segments, allocating blocks as needed: all new
@@ -467,11 +548,11 @@ class VhdxDriver(FormatDriver):
         for block, in_block, view in segments:
             e = await self._entry(self.geo.payload_index(block))
             if e & B.STATE_MASK == B.FULLY_PRESENT:
-                self.file.pwrite(view, (e & B.OFFSET_MASK) + in_block)
+                await settled(self.storage.write((e & B.OFFSET_MASK) + in_block, view))
             else:
                 changes.update(await self._fill_block(block, in_block, view, e))
         if changes:
-            await self.file.flush()
+            await self.storage.flush()
             await self._commit(changes)
 
     async def _fill_block(self, block: int, in_block: int, view: memoryview, e: int) -> dict[int, int]:
@@ -482,7 +563,7 @@ class VhdxDriver(FormatDriver):
         block at the 1 MiB-rounded end of file, filled with zeroes or the parent's data.
         Called with self.lock held.
         """
-        geo, file = self.geo, self.file
+        geo, storage = self.geo, self.storage
         bs = geo.block_size
         start = block * bs
         inside = min(bs, self.size - start)  # bytes of this block inside the virtual disk
@@ -497,13 +578,13 @@ class VhdxDriver(FormatDriver):
                     await self._copy_parent(start + at, host + at, length, fresh=False)
                 at += length
         else:
-            host = _round_up(file.size, MiB)
-            file.truncate(host + bs)
+            host = _round_up(storage.size, MiB)
+            await storage.truncate(host + bs)
             if how == B.READ_PARENT:
                 await self._copy_parent(start, host, in_block, fresh=True)
                 tail = in_block + len(view)
                 await self._copy_parent(start + tail, host + tail, max(0, inside - tail), fresh=True)
-        file.pwrite(view, host + in_block)
+        await settled(storage.write(host + in_block, view))
         return {geo.payload_index(block): host | B.FULLY_PRESENT}
 
     async def _copy_parent(self, vpos: int, host: int, length: int, *, fresh: bool) -> None:
@@ -513,9 +594,9 @@ class VhdxDriver(FormatDriver):
         while done < length:
             n = min(COPY_CHUNK, length - done)
             buf = memoryview(bytearray(n))
-            await self.read_backing(vpos + done, buf)
+            await settled(self.read_backing(vpos + done, buf))
             if not fresh or any(buf):
-                self.file.pwrite(buf, host + done)
+                await settled(self.storage.write(host + done, buf))
             done += n
 
     async def _make_visible(self) -> None:
@@ -527,8 +608,8 @@ class VhdxDriver(FormatDriver):
     async def _write_header(self, **changes: bytes) -> None:
         """Write the next header into the non-current slot and sync.  Lock held (or opening)."""
         new = self.header.successor(**changes)
-        self.file.pwrite(new.encode(), HEADER_OFFSETS[new.slot])
-        await self.file.flush()
+        await settled(self.storage.write(HEADER_OFFSETS[new.slot], new.encode()))
+        await self.storage.flush()
         self.header = new
 
     async def _commit(self, changes: dict[int, int]) -> None:
@@ -559,8 +640,7 @@ class VhdxDriver(FormatDriver):
                     rel = off - self.bat_offset
                     first = rel // 8 & B.PAGE_MASK
                     pages[self.bat_offset + rel // B.PAGE_SIZE * B.PAGE_SIZE].value[first : first + SECTOR // 8] = a
-                for off, data in encoded:
-                    self.file.pwrite(data, off)
+                await settled(joined([p for off, data in encoded if (p := self.storage.write(off, data)) is not None]))
         finally:
             for entry in pages.values():
                 self.cache.release(entry)
@@ -570,14 +650,15 @@ class VhdxDriver(FormatDriver):
         h = self.header
         length = (desc_sectors(len(sectors)) + len(sectors)) * SECTOR
         if length > h.log_length:
-            raise NbdError(errno.ENOSPC, f"{self.file.path}: log too small for a {length}-byte entry")
+            raise NbdError(errno.ENOSPC, f"{self.path}: log too small for a {length}-byte entry")
         if self._log_pos >= 0 and self._log_pos + length > h.log_length:
             await self._flush_locked()  # log full: checkpoint, then a new cycle
         new_cycle = self._log_pos < 0
         # A cycle starts at log offset 0 with sequence 1 under a fresh GUID; its entries' tail is 0.
         pos, seq, guid = (0, 1, _new_guid()) if new_cycle else (self._log_pos, self._log_seq, h.log_guid)
-        self.file.pwrite(build_entry(guid, seq, 0, sectors, self.file.size), h.log_offset + pos)
-        await self.file.flush()
+        entry = build_entry(guid, seq, 0, sectors, self.storage.size)
+        await settled(self.storage.write(h.log_offset + pos, entry))
+        await self.storage.flush()
         if new_cycle:  # the entry is durable before any header names its GUID
             await self._write_header(log_guid=guid)
             self._log_dirty = True
@@ -615,7 +696,7 @@ class VhdxDriver(FormatDriver):
                     plan.append(("data", block, e, in_block, seg))
             if fast and any(p[0] == "data" for p in plan):
                 in_place = all(p[2] & B.STATE_MASK == B.FULLY_PRESENT for p in plan if p[0] == "data")
-                if not (in_place and self.file.can_zero_range):
+                if not (in_place and self.storage.can_zero_fast()):
                     raise NbdError(errno.ENOTSUP, "zeroing part of a VHDX block needs data writes")
             if not plan:
                 return
@@ -632,21 +713,21 @@ class VhdxDriver(FormatDriver):
                     e = await self._entry(geo.payload_index(block))
                     if e & B.STATE_MASK == B.FULLY_PRESENT:
                         host = (e & B.OFFSET_MASK) + in_block
-                        if not self.file.zero_range(host, seg):
+                        if not await self.storage.write_zeroes(host, seg, may_unmap=False):
                             if fast:
                                 raise NbdError(errno.ENOTSUP, "the file system cannot zero a range quickly")
-                            self.file.write_zeroes(host, seg)
+                            await write_zero_bytes(self.storage, host, seg)
                     else:
                         changes.update(await self._fill_block(block, in_block, memoryview(bytes(seg)), e))
                         filled = True
             if filled:
-                await self.file.flush()  # new blocks are durable before the log names them
+                await self.storage.flush()  # new blocks are durable before the log names them
             if changes:
                 await self._commit(changes)
             for host in freed:
-                self.file.punch_hole(host, geo.block_size)
+                await self.storage.discard(host, geo.block_size)
         if fua:
-            await self.file.flush()
+            await self.storage.flush()
 
     async def pdiscard(self, offset: int, length: int) -> None:
         """Whole blocks that hold data become UNMAPPED (their space is punched); a hint only."""
@@ -668,7 +749,7 @@ class VhdxDriver(FormatDriver):
             await self._make_visible()
             await self._commit(changes)
             for host in freed:
-                self.file.punch_hole(host, geo.block_size)
+                await self.storage.discard(host, geo.block_size)
 
     # -- flush, status, close ---------------------------------------------------------------
 
@@ -678,7 +759,7 @@ class VhdxDriver(FormatDriver):
 
     async def _flush_locked(self) -> None:
         """Sync data and in-place BAT writes, then empty the log (log_guid 0).  Lock held."""
-        await self.file.flush()
+        await self.storage.flush()
         if self._log_dirty:
             await self._write_header(log_guid=ZERO_GUID)
             self._log_dirty = False
@@ -725,5 +806,5 @@ class VhdxDriver(FormatDriver):
     async def close(self) -> None:
         if not self.readonly:
             await self.flush()
-        if self.rf is not self.file:
-            self.cache.discard_file(self.rf)  # type: ignore[arg-type]
+        if self.rf is not self.storage:
+            self.cache.discard_storage(self.rf)

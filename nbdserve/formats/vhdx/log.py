@@ -22,13 +22,13 @@ Bounded memory: an entry is streamed sector by sector, descriptors included.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import crc32c
 
-from ...blockfile import BlockFile
 from ...errors import CorruptImage
+from ...storage.base import Storage, read_at
 from .header import Header, MiB
 
 SECTOR = 4096
@@ -63,30 +63,30 @@ class EntryInfo:
 class LogReader:
     """Reads the circular log of one file as described by ``header``."""
 
-    def __init__(self, file: BlockFile, header: Header) -> None:
-        self.file = file
+    def __init__(self, storage: Storage, header: Header) -> None:
+        self.storage = storage
         self.header = header
         self.offset = header.log_offset
         self.length = header.log_length
 
-    def sector(self, pos: int) -> bytearray:
-        return self.file.pread(SECTOR, self.offset + pos % self.length)
+    async def sector(self, pos: int) -> bytearray:
+        return await read_at(self.storage, self.offset + pos % self.length, SECTOR)
 
-    def descriptors(self, pos: int, count: int, first: bytes | None = None) -> Iterator[tuple[bytes, bytes]]:
+    async def descriptors(self, pos: int, count: int, first: bytes | None = None) -> AsyncIterator[tuple[bytes, bytes]]:
         """(descriptor, its descriptor sector) for the ``count`` descriptors of the entry at
         ``pos``, one sector in memory at a time (the header fills the first two slots)."""
-        slot, sector = 2, first if first is not None else bytes(self.sector(pos))
+        slot, sector = 2, first if first is not None else bytes(await self.sector(pos))
         at = pos
         for _ in range(count):
             if slot == 128:
                 at += SECTOR
-                slot, sector = 0, bytes(self.sector(at))
+                slot, sector = 0, bytes(await self.sector(at))
             yield sector[slot * 32 : slot * 32 + 32], sector
             slot += 1
 
-    def entry_at(self, pos: int) -> EntryInfo | None:
+    async def entry_at(self, pos: int) -> EntryInfo | None:
         """The valid entry starting at ``pos``, or None."""
-        first = bytes(self.sector(pos))
+        first = bytes(await self.sector(pos))
         sig, stored, length, tail, seq, count, _, guid, flushed, last = ENTRY_HEADER.unpack_from(first)
         if sig != b"loge" or guid != self.header.log_guid or seq == 0:
             return None
@@ -100,7 +100,7 @@ class LogReader:
         crc = crc32c.crc32c(first[8:], crc)
         data_needed = 0
         sector = first
-        for desc, in_sector in self.descriptors(pos, count, first):
+        async for desc, in_sector in self.descriptors(pos, count, first):
             if in_sector is not sector:
                 sector = in_sector
                 crc = crc32c.crc32c(sector, crc)
@@ -114,7 +114,7 @@ class LogReader:
         if (nd + data_needed) * SECTOR > length:
             return None
         for i in range(nd, length // SECTOR):  # the nd descriptor sectors are in the CRC already
-            sec = self.sector(pos + i * SECTOR)
+            sec = await self.sector(pos + i * SECTOR)
             if nd <= i < nd + data_needed:
                 dsig, hi = struct.unpack_from("<4sI", sec)
                 (lo,) = struct.unpack_from("<I", sec, SECTOR - 4)
@@ -126,14 +126,14 @@ class LogReader:
         return EntryInfo(pos, length, seq, tail, count, flushed, last)
 
 
-def find_active_sequence(reader: LogReader) -> list[EntryInfo]:
+async def find_active_sequence(reader: LogReader) -> list[EntryInfo]:
     """The entries to replay, oldest first (empty: nothing to replay)."""
     if reader.header.log_guid == bytes(16) or reader.length == 0:
         return []
     found: dict[int, EntryInfo] = {}
     pos = 0
     while pos < reader.length:
-        e = reader.entry_at(pos)
+        e = await reader.entry_at(pos)
         if e is None:
             pos += SECTOR
         else:
@@ -164,16 +164,16 @@ def find_active_sequence(reader: LogReader) -> list[EntryInfo]:
     return best
 
 
-def iter_changes(
+async def iter_changes(
     reader: LogReader, info: EntryInfo, file_size: int, limit: int = MAX_FILE_END
-) -> Iterator[tuple[int, bytes | None, int]]:
+) -> AsyncIterator[tuple[int, bytes | None, int]]:
     """(file_offset, 4 KiB data or None for zeroes, length) for each descriptor of ``info``.
 
     Every target must lie past the header section, outside the log and below ``limit`` (the end
     of the image's possible extent, computed by the caller), and so must last_file_offset;
     flushed_file_offset must not exceed ``file_size`` (else the file was truncated).
     """
-    path = reader.file.path
+    path = reader.storage.name
     if info.flushed_file_offset > file_size:
         raise CorruptImage(
             path, f"log entry {info.sequence}: flushed_file_offset 0x{info.flushed_file_offset:x} is past end of file"
@@ -186,7 +186,9 @@ def iter_changes(
         )
     data_pos = info.pos + desc_sectors(info.descriptor_count) * SECTOR
     log_start, log_end = reader.offset, reader.offset + reader.length
-    for i, (desc, _) in enumerate(reader.descriptors(info.pos, info.descriptor_count)):
+    i = -1
+    async for desc, _ in reader.descriptors(info.pos, info.descriptor_count):
+        i += 1
         sig, trailing, lead_or_len, foff, _ = DESCRIPTOR.unpack(desc)
         length = SECTOR if sig == b"desc" else lead_or_len
         what = f"log entry {info.sequence}: descriptor {i} target 0x{foff:x}+0x{length:x}"
@@ -195,7 +197,7 @@ def iter_changes(
         if foff + length > limit:
             raise CorruptImage(path, f"{what} is beyond the image's extent (0x{limit:x})")
         if sig == b"desc":
-            sec = reader.sector(data_pos)
+            sec = await reader.sector(data_pos)
             data_pos += SECTOR
             yield foff, struct.pack("<Q", lead_or_len) + bytes(sec[8:4092]) + struct.pack("<I", trailing), SECTOR
         elif length:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import struct
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from ...errors import CorruptImage, UnsupportedImage
@@ -62,9 +62,9 @@ class Metadata:
     warnings: tuple[str, ...] = ()  # fields accepted although out of spec (the opener logs them)
 
 
-def parse_metadata(path: str, read: Callable[[int, int], bytes], region_length: int) -> Metadata:
-    """Parse the metadata region; ``read(offset, length)`` reads inside it (each read <= 1 MiB)."""
-    region = read(0, TABLE_SIZE)
+async def parse_metadata(path: str, read: Callable[[int, int], Awaitable[bytes]], region_length: int) -> Metadata:
+    """Parse the metadata region; ``await read(offset, length)`` reads inside it (each read <= 1 MiB)."""
+    region = await read(0, TABLE_SIZE)
     sig, _, count, _ = _TABLE_HEADER.unpack_from(region)
     if sig != b"metadata":
         raise CorruptImage(path, f"metadata table: bad signature {sig!r}")
@@ -85,7 +85,7 @@ def parse_metadata(path: str, read: Callable[[int, int], bytes], region_length: 
         want = _LENGTHS.get(guid)
         if want is not None and length < want:
             raise CorruptImage(path, f"metadata {name}: length {length} < {want}")
-        items[guid] = bytes(read(off, length)) if length else b""
+        items[guid] = bytes(await read(off, length)) if length else b""
     for guid in (FILE_PARAMETERS, VIRTUAL_DISK_SIZE, PAGE83_DATA, LOGICAL_SECTOR_SIZE, PHYSICAL_SECTOR_SIZE):
         if guid not in items:
             raise CorruptImage(path, f"metadata table: no {_NAMES[guid]} item")

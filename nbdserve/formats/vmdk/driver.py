@@ -19,8 +19,13 @@ Read-only: seSparse, ZERO and RDONLY extents, version-3 (changed block tracking)
 and VMware-layout streamOptimized extents cannot be written; a read-write open of such an image
 serves it read-only with a warning (as the qcow2 driver does with images it must not write).
 
+Reads and writes: ``read``/``write`` pass a request that lies in one extent to that extent's own
+one-route ``read``/``write`` (the fast case: no coroutine); a request across extents is split,
+each piece started in turn.  A write before this session's CID is written (the first change)
+is the slow case.
+
 Mapping memo: ``map_bits`` is the smallest grain of the sparse extents (1 MiB if all are flat);
-``map_file`` is the first extent's file, and only extents in that file answer ``map_now``
+``map_storage`` is the first extent's storage, and only extents in it answer ``map_now``
 (twoGbMaxExtent images beyond their first 2 GiB take the ordinary read path).
 
 Locking: ``self.lock`` (one CoMutex) guards every extent's metadata and the CID update.
@@ -34,10 +39,11 @@ import logging
 import os
 import secrets
 
-from ...blockfile import BlockFile, open_locked
 from ...cache import ClusterCache
 from ...errors import CorruptImage, ImageError, NbdError, UnsupportedImage
 from ...locks import CoMutex
+from ...storage.base import Pending, Storage, joined, read_at, settled
+from ...storage.local import LocalFile, open_locked
 from ..base import BackingRef, Caps, Extent, FormatDriver, Limits, OpenOptions
 from .descriptor import (
     DESCRIPTOR_FILE_TYPES,
@@ -63,21 +69,21 @@ FLAT_MAP_BITS = 20
 class VmdkDriver(FormatDriver):
     format_name = "vmdk"
 
-    def __init__(self, file: BlockFile, readonly: bool, cache: ClusterCache) -> None:
-        self.file = file
-        self.path = file.path
+    def __init__(self, storage: Storage, readonly: bool, cache: ClusterCache) -> None:
+        self.storage = storage
+        self.path = storage.name
         self.readonly = readonly
         self.cache = cache
-        self.lock = CoMutex(f"vmdk {file.path}")
+        self.lock = CoMutex(f"vmdk {storage.name}")
         self.extents: list[VmdkExtent] = []
         self.starts: list[int] = []
         self.size = 0
         self.limits = Limits(align=1)
         self.desc: Descriptor | None = None
-        self.desc_at = 0  # where the descriptor starts in ``file``
+        self.desc_at = 0  # where the descriptor starts in ``storage``
         self._cid_done = False
-        self._dirty: set[BlockFile] = set()
-        self._files: list[BlockFile] = []  # extent files we opened (not ``file``)
+        self._dirty: set[Storage] = set()
+        self._files: list[LocalFile] = []  # extent files we opened (not ``storage``)
         self._claims: dict[tuple[int, int], list[tuple[str, int | None, int]]] = {}  # file -> extents in it
 
     @classmethod
@@ -89,8 +95,8 @@ class VmdkDriver(FormatDriver):
     # -- opening ----------------------------------------------------------------------------
 
     @classmethod
-    async def open(cls, file: BlockFile, *, readonly: bool, cache: ClusterCache, options: OpenOptions) -> VmdkDriver:
-        drv = cls(file, readonly or file.readonly, cache)
+    async def open(cls, storage: Storage, *, readonly: bool, cache: ClusterCache, options: OpenOptions) -> VmdkDriver:
+        drv = cls(storage, readonly or storage.readonly, cache)
         try:
             await drv._open(options)
         except BaseException:
@@ -99,19 +105,19 @@ class VmdkDriver(FormatDriver):
         return drv
 
     async def _open(self, options: OpenOptions) -> None:
-        file, path = self.file, self.path
-        head = file.pread(min(SECTOR, file.size), 0)
+        storage, path = self.storage, self.path
+        head = await read_at(storage, 0, min(SECTOR, storage.size))
         if head[:4] in (MAGIC, COWD_MAGIC):
-            h = read_sparse_header(file, "sparse extent")
+            h = await read_sparse_header(storage, "sparse extent")
             if not h.descriptor_size:
                 raise CorruptImage(path, "sparse extent has no embedded descriptor (descriptorSize 0)")
             self.desc_at = h.descriptor_offset * SECTOR
-            self.desc = parse_descriptor(path, file.pread(h.descriptor_size * SECTOR, self.desc_at))
-            self._add(SparseExtent(self, 0, file, h, self.cache, "sparse extent"))
+            self.desc = parse_descriptor(path, await read_at(storage, self.desc_at, h.descriptor_size * SECTOR))
+            await self._add(SparseExtent(self, 0, storage, h, self.cache, "sparse extent"))
         else:
-            if file.size > MAX_DESCRIPTOR:
-                raise CorruptImage(path, f"descriptor file of {file.size} bytes exceeds {MAX_DESCRIPTOR} bytes")
-            self.desc = parse_descriptor(path, file.pread(file.size, 0))
+            if storage.size > MAX_DESCRIPTOR:
+                raise CorruptImage(path, f"descriptor file of {storage.size} bytes exceeds {MAX_DESCRIPTOR} bytes")
+            self.desc = parse_descriptor(path, await read_at(storage, 0, storage.size))
             if self.desc.create_type not in DESCRIPTOR_FILE_TYPES:
                 raise UnsupportedImage(path, f"descriptor createType {self.desc.create_type!r} is not supported")
             if not self.desc.extents:
@@ -122,14 +128,14 @@ class VmdkDriver(FormatDriver):
             raise CorruptImage(path, f"virtual size {self.size} exceeds 2^56 bytes")
         self._setup()
         if self.desc.parent_hint is not None:
-            self._check_parent(self.desc.parent_hint, options)
+            await self._check_parent(self.desc.parent_hint, options)
             self.backing = BackingRef(self.desc.parent_hint, "vmdk")
 
     async def _open_extent(self, line: ExtentLine, options: OpenOptions) -> None:
         """Open the extent of descriptor ``line``; errors name the descriptor, then the extent."""
         what = f"extent {line.name!r} (descriptor line {line.line})"
         if line.type == "ZERO":
-            self._add(VmdkExtent(self, self.size, line.sectors * SECTOR))
+            await self._add(VmdkExtent(self, self.size, line.sectors * SECTOR))
             return
         if options.resolve is None:
             raise UnsupportedImage(self.path, f"{what}: extent files can only be opened through the image layer")
@@ -154,19 +160,21 @@ class VmdkDriver(FormatDriver):
                 ext: VmdkExtent = FlatExtent(self, self.size, size, ext_file, at)
             elif line.type == "SESPARSE":
                 ext = SeSparseExtent(self, self.size, ext_file, self.cache, what)
+                await ext.load()
             else:
-                ext = SparseExtent(self, self.size, ext_file, read_sparse_header(ext_file, what), self.cache, what)
+                h = await read_sparse_header(ext_file, what)
+                ext = SparseExtent(self, self.size, ext_file, h, self.cache, what)
             if ext.size != size:
                 raise CorruptImage(
                     where, f"{what}: the descriptor says {line.sectors} sectors, the extent holds {ext.size // SECTOR}"
                 )
             if line.access != "RW":
                 ext.readonly, ext.why_readonly = True, f"{what} is RDONLY"
-            self._add(ext)
+            await self._add(ext)
         except ImageError as e:
             raise type(e)(self.path, e.reason) from None
 
-    def _opened(self, where: str, readonly: bool) -> BlockFile | None:
+    def _opened(self, where: str, readonly: bool) -> LocalFile | None:
         """The file of an earlier extent if it is ``where`` and open as needed: extents sharing
         a file share its one open (a second open would conflict with the first's lock)."""
         st = os.stat(where)
@@ -176,7 +184,7 @@ class VmdkDriver(FormatDriver):
                 return f
         return None
 
-    def _claim(self, file: BlockFile, what: str, at: int | None, size: int) -> None:
+    def _claim(self, file: LocalFile, what: str, at: int | None, size: int) -> None:
         """Refuse a file that two extents would share, unless both are flat and their byte
         ranges are disjoint (``at`` None: a sparse extent, which owns its whole file)."""
         st = os.fstat(file.fd)
@@ -186,9 +194,9 @@ class VmdkDriver(FormatDriver):
                 raise CorruptImage(self.path, f"{what}: shares its file with {other}")
         ranges.append((what, at, size))
 
-    def _add(self, ext: VmdkExtent) -> None:
+    async def _add(self, ext: VmdkExtent) -> None:
         if isinstance(ext, SparseExtent):
-            ext.load_directories()
+            await ext.load()
         self.extents.append(ext)
         self.starts.append(ext.start)
         self.size += ext.size
@@ -203,18 +211,18 @@ class VmdkDriver(FormatDriver):
         self.caps = Caps(native_zero=writable, native_trim=writable)
         grains = [e.grain_bits for e in self.extents if e.grain_bits]
         self.map_bits = min(grains) if grains else FLAT_MAP_BITS
-        self.map_file = self.extents[0].file
-        if self.map_file is None:
+        self.map_storage = self.extents[0].storage
+        if self.map_storage is None:
             self.map_bits = 0
 
-    def _check_parent(self, hint: str, options: OpenOptions) -> None:
+    async def _check_parent(self, hint: str, options: OpenOptions) -> None:
         """Refuse a parent whose CID is not our parentCID (if the parent can be read here)."""
         assert self.desc is not None
         if options.resolve is None or self.desc.parent_cid == NO_PARENT:
             return
         try:
             where = options.resolve(self.path, hint)
-            cid = read_cid(where)
+            cid = await read_cid(where)
         except (ImageError, OSError):
             return  # the image layer reports a missing or forbidden parent
         if cid is not None and cid != self.desc.parent_cid:
@@ -231,7 +239,7 @@ class VmdkDriver(FormatDriver):
 
     def map_now(self, offset: int) -> int | None:
         ext = self._find(offset)
-        if ext.file is not self.map_file:
+        if ext.storage is not self.map_storage:
             return None
         g = offset >> self.map_bits << self.map_bits
         rel = g - ext.start
@@ -239,36 +247,64 @@ class VmdkDriver(FormatDriver):
             return None
         return ext.map_now(rel)
 
-    async def preadv(self, offset: int, buf: memoryview) -> None:
+    def read(self, offset: int, buf: memoryview) -> Pending:
         ext = self._find(offset)
         n = len(buf)
         if offset + n <= ext.start + ext.size:
-            await ext.read(offset - ext.start, buf)
-            return
+            return ext.read(offset - ext.start, buf)
+        pendings = []
         pos = 0
         while pos < n:
             ext = self._find(offset + pos)
             k = min(n - pos, ext.start + ext.size - offset - pos)
-            await ext.read(offset + pos - ext.start, buf[pos : pos + k])
+            p = ext.read(offset + pos - ext.start, buf[pos : pos + k])
+            if p is not None:
+                pendings.append(p)
             pos += k
+        return joined(pendings)
+
+    def write(self, offset: int, data: memoryview, *, fua: bool) -> Pending:
+        if not self._cid_done or fua:
+            return self._write_slow(offset, data, fua)
+        ext = self._find(offset)
+        if offset + len(data) <= ext.start + ext.size and ext.storage is not None:
+            self._dirty.add(ext.storage)
+            return ext.write(offset - ext.start, data)
+        return joined(self._each_write(offset, data))
+
+    def _each_write(self, offset: int, data: memoryview) -> list:
+        """Start the write of each extent's part of ``data``; their Pendings."""
+        pendings = []
+        pos, end = offset, offset + len(data)
+        while pos < end:
+            ext = self._find(pos)
+            k = min(end, ext.start + ext.size) - pos
+            if ext.storage is not None:
+                self._dirty.add(ext.storage)
+            p = ext.write(pos - ext.start, data[pos - offset : pos - offset + k])
+            if p is not None:
+                pendings.append(p)
+            pos += k
+        return pendings
+
+    async def _write_slow(self, offset: int, data: memoryview, fua: bool) -> None:
+        """``write`` before the session's new CID is written, or with FUA."""
+        if not self._cid_done:
+            await self._new_cid()
+        await settled(joined(self._each_write(offset, data)))
+        if fua:
+            await self.flush()
 
     async def _each(self, offset: int, length: int, op) -> None:
-        """Run ``op(extent, rel, k)`` over the extents of ``[offset, offset+length)``."""
+        """Run ``await op(extent, rel, k)`` over the extents of ``[offset, offset+length)``."""
         pos, end = offset, offset + length
         while pos < end:
             ext = self._find(pos)
             k = min(end, ext.start + ext.size) - pos
-            if ext.file is not None:
-                self._dirty.add(ext.file)
+            if ext.storage is not None:
+                self._dirty.add(ext.storage)
             await op(ext, pos - ext.start, k)
             pos += k
-
-    async def pwritev(self, offset: int, data: memoryview, *, fua: bool) -> None:
-        if not self._cid_done:
-            await self._new_cid()
-        await self._each(offset, len(data), lambda e, rel, k: e.write(rel, data[rel + e.start - offset :][:k]))
-        if fua:
-            await self.flush()
 
     async def pwrite_zeroes(self, offset: int, length: int, *, may_trim: bool, fast: bool, fua: bool) -> None:
         if fast:
@@ -295,8 +331,8 @@ class VmdkDriver(FormatDriver):
                 cid = desc.cid
                 while cid == desc.cid:
                     cid = secrets.randbits(4 * (b - a))
-                self.file.pwrite(f"{cid:0{b - a}x}".encode(), self.desc_at + a)
-                await self.file.flush()
+                await settled(self.storage.write(self.desc_at + a, f"{cid:0{b - a}x}".encode()))
+                await self.storage.flush()
                 desc.cid = cid
             self._cid_done = True
 
@@ -305,9 +341,9 @@ class VmdkDriver(FormatDriver):
         dirty, self._dirty = self._dirty, set()
         try:
             for ext in self.extents:
-                if ext.file in dirty:
+                if ext.storage in dirty:
                     await ext.flush()
-                    dirty.discard(ext.file)
+                    dirty.discard(ext.storage)
             while dirty:
                 f = next(iter(dirty))
                 await f.flush()
@@ -335,23 +371,23 @@ class VmdkDriver(FormatDriver):
 
     def _close_files(self) -> None:
         for f in self._files:
-            self.cache.discard_file(f)
-            f.close()
+            self.cache.discard_storage(f)
+            f.close_now()
         self._files.clear()
 
 
-def read_cid(path: str) -> int | None:
+async def read_cid(path: str) -> int | None:
     """The CID in the descriptor of the VMDK at ``path`` (None if it is no VMDK or has none)."""
-    f = BlockFile(path, readonly=True)
+    f = LocalFile(path, readonly=True)
     try:
-        head = f.pread(min(SECTOR, f.size), 0)
+        head = await read_at(f, 0, min(SECTOR, f.size))
         if head[:4] == MAGIC:
-            h = read_sparse_header(f, "parent")
-            raw = f.pread(h.descriptor_size * SECTOR, h.descriptor_offset * SECTOR)
+            h = await read_sparse_header(f, "parent")
+            raw = await read_at(f, h.descriptor_offset * SECTOR, h.descriptor_size * SECTOR)
         elif looks_like_descriptor(bytes(head)) and f.size <= MAX_DESCRIPTOR:
-            raw = f.pread(f.size, 0)
+            raw = await read_at(f, 0, f.size)
         else:
             return None
         return parse_descriptor(path, raw).cid
     finally:
-        f.close()
+        f.close_now()

@@ -7,11 +7,13 @@ to its methods is relative to ``start``, and the driver guarantees ``0 <= rel``,
 Runs: ``status(rel, end)`` describes one run from ``rel`` (not past ``end``) as a state of
 ``formats.base`` (ALLOCATED / DATA / ZERO).  ``map_now(rel)`` answers the image layer's mapping
 memo for a granule that lies wholly in this extent (see ``formats.base``): the host offset of
-plain data in ``file``, or None.
+plain data in ``storage``, or None.
 
-Reads fill the caller's buffer; the parts this layer does not hold come from
-``owner.read_backing`` at absolute disk offsets (``start + rel``).  Writes, zeroes and trims
-change this extent only; the driver has already refused them if the image is read-only.
+``read(rel, buf)`` and ``write(rel, data)`` follow the driver contract's one route (they return a
+``Pending``: None when done at once).  Reads fill the caller's buffer; the parts this layer does
+not hold come from ``owner.read_backing`` at absolute disk offsets (``start + rel``).  Writes,
+zeroes and trims change this extent only; the driver has already refused them if the image is
+read-only.
 
 Locking: ``owner.lock`` (the driver's CoMutex) guards the metadata of every extent; each method
 that needs it takes it or says it is called with it held.  Data I/O to allocated grains runs
@@ -23,9 +25,9 @@ from __future__ import annotations
 import errno
 from typing import TYPE_CHECKING
 
-from ...blockfile import BlockFile
 from ...errors import NbdError
-from ..base import ALLOCATED, ZERO
+from ...storage.base import Pending, Storage
+from ..base import ALLOCATED, ZERO, read_zeroes
 
 if TYPE_CHECKING:
     from .driver import VmdkDriver
@@ -34,7 +36,7 @@ if TYPE_CHECKING:
 class Extent:
     """Defaults: a read-only extent whose bytes all read as zeroes (the ZERO extent type)."""
 
-    file: BlockFile | None = None
+    storage: Storage | None = None
     readonly = True
     grain_bits = 0  # log2 of the grain size; 0: no grains (map_now answers any aligned granule)
     why_readonly = "ZERO extents cannot be written"
@@ -50,10 +52,10 @@ class Extent:
     def map_now(self, rel: int) -> int | None:
         return None
 
-    async def read(self, rel: int, buf: memoryview) -> None:
-        buf[:] = bytes(len(buf))
+    def read(self, rel: int, buf: memoryview) -> Pending:
+        return read_zeroes(rel, buf)
 
-    async def write(self, rel: int, data: memoryview) -> None:
+    def write(self, rel: int, data: memoryview) -> Pending:
         raise NbdError(errno.EROFS, "this extent is read-only")
 
     async def zero(self, rel: int, length: int, may_trim: bool) -> None:

@@ -1,16 +1,17 @@
 """FLAT (and VMFS) extents: the guest bytes lie in a plain file from a fixed offset on.
 
-Every byte is this layer's data, so the parent is never read.  Block status asks the host file
-(SEEK_DATA/SEEK_HOLE): a host hole is reported as data that reads as zeroes (ALLOCATED | DATA |
-ZERO), which is what QEMU reports for flat extents.  Zeroes punch or zero-range the host file,
-TRIM punches holes.  No metadata, so no lock.
+Every byte is this layer's data, so the parent is never read; reads and writes go straight to
+the storage.  Block status asks the storage (``extent``: SEEK_DATA/SEEK_HOLE): a host hole is
+reported as data that reads as zeroes (ALLOCATED | DATA | ZERO), which is what QEMU reports for
+flat extents.  Zeroes punch or zero-range the host file, TRIM punches holes.  No metadata, so no
+lock.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ...blockfile import BlockFile
+from ...storage.base import Pending, Storage
 from ..base import ALLOCATED, DATA, ZERO, zero_in_place
 from ..raw import DataRanges
 from .extent import Extent
@@ -22,12 +23,12 @@ if TYPE_CHECKING:
 class FlatExtent(Extent):
     grain_bits = 0
 
-    def __init__(self, owner: VmdkDriver, start: int, size: int, file: BlockFile, offset: int) -> None:
+    def __init__(self, owner: VmdkDriver, start: int, size: int, storage: Storage, offset: int) -> None:
         super().__init__(owner, start, size)
-        self.file = file
-        self.offset = offset  # byte offset of the extent's first byte inside ``file``
-        self.readonly = file.readonly
-        self.why_readonly = f"extent file {file.path} is not writable"
+        self.storage = storage
+        self.offset = offset  # byte offset of the extent's first byte inside ``storage``
+        self.readonly = storage.readonly
+        self.why_readonly = f"extent file {storage.name} is not writable"
         self.known_data = DataRanges()
 
     async def status(self, rel: int, end: int) -> tuple[int, int]:
@@ -35,32 +36,32 @@ class FlatExtent(Extent):
         known = self.known_data.end_of(at)
         if known:
             return ALLOCATED | DATA, min(known, stop) - self.offset
-        hole = self.file.next_hole(at)
-        if hole > at:
-            self.known_data.add(at, hole)
-            return ALLOCATED | DATA, min(hole, stop) - self.offset
-        data = self.file.next_data(at)
-        return ALLOCATED | DATA | ZERO, min(max(data, at + 1), stop) - self.offset
+        # ask about the rest of the extent: a data run is remembered whole
+        run, is_data = await self.storage.extent(at, self.offset + self.size - at)
+        if is_data:
+            self.known_data.add(at, at + run)
+            return ALLOCATED | DATA, min(at + run, stop) - self.offset
+        return ALLOCATED | DATA | ZERO, min(at + max(run, 1), stop) - self.offset
 
     def map_now(self, rel: int) -> int | None:
         return self.offset + rel
 
-    async def read(self, rel: int, buf: memoryview) -> None:
-        self.file.pread_into(buf, self.offset + rel)
+    def read(self, rel: int, buf: memoryview) -> Pending:
+        return self.storage.read(self.offset + rel, buf)
 
-    async def write(self, rel: int, data: memoryview) -> None:
-        self.file.pwrite(data, self.offset + rel)
+    def write(self, rel: int, data: memoryview) -> Pending:
+        return self.storage.write(self.offset + rel, data)
 
     async def zero(self, rel: int, length: int, may_trim: bool) -> None:
         at = self.offset + rel
         if may_trim:
             self.known_data.forget(at, at + length)
-        zero_in_place(self.file, at, length, may_trim)
+        await zero_in_place(self.storage, at, length, may_trim)
 
     async def trim(self, rel: int, length: int) -> None:
         at = self.offset + rel
-        if self.file.punch_hole(at, length):
-            self.known_data.forget(at, at + length)
+        self.known_data.forget(at, at + length)
+        await self.storage.discard(at, length)
 
     async def flush(self) -> None:
-        await self.file.flush()
+        await self.storage.flush()

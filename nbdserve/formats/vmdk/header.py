@@ -18,8 +18,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from ...blockfile import BlockFile
 from ...errors import CorruptImage, UnsupportedImage
+from ...storage.base import Storage, read_at
 
 SECTOR = 512
 MAGIC = b"KDMV"
@@ -85,19 +85,19 @@ def _decode(raw: bytes | bytearray) -> SparseHeader:
     return SparseHeader(*f[1:])
 
 
-def read_sparse_header(file: BlockFile, what: str) -> SparseHeader:
-    """The validated header of the sparse extent in ``file`` (``what`` names it in messages)."""
-    path = file.path
-    if file.size < SECTOR:
-        raise CorruptImage(path, f"{what}: file of {file.size} bytes is shorter than a sparse header")
-    raw = file.pread(SECTOR, 0)
+async def read_sparse_header(storage: Storage, what: str) -> SparseHeader:
+    """The validated header of the sparse extent in ``storage`` (``what`` names it in messages)."""
+    path = storage.name
+    if storage.size < SECTOR:
+        raise CorruptImage(path, f"{what}: file of {storage.size} bytes is shorter than a sparse header")
+    raw = await read_at(storage, 0, SECTOR)
     if raw[:4] == COWD_MAGIC:
         raise UnsupportedImage(path, f"{what}: COWD (VMware 3) sparse extents are not supported")
     if raw[:4] != MAGIC:
         raise CorruptImage(path, f"{what}: magic {bytes(raw[:4])!r} is not 'KDMV'")
     h = _decode(raw)
     if h.gd_offset == GD_AT_END:
-        h = _read_footer(file, what)
+        h = await _read_footer(storage, what)
     if h.version not in (1, 2, 3):
         raise UnsupportedImage(path, f"{what}: version {h.version} is not 1, 2 or 3")
     if h.flags & FLAG_NL_DETECT and h.nl_check != NL_CHECK:
@@ -115,7 +115,7 @@ def read_sparse_header(file: BlockFile, what: str) -> SparseHeader:
         raise UnsupportedImage(path, f"{what}: compressed grains without markers are not supported")
     if h.gd_entries > MAX_GD_ENTRIES:
         raise UnsupportedImage(path, f"{what}: grain directory of {h.gd_entries} entries exceeds {MAX_GD_ENTRIES}")
-    sectors = file.size // SECTOR
+    sectors = storage.size // SECTOR
     if h.overhead > sectors:
         raise CorruptImage(path, f"{what}: overHead {h.overhead} sectors lies beyond the end of the file")
     if h.descriptor_size > MAX_DESCRIPTOR_SECTORS:
@@ -130,12 +130,12 @@ def read_sparse_header(file: BlockFile, what: str) -> SparseHeader:
     return h
 
 
-def _read_footer(file: BlockFile, what: str) -> SparseHeader:
+async def _read_footer(storage: Storage, what: str) -> SparseHeader:
     """The footer of a streamOptimized extent: footer marker, footer, end-of-stream marker."""
-    path = file.path
-    if file.size < 3 * SECTOR or file.size % SECTOR:
+    path = storage.name
+    if storage.size < 3 * SECTOR or storage.size % SECTOR:
         raise CorruptImage(path, f"{what}: gdOffset says 'at the end' but the file has no room for a footer")
-    tail = file.pread(3 * SECTOR, file.size - 3 * SECTOR)
+    tail = await read_at(storage, storage.size - 3 * SECTOR, 3 * SECTOR)
     _, size, kind = META_MARKER.unpack_from(tail, 0)
     eos = META_MARKER.unpack_from(tail, 2 * SECTOR)
     if size != 0 or kind != MARKER_FOOTER or tail[SECTOR : SECTOR + 4] != MAGIC or eos != (0, 0, MARKER_EOS):

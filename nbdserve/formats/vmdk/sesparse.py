@@ -23,9 +23,9 @@ import struct
 from array import array
 from typing import TYPE_CHECKING
 
-from ...blockfile import BlockFile
 from ...cache import ClusterCache
 from ...errors import CorruptImage, UnsupportedImage
+from ...storage.base import Pending, Storage, joined, read_at, settled
 from ..base import ALLOCATED, DATA, ZERO
 from ..tables import decode_le64, encode_le
 from .extent import Extent
@@ -67,31 +67,36 @@ class SeSparseExtent(Extent):
     readonly = True
     grain_bits = GRAIN.bit_length() - 1
 
-    def __init__(self, owner: VmdkDriver, start: int, file: BlockFile, cache: ClusterCache, what: str) -> None:
-        self.file = file
-        self.path = file.path
+    def __init__(self, owner: VmdkDriver, start: int, storage: Storage, cache: ClusterCache, what: str) -> None:
+        self.storage = storage
+        self.path = storage.name
         self.what = what
         self.why_readonly = f"{what} is a seSparse extent (no writing, as in QEMU)"
-        f = self._read_headers()
-        super().__init__(owner, start, f[2] * SECTOR)
+        super().__init__(owner, start, 0)  # the size comes with the headers (``load``)
         self.cache = cache
         size = GT_SECTORS * SECTOR
-        self.gt_kind = cache.kind(file, name="seSparse grain table", size=size, decode=decode_le64, encode=encode_le)
+        self.gt_kind = cache.kind(storage, name="seSparse grain table", size=size, decode=decode_le64, encode=encode_le)
+
+    async def load(self) -> None:
+        """Read and check the headers and the grain directory (before the extent is used)."""
+        f = await self._read_headers()
+        self.size = f[2] * SECTOR
+        what = self.what
         self.tables_at, self.tables_end = f[18] * SECTOR, (f[18] + f[19]) * SECTOR
         self.grains_at, self.grains_end = f[24] * SECTOR, (f[24] + f[25]) * SECTOR
         n = -(-f[2] // (GT_ENTRIES * GRAIN_SECTORS))
         if n > f[17] * SECTOR // 8:
             raise CorruptImage(self.path, f"{what}: grain directory of {f[17]} sectors does not cover {f[2]} sectors")
-        self.gd = decode_le64(file.pread(n * 8, f[16] * SECTOR))
+        self.gd = decode_le64(await read_at(self.storage, f[16] * SECTOR, n * 8))
         for i, e in enumerate(self.gd):
             if e and self._table_at(i, e) + GT_SECTORS * SECTOR > self.tables_end:
                 raise CorruptImage(self.path, f"{what}: grain directory entry {i} names a table past the grain tables")
 
-    def _read_headers(self) -> tuple[int, ...]:
-        path, what, file = self.path, self.what, self.file
-        if file.size < 2 * SECTOR:
+    async def _read_headers(self) -> tuple[int, ...]:
+        path, what, storage = self.path, self.what, self.storage
+        if storage.size < 2 * SECTOR:
             raise CorruptImage(path, f"{what}: file too small for seSparse headers")
-        raw = file.pread(SECTOR, 0)
+        raw = await read_at(storage, 0, SECTOR)
         f = CONST.unpack_from(raw)
         if f[0] != CONST_MAGIC:
             raise CorruptImage(path, f"{what}: seSparse constant header magic 0x{f[0]:x} is not 0xcafebabe")
@@ -103,7 +108,7 @@ class SeSparseExtent(Extent):
             raise UnsupportedImage(path, f"{what}: seSparse flags, reserved fields or padding are not zero")
         if f[2] > MAX_CAPACITY:
             raise CorruptImage(path, f"{what}: seSparse capacity {f[2]} sectors exceeds 64 TiB")
-        sectors = file.size // SECTOR
+        sectors = storage.size // SECTOR
         regions = [(0, 1, "the constant header")]
         for k, name in REGIONS:
             at, n = f[k], f[k + 1]
@@ -117,7 +122,7 @@ class SeSparseExtent(Extent):
                 raise CorruptImage(path, f"{what}: seSparse {other} overlaps {name}")
         if not f[11]:
             raise CorruptImage(path, f"{what}: seSparse volatile header has size 0")
-        vraw = file.pread(SECTOR, f[10] * SECTOR)
+        vraw = await read_at(storage, f[10] * SECTOR, SECTOR)
         magic, _, _, replay = VOLATILE.unpack_from(vraw)
         if magic != VOLATILE_MAGIC:
             raise CorruptImage(path, f"{what}: seSparse volatile header magic 0x{magic:x} is not 0xcafecafe")
@@ -157,7 +162,7 @@ class SeSparseExtent(Extent):
         if t == 3:
             index = ((e >> 48) & 0xFFF) | ((e & 0x0000FFFFFFFFFFFF) << 12)
             host = self.grains_at + index * GRAIN
-            if host + GRAIN > min(self.grains_end, self.file.size):
+            if host + GRAIN > min(self.grains_end, self.storage.size):
                 sector = (self.start + pos) // SECTOR
                 raise CorruptImage(self.path, f"{self.what}: grain entry for guest sector {sector} is past the grains")
             return PLAIN, host
@@ -199,28 +204,47 @@ class SeSparseExtent(Extent):
         kind, stop, _ = self._run(table, rel, seg_end, contiguous=False)
         return _STATE[kind], stop
 
-    async def read(self, rel: int, buf: memoryview) -> None:
+    def read(self, rel: int, buf: memoryview) -> Pending:
+        pendings: list = []
+        pos = self._read_cached(rel, buf, rel, pendings)
+        if pos == rel + len(buf):
+            return joined(pendings)
+        return self._read_loading(rel, buf, pos, pendings)
+
+    def _read_cached(self, rel: int, buf: memoryview, pos: int, pendings: list) -> int:
+        """Start the reads of ``buf`` (at ``rel``) from ``pos`` on while the grain tables are
+        cached; returns where it stopped.  Synchronous."""
         end = rel + len(buf)
-        pos = rel
         while pos < end:
             gdi = pos // SPAN
             seg_end = min(end, (gdi + 1) * SPAN)
             table = self._peek(gdi)
             if table is None:
-                table = await self._table(gdi)
+                return pos
             if table is NO_TABLE:
-                await self.owner.read_backing(self.start + pos, buf[pos - rel : seg_end - rel])
-                pos = seg_end
-                continue
-            kind, stop, host = self._run(table, pos, seg_end)
+                kind, stop, host = UNALLOCATED, seg_end, 0
+            else:
+                kind, stop, host = self._run(table, pos, seg_end)
             part = buf[pos - rel : stop - rel]
             if kind == PLAIN:
-                self.file.pread_into(part, host)
+                p = self.storage.read(host, part)
             elif kind == ZEROED:
                 part[:] = bytes(len(part))
+                p = None
             else:
-                await self.owner.read_backing(self.start + pos, part)
+                p = self.owner.read_backing(self.start + pos, part)
+            if p is not None:
+                pendings.append(p)
             pos = stop
+        return pos
+
+    async def _read_loading(self, rel: int, buf: memoryview, pos: int, pendings: list) -> None:
+        """``read`` from ``pos`` on, where a grain table is not cached: load it and walk on."""
+        end = rel + len(buf)
+        while pos < end:
+            await self._table(pos // SPAN)
+            pos = self._read_cached(rel, buf, pos, pendings)
+        await settled(joined(pendings))
 
     async def cache_hint(self, rel: int, length: int) -> None:
         for gdi in range(rel // SPAN, min((rel + length - 1) // SPAN, rel // SPAN + 63) + 1):

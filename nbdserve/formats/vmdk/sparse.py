@@ -30,8 +30,14 @@ tables fit in the file and no table, directory, descriptor or header overlaps an
 entries are checked when used: a grain must lie inside the file, at or past ``overHead`` and on
 no table or directory (else the request fails with EIO naming the entry).
 
+Reads and writes (the extent contract's one route): the fast case walks the cached grain tables
+synchronously and starts each run's storage or backing read (a compressed grain not inflated
+yet is the slow case), and writes in place when every grain is allocated and plain; otherwise a
+coroutine loads tables or allocates under the lock.
+
 Locking: the driver's ``lock`` guards the GD/RGD, table updates and ``next_alloc``.  Reads and
-writes into allocated grains take no lock (with the GT cached they never suspend).
+writes into allocated grains take no lock: a grain's mapping is looked up and its storage I/O
+started with no await in between.
 """
 
 from __future__ import annotations
@@ -43,10 +49,10 @@ from array import array
 from collections import OrderedDict
 from typing import TYPE_CHECKING
 
-from ...blockfile import BlockFile
 from ...cache import CacheEntry, ClusterCache
 from ...errors import CorruptImage, NbdError
-from ..base import ALLOCATED, DATA, ZERO, zero_in_place
+from ...storage.base import Pending, Storage, joined, read_at, settled
+from ..base import ALLOCATED, DATA, ZERO, ZEROES, zero_in_place
 from ..tables import decode_le32, encode_le
 from .extent import Extent
 from .header import FLAG_RGD, FLAG_ZERO_GRAIN, GRAIN_MARKER, SECTOR, SparseHeader
@@ -62,18 +68,17 @@ COMPRESSED = 3
 _STATE = {UNALLOCATED: 0, ZEROED: ALLOCATED | ZERO, PLAIN: ALLOCATED | DATA, COMPRESSED: ALLOCATED | DATA}
 
 NO_TABLE = array("I")  # sentinel: the GD entry is 0 (compared by identity)
-ZERO_CHUNK = bytes(1 << 20)
 INFLATED_BYTES = 1 << 20  # inflated grains kept per stream extent
 STATUS_TABLES = 64  # grain tables looked at per cache_hint
 
 
 class SparseExtent(Extent):
     def __init__(
-        self, owner: VmdkDriver, start: int, file: BlockFile, h: SparseHeader, cache: ClusterCache, what: str
+        self, owner: VmdkDriver, start: int, storage: Storage, h: SparseHeader, cache: ClusterCache, what: str
     ) -> None:
         super().__init__(owner, start, h.capacity * SECTOR)
-        self.file = file
-        self.path = file.path
+        self.storage = storage
+        self.path = storage.name
         self.what = what
         self.h = h
         self.cache = cache
@@ -90,13 +95,13 @@ class SparseExtent(Extent):
         self.gd = array("I")
         self.rgd: array | None = None
         codec = dict(size=self.gt_bytes, decode=decode_le32, encode=encode_le)
-        self.gt_kind = cache.kind(file, name="VMDK grain table", **codec)
-        self.rgt_kind = cache.kind(file, name="VMDK redundant grain table", **codec)
+        self.gt_kind = cache.kind(storage, name="VMDK grain table", **codec)
+        self.rgt_kind = cache.kind(storage, name="VMDK redundant grain table", **codec)
         # Tables and directories at or past overHead, sorted: grains must not overlap them.
         self.meta_starts: list[int] = []
         self.meta_ends: list[int] = []
-        self.readonly = file.readonly
-        self.why_readonly = f"{what} ({file.path}) is not writable"
+        self.readonly = storage.readonly
+        self.why_readonly = f"{what} ({storage.name}) is not writable"
         if h.footer:
             self.readonly = True
             self.why_readonly = f"{what} is a streamOptimized extent with its grain directory at the end"
@@ -104,22 +109,22 @@ class SparseExtent(Extent):
             self.readonly = True
             self.why_readonly = f"{what} has version 3 (changed block tracking), which QEMU only reads too"
         align = SECTOR if self.compressed else self.grain
-        self.next_alloc = -(-file.size // align) * align
+        self.next_alloc = -(-storage.size // align) * align
         self.inflated: OrderedDict[int, bytes] = OrderedDict()
         self.inflated_max = max(1, INFLATED_BYTES >> self.grain_bits)
 
     # -- opening ----------------------------------------------------------------------------
 
-    def load_directories(self) -> None:
+    async def load(self) -> None:
         """Read the GD (and RGD) and check every table they name (see the module docstring)."""
-        h, file, what = self.h, self.file, self.what
+        h, storage, what = self.h, self.storage, self.what
         n = h.gd_entries
-        self.gd = decode_le32(file.pread(n * 4, h.gd_offset * SECTOR))
+        self.gd = decode_le32(await read_at(storage, h.gd_offset * SECTOR, n * 4))
         if h.flags & FLAG_RGD and h.rgd_offset:
-            self.rgd = decode_le32(file.pread(n * 4, h.rgd_offset * SECTOR))
+            self.rgd = decode_le32(await read_at(storage, h.rgd_offset * SECTOR, n * 4))
         tables = n - self.gd.count(0)
         copies = 2 if self.rgd is not None else 1
-        if tables * copies * self.gt_bytes > file.size:
+        if tables * copies * self.gt_bytes > storage.size:
             raise CorruptImage(
                 self.path, f"{what}: {tables * copies} grain tables of {self.gt_bytes} bytes cannot fit in the file"
             )
@@ -131,7 +136,7 @@ class SparseExtent(Extent):
         if self.rgd is not None:
             regions.append((h.rgd_offset * SECTOR, gd_bytes, "the redundant grain directory"))
         if h.footer:
-            regions.append((file.size - 3 * SECTOR, 3 * SECTOR, "the footer"))
+            regions.append((storage.size - 3 * SECTOR, 3 * SECTOR, "the footer"))
         for name, directory in (("", self.gd), ("redundant ", self.rgd)):
             if directory is None:
                 continue
@@ -139,7 +144,7 @@ class SparseExtent(Extent):
                 if not sector:
                     continue
                 at = sector * SECTOR
-                if at + self.gt_bytes > file.size:
+                if at + self.gt_bytes > storage.size:
                     raise CorruptImage(
                         self.path, f"{what}: {name}grain directory entry {i} (sector {sector}) is past the end of file"
                     )
@@ -171,7 +176,7 @@ class SparseExtent(Extent):
         on no table or directory."""
         if host < self.overhead:
             raise self._bad(pos, value, f"points below overHead ({self.h.overhead} sectors)")
-        if host + length > self.file.size:
+        if host + length > self.storage.size:
             raise self._bad(pos, value, "points beyond the end of the file")
         k = bisect.bisect_left(self.meta_starts, host + length) - 1
         if k >= 0 and self.meta_ends[k] > host:
@@ -275,35 +280,68 @@ class SparseExtent(Extent):
 
     # -- reads ------------------------------------------------------------------------------
 
-    async def read(self, rel: int, buf: memoryview) -> None:
+    def read(self, rel: int, buf: memoryview) -> Pending:
+        pendings: list = []
+        pos = self._read_cached(rel, buf, rel, pendings)
+        if pos == rel + len(buf):
+            return joined(pendings)
+        return self._read_loading(rel, buf, pos, pendings)
+
+    def _read_cached(self, rel: int, buf: memoryview, pos: int, pendings: list) -> int:
+        """Start the reads of ``buf`` (at ``rel``) from ``pos`` on, run by run, while the grain
+        tables are cached (and compressed grains inflated already); returns where it stopped.
+        Synchronous."""
         end = rel + len(buf)
-        pos = rel
         span = self.span
         while pos < end:
             gdi = pos // span
             seg_end = min(end, (gdi + 1) * span)
             table = self._peek(gdi)
             if table is None:
-                table = await self._table(gdi)
+                return pos
             if table is NO_TABLE:
-                await self.owner.read_backing(self.start + pos, buf[pos - rel : seg_end - rel])
-                pos = seg_end
-                continue
-            kind, stop, host = self._run(table, pos, seg_end)
+                kind, stop, host = UNALLOCATED, seg_end, 0
+            else:
+                kind, stop, host = self._run(table, pos, seg_end)
             part = buf[pos - rel : stop - rel]
             if kind == PLAIN:
-                self.file.pread_into(part, host)
+                p = self.storage.read(host, part)
             elif kind == ZEROED:
                 part[:] = bytes(len(part))
+                p = None
             elif kind == UNALLOCATED:
-                await self.owner.read_backing(self.start + pos, part)
+                p = self.owner.read_backing(self.start + pos, part)
             else:
+                grain = self.inflated.get(host)
+                if grain is None:
+                    return pos
+                self.inflated.move_to_end(host)
                 g0 = pos & ~self.grain_mask
-                grain = self._inflate(g0, host)
                 part[:] = grain[pos - g0 : stop - g0]
+                p = None
+            if p is not None:
+                pendings.append(p)
             pos = stop
+        return pos
 
-    def _inflate(self, g0: int, host: int) -> bytes:
+    async def _read_loading(self, rel: int, buf: memoryview, pos: int, pendings: list) -> None:
+        """``read`` from ``pos`` on, where a grain table is not cached or a compressed grain not
+        inflated: load or inflate it, then walk on."""
+        end = rel + len(buf)
+        while pos < end:
+            gdi = pos // self.span
+            table = await self._table(gdi)
+            if table is not NO_TABLE:
+                kind, stop, host = self._run(table, pos, min(end, (gdi + 1) * self.span))
+                if kind == COMPRESSED:
+                    g0 = pos & ~self.grain_mask
+                    grain = await self._inflate(g0, host)
+                    buf[pos - rel : stop - rel] = grain[pos - g0 : stop - g0]
+                    pos = stop
+            pos = self._read_cached(rel, buf, pos, pendings)
+        await settled(joined(pendings))
+
+    async def _inflate(self, g0: int, host: int) -> bytes:
         """The grain at guest ``g0`` stored compressed at ``host`` (marker first), inflated."""
         grain = self.inflated.get(host)
         if grain is not None:
@@ -311,14 +349,14 @@ class SparseExtent(Extent):
             return grain
         value = host // SECTOR
         self._check_host(g0, value, host, GRAIN_MARKER.size)
-        head = self.file.pread(min(SECTOR, self.file.size - host), host)
+        head = await read_at(self.storage, host, min(SECTOR, self.storage.size - host))
         lba, size = GRAIN_MARKER.unpack_from(head)
         if lba != g0 // SECTOR:
             raise self._bad(g0, value, f"leads to a grain marker for sector {lba}")
         if not 0 < size <= 2 * self.grain + SECTOR:
             raise self._bad(g0, value, f"leads to a grain marker of {size} compressed bytes")
         self._check_host(g0, value, host, GRAIN_MARKER.size + size)
-        data = self.file.pread(size, host + GRAIN_MARKER.size)
+        data = await read_at(self.storage, host + GRAIN_MARKER.size, size)
         need = min(self.grain, self.size - g0)
         try:
             d = zlib.decompressobj()
@@ -334,17 +372,23 @@ class SparseExtent(Extent):
 
     # -- writes -----------------------------------------------------------------------------
 
-    async def write(self, rel: int, data: memoryview) -> None:
-        if self.compressed:
-            async with self.owner.lock:
+    def write(self, rel: int, data: memoryview) -> Pending:
+        pendings = None if self.compressed else self._write_in_place(rel, data)
+        if pendings is None:
+            return self._write_slow(rel, data)
+        return joined(pendings)
+
+    async def _write_slow(self, rel: int, data: memoryview) -> None:
+        """``write`` that allocates (or appends compressed grains): under the owner's lock."""
+        async with self.owner.lock:
+            if self.compressed:
                 await self._write_stream(rel, data)
-        elif not self._write_in_place(rel, data):
-            async with self.owner.lock:
+            else:
                 await self._write_locked(rel, data)
 
-    def _write_in_place(self, rel: int, data: memoryview) -> bool:
-        """Write without the lock if every grain is allocated and its GT cached; else False
-        (and nothing written)."""
+    def _write_in_place(self, rel: int, data: memoryview) -> list | None:
+        """Start the writes without the lock if every grain is allocated and its GT cached
+        (returns their Pendings); else None, and nothing written."""
         end = rel + len(data)
         pos = rel
         plan: list[tuple[int, int, int]] = []
@@ -352,15 +396,18 @@ class SparseExtent(Extent):
             gdi = pos // self.span
             table = self._peek(gdi)
             if table is None or table is NO_TABLE:
-                return False
+                return None
             kind, stop, host = self._run(table, pos, min(end, (gdi + 1) * self.span))
             if kind != PLAIN:
-                return False
+                return None
             plan.append((pos, stop, host))
             pos = stop
+        pendings = []
         for start, stop, host in plan:
-            self.file.pwrite(data[start - rel : stop - rel], host)
-        return True
+            p = self.storage.write(host, data[start - rel : stop - rel])
+            if p is not None:
+                pendings.append(p)
+        return pendings
 
     async def _write_locked(self, rel: int, data: memoryview) -> None:
         """Write, allocating grains as needed.  Called with owner.lock held."""
@@ -377,7 +424,7 @@ class SparseExtent(Extent):
             try:
                 kind, stop, host = self._run(entry.value, pos, seg_end)
                 if kind == PLAIN:
-                    self.file.pwrite(data[pos - rel : stop - rel], host)
+                    await settled(self.storage.write(host, data[pos - rel : stop - rel]))
                 else:
                     stop = self._unallocated_end(entry.value, pos, seg_end)
                     await self._allocate(pos, stop, data[pos - rel : stop - rel], gdi, entry)
@@ -395,20 +442,20 @@ class SparseExtent(Extent):
             nxt += self.grain
         return min(nxt, seg_end)
 
-    def _alloc(self, length: int) -> int:
+    async def _alloc(self, length: int) -> int:
         """Reserve ``length`` bytes at the cursor; anything past it (a failed allocation's
         leftovers) is cut off first, so the new space reads as zeroes.  Called with owner.lock held."""
-        if self.file.size > self.next_alloc:
-            self.file.truncate(self.next_alloc)
+        if self.storage.size > self.next_alloc:
+            await self.storage.truncate(self.next_alloc)
         host = self.next_alloc
         self.next_alloc += length
         return host
 
-    def _unalloc(self, host: int) -> None:
+    async def _unalloc(self, host: int) -> None:
         """Give back what ``_alloc`` reserved from ``host`` on.  Called with owner.lock held."""
         self.next_alloc = host
-        if self.file.size > host:
-            self.file.truncate(host)
+        if self.storage.size > host:
+            await self.storage.truncate(host)
 
     async def _allocate(self, pos: int, stop: int, data: memoryview, gdi: int, entry: CacheEntry | None) -> None:
         """New grains for guest ``[pos, stop)`` (unallocated or zeroed grains of one GT, or all of
@@ -419,17 +466,17 @@ class SparseExtent(Extent):
         last = -(-stop // gs) * gs
         n = (last - first) >> self.grain_bits
         table = None if entry is None else entry.value
-        host = self._alloc(n * gs)
+        host = await self._alloc(n * gs)
         try:
             if pos > first:
                 await self._cow(first, pos, host, table)
-            self.file.pwrite(data, host + (pos - first))
+            await settled(self.storage.write(host + (pos - first), data))
             if last > stop:
                 await self._cow(stop, last, host + (stop - first), table)
-            if self.file.size < host + n * gs:
-                self.file.truncate(host + n * gs)
+            if self.storage.size < host + n * gs:
+                await self.storage.truncate(host + n * gs)
         except BaseException:
-            self._unalloc(host)
+            await self._unalloc(host)
             raise
         i0 = (first >> self.grain_bits) % self.ngte
         sector = host // SECTOR
@@ -450,8 +497,8 @@ class SparseExtent(Extent):
         buf = bytearray(stop - start)
         inside = min(stop, self.size) - start
         if inside > 0:
-            await self.owner.read_backing(self.start + start, memoryview(buf)[:inside])
-        self.file.pwrite(buf, host)
+            await settled(self.owner.read_backing(self.start + start, memoryview(buf)[:inside]))
+        await settled(self.storage.write(host, buf))
 
     def _set_entries(self, gdi: int, entry: CacheEntry, i0: int, values: range | list[int]) -> None:
         """Point GT ``gdi`` entries ``i0..`` (and the RGT's) at ``values``: both tables dirty,
@@ -478,8 +525,8 @@ class SparseExtent(Extent):
         size = -(-self.gt_bytes // SECTOR) * SECTOR
         copies = 1 if self.rgd is None else 2
         region = -(-size * copies // self.grain) * self.grain
-        at = self._alloc(region)
-        self.file.truncate(at + region)
+        at = await self._alloc(region)
+        await self.storage.truncate(at + region)
         table = array("I", bytes(self.gt_bytes))
         table[i0 : i0 + len(values)] = array("I", values)
         entries = [self.cache.put_new(self.gt_kind, at, table)]
@@ -496,7 +543,7 @@ class SparseExtent(Extent):
             directory = self.gd if k == 0 else self.rgd
             offset = self.h.gd_offset if k == 0 else self.h.rgd_offset
             directory[gdi] = e.offset // SECTOR
-            self.file.pwrite(encode_le(directory[gdi : gdi + 1]), offset * SECTOR + gdi * 4)
+            await settled(self.storage.write(offset * SECTOR + gdi * 4, encode_le(directory[gdi : gdi + 1])))
             i = bisect.bisect_left(self.meta_starts, e.offset)
             self.meta_starts.insert(i, e.offset)
             self.meta_ends.insert(i, e.offset + self.gt_bytes)
@@ -523,25 +570,25 @@ class SparseExtent(Extent):
                     raise NbdError(
                         errno.EIO, "streamOptimized VMDK: a grain can be written once only (QEMU allows no more)"
                     )
-                host = self._append_grain(g0, data[pos - rel : g1 - rel])
+                host = await self._append_grain(g0, data[pos - rel : g1 - rel])
                 self._set_entries(gdi, entry, i, [host // SECTOR])
             finally:
                 self.cache.release(entry)
             pos = g1
         await self.cache.make_room()
 
-    def _append_grain(self, g0: int, chunk: memoryview) -> int:
+    async def _append_grain(self, g0: int, chunk: memoryview) -> int:
         """Deflate ``chunk`` (the grain at guest ``g0``) and append it after a grain marker,
         padded to a sector.  Called with owner.lock held."""
         packed = zlib.compress(chunk)
         blob = bytearray(GRAIN_MARKER.pack(g0 // SECTOR, len(packed)))
         blob += packed
         blob += bytes(-len(blob) % SECTOR)
-        host = self._alloc(len(blob))
+        host = await self._alloc(len(blob))
         try:
-            self.file.pwrite(blob, host)
+            await settled(self.storage.write(host, blob))
         except BaseException:
-            self._unalloc(host)
+            await self._unalloc(host)
             raise
         return host
 
@@ -568,7 +615,7 @@ class SparseExtent(Extent):
                     while pos < seg_end:
                         kind, stop, host = self._run(entry.value, pos, seg_end)
                         if kind == PLAIN:
-                            zero_in_place(self.file, host, stop - pos, may_trim)
+                            await zero_in_place(self.storage, host, stop - pos, may_trim)
                         elif kind == COMPRESSED:
                             raise NbdError(errno.EIO, "streamOptimized VMDK: a written grain cannot be zeroed")
                         elif kind == UNALLOCATED and self.owner.backing is not None:
@@ -601,8 +648,8 @@ class SparseExtent(Extent):
         """Called with owner.lock held."""
         write = self._write_stream if self.compressed else self._write_locked
         while pos < stop:
-            n = min(len(ZERO_CHUNK), stop - pos)
-            await write(pos, memoryview(ZERO_CHUNK)[:n])
+            n = min(len(ZEROES), stop - pos)
+            await write(pos, memoryview(ZEROES)[:n])
             pos += n
 
     async def trim(self, rel: int, length: int) -> None:
@@ -621,8 +668,8 @@ class SparseExtent(Extent):
                 continue
             kind, stop, host = self._run(table, pos, seg_end)
             if kind == PLAIN:
-                self.file.punch_hole(host, stop - pos)
+                await self.storage.discard(host, stop - pos)
             pos = stop
 
     async def flush(self) -> None:
-        await self.cache.flush(self.file)
+        await self.cache.flush(self.storage)
