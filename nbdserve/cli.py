@@ -352,6 +352,13 @@ def build_parser(qemu_nbd: bool = False) -> ArgumentParser:
     g.add_argument(
         "--max-options", type=int, metavar="N", help="options allowed per handshake (default 32 + 4 per export)"
     )
+    g.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="worker processes serving the exports (default: one per core, at most one per export; "
+        "1: everything in one process); an export may name its worker (worker = K in --config)",
+    )
     g.add_argument("--max-option-length", type=size_arg, metavar="SIZE", help="largest option accepted (default 64K)")
     g = p.add_argument_group("logging and monitoring")
     g.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv for every request error)")
@@ -498,6 +505,7 @@ def config_from_args(args: argparse.Namespace, qemu_nbd: bool = False) -> Server
         handshake_timeout=args.handshake_timeout,
         max_options=args.max_options,
         max_option_length=args.max_option_length,
+        workers=args.workers,
         backing_dirs=tuple(args.backing_dir) or None,
         tls=args.tls,
         tls_psk_file=args.tls_psk,

@@ -61,6 +61,7 @@ class ExportConfig:
     detect_zeroes: str = "off"  # off | on | unmap: all-zero WRITEs become WRITE_ZEROES
     offset: int = 0  # -o: the export starts this many bytes into the image
     bitmaps: tuple[str, ...] = ()  # -B: persistent dirty bitmaps exported as qemu:dirty-bitmap:NAME
+    worker: int | None = None  # the worker process (0 to workers - 1) serving it; None: balanced
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,7 @@ class ServerConfig:
     max_option_length: int = 64 << 10
     max_requests: int = 64  # requests in flight per connection
     max_inflight_bytes: int = 128 << 20
+    workers: int = 0  # worker processes (see nbdserve.server.workers); 0: one per core, at most one per export
     verbose: int = 0
     quiet: bool = False
     demo: bool = False  # no image was given: a demo image was created
@@ -108,6 +110,17 @@ class ServerConfig:
     log: str = "auto"  # stderr | syslog | journal | null | FILE (see nbdserve.logsetup)
     log_format: str = "text"  # text | json
     trace: tuple[str, ...] = ()  # -T patterns: lower-level messages that match are logged too
+
+    def worker_count(self) -> int:
+        """Worker processes to run: 1 means one process serves everything (no workers).  The
+        default is one per core, at most one per export, and enough for the highest pin; the
+        modes that serve one connection or one command's lifetime stay in one process."""
+        pinned = max((e.worker for e in self.exports if e.worker is not None), default=-1) + 1
+        if self.workers:
+            return max(min(self.workers, len(self.exports)), pinned, 1)
+        if self.stdio or self.connect_device is not None or self.run is not None or self.oneshot:
+            return 1
+        return max(min(os.cpu_count() or 1, len(self.exports)), pinned, 1)
 
     def option_limit(self) -> int:
         return self.max_options or 32 + 4 * len(self.exports)
@@ -200,6 +213,7 @@ _SERVER_FIELDS = (
     "max_option_length",
     "max_requests",
     "max_inflight_bytes",
+    "workers",
     "tls",
     "tls_creds",
     "tls_psk_file",
@@ -406,7 +420,24 @@ def validate(cfg: ServerConfig) -> ServerConfig:
         raise ConfigError("max-requests must be >= 1 and max-inflight-bytes >= 32M")
     _validate_running(cfg)
     _validate_access(cfg)
+    _validate_workers(cfg)
     return cfg
+
+
+def _validate_workers(cfg: ServerConfig) -> None:
+    if cfg.workers < 0:
+        raise ConfigError(f"workers must be >= 0 (0: one per core), not {cfg.workers}")
+    for e in cfg.exports:
+        if e.worker is not None and e.worker < 0:
+            raise ConfigError(f"export {e.name!r}: worker must be >= 0, not {e.worker}")
+        if e.worker is not None and cfg.workers and e.worker >= cfg.workers:
+            raise ConfigError(
+                f"export {e.name!r}: worker = {e.worker}, but there are {cfg.workers} workers (0 to {cfg.workers - 1})"
+            )
+    if cfg.workers > 1 and (cfg.stdio or cfg.connect_device is not None or cfg.run is not None or cfg.oneshot):
+        raise ConfigError(
+            "--workers > 1 excludes --stdio, -c/--connect, --run and --oneshot (they serve in one process)"
+        )
 
 
 AIO_MODES = ("threads", "native", "io_uring")

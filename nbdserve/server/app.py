@@ -39,7 +39,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
 from .. import logsetup
@@ -53,6 +53,7 @@ from .exports import close_exports, open_exports
 from .listeners import Bound, Server, bind_sockets, describe, export_uri
 from .metrics import MetricsEndpoint, parse_address, snapshot, statistics_lines
 from .tls import TlsServer
+from .workers import Supervisor
 
 log = logging.getLogger("nbdserve")
 
@@ -252,11 +253,21 @@ async def _serve(
 ) -> int:
     loop = asyncio.get_running_loop()
     socks = bound.socks
-    cache = ClusterCache(cfg.cache_size)
+    workers = cfg.worker_count()
+    # With workers, this process (the acceptor) opens no image: see server/workers.py.
+    supervisor = Supervisor(cfg, workers, settings) if workers > 1 else None
+    cache = ClusterCache(cfg.cache_size) if supervisor is None else None
     exports = None
+
+    async def close_all() -> None:
+        if supervisor is not None:
+            await supervisor.stop()
+        if exports is not None:
+            await close_exports(exports)
+
     try:
         tls = TlsServer(cfg) if cfg.tls_mode != "off" else None
-        exports, failed = await open_exports(cfg, cache)
+        exports, failed = await (supervisor.start() if supervisor else open_exports(cfg, cache))
         if len(cfg.exports) == 1 and failed:
             raise StartError(failed[0][1])
         reasons = "; ".join(f"export {name!r}: {reason}" for name, reason in failed)
@@ -268,12 +279,13 @@ async def _serve(
         for name, reason in failed:
             log.error("export %r not available: %s", name, reason)
     except (ConfigError, StartError) as e:
-        if exports is not None:
-            await close_exports(exports)
+        await close_all()
         _fail(ready_w, f"nbdserve: {e}", bound)
         return 1
     server = Server(cfg, exports, loop, tls, cache)
     server.notify = sd_notify
+    if supervisor is not None:
+        supervisor.attach(server)
     endpoint = None
     try:
         if cfg.stdio:
@@ -281,7 +293,8 @@ async def _serve(
         else:
             await server.listen(socks)
         if cfg.metrics is not None:
-            endpoint = MetricsEndpoint(lambda: [snapshot(server)], lambda: bool(server.serving()))
+            source = supervisor.snapshots if supervisor else lambda: [snapshot(server)]
+            endpoint = MetricsEndpoint(source, lambda: bool(server.serving()))
             host, port = parse_address(cfg.metrics)
             try:
                 where = await endpoint.start(host, port)
@@ -291,7 +304,7 @@ async def _serve(
         attached = await _attach_device(server, cfg, socks) if cfg.connect_device else None
     except (ConfigError, OSError, StartError) as e:
         server.shutdown()
-        await close_exports(exports)
+        await close_all()
         _fail(ready_w, f"nbdserve: {e.strerror if isinstance(e, OSError) and e.strerror else e}", bound)
         return 1
     if cfg.pid_file:
@@ -299,8 +312,12 @@ async def _serve(
             f.write(f"{os.getpid()}\n")
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, server.shutdown)
-    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(_reload(server, reconfigure)))
-    loop.add_signal_handler(signal.SIGUSR1, lambda: [log.log(NOTICE, "%s", x) for x in statistics_lines(server)])
+    apply = supervisor.reload if supervisor else server.reload
+    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(_reload(server, apply, reconfigure)))
+    if supervisor is not None:
+        loop.add_signal_handler(signal.SIGUSR1, supervisor.log_statistics)
+    else:
+        loop.add_signal_handler(signal.SIGUSR1, lambda: [log.log(NOTICE, "%s", x) for x in statistics_lines(server)])
     uris = [] if cfg.stdio else [export_uri(b, e.name) for b in describe(socks, cfg) for e in server.serving()]
     if not cfg.qemu_nbd:
         for uri in uris:
@@ -317,7 +334,7 @@ async def _serve(
     log.info("shutting down: flushing and closing images")
     if endpoint is not None:
         endpoint.close()
-    await close_exports(exports)
+    await close_all()
     for e in list(server.retired):
         if e.image is not None:
             await e.image.close()
@@ -328,7 +345,8 @@ async def _serve(
             os.unlink(cfg.pid_file)
         except OSError:
             pass
-    log.debug("cache statistics: %s", cache.stats())
+    if cache is not None:
+        log.debug("cache statistics: %s", cache.stats())
     return status
 
 
@@ -337,7 +355,9 @@ def _hostport(addr: tuple) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-async def _reload(server: Server, reconfigure: Callable[[], ServerConfig] | None) -> None:
+async def _reload(
+    server: Server, apply: Callable[[ServerConfig], Awaitable[bool]], reconfigure: Callable[[], ServerConfig] | None
+) -> None:
     """SIGHUP: read the configuration again and apply it.  systemd hears RELOADING=1 at the
     start and READY=1 at the end, whether the new configuration was applied or rejected."""
     log.log(NOTICE, "SIGHUP: reloading the configuration")
@@ -349,7 +369,7 @@ async def _reload(server: Server, reconfigure: Callable[[], ServerConfig] | None
         log.error("reload rejected: %s; still serving the previous configuration", e)
         sd_notify(f"READY=1\nSTATUS=reload rejected: {e}")
         return
-    ok = await server.reload(new)
+    ok = await apply(new)
     sd_notify("READY=1" if ok else "READY=1\nSTATUS=reload rejected (see the log)")
     if ok:
         server.status()

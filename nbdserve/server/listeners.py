@@ -256,11 +256,15 @@ class Server:
         self.reload_lock: asyncio.Lock | None = None  # one reload at a time (server/reload.py)
         self.notify: Callable[[str], None] = lambda _state: None  # sd_notify, set by server/app.py
         self.stopped = loop.create_future()
+        # Worker processes (server/workers.py): gives a negotiated connection to its export's
+        # worker; None: this process transmits.  ``handed``: connections given away, still open.
+        self.handoff: Callable[..., None] | None = None
+        self.handed = 0
 
     # -- connections ------------------------------------------------------------------------
 
     def _at_limit(self) -> bool:
-        return bool(self.cfg.shared) and len(self.sessions) >= self.cfg.shared
+        return bool(self.cfg.shared) and len(self.sessions) + self.handed >= self.cfg.shared
 
     def _protocol(self) -> asyncio.BaseProtocol:
         if self._stopping:

@@ -27,9 +27,10 @@ from __future__ import annotations
 import asyncio
 import bisect
 import errno
+import inspect
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from ..protocol import constants as C
@@ -332,7 +333,9 @@ def parse_address(text: str) -> tuple[str, int]:
 class MetricsEndpoint:
     """``GET /metrics`` and ``GET /health`` over HTTP/1.0-style one-request connections."""
 
-    def __init__(self, source: Callable[[], list[dict[str, Any]]], healthy: Callable[[], bool]) -> None:
+    def __init__(
+        self, source: Callable[[], list[dict[str, Any]] | Awaitable[list[dict[str, Any]]]], healthy: Callable[[], bool]
+    ) -> None:
         self.source = source
         self.healthy = healthy
         self.server: asyncio.AbstractServer | None = None
@@ -361,7 +364,10 @@ class MetricsEndpoint:
         elif path == "/metrics":
             from prometheus_client import CONTENT_TYPE_LATEST
 
-            status, ctype, body = "200 OK", CONTENT_TYPE_LATEST, render(self.source)
+            snaps = self.source()
+            if inspect.isawaitable(snaps):  # worker processes: their snapshots arrive later
+                snaps = await snaps
+            status, ctype, body = "200 OK", CONTENT_TYPE_LATEST, render(lambda: snaps)
         elif path in ("/health", "/healthz"):
             ok = self.healthy()
             status = "200 OK" if ok else "503 Service Unavailable"

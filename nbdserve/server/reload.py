@@ -65,6 +65,7 @@ RESTART_ONLY = (
     "exit_with_parent",
     "print_uri",
     "backing_dirs",
+    "workers",
 )
 # ExportConfig fields that change without reopening the image.
 IN_PLACE = frozenset(
@@ -103,7 +104,7 @@ def _base_image(export: Export):
     return export.image.image if isinstance(export.image, View) else export.image
 
 
-def _tls_for(server: Server, old: ServerConfig, new: ServerConfig) -> TlsServer | None:
+def tls_for(server: Server, old: ServerConfig, new: ServerConfig) -> TlsServer | None:
     if all(getattr(old, f) == getattr(new, f) for f in _TLS_FIELDS) and old.tls_mode == new.tls_mode:
         if server.tls is not None:
             server.tls.reload()  # the same files, perhaps rotated: a failed load keeps the old ones
@@ -124,14 +125,20 @@ async def apply(server: Server, new: ServerConfig) -> bool:
             return False
 
 
-async def _apply(server: Server, new: ServerConfig) -> bool:
-    old = server.cfg
+def keep_restart_only(old: ServerConfig, new: ServerConfig) -> ServerConfig:
+    """``new`` with the running values of the settings only a restart changes (reported)."""
     kept = [f for f in RESTART_ONLY if getattr(old, f) != getattr(new, f)]
     if kept:
         names = ", ".join(f.replace("_", "-") for f in kept)
         log.warning("reload: %s changed; that takes a restart (keeping the running values)", names)
         new = replace(new, **{f: getattr(old, f) for f in kept})
-    tls = _tls_for(server, old, new)
+    return new
+
+
+async def _apply(server: Server, new: ServerConfig) -> bool:
+    old = server.cfg
+    new = keep_restart_only(old, new)
+    tls = tls_for(server, old, new)
     policy = Policy.from_config(new)
 
     current = {e.name: e for e in server.exports}

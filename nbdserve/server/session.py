@@ -8,6 +8,13 @@ alike); the handshake then goes on over TLS with the client's certificate name (
 known.  A TLS handshake that fails, stalls past the handshake deadline or is cut off ends only this
 connection.
 
+With worker processes (``server/workers.py``) a session lives in two processes: the acceptor's
+ends once the export is chosen (``_hand_off``: reading stops, the handshake's last reply is
+written out, and ``Server.handoff`` gives the connection, the negotiated state and any request
+bytes already received to the worker owning the export); the worker's starts in the
+transmission phase (``Session(server, handoff)``).  Nothing else in this class knows about
+workers.
+
 The transmission side: bytes are received straight into the codec's buffers.  READ and WRITE
 each have one route, ``_read`` and ``_write``, the fast case inside it: plain requests at the
 head of the receive buffer are decoded as a run (``RequestParser.next_plain``: no ``Request``
@@ -64,12 +71,14 @@ if TYPE_CHECKING:
     from .exports import Export
     from .listeners import Server
     from .metrics import ExportStats
+    from .workers import Handoff
 
 log = logging.getLogger("nbdserve")
 
 # _UPGRADING: STARTTLS accepted, the TLS handshake runs; decrypted bytes that arrive before the
 # upgrade is finished are buffered, not parsed.
-_HANDSHAKE, _TRANSMISSION, _CLOSED, _UPGRADING = 0, 1, 2, 3
+# _HANDING_OFF: the export is chosen and another process will transmit (see the module docstring).
+_HANDSHAKE, _TRANSMISSION, _CLOSED, _UPGRADING, _HANDING_OFF = 0, 1, 2, 3, 4
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 _connection_ids = itertools.count(1)  # names Unix-socket peers in the log
 _MAX_EXTENTS = 1 << 16
@@ -104,8 +113,10 @@ def identify(transport: asyncio.BaseTransport) -> tuple[str, Peer]:
 
 
 class Session(asyncio.BufferedProtocol):
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: Server, handoff: Handoff | None = None) -> None:
+        """A new connection; with ``handoff``, one whose handshake another process did."""
         self.server = server
+        self._handoff = handoff
         cfg = server.cfg
         self.cfg = cfg
         self.transport: asyncio.Transport | None = None
@@ -155,6 +166,9 @@ class Session(asyncio.BufferedProtocol):
         # default 64 KiB high-water mark every 256 KiB reply paused the pipeline.
         self.transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH, low=WRITE_BUFFER_HIGH // 4)
         self.server.sessions.add(self)
+        if self._handoff is not None:
+            self._resume(self._handoff)
+            return
         log.debug("%s: connected", self.peer)
         if self.cfg.handshake_timeout > 0:
             self._deadline = self.server.loop.call_later(self.cfg.handshake_timeout, self._handshake_timeout)
@@ -192,6 +206,9 @@ class Session(asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        if self.phase == _HANDING_OFF:
+            self._give_away()
+            return
         if self.phase == _TRANSMISSION and not self._pumping:
             self._pump()  # requests parsed-ready in the buffer need no new bytes to proceed
         else:
@@ -209,7 +226,7 @@ class Session(asyncio.BufferedProtocol):
 
     def shutdown(self) -> None:
         """Server shutdown: drop a handshaking client, drain a transmitting one."""
-        if self.phase in (_HANDSHAKE, _UPGRADING):
+        if self.phase in (_HANDSHAKE, _UPGRADING, _HANDING_OFF):
             self.phase = _CLOSED
             self._abort()
         else:
@@ -265,7 +282,10 @@ class Session(asyncio.BufferedProtocol):
                     self.transport.close()
                     return
                 if out.action == TRANSMIT:
-                    self._start_transmission(out.export)
+                    if self.server.handoff is not None:
+                        self._hand_off(out.export)
+                    else:
+                        self._start_transmission(out.export)
                 elif out.action == STARTTLS:
                     self._begin_tls()
         except ProtocolError as e:
@@ -348,6 +368,48 @@ class Session(asyncio.BufferedProtocol):
         if leftover:
             self.parser.receive_data(leftover)
             self._pump()
+
+    # -- worker processes (see the module docstring) ---------------------------------------------
+
+    def _hand_off(self, export: Export) -> None:
+        """The acceptor's side: stop reading (later bytes stay in the kernel for the worker),
+        and give the connection away once the last handshake reply has left."""
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        self.export = export
+        self.phase = _HANDING_OFF
+        self.transport.pause_reading()
+        if self.transport.get_write_buffer_size():
+            self.transport.set_write_buffer_limits(high=0)  # resume_writing calls _give_away
+        else:
+            self._give_away()
+
+    def _give_away(self) -> None:
+        """The connection (and its transport) is the worker's now; this session is over."""
+        transport, self.transport = self.transport, None
+        self.phase = _CLOSED
+        self.server.handoff(transport, self.export, self.neg, self.hs.take_buffered(), self.peer)
+        self._finish(None)
+
+    def _resume(self, h: Handoff) -> None:
+        """The worker's side: start in the transmission phase with the acceptor's state."""
+        self.peer = h.peer
+        neg = self.neg
+        neg.structured, neg.extended, neg.no_zeroes, neg.contexts = h.structured, h.extended, h.no_zeroes, h.contexts
+        export = self.server.exports.get(h.export)
+        if export is None or export.image is None:
+            log.warning("%s: export %r is no longer served here; disconnecting", self.peer, h.export)
+            self.phase = _CLOSED
+            self._abort()
+            return
+        if neg.transmission_flags(export) != h.flags:  # e.g. reopened read-only since the handshake
+            log.warning("%s: export %r changed since the handshake; disconnecting", self.peer, h.export)
+            self.phase = _CLOSED
+            self._abort()
+            return
+        self.hs.receive_data(h.pending)
+        self._start_transmission(export)
 
     def _throttled(self) -> bool:
         return self.inflight >= self.cfg.max_requests or self.inflight_bytes >= self.cfg.max_inflight_bytes
