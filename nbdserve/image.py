@@ -107,6 +107,8 @@ class Image:
         self.size = driver.size
         self.readonly = driver.readonly
         self.align = driver.limits.align
+        if self.size % self.align:
+            raise ImageError(self.path, f"disk size {self.size} is not a multiple of the {self.align}-byte sector")
         self.max_transfer = driver.limits.max_transfer
         self.can_fast_zero = not self.readonly and driver.caps.fast_zero
         # A run of buffers may be handed to the driver whole (see ``write``).
@@ -360,7 +362,9 @@ class Image:
 
     async def _runs(self, offset: int, length: int, depth: int, out: list[Run], limit: int) -> None:
         """Runs of ``[offset, offset+length)`` at ``depth``.  The driver is asked about whole
-        sectors (the range widened to ``align``); the answers are clipped back to the range."""
+        sectors (the range widened to ``align``; ``size`` is a multiple of it) and must answer in
+        whole sectors, so every question it gets is aligned; the answers are clipped back to the
+        range."""
         end = offset + length
         align = self.align
         pos = offset & ~(align - 1)
@@ -368,8 +372,8 @@ class Image:
         drv = self.driver
         while pos < end and len(out) < limit:
             ext = await drv.block_status(pos, stop - pos)
-            if ext.length <= 0:
-                raise NbdError(errno.EIO, f"{self.path}: driver returned an empty block-status run")
+            if not 0 < ext.length <= stop - pos or (ext.length & (align - 1) and pos + ext.length != stop):
+                raise NbdError(errno.EIO, f"{self.path}: driver returned block-status run {pos}+{ext.length}")
             lo, hi = max(pos, offset), min(pos + ext.length, end)
             pos += ext.length
             n = hi - lo

@@ -25,7 +25,9 @@ is given a list of buffers (one guest-contiguous run written as one ``storage.wr
 Block status: ``block_status(offset, length)`` describes ONE run starting at ``offset`` (length
 ``<= length``); the image layer loops, merges runs and walks the backing chain.  ``offset`` and
 ``length`` are multiples of ``limits.align`` like every other call (the image layer widens an
-unaligned question and clips the answer).  A run's ``state`` is a combination of
+unaligned question and clips the answer), and so must the run's length be (a sector is all one
+state; the image layer fails the request with EIO otherwise), which keeps the next question
+aligned.  ``size`` is a multiple of ``limits.align``.  A run's ``state`` is a combination of
   * ``ALLOCATED``: this layer decides the content (clear: "ask the backing image"; with no
     backing image the range reads as zeroes);
   * ``DATA``: host storage holds the data (clear with ALLOCATED: a zero cluster / hole);

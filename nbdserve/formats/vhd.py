@@ -774,7 +774,9 @@ class VhdDriver(FormatDriver):
         end = offset + length
         if self.fixed:  # past the file (a short fixed image, read-only): a hole, zeroes
             run, is_data = await self.storage.extent(offset, length)
-            return Extent(run, ALLOCATED | DATA if is_data else ALLOCATED | ZERO)
+            if is_data:  # a file ending inside a sector: the whole sector is data
+                return Extent(min(length, -(-run // SECTOR) * SECTOR), ALLOCATED | DATA)
+            return Extent(run, ALLOCATED | ZERO)
         shift, bs = self.block_shift, self.block_size
         state = None
         pos = offset

@@ -26,11 +26,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from nbdserve.cache import ClusterCache
 from nbdserve.errors import CorruptImage, ImageError, UnsupportedImage
 from nbdserve.formats import probe
+from nbdserve.formats.base import OpenOptions
 from nbdserve.formats.vdi import VdiDriver
 from nbdserve.image import Image
 from nbdserve.storage.base import settled
+from nbdserve.storage.local import LocalFile
 from tests.conftest import SLOW
 from tests.imagetest import FILL, Recorder, file_after, opened, run
 from tests.imagetest import check_clean as _check_clean
@@ -275,6 +278,67 @@ def test_discard_moves_the_last_block_and_shrinks(tmp_path: Path) -> None:
     check_clean(path)
     compare_raw(path, model, tmp_path)
     assert path.stat().st_size == header(path)["data"] + 3 * M
+
+
+class LateFile(LocalFile):
+    """A local file that completes one chosen write later, as RBD or S3 may: ``hold_next`` holds
+    the next write (not yet on the file, its Pending not done) until ``release``."""
+
+    sync_io = False
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path, readonly=False)
+        self.hold_next = False
+        self.held: list[tuple[int, bytes, asyncio.Future]] = []
+
+    def write(self, offset, data):
+        if not self.hold_next:
+            return super().write(offset, data)
+        self.hold_next = False
+        fut = asyncio.get_running_loop().create_future()
+        self.held.append((offset, bytes(data), fut))
+        return fut
+
+    def release(self) -> None:
+        for offset, data, fut in self.held:
+            super().write(offset, data)
+            fut.set_result(None)
+        self.held.clear()
+
+
+def test_removal_waits_for_a_write_in_flight(tmp_path: Path) -> None:
+    """TRIM of block 0 moves the last block (1) into its slot while a write to block 1 is still
+    in flight: the copy must include that write (and a read in flight must not see the move)."""
+    path = tmp_path / "late.vdi"
+    qemu_img("create", "-q", "-f", "vdi", path, "4M")
+    qemu_io("vdi", path, "write -P 1 0 1M", "write -P 2 1M 1M")
+
+    async def go():
+        cache = ClusterCache(8 << 20)
+        file = LateFile(str(path))
+        img = Image(await VdiDriver.open(file, readonly=False, cache=cache, options=OpenOptions()), None, cache)
+        try:
+            await settled(img.read(M, memoryview(bytearray(4 * K))))  # the map page is cached
+            file.hold_next = True
+            pending = img.write(M + 10, memoryview(b"\x07" * 100), fua=False)
+            assert pending is not None and file.held  # started, not landed
+            trim = asyncio.ensure_future(img.trim(0, M, fua=False))
+            while not (trim.done() or len(getattr(img.driver, "_idle", ()))):  # done, or waiting for the write
+                await asyncio.sleep(0)
+            file.release()
+            await pending
+            await trim
+            assert header(path)["entries"][:2] == [DISCARDED, 0]  # block 1 moved into slot 0
+            return await read_all(img)
+        finally:
+            await img.close()
+
+    data = run(go())
+    want = bytearray(4 * M)
+    want[M : 2 * M] = b"\x02" * M
+    want[M + 10 : M + 110] = b"\x07" * 100
+    assert data == want
+    check_clean(path)
 
 
 def test_static_images_keep_their_blocks(tmp_path: Path) -> None:
