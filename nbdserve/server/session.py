@@ -417,22 +417,30 @@ class Session(asyncio.BufferedProtocol):
     def _serve_plain(self, plain: list[tuple[int, int, int, memoryview | None]]) -> None:
         """Start a run of plain READs and WRITEs (``RequestParser.next_plain``), checking each
         range inline; one out of range goes to ``_dispatch`` for its error reply.  Sequential
-        WRITEs are handed to a vectored image as one run."""
+        in-range WRITEs are handed to a vectored image as one run, started before any other
+        request of the batch (so a READ behind them sees them, as it would one by one)."""
         size = self.image.size
         run: list[memoryview] = []  # a run of sequential WRITEs not started yet
         replies: list[tuple[int, int]] = []
         run_start = run_end = 0
         vectored = self.image.vectored
         for cookie, offset, length, payload in plain:
-            if payload is not None and run:
-                if offset == run_end and vectored and run_end - run_start + length <= C.DEFAULT_MAX_PAYLOAD:
+            in_range = offset + length <= size
+            if run:
+                if (
+                    payload is not None
+                    and in_range
+                    and vectored
+                    and offset == run_end
+                    and run_end - run_start + length <= C.DEFAULT_MAX_PAYLOAD
+                ):
                     run.append(payload)
                     replies.append((cookie, offset))
                     run_end += length
                     continue
                 self._write(run_start, run if len(run) > 1 else run[0], replies, 0, True)
                 run, replies = [], []
-            if offset + length > size:  # the error reply, as check_request words it
+            if not in_range:  # the error reply, as check_request words it
                 if payload is None:
                     self._dispatch(Request(C.CMD_READ, 0, cookie, offset, length))
                 else:
