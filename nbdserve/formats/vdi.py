@@ -55,6 +55,7 @@ import struct
 import uuid
 from array import array
 from collections.abc import Awaitable
+from typing import NamedTuple
 
 from ..cache import CacheEntry, ClusterCache
 from ..errors import CorruptImage, NbdError, UnsupportedImage
@@ -81,11 +82,37 @@ PAGE_ENTRIES = PAGE // 4
 SCAN_CHUNK = 1 << 20  # bytes of block map decoded at a time at open
 STATUS_BLOCKS = 4096
 
-# text, signature, version, header_size, image_type, image_flags, description, offset_bmap,
-# offset_data, cylinders, heads, sectors, sector_size, unused1, disk_size, block_size,
-# block_extra, blocks_in_image, blocks_allocated, uuid_image, uuid_last_snap, uuid_link,
-# uuid_parent
 HEADER = struct.Struct("<64sIIIII256sIIIIIIIQIIII16s16s16s16s")
+
+
+class Header(NamedTuple):
+    """The header's fields, in their order on disk (``HEADER``)."""
+
+    text: bytes
+    signature: int
+    version: int
+    header_size: int
+    image_type: int
+    image_flags: int
+    description: bytes
+    offset_bmap: int
+    offset_data: int
+    cylinders: int
+    heads: int
+    sectors: int
+    sector_size: int
+    unused1: int
+    disk_size: int
+    block_size: int
+    block_extra: int
+    blocks_in_image: int
+    blocks_allocated: int
+    uuid_image: bytes
+    uuid_last_snap: bytes
+    uuid_link: bytes
+    uuid_parent: bytes
+
+
 BLOCKS_ALLOCATED_AT = 0x184
 
 
@@ -96,19 +123,19 @@ def _identity(buf: bytearray) -> bytearray:
 class VdiDriver(FormatDriver):
     format_name = "vdi"
 
-    def __init__(self, storage: Storage, readonly: bool, cache: ClusterCache, fields: tuple) -> None:
+    def __init__(self, storage: Storage, readonly: bool, cache: ClusterCache, h: Header) -> None:
         self.storage = storage
         self.path = storage.name
         self.readonly = readonly
         self.cache = cache
         self.lock = CoMutex(f"vdi {storage.name}")
-        self.static = fields[4] == TYPE_STATIC
-        self.offset_bmap, self.offset_data = fields[7], fields[8]
-        self.block_size = fields[15]
+        self.static = h.image_type == TYPE_STATIC
+        self.offset_bmap, self.offset_data = h.offset_bmap, h.offset_data
+        self.block_size = h.block_size
         self.block_bits = self.block_size.bit_length() - 1
-        self.blocks = fields[17]
-        self.allocated = fields[18]  # the header's count, as we keep it
-        self.size = -(-fields[14] // SECTOR) * SECTOR
+        self.blocks = h.blocks_in_image
+        self.allocated = h.blocks_allocated  # the header's count, as we keep it
+        self.size = -(-h.disk_size // SECTOR) * SECTOR
         self.limits = Limits(align=1)
         writable = not readonly
         self.caps = Caps(native_zero=writable, native_trim=writable)
@@ -513,14 +540,16 @@ class VdiDriver(FormatDriver):
             await self.flush()
 
 
-async def _parse_header(storage: Storage) -> tuple:
+async def _parse_header(storage: Storage) -> Header:
     """The header fields of a VDI file, validated (see the module docstring)."""
     path, size = storage.name, storage.size
     if size < SECTOR:
         raise CorruptImage(path, f"file of {size} bytes is shorter than a VDI header")
-    f = HEADER.unpack_from(await read_at(storage, 0, SECTOR))
-    (_, signature, version, header_size, image_type, _, _, offset_bmap, offset_data, _, _, _, sector_size) = f[:13]
-    disk_size, block_size, block_extra, blocks, allocated, _, _, link, parent = f[14:]
+    f = Header._make(HEADER.unpack_from(await read_at(storage, 0, SECTOR)))
+    signature, version, header_size, image_type = f.signature, f.version, f.header_size, f.image_type
+    offset_bmap, offset_data, sector_size, disk_size = f.offset_bmap, f.offset_data, f.sector_size, f.disk_size
+    block_size, block_extra, blocks, allocated = f.block_size, f.block_extra, f.blocks_in_image, f.blocks_allocated
+    link, parent = f.uuid_link, f.uuid_parent
     if signature != SIGNATURE:
         raise CorruptImage(path, f"signature 0x{signature:08x} is not 0xbeda107f")
     if version != VERSION_1_1:

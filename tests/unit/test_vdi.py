@@ -35,7 +35,17 @@ from nbdserve.image import Image
 from nbdserve.storage.base import settled
 from nbdserve.storage.local import LocalFile
 from tests.conftest import SLOW
-from tests.imagetest import FILL, Recorder, file_after, opened, run
+from tests.imagetest import (
+    FILL,
+    Recorder,
+    apply_ops,
+    file_after,
+    model_ops,
+    opened,
+    run,
+    with_writes,
+    write_concurrently,
+)
 from tests.imagetest import check_clean as _check_clean
 from tests.imagetest import compare_with_model as _compare_with_model
 from tests.imagetest import our_map as _our_map
@@ -144,35 +154,7 @@ def test_virtualbox_layout_reads_like_qemu(tmp_path: Path) -> None:
 
 VSIZE = 9 * M + 512  # a short last block
 
-op_st = st.one_of(
-    st.tuples(st.just("write"), st.integers(0, VSIZE - 1), st.integers(1, 2 * M), st.integers(1, 255)),
-    st.tuples(st.just("zero"), st.integers(0, VSIZE - 1), st.integers(1, 3 * M), st.booleans()),
-    st.tuples(st.just("trim"), st.integers(0, VSIZE - 1), st.integers(1, 3 * M), st.integers(1, 255)),
-    st.tuples(st.just("flush")),
-)
-
-
-async def apply(img: Image, model: bytearray, ops, lo: int, hi: int) -> None:
-    """Apply ``ops`` clamped to ``[lo, hi)``; a TRIM's range is unspecified, so it is written
-    again right after."""
-    for op in ops:
-        if op[0] == "flush":
-            await img.flush()
-            continue
-        off = lo + op[1] % (hi - lo)
-        n = min(op[2], hi - off)
-        if op[0] == "write":
-            data = bytes([op[3]]) * n
-            await settled(img.write(off, memoryview(data), fua=False))
-            model[off : off + n] = data
-        elif op[0] == "zero":
-            await img.write_zeroes(off, n, may_trim=op[3], fast=False, fua=False)
-            model[off : off + n] = bytes(n)
-        else:
-            await img.trim(off, n, fua=False)
-            data = bytes([op[3]]) * n
-            await settled(img.write(off, memoryview(data), fua=False))
-            model[off : off + n] = data
+op_st = model_ops(VSIZE, write_max=2 * M, zero_max=3 * M, trim_max=3 * M)
 
 
 @settings(max_examples=30 if SLOW else 15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -198,7 +180,9 @@ def test_write_sequences_match_model(tmp_path: Path, streams, static: bool, tiny
     async def go():
         img = await opened(path, cache=1 if tiny_cache else 8 << 20)
         try:
-            await asyncio.gather(*(apply(img, model, ops, bounds[k], bounds[k + 1]) for k, ops in enumerate(streams)))
+            await asyncio.gather(
+                *(apply_ops(img, model, ops, bounds[k], bounds[k + 1]) for k, ops in enumerate(streams))
+            )
             assert await read_all(img) == model
         finally:
             await img.close()
@@ -219,23 +203,11 @@ def test_write_sequences_match_model(tmp_path: Path, streams, static: bool, tiny
 def test_concurrent_writes_to_one_block_allocate_it_once(tmp_path: Path) -> None:
     path = tmp_path / "c.vdi"
     qemu_img("create", "-q", "-f", "vdi", path, "8M")
-
-    async def go():
-        img = await opened(path)
-        try:
-            await asyncio.gather(
-                *(img.write(M + k * 4 * K + 100, memoryview(bytes([k + 1]) * 3000), fua=False) for k in range(16))
-            )
-        finally:
-            await img.close()
-
-    run(go())
+    writes = [(M + k * 4 * K + 100, bytes([k + 1]) * 3000) for k in range(16)]
+    write_concurrently(path, writes)
     assert header(path)["allocated"] == 1
     check_clean(path)
-    expect = bytearray(8 * M)
-    for k in range(16):
-        expect[M + k * 4 * K + 100 : M + k * 4 * K + 3100] = bytes([k + 1]) * 3000
-    compare_raw(path, expect, tmp_path)
+    compare_raw(path, with_writes(8 * M, writes), tmp_path)
 
 
 # -- discard as VirtualBox does it ------------------------------------------------------------
