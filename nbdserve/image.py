@@ -36,7 +36,10 @@ The call chains (session -> image -> driver -> storage):
     ``read_backing`` -> the backing ``Image.read``, decompresses...).
   * WRITE: ``Session._write`` -> ``Image.write`` (alignment, the rwlock of sector formats) ->
     ``driver.write`` (fast case: allocated, cached, no FUA -> ``storage.write``, one ``pwritev``
-    of the payload buffer; slow case: a coroutine that allocates under the driver lock).
+    of the payload buffer, or of a run of payloads on a vectored image; slow case: a coroutine
+    that allocates under the driver lock).
+  * BLOCK_STATUS: ``Session._block_status`` -> ``Image.runs`` -> ``driver.block_status`` (asked
+    about whole sectors, answering in whole sectors) -> the cluster cache and ``storage.extent``.
 
 The caller (the server) guarantees ``0 <= offset``, ``offset + length <= size`` and
 ``length > 0``; it also refuses writes to a read-only image.  Everything below is then trusted.

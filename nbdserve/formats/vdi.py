@@ -61,7 +61,7 @@ from ..cache import CacheEntry, ClusterCache
 from ..errors import CorruptImage, NbdError, UnsupportedImage
 from ..locks import CoMutex, CoQueue
 from ..storage.base import Pending, Storage, joined, read_at, settled
-from .base import ALLOCATED, DATA, ZERO, Caps, Extent, FormatDriver, Limits, OpenOptions, zero_in_place
+from .base import ALLOCATED, DATA, ZERO, Caps, Extent, FormatDriver, Limits, OpenOptions, TableReads, zero_in_place
 from .tables import decode_le32, encode_le
 
 log = logging.getLogger(__name__)
@@ -120,8 +120,9 @@ def _identity(buf: bytearray) -> bytearray:
     return buf
 
 
-class VdiDriver(FormatDriver):
+class VdiDriver(TableReads, FormatDriver):
     format_name = "vdi"
+    guest_positions = False
 
     def __init__(self, storage: Storage, readonly: bool, cache: ClusterCache, h: Header) -> None:
         self.storage = storage
@@ -292,13 +293,6 @@ class VdiDriver(FormatDriver):
 
     # -- reads ------------------------------------------------------------------------------
 
-    def read(self, offset: int, buf: memoryview) -> Pending:
-        pendings: list = []
-        pos = self._read_cached(offset, buf, 0, pendings)
-        if pos == len(buf):
-            return joined(pendings)
-        return self._read_loading(offset, buf, pos, pendings)
-
     def _read_cached(self, offset: int, buf: memoryview, pos: int, pendings: list) -> int:
         """Start the reads of ``buf`` (guest ``offset``) from ``pos`` (relative to ``buf``) on,
         block by block, while the map pages are cached; returns where it stopped.  Synchronous:
@@ -318,12 +312,10 @@ class VdiDriver(FormatDriver):
             pos += cnt
         return pos
 
-    async def _read_loading(self, offset: int, buf: memoryview, pos: int, pendings: list) -> None:
-        """``read`` from ``pos`` on, where a map page is not cached: load it and walk on."""
-        while pos < len(buf):
-            await self._entry((offset + pos) >> self.block_bits)
-            pos = self._read_cached(offset, buf, pos, pendings)
-        await settled(joined(pendings))
+    async def _load_for_read(self, offset: int, buf: memoryview, pos: int, pendings: list) -> int:
+        """The map page ``_read_cached`` stopped at (see ``TableReads``)."""
+        await self._entry((offset + pos) >> self.block_bits)
+        return pos
 
     async def block_status(self, offset: int, length: int) -> Extent:
         bits = self.block_bits

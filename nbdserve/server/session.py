@@ -18,13 +18,15 @@ validated by ``check_request`` and enter the same routes (READ, WRITE) or their 
 handler (FLUSH, TRIM, WRITE_ZEROES, CACHE, BLOCK_STATUS).
 
 The call chains (see ``nbdserve.image`` for the layers below):
-  * READ: ``_pump`` -> ``next_plain`` -> ``_read``: a reply buffer with room for the header,
+  * READ: ``_pump`` -> ``next_plain`` -> ``_serve_plain`` (or, decoded alone, ``next_event`` ->
+    ``_dispatch``) -> ``_read``: a reply buffer with room for the header,
     ``Image.read`` into it -> ``_reply_read``: the header packed in front, appended to the batch
     (a large structured read whose data holds runs of zero granules goes out as data and hole
     chunks instead);
-  * WRITE: ``_pump`` -> ``next_plain`` -> ``_write``: ``Image.write`` of the payload where it was
-    received (a view of the receive buffer, or a large payload's own buffer), and the reply.  On
-    an image that takes runs (``Image.vectored``: raw), sequential plain WRITEs of one receive go
+  * WRITE: ``_pump`` -> ``next_plain`` -> ``_serve_plain`` (or ``next_event`` -> ``_dispatch``:
+    FUA, a large payload) -> ``_write``: ``Image.write`` of the payload where it was received (a
+    view of the receive buffer, or a large payload's own buffer), and the reply.  On an image
+    that takes runs (``Image.vectored``: raw), sequential in-range plain WRITEs of one receive go
     down as one write of their payloads (one ``pwritev``).  A write that must wait keeps its view
     of the receive buffer, so the parser is told to ``detach`` from that buffer.
 

@@ -366,7 +366,7 @@ def test_concurrent_writers_share_cluster_allocations(tmp_path):
 
         async def yielding_backing(off, buf):  # the real backing read, after a yield
             await asyncio.sleep(0)
-            await real(off, buf)
+            await settled(real(off, buf))
 
         drv.read_backing = yielding_backing
 
@@ -442,7 +442,7 @@ def test_concurrent_overlapping_writers(tmp_path_factory, streams):
 
         async def yielding_backing(off, buf):  # the real backing read, after a yield
             await asyncio.sleep(0)
-            await real(off, buf)
+            await settled(real(off, buf))
 
         img.driver.read_backing = yielding_backing
 
