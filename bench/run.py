@@ -11,7 +11,7 @@ starts a new server on a new empty image for every run (again interleaved).  The
 Markdown table per format: IOPS and MiB/s for each server, plus the ratios nbdserve/qemu-nbd and
 nbdserve/nbdkit (of IOPS; the request size is the same, so MiB/s ratios are equal).
 
-Rules (``/work/shared/specs/performance.md`` §3): images live on tmpfs (``/dev/shm``) to take
+Rules: images live on tmpfs (``/dev/shm``) to take
 the disk out of the measurement; every number is reported with its request size, connection
 count and queue depth; qemu-nbd runs with ``--cache=writeback`` (nbdserve and nbdkit do not
 fsync per write either) and ``-e 8`` so multi-connection clients are not refused.

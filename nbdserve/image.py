@@ -36,7 +36,10 @@ The call chains (session -> image -> driver -> storage):
     ``read_backing`` -> the backing ``Image.read``, decompresses...).
   * WRITE: ``Session._write`` -> ``Image.write`` (alignment, the rwlock of sector formats) ->
     ``driver.write`` (fast case: allocated, cached, no FUA -> ``storage.write``, one ``pwritev``
-    of the payload buffer; slow case: a coroutine that allocates under the driver lock).
+    of the payload buffer, or of a run of payloads on a vectored image; slow case: a coroutine
+    that allocates under the driver lock).
+  * BLOCK_STATUS: ``Session._block_status`` -> ``Image.runs`` -> ``driver.block_status`` (asked
+    about whole sectors, answering in whole sectors) -> the cluster cache and ``storage.extent``.
 
 The caller (the server) guarantees ``0 <= offset``, ``offset + length <= size`` and
 ``length > 0``; it also refuses writes to a read-only image.  Everything below is then trusted.
@@ -108,6 +111,8 @@ class Image:
         self.size = driver.size
         self.readonly = driver.readonly
         self.align = driver.limits.align
+        if self.size % self.align:
+            raise ImageError(self.path, f"disk size {self.size} is not a multiple of the {self.align}-byte sector")
         self.max_transfer = driver.limits.max_transfer
         self.can_fast_zero = not self.readonly and driver.caps.fast_zero
         # A run of buffers may be handed to the driver whole (see ``write``).
@@ -361,7 +366,9 @@ class Image:
 
     async def _runs(self, offset: int, length: int, depth: int, out: list[Run], limit: int) -> None:
         """Runs of ``[offset, offset+length)`` at ``depth``.  The driver is asked about whole
-        sectors (the range widened to ``align``); the answers are clipped back to the range."""
+        sectors (the range widened to ``align``; ``size`` is a multiple of it) and must answer in
+        whole sectors, so every question it gets is aligned; the answers are clipped back to the
+        range."""
         end = offset + length
         align = self.align
         pos = offset & ~(align - 1)
@@ -369,8 +376,8 @@ class Image:
         drv = self.driver
         while pos < end and len(out) < limit:
             ext = await drv.block_status(pos, stop - pos)
-            if ext.length <= 0:
-                raise NbdError(errno.EIO, f"{self.path}: driver returned an empty block-status run")
+            if not 0 < ext.length <= stop - pos or (ext.length & (align - 1) and pos + ext.length != stop):
+                raise NbdError(errno.EIO, f"{self.path}: driver returned block-status run {pos}+{ext.length}")
             lo, hi = max(pos, offset), min(pos + ext.length, end)
             pos += ext.length
             n = hi - lo

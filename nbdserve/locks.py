@@ -101,14 +101,6 @@ class CoQueue:
             if mutex is not None:
                 await mutex.lock()
 
-    def wake_one(self) -> bool:
-        while self._waiters:
-            fut = self._waiters.popleft()
-            if not fut.done():
-                fut.set_result(None)
-                return True
-        return False
-
     def wake_all(self) -> None:
         waiters, self._waiters = self._waiters, deque()
         for fut in waiters:

@@ -1,12 +1,16 @@
 """Helpers shared by the format-driver tests: QEMU as the oracle, images opened in-process.
 
-* ``FILL``: the deterministic qemu-io script of formats.md §7.1 every format's fixtures get.
+* ``FILL``: one deterministic qemu-io script (data, zeroes with and without unmap, runs across
+  cluster and block boundaries) that every format's fixtures get.
 * ``run``: ``asyncio.run`` that hands the result back through a box (on Python 3.11
   ``asyncio.run`` formats ``repr(task)`` including the result when it restores the SIGINT
   handler, which costs seconds for a disk image's worth of bytes).
 * Opening and reading images (``opened``, ``read_image``, ``served_read_only``), QEMU's view of
   the same file (``qemu_raw``, ``qemu_map``, ``check_clean``, ``compare_with_model``) and ours in
   the same terms (``our_map``).
+* Writes against a model in-process: ``model_ops`` (a hypothesis strategy of writes, zeroes,
+  trims and flushes), ``apply_ops`` (applies them to an image and a bytearray model),
+  ``write_concurrently`` (many writes started at once, e.g. into one unallocated cluster).
 * Crash states: ``Recorder`` logs every write, truncate and sync of an open image file;
   ``file_after`` rebuilds the file as a crash at any point of that log may leave it.
 * Workloads over NBD against a model: ``random_trace``/``replay_trace`` (one connection),
@@ -17,6 +21,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import os
@@ -25,10 +30,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from hypothesis import strategies as st
 
 from nbdserve.cache import ClusterCache
 from nbdserve.errors import NbdError
-from nbdserve.image import STATE_HOLE, STATE_ZERO, Image, ImageSpec, open_image
+from nbdserve.image import Image, ImageSpec, open_image
+from nbdserve.protocol.constants import STATE_HOLE, STATE_ZERO
 from nbdserve.storage.base import settled
 from nbdserve.storage.local import LocalFile
 from tests.util import qemu_img
@@ -69,6 +76,90 @@ async def read_image(img: Image, step: int = 4 << 20) -> bytes:
     for pos in range(0, img.size, step):
         await settled(img.read(pos, memoryview(buf)[pos : pos + step]))
     return bytes(buf)
+
+
+def model_ops(vsize: int, *, write_max: int, zero_max: int, trim_max: int = 0, fast_zero: bool = False):
+    """Hypothesis strategy of one op for ``apply_ops``: ``(kind, offset, length, byte, may_trim,
+    fast)`` with kind write / zero / trim (only if ``trim_max``) / flush.  (Written by hand, an op
+    may stop after its last field that matters: ``("flush",)``, ``("trim", offset, length)``.)"""
+    ops = [
+        st.tuples(st.just("write"), st.integers(0, vsize - 1), st.integers(1, write_max), st.integers(1, 255)),
+        st.tuples(st.just("zero"), st.integers(0, vsize - 1), st.integers(1, zero_max), st.just(0)),
+        st.tuples(st.just("flush"), st.just(0), st.just(1), st.just(0)),
+    ]
+    if trim_max:
+        ops.append(st.tuples(st.just("trim"), st.integers(0, vsize - 1), st.integers(1, trim_max), st.integers(1, 255)))
+    zero_flags = st.tuples(st.booleans(), st.booleans() if fast_zero else st.just(False))
+    return st.tuples(st.one_of(ops), zero_flags).map(lambda t: (*t[0], *t[1]))
+
+
+async def apply_ops(
+    img: Image,
+    model: bytearray,
+    ops,
+    lo: int,
+    hi: int,
+    *,
+    trimmed: Callable[[int, int], list[tuple[int, int]]] | None = None,
+    fua_every: int = 0,
+    fast_unit: int = 0,
+) -> None:
+    """Apply ``model_ops`` ops, clamped to ``[lo, hi)``, to ``img`` and ``model``.
+
+    ``trimmed(offset, length)``: the ranges a TRIM makes read as zeroes; None: a TRIM leaves its
+    range unspecified, so the range is written again right after (the model stays exact).
+    ``fua_every``: writes at offsets that are multiples of it carry FUA.  A FAST_ZERO may be
+    refused (ENOTSUP) only for a range that is not whole ``fast_unit``s.
+    """
+    for op in ops:
+        kind, off, n, byte, may_trim, fast = (*op, 0, 0, 0, False, False)[:6]
+        if kind == "flush":
+            await img.flush()
+            continue
+        off = lo + off % (hi - lo)
+        n = min(n, hi - off)
+        if kind == "write":
+            data = bytes([byte]) * n
+            await settled(img.write(off, memoryview(data), fua=bool(fua_every) and off % fua_every == 0))
+            model[off : off + n] = data
+        elif kind == "zero":
+            try:
+                await img.write_zeroes(off, n, may_trim=may_trim, fast=fast, fua=False)
+            except NbdError as e:
+                assert fast and e.errno == errno.ENOTSUP and fast_unit and (off | n) % fast_unit, e
+                continue
+            model[off : off + n] = bytes(n)
+        else:
+            await img.trim(off, n, fua=False)
+            if trimmed is None:
+                data = bytes([byte]) * n
+                await settled(img.write(off, memoryview(data), fua=False))
+                model[off : off + n] = data
+            else:
+                for a, b in trimmed(off, n):
+                    model[a:b] = bytes(b - a)
+
+
+def write_concurrently(path: Path, writes: list[tuple[int, bytes]], **spec) -> None:
+    """Open ``path`` and start every ``(offset, data)`` write at once, then wait for all."""
+
+    async def go():
+        img = await opened(path, **spec)
+        try:
+            pendings = [img.write(off, memoryview(data), fua=False) for off, data in writes]
+            await asyncio.gather(*(p for p in pendings if p is not None))
+        finally:
+            await img.close()
+
+    run(go())
+
+
+def with_writes(size: int, writes: list[tuple[int, bytes]]) -> bytearray:
+    """A zero disk of ``size`` bytes with ``writes`` applied."""
+    disk = bytearray(size)
+    for off, data in writes:
+        disk[off : off + len(data)] = data
+    return disk
 
 
 def served_read_only(tmp_path: Path, raw: bytes | bytearray, caplog, expected: bytes | None = None) -> str:

@@ -111,7 +111,6 @@ class LuksHeader:
     sector_size: int
     iv_tweak: int  # IV of the payload's first 512 bytes
     keyslots: tuple[Keyslot, ...]  # in the order to try
-    metadata_end: int  # end of the header copies and keyslot areas
 
     def payload_cipher(self, key: bytes) -> SectorCipher:
         return SectorCipher(self.cipher, key, sector_size=self.sector_size, iv_step=self.sector_size // SECTOR)
@@ -232,7 +231,6 @@ def _parse_luks1(read: Read, size: int, area: int | None) -> LuksHeader:
     areas = _Areas()
     areas.claim(0, LUKS1_HEADER_SIZE, "the LUKS header")
     slots = []
-    end_of_slots = LUKS1_HEADER_SIZE
     for i in range(LUKS1_SLOTS):
         active, iters, salt, km_sector, stripes = LUKS1_SLOT.unpack_from(raw, LUKS1_PHDR.size + i * LUKS1_SLOT.size)
         if active == SLOT_DISABLED:
@@ -250,7 +248,6 @@ def _parse_luks1(read: Read, size: int, area: int | None) -> LuksHeader:
             raise CryptoError(f"keyslot {i}: key material [{start:#x}, {end:#x}) runs past {where} ({limit:#x})")
         if end > size:
             raise CryptoError(f"keyslot {i}: key material [{start:#x}, {end:#x}) is beyond the end of the file")
-        end_of_slots = max(end_of_slots, end)
         slots.append(Keyslot(i, key_bytes, Kdf("pbkdf2", salt, hspec_name, iters), start, cipher, hspec_name, digest))
     if not slots:
         raise CryptoError("no active keyslot")
@@ -263,7 +260,6 @@ def _parse_luks1(read: Read, size: int, area: int | None) -> LuksHeader:
         sector_size=SECTOR,
         iv_tweak=0,
         keyslots=tuple(slots),
-        metadata_end=end_of_slots,
     )
 
 
@@ -505,7 +501,6 @@ def _parse_luks2(read: Read, size: int, area: int | None) -> LuksHeader:
         sector_size=sector_size,
         iv_tweak=iv_tweak,
         keyslots=tuple(s for _, s in slots),
-        metadata_end=slots_end,
     )
 
 

@@ -25,7 +25,9 @@ is given a list of buffers (one guest-contiguous run written as one ``storage.wr
 Block status: ``block_status(offset, length)`` describes ONE run starting at ``offset`` (length
 ``<= length``); the image layer loops, merges runs and walks the backing chain.  ``offset`` and
 ``length`` are multiples of ``limits.align`` like every other call (the image layer widens an
-unaligned question and clips the answer).  A run's ``state`` is a combination of
+unaligned question and clips the answer), and so must the run's length be (a sector is all one
+state; the image layer fails the request with EIO otherwise), which keeps the next question
+aligned.  ``size`` is a multiple of ``limits.align``.  A run's ``state`` is a combination of
   * ``ALLOCATED``: this layer decides the content (clear: "ask the backing image"; with no
     backing image the range reads as zeroes);
   * ``DATA``: host storage holds the data (clear with ALLOCATED: a zero cluster / hole);
@@ -79,7 +81,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar, NamedTuple, Protocol
 
 from ..cache import ClusterCache
-from ..storage.base import Pending, Storage, write_zero_bytes
+from ..storage.base import Pending, Storage, joined, settled, write_zero_bytes
 
 # Block-status state bits (driver level; the image layer maps them to NBD flags).
 DATA = 1
@@ -156,6 +158,47 @@ async def zero_in_place(storage: Storage, at: int, n: int, may_trim: bool) -> No
     writing zero bytes."""
     if not await storage.write_zeroes(at, n, may_unmap=may_trim):
         await write_zero_bytes(storage, at, n)
+
+
+class TableReads:
+    """``read`` for a driver whose mapping lives in cached tables: the one shape every such
+    driver's read has.  The fast case starts every piece the cached tables place
+    (``_read_cached``) and completes synchronously if that covers ``buf``; otherwise the rest
+    is a coroutine that loads what was missing (``_load_for_read``), walks on, and finally waits for
+    every storage read started (also when a load fails, so none is left writing into ``buf``).
+
+    The driver provides, with positions that are guest offsets (``guest_positions``) or
+    offsets into ``buf``:
+      * ``_read_cached(offset, buf, pos, pendings) -> pos``: synchronously start the reads from
+        ``pos`` on (their Pendings appended to ``pendings``) while the tables are cached;
+        return where it stopped;
+      * ``async _load_for_read(offset, buf, pos, pendings) -> pos``: load what ``_read_cached`` stopped
+        at (it may also serve a piece itself and return a later position).
+    """
+
+    guest_positions: ClassVar[bool] = True
+
+    def read(self, offset: int, buf: memoryview) -> Pending:
+        start = offset if self.guest_positions else 0
+        pendings: list = []
+        pos = self._read_cached(offset, buf, start, pendings)
+        if pos == start + len(buf):
+            return joined(pendings)
+        return self._read_loading(offset, buf, pos, start + len(buf), pendings)
+
+    async def _read_loading(self, offset: int, buf: memoryview, pos: int, end: int, pendings: list) -> None:
+        try:
+            while pos < end:
+                pos = await self._load_for_read(offset, buf, pos, pendings)
+                pos = self._read_cached(offset, buf, pos, pendings)
+        finally:
+            await settled(joined(pendings))
+
+    def _read_cached(self, offset: int, buf: memoryview, pos: int, pendings: list) -> int:
+        raise NotImplementedError
+
+    async def _load_for_read(self, offset: int, buf: memoryview, pos: int, pendings: list) -> int:
+        raise NotImplementedError
 
 
 class FormatDriver:

@@ -22,9 +22,12 @@ that appends at ``blocks_allocated`` (QEMU, VirtualBox, us) never hands out a us
     a crash can show the moved block's bytes where zeroes were promised.)  Each table change is
     made in memory together with ``mappings_changed``, and while the block being checked or
     moved is read or copied, lock-free writes to it are held back (``_moving``: they take the
-    slow path and wait for the lock), so no write lands in a slot after it was read.  (A write
-    already in flight on a storage that completes asynchronously is not waited for: VDI relies
-    on a storage that completes synchronously for that, as local files do.)
+    slow path and wait for the lock), so no write lands in a slot after it was read.  Lock-free
+    I/O already in flight on a storage that completes later (RBD, S3) is waited for first
+    (``_in_flight``, ``_quiesce``): every lock-free read and write of block data is counted
+    until it completes, and on such a storage there is no mapping memo (``map_bits`` 0), so
+    every read of block data passes through here and is counted.  (On a local file each read
+    and write completes before it returns: nothing is ever in flight.)
 A crash between those writes leaves a count that disagrees with the map (``qemu-img check``
 reports it) or a hole in the index space; a read-write open repairs both (moving blocks down
 into holes, fixing the count, cutting leaked blocks off the end) before serving.
@@ -40,7 +43,8 @@ once" bitmap are bounded by the map's size in the file.
 
 Locking: ``self.lock`` (a CoMutex) guards the block map, the header, the count and the reverse
 map.  Reads and writes of allocated blocks take no lock and do not suspend once the map page is
-cached; allocation re-checks the entry under the lock.
+cached; allocation re-checks the entry under the lock.  Zeroing in place looks the block up and
+zeroes it under the lock (a removal may move the block meanwhile otherwise).
 """
 
 from __future__ import annotations
@@ -50,12 +54,14 @@ import logging
 import struct
 import uuid
 from array import array
+from collections.abc import Awaitable
+from typing import NamedTuple
 
 from ..cache import CacheEntry, ClusterCache
 from ..errors import CorruptImage, NbdError, UnsupportedImage
-from ..locks import CoMutex
+from ..locks import CoMutex, CoQueue
 from ..storage.base import Pending, Storage, joined, read_at, settled
-from .base import ALLOCATED, DATA, ZERO, Caps, Extent, FormatDriver, Limits, OpenOptions, zero_in_place
+from .base import ALLOCATED, DATA, ZERO, Caps, Extent, FormatDriver, Limits, OpenOptions, TableReads, zero_in_place
 from .tables import decode_le32, encode_le
 
 log = logging.getLogger(__name__)
@@ -76,11 +82,37 @@ PAGE_ENTRIES = PAGE // 4
 SCAN_CHUNK = 1 << 20  # bytes of block map decoded at a time at open
 STATUS_BLOCKS = 4096
 
-# text, signature, version, header_size, image_type, image_flags, description, offset_bmap,
-# offset_data, cylinders, heads, sectors, sector_size, unused1, disk_size, block_size,
-# block_extra, blocks_in_image, blocks_allocated, uuid_image, uuid_last_snap, uuid_link,
-# uuid_parent
 HEADER = struct.Struct("<64sIIIII256sIIIIIIIQIIII16s16s16s16s")
+
+
+class Header(NamedTuple):
+    """The header's fields, in their order on disk (``HEADER``)."""
+
+    text: bytes
+    signature: int
+    version: int
+    header_size: int
+    image_type: int
+    image_flags: int
+    description: bytes
+    offset_bmap: int
+    offset_data: int
+    cylinders: int
+    heads: int
+    sectors: int
+    sector_size: int
+    unused1: int
+    disk_size: int
+    block_size: int
+    block_extra: int
+    blocks_in_image: int
+    blocks_allocated: int
+    uuid_image: bytes
+    uuid_last_snap: bytes
+    uuid_link: bytes
+    uuid_parent: bytes
+
+
 BLOCKS_ALLOCATED_AT = 0x184
 
 
@@ -88,30 +120,37 @@ def _identity(buf: bytearray) -> bytearray:
     return buf
 
 
-class VdiDriver(FormatDriver):
+class VdiDriver(TableReads, FormatDriver):
     format_name = "vdi"
+    guest_positions = False
 
-    def __init__(self, storage: Storage, readonly: bool, cache: ClusterCache, fields: tuple) -> None:
+    def __init__(self, storage: Storage, readonly: bool, cache: ClusterCache, h: Header) -> None:
         self.storage = storage
         self.path = storage.name
         self.readonly = readonly
         self.cache = cache
         self.lock = CoMutex(f"vdi {storage.name}")
-        self.static = fields[4] == TYPE_STATIC
-        self.offset_bmap, self.offset_data = fields[7], fields[8]
-        self.block_size = fields[15]
+        self.static = h.image_type == TYPE_STATIC
+        self.offset_bmap, self.offset_data = h.offset_bmap, h.offset_data
+        self.block_size = h.block_size
         self.block_bits = self.block_size.bit_length() - 1
-        self.blocks = fields[17]
-        self.allocated = fields[18]  # the header's count, as we keep it
-        self.size = -(-fields[14] // SECTOR) * SECTOR
+        self.blocks = h.blocks_in_image
+        self.allocated = h.blocks_allocated  # the header's count, as we keep it
+        self.size = -(-h.disk_size // SECTOR) * SECTOR
         self.limits = Limits(align=1)
         writable = not readonly
         self.caps = Caps(native_zero=writable, native_trim=writable)
-        self.map_bits = self.block_bits
+        # The memo's reads would bypass ``_in_flight``: only where nothing is ever in flight.
+        self.map_bits = self.block_bits if storage.sync_io else 0
         self.rev = array("I")  # data block index -> virtual block (UNALLOCATED: unused)
         # The virtual block whose data ``_remove`` is copying to another slot (-1: none); writes
         # to it wait for the lock, so none lands in the old slot after it was read.
         self._moving = -1
+        # Lock-free block data I/O started and not yet completed (only a storage that completes
+        # later has any); ``_quiesce`` waits in ``_idle`` until there is none.
+        self._in_flight: dict[int, int] = {}  # generation -> count
+        self._gen = 0
+        self._idle = CoQueue()
         self.bmap_kind = cache.kind(storage, name="VDI block map page", size=PAGE, decode=decode_le32, encode=encode_le)
         self.header_kind = cache.kind(storage, name="VDI header", size=SECTOR, decode=bytearray, encode=_identity)
 
@@ -196,6 +235,36 @@ class VdiDriver(FormatDriver):
     def _host(self, index: int) -> int:
         return self.offset_data + index * self.block_size
 
+    def _counted(self, pending: Pending, pendings: list) -> None:
+        """Add ``pending`` (lock-free block data I/O just started) to ``pendings``, counted in
+        ``_in_flight`` under the current generation until it completes."""
+        if pending is not None:
+            gen = self._gen
+            self._in_flight[gen] = self._in_flight.get(gen, 0) + 1
+            pendings.append(self._uncount_after(pending, gen))
+
+    async def _uncount_after(self, pending: Awaitable[None], gen: int) -> None:
+        try:
+            await pending
+        finally:
+            left = self._in_flight[gen] - 1
+            if left:
+                self._in_flight[gen] = left
+            else:
+                del self._in_flight[gen]
+                self._idle.wake_all()
+
+    async def _quiesce(self) -> None:
+        """Wait until the lock-free block data I/O started before this call has completed (I/O
+        started later is not waited for, so a busy storage cannot starve a removal).  Called
+        with self.lock held and ``_moving`` set, so no new write to the block being moved
+        starts meanwhile."""
+        self.lock.assert_locked()
+        gen = self._gen
+        self._gen += 1
+        while any(g <= gen for g in self._in_flight):
+            await self._idle.wait()
+
     async def _copy_block(self, src: int, dst: int) -> None:
         """Copy data block ``src`` into the slot of data block ``dst``."""
         block = await read_at(self.storage, self._host(src), self.block_size)
@@ -224,13 +293,6 @@ class VdiDriver(FormatDriver):
 
     # -- reads ------------------------------------------------------------------------------
 
-    def read(self, offset: int, buf: memoryview) -> Pending:
-        pendings: list = []
-        pos = self._read_cached(offset, buf, 0, pendings)
-        if pos == len(buf):
-            return joined(pendings)
-        return self._read_loading(offset, buf, pos, pendings)
-
     def _read_cached(self, offset: int, buf: memoryview, pos: int, pendings: list) -> int:
         """Start the reads of ``buf`` (guest ``offset``) from ``pos`` (relative to ``buf``) on,
         block by block, while the map pages are cached; returns where it stopped.  Synchronous:
@@ -246,18 +308,14 @@ class VdiDriver(FormatDriver):
             if e >= DISCARDED:
                 buf[pos : pos + cnt] = bytes(cnt)
             else:
-                p = storage.read(self._host(e) + inblk, buf[pos : pos + cnt])
-                if p is not None:
-                    pendings.append(p)
+                self._counted(storage.read(self._host(e) + inblk, buf[pos : pos + cnt]), pendings)
             pos += cnt
         return pos
 
-    async def _read_loading(self, offset: int, buf: memoryview, pos: int, pendings: list) -> None:
-        """``read`` from ``pos`` on, where a map page is not cached: load it and walk on."""
-        while pos < len(buf):
-            await self._entry((offset + pos) >> self.block_bits)
-            pos = self._read_cached(offset, buf, pos, pendings)
-        await settled(joined(pendings))
+    async def _load_for_read(self, offset: int, buf: memoryview, pos: int, pendings: list) -> int:
+        """The map page ``_read_cached`` stopped at (see ``TableReads``)."""
+        await self._entry((offset + pos) >> self.block_bits)
+        return pos
 
     async def block_status(self, offset: int, length: int) -> Extent:
         bits = self.block_bits
@@ -301,11 +359,9 @@ class VdiDriver(FormatDriver):
                 return None
             plan.append((pos, cnt, self._host(e) + inblk))
             pos += cnt
-        pendings = []
+        pendings: list = []
         for pos, cnt, host in plan:
-            p = self.storage.write(host, data[pos : pos + cnt])
-            if p is not None:
-                pendings.append(p)
+            self._counted(self.storage.write(host, data[pos : pos + cnt]), pendings)
         return pendings
 
     async def _write_slow(self, offset: int, data: memoryview, fua: bool) -> None:
@@ -322,7 +378,9 @@ class VdiDriver(FormatDriver):
             if e is None:
                 e = await self._entry(vb)
             if e < DISCARDED and vb != self._moving:
-                await settled(self.storage.write(self._host(e) + inblk, data[pos : pos + cnt]))
+                pendings: list = []
+                self._counted(self.storage.write(self._host(e) + inblk, data[pos : pos + cnt]), pendings)
+                await settled(joined(pendings))
             else:
                 async with self.lock:
                     await self._allocate(vb, inblk, data[pos : pos + cnt])
@@ -373,17 +431,23 @@ class VdiDriver(FormatDriver):
             vb = pos >> bits
             inblk = pos & (bs - 1)
             cnt = min(bs - inblk, end - pos)
-            e = await self._entry(vb)
-            if e >= DISCARDED:
-                pass
-            elif may_trim and cnt == bs and not self.static:
+            if await self._entry(vb) < DISCARDED:
                 async with self.lock:
-                    await self._remove(vb, 0, bs)
-            else:
-                await zero_in_place(self.storage, self._host(e) + inblk, cnt, may_trim)
+                    if may_trim and cnt == bs and not self.static:
+                        await self._remove(vb, 0, bs)
+                    else:
+                        await self._zero_locked(vb, inblk, cnt, may_trim)
             pos += cnt
         if fua:
             await self.flush()
+
+    async def _zero_locked(self, vb: int, inblk: int, n: int, may_trim: bool) -> None:
+        """Zero ``[inblk, inblk+n)`` of virtual block ``vb`` in place if it is allocated.  Called
+        with self.lock held (so the block is not moved meanwhile)."""
+        self.lock.assert_locked()
+        e = await self._entry(vb)
+        if e < DISCARDED:
+            await zero_in_place(self.storage, self._host(e) + inblk, n, may_trim)
 
     async def pdiscard(self, offset: int, length: int) -> None:
         """VirtualBox's discard: a block goes away when the range covers it or when the rest of
@@ -416,6 +480,7 @@ class VdiDriver(FormatDriver):
             d = freed.value[vb % PAGE_ENTRIES]
             self._moving = vb
             try:
+                await self._quiesce()  # a write to the block started before may still land
                 if d >= DISCARDED or not await self._rest_is_zero(d, a, n):
                     return
             finally:
@@ -432,6 +497,7 @@ class VdiDriver(FormatDriver):
                 moved = await self._page(moved_vb)
                 self._moving = moved_vb  # in-place writes to it now wait for the lock
                 try:
+                    await self._quiesce()  # and those started before have landed
                     await self._copy_block(last, d)
                     moved.value[moved_vb % PAGE_ENTRIES] = d
                     self.rev[d], self.rev[last] = moved_vb, UNALLOCATED
@@ -448,6 +514,7 @@ class VdiDriver(FormatDriver):
         finally:
             self.cache.release(header)
             self.cache.release(freed)
+        await self._quiesce()  # reads of the moved block's old slot, started before the move
         await self.storage.truncate(self._host(self.allocated))
 
     async def _rest_is_zero(self, index: int, a: int, n: int) -> bool:
@@ -465,14 +532,16 @@ class VdiDriver(FormatDriver):
             await self.flush()
 
 
-async def _parse_header(storage: Storage) -> tuple:
+async def _parse_header(storage: Storage) -> Header:
     """The header fields of a VDI file, validated (see the module docstring)."""
     path, size = storage.name, storage.size
     if size < SECTOR:
         raise CorruptImage(path, f"file of {size} bytes is shorter than a VDI header")
-    f = HEADER.unpack_from(await read_at(storage, 0, SECTOR))
-    (_, signature, version, header_size, image_type, _, _, offset_bmap, offset_data, _, _, _, sector_size) = f[:13]
-    disk_size, block_size, block_extra, blocks, allocated, _, _, link, parent = f[14:]
+    f = Header._make(HEADER.unpack_from(await read_at(storage, 0, SECTOR)))
+    signature, version, header_size, image_type = f.signature, f.version, f.header_size, f.image_type
+    offset_bmap, offset_data, sector_size, disk_size = f.offset_bmap, f.offset_data, f.sector_size, f.disk_size
+    block_size, block_extra, blocks, allocated = f.block_size, f.block_extra, f.blocks_in_image, f.blocks_allocated
+    link, parent = f.uuid_link, f.uuid_parent
     if signature != SIGNATURE:
         raise CorruptImage(path, f"signature 0x{signature:08x} is not 0xbeda107f")
     if version != VERSION_1_1:

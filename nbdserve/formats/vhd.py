@@ -107,6 +107,7 @@ from .base import (
     FormatDriver,
     Limits,
     OpenOptions,
+    TableReads,
     zero_in_place,
 )
 
@@ -250,7 +251,7 @@ def _identity(buf: Any) -> Any:
     return buf
 
 
-class VhdDriver(FormatDriver):
+class VhdDriver(TableReads, FormatDriver):
     format_name = "vpc"
 
     def __init__(self, storage: Storage, readonly: bool, footer: Footer, size: int) -> None:
@@ -534,11 +535,7 @@ class VhdDriver(FormatDriver):
     def read(self, offset: int, buf: memoryview) -> Pending:
         if self.fixed:
             return self.storage.read(offset, buf)
-        pendings: list = []
-        pos = self._read_cached(offset, buf, offset, pendings)
-        if pos == offset + len(buf):
-            return joined(pendings)
-        return self._read_loading(offset, buf, pos, pendings)
+        return TableReads.read(self, offset, buf)
 
     def _read_cached(self, offset: int, buf: memoryview, pos: int, pendings: list) -> int:
         """Start the reads of ``buf`` (guest ``offset``) from ``pos`` on, block by block, as long
@@ -596,19 +593,15 @@ class VhdDriver(FormatDriver):
             s += run
         return pos + cnt
 
-    async def _read_loading(self, offset: int, buf: memoryview, pos: int, pendings: list) -> None:
-        """``read`` from ``pos`` on, where a BAT page or bitmap is not cached: load them (the
-        block is then read from the values loaded, even if loading one evicted the other)."""
-        end = offset + len(buf)
-        while pos < end:
-            idx = pos >> self.block_shift
-            block = await self._bat(idx)
-            bm = None
-            if block != UNALLOCATED and not self._is_full(idx):
-                bm = await self._bitmap(block)
-            pos = self._read_block(offset, buf, pos, block, bm, pendings)
-            pos = self._read_cached(offset, buf, pos, pendings)
-        await settled(joined(pendings))
+    async def _load_for_read(self, offset: int, buf: memoryview, pos: int, pendings: list) -> int:
+        """The BAT page and bitmap ``_read_cached`` stopped at; the block is then read from the
+        values loaded, even if loading one evicted the other (see ``TableReads``)."""
+        idx = pos >> self.block_shift
+        block = await self._bat(idx)
+        bm = None
+        if block != UNALLOCATED and not self._is_full(idx):
+            bm = await self._bitmap(block)
+        return self._read_block(offset, buf, pos, block, bm, pendings)
 
     # -- writes -----------------------------------------------------------------------------
 
@@ -774,7 +767,9 @@ class VhdDriver(FormatDriver):
         end = offset + length
         if self.fixed:  # past the file (a short fixed image, read-only): a hole, zeroes
             run, is_data = await self.storage.extent(offset, length)
-            return Extent(run, ALLOCATED | DATA if is_data else ALLOCATED | ZERO)
+            if is_data:  # a file ending inside a sector: the whole sector is data
+                return Extent(min(length, -(-run // SECTOR) * SECTOR), ALLOCATED | DATA)
+            return Extent(run, ALLOCATED | ZERO)
         shift, bs = self.block_shift, self.block_size
         state = None
         pos = offset

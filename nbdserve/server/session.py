@@ -25,13 +25,15 @@ validated by ``check_request`` and enter the same routes (READ, WRITE) or their 
 handler (FLUSH, TRIM, WRITE_ZEROES, CACHE, BLOCK_STATUS).
 
 The call chains (see ``nbdserve.image`` for the layers below):
-  * READ: ``_pump`` -> ``next_plain`` -> ``_read``: a reply buffer with room for the header,
+  * READ: ``_pump`` -> ``next_plain`` -> ``_serve_plain`` (or, decoded alone, ``next_event`` ->
+    ``_dispatch``) -> ``_read``: a reply buffer with room for the header,
     ``Image.read`` into it -> ``_reply_read``: the header packed in front, appended to the batch
     (a large structured read whose data holds runs of zero granules goes out as data and hole
     chunks instead);
-  * WRITE: ``_pump`` -> ``next_plain`` -> ``_write``: ``Image.write`` of the payload where it was
-    received (a view of the receive buffer, or a large payload's own buffer), and the reply.  On
-    an image that takes runs (``Image.vectored``: raw), sequential plain WRITEs of one receive go
+  * WRITE: ``_pump`` -> ``next_plain`` -> ``_serve_plain`` (or ``next_event`` -> ``_dispatch``:
+    FUA, a large payload) -> ``_write``: ``Image.write`` of the payload where it was received (a
+    view of the receive buffer, or a large payload's own buffer), and the reply.  On an image
+    that takes runs (``Image.vectored``: raw), sequential in-range plain WRITEs of one receive go
     down as one write of their payloads (one ``pwritev``).  A write that must wait keeps its view
     of the receive buffer, so the parser is told to ``detach`` from that buffer.
 
@@ -483,8 +485,10 @@ class Session(asyncio.BufferedProtocol):
     def _serve_plain(self, plain: list[tuple[int, int, int, memoryview | None]]) -> None:
         """Start a run of plain READs and WRITEs (``RequestParser.next_plain``), checking each
         range inline; one out of range goes to ``_dispatch`` for its error reply.  Sequential
-        WRITEs are handed to a vectored image as one run.  Metrics: the requests answered at once
-        are counted together at the end, each at the run's mean latency."""
+        in-range WRITEs are handed to a vectored image as one run, started before any other
+        request of the batch (so a READ behind them sees them, as it would one by one).  Metrics:
+        the requests answered at once are counted together at the end, each at the run's mean
+        latency."""
         t0 = now_ns()
         size = self.image.size
         nreads = read_bytes = nwrites = write_bytes = 0  # answered at once
@@ -493,8 +497,15 @@ class Session(asyncio.BufferedProtocol):
         run_start = run_end = 0
         vectored = self.image.vectored
         for cookie, offset, length, payload in plain:
-            if payload is not None and run:
-                if offset == run_end and vectored and run_end - run_start + length <= C.DEFAULT_MAX_PAYLOAD:
+            in_range = offset + length <= size
+            if run:
+                if (
+                    payload is not None
+                    and in_range
+                    and vectored
+                    and offset == run_end
+                    and run_end - run_start + length <= C.DEFAULT_MAX_PAYLOAD
+                ):
                     run.append(payload)
                     replies.append((cookie, offset))
                     run_end += length
@@ -503,7 +514,7 @@ class Session(asyncio.BufferedProtocol):
                     nwrites += len(replies)
                     write_bytes += run_end - run_start
                 run, replies = [], []
-            if offset + length > size:  # the error reply, as check_request words it
+            if not in_range:  # the error reply, as check_request words it
                 if payload is None:
                     self._dispatch(Request(C.CMD_READ, 0, cookie, offset, length))
                 else:

@@ -332,6 +332,33 @@ def test_handshake_and_requests_in_one_send(server) -> None:
         assert f.read(len(payload)) == payload
 
 
+def test_pipelined_write_past_the_end_is_refused_alone(server) -> None:
+    """Sequential plain WRITEs in one send (an image that takes runs writes them as one): the one
+    running past the end gets its own ENOSPC and nothing of it lands (the file does not grow);
+    the one before it is written, and a READ sent behind them sees it."""
+    srv, img = server
+    a, b = os.urandom(4096), os.urandom(4096)
+    with client(srv) as c:
+        c.greet()
+        c.go("disk")
+        out = b""
+        for cookie, cmd, offset, payload in [
+            (1, raw.CMD_WRITE, SIZE - 4096, a),
+            (2, raw.CMD_WRITE, SIZE, b),
+            (3, raw.CMD_READ, SIZE - 4096, b""),
+        ]:
+            out += struct.pack(">IHHQQI", raw.REQUEST_MAGIC, 0, cmd, cookie, offset, 4096) + payload
+            c.expect(cookie, cmd, offset, 4096)
+        c.send(out)
+        replies = {r.cookie: r for r in (c.reply(), c.reply(), c.reply())}
+        assert (replies[1].error, replies[2].error, replies[3].error) == (0, raw.ENOSPC, 0)
+        assert bytes(replies[3].data) == a
+    assert os.path.getsize(img) == SIZE
+    with open(img, "rb") as f:
+        f.seek(SIZE - 4096)
+        assert f.read() == a
+
+
 def test_oversize_write_then_pipelined_requests(server) -> None:
     """A WRITE over the 32 MiB payload limit is refused (EINVAL) after its payload is skipped;
     requests sent right behind it are parsed from the right place and answered."""

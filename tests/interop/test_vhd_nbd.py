@@ -86,3 +86,37 @@ def test_vhd_differencing_chain_over_nbd(tmp_path):
         holes = [(o, n) for o, n, t in merged_map(srv.uri) if t == 3]
     assert out.read_bytes() == want
     assert holes == [(bs, 4 * bs), (6 * bs, 3 * bs), (10 * bs, 4 * MiB - 10 * bs)]
+
+
+def test_short_fixed_vhd_block_status_in_whole_sectors(tmp_path):
+    """A fixed VHD whose file ends inside a sector of its data area (served read-only): block
+    status at unaligned offsets around that end answers (no EIO from a run that stops inside
+    the sector) in whole sectors and never calls non-zero bytes ZERO.  (QEMU refuses a VHD file
+    that is not whole sectors; we read it as we read a short fixed VHD: the file, then zeroes.)"""
+    p = tmp_path / "short.vhd"
+    qemu_img("create", "-q", "-f", "vpc", "-o", "subformat=fixed,force_size=on", p, "3M")
+    qemu_io("vpc", p, "write -P 0x5c 0 3M")
+    buf = bytearray(p.read_bytes())
+    buf[2 * MiB + 700 : 3 * MiB] = b""  # the data area ends 700 bytes into a sector; footer kept
+    p.write_bytes(bytes(buf))
+    with serve(tmp_path, "-r", "-f", "vpc", p) as o:
+        whole = merged_map(o.uri)
+        assert all(start % 512 == 0 and length % 512 == 0 for start, length, _ in whole), whole
+        h = nbd_connect(o.uri)
+        h.set_strict_mode(0)
+        disk = h.pread(3 * MiB, 0)
+        end = 2 * MiB + 700 + 512  # the file's end (the footer is read as data, as QEMU does)
+        assert disk == bytes(buf) + bytes(3 * MiB - end)
+        for off, n in [(end - 3, 7), (end - 600, 1000), (end - 512 - 1, 3), (2 * MiB + 1, 1), (end + 1, 5000)]:
+            got: list[int] = []
+            h.block_status(n, off, lambda ctx, start, entries, err, got=got: got.extend(entries) or 0)
+            pos = off
+            for length, flags in zip(got[0::2], got[1::2], strict=True):
+                length = min(length, off + n - pos)
+                if flags & 2:  # NBD_STATE_ZERO
+                    assert disk[pos : pos + length] == bytes(length), (off, n, pos, length)
+                pos += length
+                if pos >= off + n:
+                    break
+            assert pos >= off + n, (off, n, got)
+        h.shutdown()

@@ -16,7 +16,8 @@ from nbdserve.cache import ClusterCache
 from nbdserve.errors import ImageError, NbdError, UnsupportedImage
 from nbdserve.formats.base import Limits
 from nbdserve.formats.raw import RawDriver
-from nbdserve.image import STATE_HOLE, STATE_ZERO, Image, ImageSpec, open_image, resolve_backing
+from nbdserve.image import Image, ImageSpec, open_image, resolve_backing
+from nbdserve.protocol.constants import STATE_HOLE, STATE_ZERO
 from nbdserve.storage.base import settled
 from nbdserve.storage.local import LocalFile
 

@@ -33,7 +33,7 @@ from nbdserve.formats.qed import QedDriver
 from nbdserve.formats.qed.header import F_NEED_CHECK
 from nbdserve.image import Image
 from nbdserve.storage.base import settled
-from tests.imagetest import FILL, opened, run
+from tests.imagetest import FILL, apply_ops, model_ops, opened, run, with_writes, write_concurrently
 from tests.imagetest import check_clean as _check_clean
 from tests.imagetest import compare_with_model as _compare_with_model
 from tests.imagetest import our_map as _our_map
@@ -141,38 +141,16 @@ def test_backing_chain_raw_qed_qed(tmp_path: Path) -> None:
 
 VSIZE = 6 * M  # crosses an L2 table boundary with 4 KiB clusters and table_size 2 (4 MiB per table)
 
-op_st = st.one_of(
-    st.tuples(st.just("write"), st.integers(0, VSIZE - 1), st.integers(1, 70 * K), st.integers(1, 255)),
-    st.tuples(st.just("zero"), st.integers(0, VSIZE - 1), st.integers(1, 200 * K), st.booleans(), st.booleans()),
-    st.tuples(st.just("trim"), st.integers(0, VSIZE - 1), st.integers(1, 200 * K)),
-    st.tuples(st.just("flush")),
-)
+op_st = model_ops(VSIZE, write_max=70 * K, zero_max=200 * K, trim_max=200 * K, fast_zero=True)
+
+
+def whole_clusters(cs: int):
+    """A TRIM's effect here: the whole clusters inside its range read as zeroes."""
+    return lambda off, n: [(-(-off // cs) * cs, (off + n) // cs * cs)] if (off + n) // cs > -(-off // cs) else []
 
 
 async def apply(img: Image, model: bytearray, ops, lo: int, hi: int, cs: int) -> None:
-    """Apply ``ops`` clamped to the stream's region ``[lo, hi)`` to the image and the model."""
-    for op in ops:
-        if op[0] == "flush":
-            await img.flush()
-            continue
-        off = lo + op[1] % (hi - lo)
-        n = min(op[2], hi - off)
-        if op[0] == "write":
-            data = bytes([op[3]]) * n
-            await settled(img.write(off, memoryview(data), fua=False))
-            model[off : off + n] = data
-        elif op[0] == "zero":
-            try:
-                await img.write_zeroes(off, n, may_trim=op[3], fast=op[4], fua=False)
-            except NbdError as e:
-                assert op[4] and e.errno == errno.ENOTSUP and (off | n) % cs
-                continue
-            model[off : off + n] = bytes(n)
-        else:  # trim: whole clusters inside the range read as zeroes afterwards
-            await img.trim(off, n, fua=False)
-            a, b = -(-off // cs) * cs, (off + n) // cs * cs
-            if b > a:
-                model[a:b] = bytes(b - a)
+    await apply_ops(img, model, ops, lo, hi, trimmed=whole_clusters(cs), fast_unit=cs)
 
 
 def _write_test(tmp: Path, streams, *, backing: bool, cs: int, table_size: int, cache: int = 8 << 20) -> None:
@@ -235,24 +213,11 @@ def test_concurrent_writes_to_one_cluster_allocate_it_once(tmp_path: Path) -> No
     qemu_img("create", "-q", "-f", "qed", "-o", "cluster_size=64k", path, "8M")
     qemu_io("qed", path, "write -P 1 0 64k")  # L2 table exists: growth below is data only
     before = path.stat().st_size
-
-    async def go():
-        img = await opened(path)
-        try:
-            await asyncio.gather(
-                *(img.write(1 * M + k * 4 * K + 100, memoryview(bytes([k + 1]) * 3000), fua=False) for k in range(16))
-            )
-        finally:
-            await img.close()
-
-    run(go())
+    writes = [(M + k * 4 * K + 100, bytes([k + 1]) * 3000) for k in range(16)]
+    write_concurrently(path, writes)
     assert path.stat().st_size == before + 64 * K
     check_clean(path)
-    expect = bytearray(8 * M)
-    expect[: 64 * K] = b"\x01" * (64 * K)
-    for k in range(16):
-        expect[M + k * 4 * K + 100 : M + k * 4 * K + 3100] = bytes([k + 1]) * 3000
-    compare_raw(path, expect, tmp_path)
+    compare_raw(path, with_writes(8 * M, [(0, b"\x01" * (64 * K)), *writes]), tmp_path)
 
 
 def test_zero_and_trim_make_zero_clusters(tmp_path: Path) -> None:
@@ -589,7 +554,7 @@ CRASH_OPS = [
     ("write", 5 * M, 4096, 4),
     ("flush",),
     ("write", 150, 100, 5),  # in place
-    ("zero", 2 * M, 64 * K, True, False),  # zero clusters
+    ("zero", 2 * M, 64 * K, 0, True, False),  # zero clusters
     ("trim", 100, 8 * K),
 ]
 

@@ -26,13 +26,26 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from nbdserve.cache import ClusterCache
 from nbdserve.errors import CorruptImage, ImageError, UnsupportedImage
 from nbdserve.formats import probe
+from nbdserve.formats.base import OpenOptions
 from nbdserve.formats.vdi import VdiDriver
 from nbdserve.image import Image
 from nbdserve.storage.base import settled
+from nbdserve.storage.local import LocalFile
 from tests.conftest import SLOW
-from tests.imagetest import FILL, Recorder, file_after, opened, run
+from tests.imagetest import (
+    FILL,
+    Recorder,
+    apply_ops,
+    file_after,
+    model_ops,
+    opened,
+    run,
+    with_writes,
+    write_concurrently,
+)
 from tests.imagetest import check_clean as _check_clean
 from tests.imagetest import compare_with_model as _compare_with_model
 from tests.imagetest import our_map as _our_map
@@ -141,35 +154,7 @@ def test_virtualbox_layout_reads_like_qemu(tmp_path: Path) -> None:
 
 VSIZE = 9 * M + 512  # a short last block
 
-op_st = st.one_of(
-    st.tuples(st.just("write"), st.integers(0, VSIZE - 1), st.integers(1, 2 * M), st.integers(1, 255)),
-    st.tuples(st.just("zero"), st.integers(0, VSIZE - 1), st.integers(1, 3 * M), st.booleans()),
-    st.tuples(st.just("trim"), st.integers(0, VSIZE - 1), st.integers(1, 3 * M), st.integers(1, 255)),
-    st.tuples(st.just("flush")),
-)
-
-
-async def apply(img: Image, model: bytearray, ops, lo: int, hi: int) -> None:
-    """Apply ``ops`` clamped to ``[lo, hi)``; a TRIM's range is unspecified, so it is written
-    again right after."""
-    for op in ops:
-        if op[0] == "flush":
-            await img.flush()
-            continue
-        off = lo + op[1] % (hi - lo)
-        n = min(op[2], hi - off)
-        if op[0] == "write":
-            data = bytes([op[3]]) * n
-            await settled(img.write(off, memoryview(data), fua=False))
-            model[off : off + n] = data
-        elif op[0] == "zero":
-            await img.write_zeroes(off, n, may_trim=op[3], fast=False, fua=False)
-            model[off : off + n] = bytes(n)
-        else:
-            await img.trim(off, n, fua=False)
-            data = bytes([op[3]]) * n
-            await settled(img.write(off, memoryview(data), fua=False))
-            model[off : off + n] = data
+op_st = model_ops(VSIZE, write_max=2 * M, zero_max=3 * M, trim_max=3 * M)
 
 
 @settings(max_examples=30 if SLOW else 15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -195,7 +180,9 @@ def test_write_sequences_match_model(tmp_path: Path, streams, static: bool, tiny
     async def go():
         img = await opened(path, cache=1 if tiny_cache else 8 << 20)
         try:
-            await asyncio.gather(*(apply(img, model, ops, bounds[k], bounds[k + 1]) for k, ops in enumerate(streams)))
+            await asyncio.gather(
+                *(apply_ops(img, model, ops, bounds[k], bounds[k + 1]) for k, ops in enumerate(streams))
+            )
             assert await read_all(img) == model
         finally:
             await img.close()
@@ -216,23 +203,11 @@ def test_write_sequences_match_model(tmp_path: Path, streams, static: bool, tiny
 def test_concurrent_writes_to_one_block_allocate_it_once(tmp_path: Path) -> None:
     path = tmp_path / "c.vdi"
     qemu_img("create", "-q", "-f", "vdi", path, "8M")
-
-    async def go():
-        img = await opened(path)
-        try:
-            await asyncio.gather(
-                *(img.write(M + k * 4 * K + 100, memoryview(bytes([k + 1]) * 3000), fua=False) for k in range(16))
-            )
-        finally:
-            await img.close()
-
-    run(go())
+    writes = [(M + k * 4 * K + 100, bytes([k + 1]) * 3000) for k in range(16)]
+    write_concurrently(path, writes)
     assert header(path)["allocated"] == 1
     check_clean(path)
-    expect = bytearray(8 * M)
-    for k in range(16):
-        expect[M + k * 4 * K + 100 : M + k * 4 * K + 3100] = bytes([k + 1]) * 3000
-    compare_raw(path, expect, tmp_path)
+    compare_raw(path, with_writes(8 * M, writes), tmp_path)
 
 
 # -- discard as VirtualBox does it ------------------------------------------------------------
@@ -275,6 +250,67 @@ def test_discard_moves_the_last_block_and_shrinks(tmp_path: Path) -> None:
     check_clean(path)
     compare_raw(path, model, tmp_path)
     assert path.stat().st_size == header(path)["data"] + 3 * M
+
+
+class LateFile(LocalFile):
+    """A local file that completes one chosen write later, as RBD or S3 may: ``hold_next`` holds
+    the next write (not yet on the file, its Pending not done) until ``release``."""
+
+    sync_io = False
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path, readonly=False)
+        self.hold_next = False
+        self.held: list[tuple[int, bytes, asyncio.Future]] = []
+
+    def write(self, offset, data):
+        if not self.hold_next:
+            return super().write(offset, data)
+        self.hold_next = False
+        fut = asyncio.get_running_loop().create_future()
+        self.held.append((offset, bytes(data), fut))
+        return fut
+
+    def release(self) -> None:
+        for offset, data, fut in self.held:
+            super().write(offset, data)
+            fut.set_result(None)
+        self.held.clear()
+
+
+def test_removal_waits_for_a_write_in_flight(tmp_path: Path) -> None:
+    """TRIM of block 0 moves the last block (1) into its slot while a write to block 1 is still
+    in flight: the copy must include that write (and a read in flight must not see the move)."""
+    path = tmp_path / "late.vdi"
+    qemu_img("create", "-q", "-f", "vdi", path, "4M")
+    qemu_io("vdi", path, "write -P 1 0 1M", "write -P 2 1M 1M")
+
+    async def go():
+        cache = ClusterCache(8 << 20)
+        file = LateFile(str(path))
+        img = Image(await VdiDriver.open(file, readonly=False, cache=cache, options=OpenOptions()), None, cache)
+        try:
+            await settled(img.read(M, memoryview(bytearray(4 * K))))  # the map page is cached
+            file.hold_next = True
+            pending = img.write(M + 10, memoryview(b"\x07" * 100), fua=False)
+            assert pending is not None and file.held  # started, not landed
+            trim = asyncio.ensure_future(img.trim(0, M, fua=False))
+            while not (trim.done() or len(getattr(img.driver, "_idle", ()))):  # done, or waiting for the write
+                await asyncio.sleep(0)
+            file.release()
+            await pending
+            await trim
+            assert header(path)["entries"][:2] == [DISCARDED, 0]  # block 1 moved into slot 0
+            return await read_all(img)
+        finally:
+            await img.close()
+
+    data = run(go())
+    want = bytearray(4 * M)
+    want[M : 2 * M] = b"\x02" * M
+    want[M + 10 : M + 110] = b"\x07" * 100
+    assert data == want
+    check_clean(path)
 
 
 def test_static_images_keep_their_blocks(tmp_path: Path) -> None:

@@ -41,7 +41,7 @@ from nbdserve.errors import ImageError, NbdError
 from nbdserve.image import Image, ImageSpec, open_image
 from nbdserve.storage.base import settled
 from tests.conftest import SLOW
-from tests.imagetest import FILL, Recorder, run
+from tests.imagetest import FILL, Recorder, apply_ops, model_ops, run
 from tests.imagetest import file_after as _state
 from tests.imagetest import opened as _opened
 from tests.imagetest import read_image as read_all
@@ -184,38 +184,22 @@ def test_generator_images_agree_with_qemu(tmp_path: Path) -> None:
 
 VSIZE = 16 * M
 
-op_st = st.one_of(
-    st.tuples(st.just("write"), st.integers(0, VSIZE - 1), st.integers(1, 3 * M // 2), st.integers(1, 255)),
-    st.tuples(st.just("zero"), st.integers(0, VSIZE - 1), st.integers(1, 3 * M), st.booleans()),
-    st.tuples(st.just("trim"), st.integers(0, VSIZE - 1), st.integers(1, 3 * M), st.just(0)),
-    st.tuples(st.just("flush"), st.just(0), st.just(0), st.just(0)),
-)
+op_st = model_ops(VSIZE, write_max=3 * M // 2, zero_max=3 * M, trim_max=3 * M)
 
 
 async def apply(img: Image, model: bytearray, ops, lo: int, hi: int, bs: int, trim_zeroes: bool) -> None:
-    """Run ``ops`` clipped to [lo, hi) and mirror them in ``model``."""
-    for kind, off, n, arg in ops:
-        off = lo + off % max(1, hi - lo)
-        n = min(n, hi - off)
-        if kind == "flush":
-            await img.flush()
-        elif n <= 0:
-            continue
-        elif kind == "write":
-            data = bytes([arg]) * n
-            await settled(img.write(off, memoryview(data), fua=off % 3 == 0))
-            model[off : off + n] = data
-        elif kind == "zero":
-            await img.write_zeroes(off, n, may_trim=arg, fast=False, fua=False)
-            model[off : off + n] = bytes(n)
-        else:
-            await img.trim(off, n, fua=False)
-            if trim_zeroes:  # whole blocks become UNMAPPED and read as zeroes (no parent)
-                first, last = -(-off // bs), (off + n) // bs
-                if off + n == VSIZE:
-                    last = -(-VSIZE // bs)
-                for b in range(first, last):
-                    model[b * bs : min(VSIZE, (b + 1) * bs)] = bytes(min(VSIZE, (b + 1) * bs) - b * bs)
+    """``apply_ops``; a TRIM makes whole blocks read as zeroes (``trim_zeroes``: no parent) or
+    changes nothing."""
+
+    def trimmed(off: int, n: int) -> list[tuple[int, int]]:
+        if not trim_zeroes:
+            return []
+        first, last = -(-off // bs), (off + n) // bs
+        if off + n == VSIZE:
+            last = -(-VSIZE // bs)
+        return [(b * bs, min(VSIZE, (b + 1) * bs)) for b in range(first, last)]
+
+    await apply_ops(img, model, ops, lo, hi, trimmed=trimmed, fua_every=3)
 
 
 @settings(max_examples=40 if SLOW else 8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -1134,11 +1118,7 @@ def test_zeroing_many_bat_sectors_logs_entries_qemu_can_replay(tmp_path: Path) -
     assert "Pattern verification failed" not in p.stdout + p.stderr
 
 
-diff_op_st = st.one_of(
-    st.tuples(st.just("write"), st.integers(0, 8 * M - 1), st.integers(1, 3 * M // 2), st.integers(1, 255)),
-    st.tuples(st.just("zero"), st.integers(0, 8 * M - 1), st.integers(1, 3 * M), st.booleans()),
-    st.tuples(st.just("flush"), st.just(0), st.just(0), st.just(0)),
-)
+diff_op_st = model_ops(8 * M, write_max=3 * M // 2, zero_max=3 * M)
 
 
 @settings(max_examples=30 if SLOW else 6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -35,11 +35,20 @@ from hypothesis import strategies as st
 from nbdserve.errors import CorruptImage, ImageError, NbdError, UnsupportedImage
 from nbdserve.formats import probe
 from nbdserve.formats.vmdk import VmdkDriver
-from nbdserve.image import Image
 from nbdserve.storage.base import settled
 from tests import vmdkgen
 from tests.conftest import SLOW
-from tests.imagetest import FILL, Recorder, file_after, opened, run
+from tests.imagetest import (
+    FILL,
+    Recorder,
+    apply_ops,
+    file_after,
+    model_ops,
+    opened,
+    run,
+    with_writes,
+    write_concurrently,
+)
 from tests.imagetest import check_clean as _check_clean
 from tests.imagetest import compare_with_model as _compare_with_model
 from tests.imagetest import our_map as _our_map
@@ -264,35 +273,7 @@ def test_vmware_stream_reads_like_qemu_and_dissect(tmp_path: Path) -> None:
 
 VSIZE = 40 * M  # two grain tables (32 MiB each with 64 KiB grains)
 
-op_st = st.one_of(
-    st.tuples(st.just("write"), st.integers(0, VSIZE - 1), st.integers(1, 200 * K), st.integers(1, 255)),
-    st.tuples(st.just("zero"), st.integers(0, VSIZE - 1), st.integers(1, 300 * K), st.booleans()),
-    st.tuples(st.just("trim"), st.integers(0, VSIZE - 1), st.integers(1, 300 * K), st.integers(1, 255)),
-    st.tuples(st.just("flush")),
-)
-
-
-async def apply(img: Image, model: bytearray, ops, lo: int, hi: int) -> None:
-    """Apply ``ops`` clamped to ``[lo, hi)``.  A TRIM leaves its range unspecified, so the same
-    range is written right after it (the model stays exact)."""
-    for op in ops:
-        if op[0] == "flush":
-            await img.flush()
-            continue
-        off = lo + op[1] % (hi - lo)
-        n = min(op[2], hi - off)
-        if op[0] == "write":
-            data = bytes([op[3]]) * n
-            await settled(img.write(off, memoryview(data), fua=False))
-            model[off : off + n] = data
-        elif op[0] == "zero":
-            await img.write_zeroes(off, n, may_trim=op[3], fast=False, fua=False)
-            model[off : off + n] = bytes(n)
-        else:
-            await img.trim(off, n, fua=False)
-            data = bytes([op[3]]) * n
-            await settled(img.write(off, memoryview(data), fua=False))
-            model[off : off + n] = data
+op_st = model_ops(VSIZE, write_max=200 * K, zero_max=300 * K, trim_max=300 * K)
 
 
 def _write_test(tmp: Path, streams, *, parent: bool, options: list[str], cache: int = 8 << 20) -> None:
@@ -311,7 +292,9 @@ def _write_test(tmp: Path, streams, *, parent: bool, options: list[str], cache: 
     async def go():
         img = await opened(path, cache=cache)
         try:
-            await asyncio.gather(*(apply(img, model, ops, bounds[k], bounds[k + 1]) for k, ops in enumerate(streams)))
+            await asyncio.gather(
+                *(apply_ops(img, model, ops, bounds[k], bounds[k + 1]) for k, ops in enumerate(streams))
+            )
             assert await read_all(img) == model
         finally:
             await img.close()
@@ -376,23 +359,11 @@ def test_concurrent_writes_to_one_grain_allocate_it_once(tmp_path: Path) -> None
     path = tmp_path / "c.vmdk"
     qemu_img("create", "-q", "-f", "vmdk", path, "8M")
     before = path.stat().st_size
-
-    async def go():
-        img = await opened(path)
-        try:
-            await asyncio.gather(
-                *(img.write(M + k * 4 * K + 100, memoryview(bytes([k + 1]) * 3000), fua=False) for k in range(16))
-            )
-        finally:
-            await img.close()
-
-    run(go())
+    writes = [(M + k * 4 * K + 100, bytes([k + 1]) * 3000) for k in range(16)]
+    write_concurrently(path, writes)
     assert path.stat().st_size == before + 64 * K
     check_clean(path)
-    expect = bytearray(8 * M)
-    for k in range(16):
-        expect[M + k * 4 * K + 100 : M + k * 4 * K + 3100] = bytes([k + 1]) * 3000
-    compare_raw(path, expect, tmp_path)
+    compare_raw(path, with_writes(8 * M, writes), tmp_path)
 
 
 def test_zeroes_over_parent_use_zeroed_grains(tmp_path: Path) -> None:

@@ -237,15 +237,14 @@ async def _scan(drv: Qcow2Driver, f: Findings) -> None:
             raw = await read(sn.l1_size * 8, sn.l1_table_offset)
             l1s.append(load_l1(drv.path, raw, cs, f"snapshot {sn.id!r} L1 table"))
     # Every L2 table, with the number of L1 entries naming it.
-    l2_refs: dict[int, list[int]] = {}  # offset -> [references, kinds]
+    l2_refs: dict[int, tuple[int, int]] = {}  # offset -> (references, kinds)
     for n, l1 in enumerate(l1s):
         kind = L2 if n == 0 else SNAP_L2
         for e in l1:
             off = e & OFFSET_MASK
             if off:
-                r = l2_refs.setdefault(off, [0, 0])
-                r[0] += 1
-                r[1] |= kind
+                refs, kinds = l2_refs.get(off, (0, 0))
+                l2_refs[off] = (refs + 1, kinds | kind)
     for off, (n, kinds) in l2_refs.items():
         add_meta(off, cs, kinds, "L2 table", n)
     await _count_bitmaps(drv, f, add_meta, counter, read)

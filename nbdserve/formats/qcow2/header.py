@@ -101,10 +101,6 @@ class Header:
     doubts: list[str] = field(default_factory=list)  # unusual but readable: serve read-only
 
     @property
-    def has_bitmaps(self) -> bool:
-        return self.bitmap_directory is not None
-
-    @property
     def cluster_size(self) -> int:
         return 1 << self.cluster_bits
 

@@ -16,17 +16,19 @@ from __future__ import annotations
 from array import array
 
 from ...errors import CorruptImage
-from ...storage.base import Pending, joined, read_at, settled
-from ..base import ALLOCATED, DATA, ZERO, Extent
+from ...storage.base import Pending, read_at
+from ..base import ALLOCATED, DATA, ZERO, Extent, TableReads
 from .compress import decompress_cluster
 from .lookup import K_COMPRESSED, K_DATA, K_UNALLOC, K_ZERO, NOT_PLAIN
-from .tables import COPIED, OFFSET_MASK, compressed_geometry
+from .tables import COMPRESSED, COPIED, OFFSET_MASK, compressed_geometry
 
 _KIND_STATE = {K_UNALLOC: 0, K_ZERO: ALLOCATED | ZERO, K_DATA: ALLOCATED | DATA, K_COMPRESSED: ALLOCATED | DATA}
 
 
-class ReadMixin:
+class ReadMixin(TableReads):
     """Reads and block status (no lock; see the module docstring)."""
+
+    guest_positions = False
 
     def map_now(self, offset: int) -> int | None:
         """A standard cluster holding plain data, its L2 table cached (extended L2: map_bits 0)."""
@@ -39,13 +41,6 @@ class ReadMixin:
         if host and not ent & NOT_PLAIN and not host & self.cmask and host < self.storage.size:
             return host
         return None
-
-    def read(self, offset: int, buf: memoryview) -> Pending:
-        pendings: list = []
-        pos = self._read_cached(offset, buf, 0, pendings)
-        if pos == len(buf):
-            return joined(pendings)
-        return self._read_loading(offset, buf, pos, pendings)
 
     def _read_cached(self, offset: int, buf: memoryview, pos: int, pendings: list) -> int:
         """Start the reads of ``buf`` (guest ``offset``) from ``pos`` (relative to ``buf``) on,
@@ -93,19 +88,19 @@ class ReadMixin:
                 pos += length
         return pos
 
-    async def _read_loading(self, offset: int, buf: memoryview, pos: int, pendings: list) -> None:
-        """``read`` from ``pos`` on, where an L2 table or a compressed cluster must be loaded
-        first: load it, then walk on (looking the table up again)."""
-        while pos < len(buf):
-            off = offset + pos
-            l2off = self.l1[off >> self.l1_shift] & OFFSET_MASK
-            e = self.cache.peek(self.l2kind, l2off)
-            if e is None:
-                self.cache.release(await self.cache.get(self.l2kind, l2off))
-            else:
-                await self._load_compressed(self._entry_at(e.value, off))
-            pos = self._read_cached(offset, buf, pos, pendings)
-        await settled(joined(pendings))
+    async def _load_for_read(self, offset: int, buf: memoryview, pos: int, pendings: list) -> int:
+        """The L2 table or compressed cluster ``_read_cached`` stopped at, unless another read
+        loaded it since (see ``TableReads``; the table is looked up again after the load)."""
+        off = offset + pos
+        l2off = self.l1[off >> self.l1_shift] & OFFSET_MASK
+        e = self.cache.peek(self.l2kind, l2off)
+        if e is None:
+            self.cache.release(await self.cache.get(self.l2kind, l2off))
+        else:
+            entry = self._entry_at(e.value, off)
+            if entry & COMPRESSED and entry != self._zc_key:  # (else another read loaded it meanwhile)
+                await self._load_compressed(entry)
+        return pos
 
     def _read_data(self, view: memoryview, guest: int, host: int) -> Pending:
         """Read data cluster bytes at ``host`` into ``view`` (guest offset ``guest``), decrypted."""

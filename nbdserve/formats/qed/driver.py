@@ -48,7 +48,19 @@ from ...cache import CacheEntry, ClusterCache
 from ...errors import CorruptImage, NbdError
 from ...locks import CoMutex
 from ...storage.base import Pending, Storage, joined, read_at, settled
-from ..base import ALLOCATED, DATA, ZERO, BackingRef, Caps, Extent, FormatDriver, Limits, OpenOptions, zero_in_place
+from ..base import (
+    ALLOCATED,
+    DATA,
+    ZERO,
+    BackingRef,
+    Caps,
+    Extent,
+    FormatDriver,
+    Limits,
+    OpenOptions,
+    TableReads,
+    zero_in_place,
+)
 from .check import check_and_repair
 from .header import (
     F_BACKING_FILE,
@@ -74,7 +86,7 @@ NO_TABLE = array("Q")  # sentinel for "the L1 entry is empty" (compared by ident
 NEED_CHECK_IDLE = 5.0  # seconds; see QedDriver.need_check_idle
 
 
-class QedDriver(FormatDriver):
+class QedDriver(TableReads, FormatDriver):
     format_name = "qed"
 
     def __init__(
@@ -281,13 +293,6 @@ class QedDriver(FormatDriver):
             return value
         return None
 
-    def read(self, offset: int, buf: memoryview) -> Pending:
-        pendings: list = []
-        pos = self._read_cached(offset, buf, offset, pendings)
-        if pos == offset + len(buf):
-            return joined(pendings)
-        return self._read_loading(offset, buf, pos, pendings)
-
     def _read_cached(self, offset: int, buf: memoryview, pos: int, pendings: list) -> int:
         """Start the reads of ``buf`` (guest ``offset``) from ``pos`` on, run by run, as long as
         the L2 tables are cached; returns where it stopped (the end, or a table to load).
@@ -318,13 +323,10 @@ class QedDriver(FormatDriver):
             pos = run_end
         return pos
 
-    async def _read_loading(self, offset: int, buf: memoryview, pos: int, pendings: list) -> None:
-        """``read`` from ``pos`` on, where an L2 table is not cached: load it and walk on."""
-        end = offset + len(buf)
-        while pos < end:
-            await self._table(pos >> self.l1_shift)
-            pos = self._read_cached(offset, buf, pos, pendings)
-        await settled(joined(pendings))
+    async def _load_for_read(self, offset: int, buf: memoryview, pos: int, pendings: list) -> int:
+        """The L2 table ``_read_cached`` stopped at (see ``TableReads``)."""
+        await self._table(pos >> self.l1_shift)
+        return pos
 
     async def block_status(self, offset: int, length: int) -> Extent:
         l1_index = offset >> self.l1_shift

@@ -58,6 +58,7 @@ from ..base import (
     FormatDriver,
     Limits,
     OpenOptions,
+    TableReads,
     zero_in_place,
 )
 from . import bat as B
@@ -145,7 +146,7 @@ class _ReplayedView(Storage):
             view[lo - offset : hi - offset] = self.sectors[k][lo - k : hi - k]
 
 
-class VhdxDriver(FormatDriver):
+class VhdxDriver(TableReads, FormatDriver):
     format_name = "vhdx"
 
     def __init__(self, storage: Storage, readonly: bool, cache: ClusterCache) -> None:
@@ -412,13 +413,6 @@ class VhdxDriver(FormatDriver):
             return None
         return e & B.OFFSET_MASK
 
-    def read(self, offset: int, buf: memoryview) -> Pending:
-        pendings: list = []
-        pos = self._read_cached(offset, buf, offset, pendings)
-        if pos == offset + len(buf):
-            return joined(pendings)
-        return self._read_loading(offset, buf, pos, pendings)
-
     def _read_cached(self, offset: int, buf: memoryview, pos: int, pendings: list) -> int:
         """Start the reads of ``buf`` (guest ``offset``) from ``pos`` on, block by block, while
         the BAT pages are cached and no block reads through its sector bitmap; returns where it
@@ -453,22 +447,18 @@ class VhdxDriver(FormatDriver):
             pendings.append(p)
         return pos + seg
 
-    async def _read_loading(self, offset: int, buf: memoryview, pos: int, pendings: list) -> None:
-        """``read`` from ``pos`` on, where a BAT page is not cached or a block reads through its
-        sector bitmap: load what is needed, then walk on."""
+    async def _load_for_read(self, offset: int, buf: memoryview, pos: int, pendings: list) -> int:
+        """The BAT page ``_read_cached`` stopped at; a block that reads through its sector
+        bitmap is read here (see ``TableReads``)."""
         bs, end = self._bs, offset + len(buf)
-        while pos < end:
-            block, in_block = divmod(pos, bs)
-            e = await self._entry(block + block // self._cr)
-            how = reads_from(e & B.STATE_MASK, self.geo.has_parent)
-            if how == B.READ_BITMAP:
-                seg = min(end - pos, bs - in_block)
-                await self._read_partial(block, in_block, buf[pos - offset : pos - offset + seg], e)
-                pos += seg
-            else:
-                pos = self._read_block(offset, buf, pos, e, how, pendings)
-            pos = self._read_cached(offset, buf, pos, pendings)
-        await settled(joined(pendings))
+        block, in_block = divmod(pos, bs)
+        e = await self._entry(block + block // self._cr)
+        how = reads_from(e & B.STATE_MASK, self.geo.has_parent)
+        if how == B.READ_BITMAP:
+            seg = min(end - pos, bs - in_block)
+            await self._read_partial(block, in_block, buf[pos - offset : pos - offset + seg], e)
+            return pos + seg
+        return self._read_block(offset, buf, pos, e, how, pendings)
 
     async def _read_partial(self, block: int, in_block: int, view: memoryview, e: int) -> None:
         host = (e & B.OFFSET_MASK) + in_block

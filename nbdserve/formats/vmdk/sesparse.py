@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING
 
 from ...cache import ClusterCache
 from ...errors import CorruptImage, UnsupportedImage
-from ...storage.base import Pending, Storage, joined, read_at, settled
-from ..base import ALLOCATED, DATA, ZERO
+from ...storage.base import Storage, read_at
+from ..base import ALLOCATED, DATA, ZERO, TableReads
 from ..tables import decode_le64, encode_le
 from .extent import Extent
 
@@ -63,7 +63,7 @@ _STATE = {UNALLOCATED: 0, ZEROED: ALLOCATED | ZERO, PLAIN: ALLOCATED | DATA}
 NO_TABLE = array("Q")
 
 
-class SeSparseExtent(Extent):
+class SeSparseExtent(TableReads, Extent):
     readonly = True
     grain_bits = GRAIN.bit_length() - 1
 
@@ -204,13 +204,6 @@ class SeSparseExtent(Extent):
         kind, stop, _ = self._run(table, rel, seg_end, contiguous=False)
         return _STATE[kind], stop
 
-    def read(self, rel: int, buf: memoryview) -> Pending:
-        pendings: list = []
-        pos = self._read_cached(rel, buf, rel, pendings)
-        if pos == rel + len(buf):
-            return joined(pendings)
-        return self._read_loading(rel, buf, pos, pendings)
-
     def _read_cached(self, rel: int, buf: memoryview, pos: int, pendings: list) -> int:
         """Start the reads of ``buf`` (at ``rel``) from ``pos`` on while the grain tables are
         cached; returns where it stopped.  Synchronous."""
@@ -238,13 +231,10 @@ class SeSparseExtent(Extent):
             pos = stop
         return pos
 
-    async def _read_loading(self, rel: int, buf: memoryview, pos: int, pendings: list) -> None:
-        """``read`` from ``pos`` on, where a grain table is not cached: load it and walk on."""
-        end = rel + len(buf)
-        while pos < end:
-            await self._table(pos // SPAN)
-            pos = self._read_cached(rel, buf, pos, pendings)
-        await settled(joined(pendings))
+    async def _load_for_read(self, rel: int, buf: memoryview, pos: int, pendings: list) -> int:
+        """The grain table ``_read_cached`` stopped at (see ``TableReads``)."""
+        await self._table(pos // SPAN)
+        return pos
 
     async def cache_hint(self, rel: int, length: int) -> None:
         for gdi in range(rel // SPAN, min((rel + length - 1) // SPAN, rel // SPAN + 63) + 1):

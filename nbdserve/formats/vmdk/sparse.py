@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING
 from ...cache import CacheEntry, ClusterCache
 from ...errors import CorruptImage, NbdError
 from ...storage.base import Pending, Storage, joined, read_at, settled
-from ..base import ALLOCATED, DATA, ZERO, ZEROES, zero_in_place
+from ..base import ALLOCATED, DATA, ZERO, ZEROES, TableReads, zero_in_place
 from ..tables import decode_le32, encode_le
 from .extent import Extent
 from .header import FLAG_RGD, FLAG_ZERO_GRAIN, GRAIN_MARKER, SECTOR, SparseHeader
@@ -72,7 +72,7 @@ INFLATED_BYTES = 1 << 20  # inflated grains kept per stream extent
 STATUS_TABLES = 64  # grain tables looked at per cache_hint
 
 
-class SparseExtent(Extent):
+class SparseExtent(TableReads, Extent):
     def __init__(
         self, owner: VmdkDriver, start: int, storage: Storage, h: SparseHeader, cache: ClusterCache, what: str
     ) -> None:
@@ -280,13 +280,6 @@ class SparseExtent(Extent):
 
     # -- reads ------------------------------------------------------------------------------
 
-    def read(self, rel: int, buf: memoryview) -> Pending:
-        pendings: list = []
-        pos = self._read_cached(rel, buf, rel, pendings)
-        if pos == rel + len(buf):
-            return joined(pendings)
-        return self._read_loading(rel, buf, pos, pendings)
-
     def _read_cached(self, rel: int, buf: memoryview, pos: int, pendings: list) -> int:
         """Start the reads of ``buf`` (at ``rel``) from ``pos`` on, run by run, while the grain
         tables are cached (and compressed grains inflated already); returns where it stopped.
@@ -324,22 +317,19 @@ class SparseExtent(Extent):
             pos = stop
         return pos
 
-    async def _read_loading(self, rel: int, buf: memoryview, pos: int, pendings: list) -> None:
-        """``read`` from ``pos`` on, where a grain table is not cached or a compressed grain not
-        inflated: load or inflate it, then walk on."""
-        end = rel + len(buf)
-        while pos < end:
-            gdi = pos // self.span
-            table = await self._table(gdi)
-            if table is not NO_TABLE:
-                kind, stop, host = self._run(table, pos, min(end, (gdi + 1) * self.span))
-                if kind == COMPRESSED:
-                    g0 = pos & ~self.grain_mask
-                    grain = await self._inflate(g0, host)
-                    buf[pos - rel : stop - rel] = grain[pos - g0 : stop - g0]
-                    pos = stop
-            pos = self._read_cached(rel, buf, pos, pendings)
-        await settled(joined(pendings))
+    async def _load_for_read(self, rel: int, buf: memoryview, pos: int, pendings: list) -> int:
+        """The grain table ``_read_cached`` stopped at, or the compressed grain it could not
+        place, inflated and copied (see ``TableReads``)."""
+        gdi = pos // self.span
+        table = await self._table(gdi)
+        if table is not NO_TABLE:
+            kind, stop, host = self._run(table, pos, min(rel + len(buf), (gdi + 1) * self.span))
+            if kind == COMPRESSED:
+                g0 = pos & ~self.grain_mask
+                grain = await self._inflate(g0, host)
+                buf[pos - rel : stop - rel] = grain[pos - g0 : stop - g0]
+                return stop
+        return pos
 
     async def _inflate(self, g0: int, host: int) -> bytes:
         """The grain at guest ``g0`` stored compressed at ``host`` (marker first), inflated."""
