@@ -14,7 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,6 +107,24 @@ class Served:
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def log_lines(self, *needles: str) -> list[str]:
+        """The log lines that contain every one of ``needles``."""
+        return [line for line in self.log_text().splitlines() if all(n in line for n in needles)]
+
+    def wait_logged(self, count: int, *needles: str, witness: Callable[[], object]) -> list[str]:
+        """Until ``count`` log lines contain every one of ``needles``; returns them.
+
+        A client can see a refusal before the server has written the line for it (a failed TLS
+        handshake is logged a loop iteration or two after the alert leaves), so this round-trips
+        ``witness`` (a request on another connection to the same server) between looks, bounded.
+        """
+        for _ in range(100):
+            lines = self.log_lines(*needles)
+            if len(lines) >= count:
+                return lines
+            witness()
+        raise AssertionError(f"{needles!r} not logged {count} times:\n{self.log_text()}")
 
 
 _counter = iter(range(1_000_000))

@@ -67,10 +67,6 @@ def refused(uri: str, *, user: int | None = None) -> str:
     return p.stderr
 
 
-def log_lines(srv: Served, *needles: str) -> list[str]:
-    return [line for line in srv.log_text().splitlines() if all(n in line for n in needles)]
-
-
 def go_data(name: str) -> bytes:
     raw_name = name.encode()
     return struct.pack(">I", len(raw_name)) + raw_name + b"\0\0"
@@ -129,10 +125,13 @@ def test_client_trusting_another_ca_rejects_the_server(after_forced: Served, pki
         ("no_cert", "peer did not return a certificate"),
     ],
 )
-def test_client_certificate_refused(after_forced: Served, pki: Pki, who: str, reason: str) -> None:
-    before = len(log_lines(after_forced, "TLS handshake failed", reason))
-    refused(after_forced.tls_uri(getattr(pki, who)))
-    assert len(log_lines(after_forced, "TLS handshake failed", reason)) == before + 1, after_forced.log_text()
+def test_client_certificate_refused(forced, pki: Pki, who: str, reason: str) -> None:
+    srv, _, h = forced
+    before = len(srv.log_lines("TLS handshake failed", reason))
+    refused(srv.tls_uri(getattr(pki, who)))
+    lines = srv.wait_logged(before + 1, "TLS handshake failed", reason, witness=lambda: h.pread(512, 0))
+    assert len(lines) == before + 1, srv.log_text()
+    check_witness(*forced)
 
 
 def test_unauthorised_dn_gets_err_policy(after_forced: Served, pki: Pki) -> None:
@@ -142,7 +141,7 @@ def test_unauthorised_dn_gets_err_policy(after_forced: Served, pki: Pki) -> None
         c.starttls(client_context(pki.mallory))
         assert go_reply(c, "disk") == (raw.REP_ERR_POLICY, "access denied by the server's policy")
         assert c.option(raw.OPT_LIST)[0][0] == raw.REP_ERR_POLICY
-    lines = log_lines(after_forced, f"TLS identity '{MALLORY_DN}'", f"[server] tls-authz = {ALICE_DN}")
+    lines = after_forced.log_lines(f"TLS identity '{MALLORY_DN}'", f"[server] tls-authz = {ALICE_DN}")
     peers = {line.split("warning: ", 1)[1].split()[0] for line in lines}
     assert len(peers) == len(lines) == 2, after_forced.log_text()  # once per client
     assert all(peer.startswith("127.0.0.1:") for peer in peers)
@@ -254,7 +253,7 @@ def test_address_outside_the_server_allow_list(after_addresses: Served) -> None:
             replies = c.option(option, data)
             assert replies == [(raw.REP_ERR_POLICY, replies[0][1])], (option, replies)
         assert c.option(raw.OPT_ABORT) == [(raw.REP_ACK, b"")]
-    lines = log_lines(srv, "127.0.0.2", "does not pass [server] allow = 127.0.0.1, ::1/128")
+    lines = srv.log_lines("127.0.0.2", "does not pass [server] allow = 127.0.0.1, ::1/128")
     assert len(lines) == 1, srv.log_text()
 
 
@@ -265,7 +264,7 @@ def test_address_outside_an_export_allow_list(after_addresses: Served) -> None:
     with raw.RawClient(("127.0.0.1", srv.port)) as c:
         c.greet()
         assert go_reply(c, "lan") == (raw.REP_ERR_POLICY, "access to export 'lan' denied")
-    assert log_lines(srv, "refused export 'lan': 127.0.0.1 does not pass export 'lan' allow = 10.0.0.0/8, ::1")
+    assert srv.log_lines("refused export 'lan': 127.0.0.1 does not pass export 'lan' allow = 10.0.0.0/8, ::1")
 
 
 def test_ipv6_allow_lists(tmp_path: Path) -> None:
@@ -276,7 +275,7 @@ def test_ipv6_allow_lists(tmp_path: Path) -> None:
         assert out.strip() == str(MiB)
     with serve(tmp_path, "--allow", "fd00::/8", "--export", f"v6={img},format=raw", tcp=True, bind="::1") as srv:
         refused(f"nbd://[::1]:{srv.port}/v6")
-        assert log_lines(srv, "warning: [::1]:", "refused every export: ::1 does not pass [server] allow = fd00::/8")
+        assert srv.log_lines("warning: [::1]:", "refused every export: ::1 does not pass [server] allow = fd00::/8")
 
 
 # -- Unix peer credentials -------------------------------------------------------------------------
@@ -310,7 +309,7 @@ def test_unix_peer_uid_outside_the_list(unix_uid) -> None:
     setpriv = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
     out = run(*setpriv, sys.executable, "-c", RAW_GO_AS_OTHER_USER, srv.sock).stdout
     assert int(out) == raw.REP_ERR_POLICY
-    assert len(log_lines(srv, "(uid 65534)", "uid 65534 gid 65534 does not pass [server] allow = uid:0")) == 2
+    assert len(srv.log_lines("(uid 65534)", "uid 65534 gid 65534 does not pass [server] allow = uid:0")) == 2
     run("nbdinfo", "--size", srv.uri)  # uid 0 is on the list
     check_witness(srv, img, h)
 
