@@ -770,6 +770,55 @@ def test_differencing_writes_copy_from_parent(tmp_path: Path) -> None:
     assert current_header(path)["log_guid"] == bytes(16)
 
 
+def test_differencing_failed_parent_read_leaves_no_block(tmp_path: Path) -> None:
+    """A write into a parent-backed block whose parent read fails (EIO) fails, every concurrent
+    writer of that block with it, and leaves the file as it was: no half-filled block past the
+    end (each failure would otherwise grow the file by a block nothing points at).  Once the
+    parent reads again, the same writes succeed and allocate the block once."""
+    parent, pdata = _make_parent(tmp_path)
+    g = _make_child(tmp_path, parent)
+    path = Path(g.path)
+    size = path.stat().st_size
+    model = bytearray(pdata)
+    writes = [(4 * M + i * 4096 + 512, bytes([i + 1]) * 1024) for i in range(4)]
+    writes.append((5 * M - 512, b"\x55" * 1024))  # spans blocks 4 and 5
+
+    async def go():
+        img = await opened(path)
+        good = img.driver.read_backing
+        failing_now = True
+
+        async def flaky(offset: int, buf: memoryview) -> None:
+            await asyncio.sleep(0)
+            if failing_now:
+                raise OSError(errno.EIO, "injected parent read failure")
+            await settled(good(offset, buf))
+
+        async def write(off: int, data: bytes) -> None:
+            await settled(img.write(off, memoryview(data), fua=False))
+
+        img.driver.read_backing = flaky
+        try:
+            results = await asyncio.gather(*(write(o, d) for o, d in writes), return_exceptions=True)
+            assert all(isinstance(r, OSError) and r.errno == errno.EIO for r in results), results
+            assert path.stat().st_size == size
+            failing_now = False
+            await asyncio.gather(*(write(o, d) for o, d in writes))
+            for o, d in writes:
+                model[o : o + len(d)] = d
+            assert await read_all(img) == model
+        finally:
+            await img.close()
+
+    run(go())
+    assert path.stat().st_size == _round_up_m(size) + 2 * M  # blocks 4 and 5, allocated once each
+    assert read_image(path) == model
+
+
+def _round_up_m(n: int) -> int:
+    return -(-n // M) * M
+
+
 def test_differencing_4k_child_of_4k_parent(tmp_path: Path) -> None:
     pg = Vhdx(str(tmp_path / "p4k.vhdx"), 8 * M, block_size=M, lss=4096)
     pg.put_block(0, b"\x5e" * M)

@@ -535,12 +535,20 @@ class VhdxDriver(TableReads, FormatDriver):
         self.lock.assert_locked()
         await self._make_visible()
         changes: dict[int, int] = {}
-        for block, in_block, view in segments:
-            e = await self._entry(self.geo.payload_index(block))
-            if e & B.STATE_MASK == B.FULLY_PRESENT:
-                await settled(self.storage.write((e & B.OFFSET_MASK) + in_block, view))
-            else:
-                changes.update(await self._fill_block(block, in_block, view, e))
+        end = self.storage.size
+        try:
+            for block, in_block, view in segments:
+                e = await self._entry(self.geo.payload_index(block))
+                if e & B.STATE_MASK == B.FULLY_PRESENT:
+                    await settled(self.storage.write((e & B.OFFSET_MASK) + in_block, view))
+                else:
+                    changes.update(await self._fill_block(block, in_block, view, e))
+        except BaseException:
+            # (A parent read failed, say.)  No BAT entry points past ``end`` yet: cut the new
+            # blocks off again, so that a failed write leaves no block nothing points at.
+            if self.storage.size > end:
+                await self.storage.truncate(end)
+            raise
         if changes:
             await self.storage.flush()
             await self._commit(changes)
