@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import struct
 import threading
 import time
 import urllib.request
@@ -25,7 +24,7 @@ import pytest
 
 from tests.interop import nbdclient as raw
 from tests.interop.conftest import MiB, random_raw, write_sparse_raw
-from tests.interop.test_launch_modes import foreground
+from tests.interop.test_launch_modes import assert_fua_writes_landed, foreground, fua_writes_across_sigterm
 from tests.interop.test_reload import Reloader, raw_export, reloader  # noqa: F401 (a fixture)
 from tests.tlscerts import Pki
 from tests.util import Served, free_port, qemu_img, run, serve
@@ -204,35 +203,14 @@ def test_sigterm_drains_a_worker(tmp_path: Path) -> None:
         c = raw.RawClient(sock)
         c.greet()
         c.go("b")
-        for off in (8 * MiB, 32 * MiB):  # dirty pages: the FUA writes below have to sync them
-            c.pwrite(off, os.urandom(24 * MiB))
-        batch = b""
-        for i in range(16):
-            batch += struct.pack(">IHHQQI", raw.REQUEST_MAGIC, raw.FLAG_FUA, raw.CMD_WRITE, 100 + i, i * 4096, 4096)
-            batch += bytes([0x40 + i]) * 4096
-            c.expect(100 + i, raw.CMD_WRITE, i * 4096, 4096)
-        batch += struct.pack(">IHHQQI", raw.REQUEST_MAGIC, 0, raw.CMD_READ, 999, 2 * MiB, 4096)
-        c.expect(999, raw.CMD_READ, 2 * MiB, 4096)
-        c.send(batch)
-        early = []
-        while (r := c.reply()).cookie != 999:  # the READ's reply: every write before it has started
-            early.append(r.cookie)
-        proc.send_signal(signal.SIGTERM)
-        late = []
-        while len(early) + len(late) < 16:
-            r = c.reply()
-            assert r.error == 0, f"request {r.cookie} failed with errno {r.error}: {r.message}"
-            late.append(r.cookie)
-        assert sorted(early + late) == list(range(100, 116))
+        late = fua_writes_across_sigterm(c, proc)
         assert c.wait_closed(30) and idle.wait_closed(30)
         assert proc.wait(timeout=60) == 0
         c.close()
         idle.close()
     text = log.read_text()
     assert "Traceback" not in text and "starting it again" not in text, text
-    data = b.read_bytes()
-    for i in range(16):
-        assert data[i * 4096 : (i + 1) * 4096] == bytes([0x40 + i]) * 4096
+    assert_fua_writes_landed(b.read_bytes())
     assert late, "every write finished before SIGTERM; the drain was not exercised"
 
 

@@ -56,9 +56,11 @@ from ..base import (
     Caps,
     Extent,
     FormatDriver,
+    InPlaceWrites,
     Limits,
     OpenOptions,
     TableReads,
+    start_writes,
     zero_in_place,
 )
 from . import bat as B
@@ -146,7 +148,7 @@ class _ReplayedView(Storage):
             view[lo - offset : hi - offset] = self.sectors[k][lo - k : hi - k]
 
 
-class VhdxDriver(TableReads, FormatDriver):
+class VhdxDriver(TableReads, InPlaceWrites, FormatDriver):
     format_name = "vhdx"
 
     def __init__(self, storage: Storage, readonly: bool, cache: ClusterCache) -> None:
@@ -474,12 +476,6 @@ class VhdxDriver(TableReads, FormatDriver):
 
     # -- writes -----------------------------------------------------------------------------
 
-    def write(self, offset: int, data: memoryview, *, fua: bool) -> Pending:
-        pendings = None if fua else self._write_in_place(offset, data)
-        if pendings is None:
-            return self._write_slow(offset, data, fua)
-        return joined(pendings)
-
     def _write_in_place(self, offset: int, data: memoryview) -> list | None:
         """Start the writes if every block is FULLY_PRESENT with its BAT page cached and this
         session's header is written (returns their Pendings); else None, and nothing written."""
@@ -496,12 +492,7 @@ class VhdxDriver(TableReads, FormatDriver):
             seg = min(n - pos, bs - in_block)
             plan.append(((e & B.OFFSET_MASK) + in_block, pos, seg))
             pos += seg
-        pendings = []
-        for at, pos, seg in plan:
-            p = self.storage.write(at, data[pos : pos + seg])
-            if p is not None:
-                pendings.append(p)
-        return pendings
+        return start_writes(self.storage, data, plan)
 
     async def _write_slow(self, offset: int, data: memoryview, fua: bool) -> None:
         """``write`` that allocates (or carries FUA): blocks that need it under the lock."""
