@@ -277,6 +277,32 @@ class CountingQueue(CoQueue):
         await super().wait(mutex)
 
 
+class FlakyBacking:
+    """Put in place of ``img.driver.read_backing``: while ``failing``, every backing read fails
+    with EIO (after a yield, so that concurrent writers really overlap); else the real read."""
+
+    def __init__(self, img: Image) -> None:
+        self.good = img.driver.read_backing
+        self.failing = True
+        img.driver.read_backing = self.read
+
+    async def read(self, offset: int, buf: memoryview) -> None:
+        await asyncio.sleep(0)
+        if self.failing:
+            raise OSError(errno.EIO, "injected backing read failure")
+        await settled(self.good(offset, buf))
+
+
+async def write_all(img: Image, writes: list[tuple[int, bytes]], *, errors: bool = False) -> list:
+    """Start every ``(offset, data)`` write at once and wait for all; ``errors``: return each
+    one's exception (or None) instead of raising the first."""
+
+    async def write(off: int, data: bytes) -> None:
+        await settled(img.write(off, memoryview(data), fua=False))
+
+    return await asyncio.gather(*(write(o, d) for o, d in writes), return_exceptions=errors)
+
+
 class Oracle(NamedTuple):
     """How one format's tests compare with QEMU: ``check_clean``, ``compare_raw`` (a
     ``compare_with_model``), ``qemu_map``, ``qemu_raw`` bound to the format, and ``our_map`` and

@@ -11,14 +11,21 @@ same writes succeed and the image reads as the model.
 
 from __future__ import annotations
 
-import asyncio
 import errno
 from pathlib import Path
 
 import pytest
 
-from nbdserve.storage.base import settled
-from tests.imagetest import CountingQueue, check_clean, compare_with_model, opened, read_image, run
+from tests.imagetest import (
+    CountingQueue,
+    FlakyBacking,
+    check_clean,
+    compare_with_model,
+    opened,
+    read_image,
+    run,
+    write_all,
+)
 from tests.util import qemu_img, qemu_io
 
 K = 1024
@@ -54,32 +61,19 @@ def test_failed_backing_read_fails_every_writer_and_allocates_nothing(tmp_path: 
         """Every writer fails while the backing does; with ``recover`` the backing then reads
         again and the same writes succeed on the same open image."""
         img = await opened(path)
-        drv = img.driver
-        good = drv.read_backing
-        failing_now = True
-
-        async def flaky(offset: int, buf: memoryview) -> None:
-            await asyncio.sleep(0)  # the other writers run meanwhile
-            if failing_now:
-                raise OSError(errno.EIO, "injected backing read failure")
-            await settled(good(offset, buf))
-
-        async def write(off: int, data: bytes) -> None:
-            await settled(img.write(off, memoryview(data), fua=False))
-
-        drv.read_backing = flaky
+        backing = FlakyBacking(img)
         if fmt == "qcow2":
-            drv._inflight_q = queue
+            img.driver._inflight_q = queue
         try:
             # (A writer left waiting for a cluster that never leaves flight would hang here.)
-            results = await asyncio.gather(*(write(o, d) for o, d in WRITES), return_exceptions=True)
+            results = await write_all(img, WRITES, errors=True)
             assert all(isinstance(r, OSError) and r.errno == errno.EIO for r in results), results
             if fmt == "qcow2":  # some writer really waited for a cluster whose copy-on-write failed
                 assert queue.waits > 0
                 queue.waits = 0
             if recover:
-                failing_now = False
-                await asyncio.gather(*(write(o, d) for o, d in WRITES))
+                backing.failing = False
+                await write_all(img, WRITES)
                 for o, d in WRITES:
                     model[o : o + len(d)] = d
                 assert await read_image(img) == model

@@ -41,7 +41,7 @@ from nbdserve.errors import ImageError, NbdError
 from nbdserve.image import Image, ImageSpec, open_image
 from nbdserve.storage.base import settled
 from tests.conftest import SLOW
-from tests.imagetest import FILL, Recorder, apply_ops, model_ops, run
+from tests.imagetest import FILL, FlakyBacking, Recorder, apply_ops, model_ops, run, write_all
 from tests.imagetest import file_after as _state
 from tests.imagetest import opened as _opened
 from tests.imagetest import read_image as read_all
@@ -785,25 +785,13 @@ def test_differencing_failed_parent_read_leaves_no_block(tmp_path: Path) -> None
 
     async def go():
         img = await opened(path)
-        good = img.driver.read_backing
-        failing_now = True
-
-        async def flaky(offset: int, buf: memoryview) -> None:
-            await asyncio.sleep(0)
-            if failing_now:
-                raise OSError(errno.EIO, "injected parent read failure")
-            await settled(good(offset, buf))
-
-        async def write(off: int, data: bytes) -> None:
-            await settled(img.write(off, memoryview(data), fua=False))
-
-        img.driver.read_backing = flaky
+        backing = FlakyBacking(img)
         try:
-            results = await asyncio.gather(*(write(o, d) for o, d in writes), return_exceptions=True)
+            results = await write_all(img, writes, errors=True)
             assert all(isinstance(r, OSError) and r.errno == errno.EIO for r in results), results
             assert path.stat().st_size == size
-            failing_now = False
-            await asyncio.gather(*(write(o, d) for o, d in writes))
+            backing.failing = False
+            await write_all(img, writes)
             for o, d in writes:
                 model[o : o + len(d)] = d
             assert await read_all(img) == model
