@@ -7,6 +7,7 @@ and the server log must name the client and the rule once, with no traceback.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import ssl
@@ -280,18 +281,28 @@ def test_ipv6_allow_lists(tmp_path: Path) -> None:
 
 # -- Unix peer credentials -------------------------------------------------------------------------
 
+# The refused client runs as nobody (setpriv), which needs root.
+as_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a client as another user (setpriv)")
 
-@pytest.fixture(scope="module")
-def unix_uid():
-    d = Path(tempfile.mkdtemp(prefix="nbdserve-uid-"))  # reachable by other users, unlike tmp_path
+
+@contextlib.contextmanager
+def unix_served(*args: str):
+    """A server on a Unix socket other users can reach (unlike tmp_path), with a witness."""
+    d = Path(tempfile.mkdtemp(prefix="nbdserve-uid-"))
     d.chmod(0o755)
     img = random_raw(d / "disk.img", SIZE)
-    with serve(d, "--allow", "uid:0", "-x", "disk", "-f", "raw", img) as srv:
+    with serve(d, *args, "-x", "disk", "-f", "raw", img) as srv:
         srv.sock.chmod(0o777)
         srv.export = "disk"
         h = nbd_handle(srv.uri)
         yield srv, img, h
         h.shutdown()
+
+
+@pytest.fixture(scope="module")
+def unix_uid():
+    with unix_served("--allow", "uid:0") as served:
+        yield served
 
 
 RAW_GO_AS_OTHER_USER = """import sys
@@ -303,6 +314,7 @@ with raw.RawClient(sys.argv[1]) as c:
 """
 
 
+@as_root
 def test_unix_peer_uid_outside_the_list(unix_uid) -> None:
     srv, img, h = unix_uid
     refused(srv.uri, user=65534)
@@ -315,6 +327,36 @@ def test_unix_peer_uid_outside_the_list(unix_uid) -> None:
 
 
 # -- a connection limit -------------------------------------------------------------------------------
+
+
+@as_root
+def test_unix_peer_gid_outside_an_export_list_sees_no_such_export() -> None:
+    """A ``gid:`` entry on one export with ``refuse-as = "unknown"``: a client outside the group
+    is not shown that export by LIST and is told it does not exist; the other export serves it;
+    gid 0 is served both."""
+    d = Path(tempfile.mkdtemp(prefix="nbdserve-gid-"))
+    d.chmod(0o755)
+    img, staff = random_raw(d / "disk.img", SIZE), random_raw(d / "staff.img", MiB)
+    conf = d / "c.toml"
+    conf.write_text(
+        '[server]\nrefuse-as = "unknown"\n'
+        f'[[export]]\nname = "disk"\npath = "{img}"\nformat = "raw"\n'
+        f'[[export]]\nname = "staff"\npath = "{staff}"\nformat = "raw"\nallow = ["gid:0"]\n'
+    )
+    with serve(d, "--config", conf) as srv:
+        srv.sock.chmod(0o777)
+        srv.export = "disk"
+        h = nbd_handle(srv.uri)
+        nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+        out = run(*nobody, "nbdinfo", "--list", "--json", srv.uri).stdout
+        assert [e["export-name"] for e in json.loads(out)["exports"]] == ["disk"]
+        out = run(*nobody, sys.executable, "-c", RAW_GO_AS_OTHER_USER.replace('"disk"', '"staff"'), srv.sock).stdout
+        assert int(out) == raw.REP_ERR_UNKNOWN
+        assert run(*nobody, "nbdinfo", "--size", srv.uri).stdout.strip() == str(SIZE)
+        assert srv.log_lines("refused export 'staff'", "gid 65534 does not pass export 'staff' allow = gid:0")
+        assert run("nbdinfo", "--size", srv.uri_for("staff")).stdout.strip() == str(MiB)  # gid 0
+        check_witness(srv, img, h)
+        h.shutdown()
 
 
 def test_export_connection_limit(tmp_path: Path) -> None:
