@@ -204,6 +204,8 @@ def run_rbd(cfg: Config, cluster_rbd) -> dict[tuple[str, str], Result]:
     for path in cfg.paths:
         image = image_name(path)
         print(f"   filling {POOL}/{image} ({cfg.size / MiB:g} MiB)", flush=True)
+        with contextlib.suppress(RuntimeError):  # left by an earlier run on a --conf cluster
+            cluster_rbd("rm", "--no-progress", f"{POOL}/{image}")
         cluster_rbd("create", "--size", f"{cfg.size // MiB}M", f"{POOL}/{image}")
         cluster_rbd("bench", "--io-type", "write", "--io-pattern", "seq", "--io-size", "4M", "--io-threads", "8",
                     "--io-total", str(cfg.size), f"{POOL}/{image}")  # fmt: skip
