@@ -34,6 +34,7 @@ from .config import (
     DEFAULT_BACKLOG,
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_PORT,
+    EXPORT_SCHEMA,
     FORMATS,
     REPAIR_MODES,
     ConfigError,
@@ -414,9 +415,14 @@ def image_location(text: str) -> dict[str, Any]:
     if not storage_options(text):
         return {"path": text}
     try:
-        location, _ = parse_location(text, ())
+        location, rest = parse_location(text, EXPORT_SCHEMA)
     except LocationError as e:
         raise ConfigError(f"IMAGE: {e}") from None
+    if rest:
+        raise ConfigError(
+            f"IMAGE: {rest[0][0]} is an export setting, not the location's: give it as a flag (-f, -r, ...) "
+            "or use --export NAME=LOCATION,..."
+        )
     return {"path": location.name, "location": location}
 
 

@@ -142,6 +142,7 @@ def test_rbd_and_s3_locations_in_every_form(tmp_path: Path) -> None:
         (["/x.img", "--overlay", "/o", "-s"], "--overlay and -s/--snapshot exclude each other"),
         (["/x.img", "--overlay", "/o", "-r"], "a read-only export has none"),
         (["--export", "a=/x.img", "--overlay", "/o"], "--overlay applies to IMAGE"),
+        (["rbd:p/i,format=qcow2"], "format is an export setting, not the location's"),
     ],
 )
 def test_overlay_and_s3_rules(argv: list[str], message: str) -> None:
