@@ -32,6 +32,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.util import free_port
+
 GiB = 1 << 30
 POOL = "rbd"
 S3_ACCESS_KEY = "NBDSERVETESTACCESS01"
@@ -42,13 +44,6 @@ STOP_GRACE = 10.0
 CLI_TIMEOUT = ["--connect-timeout", "20", "--rados-osd-op-timeout", "20", "--rados-mon-op-timeout", "20"]
 RBD_CLI_TIMEOUT = ["--rados-osd-op-timeout", "20", "--rados-mon-op-timeout", "20", "--client-mount-timeout", "20"]
 ENV = {**os.environ, "PATH": f"/usr/bin:/usr/sbin:{os.environ.get('PATH', '')}"}
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 _libc = ctypes.CDLL(None, use_errno=True)

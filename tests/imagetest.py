@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import json
 import logging
 import os
 import random
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 from hypothesis import strategies as st
@@ -35,6 +37,7 @@ from hypothesis import strategies as st
 from nbdserve.cache import ClusterCache
 from nbdserve.errors import NbdError
 from nbdserve.image import Image, ImageSpec, open_image
+from nbdserve.locks import CoQueue
 from nbdserve.protocol.constants import STATE_HOLE, STATE_ZERO
 from nbdserve.storage.base import settled
 from nbdserve.storage.local import LocalFile
@@ -257,6 +260,70 @@ def compare_with_model(path: Path, model: bytes | bytearray, tmp: Path, fmt: str
     p = run_cmd("qemu-img", "compare", "-f", fmt, "-F", "raw", path, ref, check=False)
     assert p.returncode == 0, p.stdout + p.stderr
     ref.unlink()
+
+
+class CountingQueue(CoQueue):
+    """A driver's ``CoQueue`` that counts the waits: a test's proof that some coroutine really
+    waited there (e.g. a writer for a cluster in flight)."""
+
+    __slots__ = ("waits",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waits = 0
+
+    async def wait(self, mutex=None) -> None:
+        self.waits += 1
+        await super().wait(mutex)
+
+
+class FlakyBacking:
+    """Put in place of ``img.driver.read_backing``: while ``failing``, every backing read fails
+    with EIO (after a yield, so that concurrent writers really overlap); else the real read."""
+
+    def __init__(self, img: Image) -> None:
+        self.good = img.driver.read_backing
+        self.failing = True
+        img.driver.read_backing = self.read
+
+    async def read(self, offset: int, buf: memoryview) -> None:
+        await asyncio.sleep(0)
+        if self.failing:
+            raise OSError(errno.EIO, "injected backing read failure")
+        await settled(self.good(offset, buf))
+
+
+async def write_all(img: Image, writes: list[tuple[int, bytes]], *, errors: bool = False) -> list:
+    """Start every ``(offset, data)`` write at once and wait for all; ``errors``: return each
+    one's exception (or None) instead of raising the first."""
+
+    async def write(off: int, data: bytes) -> None:
+        await settled(img.write(off, memoryview(data), fua=False))
+
+    return await asyncio.gather(*(write(o, d) for o, d in writes), return_exceptions=errors)
+
+
+class Oracle(NamedTuple):
+    """How one format's tests compare with QEMU: ``check_clean``, ``compare_raw`` (a
+    ``compare_with_model``), ``qemu_map``, ``qemu_raw`` bound to the format, and ``our_map`` and
+    ``qemu_map`` with the allocation depth."""
+
+    check_clean: Callable
+    compare_raw: Callable
+    our_map: Callable
+    qemu_map: Callable
+    qemu_raw: Callable
+
+
+def oracle(fmt: str) -> Oracle:
+    """``check_clean, compare_raw, our_map, qemu_map, qemu_raw = oracle("qed")``."""
+    return Oracle(
+        functools.partial(check_clean, fmt=fmt),
+        functools.partial(compare_with_model, fmt=fmt),
+        functools.partial(our_map, depth=True),
+        functools.partial(qemu_map, fmt=fmt, depth=True),
+        functools.partial(qemu_raw, fmt=fmt),
+    )
 
 
 class Recorder:

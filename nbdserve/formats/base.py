@@ -201,6 +201,43 @@ class TableReads:
         raise NotImplementedError
 
 
+class InPlaceWrites:
+    """``write`` for a driver whose writes to granules already allocated need no metadata change:
+    the one shape QED's, VHD's (dynamic and differencing), VHDX's and VDI's ``write`` has.  The
+    fast case (no FUA) starts every piece without the lock and completes synchronously if the
+    cached tables place the whole range; otherwise, having written nothing, it returns the
+    coroutine of the slow case.
+
+    The driver provides:
+      * ``_write_in_place(offset, data) -> list | None``: synchronously start the writes and
+        return their Pendings (``start_writes``), or None having written nothing;
+      * ``async _write_slow(offset, data, fua)``: everything else (it may try in place again).
+    """
+
+    def write(self, offset: int, data: memoryview, *, fua: bool) -> Pending:
+        pendings = None if fua else self._write_in_place(offset, data)
+        if pendings is None:
+            return self._write_slow(offset, data, fua)
+        return joined(pendings)
+
+    def _write_in_place(self, offset: int, data: memoryview) -> list | None:
+        raise NotImplementedError
+
+    async def _write_slow(self, offset: int, data: memoryview, fua: bool) -> None:
+        raise NotImplementedError
+
+
+def start_writes(storage: Storage, data: memoryview, plan: list[tuple[int, int, int]]) -> list:
+    """Start writing ``data[pos : pos + length]`` at host ``at`` for each ``(at, pos, length)`` of
+    ``plan``; the Pendings of those that must wait (an in-place write's last step)."""
+    pendings = []
+    for at, pos, length in plan:
+        p = storage.write(at, data[pos : pos + length])
+        if p is not None:
+            pendings.append(p)
+    return pendings
+
+
 class FormatDriver:
     """Base class with the contract above; the defaults emulate what a driver lacks."""
 

@@ -27,8 +27,9 @@ No metadata, so no other lock: concurrent requests go straight to the storage.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import errno
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 from ..cache import ClusterCache
 from ..errors import NbdError
@@ -137,36 +138,32 @@ class RawDriver(FormatDriver):
             )
 
     async def pwrite_zeroes(self, offset: int, length: int, *, may_trim: bool, fast: bool, fua: bool) -> None:
-        guarded = offset < self.guard_size and self.head_guard is not None
-        if guarded:
-            await self._head_lock.lock()
-        try:
-            if guarded:
-                await self._guard(offset, None, length)
+        async with self._zeroing_head(offset, length):
             if may_trim:
                 self.known_data.forget(offset, offset + length)
             if not await self.storage.write_zeroes(offset, length, may_unmap=may_trim):
                 if fast:
                     raise NbdError(errno.ENOTSUP, "zeroing is not faster than writing on this file")
                 await write_zero_bytes(self.storage, offset, length)
-        finally:
-            if guarded:
-                self._head_lock.unlock()
         if fua:
             await self.storage.flush()
 
     async def pdiscard(self, offset: int, length: int) -> None:
-        guarded = offset < self.guard_size and self.head_guard is not None
-        if guarded:
-            await self._head_lock.lock()
-        try:
-            if guarded:
-                await self._guard(offset, None, length)
+        async with self._zeroing_head(offset, length):
             self.known_data.forget(offset, offset + length)
             await self.storage.discard(offset, length)
-        finally:
-            if guarded:
-                self._head_lock.unlock()
+
+    @contextlib.asynccontextmanager
+    async def _zeroing_head(self, offset: int, length: int) -> AsyncIterator[None]:
+        """Around a zeroing or trim of ``[offset, offset+length)``: if it touches the guarded
+        head of a probed-raw image, hold ``_head_lock`` and refuse (EPERM) zeroes that would make
+        it an image format's magic (see the module docstring); else nothing."""
+        if offset >= self.guard_size or self.head_guard is None:
+            yield
+            return
+        async with self._head_lock:
+            await self._guard(offset, None, length)
+            yield
 
     async def flush(self) -> None:
         await self.storage.flush()

@@ -61,7 +61,19 @@ from ..cache import CacheEntry, ClusterCache
 from ..errors import CorruptImage, NbdError, UnsupportedImage
 from ..locks import CoMutex, CoQueue
 from ..storage.base import Pending, Storage, joined, read_at, settled
-from .base import ALLOCATED, DATA, ZERO, Caps, Extent, FormatDriver, Limits, OpenOptions, TableReads, zero_in_place
+from .base import (
+    ALLOCATED,
+    DATA,
+    ZERO,
+    Caps,
+    Extent,
+    FormatDriver,
+    InPlaceWrites,
+    Limits,
+    OpenOptions,
+    TableReads,
+    zero_in_place,
+)
 from .tables import decode_le32, encode_le
 
 log = logging.getLogger(__name__)
@@ -120,7 +132,7 @@ def _identity(buf: bytearray) -> bytearray:
     return buf
 
 
-class VdiDriver(TableReads, FormatDriver):
+class VdiDriver(TableReads, InPlaceWrites, FormatDriver):
     format_name = "vdi"
     guest_positions = False
 
@@ -337,12 +349,6 @@ class VdiDriver(TableReads, FormatDriver):
             await self._entry(page * PAGE_ENTRIES)
 
     # -- writes -----------------------------------------------------------------------------
-
-    def write(self, offset: int, data: memoryview, *, fua: bool) -> Pending:
-        pendings = None if fua else self._write_in_place(offset, data)
-        if pendings is None:
-            return self._write_slow(offset, data, fua)
-        return joined(pendings)
 
     def _write_in_place(self, offset: int, data: memoryview) -> list | None:
         """Start the writes without the lock if every block is allocated, its map page cached

@@ -95,7 +95,7 @@ from typing import Any
 from ..cache import CacheEntry, ClusterCache, TableKind
 from ..errors import CorruptImage, ImageError, NbdError, UnsupportedImage
 from ..locks import CoMutex
-from ..storage.base import Pending, Storage, joined, read_at, settled
+from ..storage.base import Pending, Storage, read_at, settled
 from .base import (
     ALLOCATED,
     DATA,
@@ -105,9 +105,11 @@ from .base import (
     Caps,
     Extent,
     FormatDriver,
+    InPlaceWrites,
     Limits,
     OpenOptions,
     TableReads,
+    start_writes,
     zero_in_place,
 )
 
@@ -251,7 +253,7 @@ def _identity(buf: Any) -> Any:
     return buf
 
 
-class VhdDriver(TableReads, FormatDriver):
+class VhdDriver(TableReads, InPlaceWrites, FormatDriver):
     format_name = "vpc"
 
     def __init__(self, storage: Storage, readonly: bool, footer: Footer, size: int) -> None:
@@ -609,10 +611,7 @@ class VhdDriver(TableReads, FormatDriver):
         if self.fixed:
             pending = self.storage.write(offset, data)
             return self._flush_after(pending) if fua else pending
-        pendings = None if fua else self._write_in_place(offset, data)
-        if pendings is None:
-            return self._write_slow(offset, data, fua)
-        return joined(pendings)
+        return InPlaceWrites.write(self, offset, data, fua=fua)
 
     async def _flush_after(self, pending: Pending) -> None:
         await settled(pending)
@@ -634,12 +633,7 @@ class VhdDriver(TableReads, FormatDriver):
             cnt = min(bs - inblk, n - pos)
             plan.append((block * SECTOR + self.bitmap_size + inblk, pos, cnt))
             pos += cnt
-        pendings = []
-        for at, pos, cnt in plan:
-            p = self.storage.write(at, data[pos : pos + cnt])
-            if p is not None:
-                pendings.append(p)
-        return pendings
+        return start_writes(self.storage, data, plan)
 
     async def _write_slow(self, offset: int, data: memoryview, fua: bool) -> None:
         """``write`` that allocates blocks or sets bitmap bits (or carries FUA)."""

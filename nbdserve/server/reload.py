@@ -1,11 +1,13 @@
 """Live reconfiguration: a new ``ServerConfig`` (the config file read again on SIGHUP or
 ``systemctl reload``) applied to a running ``Server``.
 
-Owns ``apply(server, new)``.  The rules:
+Owns ``apply(server, new)``, in two halves: ``prepare`` (check, load, open: nothing changes) and
+``Prepared.commit`` or ``Prepared.abort``.  With worker processes the acceptor has every worker
+prepare its part and commits only if all of them could (``workers.Supervisor.reload``).  The rules:
   * All or nothing.  The caller has already parsed and validated the new configuration; here the
     TLS credentials are loaded and every new image is opened *before* anything changes.  Any
     failure is logged in one line ("reload rejected: ...") and the running configuration stays,
-    untouched.
+    untouched (with workers: in every worker).
   * Settings only a restart can change (where and how the server listens, the cache size, the
     log destination, ...) are reported and keep their running values.
   * An export whose settings did not change is not touched: its clients see nothing.
@@ -114,15 +116,23 @@ def tls_for(server: Server, old: ServerConfig, new: ServerConfig) -> TlsServer |
 
 async def apply(server: Server, new: ServerConfig) -> bool:
     """Apply ``new``; True if it was applied (see the module docstring)."""
-    if server.reload_lock is None:
-        server.reload_lock = asyncio.Lock()
-    async with server.reload_lock:
+    async with reload_lock(server):
         try:
-            return await _apply(server, new)
+            prepared = await prepare(server, new)
         except (ConfigError, ImageError) as e:
             server.metrics.reload_failures += 1
             log.error("reload rejected: %s; still serving the previous configuration", e)
             return False
+        await prepared.commit()
+        return True
+
+
+def reload_lock(server: Server) -> asyncio.Lock:
+    """The lock that makes reloads run one at a time (held from ``prepare`` to the commit or
+    abort)."""
+    if server.reload_lock is None:
+        server.reload_lock = asyncio.Lock()
+    return server.reload_lock
 
 
 def keep_restart_only(old: ServerConfig, new: ServerConfig) -> ServerConfig:
@@ -135,16 +145,17 @@ def keep_restart_only(old: ServerConfig, new: ServerConfig) -> ServerConfig:
     return new
 
 
-async def _apply(server: Server, new: ServerConfig) -> bool:
+async def prepare(server: Server, new: ServerConfig) -> Prepared:
+    """The first half of a reload: check ``new`` and open every image it needs, changing
+    nothing.  Raises ``ConfigError``/``ImageError`` (having closed what it opened) if ``new``
+    cannot be applied; else the returned ``Prepared`` is committed or aborted.  Called with
+    ``reload_lock(server)`` held, which stays held until then."""
     old = server.cfg
     new = keep_restart_only(old, new)
     tls = tls_for(server, old, new)
     policy = Policy.from_config(new)
-
     current = {e.name: e for e in server.exports}
-    opened: dict[str, Export] = {}
-    in_place: list[tuple[Export, ExportConfig]] = []
-    reopen_later: list[ExportConfig] = []
+    p = Prepared(server, new, tls, policy, current)
     try:
         for ec in new.exports:
             cur = current.get(ec.name)
@@ -152,56 +163,75 @@ async def _apply(server: Server, new: ServerConfig) -> bool:
                 continue
             if cur is not None and cur.image is not None and not _needs_reopen(cur.config, ec):
                 present(_base_image(cur), ec)  # ImageError (e.g. an offset past the end): rejected
-                in_place.append((cur, ec))
+                p.in_place.append((cur, ec))
             elif cur is not None and cur.image is not None and _same_file(cur.config, ec):
-                reopen_later.append(ec)
+                p.reopen_later.append(ec)
             else:
-                opened[ec.name] = await open_export(ec, new, server.cache)
+                p.opened[ec.name] = await open_export(ec, new, server.cache)
     except (ConfigError, ImageError) as e:
-        for x in opened.values():
-            await x.image.close()
+        await p.abort()
         raise ImageError(f"export {ec.name!r}", str(e)) from None
+    return p
 
-    # Commit: from here on nothing fails.
-    server.cfg = new
-    server.policy = policy
-    server.tls = tls
-    names = {ec.name for ec in new.exports}
-    removed = [e for e in server.exports if e.name not in names]
-    table = []
-    for ec in new.exports:
-        cur = current.get(ec.name)
-        if ec.name in opened:
-            if cur is not None and cur.image is not None:
-                server.retire(cur, new.reload_grace)
-            table.append(opened[ec.name])
-        elif cur is not None and any(c is cur for c, _ in in_place):
-            cur.image = present(_base_image(cur), ec)
-            cur.description = ec.description
-            for k, v in settings(ec).items():
-                setattr(cur, k, v)
-            cur.config = ec
-            table.append(cur)
-        elif ec in reopen_later:
-            table.append(Export(ec.name, ec.description, True, None, "being reopened", config=ec, **settings(ec)))
-        else:
-            table.append(cur)
-    server.exports.replace(table)
-    for e in removed:
-        server.retire(e, new.reload_grace)
-    server.metrics.reloads += 1
-    log.log(
-        NOTICE,
-        "reload: %d exports (added %s; removed %s; changed %s; reopened %s)",
-        len(table),
-        _names([n for n in opened if n not in current]),
-        _names([e.name for e in removed]),
-        _names([c.name for c, _ in in_place]),
-        _names([n for n in opened if n in current] + [ec.name for ec in reopen_later]),
-    )
-    for ec in reopen_later:
-        await _reopen_same_file(server, current[ec.name], ec)
-    return True
+
+class Prepared:
+    """A reload checked and its new images opened (``prepare``), not yet visible to anyone:
+    ``commit`` makes it the running configuration, ``abort`` closes what it opened.  Exactly
+    one of them is called, with ``reload_lock(server)`` still held."""
+
+    def __init__(self, server: Server, new: ServerConfig, tls: TlsServer | None, policy: Policy, current: dict) -> None:
+        self.server, self.new, self.tls, self.policy = server, new, tls, policy
+        self.current: dict[str, Export] = current
+        self.opened: dict[str, Export] = {}
+        self.in_place: list[tuple[Export, ExportConfig]] = []
+        self.reopen_later: list[ExportConfig] = []
+
+    async def abort(self) -> None:
+        for x in self.opened.values():
+            await x.image.close()
+        self.opened.clear()
+
+    async def commit(self) -> None:
+        """Nothing here fails (an export reopened on the same file may stay unavailable)."""
+        server, new, current, opened = self.server, self.new, self.current, self.opened
+        server.cfg = new
+        server.policy = self.policy
+        server.tls = self.tls
+        names = {ec.name for ec in new.exports}
+        removed = [e for e in server.exports if e.name not in names]
+        table = []
+        for ec in new.exports:
+            cur = current.get(ec.name)
+            if ec.name in opened:
+                if cur is not None and cur.image is not None:
+                    server.retire(cur, new.reload_grace)
+                table.append(opened[ec.name])
+            elif cur is not None and any(c is cur for c, _ in self.in_place):
+                cur.image = present(_base_image(cur), ec)
+                cur.description = ec.description
+                for k, v in settings(ec).items():
+                    setattr(cur, k, v)
+                cur.config = ec
+                table.append(cur)
+            elif ec in self.reopen_later:
+                table.append(Export(ec.name, ec.description, True, None, "being reopened", config=ec, **settings(ec)))
+            else:
+                table.append(cur)
+        server.exports.replace(table)
+        for e in removed:
+            server.retire(e, new.reload_grace)
+        server.metrics.reloads += 1
+        log.log(
+            NOTICE,
+            "reload: %d exports (added %s; removed %s; changed %s; reopened %s)",
+            len(table),
+            _names([n for n in opened if n not in current]),
+            _names([e.name for e in removed]),
+            _names([c.name for c, _ in self.in_place]),
+            _names([n for n in opened if n in current] + [ec.name for ec in self.reopen_later]),
+        )
+        for ec in self.reopen_later:
+            await _reopen_same_file(server, current[ec.name], ec)
 
 
 async def _reopen_same_file(server: Server, cur: Export, ec: ExportConfig) -> None:

@@ -47,6 +47,7 @@ from typing import Any
 from .. import logsetup
 from ..cache import ClusterCache
 from ..config import ConfigError, ExportConfig, ServerConfig
+from ..errors import ImageError
 from ..logsetup import NOTICE
 from ..loop import new_event_loop
 from .exports import Export, ExportTable, close_exports, open_exports, settings
@@ -414,7 +415,7 @@ class Supervisor:
                 self._send_connection(w, name, h, fd)
         elif t == "closed":
             self._connection_closed(w, msg["export"])
-        elif t in ("stats", "reloaded"):
+        elif t in ("stats", "prepared", "reloaded"):
             fut = self._replies.pop(msg["id"], None)
             if fut is not None and not fut.done():
                 fut.set_result(msg)
@@ -527,39 +528,61 @@ class Supervisor:
                 w.channel.send({"t": "usr1"})
 
     async def reload(self, new: ServerConfig) -> bool:
-        """SIGHUP: each worker applies the new configuration to its exports (server/reload.py's
-        rules, per worker); exports keep their worker, new ones are assigned as at start; the
-        acceptor then takes the new access settings, TLS credentials and reports."""
-        from .reload import keep_restart_only, tls_for
+        """SIGHUP: all workers apply the new configuration to their exports, or none does.
+
+        Two phases (server/reload.py's ``prepare`` and ``commit``/``abort``, per worker): each
+        worker prepares its part (checks it, opens its new images; nothing changes); only if
+        every worker could are they all told to commit, else all that prepared abort, and one
+        line says which worker refused and why.  Exports keep their worker, new ones are
+        assigned as at start; the acceptor then takes the new access settings, TLS credentials
+        and reports.  One reload at a time (the acceptor's reload lock)."""
+        from .reload import keep_restart_only, reload_lock, tls_for
 
         server = self.server
-        new = keep_restart_only(self.cfg, new)
-        try:
-            tls = tls_for(server, self.cfg, new)
-        except ConfigError as e:
-            server.metrics.reload_failures += 1
-            log.error("reload rejected: %s; still serving the previous configuration", e)
-            return False
-        owner = assign(new.exports, len(self.workers), self.owner)
-        for ec in new.exports:
-            if ec.worker is not None and ec.worker != owner[ec.name]:
-                log.warning("reload: export %r stays on worker %d until a restart", ec.name, owner[ec.name])
-        n = len(self.workers)
-        asks = [self._ask(w, {"t": "reload", "cfg": worker_config(new, owner, w.index, n)}, None) for w in self.workers]
-        replies = await asyncio.gather(*asks)
-        ok = all(r is not None and r["ok"] for r in replies)
-        if ok:
-            self.cfg, self.owner = new, owner
-            server.cfg, server.policy, server.tls = new, Policy.from_config(new), tls
-            server.metrics.reloads += 1
-        else:
-            server.metrics.reload_failures += 1
-            log.error("reload: a worker refused its part (its line above); the acceptor keeps the previous exports")
-        for w, r in zip(self.workers, replies, strict=True):
-            if r is not None:
-                w.report = {x["name"]: x for x in r["exports"]}
-        self._update_table()
-        return ok
+        async with reload_lock(server):
+            new = keep_restart_only(self.cfg, new)
+            try:
+                tls = tls_for(server, self.cfg, new)
+            except ConfigError as e:
+                server.metrics.reload_failures += 1
+                log.error("reload rejected: %s; still serving the previous configuration", e)
+                return False
+            owner = assign(new.exports, len(self.workers), self.owner)
+            for ec in new.exports:
+                if ec.worker is not None and ec.worker != owner[ec.name]:
+                    log.warning("reload: export %r stays on worker %d until a restart", ec.name, owner[ec.name])
+            n = len(self.workers)
+            prepares = [
+                self._ask(w, {"t": "prepare", "cfg": worker_config(new, owner, w.index, n)}, None) for w in self.workers
+            ]
+            prepared = await asyncio.gather(*prepares)
+            refusals = [
+                f"worker {w.index}: " + (r["why"] if r is not None else "exited while preparing it")
+                for w, r in zip(self.workers, prepared, strict=True)
+                if r is None or not r["ok"]
+            ]
+            ok = not refusals
+            decides = [
+                self._ask(w, {"t": "decide", "for": r["id"], "commit": ok}, None)
+                for w, r in zip(self.workers, prepared, strict=True)
+                if r is not None and r["ok"]
+            ]
+            replies = await asyncio.gather(*decides)
+            if ok:
+                self.cfg, self.owner = new, owner
+                server.cfg, server.policy, server.tls = new, Policy.from_config(new), tls
+                server.metrics.reloads += 1
+            else:
+                server.metrics.reload_failures += 1
+                log.error(
+                    "reload rejected: %s; no worker applied it, all still serve the previous configuration",
+                    "; ".join(refusals),
+                )
+            for r in replies:
+                if r is not None:
+                    self.workers[r["index"]].report = {x["name"]: x for x in r["exports"]}
+            self._update_table()
+            return ok
 
 
 class _Relay:
@@ -674,6 +697,7 @@ def _report(server: Any, details: dict[str, str]) -> list[dict]:
 
 async def _work(ctrl: socket.socket, cfg: ServerConfig, index: int) -> None:
     from .listeners import Server
+    from .reload import prepare, reload_lock
     from .session import Session
 
     loop = asyncio.get_running_loop()
@@ -694,9 +718,29 @@ async def _work(ctrl: socket.socket, cfg: ServerConfig, index: int) -> None:
             sock.close()
             chan.send({"t": "closed", "export": h.export})
 
+    decisions: dict[int, asyncio.Future] = {}  # prepared reloads waiting for "decide"
+
     async def reload(rid: int, new: ServerConfig) -> None:
-        ok = await server.reload(new)
-        chan.send({"t": "reloaded", "id": rid, "ok": ok, "exports": _report(server, details)})
+        """Prepare this worker's part of a reload, answer "prepared", then commit or abort as
+        the acceptor decides (the reload lock held throughout; see Supervisor.reload)."""
+        async with reload_lock(server):
+            try:
+                prepared = await prepare(server, new)
+            except (ConfigError, ImageError) as e:
+                chan.send({"t": "prepared", "id": rid, "ok": False, "why": str(e)})
+                return
+            if server._stopping:  # no decision will come (see the end of _work)
+                commit, did = False, None
+            else:
+                decision = decisions[rid] = loop.create_future()
+                chan.send({"t": "prepared", "id": rid, "ok": True})
+                commit, did = await decision
+            if commit:
+                await prepared.commit()
+            else:
+                await prepared.abort()
+        if did is not None:
+            chan.send({"t": "reloaded", "id": did, "index": index, "exports": _report(server, details)})
 
     def message(msg: dict, fds: list[int]) -> None:
         t = msg["t"]
@@ -719,10 +763,14 @@ async def _work(ctrl: socket.socket, cfg: ServerConfig, index: int) -> None:
         elif t == "usr1":
             for line in statistics_lines(server):
                 log.log(NOTICE, "worker %d: %s", index, line)
-        elif t == "reload":
+        elif t == "prepare":
             task = loop.create_task(reload(msg["id"], msg["cfg"]))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
+        elif t == "decide":
+            fut = decisions.pop(msg["for"], None)
+            if fut is not None and not fut.done():
+                fut.set_result((msg["commit"], msg["id"]))
         elif t == "stop":
             server.shutdown()
 
@@ -730,6 +778,10 @@ async def _work(ctrl: socket.socket, cfg: ServerConfig, index: int) -> None:
     loop.add_signal_handler(signal.SIGTERM, server.shutdown)
     chan.send({"t": "exports", "exports": _report(server, details)})
     await server.stopped
+    for fut in decisions.values():  # the acceptor is gone or stopping: close what was prepared
+        if not fut.done():
+            fut.set_result((False, None))
+    await asyncio.gather(*tasks, return_exceptions=True)
     await close_exports(server.exports)
     for e in list(server.retired):
         if e.image is not None:

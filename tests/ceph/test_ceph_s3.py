@@ -19,9 +19,10 @@ from nbdserve.errors import ImageError
 from nbdserve.storage.location import S3Location
 from nbdserve.storage.s3 import S3Storage
 from tests.ceph.conftest import BUCKET, MiB
-from tests.cephcluster import S3_ACCESS_KEY, S3_SECRET_KEY, free_port
+from tests.cephcluster import S3_ACCESS_KEY, S3_SECRET_KEY
 from tests.conftest import SLOW
 from tests.imagetest import run
+from tests.util import free_port
 
 pytestmark = pytest.mark.ceph
 

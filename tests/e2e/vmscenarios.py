@@ -74,6 +74,18 @@ def in_place(image: Path) -> tuple[str, Callable[[], None]]:
     return str(image), lambda: None
 
 
+def seeded_image(work: Path, name: str, fmt: str) -> tuple[Seed, Path]:
+    """A new seed, and ``work/NAME.FMT`` holding the ext4 filesystem built from it."""
+    seed = Seed.make()
+    raw = build_rootfs(work, seed)
+    image = work / f"{name}.{fmt}"
+    if fmt == "raw":
+        shutil.move(raw, image)
+    else:
+        convert(raw, "raw", image, fmt)
+    return seed, image
+
+
 def boot_scenario(
     work: Path,
     guest: Guest,
@@ -84,13 +96,7 @@ def boot_scenario(
 ) -> VmResult:
     """``tls``: (server credentials, client credentials) directories: the server requires TLS
     and client certificates, QEMU connects with ``tls-creds``."""
-    seed = Seed.make()
-    raw = build_rootfs(work, seed)
-    image = work / f"root.{fmt}"
-    if fmt == "raw":
-        shutil.move(raw, image)
-    else:
-        convert(raw, "raw", image, fmt)
+    seed, image = seeded_image(work, "root", fmt)
     extra = ()
     if tls is not None:  # qemu-nbd's spelling, which nbdserve takes too
         extra = ("--object", f"tls-creds-x509,id=tls0,endpoint=server,dir={tls[0]}", "--tls-creds", "tls0")
@@ -158,13 +164,7 @@ def attach_scenario(work: Path, guest: Guest, fmt: str, place: Placement = in_pl
 def connect_scenario(work: Path, guest: Guest, fmt: str) -> VmResult:
     """nbdserve inside the guest: ``-c /dev/nbd0`` on an image holding a seeded ext4 filesystem,
     mount, verify, write, unmount, ``-d``; then the image is checked on the host."""
-    seed = Seed.make()
-    raw = build_rootfs(work, seed)
-    image = work / f"disk.{fmt}"
-    if fmt == "raw":
-        shutil.move(raw, image)
-    else:
-        convert(raw, "raw", image, fmt)
+    seed, image = seeded_image(work, "disk", fmt)
     python = build_python_disk(work, REPO)
     data = build_data_disk(work, {image.name: image}, 192)
     res = run_vm(work, guest.kernel, guest.initrd, "connect", disks=(python, data), params={"format": fmt})

@@ -265,6 +265,41 @@ def served_one(tmp_path: Path):
         yield srv
 
 
+def fua_writes_across_sigterm(c: raw.RawClient, proc: subprocess.Popen) -> list[int]:
+    """On ``c``, a client of ``proc`` in transmission: 48 MiB of dirty pages (which the FUA writes
+    then have to sync), then in one send 16 FUA writes (4 KiB of 0x40+i at i * 4 KiB, cookies
+    100..115) and a READ.  The READ is answered at once, so its reply proves the server has
+    parsed (and started) every write before it: then SIGTERM.  Every write must still succeed;
+    returns the cookies answered after the signal (the drain was exercised if there are any)."""
+    for off in (8 * MiB, 32 * MiB):
+        c.pwrite(off, os.urandom(24 * MiB))
+    batch = b""
+    for i in range(16):
+        batch += struct.pack(">IHHQQI", raw.REQUEST_MAGIC, raw.FLAG_FUA, raw.CMD_WRITE, 100 + i, i * 4096, 4096)
+        batch += bytes([0x40 + i]) * 4096
+        c.expect(100 + i, raw.CMD_WRITE, i * 4096, 4096)
+    batch += struct.pack(">IHHQQI", raw.REQUEST_MAGIC, 0, raw.CMD_READ, 999, 2 * MiB, 4096)
+    c.expect(999, raw.CMD_READ, 2 * MiB, 4096)
+    c.send(batch)
+    early = []
+    while (r := c.reply()).cookie != 999:
+        early.append(r.cookie)
+    proc.send_signal(signal.SIGTERM)
+    late = []
+    while len(early) + len(late) < 16:
+        r = c.reply()
+        assert r.error == 0, f"request {r.cookie} failed with errno {r.error}: {r.message}"
+        late.append(r.cookie)
+    assert sorted(early + late) == list(range(100, 116))
+    return late
+
+
+def assert_fua_writes_landed(data: bytes) -> None:
+    """The image holds every write of ``fua_writes_across_sigterm``."""
+    for i in range(16):
+        assert data[i * 4096 : (i + 1) * 4096] == bytes([0x40 + i]) * 4096
+
+
 def test_sigterm_drains_in_flight_requests(tmp_path: Path) -> None:
     img = write_sparse_raw(tmp_path / "drain.img", size=64 * MiB)
     sock = tmp_path / "drain.sock"
@@ -272,41 +307,14 @@ def test_sigterm_drains_in_flight_requests(tmp_path: Path) -> None:
         c = raw.RawClient(sock)
         c.greet()
         c.go()
-        for off in (8 * MiB, 32 * MiB):  # 48 MiB of dirty pages: the FUA writes below sync them
-            c.pwrite(off, os.urandom(24 * MiB))
-        # One send: 16 FUA writes, then a READ.  The READ is answered at once, so its reply
-        # proves the server has parsed (and started) every write before it.
-        batch = b""
-        for i in range(16):
-            payload = bytes([0x40 + i]) * 4096
-            batch += struct.pack(">IHHQQI", raw.REQUEST_MAGIC, raw.FLAG_FUA, raw.CMD_WRITE, 100 + i, i * 4096, 4096)
-            batch += payload
-            c.expect(100 + i, raw.CMD_WRITE, i * 4096, 4096)
-        batch += struct.pack(">IHHQQI", raw.REQUEST_MAGIC, 0, raw.CMD_READ, 999, 2 * MiB, 4096)
-        c.expect(999, raw.CMD_READ, 2 * MiB, 4096)
-        c.send(batch)
-        early = []
-        while True:
-            r = c.reply()
-            if r.cookie == 999:
-                break
-            early.append(r.cookie)
-        proc.send_signal(signal.SIGTERM)
-        late = []
-        while len(early) + len(late) < 16:
-            r = c.reply()
-            assert r.error == 0, f"request {r.cookie} failed with errno {r.error}: {r.message}"
-            late.append(r.cookie)
-        assert sorted(early + late) == list(range(100, 116))
+        late = fua_writes_across_sigterm(c, proc)
         assert c.wait_closed(30)  # then the server closes the connection...
         assert proc.wait(timeout=30) == 0  # ...and exits cleanly
         c.close()
     text = log.read_text()
     assert "Traceback" not in text, text
     assert "flushing and closing images" in text, text
-    data = img.read_bytes()
-    for i in range(16):
-        assert data[i * 4096 : (i + 1) * 4096] == bytes([0x40 + i]) * 4096
+    assert_fua_writes_landed(img.read_bytes())
     # at least one write was still in flight when the signal arrived (else nothing was drained)
     assert late, "every write finished before SIGTERM; the drain was not exercised"
 

@@ -2,7 +2,8 @@
 processes and pinned where the configuration says, data verified through libnbd, nbdcopy and
 qemu-img; a worker killed with SIGKILL under load (its client sees the disconnect, the other
 worker's client sees nothing, the export is served again and every flushed write is there);
-SIGTERM draining requests in flight in a worker; TLS relayed to workers; SIGHUP adding an export.
+SIGTERM draining requests in flight in a worker; TLS relayed to workers; SIGHUP adding an export;
+a reload one worker cannot apply applied by none (the old configuration keeps serving everywhere).
 
 Which process serves an export is observed from the outside: the acceptor logs ``worker N: pid
 P`` for each worker it starts, and ``/proc/P/fd`` shows which image files each process holds.
@@ -13,7 +14,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import struct
 import threading
 import time
 import urllib.request
@@ -24,7 +24,7 @@ import pytest
 
 from tests.interop import nbdclient as raw
 from tests.interop.conftest import MiB, random_raw, write_sparse_raw
-from tests.interop.test_launch_modes import foreground
+from tests.interop.test_launch_modes import assert_fua_writes_landed, foreground, fua_writes_across_sigterm
 from tests.interop.test_reload import Reloader, raw_export, reloader  # noqa: F401 (a fixture)
 from tests.tlscerts import Pki
 from tests.util import Served, free_port, qemu_img, run, serve
@@ -203,35 +203,14 @@ def test_sigterm_drains_a_worker(tmp_path: Path) -> None:
         c = raw.RawClient(sock)
         c.greet()
         c.go("b")
-        for off in (8 * MiB, 32 * MiB):  # dirty pages: the FUA writes below have to sync them
-            c.pwrite(off, os.urandom(24 * MiB))
-        batch = b""
-        for i in range(16):
-            batch += struct.pack(">IHHQQI", raw.REQUEST_MAGIC, raw.FLAG_FUA, raw.CMD_WRITE, 100 + i, i * 4096, 4096)
-            batch += bytes([0x40 + i]) * 4096
-            c.expect(100 + i, raw.CMD_WRITE, i * 4096, 4096)
-        batch += struct.pack(">IHHQQI", raw.REQUEST_MAGIC, 0, raw.CMD_READ, 999, 2 * MiB, 4096)
-        c.expect(999, raw.CMD_READ, 2 * MiB, 4096)
-        c.send(batch)
-        early = []
-        while (r := c.reply()).cookie != 999:  # the READ's reply: every write before it has started
-            early.append(r.cookie)
-        proc.send_signal(signal.SIGTERM)
-        late = []
-        while len(early) + len(late) < 16:
-            r = c.reply()
-            assert r.error == 0, f"request {r.cookie} failed with errno {r.error}: {r.message}"
-            late.append(r.cookie)
-        assert sorted(early + late) == list(range(100, 116))
+        late = fua_writes_across_sigterm(c, proc)
         assert c.wait_closed(30) and idle.wait_closed(30)
         assert proc.wait(timeout=60) == 0
         c.close()
         idle.close()
     text = log.read_text()
     assert "Traceback" not in text and "starting it again" not in text, text
-    data = b.read_bytes()
-    for i in range(16):
-        assert data[i * 4096 : (i + 1) * 4096] == bytes([0x40 + i]) * 4096
+    assert_fua_writes_landed(b.read_bytes())
     assert late, "every write finished before SIGTERM; the drain was not exercised"
 
 
@@ -295,3 +274,49 @@ def test_worker_settings_are_checked(tmp_path: Path, text: str, error: str) -> N
     config = tmp_path / "bad.toml"
     config.write_text(text.replace("IMG", str(img)) + ("" if "path" in text else f"[[export]]\npath = '{img}'\n"))
     assert error in start_error(tmp_path, "--config", config)
+
+
+def test_reload_is_all_or_nothing_across_workers(tmp_path: Path, reloader: Reloader) -> None:  # noqa: F811
+    """A new configuration that one worker cannot apply (an export pinned to worker 1 fails to
+    open) is applied by none: worker 0 keeps serving the export the new configuration removes
+    (a new client reads it), opens nothing new, and one line says why.  The corrected
+    configuration is then applied by both."""
+    imgs = {n: random_raw(tmp_path / f"{n}.img", MiB, seed=i) for i, n in enumerate("pqn")}
+    old = [raw_export("p", imgs["p"], worker=0), raw_export("q", imgs["q"], worker=1)]
+    reloader.write(old)
+    env = {"NOTIFY_SOCKET": str(reloader.notify_path)}
+    with serve(tmp_path, "--workers", "2", "--config", reloader.cfg, env=env) as srv:
+        reloader.srv = srv
+        reloader.ready()
+        h = nbd.NBD()
+        h.connect_uri(srv.uri_for("q"))  # a client of worker 1 across both reloads
+        bad = [
+            raw_export("q", imgs["q"], worker=1, description="v2"),
+            raw_export("n", imgs["n"], worker=0),  # worker 0's part is fine ...
+            raw_export("x", tmp_path / "missing.img", worker=1),  # ... worker 1's is not
+        ]
+        reloader.write(bad)
+        assert "STATUS=reload rejected" in reloader.reload()
+        assert set(reloader.names()) == {"p", "q"}
+        assert reloader.names()["q"].get("description", "") == ""
+        c = nbd.NBD()
+        c.connect_uri(srv.uri_for("p"))  # removed by the rejected configuration: still served
+        assert c.pread(4096, 0) == imgs["p"].read_bytes()[:4096]
+        c.shutdown()
+        held = {i: open_files(pid) for i, pid in worker_pids(srv).items()}
+        assert str(imgs["p"]) in held[0] and str(imgs["n"]) not in held[0]
+        lines = srv.log_lines("reload rejected")
+        assert len(lines) == 1 and "missing.img" in lines[0] and "'x'" in lines[0], srv.log_text()
+        assert h.pread(4096, 0) == imgs["q"].read_bytes()[:4096]
+
+        reloader.write([b for b in bad if b["name"] != "x"])
+        assert "STATUS" not in reloader.reload()
+        listed = reloader.names()
+        assert set(listed) == {"q", "n"} and listed["q"]["description"] == "v2"
+        c = nbd.NBD()
+        c.connect_uri(srv.uri_for("n"))
+        assert c.pread(4096, MiB - 4096) == imgs["n"].read_bytes()[-4096:]
+        c.shutdown()
+        assert h.pread(4096, 0) == imgs["q"].read_bytes()[:4096]
+        h.shutdown()
+        assert len(srv.log_lines("reload rejected")) == 1 and "Traceback" not in srv.log_text()

@@ -1,9 +1,11 @@
 """deploy/ and the files around it: the systemd units pass ``systemd-analyze verify`` and the
-service's sandbox scores at most 3.0 in ``systemd-analyze security``; the Dockerfile's HEALTHCHECK
+service's sandbox scores at most 3.0 in ``systemd-analyze security``; the socket unit listens on
+loopback only; the Dockerfile's HEALTHCHECK
 works against a real server; the LICENSE matches pyproject.toml; the example config loads."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 import shlex
@@ -73,6 +75,52 @@ def test_service_settings() -> None:
     assert int(settings["WatchdogSec"]) > 0
     exec_start = shlex.split(settings["ExecStart"])
     assert exec_start[:2] == ["/usr/local/bin/nbdserve", "--config"]
+
+
+def listen_streams(text: str) -> list[str]:
+    """The ListenStream= values of a socket unit's [Socket] section as systemd reads them:
+    comments (``#``, ``;``) skipped, backslash continuations joined, an empty assignment
+    clearing the list."""
+    values: list[str] = []
+    section = ""
+    for line in text.replace("\\\n", " ").splitlines():
+        line = line.strip()
+        if not line or line[0] in "#;":
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            section = line[1:-1]
+        elif section == "Socket" and "=" in line:
+            key, value = (x.strip() for x in line.split("=", 1))
+            if key == "ListenStream":
+                values = [*values, value] if value else []
+    return values
+
+
+def non_loopback(listen: str) -> bool:
+    """Whether a ListenStream= value accepts connections from other machines: a bare port or an
+    address that is not a loopback one (a path or an abstract socket is local)."""
+    if listen.startswith(("/", "@")):
+        return False
+    host, sep, _port = listen.rpartition(":")
+    if not sep:
+        return True  # a port alone: every interface
+    try:
+        return not ipaddress.ip_address(host.strip("[]").split("%")[0]).is_loopback
+    except ValueError:
+        return True  # a name, or anything systemd would resolve: not known to be local
+
+
+def test_socket_unit_listens_on_loopback_only() -> None:
+    """Plain NBD has no authentication: the shipped socket unit must listen on loopback only (the
+    file as systemd parses it), and the check notices the commented all-interfaces line."""
+    text = (DEPLOY / "nbdserve.socket").read_text()
+    listens = listen_streams(text)
+    assert listens == ["127.0.0.1:10809", "[::1]:10809"], listens
+    assert not any(non_loopback(x) for x in listens)
+    opened_up = text.replace("#ListenStream=10809", "ListenStream=10809")
+    assert any(non_loopback(x) for x in listen_streams(opened_up))
+    assert listen_streams(text + "[Socket]\nListenStream=\nListenStream=0.0.0.0:10809\n") == ["0.0.0.0:10809"]
+    assert non_loopback("0.0.0.0:10809") and non_loopback("[::]:10809") and not non_loopback("/run/nbd.sock")
 
 
 def test_example_config_loads() -> None:

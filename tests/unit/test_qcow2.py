@@ -39,9 +39,8 @@ from nbdserve.formats.base import OpenOptions
 from nbdserve.formats.qcow2 import Qcow2Driver
 from nbdserve.formats.qcow2.create import create_qcow2
 from nbdserve.image import Image, ImageSpec, open_image
-from nbdserve.locks import CoQueue
 from nbdserve.storage.base import settled
-from tests.imagetest import FILL, check_clean, opened, our_map, qemu_map, qemu_raw, run, served_read_only
+from tests.imagetest import FILL, CountingQueue, check_clean, opened, our_map, qemu_map, qemu_raw, run, served_read_only
 from tests.imagetest import compare_with_model as _compare_with_model
 from tests.imagetest import read_image as read_all
 from tests.util import qemu_img, qemu_io
@@ -362,23 +361,13 @@ def test_concurrent_writers_share_cluster_allocations(tmp_path):
         img = await opened(path)
         drv = img.driver
         real = drv.read_backing
-        waits = 0
 
         async def yielding_backing(off, buf):  # the real backing read, after a yield
             await asyncio.sleep(0)
             await settled(real(off, buf))
 
         drv.read_backing = yielding_backing
-
-        class CountingQueue(CoQueue):
-            __slots__ = ()
-
-            async def wait(self, mutex=None):
-                nonlocal waits
-                waits += 1
-                await super().wait(mutex)
-
-        drv._inflight_q = CountingQueue()
+        drv._inflight_q = queue = CountingQueue()
         rnd = random.Random(3)
 
         async def stream(slot: int) -> None:
@@ -399,7 +388,7 @@ def test_concurrent_writers_share_cluster_allocations(tmp_path):
             assert await read_all(img) == model
         finally:
             await img.close()
-        assert waits > 0  # some writer really found its cluster in flight
+        assert queue.waits > 0  # some writer really found its cluster in flight
 
     run(main())
     check_clean(path)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import functools
 import json
 import os
 import shutil
@@ -33,21 +32,12 @@ from nbdserve.formats.qed import QedDriver
 from nbdserve.formats.qed.header import F_NEED_CHECK
 from nbdserve.image import Image
 from nbdserve.storage.base import settled
-from tests.imagetest import FILL, apply_ops, model_ops, opened, run, with_writes, write_concurrently
-from tests.imagetest import check_clean as _check_clean
-from tests.imagetest import compare_with_model as _compare_with_model
-from tests.imagetest import our_map as _our_map
-from tests.imagetest import qemu_map as _qemu_map
-from tests.imagetest import qemu_raw as _qemu_raw
+from tests.imagetest import FILL, apply_ops, model_ops, opened, oracle, run, with_writes, write_concurrently
 from tests.imagetest import read_image as read_all
 from tests.util import qemu_img, qemu_io
 from tests.util import run as run_cmd
 
-check_clean = functools.partial(_check_clean, fmt="qed")
-compare_raw = functools.partial(_compare_with_model, fmt="qed")
-our_map = functools.partial(_our_map, depth=True)
-qemu_map = functools.partial(_qemu_map, fmt="qed", depth=True)
-qemu_raw = functools.partial(_qemu_raw, fmt="qed")
+check_clean, compare_raw, our_map, qemu_map, qemu_raw = oracle("qed")
 
 SLOW = os.environ.get("NBDSERVE_SLOW") == "1"
 K = 1024

@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import struct
 import tracemalloc
 import uuid
@@ -42,23 +41,15 @@ from tests.imagetest import (
     file_after,
     model_ops,
     opened,
+    oracle,
     run,
     with_writes,
     write_concurrently,
 )
-from tests.imagetest import check_clean as _check_clean
-from tests.imagetest import compare_with_model as _compare_with_model
-from tests.imagetest import our_map as _our_map
-from tests.imagetest import qemu_map as _qemu_map
-from tests.imagetest import qemu_raw as _qemu_raw
 from tests.imagetest import read_image as read_all
 from tests.util import qemu_img, qemu_io
 
-check_clean = functools.partial(_check_clean, fmt="vdi")
-compare_raw = functools.partial(_compare_with_model, fmt="vdi")
-our_map = functools.partial(_our_map, depth=True)
-qemu_map = functools.partial(_qemu_map, fmt="vdi", depth=True)
-qemu_raw = functools.partial(_qemu_raw, fmt="vdi")
+check_clean, compare_raw, our_map, qemu_map, qemu_raw = oracle("vdi")
 
 K = 1024
 M = 1024 * K

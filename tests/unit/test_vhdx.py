@@ -41,7 +41,7 @@ from nbdserve.errors import ImageError, NbdError
 from nbdserve.image import Image, ImageSpec, open_image
 from nbdserve.storage.base import settled
 from tests.conftest import SLOW
-from tests.imagetest import FILL, Recorder, apply_ops, model_ops, run
+from tests.imagetest import FILL, FlakyBacking, Recorder, apply_ops, model_ops, run, write_all
 from tests.imagetest import file_after as _state
 from tests.imagetest import opened as _opened
 from tests.imagetest import read_image as read_all
@@ -768,6 +768,43 @@ def test_differencing_writes_copy_from_parent(tmp_path: Path) -> None:
     assert parent.read_bytes() == parent_before
     assert read_image(path) == model
     assert current_header(path)["log_guid"] == bytes(16)
+
+
+def test_differencing_failed_parent_read_leaves_no_block(tmp_path: Path) -> None:
+    """A write into a parent-backed block whose parent read fails (EIO) fails, every concurrent
+    writer of that block with it, and leaves the file as it was: no half-filled block past the
+    end (each failure would otherwise grow the file by a block nothing points at).  Once the
+    parent reads again, the same writes succeed and allocate the block once."""
+    parent, pdata = _make_parent(tmp_path)
+    g = _make_child(tmp_path, parent)
+    path = Path(g.path)
+    size = path.stat().st_size
+    model = bytearray(pdata)
+    writes = [(4 * M + i * 4096 + 512, bytes([i + 1]) * 1024) for i in range(4)]
+    writes.append((5 * M - 512, b"\x55" * 1024))  # spans blocks 4 and 5
+
+    async def go():
+        img = await opened(path)
+        backing = FlakyBacking(img)
+        try:
+            results = await write_all(img, writes, errors=True)
+            assert all(isinstance(r, OSError) and r.errno == errno.EIO for r in results), results
+            assert path.stat().st_size == size
+            backing.failing = False
+            await write_all(img, writes)
+            for o, d in writes:
+                model[o : o + len(d)] = d
+            assert await read_all(img) == model
+        finally:
+            await img.close()
+
+    run(go())
+    assert path.stat().st_size == _round_up_m(size) + 2 * M  # blocks 4 and 5, allocated once each
+    assert read_image(path) == model
+
+
+def _round_up_m(n: int) -> int:
+    return -(-n // M) * M
 
 
 def test_differencing_4k_child_of_4k_parent(tmp_path: Path) -> None:

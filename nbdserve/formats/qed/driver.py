@@ -47,7 +47,7 @@ from bisect import bisect_right
 from ...cache import CacheEntry, ClusterCache
 from ...errors import CorruptImage, NbdError
 from ...locks import CoMutex
-from ...storage.base import Pending, Storage, joined, read_at, settled
+from ...storage.base import Storage, joined, read_at, settled
 from ..base import (
     ALLOCATED,
     DATA,
@@ -56,9 +56,11 @@ from ..base import (
     Caps,
     Extent,
     FormatDriver,
+    InPlaceWrites,
     Limits,
     OpenOptions,
     TableReads,
+    start_writes,
     zero_in_place,
 )
 from .check import check_and_repair
@@ -86,7 +88,7 @@ NO_TABLE = array("Q")  # sentinel for "the L1 entry is empty" (compared by ident
 NEED_CHECK_IDLE = 5.0  # seconds; see QedDriver.need_check_idle
 
 
-class QedDriver(TableReads, FormatDriver):
+class QedDriver(TableReads, InPlaceWrites, FormatDriver):
     format_name = "qed"
 
     def __init__(
@@ -347,12 +349,6 @@ class QedDriver(TableReads, FormatDriver):
 
     # -- writes -----------------------------------------------------------------------------
 
-    def write(self, offset: int, data: memoryview, *, fua: bool) -> Pending:
-        pendings = None if fua else self._write_in_place(offset, data)
-        if pendings is None:
-            return self._write_slow(offset, data, fua)
-        return joined(pendings)
-
     async def _write_slow(self, offset: int, data: memoryview, fua: bool) -> None:
         """``write`` that allocates (or carries FUA): in place if it can, else under the lock."""
         pendings = self._write_in_place(offset, data)
@@ -381,14 +377,9 @@ class QedDriver(TableReads, FormatDriver):
             if kind != RUN_DATA:
                 return None
             self._guard(host, run_end - pos)
-            plan.append((pos, run_end, host))
+            plan.append((host, pos - offset, run_end - pos))
             pos = run_end
-        pendings = []
-        for start, stop, host in plan:
-            p = self.storage.write(host, data[start - offset : stop - offset])
-            if p is not None:
-                pendings.append(p)
-        return pendings
+        return start_writes(self.storage, data, plan)
 
     async def _write_locked(self, offset: int, data: memoryview) -> None:
         """Write, allocating clusters as needed.  Called with self.lock held."""

@@ -56,9 +56,11 @@ from ..base import (
     Caps,
     Extent,
     FormatDriver,
+    InPlaceWrites,
     Limits,
     OpenOptions,
     TableReads,
+    start_writes,
     zero_in_place,
 )
 from . import bat as B
@@ -146,7 +148,7 @@ class _ReplayedView(Storage):
             view[lo - offset : hi - offset] = self.sectors[k][lo - k : hi - k]
 
 
-class VhdxDriver(TableReads, FormatDriver):
+class VhdxDriver(TableReads, InPlaceWrites, FormatDriver):
     format_name = "vhdx"
 
     def __init__(self, storage: Storage, readonly: bool, cache: ClusterCache) -> None:
@@ -474,12 +476,6 @@ class VhdxDriver(TableReads, FormatDriver):
 
     # -- writes -----------------------------------------------------------------------------
 
-    def write(self, offset: int, data: memoryview, *, fua: bool) -> Pending:
-        pendings = None if fua else self._write_in_place(offset, data)
-        if pendings is None:
-            return self._write_slow(offset, data, fua)
-        return joined(pendings)
-
     def _write_in_place(self, offset: int, data: memoryview) -> list | None:
         """Start the writes if every block is FULLY_PRESENT with its BAT page cached and this
         session's header is written (returns their Pendings); else None, and nothing written."""
@@ -496,12 +492,7 @@ class VhdxDriver(TableReads, FormatDriver):
             seg = min(n - pos, bs - in_block)
             plan.append(((e & B.OFFSET_MASK) + in_block, pos, seg))
             pos += seg
-        pendings = []
-        for at, pos, seg in plan:
-            p = self.storage.write(at, data[pos : pos + seg])
-            if p is not None:
-                pendings.append(p)
-        return pendings
+        return start_writes(self.storage, data, plan)
 
     async def _write_slow(self, offset: int, data: memoryview, fua: bool) -> None:
         """``write`` that allocates (or carries FUA): blocks that need it under the lock."""
@@ -535,12 +526,20 @@ class VhdxDriver(TableReads, FormatDriver):
         self.lock.assert_locked()
         await self._make_visible()
         changes: dict[int, int] = {}
-        for block, in_block, view in segments:
-            e = await self._entry(self.geo.payload_index(block))
-            if e & B.STATE_MASK == B.FULLY_PRESENT:
-                await settled(self.storage.write((e & B.OFFSET_MASK) + in_block, view))
-            else:
-                changes.update(await self._fill_block(block, in_block, view, e))
+        end = self.storage.size
+        try:
+            for block, in_block, view in segments:
+                e = await self._entry(self.geo.payload_index(block))
+                if e & B.STATE_MASK == B.FULLY_PRESENT:
+                    await settled(self.storage.write((e & B.OFFSET_MASK) + in_block, view))
+                else:
+                    changes.update(await self._fill_block(block, in_block, view, e))
+        except BaseException:
+            # (A parent read failed, say.)  No BAT entry points past ``end`` yet: cut the new
+            # blocks off again, so that a failed write leaves no block nothing points at.
+            if self.storage.size > end:
+                await self.storage.truncate(end)
+            raise
         if changes:
             await self.storage.flush()
             await self._commit(changes)
