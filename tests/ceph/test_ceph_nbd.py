@@ -168,7 +168,8 @@ def fio_verify(uri: str, size: int) -> None:
     """fio's nbd engine: random 4K writes at QD8, then every block read back and checked."""
     out = run(
         "fio", "--name=verify", "--ioengine=nbd", f"--uri={uri}", "--rw=randwrite", "--bs=4k", "--iodepth=8",
-        f"--size={size}", "--verify=crc32c", "--verify_fatal=1", "--do_verify=1", "--verify_state_save=0", "--output-format=terse",
+        f"--size={size}", "--verify=crc32c", "--verify_fatal=1", "--do_verify=1", "--verify_state_save=0",
+        "--output-format=terse",
     )  # fmt: skip
     assert out.returncode == 0
 
