@@ -98,7 +98,9 @@ class Config:
 
 
 def env_for(cfg: Config) -> dict[str, str]:
-    return {**common.ENV, "CEPH_CONF": str(cfg.conf)}
+    """The tools' environment: the cluster's config, and the S3 credentials (set after start)."""
+    aws = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+    return {**common.ENV, **aws, "CEPH_CONF": str(cfg.conf)}
 
 
 def image_name(path: str) -> str:
