@@ -3,6 +3,7 @@
 Owns the one parser for storage locations, used by ``--export`` and by the TOML file alike:
 
     rbd:POOL[/NAMESPACE]/IMAGE[@SNAP][,conf=FILE][,id=USER][,timeout=SECONDS][,on-outage=fail|wait]
+        (QEMU's rbd:POOL/IMAGE[@SNAP][:conf=FILE][:id=USER] is taken too, for qemu-nbd command lines)
     s3://BUCKET/KEY[,endpoint=URL][,region=R][,profile=P][,chunk=SIZE][,read-cache=SIZE][,threads=N]
         [,timeout=SECONDS]
 
@@ -119,18 +120,56 @@ def _text(value: Any, what: str) -> str:
     return value
 
 
+def _split_escaped(text: str, sep: str) -> list[str]:
+    """``text`` split at every ``sep`` not escaped by a backslash (QEMU's rule for rbd: file
+    names); the escapes stay in the pieces (``_unescaped`` removes them)."""
+    pieces, current, i = [], [], 0
+    while i < len(text):
+        c = text[i]
+        if c == "\\" and i + 1 < len(text):
+            current.append(text[i : i + 2])
+            i += 2
+            continue
+        if c == sep:
+            pieces.append("".join(current))
+            current = []
+        else:
+            current.append(c)
+        i += 1
+    pieces.append("".join(current))
+    return pieces
+
+
+def _unescaped(text: str) -> str:
+    return re.sub(r"\\(.)", r"\1", text)
+
+
 def _rbd(path: str, opts: Mapping[str, Any]) -> RbdLocation:
-    body = path[len("rbd:") :]
-    snap = None
-    if "@" in body:
-        body, snap = body.split("@", 1)
-        if not snap:
-            raise LocationError(f"{path}: empty snapshot name after '@'")
-    parts = body.split("/")
+    """``rbd:POOL[/NS]/IMAGE[@SNAP]`` with our options ``opts``; QEMU's spelling is taken too:
+    ``:conf=FILE:id=USER`` after the name, ``\\`` escaping ``:``, ``/`` and ``@``."""
+    name, *qemu_opts = _split_escaped(path[len("rbd:") :], ":")
+    body, *snaps = _split_escaped(name, "@")
+    if len(snaps) > 1:
+        raise LocationError(f"{path}: more than one '@' (escape an '@' in a name as \\@)")
+    snap = _unescaped(snaps[0]) if snaps else None
+    if snap == "":
+        raise LocationError(f"{path}: empty snapshot name after '@'")
+    parts = [_unescaped(p) for p in _split_escaped(body, "/")]
     if len(parts) not in (2, 3) or not all(parts):
         raise LocationError(f"{path}: expected rbd:POOL/IMAGE or rbd:POOL/NAMESPACE/IMAGE")
     pool, image = parts[0], parts[-1]
     namespace = parts[1] if len(parts) == 3 else ""
+    opts = dict(opts)
+    for item in qemu_opts:
+        key, eq, value = item.partition("=")
+        if key not in ("conf", "id") or not eq:
+            raise LocationError(
+                f"{path}: QEMU's rbd option {item!r} is not taken (conf= and id= are; other Ceph settings "
+                "belong in the config file)"
+            )
+        if key in opts:
+            raise LocationError(f"{path}: option {key!r} given twice")
+        opts[key] = _unescaped(value)
     kw: dict[str, Any] = {}
     for key, value in opts.items():
         what = f"{path}: {key}"
@@ -281,7 +320,7 @@ def _qemu_escaped(text: str, specials: str) -> str:
 
 def _backing_identity(loc: RbdLocation) -> str:
     ns = f"{_qemu_escaped(loc.namespace, ':/@')}/" if loc.namespace else ""
-    snap = f"@{_qemu_escaped(loc.snap, ':')}" if loc.snap is not None else ""
+    snap = f"@{_qemu_escaped(loc.snap, ':@')}" if loc.snap is not None else ""
     return f"rbd:{_qemu_escaped(loc.pool, ':/@')}/{ns}{_qemu_escaped(loc.image, ':/@')}{snap}"
 
 
@@ -307,6 +346,11 @@ def same_backing(recorded: str, loc: Location) -> bool:
     if isinstance(loc, LocalLocation):
         return os.path.realpath(recorded) == os.path.realpath(loc.path)
     if isinstance(loc, RbdLocation):
-        ident = _backing_identity(loc)
-        return recorded == ident or recorded.startswith(ident + ":")
+        if not recorded.startswith("rbd:"):
+            return False
+        try:
+            rec = _rbd(recorded, {})
+        except LocationError:
+            return False
+        return (rec.pool, rec.namespace, rec.image, rec.snap) == (loc.pool, loc.namespace, loc.image, loc.snap)
     return recorded == loc.name

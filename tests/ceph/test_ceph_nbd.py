@@ -115,6 +115,14 @@ def test_qemu_compare_raw_and_qcow2_in_rbd_and_map_equals_object_map(ceph, admin
         assert data == ground_truth_extents(admin, raw) == [(0, OBJ), (2 * OBJ, 2 * OBJ), (8 * OBJ, 2 * OBJ)]
 
 
+def test_a_qemu_nbd_command_line_serves_qemus_rbd_spelling(admin, new_image, tmp_path):
+    """``qemu-nbd -f raw rbd:POOL/IMAGE:conf=FILE``, unchanged, run as nbdserve the qemu-nbd way."""
+    loc = new_image(12 * MiB)
+    fill(admin, loc, random.Random(2), [(MiB - 7, 3 * MiB)])
+    with serve(tmp_path, "-t", "-f", "raw", qemu_rbd(loc), module="nbdserve.qemu_nbd") as srv:
+        run("qemu-img", "compare", "-f", "raw", "-F", "raw", qemu_rbd(loc), srv.uri)
+
+
 OPS = ("write", "write", "write", "zero", "zero-fast", "trim", "flush")
 
 

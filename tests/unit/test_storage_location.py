@@ -133,3 +133,27 @@ def test_backing_names_are_qemus_and_match_by_identity(tmp_path):
     (tmp_path / "link.img").symlink_to(f)
     assert backing_name(LocalLocation(str(tmp_path / "link.img"))) == str(f)
     assert same_backing(str(f), LocalLocation(str(tmp_path / "link.img")))
+
+
+def test_qemu_rbd_spelling_is_taken():
+    """qemu-nbd command lines keep working: ``rbd:pool/image@snap:conf=FILE:id=USER`` with QEMU's
+    backslash escapes, the same location as ours; its other options are refused in one line."""
+    loc, rest = parse("rbd:pool/ns/vm\\:1@base:conf=/etc/ceph/c\\:x.conf:id=nbd,format=qcow2")
+    assert loc == RbdLocation(
+        pool="pool", namespace="ns", image="vm:1", snap="base", conf="/etc/ceph/c:x.conf", id="nbd"
+    )
+    assert rest == [("format", "qcow2")]
+    assert parse("rbd:p/i:conf=/c,timeout=3")[0] == RbdLocation(pool="p", image="i", conf="/c", timeout=3)
+    for text, message in (
+        ("rbd:p/i:mon_host=1.2.3.4", "QEMU's rbd option 'mon_host=1.2.3.4' is not taken"),
+        ("rbd:p/i:conf=/a,conf=/b", "given twice"),
+        ("rbd:p/i@a@b", "more than one '@'"),
+    ):
+        with pytest.raises(LocationError, match=message):
+            parse(text)
+    # what an overlay records reads back as the same location
+    for one in (loc, RbdLocation(pool="p", image="a@b", snap="s:1@2")):
+        again, _ = parse(backing_name(one))
+        assert (again.pool, again.namespace, again.image, again.snap, again.conf, again.id) == (
+            one.pool, one.namespace, one.image, one.snap, one.conf, one.id,
+        )  # fmt: skip
