@@ -8,17 +8,15 @@ at QD16, against one image per path, each filled with data first (so reads hit o
   fio-rbd   fio ``ioengine=rbd`` (librbd inside fio): the ceiling for any server in front of RBD
   qemu-nbd  ``qemu-nbd --cache=writeback -f raw rbd:POOL/IMAGE:conf=...``, fio ``ioengine=nbd``
   RbdStorage  nbdserve's backend in this process, driven by an asyncio loop at the same request
-            size and depth (until ``rbd:`` exports are wired into the server: the backend's own
-            ceiling, without NBD)
-  nbdserve  ``nbdserve ... rbd:POOL/IMAGE,conf=...``, fio ``ioengine=nbd`` (once ``rbd:`` exports
-            are wired into the server; until then it reports the server's start-up error)
+            size and depth (the backend's own ceiling, without NBD)
+  nbdserve  ``nbdserve -f raw rbd:POOL/IMAGE,conf=...``, fio ``ioengine=nbd``
 
 S3: one object of ``--s3-size`` read whole, sequentially:
 
   direct     ranged GETs of 8 MiB, 8 at a time, through botocore (what any client can do)
-  S3Storage  nbdserve's backend in this process: 1 MiB reads, 16 in flight (until S3 exports
-             are wired into the server)
-  nbdserve   ``nbdcopy`` from an nbdserve export of ``s3://...`` (once wired)
+  S3Storage  nbdserve's backend in this process: 1 MiB reads, 16 in flight
+  nbdserve   ``nbdcopy`` (its defaults: 4 connections, 64 requests in flight) from an nbdserve
+             export of ``s3://BUCKET/KEY,endpoint=...`` (read-only, ``-f raw``) to ``null:``
 
 Runs alternate between paths (A, B, C, A, B, C, ...) so load drift hits each alike; with more
 than one run the first of each path is a warm-up and is discarded.  By default the script starts
@@ -100,7 +98,9 @@ class Config:
 
 
 def env_for(cfg: Config) -> dict[str, str]:
-    return {**common.ENV, "CEPH_CONF": str(cfg.conf)}
+    """The tools' environment: the cluster's config, and the S3 credentials (set after start)."""
+    aws = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+    return {**common.ENV, **aws, "CEPH_CONF": str(cfg.conf)}
 
 
 def image_name(path: str) -> str:
@@ -206,6 +206,8 @@ def run_rbd(cfg: Config, cluster_rbd) -> dict[tuple[str, str], Result]:
     for path in cfg.paths:
         image = image_name(path)
         print(f"   filling {POOL}/{image} ({cfg.size / MiB:g} MiB)", flush=True)
+        with contextlib.suppress(RuntimeError):  # left by an earlier run on a --conf cluster
+            cluster_rbd("rm", "--no-progress", f"{POOL}/{image}")
         cluster_rbd("create", "--size", f"{cfg.size // MiB}M", f"{POOL}/{image}")
         cluster_rbd("bench", "--io-type", "write", "--io-pattern", "seq", "--io-size", "4M", "--io-threads", "8",
                     "--io-total", str(cfg.size), f"{POOL}/{image}")  # fmt: skip
@@ -315,7 +317,24 @@ def s3_storage(cfg: Config) -> Sample:
 
 
 def s3_nbdserve(cfg: Config) -> Sample:
-    raise RuntimeError("s3:// exports are not wired into the server yet")
+    """The object through an nbdserve export, copied whole by nbdcopy (a fresh server each run,
+    so its read cache starts empty).  The server's CPU is counted."""
+    sock, pidfile, log = cfg.sockdir / "s3.sock", cfg.workdir / "s3.pid", cfg.workdir / "s3.log"
+    image = f"s3://{BUCKET}/{S3_KEY},endpoint={cfg.s3_endpoint}"
+    cmd = [sys.executable, "-m", "nbdserve", "--fork", "--pid-file", str(pidfile), "-k", str(sock), "-r", "-f", "raw",
+           "--workers", "1", image]  # fmt: skip
+    with open(log, "w") as logf:
+        p = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env_for(cfg), timeout=120)
+    if p.returncode != 0:
+        raise RuntimeError(f"nbdserve did not start: {first_line(RuntimeError(log.read_text()))}")
+    srv = Running("s3", sock, int(pidfile.read_text().strip()), log)
+    try:
+        cpu0, t0 = cpu_seconds(srv.pid), time.perf_counter()
+        common.run(["nbdcopy", srv.uri, "null:"], timeout=1800)
+        secs, cpu = time.perf_counter() - t0, cpu_seconds(srv.pid) - cpu0
+    finally:
+        srv.stop()
+    return Sample(cfg.s3_size / MiB / secs, cfg.s3_size / secs, cpu, cfg.s3_size / MiB, secs)
 
 
 def run_s3(cfg: Config) -> dict[str, Result]:
@@ -391,10 +410,10 @@ def report(rbd: dict[tuple[str, str], Result], s3: dict[str, Result], cfg: Confi
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     job_names = tuple(j.name for j in JOBS)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--paths", type=common.csv_choice(RBD_PATHS), default=["fio-rbd", "qemu-nbd", "RbdStorage"],
-                    help=f"RBD paths (default fio-rbd,qemu-nbd,RbdStorage; all: {','.join(RBD_PATHS)})")  # fmt: skip
-    ap.add_argument("--s3-paths", type=common.csv_choice(S3_PATHS), default=["direct", "S3Storage"],
-                    help=f"S3 paths (default direct,S3Storage; all: {','.join(S3_PATHS)})")  # fmt: skip
+    ap.add_argument("--paths", type=common.csv_choice(RBD_PATHS), default=list(RBD_PATHS),
+                    help=f"RBD paths (default all: {','.join(RBD_PATHS)})")  # fmt: skip
+    ap.add_argument("--s3-paths", type=common.csv_choice(S3_PATHS), default=list(S3_PATHS),
+                    help=f"S3 paths (default all: {','.join(S3_PATHS)})")  # fmt: skip
     ap.add_argument("--no-rbd", action="store_true", help="skip the RBD jobs")
     ap.add_argument("--no-s3", action="store_true", help="skip the S3 read")
     ap.add_argument("--jobs", type=common.csv_choice(job_names), default=list(job_names), help="RBD jobs")

@@ -27,12 +27,14 @@ import argparse
 import os
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 from . import __version__
 from .config import (
     DEFAULT_BACKLOG,
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_PORT,
+    EXPORT_SCHEMA,
     FORMATS,
     REPAIR_MODES,
     ConfigError,
@@ -52,6 +54,7 @@ from .logsetup import DESTINATIONS
 from .objects import ObjectError, ObjectTable, split_options
 from .server.tls import PSK_PYTHON_TEXT
 from .server.view import CACHE_MODES, DETECT_ZEROES_MODES, DISCARD_MODES
+from .storage.location import LocationError, parse_location, storage_options
 
 DEMO_SIZE = 1 << 30
 
@@ -216,6 +219,12 @@ def build_parser(qemu_nbd: bool = False) -> ArgumentParser:
     )
     g.add_argument("-D", "--description", default="", help="export description shown to clients")
     g.add_argument("-s", "--snapshot", action="store_true", help="write to a temporary overlay, discarded at exit")
+    g.add_argument(
+        "--overlay",
+        metavar="PATH",
+        help="write to a persistent local qcow2 overlay at PATH over IMAGE (created if missing, reused if it "
+        "records IMAGE as its backing)",
+    )
     g.add_argument(
         "-l",
         "--load-snapshot",
@@ -400,6 +409,23 @@ def demo_image() -> str:
     return path
 
 
+def image_location(text: str) -> dict[str, Any]:
+    """The positional IMAGE: a file, or an ``rbd:``/``s3://`` location with its own options
+    (``rbd:pool/vm,conf=FILE``); the export's other settings are flags here."""
+    if not storage_options(text):
+        return {"path": text}
+    try:
+        location, rest = parse_location(text, EXPORT_SCHEMA)
+    except LocationError as e:
+        raise ConfigError(f"IMAGE: {e}") from None
+    if rest:
+        raise ConfigError(
+            f"IMAGE: {rest[0][0]} is an export setting, not the location's: give it as a flag (-f, -r, ...) "
+            "or use --export NAME=LOCATION,..."
+        )
+    return {"path": location.name, "location": location}
+
+
 def _load_snapshot(text: str | None) -> str | None:
     """``-l``: ``ID_OR_NAME`` or qemu-nbd's ``snapshot.id=ID[,snapshot.name=NAME]``."""
     if text is None or not text.startswith("snapshot."):
@@ -468,8 +494,10 @@ def config_from_args(args: argparse.Namespace, qemu_nbd: bool = False) -> Server
         "detect_zeroes": args.detect_zeroes,
         "offset": args.offset,
     }
+    if args.overlay is not None and args.image is None:
+        raise ConfigError("--overlay applies to IMAGE (for --export and [[export]]: overlay=PATH)")
     if args.image is not None:
-        opts = parse_image_opts(args.image) if args.image_opts else {"path": args.image}
+        opts = parse_image_opts(args.image) if args.image_opts else image_location(args.image)
         if args.image_opts and args.format:
             raise ConfigError("--image-opts names the format (driver=...); -f is not allowed with it")
         fields = {k: v for k, v in io.items() if v is not None}
@@ -486,6 +514,7 @@ def config_from_args(args: argparse.Namespace, qemu_nbd: bool = False) -> Server
                 vpc_size=args.vpc_size,
                 force_share=args.force_share,
                 repair=args.repair,
+                overlay=args.overlay,
                 **fields,
                 bitmaps=tuple(args.bitmap),
             )

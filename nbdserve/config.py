@@ -6,6 +6,10 @@ image (in that order).  Export names must be unique.  Secrets (encryption passph
 union of the file's ``[[secret]]`` tables and ``--object secret`` definitions (ids unique); an
 export's ``key-secret`` must name one.  Nothing here opens images or sockets (secret files are
 read here, as QEMU reads them when the object is defined).
+
+An export's ``path`` may be an ``rbd:`` or ``s3://`` location; its own options (``conf=``,
+``endpoint=``, ...) are parsed by ``storage.location`` for ``--export``, the TOML table and the
+positional image alike, and kept as ``ExportConfig.location`` (None for a local file).
 """
 
 from __future__ import annotations
@@ -23,6 +27,15 @@ from .cache import DEFAULT_CACHE_SIZE
 from .crypto.secret import SecretError, Secrets, load_secrets
 from .objects import ObjectError, ObjectTable, split_options
 from .protocol.constants import MAX_STRING
+from .storage.location import (
+    LocalLocation,
+    Location,
+    LocationError,
+    S3Location,
+    location_from_table,
+    parse_location,
+    storage_options,
+)
 
 DEFAULT_PORT = 10809
 DEFAULT_BACKLOG = 4096  # the listen queue: a burst of this many connects is queued, not dropped
@@ -62,6 +75,14 @@ class ExportConfig:
     offset: int = 0  # -o: the export starts this many bytes into the image
     bitmaps: tuple[str, ...] = ()  # -B: persistent dirty bitmaps exported as qemu:dirty-bitmap:NAME
     worker: int | None = None  # the worker process (0 to workers - 1) serving it; None: balanced
+    overlay: str | None = None  # --overlay: a persistent local qcow2 over the image takes the writes
+    # Where the bytes live when not in a local file (rbd:, s3://; path is then its name).  Set from
+    # path and the location's own options by the parsers, never a key of its own.
+    location: Location | None = None
+
+    def where(self) -> Location:
+        """The export's storage location (a local file unless ``location`` says otherwise)."""
+        return self.location if self.location is not None else LocalLocation(self.path)
 
 
 @dataclass(frozen=True)
@@ -159,24 +180,35 @@ _SPEC_ALIASES = {"ro": "readonly", "bitmap": "bitmaps"}  # --export spellings of
 
 def parse_export_spec(spec: str) -> ExportConfig:
     """``NAME=PATH[,KEY[=VALUE]]...``: every ``[[export]]`` key of the config file, checked by the
-    same schema (``readonly``/``ro``, ``snapshot`` and other booleans may stand alone for true)."""
+    same schema (``readonly``/``ro``, ``snapshot`` and other booleans may stand alone for true).
+    An ``rbd:``/``s3://`` PATH takes its location's options too (``storage.location``)."""
     if "=" not in spec:
         raise ConfigError(f"--export {spec!r}: expected NAME=PATH[,format=F][,readonly]")
     name, rest = spec.split("=", 1)
-    path, *opts = rest.split(",")
-    table: dict[str, Any] = {"name": name, "path": path}
-    for opt in opts:
-        key, eq, value = opt.partition("=")
+    table: dict[str, Any] = {"name": name}
+    if storage_options(rest):
+        try:
+            location, opts = parse_location(rest, _SPEC_KEYS)
+        except LocationError as e:
+            raise ConfigError(f"--export {spec!r}: {e}") from None
+        table.update(path=location.name, location=location)
+    else:
+        path, *pieces = rest.split(",")
+        table["path"] = path
+        opts = [(k, v if eq else None) for k, eq, v in (p.partition("=") for p in pieces)]
+    for key, value in opts:
         key = _SPEC_ALIASES.get(key, key)
         field_name = key.replace("-", "_")
         kind = EXPORT_SCHEMA.get(key)
         if kind is None or key in ("name", "path"):
             raise ConfigError(f"--export {spec!r}: unknown option {key!r}{_suggest(key, EXPORT_SCHEMA)}")
         if kind is bool:
-            if eq and value.lower() not in ("on", "off", "true", "false", "yes", "no"):
+            if value is not None and value.lower() not in ("on", "off", "true", "false", "yes", "no"):
                 raise ConfigError(f"--export {spec!r}: {key}={value!r} is not on or off")
-            table[field_name] = not eq or value.lower() in ("on", "true", "yes")
-        elif kind is _STRINGS:
+            table[field_name] = value is None or value.lower() in ("on", "true", "yes")
+            continue
+        value = value or ""
+        if kind is _STRINGS:
             table[field_name] = (*table.get(field_name, ()), value)
         elif kind in (int, float):
             try:
@@ -246,7 +278,8 @@ def _schema(cls: type, names: list[str]) -> dict[str, Any]:
     return {n.replace("_", "-"): _kind(cls, n) for n in names if n in known}
 
 
-EXPORT_SCHEMA = _schema(ExportConfig, [f.name for f in fields(ExportConfig)])
+EXPORT_SCHEMA = _schema(ExportConfig, [f.name for f in fields(ExportConfig) if f.name != "location"])
+_SPEC_KEYS = frozenset(EXPORT_SCHEMA) | frozenset(_SPEC_ALIASES)  # words an --export spec may use
 SERVER_SCHEMA = _schema(ServerConfig, _SERVER_FIELDS)
 _TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 _TYPE_NAMES.update({_SIZE_T: 'a size (a number of bytes, or "64M")', _STRINGS: "a string or a list of strings"})
@@ -375,7 +408,15 @@ def load_toml(path: str) -> tuple[dict[str, Any], list[ExportConfig]]:
         raise ConfigError(f"{path}: export must be written [[export]] (a list of tables)")
     exports = []
     for i, t in enumerate(exports_raw):
+        location = None
+        if isinstance(t, dict) and isinstance(t.get("path"), str) and storage_options(t["path"]):
+            try:
+                location, t = location_from_table(t)
+            except LocationError as e:
+                raise ConfigError(f"{at('export', i)('path')}[[export]] #{i + 1}: {e}") from None
+            t = {**t, "path": location.name}
         kw = _table(t, EXPORT_SCHEMA, f"[[export]] #{i + 1}", at("export", i), required=("path",))
+        kw["location"] = location
         kw.setdefault("name", "")
         exports.append(ExportConfig(**kw))
     return server, exports
@@ -408,6 +449,7 @@ def validate(cfg: ServerConfig) -> ServerConfig:
             raise ConfigError(f"export {e.name!r}: a bitmap is named twice")
         if e.bitmaps and e.offset:
             raise ConfigError(f"export {e.name!r}: -o/--offset cannot be combined with -B/--bitmap")
+        _validate_overlay(e)
     if not cfg.exports:
         raise ConfigError("nothing to serve: give an IMAGE, --export or --config")
     if cfg.stdio and (cfg.fork or cfg.socket):
@@ -422,6 +464,26 @@ def validate(cfg: ServerConfig) -> ServerConfig:
     _validate_access(cfg)
     _validate_workers(cfg)
     return cfg
+
+
+def _validate_overlay(e: ExportConfig) -> None:
+    """``--overlay`` takes the export's writes; an S3 object is never written, so an S3 export is
+    read-only unless something above it takes the writes."""
+    if e.overlay is not None:
+        if not e.overlay:
+            raise ConfigError(f"export {e.name!r}: overlay needs a file path")
+        if e.snapshot:
+            raise ConfigError(f"export {e.name!r}: --overlay and -s/--snapshot exclude each other")
+        if e.load_snapshot is not None:
+            raise ConfigError(f"export {e.name!r}: --overlay cannot be combined with -l/--load-snapshot")
+        if e.readonly:
+            raise ConfigError(f"export {e.name!r}: --overlay takes writes; a read-only export has none")
+        if e.bitmaps:
+            raise ConfigError(f"export {e.name!r}: --overlay cannot be combined with -B/--bitmap")
+    if isinstance(e.location, S3Location) and not (e.readonly or e.snapshot or e.overlay is not None):
+        raise ConfigError(
+            f"export {e.name!r}: {e.path} is an S3 object, served read-only: add readonly, or --overlay PATH for writes"
+        )
 
 
 def _validate_workers(cfg: ServerConfig) -> None:

@@ -21,12 +21,18 @@ Owns, between the protocol and the drivers:
     image, 2 its backing, ...);
   * persistent dirty bitmaps for ``-B``: the first layer of the chain that has one of the name
     (as qemu-nbd looks them up);
-  * the ``-s`` snapshot overlay: a temporary qcow2 over the image (opened read-only), removed at
-    close, so the image itself is never written;
-  * opening files: read-write exactly when asked (a file this process may not write is an error,
-    not a silent read-only export), locked the way QEMU locks images (``lock_perms``;
-    docs/image-locks.md) on the image and every backing file, and probed safely
-    (``formats.probe``; a probed-raw image guards its first sector, see ``formats.raw``).
+  * overlays, one path for both kinds (``_open_overlay``): ``-s``, a temporary qcow2 over the
+    image (opened read-only), removed at close, so the image itself is never written; and
+    ``--overlay PATH``, the same qcow2 kept at PATH, which records the image's location as its
+    backing (``storage.location.backing_name``) and is reused by the next open that names the
+    same location (anything else is refused);
+  * opening the image's storage through ``storage.open_storage`` (a local file, an RBD image, an
+    S3 object; the drivers run on any of them, probing included): read-write exactly when asked
+    (a file this process may not write is an error, not a silent read-only export); local files
+    are locked the way QEMU locks images (``lock_perms``; docs/image-locks.md) on the image and
+    every backing file; everything is probed safely (``formats.probe``; a probed-raw image
+    guards its first sector, see ``formats.raw``).  Images in RBD or S3 may not name backing
+    files (an overlay over them is the way to layer).
 
 The call chains (session -> image -> driver -> storage):
   * READ of plain data: ``Session._read`` -> ``Image.read`` (memo hit, or ``driver.map_now``
@@ -65,8 +71,10 @@ from .formats.qcow2 import Qcow2Driver
 from .formats.qcow2.create import create_qcow2
 from .locks import CoRwLock
 from .protocol.constants import STATE_HOLE, STATE_ZERO
+from .storage import close_storage, open_storage
 from .storage.base import ZERO_CHUNK, Pending, joined, read_at, settled
-from .storage.local import lock_perms, open_locked
+from .storage.local import LocalFile, lock_perms, open_locked
+from .storage.location import LocalLocation, Location, backing_name, same_backing
 
 log = logging.getLogger("nbdserve")
 
@@ -89,7 +97,9 @@ class BackingPolicy:
 
 @dataclass
 class ImageSpec:
-    path: str
+    path: str  # a local path, or the location's name (rbd:pool/image, s3://bucket/key)
+    location: Location | None = None  # None: the local file ``path``
+    overlay: str | None = None  # --overlay: a persistent local qcow2 over the image takes the writes
     format: str | None = None  # None: probe
     readonly: bool = False
     snapshot_overlay: bool = False  # -s: writes go to a throw-away overlay
@@ -441,14 +451,19 @@ def _append(out: list[Run], run: Run) -> None:
 
 
 async def open_image(spec: ImageSpec, cache: ClusterCache) -> Image:
-    """Open ``spec.path`` and its backing chain (under a ``-s`` overlay if asked).  Raises
-    ``ImageError`` with a one-line reason."""
-    top_dir = os.path.dirname(os.path.realpath(spec.path))
-    allowed = tuple(os.path.realpath(d) for d in spec.backing.allowed_dirs) or (top_dir,)
+    """Open the image at ``spec``'s location and its backing chain (under a ``-s`` or
+    ``--overlay`` overlay if asked).  Raises ``ImageError`` with a one-line reason."""
+    where = spec.location or LocalLocation(spec.path)
+    if isinstance(where, LocalLocation):
+        top_dir = os.path.dirname(os.path.realpath(spec.path))
+        allowed = tuple(os.path.realpath(d) for d in spec.backing.allowed_dirs) or (top_dir,)
+    else:
+        allowed = ()
+    over = spec.snapshot_overlay or spec.overlay is not None
     image = await _open_layer(
-        spec.path,
+        where,
         spec.format,
-        spec.readonly or spec.snapshot_overlay,
+        spec.readonly or over,
         spec.options,
         cache,
         spec.backing,
@@ -459,42 +474,61 @@ async def open_image(spec: ImageSpec, cache: ClusterCache) -> Image:
         force_share=spec.force_share,
         direct=spec.direct,
     )
-    if spec.snapshot_overlay:
-        return await _open_overlay(spec.path, image, cache)
+    if over:
+        return await _open_overlay(where, image, cache, spec.overlay)
     return image
 
 
-async def _open_overlay(path: str, base: Image, cache: ClusterCache) -> Image:
-    """``-s``: an empty qcow2 v3 overlay in the temporary directory, backed by the already open
-    ``base`` (its absolute path and format recorded), opened read-write on top of it and removed
-    at close.  Closes ``base`` if that fails."""
-    overlay = None
+async def _open_overlay(where: Location, base: Image, cache: ClusterCache, keep: str | None) -> Image:
+    """A qcow2 v3 overlay opened read-write on top of the already open ``base``, recording
+    ``where`` (``backing_name``) and the base's format as its backing.
+
+    ``keep`` None (``-s``): a new file in the temporary directory, removed at close.  ``keep`` a
+    path (``--overlay``): created there if missing, else opened and reused when its recorded
+    backing names ``where`` (``same_backing``; refused otherwise); never removed.  Closes
+    ``base`` if anything fails."""
+    overlay = created = None
     try:
         if any(layer.driver.encrypted for layer in base.chain()):
-            raise UnsupportedImage(path, "-s would write decrypted data to an unencrypted overlay; refused")
-        fd, overlay = tempfile.mkstemp(prefix="nbdserve-overlay-", suffix=".qcow2")
-        os.close(fd)
-        os.unlink(overlay)  # re-created exclusively below
-        create_qcow2(overlay, base.size, backing_file=os.path.realpath(path), backing_format=base.format)
+            what = "--overlay" if keep is not None else "-s"
+            raise UnsupportedImage(where.name, f"{what} would write decrypted data to an unencrypted overlay; refused")
+        if keep is None:
+            fd, overlay = tempfile.mkstemp(prefix="nbdserve-overlay-", suffix=".qcow2")
+            os.close(fd)
+            os.unlink(overlay)  # re-created exclusively below
+        else:
+            overlay = keep
+        if keep is None or not os.path.exists(overlay):
+            create_qcow2(overlay, base.size, backing_file=backing_name(where), backing_format=base.format)
+            created = overlay
         file = open_locked(overlay, readonly=False)
         try:
             driver = await Qcow2Driver.open(file, readonly=False, cache=cache, options=OpenOptions())
+            recorded = driver.backing.name if driver.backing is not None else None
+            if recorded is None or not same_backing(recorded, where):
+                await driver.close()
+                raise ImageError(
+                    overlay,
+                    f"this overlay's backing is {recorded or 'nothing'!r}, not {where.name}; "
+                    "give the image it was made for, or another --overlay path",
+                )
         except BaseException:
             cache.discard_storage(file)
             file.close_now()
             raise
         image = Image(driver, base, cache)
-        image._cleanup.append(overlay)
+        if keep is None:
+            image._cleanup.append(overlay)
         return image
     except BaseException:
         await base.close()
-        if overlay is not None and os.path.exists(overlay):
-            os.unlink(overlay)
+        if created is not None and os.path.exists(created):
+            os.unlink(created)
         raise
 
 
 async def _open_layer(
-    path: str,
+    where: Location,
     fmt: str | None,
     readonly: bool,
     options: OpenOptions,
@@ -502,41 +536,51 @@ async def _open_layer(
     policy: BackingPolicy,
     allowed: tuple[str, ...],
     depth: int,
-    seen: set[tuple[int, int]],
+    seen: set[object],
     *,
     raw_fallback: bool,
     force_share: bool,
     direct: bool = False,
 ) -> Image:
-    try:
-        st = os.stat(path)
-    except OSError as e:
-        raise ImageError(path, f"cannot open: {e.strerror}") from None
-    key = (st.st_dev, st.st_ino)
+    path = where.name
+    local = isinstance(where, LocalLocation)
+    if local:
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            raise ImageError(path, f"cannot open: {e.strerror}") from None
+        key: object = (st.st_dev, st.st_ino)
+    else:
+        key = path
     if key in seen:  # before opening: the chain's own lock on the file would hide the loop
         raise ImageError(path, "backing chain loops back to this file")
     seen.add(key)
-    file = open_locked(path, readonly=readonly, force_share=force_share, direct=direct)
+    file = await open_storage(where, readonly=readonly, force_share=force_share, direct=direct)
     driver = None
     try:
-        options = replace(options, resolve=functools.partial(resolve_backing, allowed=allowed), force_share=force_share)
+        resolve = functools.partial(resolve_backing, allowed=allowed) if local else _no_files
+        options = replace(options, resolve=resolve, force_share=force_share)
         if fmt is None:
             head = await read_at(file, 0, min(PROBE_SIZE, file.size))
             drv_cls = probe(bytes(head), file.size, path, raw_fallback=raw_fallback)
         else:
             drv_cls = driver_for(fmt, path)
         driver = await drv_cls.open(file, readonly=readonly, cache=cache, options=options)
-        if driver.readonly and not file.readonly:  # the driver chose read-only: be a reader
+        if driver.readonly and not file.readonly and isinstance(file, LocalFile):  # the driver chose read-only
             file.lock(*lock_perms(writable=False, force_share=force_share))
         if fmt is None and drv_cls.format_name == "raw":
             driver.head_guard = identify
         backing = None
         if driver.backing is not None:
+            if not local:
+                raise UnsupportedImage(
+                    path, f"names a backing file ({driver.backing.name!r}); images in Ceph or S3 cannot have one"
+                )
             if depth + 1 > policy.max_depth:
                 raise ImageError(path, f"backing chain deeper than {policy.max_depth} images")
             bpath = resolve_backing(path, driver.backing.name, allowed)
             backing = await _open_layer(
-                bpath,
+                LocalLocation(bpath),
                 driver.backing.format,
                 True,
                 OpenOptions(
@@ -561,8 +605,13 @@ async def _open_layer(
             except Exception as e:
                 log.warning("%s: closing after a failed open: %s", path, e)
         cache.discard_storage(file)
-        file.close_now()
+        await close_storage(file)
         raise
+
+
+def _no_files(image_path: str, name: str, allowed: tuple[str, ...] = (), what: str = "backing file") -> str:
+    """``resolve`` for images in Ceph or S3: they may not name other files."""
+    raise UnsupportedImage(image_path, f"names a {what} ({name!r}); images in Ceph or S3 cannot refer to files")
 
 
 def resolve_backing(image_path: str, name: str, allowed: tuple[str, ...], what: str = "backing file") -> str:

@@ -185,16 +185,17 @@ def serve(
             srv.stop() if check_stop else srv.stop(signal.SIGKILL)
 
 
-def start_error(workdir: Path, *args: str | os.PathLike) -> str:
+def start_error(workdir: Path, *args: str | os.PathLike, env: dict[str, str] | None = None) -> str:
     """Start ``nbdserve --fork -k SOCK ARGS...`` expecting it to fail; its one-line error.  (A
-    server that starts anyway is stopped and the assertion fails.)"""
+    server that starts anyway is stopped and the assertion fails.)  ``env`` adds environment
+    variables."""
     _, pidfile, log = _paths(workdir, "refused")
     with open(log, "w") as logf:  # a file, not a pipe: a server that did start would hold a pipe open
         p = subprocess.run(
             [*NBDSERVE, "--fork", "--pid-file", str(pidfile), "-k", str(workdir / "refused.sock"), *map(str, args)],
             stdout=subprocess.DEVNULL,
             stderr=logf,
-            env=TOOL_ENV,
+            env={**TOOL_ENV, **(env or {})},
             timeout=120,
         )
     text = log.read_text()

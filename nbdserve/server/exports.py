@@ -77,6 +77,8 @@ class ExportTable:
 def image_spec(e: ExportConfig, cfg: ServerConfig) -> ImageSpec:
     return ImageSpec(
         path=e.path,
+        location=e.location,
+        overlay=e.overlay,
         format=e.format,
         readonly=e.readonly or e.load_snapshot is not None,
         snapshot_overlay=e.snapshot,

@@ -96,7 +96,7 @@ def assign(exports: tuple[ExportConfig, ...], n: int, previous: dict[str, int] |
             load[i] += 1
     by_file: dict[object, int] = {}
     for e in exports:
-        key = _file_key(e.path)
+        key = _file_key(e.path) if e.location is None else e.location.name
         if e.name not in owner:
             i = by_file.get(key)
             if i is None:

@@ -3,14 +3,22 @@
 Owns the one parser for storage locations, used by ``--export`` and by the TOML file alike:
 
     rbd:POOL[/NAMESPACE]/IMAGE[@SNAP][,conf=FILE][,id=USER][,timeout=SECONDS][,on-outage=fail|wait]
-    s3://BUCKET/KEY[,endpoint=URL][,region=R][,profile=P][,chunk=SIZE][,cache=SIZE][,threads=N]
+        (QEMU's rbd:POOL/IMAGE[@SNAP][:conf=FILE][:id=USER] is taken too, for qemu-nbd command lines)
+    s3://BUCKET/KEY[,endpoint=URL][,region=R][,profile=P][,chunk=SIZE][,read-cache=SIZE][,threads=N]
         [,timeout=SECONDS]
 
 Anything else is a local path.  Options a location does not own (``format=``, ``readonly`` ...)
-are handed back untouched, in order, for the export layer.  A comma belongs to the name unless
-it starts a ``key=`` or a bare ``key`` the location or the export knows, so S3 keys may contain
-commas.  The TOML form uses the same words as keys of the ``[[export]]`` table next to
-``path = "rbd:pool/image"`` (see ``location_from_table``).
+are handed back untouched, in order, for the export layer (which says which words it knows:
+``export_keys``).  A comma belongs to the name unless it starts a ``key=`` or a bare ``key`` the
+location or the export knows, so S3 keys may contain commas.  The TOML form uses the same words
+as keys of the ``[[export]]`` table next to ``path = "rbd:pool/image"`` (see
+``location_from_table``).  ``read-cache`` is the S3 backend's bounded read cache in memory, not
+qemu-nbd's ``cache=`` mode (which an export also takes).
+
+``backing_name`` is how an overlay records a location as its backing file: QEMU's own spelling
+where QEMU has one (an absolute path, ``rbd:pool/image@snap:conf=FILE:id=USER``), so
+``qemu-img`` can open an overlay's chain too; ``same_backing`` decides whether a recorded name
+names a location (for RBD the image and snapshot, not how to reach the cluster).
 
 Invariants: every value is checked here (sizes, timeouts, names), so the backends trust their
 ``Location``; errors are ``LocationError`` with a one-line message naming the location.
@@ -20,14 +28,13 @@ Credentials never appear in a location (S3 keys come from the AWS environment/co
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([kKmMgGtT]?)(i?[bB])?\s*$")
-# Export options that are not the storage's: passed through (the export layer validates them).
-EXPORT_OPTIONS = frozenset({"format", "readonly", "ro", "description", "snapshot", "load-snapshot", "vpc-size"})
 
 
 class LocationError(ValueError):
@@ -68,7 +75,7 @@ class RbdLocation:
 @dataclass(frozen=True)
 class S3Location:
     """An object in S3-compatible storage, read with ranged GETs of ``chunk`` bytes, at most
-    ``threads`` at once, through an LRU cache of at most ``cache`` bytes."""
+    ``threads`` at once, through an LRU cache of at most ``read_cache`` bytes."""
 
     bucket: str
     key: str
@@ -76,7 +83,7 @@ class S3Location:
     region: str | None = None
     profile: str | None = None
     chunk: int = 8 << 20
-    cache: int = 256 << 20
+    read_cache: int = 256 << 20
     threads: int = 8
     timeout: float = 30.0
 
@@ -113,18 +120,56 @@ def _text(value: Any, what: str) -> str:
     return value
 
 
+def _split_escaped(text: str, sep: str) -> list[str]:
+    """``text`` split at every ``sep`` not escaped by a backslash (QEMU's rule for rbd: file
+    names); the escapes stay in the pieces (``_unescaped`` removes them)."""
+    pieces, current, i = [], [], 0
+    while i < len(text):
+        c = text[i]
+        if c == "\\" and i + 1 < len(text):
+            current.append(text[i : i + 2])
+            i += 2
+            continue
+        if c == sep:
+            pieces.append("".join(current))
+            current = []
+        else:
+            current.append(c)
+        i += 1
+    pieces.append("".join(current))
+    return pieces
+
+
+def _unescaped(text: str) -> str:
+    return re.sub(r"\\(.)", r"\1", text)
+
+
 def _rbd(path: str, opts: Mapping[str, Any]) -> RbdLocation:
-    body = path[len("rbd:") :]
-    snap = None
-    if "@" in body:
-        body, snap = body.split("@", 1)
-        if not snap:
-            raise LocationError(f"{path}: empty snapshot name after '@'")
-    parts = body.split("/")
+    """``rbd:POOL[/NS]/IMAGE[@SNAP]`` with our options ``opts``; QEMU's spelling is taken too:
+    ``:conf=FILE:id=USER`` after the name, ``\\`` escaping ``:``, ``/`` and ``@``."""
+    name, *qemu_opts = _split_escaped(path[len("rbd:") :], ":")
+    body, *snaps = _split_escaped(name, "@")
+    if len(snaps) > 1:
+        raise LocationError(f"{path}: more than one '@' (escape an '@' in a name as \\@)")
+    snap = _unescaped(snaps[0]) if snaps else None
+    if snap == "":
+        raise LocationError(f"{path}: empty snapshot name after '@'")
+    parts = [_unescaped(p) for p in _split_escaped(body, "/")]
     if len(parts) not in (2, 3) or not all(parts):
         raise LocationError(f"{path}: expected rbd:POOL/IMAGE or rbd:POOL/NAMESPACE/IMAGE")
     pool, image = parts[0], parts[-1]
     namespace = parts[1] if len(parts) == 3 else ""
+    opts = dict(opts)
+    for item in qemu_opts:
+        key, eq, value = item.partition("=")
+        if key not in ("conf", "id") or not eq:
+            raise LocationError(
+                f"{path}: QEMU's rbd option {item!r} is not taken (conf= and id= are; other Ceph settings "
+                "belong in the config file)"
+            )
+        if key in opts:
+            raise LocationError(f"{path}: option {key!r} given twice")
+        opts[key] = _unescaped(value)
     kw: dict[str, Any] = {}
     for key, value in opts.items():
         what = f"{path}: {key}"
@@ -164,8 +209,8 @@ def _s3(path: str, opts: Mapping[str, Any]) -> S3Location:
             if not (64 << 10) <= chunk <= (256 << 20) or chunk & (chunk - 1):
                 raise LocationError(f"{what}: must be a power of two from 64K to 256M")
             kw["chunk"] = chunk
-        elif name == "cache":
-            kw["cache"] = _size(value, what)
+        elif name == "read-cache":
+            kw["read_cache"] = _size(value, what)
         elif name == "threads":
             try:
                 n = int(value)
@@ -179,14 +224,14 @@ def _s3(path: str, opts: Mapping[str, Any]) -> S3Location:
         else:
             raise LocationError(f"{path}: unknown s3 option {name!r}")
     loc = S3Location(bucket=bucket, key=key, **kw)
-    if loc.cache < 2 * loc.chunk:
-        raise LocationError(f"{path}: cache must hold at least two chunks ({2 * loc.chunk} bytes)")
+    if loc.read_cache < 2 * loc.chunk:
+        raise LocationError(f"{path}: read-cache must hold at least two chunks ({2 * loc.chunk} bytes)")
     return loc
 
 
 _OWN = {
     "rbd:": frozenset({"conf", "id", "timeout", "on-outage"}),
-    "s3://": frozenset({"endpoint", "region", "profile", "chunk", "cache", "threads", "timeout"}),
+    "s3://": frozenset({"endpoint", "region", "profile", "chunk", "read-cache", "threads", "timeout"}),
 }
 
 
@@ -209,43 +254,47 @@ def make_location(path: str, opts: Mapping[str, Any]) -> Location:
     return LocalLocation(path)
 
 
-def _split(text: str, known: Iterable[str]) -> tuple[str, list[tuple[str, str]]]:
+def _split(text: str, known: Iterable[str]) -> tuple[str, list[tuple[str, str | None]]]:
     """Split ``PATH,k=v,flag,...`` at commas that start a known option; other commas stay in the
-    path (an S3 key or a file name may contain commas)."""
+    path (an S3 key or a file name may contain commas).  A bare ``flag`` has the value None."""
     known = frozenset(known)
     pieces = text.split(",")
     path = pieces[0]
-    opts: list[tuple[str, str]] = []
+    opts: list[tuple[str, str | None]] = []
     for piece in pieces[1:]:
         key, eq, value = piece.partition("=")
         if key in known:
-            opts.append((key, value if eq else ""))
+            opts.append((key, value if eq else None))
         elif opts:
             # A comma inside an option value (a description, say): it belongs to that value.
             k, v = opts[-1]
-            opts[-1] = (k, f"{v},{piece}")
+            opts[-1] = (k, f"{v or ''},{piece}")
         else:
             path = f"{path},{piece}"
     return path, opts
 
 
-def parse_location(text: str) -> tuple[Location, list[tuple[str, str]]]:
-    """``--export`` form: the location, and the options that are not the storage's, in order.
+STORAGE_KEYS = frozenset().union(*_OWN.values())  # every option some location owns
 
-    ``parse_location("rbd:rbd/vm1@base,conf=/etc/ceph/c.conf,format=qcow2")`` gives
+
+def parse_location(text: str, export_keys: Iterable[str]) -> tuple[Location, list[tuple[str, str | None]]]:
+    """``--export`` form: the location, and the options that are not the storage's (words of
+    ``export_keys``; a bare word has the value None), in order.
+
+    ``parse_location("rbd:rbd/vm1@base,conf=/etc/ceph/c.conf,format=qcow2", {"format"})`` gives
     ``(RbdLocation(pool="rbd", image="vm1", snap="base", conf="/etc/ceph/c.conf"), [("format", "qcow2")])``.
     """
-    own_any = frozenset().union(*_OWN.values())
-    path, opts = _split(text, own_any | EXPORT_OPTIONS)
+    export_keys = frozenset(export_keys)
+    path, opts = _split(text, STORAGE_KEYS | export_keys)
     own = storage_options(path)
-    mine: dict[str, str] = {}
-    rest: list[tuple[str, str]] = []
+    mine: dict[str, str | None] = {}
+    rest: list[tuple[str, str | None]] = []
     for key, value in opts:
         if key in own:
             if key in mine:
                 raise LocationError(f"{path}: option {key!r} given twice")
             mine[key] = value
-        elif key in EXPORT_OPTIONS:
+        elif key in export_keys and key not in STORAGE_KEYS:
             rest.append((key, value))
         else:
             raise LocationError(f"{path}: option {key!r} does not apply here")
@@ -262,3 +311,46 @@ def location_from_table(table: Mapping[str, Any]) -> tuple[Location, dict[str, A
     mine = {k: v for k, v in table.items() if k in own}
     rest = {k: v for k, v in table.items() if k not in own and k != "path"}
     return make_location(path, mine), rest
+
+
+def _qemu_escaped(text: str, specials: str) -> str:
+    """``text`` with QEMU's rbd: filename separators (and backslash) escaped by a backslash."""
+    return "".join("\\" + c if c in specials or c == "\\" else c for c in text)
+
+
+def _backing_identity(loc: RbdLocation) -> str:
+    ns = f"{_qemu_escaped(loc.namespace, ':/@')}/" if loc.namespace else ""
+    snap = f"@{_qemu_escaped(loc.snap, ':@')}" if loc.snap is not None else ""
+    return f"rbd:{_qemu_escaped(loc.pool, ':/@')}/{ns}{_qemu_escaped(loc.image, ':/@')}{snap}"
+
+
+def backing_name(loc: Location) -> str:
+    """The backing-file name an overlay records for ``loc`` (see the module docstring): a local
+    image's absolute path; ``rbd:POOL/[NS/]IMAGE[@SNAP][:conf=FILE][:id=USER]`` (QEMU's rbd:
+    spelling, so ``qemu-img`` opens the chain too); an S3 object's ``s3://BUCKET/KEY``."""
+    if isinstance(loc, LocalLocation):
+        return os.path.realpath(loc.path)
+    if isinstance(loc, RbdLocation):
+        opts = ""
+        if loc.conf:
+            opts += f":conf={_qemu_escaped(loc.conf, ':')}"
+        if loc.id:
+            opts += f":id={_qemu_escaped(loc.id, ':')}"
+        return _backing_identity(loc) + opts
+    return loc.name
+
+
+def same_backing(recorded: str, loc: Location) -> bool:
+    """Whether an overlay's recorded backing name names ``loc``: the same file, the same RBD
+    image and snapshot (however the cluster is reached), the same S3 object."""
+    if isinstance(loc, LocalLocation):
+        return os.path.realpath(recorded) == os.path.realpath(loc.path)
+    if isinstance(loc, RbdLocation):
+        if not recorded.startswith("rbd:"):
+            return False
+        try:
+            rec = _rbd(recorded, {})
+        except LocationError:
+            return False
+        return (rec.pool, rec.namespace, rec.image, rec.snap) == (loc.pool, loc.namespace, loc.image, loc.snap)
+    return recorded == loc.name

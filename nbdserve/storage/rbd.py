@@ -60,6 +60,8 @@ CLIENT_CONF = {
     "rbd_skip_partial_discard": "false",  # a discard zeroes exactly its range
     "rbd_disable_zero_copy_writes": "true",  # librbd copies write data before aio_write returns
     "rbd_non_blocking_aio": "true",  # aio submission is queued, never blocks the caller
+    "log_to_stderr": "false",  # Ceph's own log lines stay out of our stderr: we say it in one line
+    "err_to_stderr": "false",
 }
 WINDOW_GRANULES = 16384  # allocation is fetched this many objects at a time (64 GiB of 4 MiB objects)
 

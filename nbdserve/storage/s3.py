@@ -18,8 +18,8 @@ loop.  Every GET carries ``If-Match`` with the ETag seen at open, so an object r
 served fails reads with EIO instead of mixing two versions.
 
 Invariants:
-  * cached bytes + bytes reserved by GETs in flight <= ``cache`` (the LRU evicts first); at most
-    ``min(threads, cache/chunk - 1)`` GETs run at once, each holding a slot and a reservation,
+  * cached bytes + bytes reserved by GETs in flight <= ``read_cache`` (the LRU evicts first); at most
+    ``min(threads, read_cache/chunk - 1)`` GETs run at once, each holding a slot and a reservation,
     so memory stays bounded however many reads wait;
   * a chunk is cached only whole (its full length, or up to the end of the object);
   * credentials never reach a log line, an error message or a repr: errors are built from
@@ -104,10 +104,10 @@ class S3Storage(Storage):
         self._client = client
         self._etag = etag
         self._chunk = loc.chunk
-        self._budget = loc.cache
+        self._budget = loc.read_cache
         self._loop = asyncio.get_running_loop()
         # At most this many GETs at once, so reservations always fit next to one cached chunk.
-        self._max_fetches = max(1, min(loc.threads, loc.cache // loc.chunk - 1))
+        self._max_fetches = max(1, min(loc.threads, loc.read_cache // loc.chunk - 1))
         self._pool = concurrent.futures.ThreadPoolExecutor(self._max_fetches, thread_name_prefix="s3-get")
         self._slots = asyncio.Semaphore(self._max_fetches)  # a GET holds one, with its reservation
         self._chunks: collections.OrderedDict[int, bytes] = collections.OrderedDict()  # LRU: oldest first

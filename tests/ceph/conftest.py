@@ -1,5 +1,5 @@
-"""Fixtures for the Ceph tests: one real single-node cluster per session (tests/cephcluster.py),
-fresh RBD images and S3 objects on it.
+"""Fixtures for the Ceph tests: fresh RBD images and S3 objects on the session's one real
+single-node cluster (the ``ceph`` fixture of tests/conftest.py, shared with tests/e2e).
 
 Every test module here sets ``pytestmark = pytest.mark.ceph`` (``--no-ceph`` skips them).  The cluster
 starts on first use, so a run that selects no Ceph test starts nothing.  The test process talks
@@ -11,26 +11,14 @@ from __future__ import annotations
 
 import itertools
 import os
-import shutil
-from collections.abc import Iterator
 
 import pytest
 
 from nbdserve.storage.location import RbdLocation, S3Location
-from tests.cephcluster import ENV, POOL, S3_ACCESS_KEY, S3_SECRET_KEY, CephCluster, running_cluster
+from tests.cephcluster import POOL, S3_ACCESS_KEY, S3_SECRET_KEY
 
 MiB = 1 << 20
 BUCKET = "nbdserve-tests"
-DAEMONS = ("ceph-mon", "ceph-osd", "radosgw", "ceph", "rbd", "radosgw-admin", "monmaptool", "ceph-authtool")
-
-
-@pytest.fixture(scope="session")
-def ceph(tmp_path_factory) -> Iterator[CephCluster]:
-    missing = [exe for exe in DAEMONS if shutil.which(exe, path=ENV["PATH"]) is None]
-    if missing:
-        pytest.fail(f"the Ceph tests need {', '.join(missing)} (tests/run.sh installs them); or pass --no-ceph")
-    with running_cluster(tmp_path_factory.mktemp("ceph")) as cluster:
-        yield cluster
 
 
 @pytest.fixture(scope="session")

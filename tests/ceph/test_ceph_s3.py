@@ -73,7 +73,7 @@ def odd_key(s3_client) -> str:
 def test_ranged_reads_equal_the_object(ceph, s3_env, odd_key, reads):
     """Batches of concurrent reads at unaligned offsets (some past the end) through a cache of
     four 256 KiB chunks: every byte equals the object's, zeroes past its end."""
-    loc = S3Location(bucket=BUCKET, key=odd_key, endpoint=ceph.s3_endpoint, chunk=256 << 10, cache=1 * MiB)
+    loc = S3Location(bucket=BUCKET, key=odd_key, endpoint=ceph.s3_endpoint, chunk=256 << 10, read_cache=1 * MiB)
 
     async def scenario():
         stor = await S3Storage.open(loc)
@@ -82,7 +82,7 @@ def test_ranged_reads_equal_the_object(ceph, s3_env, odd_key, reads):
                 got = await asyncio.gather(*(read(stor, off, n) for off, n in batch))
                 for (off, n), buf in zip(batch, got, strict=True):
                     assert buf == expected(ODD, off, n)
-                assert stor.cached_bytes <= loc.cache
+                assert stor.cached_bytes <= loc.read_cache
         finally:
             await stor.close()
 
@@ -91,7 +91,7 @@ def test_ranged_reads_equal_the_object(ceph, s3_env, odd_key, reads):
 
 def test_cached_reads_complete_synchronously_and_sequential_reads_prefetch(new_object):
     data = random.Random(5).randbytes(4 * MiB)
-    loc = new_object(data, chunk=256 << 10, cache=2 * MiB)
+    loc = new_object(data, chunk=256 << 10, read_cache=2 * MiB)
 
     async def scenario():
         stor = await S3Storage.open(loc)
@@ -109,7 +109,7 @@ def test_cached_reads_complete_synchronously_and_sequential_reads_prefetch(new_o
             assert 2 in stor._fetching or 2 in stor._chunks
             for off in range(512 << 10, 4 * MiB, 64 << 10):
                 assert await read(stor, off, 64 << 10) == data[off : off + (64 << 10)]
-            assert stor.cached_bytes <= loc.cache
+            assert stor.cached_bytes <= loc.read_cache
             for modify in (
                 lambda: stor.write(0, b"x"),
                 lambda: run_now(stor.discard(0, 4096)),
@@ -129,7 +129,7 @@ def test_memory_stays_bounded_reading_an_object_six_times_the_cache(new_object):
     """24 MiB read sequentially and at random, 8 reads at a time, through a 4 MiB cache: the
     cache holds at most 4 MiB and the process never holds more than a few chunks more."""
     data = random.Random(9).randbytes(24 * MiB)
-    loc = new_object(data, chunk=1 * MiB, cache=4 * MiB)
+    loc = new_object(data, chunk=1 * MiB, read_cache=4 * MiB)
     del data  # the test must not hold the object either
     rng = random.Random(2)
 
@@ -143,7 +143,7 @@ def test_memory_stays_bounded_reading_an_object_six_times_the_cache(new_object):
             async def one(off: int) -> None:
                 async with sem:
                     await read(stor, off, 300_000)
-                    assert stor.cached_bytes <= loc.cache
+                    assert stor.cached_bytes <= loc.read_cache
 
             await asyncio.gather(*(one(off) for off in range(0, 24 * MiB, 300_000)))
             await asyncio.gather(*(one(rng.randrange(24 * MiB)) for _ in range(60)))
@@ -160,7 +160,7 @@ def test_memory_stays_bounded_reading_an_object_six_times_the_cache(new_object):
 
 def test_replaced_object_fails_reads_instead_of_mixing_versions(new_object, s3_client):
     data = random.Random(1).randbytes(2 * MiB)
-    loc = new_object(data, chunk=256 << 10, cache=1 * MiB)
+    loc = new_object(data, chunk=256 << 10, read_cache=1 * MiB)
 
     async def scenario():
         stor = await S3Storage.open(loc)

@@ -387,9 +387,10 @@ def format_available(fmt: str) -> bool:
 
 @contextlib.contextmanager
 def tcp_server(
-    work: Path, image: Path, fmt: str, export: str = "disk", extra: tuple[str, ...] = ()
+    work: Path, image: Path | str, fmt: str, export: str = "disk", extra: tuple[str, ...] = ()
 ) -> Iterator[TcpServer]:
-    """Serve ``image`` on 127.0.0.1:PORT as ``export``; yields once listening; SIGKILLs leftovers.
+    """Serve ``image`` (a file, or another location both servers take, e.g. ``rbd:``) on
+    127.0.0.1:PORT as ``export``; yields once listening; SIGKILLs leftovers.
     ``extra`` arguments go to the server (spelled so that both qemu-nbd and nbdserve take them).
 
     The port is found free by binding port 0; if another process takes it before the server

@@ -5,6 +5,10 @@
 host-side check passed, or raise ``vmkit.ScenarioFailed`` saying where and why (with the serial
 console's tail).  The tests call them; the negative control calls ``boot_scenario`` through a
 proxy that corrupts writes and expects a failure.
+
+Both build the image as a local file; ``place`` decides what is served: the file itself (the
+default), or a copy somewhere else (an RBD image: tests/e2e/test_vm_ceph.py), fetched back into
+the local file after the server stopped so the host checks read what the server wrote.
 """
 
 from __future__ import annotations
@@ -61,6 +65,13 @@ class Guest:
 
 # A wrapper around the server's port: yields the port the VM connects to.
 PortWrapper = Callable[[int], AbstractContextManager[int]]
+# Where a built image is served from: ``place(image) -> (what the server is given, fetch)``;
+# ``fetch()`` copies the served image's bytes back into the local file.
+Placement = Callable[[Path], tuple[str, Callable[[], None]]]
+
+
+def in_place(image: Path) -> tuple[str, Callable[[], None]]:
+    return str(image), lambda: None
 
 
 def seeded_image(work: Path, name: str, fmt: str) -> tuple[Seed, Path]:
@@ -76,7 +87,12 @@ def seeded_image(work: Path, name: str, fmt: str) -> tuple[Seed, Path]:
 
 
 def boot_scenario(
-    work: Path, guest: Guest, fmt: str, via: PortWrapper = nullcontext, tls: tuple[Path, Path] | None = None
+    work: Path,
+    guest: Guest,
+    fmt: str,
+    via: PortWrapper = nullcontext,
+    tls: tuple[Path, Path] | None = None,
+    place: Placement = in_place,
 ) -> VmResult:
     """``tls``: (server credentials, client credentials) directories: the server requires TLS
     and client certificates, QEMU connects with ``tls-creds``."""
@@ -84,11 +100,13 @@ def boot_scenario(
     extra = ()
     if tls is not None:  # qemu-nbd's spelling, which nbdserve takes too
         extra = ("--object", f"tls-creds-x509,id=tls0,endpoint=server,dir={tls[0]}", "--tls-creds", "tls0")
-    with tcp_server(work, image, fmt, EXPORT, extra) as srv, via(srv.port) as port:
+    served, fetch = place(image)
+    with tcp_server(work, served, fmt, EXPORT, extra) as srv, via(srv.port) as port:
         uri = f"nbd://127.0.0.1:{port}/{EXPORT}"
         res = run_vm(work, guest.kernel, guest.initrd, "boot", disk_uri=uri, tls_creds=tls and tls[1])
         res.expect_ok("boot")
         srv.stop()
+    fetch()
     data = guest_data()
     check = _dumper(res, work, _check_filesystem(res, image, fmt))
     check("/e2e/written.bin", data[: 3 * MiB])
@@ -96,15 +114,17 @@ def boot_scenario(
     return res
 
 
-def attach_scenario(work: Path, guest: Guest, fmt: str) -> VmResult:
+def attach_scenario(work: Path, guest: Guest, fmt: str, place: Placement = in_place) -> VmResult:
     image = create_image(work / f"disk.{fmt}", fmt, 64 * MiB)
-    with tcp_server(work, image, fmt, EXPORT) as srv:
+    served, fetch = place(image)
+    with tcp_server(work, served, fmt, EXPORT) as srv:
         res = run_vm(
             work, guest.kernel, guest.initrd, "attach", net=True, params={"port": str(srv.port), "export": EXPORT}
         )
         res.expect_ok("attach")
         served_map = merged_map(f"nbd://127.0.0.1:{srv.port}/{EXPORT}")
         srv.stop()
+    fetch()
     data = guest_data()
     size = json.loads(run("qemu-img", "info", "--output=json", "-f", fmt, image).stdout)["virtual-size"]
     seen = res.info.get("size")

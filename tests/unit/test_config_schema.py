@@ -109,3 +109,42 @@ def test_export_spec_uses_the_same_schema() -> None:
         parse_export_spec("a=/x,readonly=maybe")
     with pytest.raises(ConfigError, match="max-connections: not a number"):
         parse_export_spec("a=/x,max-connections=lots")
+
+
+def test_rbd_and_s3_locations_in_every_form(tmp_path: Path) -> None:
+    """--export, [[export]] and the positional IMAGE parse rbd:/s3:// paths with one parser; the
+    export keeps the location (its options) and the path is the location's name."""
+    from nbdserve.storage.location import RbdLocation, S3Location
+
+    e = parse_export_spec("vm=rbd:rbd/vm1@base,conf=/c.conf,id=client.nbd,format=qcow2,timeout=5,ro")
+    assert (e.path, e.format, e.readonly) == ("rbd:rbd/vm1@base", "qcow2", True)
+    assert e.location == RbdLocation(pool="rbd", image="vm1", snap="base", conf="/c.conf", id="nbd", timeout=5)
+    e = parse_export_spec("g=s3://b/images/a,b.img,endpoint=http://h:1,read-cache=64M,overlay=/o.qcow2,cache=none")
+    assert e.location == S3Location(bucket="b", key="images/a,b.img", endpoint="http://h:1", read_cache=64 << 20)
+    assert (e.overlay, e.cache) == ("/o.qcow2", "none")  # cache= is the export's qemu-nbd mode
+    with pytest.raises(ConfigError, match="does not apply here"):
+        parse_export_spec("vm=rbd:rbd/vm1,endpoint=http://h")
+    _, exports = load(tmp_path, '[[export]]\nname = "vm"\npath = "rbd:p/i"\nconf = "/c"\non-outage = "wait"\n')
+    assert exports[0].location == RbdLocation(pool="p", image="i", conf="/c", on_outage="wait")
+    with pytest.raises(ConfigError, match="must be fail or wait"):
+        load(tmp_path, '[[export]]\npath = "rbd:p/i"\non-outage = "later"\n')
+    with pytest.raises(ConfigError, match="unknown key 'conf'"):
+        load(tmp_path, '[[export]]\npath = "/x.img"\nconf = "/c"\n')
+    cfg = config_from_args(build_parser().parse_args(["rbd:p/i,conf=/c", "--overlay", "/o.qcow2"]))
+    (e,) = cfg.exports
+    assert (e.path, e.location, e.overlay) == ("rbd:p/i", RbdLocation(pool="p", image="i", conf="/c"), "/o.qcow2")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["s3://b/k"], "S3 object, served read-only"),
+        (["/x.img", "--overlay", "/o", "-s"], "--overlay and -s/--snapshot exclude each other"),
+        (["/x.img", "--overlay", "/o", "-r"], "a read-only export has none"),
+        (["--export", "a=/x.img", "--overlay", "/o"], "--overlay applies to IMAGE"),
+        (["rbd:p/i,format=qcow2"], "format is an export setting, not the location's"),
+    ],
+)
+def test_overlay_and_s3_rules(argv: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        config_from_args(build_parser().parse_args(argv))
