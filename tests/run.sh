@@ -35,6 +35,19 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
 
+# TLS-PSK needs Python >= 3.13 (Debian 12 has 3.11).  Where one is on this machine (on PATH or
+# under pyenv), the PSK client tests run a server on it from .venv-psk; else they are skipped.
+if [ -z "${NBDSERVE_PSK_PYTHON:-}" ]; then
+  for py in python3.14 python3.13 "$HOME"/.pyenv/versions/3.1[3-9]*/bin/python3; do
+    if command -v "$py" >/dev/null 2>&1 && "$py" -c 'import ssl, sys; sys.exit(not hasattr(ssl.SSLContext, "set_psk_server_callback"))'; then
+      [ -x .venv-psk/bin/python ] || "$py" -m venv .venv-psk
+      .venv-psk/bin/python -m pip install -q --disable-pip-version-check -e .
+      export NBDSERVE_PSK_PYTHON="$PWD/.venv-psk/bin/python"
+      break
+    fi
+  done
+fi
+
 .venv/bin/ruff check nbdserve tests bench
 .venv/bin/ruff format --check nbdserve tests bench
 exec .venv/bin/python -m pytest -q "$@"

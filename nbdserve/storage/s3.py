@@ -131,7 +131,8 @@ class S3Storage(Storage):
         _quiet_third_party_logs()
         loop = asyncio.get_running_loop()
         try:
-            client, size, etag = await asyncio.wait_for(loop.run_in_executor(None, _connect, loc), 3 * loc.timeout)
+            client = await loop.run_in_executor(None, _client, loc)  # local work: no deadline
+            size, etag = await asyncio.wait_for(loop.run_in_executor(None, _head, client, loc), 3 * loc.timeout)
         except TimeoutError:
             raise ImageError(loc.name, f"no answer from the S3 endpoint in {3 * loc.timeout:g} s") from None
         except Exception as e:
@@ -289,8 +290,10 @@ def _copy(buf: memoryview, offset: int, data: bytes, data_offset: int, end: int)
         buf[lo - offset : hi - offset] = memoryview(data)[lo - data_offset : hi - data_offset]
 
 
-def _connect(loc: S3Location) -> tuple[Any, int, str]:
-    """Blocking (executor): make the client and HEAD the object."""
+def _client(loc: S3Location) -> Any:
+    """Blocking (executor): make the client (reads botocore's service model and the AWS config
+    files; no network, so the open deadline does not cover it: on a loaded host it can take
+    seconds)."""
     bc = _botocore()
     session = bc.session.Session(profile=loc.profile)
     options: dict[str, Any] = {
@@ -302,8 +305,12 @@ def _connect(loc: S3Location) -> tuple[Any, int, str]:
     if loc.endpoint:
         options["s3"] = {"addressing_style": "path"}
     region = loc.region or session.get_config_variable("region") or "us-east-1"
-    client = session.create_client(
+    return session.create_client(
         "s3", region_name=region, endpoint_url=loc.endpoint, config=bc.config.Config(**options)
     )
+
+
+def _head(client: Any, loc: S3Location) -> tuple[int, str]:
+    """Blocking (executor): HEAD the object: (size, ETag)."""
     head = client.head_object(Bucket=loc.bucket, Key=loc.key)
-    return client, int(head["ContentLength"]), head["ETag"]
+    return int(head["ContentLength"]), head["ETag"]
