@@ -143,17 +143,8 @@ def size_arg(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def build_parser(qemu_nbd: bool = False) -> ArgumentParser:
-    prog = "qemu-nbd" if qemu_nbd else "nbdserve"
-    p = ArgumentParser(
-        prog=prog,
-        qemu_nbd=qemu_nbd,
-        description="Serve disk images (raw, qcow2, qed, vpc, vhdx, vmdk, vdi, luks) over the NBD protocol.",
-        epilog="With no IMAGE, --export or --config, a sparse 1 GiB demo image is created and served. See nbdserve(8).",
-    )
-    p.add_argument(
-        "image", nargs="?", metavar="IMAGE", help="image file to serve (export name: -x, default ''); with -d: DEVICE"
-    )
+def _listening(p: ArgumentParser) -> None:
+    """Where and how the server listens, and its process life."""
     g = p.add_argument_group("listening")
     g.add_argument("-p", "--port", type=int, help=f"TCP port (default {DEFAULT_PORT})")
     g.add_argument(
@@ -187,6 +178,10 @@ def build_parser(qemu_nbd: bool = False) -> ArgumentParser:
     g.add_argument("--oneshot", action="store_true", help="exit once the last client has disconnected")
     g.add_argument("--fork", action="store_true", help="go to the background once serving")
     g.add_argument("--pid-file", metavar="PATH", help="write the server's pid here (removed at exit)")
+
+
+def _short_lived(p: ArgumentParser) -> None:
+    """nbdkit's short-lived server options."""
     g = p.add_argument_group("short-lived servers (as nbdkit has them)")
     g.add_argument(
         "--run",
@@ -196,6 +191,10 @@ def build_parser(qemu_nbd: bool = False) -> ArgumentParser:
     )
     g.add_argument("--exit-with-parent", action="store_true", help="exit when the parent process exits")
     g.add_argument("--print-uri", action="store_true", help="print the URI of the (first) export on stdout")
+
+
+def _the_image(p: ArgumentParser) -> None:
+    """The single image given as IMAGE and how it is served."""
     g = p.add_argument_group("the image given as IMAGE")
     g.add_argument("-x", "--export-name", default="", metavar="NAME", help="export name (default '')")
     g.add_argument(
@@ -271,6 +270,10 @@ def build_parser(qemu_nbd: bool = False) -> ArgumentParser:
         choices=DETECT_ZEROES_MODES,
         help="all-zero writes become zero-writes (unmap: may deallocate)",
     )
+
+
+def _many_exports(p: ArgumentParser) -> None:
+    """Exports from --export and --config."""
     g = p.add_argument_group("many exports")
     g.add_argument(
         "--export",
@@ -282,11 +285,19 @@ def build_parser(qemu_nbd: bool = False) -> ArgumentParser:
     g.add_argument(
         "--config", metavar="FILE.toml", help="read [server] settings and [[export]] tables (re-read on SIGHUP)"
     )
+
+
+def _clients(p: ArgumentParser) -> None:
+    """Acting as a client: the kernel's NBD device, listing another server."""
     g = p.add_argument_group("the kernel's NBD client, and other servers")
     g.add_argument("-c", "--connect", metavar="DEVICE", help="attach IMAGE to the kernel NBD device DEVICE (/dev/nbdX)")
     g.add_argument("-d", "--disconnect", action="store_true", help="detach the kernel NBD device given as DEVICE")
     g.add_argument("-L", "--list", action="store_true", help="list the exports of the server at -b/-p or -k")
     g.add_argument("--tls-hostname", metavar="NAME", help="with -L: the host name the server's certificate names")
+
+
+def _tls_and_access(p: ArgumentParser) -> None:
+    """TLS credentials, client authorisation and address allow lists."""
     g = p.add_argument_group(
         "TLS and access control",
         "Off by default. --tls-creds or --tls-psk turns TLS on, required for every option (FORCEDTLS) "
@@ -342,6 +353,10 @@ def build_parser(qemu_nbd: bool = False) -> ArgumentParser:
         choices=("policy", "unknown"),
         help="a client refused an export gets ERR_POLICY (default) or is told the export does not exist",
     )
+
+
+def _tuning(p: ArgumentParser) -> None:
+    """Limits and tuning."""
     g = p.add_argument_group("tuning and limits")
     g.add_argument("--cache-size", type=size_arg, metavar="SIZE", help="shared metadata cache budget (default 64M)")
     g.add_argument(
@@ -369,6 +384,10 @@ def build_parser(qemu_nbd: bool = False) -> ArgumentParser:
         "1: everything in one process); an export may name its worker (worker = K in --config)",
     )
     g.add_argument("--max-option-length", type=size_arg, metavar="SIZE", help="largest option accepted (default 64K)")
+
+
+def _logging(p: ArgumentParser) -> None:
+    """Logs, traces and metrics."""
     g = p.add_argument_group("logging and monitoring")
     g.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv for every request error)")
     g.add_argument("-q", "--quiet", action="store_true", help="log only errors")
@@ -392,6 +411,21 @@ def build_parser(qemu_nbd: bool = False) -> ArgumentParser:
         "--metrics", metavar="ADDR:PORT", help="serve Prometheus metrics at http://ADDR:PORT/metrics (off by default)"
     )
     g.add_argument("--selinux-label", metavar="LABEL", help=argparse.SUPPRESS)
+
+
+def build_parser(qemu_nbd: bool = False) -> ArgumentParser:
+    prog = "qemu-nbd" if qemu_nbd else "nbdserve"
+    p = ArgumentParser(
+        prog=prog,
+        qemu_nbd=qemu_nbd,
+        description="Serve disk images (raw, qcow2, qed, vpc, vhdx, vmdk, vdi, luks) over the NBD protocol.",
+        epilog="With no IMAGE, --export or --config, a sparse 1 GiB demo image is created and served. See nbdserve(8).",
+    )
+    p.add_argument(
+        "image", nargs="?", metavar="IMAGE", help="image file to serve (export name: -x, default ''); with -d: DEVICE"
+    )
+    for add in (_listening, _short_lived, _the_image, _many_exports, _clients, _tls_and_access, _tuning, _logging):
+        add(p)
     p.add_argument("-V", "--version", action="version", version=f"nbdserve {__version__}")
     return p
 
