@@ -148,6 +148,16 @@ def _stderr_is_journal() -> bool:
     return want == f"{st.st_dev}:{st.st_ino}"
 
 
+class SyslogHandler(logging.handlers.SysLogHandler):
+    """syslog on /dev/log with nbdserve's levels (Python's handler knows no NOTICE and would send
+    the start-up lines as warnings)."""
+
+    _NAMES = {v: k for k, v in logging.handlers.SysLogHandler.priority_names.items()}
+
+    def mapPriority(self, levelName: str) -> str:
+        return self._NAMES[_PRIORITY.get(logging.getLevelName(levelName), 4)]
+
+
 def background_destination() -> str:
     """What ``auto`` means once detached: the journal, else syslog, else nothing."""
     if os.path.exists(JOURNAL_SOCKET):
@@ -166,7 +176,7 @@ def _handler(dest: str, fmt: str) -> logging.Handler:
     elif dest == "null":
         return logging.NullHandler()
     elif dest == "syslog":
-        h = logging.handlers.SysLogHandler(SYSLOG_SOCKET, facility=logging.handlers.SysLogHandler.LOG_DAEMON)
+        h = SyslogHandler(SYSLOG_SOCKET, facility=logging.handlers.SysLogHandler.LOG_DAEMON)
         if fmt == "text":
             h.setFormatter(logging.Formatter(f"nbdserve[{os.getpid()}]: %(message)s"))
             return h

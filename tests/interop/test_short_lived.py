@@ -166,6 +166,33 @@ def test_text_log_lines_have_time_and_level(tmp_path: Path) -> None:
     assert message.startswith("serving nbd+unix:///?socket=")
 
 
+def test_syslog_lines_carry_daemon_facility_and_level(tmp_path: Path, monkeypatch) -> None:
+    """``--log syslog``: one datagram per record to the syslog socket (a socket standing in for
+    /dev/log), ``<PRI>nbdserve[PID]: message`` with facility daemon and the record's own level
+    (NOTICE is syslog's notice, not warning)."""
+    path = tmp_path / "log.sock"
+    monkeypatch.setattr(logsetup, "SYSLOG_SOCKET", str(path))
+    log = logsetup.logging.getLogger(logsetup.LOGGER)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as syslog:
+        syslog.bind(str(path))
+        logsetup.setup(logsetup.LogSettings(dest="syslog", level=logsetup.NOTICE))
+        try:
+            log.log(logsetup.NOTICE, "serving nbd://127.0.0.1/")
+            log.error("disk full")
+            log.info("not at this level")
+            log.warning("last")
+            got = [syslog.recv(4096) for _ in range(3)]
+        finally:
+            logsetup.setup(logsetup.LogSettings(dest="null"))
+    daemon = 3 << 3
+    pid = os.getpid()
+    assert got == [
+        f"<{daemon | 5}>nbdserve[{pid}]: serving nbd://127.0.0.1/\x00".encode(),
+        f"<{daemon | 3}>nbdserve[{pid}]: disk full\x00".encode(),
+        f"<{daemon | 4}>nbdserve[{pid}]: last\x00".encode(),
+    ]
+
+
 def test_journal_native_protocol(tmp_path: Path) -> None:
     """The journal handler's datagrams, read from a socket standing in for the journal's."""
     path = tmp_path / "journal.sock"
