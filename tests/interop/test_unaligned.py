@@ -2,11 +2,13 @@
 the image, against qemu-nbd serving a copy.
 
 Formats: raw, qcow2, QED, VHD (dynamic and differencing), VHDX (512- and 4096-byte sectors,
-dynamic and differencing), VMDK (monolithicSparse, with and without zeroed grains) and VDI
-(dynamic and static).  One trace per format of READ, WRITE, WRITE_ZEROES (plain, NO_HOLE,
-FAST_ZERO), TRIM and BLOCK_STATUS at offsets and lengths that are not aligned to anything: one
-byte, odd lengths, ranges straddling sectors, 4 KiB pages, clusters and blocks, and large reads
-from odd offsets (the ones the server answers sparsely, from block status).  Then:
+dynamic and differencing), VMDK (monolithicSparse, with and without zeroed grains), VDI
+(dynamic and static), and the encrypted ones: LUKS and qcow2 with ``encrypt.format=luks`` (both
+servers given the key; QEMU's view of the plaintext is the oracle).  One trace per format of
+READ, WRITE, WRITE_ZEROES (plain, NO_HOLE, FAST_ZERO), TRIM and BLOCK_STATUS at offsets and
+lengths that are not aligned to anything: one byte, odd lengths, ranges straddling sectors, 4 KiB
+pages, clusters and blocks, and large reads from odd offsets (the ones the server answers
+sparsely, from block status).  Then:
   * every READ equals the model (and qemu-nbd's answer);
   * a TRIM (a hint) leaves each sector piece it touched either as it was or zeroed, nothing
     else; where QEMU serves the image its result must be the same (or, for VHDX, which QEMU
@@ -33,6 +35,17 @@ import pytest
 
 from tests import vhdgen
 from tests.imagetest import check_clean, compare_with_model
+from tests.lukstest import (
+    check_clean_key,
+    make_luks,
+    make_qcow2,
+    qemu_compare_key,
+    qemu_io_key,
+    qemu_nbd_key,
+    qemu_raw_key,
+    secret_file,
+    serve_key,
+)
 from tests.util import merged_map, nbd_connect, qemu_img, qemu_io, qemu_nbd, serve
 from tests.util import run as run_cmd
 from tests.vhdxgen import Vhdx, chain
@@ -49,6 +62,7 @@ class Case:
     qemu: bool  # QEMU reads it: qemu-nbd serves a copy
     maps: bool  # QEMU reports real allocation maps for it
     lss: int = 512
+    key: bool = False  # encrypted: served, checked and compared with the passphrase
 
 
 CASES = {
@@ -65,6 +79,8 @@ CASES = {
     "vmdk-zeroed": Case("vmdk", (512, 4 * KiB, 64 * KiB), qemu=True, maps=True),
     "vdi": Case("vdi", (512, 4 * KiB, MiB), qemu=True, maps=True),
     "vdi-static": Case("vdi", (512, 4 * KiB, MiB), qemu=True, maps=True),
+    "luks": Case("luks", (512, 4 * KiB), qemu=True, maps=True, key=True),
+    "qcow2-luks": Case("qcow2", (512, 4 * KiB, 64 * KiB), qemu=True, maps=True, key=True),
 }
 CREATE = {
     "vpc": ["-o", "force_size=on"],
@@ -76,6 +92,11 @@ CREATE = {
 
 def make_image(tmp: Path, name: str, case: Case, rng: random.Random) -> tuple[Path, bytes]:
     """The image to serve and the disk it holds."""
+    if case.key:
+        path, secret = tmp / f"img.{case.fmt}", secret_file(tmp)
+        (make_luks if case.fmt == "luks" else make_qcow2)(path, SIZE, secret)
+        qemu_io_key(path, case.fmt, secret, *FILL)
+        return path, qemu_raw_key(path, case.fmt, secret, tmp)
     if case.qemu:
         path = tmp / f"img.{case.fmt}"
         opts = CREATE.get(name, [])
@@ -194,26 +215,48 @@ def test_unaligned_requests(tmp_path, name):
         copy = tmp_path / ("copy" + path.suffix)
         run_cmd("cp", "--sparse=always", path, copy)  # host holes matter to both maps
         ops = trace(rng, case)
-        with serve(tmp_path, "-f", case.fmt, path) as srv, qemu_nbd(tmp_path, copy, case.fmt, *QEMU_NBD) as q:
+        with served(tmp_path, case, path) as srv, oracle(tmp_path, case, copy) as q:
             # writes first, then the maps must agree; zeroing leaves each server free to allocate
             # or not (NBD lets it), so after the zeroes only the bytes must agree.  TRIM: phase B.
             run_trace(srv, q, [op for op in ops if op[0] in ("read", "write", "status")], model, case.maps)
             run_trace(srv, q, [op for op in ops if op[0] in ("read", "zero", "zero_no_hole", "fast_zero")], model)
-    with serve(tmp_path, "-f", case.fmt, path) as srv:  # phase B (only phase for the rest): everything
+    with served(tmp_path, case, path) as srv:  # phase B (only phase for the rest): everything
         run_trace(srv, None, trace(rng, case), model)
-    if case.qemu:
+    if case.key:
+        secret = secret_file(tmp_path)
+        if case.fmt == "qcow2":
+            check_clean_key(path, secret)
+        ref = tmp_path / "model.raw"
+        ref.write_bytes(model)
+        r = qemu_compare_key(path, case.fmt, ref, "raw", secret)
+        assert r.returncode == 0, r.stdout + r.stderr
+    elif case.qemu:
         if case.fmt in ("qcow2", "qed", "vhdx", "vmdk", "vdi"):
             check_clean(path, case.fmt)
         compare_with_model(path, model, tmp_path, case.fmt)
     elif case.fmt == "vpc":
         vhdgen.verify(path)
-    with serve(tmp_path, "-r", "-f", case.fmt, path) as srv:  # and after a restart
+    with served(tmp_path, case, path, readonly=True) as srv:  # and after a restart
         h = connect(srv.uri)
         assert h.pread(SIZE, 0) == model
         h.shutdown()
 
 
 QEMU_NBD = ("--cache=writeback", "--discard=unmap", "--shared=4", "--allocation-depth")
+
+
+def served(tmp: Path, case: Case, path: Path, *, readonly: bool = False):
+    """nbdserve serving ``path`` (with the key if encrypted)."""
+    if case.key:
+        return serve_key(tmp, path, secret_file(tmp), readonly=readonly)
+    return serve(tmp, *(["-r"] if readonly else []), "-f", case.fmt, path)
+
+
+def oracle(tmp: Path, case: Case, path: Path):
+    """qemu-nbd serving ``path`` (with the key if encrypted)."""
+    if case.key:
+        return qemu_nbd_key(tmp, path, case.fmt, secret_file(tmp), *QEMU_NBD)
+    return qemu_nbd(tmp, path, case.fmt, *QEMU_NBD)
 
 
 def run_trace(srv, q, ops, model: bytearray, maps: bool = False) -> None:

@@ -147,6 +147,7 @@ WRITE_VARIANTS = {
     "zeroed_grain": ["-o", "zeroed_grain=on"],
     "twoGbMaxExtentSparse": ["-o", "subformat=twoGbMaxExtentSparse"],
     "monolithicFlat": ["-o", "subformat=monolithicFlat"],
+    "twoGbMaxExtentFlat": ["-o", "subformat=twoGbMaxExtentFlat"],
 }
 
 
