@@ -95,6 +95,26 @@ HOLE_GRANULE = 4096  # the unit of a hole in a sparse reply (relative to the req
 _ZEROES = memoryview(bytes(C.DEFAULT_MAX_PAYLOAD))
 # Bytes of replies a connection's transport may hold before reading pauses (back-pressure).
 WRITE_BUFFER_HIGH = 4 << 20
+# The kernel send buffer asked for on Unix sockets (see _size_send_buffer).
+UNIX_SEND_BUFFER = 4 << 20
+SO_SNDBUFFORCE = 32  # Linux; not exported by Python's socket module
+
+
+def _size_send_buffer(sock: socket.socket) -> None:
+    """Let the kernel hold several large replies on a Unix socket.
+
+    TCP sizes its send buffer itself (autotuning, up to ``tcp_wmem``); a Unix stream socket keeps
+    the default ``wmem_default`` (208 KiB), less than one 1 MiB reply, so the loop went back to
+    epoll several times per reply and the client's reads and ours did not overlap (1 MiB reads
+    ran ~40% slower, nbdcopy ~30%).  ``SO_SNDBUFFORCE`` (with CAP_NET_ADMIN) sets it past
+    ``net.core.wmem_max``; without the capability ``SO_SNDBUF`` gets as much as that allows.  The
+    kernel charges the memory only while replies wait in it."""
+    for option in (SO_SNDBUFFORCE, socket.SO_SNDBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, option, UNIX_SEND_BUFFER)
+            return
+        except OSError:
+            continue
 
 
 def identify(transport: asyncio.BaseTransport) -> tuple[str, Peer]:
@@ -163,6 +183,8 @@ class Session(asyncio.BufferedProtocol):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
                 pass
+        elif sock is not None and sock.family == socket.AF_UNIX:
+            _size_send_buffer(sock)
         self.peer, self.neg.peer = identify(transport)
         # Let several large replies queue in the transport before it pushes back: with the
         # default 64 KiB high-water mark every 256 KiB reply paused the pipeline.

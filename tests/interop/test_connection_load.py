@@ -8,6 +8,7 @@ a greeting forever: "greeted" is checked by waiting (bounded) for every socket t
 
 from __future__ import annotations
 
+import os
 import resource
 import selectors
 import socket
@@ -167,3 +168,21 @@ def test_backlog_is_sized_for_bursts_and_configurable(tmp_path, image):
     conf.write_text(f'[server]\nbacklog = 55\n[[export]]\nname = ""\npath = "{image}"\nformat = "raw"\n')
     with serve(tmp_path, "--config", conf, tcp=True) as srv:
         assert listen_backlog(srv.port) == 55
+
+
+def test_unix_connections_get_a_send_buffer_for_large_replies(tmp_path: Path) -> None:
+    """A Unix stream socket keeps the kernel's default send buffer (208 KiB, less than one 1 MiB
+    reply) unless the server asks for more; ``ss -xm`` shows what the server's end of a client's
+    connection got: 4 MiB (the kernel reports twice that), or as much as ``net.core.wmem_max``
+    allows where the server lacks CAP_NET_ADMIN."""
+    img = tmp_path / "d.img"
+    img.write_bytes(bytes(MiB))
+    with serve(tmp_path, "-f", "raw", img) as srv:
+        h = nbd.NBD()
+        h.connect_unix(str(srv.sock))
+        out = subprocess.run(["ss", "-x", "-m", "-p", "-H"], capture_output=True, text=True, check=True).stdout
+        h.shutdown()
+    (ours,) = [line for line in out.splitlines() if f"pid={srv.pid}," in line and str(srv.sock) in line]
+    wmem_max = int(Path("/proc/sys/net/core/wmem_max").read_text())
+    want = 2 * (4 * MiB if os.geteuid() == 0 else min(4 * MiB, wmem_max))
+    assert int(ours.split(",tb")[1].split(",")[0]) >= want, ours
