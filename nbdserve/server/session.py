@@ -42,8 +42,9 @@ Invariants:
     connection; beyond that the session stops parsing and pauses reading (back-pressure), and it
     pauses reading (and parsing) too while the transport's write buffer is full.
   * Each reply is written with one ``write``/``writelines`` call, so replies never interleave;
-    replies produced while parsing one receive are collected and written together (a batch is
-    written early once it holds ``_BATCH_LIMIT`` bytes, so write back-pressure is noticed).
+    replies produced while parsing one receive, and those of the completions resolved in one loop
+    iteration, are collected and written together (a batch is written early once it holds
+    ``_BATCH_LIMIT`` bytes, so write back-pressure is noticed).
   * DISC and server shutdown stop reading, let in-flight requests finish and reply, then close.
   * A protocol violation ends only this connection (``transport.abort``); request errors are
     replies, never disconnections.
@@ -188,8 +189,9 @@ class Session(asyncio.BufferedProtocol):
         self._held: Request | None = None
         self._buffers = server.reply_buffers  # for large READ replies, shared by all sessions
         self._small_reply = server.reply_buffers.min_size  # replies shorter than this are not pooled
-        self._batch: list | None = None  # replies collected during one _pump
+        self._batch: list | None = None  # replies not written yet (see _send)
         self._batch_bytes = 0
+        self._uncork_pending = False  # _uncork is scheduled: it writes the batch
         self._read_paused = False
         self._write_paused = False
         self._stopping = False  # DISC received or server shutting down: parse nothing more
@@ -287,6 +289,7 @@ class Session(asyncio.BufferedProtocol):
 
     def _maybe_close(self) -> None:
         if self._stopping and self.inflight == 0 and self.transport is not None and not self.transport.is_closing():
+            self._flush_batch()
             self.transport.close()
 
     # -- receiving --------------------------------------------------------------------------
@@ -479,8 +482,6 @@ class Session(asyncio.BufferedProtocol):
         if self._pumping:
             return
         self._pumping = True
-        self._batch = []
-        self._batch_bytes = 0
         parser = self.parser
         try:
             while not (self._stopping or self._write_paused) and self.phase == _TRANSMISSION and not self._throttled():
@@ -493,8 +494,6 @@ class Session(asyncio.BufferedProtocol):
                     )
                     if plain:
                         self._serve_plain(plain)
-                        if self._batch_bytes >= _BATCH_LIMIT:
-                            self._flush_batch()
                         continue
                 try:
                     req = parser.next_event()
@@ -511,8 +510,6 @@ class Session(asyncio.BufferedProtocol):
                     self._held = req
                     continue
                 self._dispatch(req)
-                if self._batch_bytes >= _BATCH_LIMIT:
-                    self._flush_batch()  # may pause writing, which ends this loop
             if self._held is not None and parser.idle:
                 self._dispatch(self._held)
                 self._held = None
@@ -521,9 +518,8 @@ class Session(asyncio.BufferedProtocol):
             if self._detach:  # before the parser can receive into the buffer again
                 self._detach = False
                 parser.detach()
-            batch, self._batch = self._batch, None
-            if batch:
-                self._sendv(batch)
+            if not self._uncork_pending:
+                self._flush_batch()
         self._update_reading()
 
     # -- requests ---------------------------------------------------------------------------
@@ -744,33 +740,45 @@ class Session(asyncio.BufferedProtocol):
         log.log(logging.DEBUG if expected else logging.WARNING, "%s: %r failed: %s", self.peer, req, msg, exc_info=bug)
         self._send(self.enc.error(req.cookie, req.offset, nbd_errno(err, fast_zero=fast), for_client(msg)))
 
-    def _flush_batch(self) -> None:
-        """Write the replies collected so far in this _pump (called while pumping)."""
-        batch, self._batch = self._batch, []
-        self._batch_bytes = 0
-        t = self.transport
-        if t is not None and not t.is_closing():
-            t.writelines(_records(batch) if self.neg.tls else batch)
-
     def _send(self, data: bytes | bytearray) -> None:
-        """Send one reply: batched while pumping (one write for every reply a receive produced)."""
-        if self._batch is not None:
-            self._batch.append(data)
-            self._batch_bytes += len(data)
-            return
-        t = self.transport
-        if t is not None and not t.is_closing():
-            t.write(data)
+        """Send one reply.  Replies are collected in a batch and written with one
+        ``writelines``: at the end of ``_pump`` for those it produced, and by one ``_uncork``
+        callback for the replies of completions outside it (every completion resolved in one loop
+        iteration shares one write, and one wake-up of the client).  A batch of
+        ``_BATCH_LIMIT`` bytes is written at once, so write back-pressure is noticed."""
+        batch = self._batch if self._batch is not None else self._new_batch()
+        batch.append(data)
+        self._batch_bytes += len(data)
+        if self._batch_bytes >= _BATCH_LIMIT:
+            self._flush_batch()  # may pause writing, which ends a _pump
 
     def _sendv(self, chunks: list) -> None:
-        """Send the chunks of one reply (or a batch) together."""
-        if self._batch is not None:
-            self._batch.extend(chunks)
-            self._batch_bytes += sum(map(len, chunks))
-            return
+        """Send the chunks of one reply together (batched as ``_send`` says)."""
+        batch = self._batch if self._batch is not None else self._new_batch()
+        batch.extend(chunks)
+        self._batch_bytes += sum(map(len, chunks))
+        if self._batch_bytes >= _BATCH_LIMIT:
+            self._flush_batch()
+
+    def _new_batch(self) -> list:
+        self._batch = []
+        if not (self._pumping or self._uncork_pending):
+            self._uncork_pending = True
+            self.server.loop.call_soon(self._uncork)
+        return self._batch
+
+    def _uncork(self) -> None:
+        self._uncork_pending = False
+        if not self._pumping:
+            self._flush_batch()
+
+    def _flush_batch(self) -> None:
+        """Write the batch, if any (the one place replies reach the transport)."""
+        batch, self._batch = self._batch, None
+        self._batch_bytes = 0
         t = self.transport
-        if t is not None and not t.is_closing():
-            t.writelines(_records(chunks) if self.neg.tls else chunks)
+        if batch and t is not None and not t.is_closing():
+            t.writelines(_records(batch) if self.neg.tls else batch)
 
     # Coroutine handlers of the rarer requests: each replies on success; an exception becomes an
     # error reply (see _fail).

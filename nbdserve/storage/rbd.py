@@ -2,21 +2,23 @@
 
 Owns ``RbdStorage`` (one open image, its cluster connection and, for writers, RBD's exclusive
 lock) and ``AllocationMap`` (which parts of the image hold data, learned from the object map).
-The facts about librbd this relies on are written down in docs/ceph.md.
+librbd is reached through its C API (``storage.librbd``); the facts about librbd this relies on
+are written down in docs/ceph.md.
 
 I/O path: ``read``/``write``/``flush``/``discard``/``write_zeroes`` submit librbd ``aio_*`` calls
-and return an asyncio future.  librbd calls the completion on its own thread; that thread only
-appends ``(op, return value, data)`` to a queue and, if no wake-up is pending, schedules one
-drain on the loop with ``call_soon_threadsafe`` (one wake-up for a burst of completions).  Every
-future is resolved, and every caller buffer written, on the loop thread only.  Calls that have no
-aio form (connect, open, lock, resize, the allocation fetch, close) run on a short-lived daemon
-thread, so the loop never blocks on Ceph.
+tagged with their op's number and return an asyncio future.  librbd queues each completion and
+bumps the image's eventfd; the loop's reader on that eventfd (``_drain``) collects every queued
+completion in one call and resolves their futures, so no Python runs on librbd's threads.  A
+read lands in the op's own buffer and is copied into the caller's when it completes.  Calls that
+have no aio form (connect, open, lock, resize, the allocation fetch, close) run on a
+short-lived daemon thread, so the loop never blocks on Ceph.
 
 Outages: with ``on_outage="fail"`` a request still unanswered after ``timeout`` seconds fails
 with EIO (a sweep every ``timeout/4`` seconds finds them, so the bound is ``1.25 * timeout``).
 librbd keeps the operation and finishes it when the cluster is back: a failed read never writes
-into the caller's buffer afterwards (the op drops its buffer when it fails), and a write that
-failed may or may not have landed, as with any EIO.  With ``"wait"`` requests wait for as long
+into the caller's buffer afterwards (librbd writes the op's own buffer, kept alive until its
+completion arrives, and nothing is copied for an op that failed), and a write that failed may
+or may not have landed, as with any EIO.  With ``"wait"`` requests wait for as long
 as the outage lasts.  Either way nothing needs a restart: librbd resends to the OSDs once they
 are back.
 
@@ -29,26 +31,29 @@ snapshot opens take no lock.
 Invariants:
   * ``self.size`` is the image size as of our last open/resize; reads past it return zeroes,
     writes past it grow the image first (one resize at a time, under ``_grow_lock``).
-  * An op's buffer is written only while the op is pending; completions of ops that already
-    failed by timeout, or whose caller cancelled, are dropped.
+  * A caller's buffer is written only while its op is pending, on the loop thread; completions
+    of ops that already failed by timeout, or whose caller cancelled, are dropped.
+  * Memory librbd may still write (a read op's own buffer) stays referenced until that op's
+    completion has been collected, or the image is closed.
   * ``AllocationMap`` never reports a hole where the image may hold data (see its docstring).
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import concurrent.futures
 import errno
-import functools
+import itertools
 import logging
 import math
+import os
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 from ..errors import ImageError
+from . import librbd
 from .base import Buffer, Pending, Storage
 from .location import RbdLocation
 
@@ -66,15 +71,6 @@ CLIENT_CONF = {
 WINDOW_GRANULES = 16384  # allocation is fetched this many objects at a time (64 GiB of 4 MiB objects)
 
 UNKNOWN, HOLE, DATA = 0, 1, 2
-
-
-def _bindings() -> tuple[Any, Any]:
-    try:
-        import rados
-        import rbd
-    except ImportError:
-        raise ImportError("rbd: exports need Ceph's Python bindings (Debian: python3-rados python3-rbd)") from None
-    return rados, rbd
 
 
 def in_thread(
@@ -114,16 +110,19 @@ def in_thread(
 
 
 class _Op:
-    """One aio call in flight.  ``buf`` (reads) is dropped when the op fails by timeout."""
+    """One aio call in flight, tagged ``tag``.  A read has ``buf`` (the caller's, dropped when
+    the op fails by timeout) and ``own`` (the memory librbd writes, with its export)."""
 
-    __slots__ = ("buf", "fut", "kind", "length", "offset", "start")
+    __slots__ = ("buf", "fut", "kind", "length", "offset", "own", "start", "tag")
 
-    def __init__(self, fut: asyncio.Future, kind: str, offset: int, length: int, buf: memoryview | None) -> None:
+    def __init__(self, tag: int, fut: asyncio.Future, kind: str, offset: int, length: int) -> None:
+        self.tag = tag
         self.fut = fut
         self.kind = kind
         self.offset = offset
         self.length = length
-        self.buf = buf
+        self.buf: memoryview | None = None
+        self.own: tuple[bytearray, Any] | None = None
         self.start = time.monotonic()
 
 
@@ -269,33 +268,34 @@ class RbdStorage(Storage):
 
     sync_io = False
 
-    def __init__(self, loc: RbdLocation, handles: tuple[Any, Any, Any], *, readonly: bool) -> None:
-        rbd = _bindings()[1]
+    def __init__(self, loc: RbdLocation, image: librbd.Image, *, readonly: bool) -> None:
+        """Loop thread; takes over ``image`` (closes it if this fails)."""
         self.loc = loc
         self.name = loc.name
         self.readonly = readonly
-        self._cluster, self._ioctx, self._image = handles
-        self._thick = rbd.RBD_WRITE_ZEROES_FLAG_THICK_PROVISION
+        self._image = image
         self._loop = asyncio.get_running_loop()
         self._timeout = loc.timeout if loc.on_outage == "fail" else None
-        self._ops: dict[_Op, None] = {}  # in flight, oldest first
-        self._done: collections.deque = collections.deque()
-        self._wake_pending = False
+        self._tags = itertools.count(1)
+        self._ops: dict[int, _Op] = {}  # in flight by tag, oldest first
+        self._orphans: dict[int, _Op] = {}  # reads failed by timeout whose memory librbd may still write
         self._sweeper: asyncio.TimerHandle | None = None
         self._grow_lock = asyncio.Lock()
         self._closed = False
-        image = self._image
-        self.size = image.size()
-        granule = image.stat()["obj_size"]
+        self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         try:
-            image.parent_info()
-            has_parent = True
-        except rbd.ImageNotFound:
-            has_parent = False
-        fast_diff = bool(image.features() & rbd.RBD_FEATURE_FAST_DIFF) and not (
-            image.flags() & rbd.RBD_FLAG_FAST_DIFF_INVALID
-        )
-        plain_striping = image.stripe_count() == 1 and image.stripe_unit() == granule
+            image.notify(self._efd)
+            self.size, granule = image.stat()
+            has_parent = image.has_parent()
+            fast_diff = bool(image.features() & librbd.RBD_FEATURE_FAST_DIFF) and not (
+                image.flags() & librbd.RBD_FLAG_FAST_DIFF_INVALID
+            )
+            plain_striping = image.striping() == (granule, 1)
+        except BaseException:
+            os.close(self._efd)
+            _close_soon(image)
+            raise
+        self._loop.add_reader(self._efd, self._drain)
         self.map = AllocationMap(
             self.size,
             granule,
@@ -312,36 +312,36 @@ class RbdStorage(Storage):
         """Connect, open the image and (writers) take its exclusive lock; ``ImageError`` with
         one line if that fails.  Bounded by ``loc.timeout``; the lock wait by twice that plus
         30 s, as long as a cluster with default settings needs to expire a dead holder."""
-        try:
-            _bindings()
-        except ImportError as e:
-            raise ImageError(loc.name, str(e)) from None
+        missing = librbd.available()
+        if missing is not None:
+            raise ImageError(loc.name, missing)
         readonly = readonly or loc.snap is not None
         try:
-            handles = await in_thread(
-                _open_image, loc, readonly, timeout=loc.timeout, what="open", abandon=_close_handles
-            )
-        except ImageError:
-            raise
+            image = await in_thread(_open_image, loc, readonly, timeout=loc.timeout, what="open", abandon=_close)
         except Exception as e:
             raise ImageError(loc.name, _short(e)) from None
         try:
             if not readonly:
-                await in_thread(_lock, loc, handles, timeout=2 * loc.timeout + 30, what="exclusive lock")
-            stor = cls(loc, handles, readonly=readonly)
+                await in_thread(_lock, loc, image, timeout=2 * loc.timeout + 30, what="exclusive lock")
+        except BaseException as e:
+            _close_soon(image)
+            if isinstance(e, ImageError) or not isinstance(e, Exception):
+                raise
+            raise ImageError(loc.name, _short(e)) from None
+        try:
+            stor = cls(loc, image, readonly=readonly)
+        except Exception as e:
+            raise ImageError(loc.name, _short(e)) from None
+        try:
             # librbd keeps its cache write-through until the first flush; our promise is the
             # local file's (durable at FLUSH), so start in the configured mode (docs/ceph.md).
             await stor.flush()
-            return stor
-        except ImageError:
-            _close_soon(handles)
-            raise
-        except Exception as e:
-            _close_soon(handles)
+        except BaseException as e:
+            await stor.close()
+            if not isinstance(e, Exception):
+                raise
             raise ImageError(loc.name, _short(e)) from None
-        except BaseException:
-            _close_soon(handles)
-            raise
+        return stor
 
     async def close(self) -> None:
         """Wait for the ops in flight (bounded by the timeout), then close image and connection
@@ -349,16 +349,20 @@ class RbdStorage(Storage):
         if self._closed:
             return
         self._closed = True
-        pending = [op.fut for op in self._ops]
+        pending = [op.fut for op in self._ops.values()]
         if pending:
             await asyncio.wait(pending, timeout=self._timeout)
         if self._sweeper is not None:
             self._sweeper.cancel()
-        handles = (self._cluster, self._ioctx, self._image)
         try:
-            await in_thread(_close_handles, handles, timeout=self._timeout, what=f"{self.name}: close")
+            await in_thread(_close, self._image, timeout=self._timeout, what=f"{self.name}: close")
         except OSError as e:
             log.warning("%s", e)
+        # librbd is done with every op once the image is closed (or, if closing failed by
+        # timeout, this process has given up on it): its memory and our eventfd can go.
+        self._loop.remove_reader(self._efd)
+        os.close(self._efd)
+        self._orphans.clear()
 
     # -- data ----------------------------------------------------------------------------------
 
@@ -369,8 +373,11 @@ class RbdStorage(Storage):
             if n:
                 buf[:] = bytes(n)
             return None
-        op = self._start("read", offset, length, buf)
-        self._submit(op, self._image.aio_read, offset, length)
+        op = self._start("read", offset, length)
+        own = bytearray(length)
+        where, _, export = librbd.address(own)
+        op.buf, op.own = buf, (own, export)
+        self._submit(op, self._image.aio_read, offset, where, length)
         return op.fut
 
     def write(self, offset: int, data: Buffer | list[Buffer]) -> Pending:
@@ -382,17 +389,15 @@ class RbdStorage(Storage):
             return None
         if offset + n > self.size:
             return self._grow_then_write(offset, data)
-        if isinstance(data, memoryview):  # the bindings take bytes or bytearray only
-            data = data.obj if _whole(data) else data.tobytes()
-        op = self._start("write", offset, n, None)
+        op = self._start("write", offset, n)
         self.map.note_write(offset, n)
-        self._submit(op, self._image.aio_write, data, offset)
+        self._submit(op, self._image.aio_write, offset, data)
         return op.fut
 
     async def flush(self) -> None:
         if self.readonly:
             return
-        op = self._start("flush", 0, 0, None)
+        op = self._start("flush", 0, 0)
         self._submit(op, self._image.aio_flush)
         await op.fut
 
@@ -402,7 +407,7 @@ class RbdStorage(Storage):
         if length <= 0:
             return True
         seq = self.map.write_seq
-        op = self._start("discard", offset, length, None)
+        op = self._start("discard", offset, length)
         self._submit(op, self._image.aio_discard, offset, length)
         await op.fut
         self.map.note_zeroed(offset, length, seq)
@@ -416,13 +421,11 @@ class RbdStorage(Storage):
             await self._grow(offset + length)
         seq = self.map.write_seq
         if may_unmap:
-            op = self._start("zero", offset, length, None)
-            flags = 0
+            op = self._start("zero", offset, length)
         else:  # allocated zeroes: a write as far as the map is concerned
-            op = self._start("write", offset, length, None)
-            flags = self._thick
+            op = self._start("write", offset, length)
             self.map.note_write(offset, length)
-        self._submit(op, self._image.aio_write_zeroes, offset, length, zero_flags=flags)
+        self._submit(op, self._image.aio_write_zeroes, offset, length, thick=not may_unmap)
         await op.fut
         if may_unmap:
             self.map.note_zeroed(offset, length, seq)
@@ -447,60 +450,46 @@ class RbdStorage(Storage):
         if self.readonly:
             raise OSError(errno.EROFS, f"{self.name}: opened read-only")
 
-    def _start(self, kind: str, offset: int, length: int, buf: memoryview | None) -> _Op:
+    def _start(self, kind: str, offset: int, length: int) -> _Op:
         if self._closed:
             raise OSError(errno.ESHUTDOWN, f"{self.name}: closed")
-        op = _Op(self._loop.create_future(), kind, offset, length, buf)
-        self._ops[op] = None
+        tag = next(self._tags)
+        op = self._ops[tag] = _Op(tag, self._loop.create_future(), kind, offset, length)
         if self._timeout is not None and self._sweeper is None:
             self._sweeper = self._loop.call_later(self._timeout / 4, self._sweep)
         return op
 
-    def _submit(self, op: _Op, aio: Callable[..., Any], *args: Any, **kw: Any) -> None:
-        """Call the aio function with our completion callback (inserted before ``kw``, where
-        the bindings expect it); a refusal at submission fails the op at once."""
+    def _submit(self, op: _Op, aio: Callable[..., None], *args: Any, **kw: Any) -> None:
+        """Call ``aio(op.tag, *args, **kw)``; a refusal at submission fails the op at once."""
         try:
-            aio(*args, functools.partial(self._completed, op), **kw)
-        except Exception as e:
-            del self._ops[op]
-            raise OSError(
-                _to_errno(getattr(e, "errno", None)), f"{self.name}: {op.kind} at {op.offset}: {_short(e)}"
-            ) from None
-
-    def _completed(self, op: _Op, completion: Any, data: bytes | None = None) -> None:
-        """librbd's completion callback: runs on a librbd thread.  Touches no loop state."""
-        self._done.append((op, completion.get_return_value(), data))
-        if not self._wake_pending:
-            self._wake_pending = True
-            try:
-                self._loop.call_soon_threadsafe(self._drain)
-            except RuntimeError:  # the loop is closed: nobody is waiting any more
-                pass
+            aio(op.tag, *args, **kw)
+        except OSError as e:
+            del self._ops[op.tag]
+            raise OSError(_to_errno(e.errno), f"{self.name}: {op.kind} at {op.offset}: {_why(e.errno)}") from None
 
     def _drain(self) -> None:
-        """Loop thread: resolve every queued completion."""
-        self._wake_pending = False  # before popping: a completion queued after this wakes us again
-        done = self._done
-        while done:
-            op, rv, data = done.popleft()
-            if op not in self._ops:  # already failed by timeout
+        """Loop thread, when the eventfd is readable: resolve every completion librbd queued."""
+        try:
+            os.eventfd_read(self._efd)  # reset first: a completion queued after this bumps it again
+        except BlockingIOError:
+            pass
+        for tag, rv in self._image.poll():
+            op = self._ops.pop(tag, None)
+            if op is None:  # already failed by timeout: its memory is no longer written
+                self._orphans.pop(tag, None)
                 continue
-            del self._ops[op]
             fut = op.fut
+            buf, op.buf = op.buf, None
             if fut.done():  # the caller gave up (cancelled): its buffer is no longer ours
-                op.buf = None
                 continue
             if rv < 0:
                 fut.set_exception(OSError(_to_errno(-rv), f"{self.name}: {op.kind} at {op.offset}: {_why(-rv)}"))
                 continue
-            buf = op.buf
             if buf is not None:
-                op.buf = None
-                got = len(data) if data is not None else 0
-                if got:
-                    buf[:got] = data
-                if got < len(buf):
-                    buf[got:] = bytes(len(buf) - got)
+                own = op.own[0]
+                buf[: len(own)] = own
+                if len(own) < len(buf):
+                    buf[len(own) :] = bytes(len(buf) - len(own))
             fut.set_result(None)
 
     def _sweep(self) -> None:
@@ -509,11 +498,13 @@ class RbdStorage(Storage):
         assert self._timeout is not None
         deadline = time.monotonic() - self._timeout
         while self._ops:
-            op = next(iter(self._ops))
+            op = next(iter(self._ops.values()))
             if op.start > deadline:
                 break
-            del self._ops[op]
+            del self._ops[op.tag]
             op.buf = None
+            if op.own is not None:
+                self._orphans[op.tag] = op
             if not op.fut.done():
                 msg = f"{self.name}: {op.kind} at {op.offset}: no answer from Ceph in {self._timeout:g} s"
                 op.fut.set_exception(OSError(errno.EIO, msg))
@@ -524,7 +515,7 @@ class RbdStorage(Storage):
         return [(op.offset, op.length) for op in self._ops if op.kind == "write"]
 
     def _fetch_extents(self, offset: int, length: int) -> asyncio.Future:
-        return in_thread(_diff, self._image, offset, length, timeout=self._timeout, what=f"{self.name}: allocation")
+        return in_thread(self._image.diff, offset, length, timeout=self._timeout, what=f"{self.name}: allocation")
 
     async def _grow_then_write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         await self._grow(offset + len(data))
@@ -562,96 +553,46 @@ def _why(err: int) -> str:
     return _LOST.get(err) or errno.errorcode.get(err, str(err))
 
 
-def _whole(view: memoryview) -> bool:
-    """True if ``view`` is all of a bytes/bytearray object (then the object itself can be passed)."""
-    obj = view.obj
-    return isinstance(obj, bytes | bytearray) and view.contiguous and view.nbytes == len(obj)
-
-
 def _short(e: BaseException) -> str:
     text = str(e).strip() or type(e).__name__
     return text.splitlines()[0]
 
 
-def _open_image(loc: RbdLocation, readonly: bool) -> tuple[Any, Any, Any]:
+def _open_image(loc: RbdLocation, readonly: bool) -> librbd.Image:
     """Blocking (daemon thread): connect to the cluster and open the image."""
-    rados, rbd = _bindings()
-    cluster = rados.Rados(rados_id=loc.id)
-    try:
-        try:
-            cluster.conf_read_file(loc.conf)
-        except rados.Error:
-            where = loc.conf or "the default places (CEPH_CONF, /etc/ceph/ceph.conf)"
-            raise OSError(errno.ENOENT, f"cannot read a Ceph config from {where}") from None
-        cluster.conf_parse_env()
-        for key, value in CLIENT_CONF.items():
-            cluster.conf_set(key, value)
-        cluster.conf_set("client_mount_timeout", str(math.ceil(loc.timeout)))
-        try:
-            cluster.connect(timeout=max(1, int(loc.timeout)))
-        except rados.Error as e:
-            raise OSError(errno.EIO, f"cannot connect to the Ceph cluster: {_short(e)}") from None
-        try:
-            ioctx = cluster.open_ioctx(loc.pool)
-        except rados.ObjectNotFound:
-            raise OSError(errno.ENOENT, f"no pool {loc.pool!r}") from None
-        try:
-            if loc.namespace:
-                ioctx.set_namespace(loc.namespace)
-            image = rbd.Image(ioctx, loc.image, snapshot=loc.snap, read_only=readonly)
-        except rbd.ImageNotFound:
-            ioctx.close()
-            what = f"snapshot {loc.snap!r} of image {loc.image!r}" if loc.snap else f"image {loc.image!r}"
-            raise OSError(errno.ENOENT, f"no {what} in pool {loc.pool!r}") from None
-        except BaseException:
-            ioctx.close()
-            raise
-    except BaseException:
-        cluster.shutdown()
-        raise
-    return cluster, ioctx, image
+    settings = {**CLIENT_CONF, "client_mount_timeout": str(math.ceil(loc.timeout))}
+    return librbd.Image.open(
+        conf=loc.conf,
+        client_id=loc.id,
+        settings=settings,
+        pool=loc.pool,
+        namespace=loc.namespace,
+        name=loc.image,
+        snap=loc.snap,
+        readonly=readonly,
+    )
 
 
-def _lock(loc: RbdLocation, handles: tuple[Any, Any, Any]) -> None:
+def _lock(loc: RbdLocation, image: librbd.Image) -> None:
     """Blocking (daemon thread): take the exclusive lock; ``ImageError`` naming the holder if
     another live writer has it."""
-    rbd = _bindings()[1]
-    image = handles[2]
     try:
-        image.lock_acquire(rbd.RBD_LOCK_MODE_EXCLUSIVE)
-    except (rbd.ReadOnlyImage, rbd.ImageBusy):
+        image.lock_acquire()
+    except OSError as e:
+        if e.errno not in (errno.EROFS, errno.EBUSY):
+            raise ImageError(loc.name, f"cannot take the exclusive lock: {_short(e)}") from None
         try:
-            holders = ", ".join(o["owner"] for o in image.lock_get_owners()) or "another client"
-        except rbd.Error:
+            holders = ", ".join(image.lock_owners()) or "another client"
+        except OSError:
             holders = "another client"
         raise ImageError(
             loc.name, f"locked by another writer ({holders}); serve it read-only or stop that writer"
         ) from None
-    except rbd.Error as e:
-        raise ImageError(loc.name, f"cannot take the exclusive lock: {_short(e)}") from None
 
 
-def _diff(image: Any, offset: int, length: int) -> list[tuple[int, int]]:
-    """Blocking (daemon thread): the extents of ``offset, length`` that hold data, object by object."""
-    out: list[tuple[int, int]] = []
-
-    def cb(off: int, n: int, exists: bool) -> int:
-        if exists:
-            out.append((off, n))
-        return 0
-
-    image.diff_iterate(offset, length, None, cb, include_parent=True, whole_object=True)
-    return out
+def _close_soon(image: librbd.Image) -> None:
+    threading.Thread(target=_close, args=(image,), daemon=True).start()
 
 
-def _close_soon(handles: tuple[Any, Any, Any]) -> None:
-    threading.Thread(target=_close_handles, args=(handles,), daemon=True).start()
-
-
-def _close_handles(handles: tuple[Any, Any, Any]) -> None:
-    cluster, ioctx, image = handles
-    try:
-        image.close()
-    finally:
-        ioctx.close()
-        cluster.shutdown()
+def _close(image: librbd.Image) -> None:
+    image.close()
