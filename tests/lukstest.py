@@ -20,6 +20,7 @@ import json
 import random
 import struct
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -45,12 +46,17 @@ def image_opts(path: Path, fmt: str) -> str:
 
 
 def _create(args: list[str]) -> None:
-    for _ in range(6):
+    """``qemu-img create``, tried again while QEMU's PBKDF benchmark fails: it times its first
+    round with the thread's CPU clock and gives up ("Unable to get accurate CPU usage") when that
+    clock has not moved, which on a busy machine happens often and in runs.
+    A growing pause between attempts lets a burst of load pass (20 attempts, 2 s at most)."""
+    for attempt in range(20):
         p = run("qemu-img", "create", "-q", *args, check=False)
         if p.returncode == 0:
             return
         if "accurate CPU usage" not in p.stderr:
             break
+        time.sleep(0.01 * attempt)
     raise AssertionError(f"qemu-img create {' '.join(args)}: {p.stderr}")
 
 
