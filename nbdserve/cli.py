@@ -374,6 +374,13 @@ def _tuning(p: ArgumentParser) -> None:
         help="drop clients that have not finished the handshake (default 10)",
     )
     g.add_argument(
+        "--drain-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="cut off a closing connection (shutdown, DISC, a removed export) whose in-flight replies "
+        "are not sent within SECONDS (default 30; 0: no limit)",
+    )
+    g.add_argument(
         "--max-options", type=int, metavar="N", help="options allowed per handshake (default 32 + 4 per export)"
     )
     g.add_argument(
@@ -566,6 +573,7 @@ def config_from_args(args: argparse.Namespace, qemu_nbd: bool = False) -> Server
         pid_file=args.pid_file,
         cache_size=args.cache_size,
         handshake_timeout=args.handshake_timeout,
+        drain_timeout=args.drain_timeout,
         max_options=args.max_options,
         max_option_length=args.max_option_length,
         workers=args.workers,

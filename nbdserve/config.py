@@ -100,6 +100,7 @@ class ServerConfig:
     cache_size: int = DEFAULT_CACHE_SIZE
     backing_dirs: tuple[str, ...] = ()
     handshake_timeout: float = 10.0
+    drain_timeout: float = 30.0  # seconds a closing connection may take to reply and send; 0: no limit
     max_options: int = 0  # 0: 32 + 4 per export
     max_option_length: int = 64 << 10
     max_requests: int = 64  # requests in flight per connection
@@ -241,6 +242,7 @@ _SERVER_FIELDS = (
     "cache_size",
     "backing_dirs",
     "handshake_timeout",
+    "drain_timeout",
     "max_options",
     "max_option_length",
     "max_requests",
@@ -528,6 +530,8 @@ def _validate_running(cfg: ServerConfig) -> None:
         raise ConfigError(f"require-exports must be any or all, not {cfg.require_exports!r}")
     if cfg.reload_grace < 0:
         raise ConfigError(f"reload-grace must be >= 0, not {cfg.reload_grace}")
+    if cfg.drain_timeout < 0:
+        raise ConfigError(f"drain-timeout must be >= 0, not {cfg.drain_timeout}")
     if cfg.log_format not in LOG_FORMATS:
         raise ConfigError(f"log-format must be text or json, not {cfg.log_format!r}")
     if cfg.log not in DESTINATIONS and "/" not in cfg.log:

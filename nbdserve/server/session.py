@@ -45,7 +45,8 @@ Invariants:
     replies produced while parsing one receive, and those of the completions resolved in one loop
     iteration, are collected and written together (a batch is written early once it holds
     ``_BATCH_LIMIT`` bytes, so write back-pressure is noticed).
-  * DISC and server shutdown stop reading, let in-flight requests finish and reply, then close.
+  * DISC and server shutdown stop reading, let in-flight requests finish and reply, then close;
+    a connection not closed ``drain_timeout`` seconds after that began is aborted.
   * A protocol violation ends only this connection (``transport.abort``); request errors are
     replies, never disconnections.
 """
@@ -171,7 +172,7 @@ class Session(asyncio.BufferedProtocol):
         self.phase = _HANDSHAKE
         self.hs = ServerHandshake(max_option_length=cfg.max_option_length, max_options=cfg.option_limit())
         self.neg = Negotiation(server.exports, server.policy)
-        self._deadline: asyncio.TimerHandle | None = None
+        self._deadline: asyncio.TimerHandle | None = None  # the handshake's, then the drain's
         # transmission state
         self.export: Export | None = None
         self.image = None
@@ -283,9 +284,26 @@ class Session(asyncio.BufferedProtocol):
             self._stop()
 
     def _stop(self) -> None:
+        """Parse nothing more; close once every request in flight has replied.  A connection
+        still open ``drain_timeout`` seconds later (its client stopped reading the replies, or a
+        request waits on storage) is cut off, so no client holds up a shutdown or a reload.  The
+        handshake deadline, where it still runs, bounds a connection stopped during the
+        handshake instead."""
+        if not self._stopping and self._deadline is None and self.cfg.drain_timeout > 0:
+            self._deadline = self.server.loop.call_later(self.cfg.drain_timeout, self._drain_timeout)
         self._stopping = True
         self._update_reading()
         self._maybe_close()
+
+    def _drain_timeout(self) -> None:
+        if not self._finished:
+            log.warning(
+                "%s: replies not sent within %ss of closing (%d requests in flight); disconnecting",
+                self.peer,
+                self.cfg.drain_timeout,
+                self.inflight,
+            )
+            self._abort()
 
     def _maybe_close(self) -> None:
         if self._stopping and self.inflight == 0 and self.transport is not None and not self.transport.is_closing():

@@ -54,7 +54,9 @@ def test_right_types_load(tmp_path: Path) -> None:
     server, exports = load(
         tmp_path,
         '[server]\nport = 10810\ncache-size = "128M"\nhandshake-timeout = 5\nallow = "10.0.0.0/8"\n'
-        "reload-grace = 2.5\n" + EXPORT + 'readonly = true\noffset = "1M"\ncache = "unsafe"\nbitmaps = ["b"]\n',
+        "reload-grace = 2.5\ndrain-timeout = 4\n"
+        + EXPORT
+        + 'readonly = true\noffset = "1M"\ncache = "unsafe"\nbitmaps = ["b"]\n',
     )
     assert server == {
         "port": 10810,
@@ -62,6 +64,7 @@ def test_right_types_load(tmp_path: Path) -> None:
         "handshake_timeout": 5.0,
         "allow": ("10.0.0.0/8",),
         "reload_grace": 2.5,
+        "drain_timeout": 4.0,
         "secrets": server["secrets"],  # no [[secret]] tables: none
     }
     assert not list(server["secrets"])
@@ -91,6 +94,7 @@ def test_key_lines() -> None:
         (EXPORT + 'aio = "native"\n', "aio=native needs cache=none or directsync"),
         ('[server]\nlog = "syslogg"\n' + EXPORT, "log must be"),
         ("[server]\nreload-grace = -1\n" + EXPORT, "reload-grace must be >= 0"),
+        ("[server]\ndrain-timeout = -1\n" + EXPORT, "drain-timeout must be >= 0"),
     ],
 )
 def test_values_checked_after_loading(tmp_path: Path, text: str, message: str) -> None:
