@@ -133,6 +133,25 @@ def test_stream_optimized_by_convert_reads_like_qemu(tmp_path: Path, variant: st
     assert data == qemu_raw(src, tmp_path)
 
 
+def test_stream_optimized_grains_read_again_from_the_inflated_cache(tmp_path: Path) -> None:
+    """Reads smaller than a grain, at odd offsets: each compressed grain is inflated by the first
+    read that touches it and served to the next ones from the inflated grains kept in memory."""
+    src = tmp_path / "src.vmdk"
+    qemu_img("create", "-q", "-f", "vmdk", src, "64M")
+    qemu_io("vmdk", src, *FILL)
+    path = tmp_path / "s.vmdk"
+    qemu_img("convert", "-O", "vmdk", "-o", "subformat=streamOptimized", src, path)
+
+    async def go() -> bytes:
+        img = await opened(path, readonly=True)
+        try:
+            return await read_all(img, step=40 * K + 3)
+        finally:
+            await img.close()
+
+    assert run(go()) == qemu_raw(path, tmp_path)
+
+
 def test_mixed_extents_read_like_qemu(tmp_path: Path) -> None:
     """A hand-written descriptor: sparse, flat (at an offset), sparse with zeroed grains."""
     qemu_img("create", "-q", "-f", "vmdk", tmp_path / "e0.vmdk", "5M")

@@ -26,9 +26,9 @@ from typing import TYPE_CHECKING
 from ...cache import ClusterCache
 from ...errors import CorruptImage, UnsupportedImage
 from ...storage.base import Storage, read_at
-from ..base import ALLOCATED, DATA, ZERO, TableReads
+from ..base import ALLOCATED, DATA, ZERO
 from ..tables import decode_le64, encode_le
-from .extent import Extent
+from .extent import PLAIN, UNALLOCATED, ZEROED, GrainTableExtent
 
 if TYPE_CHECKING:
     from .driver import VmdkDriver
@@ -58,13 +58,14 @@ REGIONS = (  # (index of the offset field in CONST, name); the size field follow
 )
 VOLATILE = struct.Struct("<4Q")
 
-UNALLOCATED, ZEROED, PLAIN = 0, 1, 2
 _STATE = {UNALLOCATED: 0, ZEROED: ALLOCATED | ZERO, PLAIN: ALLOCATED | DATA}
 NO_TABLE = array("Q")
 
 
-class SeSparseExtent(TableReads, Extent):
+class SeSparseExtent(GrainTableExtent):
     readonly = True
+    span = SPAN
+    no_table = NO_TABLE
     grain_bits = GRAIN.bit_length() - 1
 
     def __init__(self, owner: VmdkDriver, start: int, storage: Storage, cache: ClusterCache, what: str) -> None:
@@ -203,33 +204,6 @@ class SeSparseExtent(TableReads, Extent):
             return 0, seg_end
         kind, stop, _ = self._run(table, rel, seg_end, contiguous=False)
         return _STATE[kind], stop
-
-    def _read_cached(self, rel: int, buf: memoryview, pos: int, pendings: list) -> int:
-        """Start the reads of ``buf`` (at ``rel``) from ``pos`` on while the grain tables are
-        cached; returns where it stopped.  Synchronous."""
-        end = rel + len(buf)
-        while pos < end:
-            gdi = pos // SPAN
-            seg_end = min(end, (gdi + 1) * SPAN)
-            table = self._peek(gdi)
-            if table is None:
-                return pos
-            if table is NO_TABLE:
-                kind, stop, host = UNALLOCATED, seg_end, 0
-            else:
-                kind, stop, host = self._run(table, pos, seg_end)
-            part = buf[pos - rel : stop - rel]
-            if kind == PLAIN:
-                p = self.storage.read(host, part)
-            elif kind == ZEROED:
-                part[:] = bytes(len(part))
-                p = None
-            else:
-                p = self.owner.read_backing(self.start + pos, part)
-            if p is not None:
-                pendings.append(p)
-            pos = stop
-        return pos
 
     async def _load_for_read(self, rel: int, buf: memoryview, pos: int, pendings: list) -> int:
         """The grain table ``_read_cached`` stopped at (see ``TableReads``)."""

@@ -52,19 +52,15 @@ from typing import TYPE_CHECKING
 from ...cache import CacheEntry, ClusterCache
 from ...errors import CorruptImage, NbdError
 from ...storage.base import Pending, Storage, joined, read_at, settled
-from ..base import ALLOCATED, DATA, ZERO, ZEROES, TableReads, zero_in_place
+from ..base import ALLOCATED, DATA, ZERO, ZEROES, zero_in_place
 from ..tables import decode_le32, encode_le
-from .extent import Extent
+from .extent import PLAIN, UNALLOCATED, ZEROED, GrainTableExtent
 from .header import FLAG_RGD, FLAG_ZERO_GRAIN, GRAIN_MARKER, SECTOR, SparseHeader
 
 if TYPE_CHECKING:
     from .driver import VmdkDriver
 
-# Run kinds
-UNALLOCATED = 0
-ZEROED = 1
-PLAIN = 2
-COMPRESSED = 3
+COMPRESSED = 3  # a run kind beside extent's three: one compressed grain
 _STATE = {UNALLOCATED: 0, ZEROED: ALLOCATED | ZERO, PLAIN: ALLOCATED | DATA, COMPRESSED: ALLOCATED | DATA}
 
 NO_TABLE = array("I")  # sentinel: the GD entry is 0 (compared by identity)
@@ -72,7 +68,9 @@ INFLATED_BYTES = 1 << 20  # inflated grains kept per stream extent
 STATUS_TABLES = 64  # grain tables looked at per cache_hint
 
 
-class SparseExtent(TableReads, Extent):
+class SparseExtent(GrainTableExtent):
+    no_table = NO_TABLE
+
     def __init__(
         self, owner: VmdkDriver, start: int, storage: Storage, h: SparseHeader, cache: ClusterCache, what: str
     ) -> None:
@@ -280,42 +278,15 @@ class SparseExtent(TableReads, Extent):
 
     # -- reads ------------------------------------------------------------------------------
 
-    def _read_cached(self, rel: int, buf: memoryview, pos: int, pendings: list) -> int:
-        """Start the reads of ``buf`` (at ``rel``) from ``pos`` on, run by run, while the grain
-        tables are cached (and compressed grains inflated already); returns where it stopped.
-        Synchronous."""
-        end = rel + len(buf)
-        span = self.span
-        while pos < end:
-            gdi = pos // span
-            seg_end = min(end, (gdi + 1) * span)
-            table = self._peek(gdi)
-            if table is None:
-                return pos
-            if table is NO_TABLE:
-                kind, stop, host = UNALLOCATED, seg_end, 0
-            else:
-                kind, stop, host = self._run(table, pos, seg_end)
-            part = buf[pos - rel : stop - rel]
-            if kind == PLAIN:
-                p = self.storage.read(host, part)
-            elif kind == ZEROED:
-                part[:] = bytes(len(part))
-                p = None
-            elif kind == UNALLOCATED:
-                p = self.owner.read_backing(self.start + pos, part)
-            else:
-                grain = self.inflated.get(host)
-                if grain is None:
-                    return pos
-                self.inflated.move_to_end(host)
-                g0 = pos & ~self.grain_mask
-                part[:] = grain[pos - g0 : stop - g0]
-                p = None
-            if p is not None:
-                pendings.append(p)
-            pos = stop
-        return pos
+    def _place(self, kind: int, host: int, pos: int, stop: int, part: memoryview) -> bool:
+        """A compressed grain: copied from the inflated grains if it is among them."""
+        grain = self.inflated.get(host)
+        if grain is None:
+            return False
+        self.inflated.move_to_end(host)
+        g0 = pos & ~self.grain_mask
+        part[:] = grain[pos - g0 : stop - g0]
+        return True
 
     async def _load_for_read(self, rel: int, buf: memoryview, pos: int, pendings: list) -> int:
         """The grain table ``_read_cached`` stopped at, or the compressed grain it could not
