@@ -750,6 +750,87 @@ def test_hostile_sesparse_tables(tmp_path: Path) -> None:
     _assert_refused(path, "overlaps", CorruptImage)
 
 
+def _const(field: int, value: int):
+    """A lie in field ``field`` (a u64 index) of the seSparse constant header."""
+    return lambda raw: struct.pack_into("<Q", raw, 8 * field, value)
+
+
+def _volatile(at: int, data: bytes):
+    """Bytes ``data`` at ``at`` in the volatile header (its sector is the constant header's field 10)."""
+
+    def lie(raw: bytearray) -> None:
+        v = struct.unpack_from("<Q", raw, 80)[0] * SECTOR
+        raw[v + at : v + at + len(data)] = data
+
+    return lie
+
+
+HOSTILE_SESPARSE_HEADERS = [
+    ("file too small", lambda raw: raw.__delitem__(slice(SECTOR + 100, None)), CorruptImage),
+    ("constant header magic 0x0", _const(0, 0), CorruptImage),
+    ("version 0x100000001", _const(1, 0x100000001), UnsupportedImage),
+    ("grain_size 16", _const(3, 16), UnsupportedImage),
+    ("exceeds 64 TiB", _const(2, (1 << 37) + 8), CorruptImage),
+    ("does not cover", _const(2, 1 << 36), CorruptImage),
+    ("volatile header has size 0", _const(11, 0), CorruptImage),
+    ("volatile header magic 0x0", _volatile(0, bytes(8)), CorruptImage),
+    ("volatile header padding", _volatile(40, b"\x01"), UnsupportedImage),
+]
+
+
+@pytest.mark.parametrize(
+    "field,lie,exc", HOSTILE_SESPARSE_HEADERS, ids=[h[0].replace(" ", "-") for h in HOSTILE_SESPARSE_HEADERS]
+)
+def test_hostile_sesparse_headers(tmp_path: Path, field: str, lie, exc: type) -> None:
+    """Each header field that lies is refused at open with a one-line reason naming it, before
+    any table is allocated for it."""
+    spec = vmdkgen.SeSparse(capacity=16 * M, grains={0: b"\x01" * vmdkgen.SE_GRAIN}, first_cluster=0)
+    extent = tmp_path / "x-sesparse.vmdk"
+    vmdkgen.write_sesparse(extent, spec)
+    path = tmp_path / "x.vmdk"
+    path.write_text(vmdkgen.descriptor("seSparse", ['RW 32768 SESPARSE "x-sesparse.vmdk"']))
+    raw = bytearray(extent.read_bytes())
+    lie(raw)
+    extent.write_bytes(raw)
+    _assert_refused(path, field, exc)
+
+
+@pytest.mark.parametrize(
+    "entry, why",
+    [(0x3000000000000000 | 0xFFF << 48 | 1 << 40, "past the grains"), (0x5000000000000001, "is not valid")],
+)
+def test_hostile_sesparse_grain_entries_fail_reads(tmp_path: Path, entry: int, why: str) -> None:
+    """A grain entry that points past the grains region, or of no known type, fails the reads of
+    its grain (and block status over it) with the reason; the other grains still read."""
+    spec = vmdkgen.SeSparse(
+        capacity=16 * M, grains={0: b"\x01" * vmdkgen.SE_GRAIN, 1: b"\x02" * vmdkgen.SE_GRAIN}, first_cluster=0
+    )
+    extent = tmp_path / "x-sesparse.vmdk"
+    vmdkgen.write_sesparse(extent, spec)
+    path = tmp_path / "x.vmdk"
+    path.write_text(vmdkgen.descriptor("seSparse", ['RW 32768 SESPARSE "x-sesparse.vmdk"']))
+    raw = bytearray(extent.read_bytes())
+    gt = struct.unpack_from("<Q", raw, 18 * 8)[0] * SECTOR  # the first grain table
+    struct.pack_into("<Q", raw, gt, entry)  # grain 0
+    extent.write_bytes(raw)
+
+    async def go() -> None:
+        img = await opened(path, readonly=True)
+        try:
+            buf = memoryview(bytearray(4 * K))
+            await settled(img.read(4 * K, buf))
+            assert bytes(buf) == b"\x02" * (4 * K)
+            for offset, length in ((0, 4 * K), (511, 1000)):
+                with pytest.raises(CorruptImage, match=why):
+                    await settled(img.read(offset, buf[:length]))
+            with pytest.raises(CorruptImage, match=why):
+                await img.runs(0, 8 * K)
+        finally:
+            await img.close()
+
+    run(go())
+
+
 def test_hostile_grain_entries_fail_requests(tmp_path: Path) -> None:
     """Bad grain table entries fail the request with EIO naming the entry; nothing is written
     over metadata."""
