@@ -4,6 +4,7 @@ write-back.  A LocalFile subclass records the order of writes and syncs (it stil
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 
 import pytest
@@ -171,5 +172,55 @@ def test_entries_of_two_files_share_one_budget(tmp_path, file):
         c.discard_storage(other)
         assert all(c.peek(kb, i * TABLE) is None for i in range(8))
         other.close_now()
+
+    asyncio.run(main())
+
+
+class LaterFile(LocalFile):
+    """A file whose reads complete on a later loop turn, as RBD's and S3's do; the first
+    ``failures`` reads then fail with EIO.  Counts the reads it was asked for."""
+
+    def __init__(self, path: str, failures: int = 0) -> None:
+        super().__init__(path, readonly=True)
+        self.failures = failures
+        self.reads = 0
+
+    def read(self, offset: int, buf):
+        self.reads += 1
+        return self._later(offset, buf)
+
+    async def _later(self, offset: int, buf) -> None:
+        await asyncio.sleep(0)
+        if self.failures:
+            self.failures -= 1
+            raise OSError(errno.EIO, "the read failed")
+        super().read(offset, buf)
+
+
+def test_concurrent_misses_share_one_read_and_a_failed_one_leaves_nothing(tmp_path, file):
+    """Storage that completes later (RBD, S3): concurrent misses on one table wait for a single
+    read.  When it fails, every waiter gets the error and no entry or budget is left behind; the
+    next misses read again, and a waiter cancelled while waiting drops its pin."""
+
+    async def main():
+        slow = LaterFile(file.name, failures=1)
+        try:
+            c = ClusterCache(1 << 20)
+            k = kind(c, slow)
+            results = await asyncio.gather(c.get(k, 5 * TABLE), c.get(k, 5 * TABLE), return_exceptions=True)
+            assert [type(r) for r in results] == [OSError, OSError]
+            assert slow.reads == 1 and c.used == 0 and c.peek(k, 5 * TABLE) is None
+
+            first, second, third = (asyncio.ensure_future(c.get(k, 5 * TABLE)) for _ in range(3))
+            await asyncio.sleep(0)  # all three asked: the second and third wait on the first's read
+            third.cancel()
+            e1, e2, e3 = await asyncio.gather(first, second, third, return_exceptions=True)
+            assert isinstance(e3, asyncio.CancelledError)
+            assert e1 is e2 and e1.value == bytes([5]) * TABLE and e1.pins == 2
+            assert slow.reads == 2 and c.used == TABLE
+            c.release(e1)
+            c.release(e2)
+        finally:
+            slow.close_now()
 
     asyncio.run(main())
