@@ -15,7 +15,8 @@ so trimmed space is reported as a hole again.
 
 Probed raw (no ``-f raw``): the image layer sets ``head_guard`` (``formats.identify``), and a
 write, zeroing or trim that would leave the first ``guard_size`` bytes looking like an image format
-fails with EPERM, as QEMU does for a probed raw image: otherwise a client could write, say, a qcow2
+fails with EPERM (that request alone: a guarded image takes no runs of writes), as QEMU does for a
+probed raw image: otherwise a client could write, say, a qcow2
 header naming another file as its backing file, and the next probe would serve that file.  The
 check sees the whole new first sector (the old bytes patched with the request's), so unaligned
 writes are judged exactly; every request that changes those bytes holds ``_head_lock`` from
@@ -74,10 +75,15 @@ class DataRanges:
 
 class RawDriver(FormatDriver):
     format_name = "raw"
-    vectored = True
     # Set for a probed raw image: (head, file size) -> the format that head would be, or None.
     head_guard: Callable[[bytes, int], tuple[str, object] | None] | None = None
     guard_size = 512
+
+    @property
+    def vectored(self) -> bool:  # type: ignore[override]
+        """Runs of writes, unless the head is guarded: the guard refuses one request's bytes,
+        and a run fails as a whole, so the requests after the refused one would fail with it."""
+        return self.head_guard is None
 
     def __init__(self, storage: Storage, readonly: bool) -> None:
         self.storage = storage

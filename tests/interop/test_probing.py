@@ -139,6 +139,29 @@ def test_probed_raw_refuses_writes_that_make_a_format(tmp_path, headers):
         assert run("nbdinfo", "--size", srv.uri).stdout.strip() == str(MiB)
 
 
+def test_probed_raw_refuses_only_the_write_that_makes_a_format(tmp_path, headers):
+    """Sequential writes sent together (one receive on the server): the one that would make sector
+    0 a qcow2 header fails with EPERM; the ones after it are not part of that refusal, they are
+    written."""
+    img = tmp_path / "guest.img"
+    img.write_bytes(bytes(MiB))
+    with serve(tmp_path, img) as srv:
+        h = nbd_connect(srv.uri)
+        for _ in range(3):
+            cookies = [
+                h.aio_pwrite(headers["qcow2"], 0),
+                h.aio_pwrite(b"\x01" * 512, 512),
+                h.aio_pwrite(b"\x02" * 1024, 1024),
+            ]
+            while h.aio_in_flight() > 0:
+                h.poll(-1)
+            assert errnum(h.aio_command_completed, cookies[0]) == errno.EPERM
+            assert all(h.aio_command_completed(c) for c in cookies[1:])
+        h.flush()
+        h.shutdown()
+    assert img.read_bytes()[:2048] == bytes(512) + b"\x01" * 512 + b"\x02" * 1024
+
+
 def test_explicit_raw_takes_any_write(tmp_path, headers):
     img = tmp_path / "disk.img"
     img.write_bytes(bytes(MiB))
