@@ -11,18 +11,24 @@ Differential (write): one libnbd trace (writes, zeroes with and without NO_HOLE,
 unaligned offsets and lengths) replayed on both servers; afterwards the two images compare equal
 and ours passes ``qemu-img check``.  streamOptimized: the whole-grain writes QEMU allows.
 
+Hostile: a grain entry past the end of the file fails the READs of that grain with EIO, the
+connection and other clients go on.
+
 Crash: write through NBD with flushes, kill -9 the server with requests in flight; the image
 reads back (through nbdserve and QEMU) with every flushed write and passes ``qemu-img check``.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import shutil
 import signal
+import struct
 from pathlib import Path
 
+import nbd
 import pytest
 
 from tests import vmdkgen
@@ -218,3 +224,27 @@ def test_vmdk_kill9_keeps_flushed_writes(tmp_path, round):
     oracle.verify(got)
     assert qemu_raw(img, tmp_path, fmt="vmdk") == got
     check_clean(img, "vmdk")
+
+
+def test_hostile_grain_entry_fails_only_its_reads(tmp_path):
+    """A grain table entry that points past the end of the file: every READ of that grain gets
+    EIO (the first while its table loads, the next from the cached table), on a connection that
+    goes on serving, and a second client reads the good grains meanwhile."""
+    path = tmp_path / "g.vmdk"
+    qemu_img("create", "-q", "-f", "vmdk", path, "8M")
+    qemu_io("vmdk", path, "write -P 1 0 64k", "write -P 2 64k 64k")
+    raw = bytearray(path.read_bytes())
+    gd = struct.unpack_from("<Q", raw, 56)[0]
+    gt = struct.unpack_from("<I", raw, gd * 512)[0]
+    struct.pack_into("<I", raw, gt * 512 + 4, len(raw) // 512 + 128)  # grain 1: past the end
+    path.write_bytes(raw)
+    with serve(tmp_path, "-r", "-f", "vmdk", path) as srv:
+        h, other = nbd_connect(srv.uri), nbd_connect(srv.uri)
+        for offset, length in ((64 * 1024, 4096), (64 * 1024 + 777, 1000), (60 * 1024, 8192)):
+            with pytest.raises(nbd.Error) as info:
+                h.pread(length, offset)
+            assert info.value.errnum == errno.EIO, (offset, length)
+            assert h.pread(4096, 4096) == b"\x01" * 4096
+            assert other.pread(512, 1000) == b"\x01" * 512
+        h.shutdown()
+        other.shutdown()
