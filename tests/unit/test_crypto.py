@@ -277,6 +277,10 @@ HOSTILE_LUKS1 = [
     ("slot-state", SLOT0, ">I", 0x12345678, "neither enabled nor disabled"),
     ("cipher", 8, "6s", b"serpen", "not supported"),
     ("hash", 8 + 64, "6s", b"whirlp", "not supported"),
+    ("magic", 0, "6s", b"LUKX\xba\xbe", "bad magic"),
+    ("version", 6, ">H", 3, "LUKS version 3 is not supported"),
+    ("cipher-not-ascii", 8, "2s", b"\xff\xfe", "cipher name is not ASCII"),
+    ("no-active-keyslot", SLOT0, ">I", 0x0000DEAD, "no active keyslot"),
 ]
 
 
@@ -296,6 +300,14 @@ def test_hostile_luks1(luks1_image, tmp_path, case):
     with pytest.raises(CryptoError, match=message) as e:
         open_luks(read, size, PASSWORD)
     assert "\n" not in str(e.value)
+
+
+def test_luks1_header_cut_short(luks1_image, tmp_path):
+    img = tmp_path / "short.luks"
+    img.write_bytes(luks1_image.read_bytes()[:300])  # the magic and version, not the keyslots
+    read, size = reader(img)
+    with pytest.raises(CryptoError, match="file too short for a LUKS1 header"):
+        open_luks(read, size, PASSWORD)
 
 
 @pytest.fixture(scope="module")
@@ -336,6 +348,31 @@ HOSTILE_LUKS2 = [
     ("salt-not-b64", lambda m: _slot0(m)["kdf"].update(salt="!!!"), "not base64"),
     ("no-keyslots", lambda m: m.update(keyslots={}), "no active keyslot"),
     ("sector-size", lambda m: m["segments"]["0"].update(sector_size=1000), "out of range|sector size"),
+    ("missing-key", lambda m: _slot0(m).pop("af"), "missing 'af'"),
+    ("wrong-type", lambda m: _slot0(m).update(af=[]), "'af' has the wrong type"),
+    ("not-a-number", lambda m: m["segments"]["0"].update(offset="12ab"), "'offset' is not a number"),
+    ("salt-length", lambda m: m["digests"]["0"].update(salt=""), "bad length"),
+    (
+        "argon2-salt",
+        lambda m: _slot0(m).update(kdf={"type": "argon2id", "time": 4, "memory": 1024, "cpus": 1, "salt": "AAAA"}),
+        "salt shorter than 8 bytes",
+    ),
+    ("kdf-kind", lambda m: _slot0(m)["kdf"].update(type="scrypt"), "KDF 'scrypt' is not supported"),
+    ("keyslots-area", lambda m: m["config"].update(keyslots_size=str(1 << 40)), "keyslots area .* runs past"),
+    ("segment-type", lambda m: m["segments"]["0"].update(type="linear"), "not of type crypt"),
+    ("digest-type", lambda m: m["digests"]["0"].update(type="argon2"), "type 'argon2' is not supported"),
+    ("keyslot-name", lambda m: m["keyslots"].update(x=m["keyslots"].pop("0")), "bad keyslot name 'x'"),
+    ("too-many-keyslots", lambda m: m["keyslots"].update({str(i): {} for i in range(1, 64)}), "more than"),
+    ("area-type", lambda m: _slot0(m)["area"].update(type="checksum"), "area type 'checksum'"),
+    ("af-type", lambda m: _slot0(m)["af"].update(type="luks2"), "anti-forensic type 'luks2'"),
+    ("area-small", lambda m: _slot0(m)["area"].update(size="4096"), "too small for its key material"),
+    ("priority-ignore", lambda m: _slot0(m).update(priority=0), "priority 'ignore'"),
+    (
+        "segment-unaligned",
+        lambda m: m["segments"]["0"].update(offset=str(int(m["segments"]["0"]["offset"]) + 1)),
+        "not sector aligned",
+    ),
+    ("segment-size", lambda m: m["segments"]["0"].update(size=str(1 << 40)), "runs past the end of the file"),
 ]
 
 
