@@ -8,6 +8,9 @@
   changes (the active disk against a bytearray model, the snapshot against QEMU's view of it
   before), and ``qemu-img check`` afterwards finds the image clean, or finds exactly the lie the
   mode was told to leave alone (leaks only), or the file was never written (served read-only).
+* Lying COPIED flags in the same image: set on a shared or a compressed cluster (harmful: kept
+  read-only unless ``repair=all`` corrects it), missing on a private one (harmless: repaired
+  with ``leaks`` or ``all``), with the same workload and judges.
 * The runtime overlap guard: refcounts that start lying after the open (the file changed under
   us) make allocation hand out a metadata cluster; the write fails with EIO, nothing lands on the
   metadata, and the image is marked corrupt.
@@ -233,6 +236,71 @@ def test_lying_refcounts(tmp_path, lying_base, role, how, caplog):
         else:  # a harmless lie (a leak), left alone and warned about; no worse than before
             assert not harmful and "leak" in caplog.text
             assert report.get("corruptions", 0) <= before.get("corruptions", 0), (before, report)
+
+
+# Lies in the active L2 table's COPIED flags (entry index, flag change, harmful): COPIED on a
+# cluster shared with the snapshot or on a compressed one would let a write land in place (the
+# snapshot would change); COPIED missing on a cluster used once only costs a copy.
+COPIED_LIES = {
+    "shared-copied": (0, COPIED, True),
+    "compressed-copied": (32, COPIED, True),
+    "data-missing": (1, -COPIED, False),
+}
+
+
+@pytest.mark.parametrize("lie", list(COPIED_LIES))
+def test_lying_copied_flags(tmp_path, lying_base, lie, caplog):
+    """A COPIED flag that lies: a harmful one keeps the image read-only unless ``repair=all``
+    (which rebuilds and corrects the flags), a harmless one is repaired with ``leaks`` or
+    ``all``.  Whenever the image is served writable, writes into the lying entry's cluster and
+    elsewhere read back, QEMU reads the same disk, and the snapshot is untouched."""
+    raw, _roles, active, snap = lying_base
+    index, change, harmful = COPIED_LIES[lie]
+    lay = Layout(raw)
+    at = (lay.l1[0] & OFFSET_MASK) + 8 * index
+    bad = bytearray(raw)
+    entry = lay.q(at)
+    struct.pack_into(">Q", bad, at, entry | COPIED if change > 0 else entry & ~COPIED)
+    for mode in ("default", "off", "leaks", "all"):
+        path = tmp_path / f"{mode}.qcow2"
+        path.write_bytes(bad)
+        model = bytearray(active)
+        options = OpenOptions() if mode == "default" else OpenOptions(repair=mode)
+        ops = [("write", index * CS + 1000, 5000, 0x77), *workload(index, 8 * M), ("flush", 0, 0, 0)]
+
+        async def main(path=path, model=model, options=options, ops=ops):
+            img = await opened(path, options=options)
+            try:
+                if img.readonly:
+                    buf = memoryview(bytearray(CS))
+                    for c in range(img.size // CS):
+                        if lie == "compressed-copied" and c == index:  # reading it is an error too
+                            with pytest.raises(CorruptImage, match="COPIED"):
+                                await settled(img.read(c * CS, buf))
+                            continue
+                        await settled(img.read(c * CS, buf))
+                        assert buf == model[c * CS : (c + 1) * CS], c
+                    return True
+                await apply(img, model, ops)
+                assert await read_image(img) == model, "an acknowledged write does not read back"
+                return False
+            finally:
+                await img.close()
+
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="nbdserve.qcow2"):
+            served_ro = run(main())
+        if served_ro:
+            assert harmful and mode != "all", (mode, caplog.text)
+            assert "COPIED" in caplog.text and "read-only" in caplog.text, caplog.text
+            assert path.read_bytes() == bad  # never written
+            continue
+        assert qemu_raw(path, tmp_path) == model
+        assert qemu_raw(path, tmp_path, "-l", "snapshot.name=s1") == snap  # the snapshot is untouched
+        if mode in ("leaks", "all"):
+            check_clean(path)
+        else:
+            assert not harmful and "harmless" in caplog.text, caplog.text
 
 
 # -- the runtime overlap guard ----------------------------------------------------------------
