@@ -134,10 +134,11 @@ class AllocationMap:
     I/O without asking Ceph again:
       * a write marks its granules DATA when it is submitted (before librbd creates objects);
       * a discard or unmapping write-zeroes, once complete, marks the granules it fully covers
-        HOLE when that is exact (``exact_zero``: no parent image, plain striping) and no write
-        was submitted since it started; otherwise it marks the granules it touches UNKNOWN
-        (fetched again when asked).  With ``exact_zero``, granules it covers partly keep their
-        state: librbd keeps an existing object and does not create a missing one.
+        HOLE when that is exact (``exact_zero``: no parent image, plain striping), no write over
+        it was in flight when it started and none was submitted since; otherwise it marks the
+        granules it touches UNKNOWN (fetched again when asked).  With ``exact_zero``, granules it
+        covers partly keep their state: librbd keeps an existing object and does not create a
+        missing one.
     While a window is being fetched, changes to it are logged and replayed over the fetched
     answer, and granules with writes in flight when the fetch began are kept DATA, so an answer
     older than our own writes never turns them into holes.
@@ -186,11 +187,21 @@ class AllocationMap:
         g = self.granule
         self._set(offset // g, min(-(-(offset + length) // g), len(self.state)), DATA)
 
-    def note_zeroed(self, offset: int, length: int, seq_at_start: int) -> None:
-        """A discard / unmapping write-zeroes of ``offset, length`` (inside the image) completed."""
+    def zero_started(self, offset: int, length: int) -> int | None:
+        """Called as a discard / unmapping write-zeroes of ``offset, length`` starts; the token for
+        ``note_zeroed``: None if a write over the range is in flight (it may land after the
+        zeroing: nothing here assumes Ceph applies overlapping requests in the order sent), else
+        the count of writes submitted so far."""
+        end = offset + length
+        if any(o < end and offset < o + n for o, n in self._writes_in_flight()):
+            return None
+        return self.write_seq
+
+    def note_zeroed(self, offset: int, length: int, token: int | None) -> None:
+        """The zeroing that ``zero_started`` gave ``token`` for (inside the image) completed."""
         g = self.granule
         end = offset + length
-        if self.exact_zero and self.write_seq == seq_at_start:
+        if self.exact_zero and token == self.write_seq:
             first = -(-offset // g)  # the granules fully inside the range (the last may end at size)
             stop = len(self.state) if end == self.size else end // g
             self._set(first, stop, HOLE)
@@ -406,11 +417,11 @@ class RbdStorage(Storage):
         length = min(length, self.size - offset)
         if length <= 0:
             return True
-        seq = self.map.write_seq
+        token = self.map.zero_started(offset, length)
         op = self._start("discard", offset, length)
         self._submit(op, self._image.aio_discard, offset, length)
         await op.fut
-        self.map.note_zeroed(offset, length, seq)
+        self.map.note_zeroed(offset, length, token)
         return True
 
     async def write_zeroes(self, offset: int, length: int, *, may_unmap: bool) -> bool:
@@ -419,7 +430,7 @@ class RbdStorage(Storage):
             return True
         if offset + length > self.size:
             await self._grow(offset + length)
-        seq = self.map.write_seq
+        token = self.map.zero_started(offset, length) if may_unmap else None
         if may_unmap:
             op = self._start("zero", offset, length)
         else:  # allocated zeroes: a write as far as the map is concerned
@@ -428,7 +439,7 @@ class RbdStorage(Storage):
         self._submit(op, self._image.aio_write_zeroes, offset, length, thick=not may_unmap)
         await op.fut
         if may_unmap:
-            self.map.note_zeroed(offset, length, seq)
+            self.map.note_zeroed(offset, length, token)
         return True
 
     def can_zero_fast(self) -> bool:
@@ -512,7 +523,7 @@ class RbdStorage(Storage):
             self._sweeper = self._loop.call_later(self._timeout / 4, self._sweep)
 
     def _writes_in_flight(self) -> list[tuple[int, int]]:
-        return [(op.offset, op.length) for op in self._ops if op.kind == "write"]
+        return [(op.offset, op.length) for op in self._ops.values() if op.kind == "write"]
 
     def _fetch_extents(self, offset: int, length: int) -> asyncio.Future:
         return in_thread(self._image.diff, offset, length, timeout=self._timeout, what=f"{self.name}: allocation")

@@ -168,6 +168,30 @@ def test_concurrent_writes_and_discards_keep_the_map_safe(new_image, admin):
     run(scenario())
 
 
+def test_map_first_loaded_while_writes_are_in_flight(new_image, admin):
+    """The first allocation query after an open arrives while writes are in flight: the window
+    is fetched then (the writes in flight are known to the map), every written range is data
+    whatever the fetch saw, and once quiet the map is librbd's."""
+    loc = new_image(32 * MiB)
+
+    async def scenario():
+        stor = await RbdStorage.open(loc, readonly=False)
+        try:
+            ranges = [(k * OBJ + 4097, MiB + 3) for k in range(0, 8, 2)]
+            pending = [stor.write(off, os.urandom(n)) for off, n in ranges]
+            assert stor.map.fetches == 0
+            extents = await our_map(stor)  # loads the window with the writes still in flight
+            assert stor.map.fetches == 1
+            for off, n in ranges:
+                assert any(a <= off and off + n <= a + m for a, m in extents), (off, n, extents)
+            await asyncio.gather(*(p for p in pending if p is not None))
+            assert await our_map(stor) == ground_truth_extents(admin, loc)
+        finally:
+            await stor.close()
+
+    run(scenario())
+
+
 def test_clone_map_follows_librbd_through_discards(admin, new_image):
     """In a clone, discarded objects are kept (zeroed) by librbd to hide the parent: the map marks
     what it cannot know UNKNOWN, fetches again, and ends equal to librbd's answer; bytes are the
