@@ -170,6 +170,35 @@ async def apply(img, model: bytearray, ops) -> None:
             await img.flush()
 
 
+def serve_and_apply(path: Path, options: OpenOptions, model: bytearray, ops, caplog, unreadable: int | None = None):
+    """Open ``path`` with ``options`` (warnings into ``caplog``).  Served read-only: every cluster
+    reads as ``model`` (cluster ``unreadable`` fails with CorruptImage instead); returns True.
+    Else ``ops`` are applied to the image and to ``model``, which the image then reads as; False."""
+
+    async def main() -> bool:
+        img = await opened(path, options=options)
+        try:
+            if img.readonly:
+                buf = memoryview(bytearray(CS))
+                for c in range(img.size // CS):
+                    if c == unreadable:
+                        with pytest.raises(CorruptImage):
+                            await settled(img.read(c * CS, buf))
+                        continue
+                    await settled(img.read(c * CS, buf))
+                    assert buf == model[c * CS : (c + 1) * CS], c
+                return True
+            await apply(img, model, ops)
+            assert await read_image(img) == model, "an acknowledged write does not read back"
+            return False
+        finally:
+            await img.close()
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="nbdserve.qcow2"):
+        return run(main())
+
+
 def qemu_check(path: Path) -> dict:
     p = run_cmd("qemu-img", "check", "--output=json", path, check=False)
     assert p.returncode in (0, 2, 3), p.stdout + p.stderr
@@ -204,22 +233,7 @@ def test_lying_refcounts(tmp_path, lying_base, role, how, caplog):
         path.write_bytes(bad)
         model = bytearray(active)
         options = OpenOptions() if mode == "default" else OpenOptions(repair=mode)
-
-        async def main(path=path, model=model, options=options):
-            img = await opened(path, options=options)
-            try:
-                if img.readonly:
-                    assert await read_image(img) == model
-                    return True
-                await apply(img, model, workload(hash((role, how)) & 0xFFFF, img.size))
-                assert await read_image(img) == model, "an acknowledged write does not read back"
-                return False
-            finally:
-                await img.close()
-
-        caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="nbdserve.qcow2"):
-            served_ro = run(main())
+        served_ro = serve_and_apply(path, options, model, workload(hash((role, how)) & 0xFFFF, 8 * M), caplog)
         report = qemu_check(path)
         if served_ro:
             # Only refused when the lie is harmful and the mode may not repair it.
@@ -267,29 +281,8 @@ def test_lying_copied_flags(tmp_path, lying_base, lie, caplog):
         model = bytearray(active)
         options = OpenOptions() if mode == "default" else OpenOptions(repair=mode)
         ops = [("write", index * CS + 1000, 5000, 0x77), *workload(index, 8 * M), ("flush", 0, 0, 0)]
-
-        async def main(path=path, model=model, options=options, ops=ops):
-            img = await opened(path, options=options)
-            try:
-                if img.readonly:
-                    buf = memoryview(bytearray(CS))
-                    for c in range(img.size // CS):
-                        if lie == "compressed-copied" and c == index:  # reading it is an error too
-                            with pytest.raises(CorruptImage, match="COPIED"):
-                                await settled(img.read(c * CS, buf))
-                            continue
-                        await settled(img.read(c * CS, buf))
-                        assert buf == model[c * CS : (c + 1) * CS], c
-                    return True
-                await apply(img, model, ops)
-                assert await read_image(img) == model, "an acknowledged write does not read back"
-                return False
-            finally:
-                await img.close()
-
-        caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="nbdserve.qcow2"):
-            served_ro = run(main())
+        unreadable = index if lie == "compressed-copied" else None  # reading it is an error too
+        served_ro = serve_and_apply(path, options, model, ops, caplog, unreadable)
         if served_ro:
             assert harmful and mode != "all", (mode, caplog.text)
             assert "COPIED" in caplog.text and "read-only" in caplog.text, caplog.text
