@@ -779,6 +779,20 @@ def test_hostile_locators(tmp_path):
     (tmp_path / "l.vhd").write_bytes(bytes(buf))
     with pytest.raises(ImageError, match="parent locator 0"):
         read_all(tmp_path / "l.vhd")
+    for code in (b"W2ru", b"MacX"):  # locator text that does not decode (UTF-16-LE, UTF-8)
+        buf = vhdgen.build(vhdgen.Spec(**common, locators=[(code, "p.vhd")]))
+        data_at = struct.unpack_from(">Q", buf, 512 + 576 + 16)[0]
+        buf[data_at : data_at + 2] = b"\x00\xd8" if code == b"W2ru" else b"\xff\xfe"
+        vhdgen.fix_checksums(buf)
+        (tmp_path / "t.vhd").write_bytes(bytes(buf))
+        with pytest.raises(ImageError, match=f"parent locator 0 \\({code.decode()}\\) is not valid text"):
+            read_all(tmp_path / "t.vhd")
+    buf = vhdgen.build(vhdgen.Spec(**common, locators=[(b"W2ku", "C:\\x\\p.vhd")]))
+    buf[512 + 64 : 512 + 68] = b"\xd8\x00\x00\x41"  # parent_unicode_name: a lone high surrogate
+    vhdgen.fix_checksums(buf)
+    (tmp_path / "u.vhd").write_bytes(bytes(buf))
+    with pytest.raises(ImageError, match="parent_unicode_name is not valid UTF-16"):
+        read_all(tmp_path / "u.vhd")
     vhdgen.write(tmp_path / "ok.vhd", vhdgen.Spec(**common, locators=[(b"W2ku", "C:\\x\\p.vhd")]))
     assert read_all(tmp_path / "ok.vhd") == bytes(MiB)
     url = f"file://localhost{tmp_path}/p.vhd"
