@@ -15,12 +15,12 @@ so trimmed space is reported as a hole again.
 
 Probed raw (no ``-f raw``): the image layer sets ``head_guard`` (``formats.identify``), and a
 write, zeroing or trim that would leave the first ``guard_size`` bytes looking like an image format
-fails with EPERM (that request alone: a guarded image takes no runs of writes), as QEMU does for a
-probed raw image: otherwise a client could write, say, a qcow2
-header naming another file as its backing file, and the next probe would serve that file.  The
-check sees the whole new first sector (the old bytes patched with the request's), so unaligned
-writes are judged exactly; every request that changes those bytes holds ``_head_lock`` from
-reading them to its write's completion, so no other can change the sector in between.
+fails with EPERM (that request alone: a guarded image takes no runs of writes), as QEMU does for
+a probed raw image: otherwise a client could write, say, a qcow2 header naming another file as
+its backing file, and the next probe would serve that file.  The check sees the whole new first
+sector (the old bytes patched with the request's), so unaligned writes are judged exactly; every
+request that changes those bytes holds ``_head_lock`` from reading them to its write's
+completion, so no other can change the sector in between.
 
 No metadata, so no other lock: concurrent requests go straight to the storage.
 """
