@@ -272,6 +272,14 @@ class Image:
             return None
         return self._unlock_after(pending)
 
+    def landing(self, offset: int, length: int) -> tuple[int, int] | None:
+        """``(fd, host_offset)`` where a plain WRITE of ``[offset, offset + length)`` may be put
+        byte for byte instead of calling ``write`` (``FormatDriver.landing``); None for an image
+        that aligns writes (read-modify-write needs the old bytes) or a write ``write`` would split."""
+        if self._rmw is not None or length > self.max_transfer:
+            return None
+        return self.driver.landing(offset, length)
+
     async def _unlock_after(self, pending: Pending) -> None:
         """Wait for a write started under the rwlock (shared), then release it."""
         try:

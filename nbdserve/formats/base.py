@@ -279,6 +279,15 @@ class FormatDriver:
         inside that storage."""
         return None
 
+    def landing(self, offset: int, length: int) -> tuple[int, int] | None:
+        """``(fd, host_offset)`` if guest bytes ``[offset, offset + length)`` of a plain WRITE
+        (no FUA) may be put straight into file descriptor ``fd`` at ``host_offset`` onwards,
+        byte for byte, instead of going through ``write``; else None.  Synchronous, no side
+        effects.  A driver answers only where nothing can move that range until the write is
+        acknowledged (no allocation, no metadata, no guard to consult): the session lands the
+        payload over several loop turns without the driver knowing (``server.landing``)."""
+        return None
+
     def mappings_changed(self) -> None:
         """See "Mapping memo" above; the image layer replaces this to drop its memo."""
 

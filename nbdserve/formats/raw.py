@@ -113,6 +113,14 @@ class RawDriver(FormatDriver):
             return self._flush_after(pending)
         return pending
 
+    def landing(self, offset: int, length: int) -> tuple[int, int] | None:
+        """The identity: guest bytes are file bytes (not in the guarded head of a probed raw
+        image, whose writes must be judged first)."""
+        fd = self.storage.splice_fd
+        if fd is None or self.readonly or (offset < self.guard_size and self.head_guard is not None):
+            return None
+        return fd, offset
+
     async def _flush_after(self, pending: Pending) -> None:
         await settled(pending)
         await self.storage.flush()

@@ -290,6 +290,23 @@ class RequestParser:
         self._start = pos
         return out
 
+    def payload_in_progress(self) -> tuple[Request, memoryview, int] | None:
+        """While a large payload is being received into its own buffer: its request, the payload
+        bytes received so far and the number still to come; else None."""
+        if self._state != _PAYLOAD or self._pfill == len(self._pview):
+            return None
+        return self._pending, self._pview[: self._pfill], len(self._pview) - self._pfill
+
+    def payload_taken(self) -> Request:
+        """The caller takes the rest of the payload in progress off the stream itself, and must
+        consume exactly those bytes before it feeds the parser again: the request (its
+        ``payload`` None); the parser now expects the next header."""
+        req = self._pending
+        assert self._state == _PAYLOAD and req is not None
+        self._pending, self._pview = None, None
+        self._state = _HEADER
+        return req
+
     def _finish_payload(self) -> Request:
         req = self._pending
         assert req is not None

@@ -82,7 +82,7 @@ now_ns = time.perf_counter_ns
 class ExportStats:
     """The counters of one export.  Updated by sessions; read by the collector."""
 
-    __slots__ = ("connections_total", "errors", "latency", "latency_sum", "name", "nbytes", "requests")
+    __slots__ = ("connections_total", "errors", "latency", "latency_sum", "name", "nbytes", "requests", "spliced")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -92,6 +92,7 @@ class ExportStats:
         self.latency_sum = [0] * NCMD  # nanoseconds
         self.errors: dict[int, int] = {}  # errno -> replies with that error
         self.connections_total = 0
+        self.spliced = 0  # WRITE payload bytes landed in the image file by splice (server.landing)
 
     def request(self, cmd: int, length: int, elapsed_ns: int) -> None:
         """One request answered (with or without an error) ``elapsed_ns`` after it was parsed."""
@@ -118,6 +119,7 @@ class ExportStats:
             "latency_sum": list(self.latency_sum),
             "errors": dict(self.errors),
             "connections_total": self.connections_total,
+            "spliced": self.spliced,
         }
 
 
@@ -235,6 +237,11 @@ class Collector:
         )
         up = GaugeMetricFamily("nbdserve_export_up", "1 if the export is open and served", labels=["export"])
         size = GaugeMetricFamily("nbdserve_export_size_bytes", "Virtual size of the export", labels=["export"])
+        spliced = CounterMetricFamily(
+            "nbdserve_write_spliced_bytes",
+            "WRITE payload bytes moved from the socket into the image file by splice(2)",
+            labels=["export"],
+        )
         for name, s in sorted(ex.items()):
             for cmd, cname in COMMANDS.items():
                 req.add_metric([name, cname], s["requests"][cmd])
@@ -252,7 +259,8 @@ class Collector:
             conns_total.add_metric([name], s["connections_total"])
             up.add_metric([name], s["up"])
             size.add_metric([name], s["size"])
-        yield from (req, nbytes, errs, lat, inflight, conns, conns_total, up, size)
+            spliced.add_metric([name], s["spliced"])
+        yield from (req, nbytes, errs, lat, inflight, conns, conns_total, up, size, spliced)
         yield GaugeMetricFamily("nbdserve_sessions", "Open client connections (any phase)", value=snap["sessions"])
         yield GaugeMetricFamily(
             "nbdserve_handshaking_sessions", "Connections still in the handshake", value=snap["handshaking"]

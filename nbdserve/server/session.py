@@ -67,6 +67,7 @@ from ..errors import ImageError, NbdError, error_of, for_client, nbd_errno
 from ..protocol import constants as C
 from ..protocol.handshake import ProtocolError, ServerHandshake
 from ..protocol.transmission import ReplyEncoder, Request, RequestParser, check_request
+from .landing import Splicer
 from .metrics import now_ns
 from .options import CLOSE, STARTTLS, TRANSMIT, Negotiation
 from .tls import describe_session, identity
@@ -100,6 +101,9 @@ WRITE_BUFFER_HIGH = 4 << 20
 # The kernel send buffer asked for on Unix sockets (see _size_send_buffer).
 UNIX_SEND_BUFFER = 4 << 20
 SO_SNDBUFFORCE = 32  # Linux; not exported by Python's socket module
+# A WRITE payload lands in the image file by splice (see _land) when at least this much of it is
+# still in the socket once its header is parsed.
+LAND_MIN = 64 << 10
 
 
 # The largest TLS record's payload: small replies are joined up to this before encryption.
@@ -198,6 +202,8 @@ class Session(asyncio.BufferedProtocol):
         self._stopping = False  # DISC received or server shutting down: parse nothing more
         self._finished = False  # connection_lost ran (or its work, after a failed TLS upgrade)
         self._upgrade_task: asyncio.Task | None = None
+        self._splicer: Splicer | None = None  # made by the first _land
+        self._landing = False  # a payload is being landed: the transport must not read
         self.closed: asyncio.Future = server.loop.create_future()
 
     # -- connection life cycle --------------------------------------------------------------
@@ -239,6 +245,9 @@ class Session(asyncio.BufferedProtocol):
         self.phase = _CLOSED
         if self._deadline is not None:
             self._deadline.cancel()
+        if self._splicer is not None:
+            self._splicer.close()
+            self._splicer = None
         self.server.sessions.discard(self)
         log.debug("%s: disconnected%s", self.peer, f" ({exc})" if exc else "")
         if not self.closed.done():
@@ -487,7 +496,7 @@ class Session(asyncio.BufferedProtocol):
         t = self.transport
         if t is None or t.is_closing():
             return
-        want_pause = self._stopping or self._write_paused or self._throttled()
+        want_pause = self._stopping or self._write_paused or self._throttled() or self._landing
         if want_pause and not self._read_paused:
             t.pause_reading()
             self._read_paused = True
@@ -520,6 +529,7 @@ class Session(asyncio.BufferedProtocol):
                     self._abort()
                     return
                 if req is None:
+                    self._land()
                     break
                 if self._held is not None:  # a request follows: the held payload is drained
                     self._dispatch(self._held)
@@ -606,15 +616,7 @@ class Session(asyncio.BufferedProtocol):
             self._stop()
             return
         t0 = now_ns()
-        bad = check_request(
-            req,
-            size=self.image.size,
-            export_flags=self.export_flags,
-            extended=self.neg.extended,
-            structured=self.enc.structured,
-            max_payload=C.DEFAULT_MAX_PAYLOAD,
-            have_contexts=bool(self.neg.contexts),
-        )
+        bad = self._check(req)
         if bad is not None:
             err, msg = bad
             log.debug("%s: rejected %r: %s", self.peer, req, msg)
@@ -630,6 +632,71 @@ class Session(asyncio.BufferedProtocol):
             self._wait(_HANDLERS[t](self, req), req, 0, None)
             return
         self.stats.request(t, req.length, now_ns() - t0)
+
+    def _check(self, req: Request) -> tuple[int, str] | None:
+        return check_request(
+            req,
+            size=self.image.size,
+            export_flags=self.export_flags,
+            extended=self.neg.extended,
+            structured=self.enc.structured,
+            max_payload=C.DEFAULT_MAX_PAYLOAD,
+            have_contexts=bool(self.neg.contexts),
+        )
+
+    def _land(self) -> None:
+        """The WRITE route's case for a large payload still arriving: if the request is valid,
+        plain (no FUA), the connection is plaintext and the image puts the range byte for byte in
+        a local file (``Image.landing``), the transport stops reading and the rest of the payload
+        goes from the socket into the file by splice (``server.landing``), not into memory; the
+        reply follows once all of it is in.  Otherwise nothing happens and the payload is received
+        into its buffer as usual."""
+        got = self.parser.payload_in_progress()
+        if got is None or self._landing or self.neg.tls:
+            return
+        req, received, left = got
+        if left < LAND_MIN or req.flags & C.CMD_FLAG_FUA or self._check(req) is not None:
+            return
+        target = self.image.landing(req.offset, req.length)
+        if target is None:
+            return
+        if self._splicer is None:
+            sock = self.transport.get_extra_info("socket")
+            if sock is None:
+                return
+            try:
+                self._splicer = Splicer(self.server.loop, sock.fileno())
+            except OSError as e:  # out of descriptors: receive into memory
+                log.debug("%s: cannot splice: %s", self.peer, e)
+                return
+        self.parser.payload_taken()
+        self._landing = True
+        self._update_reading()
+        self.inflight += 1
+        self.inflight_bytes += req.length
+        t0 = now_ns()
+
+        def landed(exc: BaseException | None) -> None:
+            self._landing = False
+            self.inflight -= 1
+            self.inflight_bytes -= req.length
+            if isinstance(exc, ConnectionError):
+                log.warning("%s: %s; disconnecting", self.peer, exc)
+                self._abort()
+                return
+            if exc is not None:
+                self._fail(req, exc)
+            else:
+                self._send(self.enc.done(req.cookie, req.offset))
+                self.stats.spliced += req.length
+            self.stats.request(C.CMD_WRITE, req.length, now_ns() - t0)
+            self._update_reading()
+            if self._stopping:
+                self._maybe_close()
+            elif not self._pumping:
+                self._pump()
+
+        self._splicer.start(target[0], target[1], received, left, landed)
 
     def _wait(self, pending, req: Request, cost: int, reply, count: int = 1) -> None:
         """Drive ``pending`` (``coro.start``: no Task) with ``req`` counted in flight; then

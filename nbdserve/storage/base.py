@@ -34,6 +34,9 @@ Guarantees a backend gives:
 ``name`` is for messages (a path, ``rbd:pool/image``, ``s3://bucket/key``); ``readonly`` stores
 refuse every modifying call.  ``sync_io`` is True for backends whose ``read``/``write`` always
 complete synchronously (local files): hot paths may rely on that to skip the awaitable check.
+``splice_fd`` is a descriptor through which bytes may be written at their own offsets by other
+means than ``write`` (``splice(2)`` of a WRITE payload, see ``server.landing``), or None where
+``write`` is the only way (a store that is not a local file, or a local file in direct I/O mode).
 """
 
 from __future__ import annotations
@@ -100,6 +103,7 @@ class Storage:
     """Base class documenting the contract (see the module docstring)."""
 
     sync_io: ClassVar[bool] = False
+    splice_fd: int | None = None
     name: str
     size: int
     readonly: bool

@@ -129,6 +129,12 @@ class LocalFile(Storage):
     def __repr__(self) -> str:
         return f"<LocalFile {self.name}>"
 
+    @property
+    def splice_fd(self) -> int | None:  # type: ignore[override]
+        """The file's descriptor, unless it is read-only, closed or in direct I/O mode (bytes
+        spliced in go through the page cache, which direct I/O promises to bypass)."""
+        return None if self.readonly or self.dfd >= 0 or self.fd < 0 else self.fd
+
     # -- the contract: data -----------------------------------------------------------------
 
     def read(self, offset: int, buf: memoryview) -> None:

@@ -209,6 +209,29 @@ def test_write_payload_received_into_its_own_buffer() -> None:
     assert parser.idle
 
 
+def test_payload_taken_by_the_caller_leaves_the_parser_at_the_next_header() -> None:
+    """While a large payload arrives, ``payload_in_progress`` shows the request, the bytes so far
+    and how many are still to come; once the caller takes the rest off the stream itself
+    (``payload_taken``), the next bytes fed are parsed as the next request's header."""
+    parser = RequestParser(inline_max=0x800)
+    assert parser.payload_in_progress() is None
+    parser.receive_data(h(f"{REQ} 0000 0001 {CK} 0000000000000040 00001000 0102"))
+    assert parser.next_event() is None
+    req, received, left = parser.payload_in_progress()
+    assert (req.type, req.offset, req.length, bytes(received), left) == (C.CMD_WRITE, 0x40, 0x1000, b"\x01\x02", 0xFFE)
+    assert parser.payload_taken() is req and req.payload is None
+    assert parser.idle and parser.payload_in_progress() is None
+    parser.receive_data(h(f"{REQ} 0000 0000 {CK} 0000000000000000 00000010"))
+    assert fields(parser.next_event()) == (C.CMD_READ, 0, COOKIE, 0, 0x10, None, False)
+
+
+def test_no_payload_in_progress_once_all_of_it_arrived() -> None:
+    parser = RequestParser(inline_max=0x800)
+    parser.receive_data(h(f"{REQ} 0000 0001 {CK} 0000000000000000 00001000") + b"\x07" * 0x1000)
+    assert parser.payload_in_progress() is None
+    assert bytes(parser.next_event().payload) == b"\x07" * 0x1000
+
+
 def test_small_write_payload_stays_in_the_receive_buffer() -> None:
     """A payload that fits waits in the receive buffer (the partial request moved to the front
     when the buffer's end is near) and is handed out as a view of it."""

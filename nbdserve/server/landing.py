@@ -1,0 +1,132 @@
+"""Landing a large WRITE payload in the image file straight from the socket, with ``splice(2)``.
+
+Owns ``Splicer``, one per plaintext connection that has landed a payload: a pipe, a duplicate
+of the connection's socket descriptor, and the state of the one payload being landed.  The
+session decides *whether* a payload lands (``Session._land``: a plain WRITE, on a plaintext
+socket, whose image maps the whole range to a local file as it is: ``Image.landing``); this
+module only moves the bytes.
+
+Why: a payload received into memory and then written costs two kernel copies per byte (socket to
+user memory, user memory to the page cache); spliced, the socket's pages move into the pipe and
+only the pipe-to-file step copies.  ``bench/splice.py`` measures the difference alone.
+
+How: the session stops its transport reading (the rest of the payload waits in the kernel), the
+part of the payload already received is written with ``pwrite``, and a reader on the duplicated
+descriptor (the loop refuses a second reader on the transport's own) moves what the socket holds
+into the pipe (``SPLICE_F_NONBLOCK``: the pipe is empty before each move, so EAGAIN means the
+socket is drained) and from the pipe to the file at the next offset, until ``length`` bytes are
+in.  Then ``done(error)`` is called once and the session resumes its transport, whose next
+bytes are the next request's header.
+
+Invariants:
+  * The pipe is empty between moves, so every byte taken from the socket is either in the file at
+    its own offset or, after a file error, discarded; exactly the payload's bytes are taken from
+    the socket, never the next request's.
+  * A file error (ENOSPC, EIO) does not stop the landing: the rest of the payload is still
+    taken off the socket (and discarded), so the connection stays in step; ``done`` gets the
+    first error, and the request's error reply follows.  A socket error or end of stream is
+    ``done(ConnectionError)``: the session ends the connection.
+  * ``close`` (the connection is gone) removes the reader before anything else can run, so no
+    byte is written after it; ``done`` is then never called.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+from collections.abc import Callable
+
+F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ from Python 3.10 on; spelled out for older ones
+PIPE_SIZE = 1 << 20  # asked for; the kernel caps it at /proc/sys/fs/pipe-max-size for the unprivileged
+_SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+
+
+class Splicer:
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock_fd: int) -> None:
+        """For the connection whose socket descriptor is ``sock_fd`` (not taken over: a duplicate
+        is kept, closed by ``close``)."""
+        self.loop = loop
+        self._sock = os.dup(sock_fd)
+        try:
+            self._pipe_r, self._pipe_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        except BaseException:
+            os.close(self._sock)
+            raise
+        try:
+            self.capacity = fcntl.fcntl(self._pipe_w, F_SETPIPE_SZ, PIPE_SIZE)
+        except OSError:
+            self.capacity = 1 << 16  # the kernel's default pipe size
+        self._dest = -1
+        self._offset = 0
+        self._left = 0
+        self._error: OSError | None = None
+        self._done: Callable[[BaseException | None], None] | None = None
+
+    @property
+    def busy(self) -> bool:
+        return self._done is not None
+
+    def start(
+        self, dest: int, offset: int, received: memoryview, left: int, done: Callable[[BaseException | None], None]
+    ) -> None:
+        """Land a payload at ``offset`` of the file ``dest``: ``received`` (its first bytes,
+        already read from the socket) now, then the ``left`` bytes that follow in the socket as
+        they arrive.  ``done(error)`` is called once, from the loop, when all of them are taken.
+        The caller has stopped its transport reading and keeps ``dest`` open until then."""
+        assert self._done is None, "one payload at a time"
+        self._dest, self._offset, self._left, self._error, self._done = dest, offset, left, None, done
+        pos = 0
+        while pos < len(received) and self._error is None:
+            try:
+                pos += os.pwrite(dest, received[pos:], offset + pos)
+            except OSError as e:
+                self._error = e
+        self._offset = offset + len(received)
+        self.loop.add_reader(self._sock, self._move)
+
+    def _move(self) -> None:
+        """The socket is readable: move what it holds of the payload through the pipe."""
+        while self._left:
+            try:
+                n = os.splice(self._sock, self._pipe_w, min(self._left, self.capacity), flags=_SPLICE_FLAGS)
+            except BlockingIOError:
+                return
+            except OSError as e:
+                self._finish(ConnectionError(f"receiving a WRITE payload: {e}"))
+                return
+            if n == 0:
+                self._finish(ConnectionError("the client closed the connection inside a WRITE payload"))
+                return
+            self._left -= n
+            self._empty_pipe(n)
+        self._finish(self._error)
+
+    def _empty_pipe(self, n: int) -> None:
+        """Move the ``n`` bytes in the pipe to the file at the next offset (after a file error:
+        discard them)."""
+        while n:
+            if self._error is None:
+                try:
+                    m = os.splice(self._pipe_r, self._dest, n, offset_dst=self._offset)
+                except OSError as e:
+                    self._error = e
+                    continue
+            else:
+                m = len(os.read(self._pipe_r, n))
+            self._offset += m
+            n -= m
+
+    def _finish(self, error: BaseException | None) -> None:
+        self.loop.remove_reader(self._sock)
+        done, self._done = self._done, None
+        self._dest = -1
+        if done is not None:
+            done(error)
+
+    def close(self) -> None:
+        """The connection is gone: stop (``done`` is not called) and release the descriptors."""
+        self.loop.remove_reader(self._sock)
+        self._done = None
+        for fd in (self._sock, self._pipe_r, self._pipe_w):
+            os.close(fd)

@@ -1,0 +1,175 @@
+"""Large WRITE payloads landed in a raw image file by splice (``server.landing``), over NBD.
+
+The landing is the WRITE route's case for a payload still arriving once its header is parsed; the
+Prometheus counter ``nbdserve_write_spliced_bytes`` shows it was taken.  Shown here, with real
+clients over real sockets (Unix and TCP):
+  * libnbd writes of 128 KiB to 4 MiB at offsets of every alignment, many in flight at once,
+    land byte for byte (the file equals the model, reads through NBD too), and qemu-io's writes
+    as well; requests that follow a landed payload on the same connection are parsed in step;
+  * a file error in the middle of a landing (the server runs under RLIMIT_FSIZE, so the kernel
+    refuses writes past that size with EFBIG) answers that request with an error, and the same
+    connection goes on serving; the counter does not count it;
+  * a client that disconnects inside a payload ends only its connection;
+  * direct I/O (``--cache=none``) and TLS never land (the counter stays 0) and write correctly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import random
+import resource
+import struct
+from pathlib import Path
+
+import nbd
+import pytest
+
+from tests.interop import nbdclient as raw
+from tests.interop.test_metrics import samples, scrape, value
+from tests.util import free_port, nbd_connect, qemu_io, serve
+
+MiB = 1 << 20
+SIZE = 32 * MiB
+OFFSETS = [0, 1, 511, 512 + 7, 4095, 65537, 3 * MiB + 12345, SIZE - 4 * MiB]
+LENGTHS = [128 * 1024 + 1, 200_000, MiB, MiB + 3, 4 * MiB - 1]
+
+
+def spliced(port: int) -> float:
+    status, text = scrape(port)
+    assert status == 200
+    return value(samples(text), "nbdserve_write_spliced_bytes_total", export="")
+
+
+def image(tmp_path: Path, size: int = SIZE) -> tuple[Path, bytearray]:
+    data = bytearray(random.Random(7).randbytes(size))
+    path = tmp_path / "disk.raw"
+    path.write_bytes(data)
+    return path, data
+
+
+@pytest.mark.parametrize("tcp", [False, True], ids=["unix", "tcp"])
+def test_large_writes_at_every_alignment_land_exactly(tmp_path, tcp):
+    path, model = image(tmp_path)
+    port = free_port()
+    rng = random.Random(11)
+    with serve(tmp_path, "--metrics", f"127.0.0.1:{port}", "-f", "raw", path, tcp=tcp) as srv:
+        h = nbd_connect(srv.uri)
+        # one at a time, every offset with every length
+        for off in OFFSETS:
+            for n in LENGTHS:
+                if off + n > SIZE:
+                    continue
+                data = rng.randbytes(n)
+                h.pwrite(data, off)
+                model[off : off + n] = data
+        assert spliced(port) > 0
+        # many in flight (disjoint ranges: NBD does not order requests in flight): the socket
+        # holds the next requests' headers and payloads behind each landing payload, small
+        # writes among them
+        taken: list[tuple[int, int]] = []
+        cookies = []
+        while len(cookies) < 30:
+            off = rng.randrange(SIZE - 4 * MiB)
+            n = rng.choice([*LENGTHS, 1, 4096, 65536])
+            if any(off < end and start < off + n for start, end in taken):
+                continue
+            taken.append((off, off + n))
+            data = rng.randbytes(n)
+            cookies.append(h.aio_pwrite(bytearray(data), off))
+            model[off : off + n] = data
+        while h.aio_in_flight():
+            h.poll(-1)
+        assert all(h.aio_command_completed(c) for c in cookies)
+        h.flush()
+        for off in (0, 1, 3 * MiB + 12345):
+            assert h.pread(2 * MiB, off) == model[off : off + 2 * MiB]
+        h.shutdown()
+        # qemu-io, another client: a pattern at an odd offset, read back through NBD
+        qemu_io("raw", srv.uri, "write -P 0x5a 1000001 1500000")
+        model[1000001 : 1000001 + 1500000] = b"\x5a" * 1500000
+        qemu_io("raw", srv.uri, "read -P 0x5a 1000001 1500000")
+        landed = spliced(port)
+    assert path.read_bytes() == model
+    assert landed >= 1500000  # at least qemu-io's write was landed too (more than its first part)
+
+
+@contextlib.contextmanager
+def file_size_limit(limit: int):
+    """RLIMIT_FSIZE for the processes started inside (the server inherits it); Python ignores
+    SIGXFSZ, so a write past the limit fails with EFBIG instead of killing the writer."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+
+def test_file_error_inside_a_landing_fails_that_write_only(tmp_path):
+    path, model = image(tmp_path, 8 * MiB)
+    limit = 4 * MiB
+    port = free_port()
+    with file_size_limit(limit):
+        srv_cm = serve(tmp_path, "--metrics", f"127.0.0.1:{port}", "-f", "raw", path)
+        srv = srv_cm.__enter__()
+    try:
+        h = nbd_connect(srv.uri)
+        before = spliced(port)
+        for off in (6 * MiB, limit - 300_000):  # wholly past the limit; straddling it
+            with pytest.raises(nbd.Error) as ei:
+                h.pwrite(bytes(b"\xee" * MiB), off)
+            assert ei.value.errnum == errno.ENOSPC  # EFBIG, as NBD has it
+        assert spliced(port) == before  # failed landings are not counted
+        # the same connection is in step: a landing write below the limit and reads work
+        data = random.Random(3).randbytes(MiB)
+        h.pwrite(data, 1234)
+        model[1234 : 1234 + MiB] = data
+        assert h.pread(MiB, 1234) == data
+        assert h.pread(4096, 7 * MiB) == model[7 * MiB : 7 * MiB + 4096]  # untouched past the limit
+        assert spliced(port) == before + MiB
+        h.shutdown()
+    finally:
+        srv_cm.__exit__(None, None, None)
+    got = path.read_bytes()
+    assert got[: limit - 300_000] == model[: limit - 300_000]
+    assert got[limit:] == model[limit:]
+
+
+def test_client_gone_inside_a_payload_ends_only_its_connection(tmp_path):
+    path, _ = image(tmp_path, 8 * MiB)
+    with serve(tmp_path, "-f", "raw", path) as srv:
+        other = nbd_connect(srv.uri)
+        with raw.RawClient(srv.sock) as c:
+            c.greet()
+            c.go()
+            header = struct.pack(">IHHQQI", raw.REQUEST_MAGIC, 0, raw.CMD_WRITE, 1, 0, 4 * MiB)
+            c.send(header + b"\x11" * (700 * 1024))
+        data = random.Random(5).randbytes(MiB + 1)
+        other.pwrite(data, 2 * MiB + 1)
+        assert other.pread(len(data), 2 * MiB + 1) == data
+        srv.wait_logged(1, "inside a WRITE payload", witness=lambda: other.pread(512, 0))
+        other.shutdown()
+        assert srv.alive()
+
+
+@pytest.mark.parametrize("how", ["direct", "tls"])
+def test_no_landing_where_bytes_must_pass_through_memory(tmp_path, how, pki):
+    path, model = image(tmp_path, 8 * MiB)
+    port = free_port()
+    args = ["--cache=none"] if how == "direct" else ["--tls-creds", str(pki.server)]
+    with serve(tmp_path, "--metrics", f"127.0.0.1:{port}", *args, "-f", "raw", path) as srv:
+        h = nbd.NBD()
+        if how == "tls":
+            h.set_tls(nbd.TLS_REQUIRE)
+            h.set_tls_certificates(str(pki.no_cert))
+            h.connect_uri(f"nbds+unix:///?socket={srv.sock}")
+        else:
+            h.connect_uri(srv.uri)
+        data = random.Random(9).randbytes(3 * MiB)
+        h.pwrite(data, 4096)
+        model[4096 : 4096 + len(data)] = data
+        assert h.pread(len(data), 4096) == data
+        h.shutdown()
+        assert spliced(port) == 0
+    assert path.read_bytes() == model

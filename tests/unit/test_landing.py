@@ -1,0 +1,172 @@
+"""``server.landing.Splicer``: a payload moved from a real socket into a real file by splice(2).
+
+Each test runs on asyncio's loop and on uvloop.  A thread sends the payload in pieces of random
+size over a Unix socket pair, so the reader wakes many times with partial data; the bytes after
+the payload (the next request, as far as the splicer knows) must stay in the socket, untouched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import socket
+import threading
+
+import pytest
+
+from nbdserve.server.landing import Splicer
+
+try:
+    import uvloop
+except ImportError:  # pragma: no cover - uvloop is a test dependency
+    uvloop = None
+
+LOOPS = ["asyncio", pytest.param("uvloop", marks=pytest.mark.skipif(uvloop is None, reason="no uvloop"))]
+NEXT = b"the next request's header"
+
+
+def run(kind: str, main):
+    if kind == "uvloop":
+        return uvloop.run(main())
+    return asyncio.run(main())
+
+
+def send_in_pieces(sock: socket.socket, data: bytes, seed: int) -> threading.Thread:
+    rng = random.Random(seed)
+
+    def send() -> None:
+        pos = 0
+        while pos < len(data):
+            n = rng.choice([1, 17, 4096, 65536, 300_000])
+            sock.sendall(data[pos : pos + n])
+            pos += n
+
+    t = threading.Thread(target=send)
+    t.start()
+    return t
+
+
+async def land(sock: socket.socket, dest: int, offset: int, prefix: bytes, left: int) -> BaseException | None:
+    """Run one landing to its end; its ``done`` argument."""
+    loop = asyncio.get_running_loop()
+    finished: asyncio.Future = loop.create_future()
+    splicer = Splicer(loop, sock.fileno())
+    try:
+        splicer.start(dest, offset, memoryview(prefix), left, finished.set_result)
+        assert splicer.busy
+        return await asyncio.wait_for(finished, 60)
+    finally:
+        splicer.close()
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize("offset", [0, 1, 4095, 1 << 20])
+def test_payload_lands_at_its_offset_and_nothing_after_it_is_taken(tmp_path, loop, offset):
+    size, prefix_len = (3 << 20) + 7, 12345  # more than one pipe's worth
+    payload = random.Random(offset).randbytes(size)
+    old = random.Random(-1).randbytes(8 << 20)
+    path = tmp_path / "image"
+    path.write_bytes(old)
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    fd = os.open(path, os.O_RDWR)
+    try:
+
+        async def main():
+            sender = send_in_pieces(b, payload[prefix_len:] + NEXT, offset)
+            result = await land(a, fd, offset, payload[:prefix_len], size - prefix_len)
+            sender.join()
+            return result
+
+        assert run(loop, main) is None
+        want = bytearray(old)
+        want[offset : offset + size] = payload
+        assert path.read_bytes() == want
+        a.setblocking(True)
+        assert a.recv(100) == NEXT
+    finally:
+        os.close(fd)
+        a.close()
+        b.close()
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize("prefix_len", [0, 1000])
+def test_file_error_still_takes_exactly_the_payload_off_the_socket(tmp_path, loop, prefix_len):
+    """splice(2) refuses a file opened for appending (EINVAL), after the prefix went in: the
+    rest of the payload is read and dropped, ``done`` gets the error, the next bytes stay."""
+    size = (2 << 20) + 3
+    payload = random.Random(2).randbytes(size)
+    path = tmp_path / "appending"
+    path.write_bytes(b"")
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    try:
+
+        async def main():
+            sender = send_in_pieces(b, payload[prefix_len:] + NEXT, 3)
+            result = await land(a, fd, 0, payload[:prefix_len], size - prefix_len)
+            sender.join()
+            return result
+
+        err = run(loop, main)
+        assert isinstance(err, OSError) and not isinstance(err, ConnectionError)
+        assert path.stat().st_size == prefix_len  # nothing after the error was written
+        a.setblocking(True)
+        assert a.recv(100) == NEXT
+    finally:
+        os.close(fd)
+        a.close()
+        b.close()
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_peer_gone_inside_the_payload_is_a_connection_error(tmp_path, loop):
+    path = tmp_path / "image"
+    path.write_bytes(bytes(1 << 20))
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    fd = os.open(path, os.O_RDWR)
+    try:
+
+        async def main():
+            b.sendall(b"\x01" * 5000)
+            b.close()
+            return await land(a, fd, 0, b"", 100_000)
+
+        assert isinstance(run(loop, main), ConnectionError)
+        assert path.read_bytes()[:5001] == b"\x01" * 5000 + b"\x00"
+    finally:
+        os.close(fd)
+        a.close()
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_close_stops_the_landing_without_calling_done(tmp_path, loop):
+    path = tmp_path / "image"
+    path.write_bytes(bytes(1 << 20))
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    fd = os.open(path, os.O_RDWR)
+    calls = []
+    try:
+
+        async def main():
+            splicer = Splicer(asyncio.get_running_loop(), a.fileno())
+            splicer.start(fd, 0, memoryview(b""), 100_000, calls.append)
+            b.sendall(b"\x02" * 1000)
+            await asyncio.sleep(0)  # one loop turn: the reader may run once
+            splicer.close()
+            b.sendall(b"\x03" * 100_000)
+            for _ in range(10):  # later loop turns: no reader left to run
+                await asyncio.sleep(0)
+
+        run(loop, main)
+        assert calls == []
+        assert b"\x03" not in path.read_bytes()
+    finally:
+        os.close(fd)
+        a.close()
+        b.close()
