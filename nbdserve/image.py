@@ -66,7 +66,7 @@ from typing import NamedTuple
 from .cache import ClusterCache
 from .errors import ImageError, NbdError, UnsupportedImage
 from .formats import PROBE_SIZE, driver_for, identify, probe
-from .formats.base import ALLOCATED, DATA, ZERO, DirtyBitmapView, FormatDriver, OpenOptions
+from .formats.base import ALLOCATED, DATA, ZERO, DirtyBitmapView, FormatDriver, Landing, OpenOptions
 from .formats.qcow2 import Qcow2Driver
 from .formats.qcow2.create import create_qcow2
 from .locks import CoRwLock
@@ -272,13 +272,28 @@ class Image:
             return None
         return self._unlock_after(pending)
 
-    def landing(self, offset: int, length: int) -> tuple[int, int] | None:
-        """``(fd, host_offset)`` where a plain WRITE of ``[offset, offset + length)`` may be put
-        byte for byte instead of calling ``write`` (``FormatDriver.landing``); None for an image
-        that aligns writes (read-modify-write needs the old bytes) or a write ``write`` would split."""
-        if self._rmw is not None or length > self.max_transfer:
+    def landing(self, offset: int, length: int) -> Landing | None:
+        """Where a plain WRITE of ``[offset, offset + length)`` may be put byte for byte instead
+        of calling ``write`` (``FormatDriver.landing``); None for a write ``write`` would split
+        or read-modify-write.  Whole sectors hold the rwlock shared until ``release``, as
+        ``write`` holds it while the driver's write runs (only when it is free: no waiting here)."""
+        if length > self.max_transfer:
             return None
-        return self.driver.landing(offset, length)
+        rmw = self._rmw
+        if rmw is None:
+            return self.driver.landing(offset, length)
+        if (offset | length) & self._align_mask or not rmw.try_rdlock():
+            return None
+        target = self.driver.landing(offset, length)
+        if target is None:
+            rmw.unlock()
+            return None
+
+        def release() -> None:
+            target.release()
+            rmw.unlock()
+
+        return target._replace(release=release)
 
     async def _unlock_after(self, pending: Pending) -> None:
         """Wait for a write started under the rwlock (shared), then release it."""

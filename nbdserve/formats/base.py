@@ -94,6 +94,19 @@ class Extent(NamedTuple):
     state: int
 
 
+def _nothing() -> None:
+    pass
+
+
+class Landing(NamedTuple):
+    """Where a WRITE payload may land (``FormatDriver.landing``): file descriptor ``fd`` from
+    byte ``offset`` on; ``release()`` once the payload is in or the attempt ended."""
+
+    fd: int
+    offset: int
+    release: Callable[[], None] = _nothing
+
+
 @dataclass(frozen=True)
 class Limits:
     align: int = 1  # request alignment in bytes (a power of two)
@@ -279,13 +292,14 @@ class FormatDriver:
         inside that storage."""
         return None
 
-    def landing(self, offset: int, length: int) -> tuple[int, int] | None:
-        """``(fd, host_offset)`` if guest bytes ``[offset, offset + length)`` of a plain WRITE
-        (no FUA) may be put straight into file descriptor ``fd`` at ``host_offset`` onwards,
-        byte for byte, instead of going through ``write``; else None.  Synchronous, no side
-        effects.  A driver answers only where nothing can move that range until the write is
-        acknowledged (no allocation, no metadata, no guard to consult): the session lands the
-        payload over several loop turns without the driver knowing (``server.landing``)."""
+    def landing(self, offset: int, length: int) -> Landing | None:
+        """A ``Landing`` if guest bytes ``[offset, offset + length)`` of a plain WRITE (no FUA)
+        may be put straight into a file, byte for byte, instead of going through ``write``;
+        else None, having changed nothing.  Synchronous.  The session lands the payload over
+        several loop turns (``server.landing``) and then calls ``release`` (also when the
+        connection dies first); until then the driver must keep the range where it said
+        (nothing may free, move or reallocate it) and must have done whatever its ``write``
+        does before data reaches the file (dirty bitmaps)."""
         return None
 
     def mappings_changed(self) -> None:

@@ -36,7 +36,7 @@ from ..cache import ClusterCache
 from ..errors import NbdError
 from ..locks import CoMutex
 from ..storage.base import Pending, Storage, read_at, settled, write_zero_bytes
-from .base import ALLOCATED, DATA, ZERO, Caps, Extent, FormatDriver, Limits, OpenOptions
+from .base import ALLOCATED, DATA, ZERO, Caps, Extent, FormatDriver, Landing, Limits, OpenOptions
 
 
 class DataRanges:
@@ -113,13 +113,13 @@ class RawDriver(FormatDriver):
             return self._flush_after(pending)
         return pending
 
-    def landing(self, offset: int, length: int) -> tuple[int, int] | None:
+    def landing(self, offset: int, length: int) -> Landing | None:
         """The identity: guest bytes are file bytes (not in the guarded head of a probed raw
-        image, whose writes must be judged first)."""
+        image, whose writes must be judged first); nothing to hold or release."""
         fd = self.storage.splice_fd
         if fd is None or self.readonly or (offset < self.guard_size and self.head_guard is not None):
             return None
-        return fd, offset
+        return Landing(fd, offset)
 
     async def _flush_after(self, pending: Pending) -> None:
         await settled(pending)

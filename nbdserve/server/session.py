@@ -73,6 +73,7 @@ from .options import CLOSE, STARTTLS, TRANSMIT, Negotiation
 from .tls import describe_session, identity
 
 if TYPE_CHECKING:
+    from ..formats.base import Landing
     from .exports import Export
     from .listeners import Server
     from .metrics import ExportStats
@@ -203,7 +204,7 @@ class Session(asyncio.BufferedProtocol):
         self._finished = False  # connection_lost ran (or its work, after a failed TLS upgrade)
         self._upgrade_task: asyncio.Task | None = None
         self._splicer: Splicer | None = None  # made by the first _land
-        self._landing = False  # a payload is being landed: the transport must not read
+        self._landing: Landing | None = None  # where a payload is being landed (the transport must not read)
         self.closed: asyncio.Future = server.loop.create_future()
 
     # -- connection life cycle --------------------------------------------------------------
@@ -248,6 +249,9 @@ class Session(asyncio.BufferedProtocol):
         if self._splicer is not None:
             self._splicer.close()
             self._splicer = None
+        if self._landing is not None:  # cut off inside a landing: the driver may let go
+            self._landing.release()
+            self._landing = None
         self.server.sessions.discard(self)
         log.debug("%s: disconnected%s", self.peer, f" ({exc})" if exc else "")
         if not self.closed.done():
@@ -496,7 +500,7 @@ class Session(asyncio.BufferedProtocol):
         t = self.transport
         if t is None or t.is_closing():
             return
-        want_pause = self._stopping or self._write_paused or self._throttled() or self._landing
+        want_pause = self._stopping or self._write_paused or self._throttled() or self._landing is not None
         if want_pause and not self._read_paused:
             t.pause_reading()
             self._read_paused = True
@@ -652,7 +656,7 @@ class Session(asyncio.BufferedProtocol):
         reply follows once all of it is in.  Otherwise nothing happens and the payload is received
         into its buffer as usual."""
         got = self.parser.payload_in_progress()
-        if got is None or self._landing or self.neg.tls:
+        if got is None or self._landing is not None or self.neg.tls:
             return
         req, received, left = got
         if left < LAND_MIN or req.flags & C.CMD_FLAG_FUA or self._check(req) is not None:
@@ -662,22 +666,24 @@ class Session(asyncio.BufferedProtocol):
             return
         if self._splicer is None:
             sock = self.transport.get_extra_info("socket")
-            if sock is None:
-                return
             try:
+                if sock is None:
+                    raise OSError(errno.ENOTSOCK, "the transport has no socket")
                 self._splicer = Splicer(self.server.loop, sock.fileno())
-            except OSError as e:  # out of descriptors: receive into memory
+            except OSError as e:  # out of descriptors, say: receive into memory
                 log.debug("%s: cannot splice: %s", self.peer, e)
+                target.release()
                 return
         self.parser.payload_taken()
-        self._landing = True
+        self._landing = target
         self._update_reading()
         self.inflight += 1
         self.inflight_bytes += req.length
         t0 = now_ns()
 
         def landed(exc: BaseException | None) -> None:
-            self._landing = False
+            self._landing = None
+            target.release()
             self.inflight -= 1
             self.inflight_bytes -= req.length
             if isinstance(exc, ConnectionError):
@@ -696,7 +702,7 @@ class Session(asyncio.BufferedProtocol):
             elif not self._pumping:
                 self._pump()
 
-        self._splicer.start(target[0], target[1], received, left, landed)
+        self._splicer.start(target.fd, target.offset, received, left, landed)
 
     def _wait(self, pending, req: Request, cost: int, reply, count: int = 1) -> None:
         """Drive ``pending`` (``coro.start``: no Task) with ``req`` counted in flight; then

@@ -1,11 +1,19 @@
-"""Large WRITE payloads landed in a raw image file by splice (``server.landing``), over NBD.
+"""Large WRITE payloads landed in the image file by splice (``server.landing``), over NBD.
 
 The landing is the WRITE route's case for a payload still arriving once its header is parsed; the
 Prometheus counter ``nbdserve_write_spliced_bytes`` shows it was taken.  Shown here, with real
 clients over real sockets (Unix and TCP):
   * libnbd writes of 128 KiB to 4 MiB at offsets of every alignment, many in flight at once,
-    land byte for byte (the file equals the model, reads through NBD too), and qemu-io's writes
-    as well; requests that follow a landed payload on the same connection are parsed in step;
+    land byte for byte in raw, in allocated qcow2 clusters and in present VHDX blocks (the image
+    equals the model:
+    compared by ``qemu-img compare``, checked by ``qemu-img check``; reads through NBD too),
+    and qemu-io's writes as well; requests that follow a landed payload on the same connection
+    are parsed in step;
+  * qcow2: while a payload lands in its clusters, a TRIM of them from another connection waits
+    (it would free them, and an allocating write could take them while the payload still
+    arrives): the other connection's new data is never overwritten by the landing payload;
+  * VHDX likewise: a TRIM of a block a payload is landing in waits, so the payload never lands in
+    space the trim already gave back (the block's old place in the file ends up a hole);
   * a file error in the middle of a landing (the server runs under RLIMIT_FSIZE, so the kernel
     refuses writes past that size with EFBIG) answers that request with an error, and the same
     connection goes on serving; the counter does not count it;
@@ -25,9 +33,10 @@ from pathlib import Path
 import nbd
 import pytest
 
+from tests.imagetest import check_clean
 from tests.interop import nbdclient as raw
 from tests.interop.test_metrics import samples, scrape, value
-from tests.util import free_port, nbd_connect, qemu_io, serve
+from tests.util import free_port, nbd_connect, qemu_img, qemu_io, serve
 
 MiB = 1 << 20
 SIZE = 32 * MiB
@@ -41,19 +50,25 @@ def spliced(port: int) -> float:
     return value(samples(text), "nbdserve_write_spliced_bytes_total", export="")
 
 
-def image(tmp_path: Path, size: int = SIZE) -> tuple[Path, bytearray]:
+def image(tmp_path: Path, size: int = SIZE, fmt: str = "raw") -> tuple[Path, bytearray]:
+    """An image of random bytes, every cluster allocated."""
     data = bytearray(random.Random(7).randbytes(size))
     path = tmp_path / "disk.raw"
     path.write_bytes(data)
+    if fmt != "raw":
+        out = tmp_path / f"disk.{fmt}"
+        qemu_img("convert", "-q", "-f", "raw", "-O", fmt, path, out)
+        path.unlink()
+        path = out
     return path, data
 
 
-@pytest.mark.parametrize("tcp", [False, True], ids=["unix", "tcp"])
-def test_large_writes_at_every_alignment_land_exactly(tmp_path, tcp):
-    path, model = image(tmp_path)
+@pytest.mark.parametrize(("fmt", "tcp"), [("raw", False), ("raw", True), ("qcow2", False), ("vhdx", False)])
+def test_large_writes_at_every_alignment_land_exactly(tmp_path, fmt, tcp):
+    path, model = image(tmp_path, fmt=fmt)
     port = free_port()
     rng = random.Random(11)
-    with serve(tmp_path, "--metrics", f"127.0.0.1:{port}", "-f", "raw", path, tcp=tcp) as srv:
+    with serve(tmp_path, "--metrics", f"127.0.0.1:{port}", "-f", fmt, path, tcp=tcp) as srv:
         h = nbd_connect(srv.uri)
         # one at a time, every offset with every length
         for off in OFFSETS:
@@ -90,7 +105,11 @@ def test_large_writes_at_every_alignment_land_exactly(tmp_path, tcp):
         model[1000001 : 1000001 + 1500000] = b"\x5a" * 1500000
         qemu_io("raw", srv.uri, "read -P 0x5a 1000001 1500000")
         landed = spliced(port)
-    assert path.read_bytes() == model
+    want = tmp_path / "model.raw"
+    want.write_bytes(model)
+    if fmt != "raw":
+        check_clean(path, fmt)
+    qemu_img("compare", "-q", "-f", fmt, "-F", "raw", path, want)
     assert landed >= 1500000  # at least qemu-io's write was landed too (more than its first part)
 
 
@@ -173,3 +192,81 @@ def test_no_landing_where_bytes_must_pass_through_memory(tmp_path, how, pki):
         h.shutdown()
         assert spliced(port) == 0
     assert path.read_bytes() == model
+
+
+def wait_in_flight(port: int, n: int) -> None:
+    """Until the export has ``n`` requests in flight (scraped, bounded)."""
+    for _ in range(1000):
+        if value(samples(scrape(port)[1]), "nbdserve_requests_in_flight", export="") == n:
+            return
+    raise AssertionError(f"never {n} requests in flight")
+
+
+def test_qcow2_trim_waits_for_a_landing_in_its_clusters(tmp_path):
+    """Connection A sends a 1 MiB WRITE to allocated clusters and stops inside the payload (the
+    landing has begun: the export shows one request in flight); B trims those clusters; C writes
+    new data to unallocated clusters (an allocation, which would take freed clusters first).
+    Then A sends the rest.  C's data must be intact and the image consistent: B's trim waited for
+    A's landing, so the clusters A was landing in were never C's."""
+    img = tmp_path / "t.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=65536", img, str(16 * MiB))
+    qemu_io("qcow2", img, "write -P 0x11 0 1M")
+    port = free_port()
+    with serve(tmp_path, "--metrics", f"127.0.0.1:{port}", "-f", "qcow2", img) as srv:
+        b, c = nbd_connect(srv.uri), nbd_connect(srv.uri)
+        assert b.pread(512, 0) == b"\x11" * 512  # the L2 table cached: the clusters can take a landing
+        with raw.RawClient(srv.sock) as a:
+            a.greet()
+            a.go()
+            a.request(raw.CMD_WRITE, 1, 0, MiB, payload=b"\xaa" * (200 * 1024))
+            wait_in_flight(port, 1)  # A's landing has begun
+            trim = b.aio_trim(MiB, 0)
+            wait_in_flight(port, 2)  # and B's trim is waiting
+            new = random.Random(4).randbytes(MiB)
+            c.pwrite(new, 8 * MiB)  # allocates while A's clusters are still being landed
+            assert not b.aio_command_completed(trim)
+            a.send(b"\xaa" * (MiB - 200 * 1024))
+            assert a.reply().error == 0
+            while b.aio_in_flight():
+                b.poll(-1)
+            assert b.aio_command_completed(trim)
+            assert c.pread(MiB, 8 * MiB) == new
+            assert c.pread(MiB, 0) == bytes(MiB)  # the trim ran after the landing
+        assert spliced(port) == MiB
+        b.shutdown()
+        c.shutdown()
+    check_clean(img, "qcow2")
+    qemu_io("qcow2", img, f"read -P 0 0 {MiB}")
+    out = qemu_io("qcow2", img, f"read -v {8 * MiB} 16").stdout
+    assert " ".join(f"{x:02x}" for x in new[:16]) in out
+
+
+def test_vhdx_trim_waits_for_a_landing_in_its_block(tmp_path):
+    img = tmp_path / "t.vhdx"
+    qemu_img("create", "-q", "-f", "vhdx", "-o", "block_size=1M", img, str(16 * MiB))
+    qemu_io("vhdx", img, "write -P 0x11 0 1M")
+    host = img.read_bytes().find(b"\x11" * MiB)  # the block's place in the file (QEMU maps no VHDX offsets)
+    assert host > 0
+    port = free_port()
+    with serve(tmp_path, "--metrics", f"127.0.0.1:{port}", "-f", "vhdx", img) as srv:
+        b = nbd_connect(srv.uri)
+        b.pwrite(b"\x22", 4 * MiB)  # this session's header is written: present blocks take landings
+        with raw.RawClient(srv.sock) as a:
+            a.greet()
+            a.go()
+            a.request(raw.CMD_WRITE, 1, 0, MiB, payload=b"\xaa" * (200 * 1024))
+            wait_in_flight(port, 1)  # A's landing has begun
+            trim = b.aio_trim(MiB, 0)
+            wait_in_flight(port, 2)  # and B's trim is waiting
+            a.send(b"\xaa" * (MiB - 200 * 1024))
+            assert a.reply().error == 0
+            while b.aio_in_flight():
+                b.poll(-1)
+            assert b.aio_command_completed(trim)
+            assert b.pread(MiB, 0) == bytes(MiB)
+        assert spliced(port) == MiB
+        b.shutdown()
+    with open(img, "rb") as f:
+        f.seek(host)
+        assert f.read(MiB) == bytes(MiB)  # punched after the landing, not landed in after the punch
+    check_clean(img, "vhdx")

@@ -20,6 +20,7 @@ from ... import coro
 from ...cache import CacheEntry
 from ...errors import CorruptImage, NbdError
 from ...storage.base import Pending, joined, settled
+from ..base import Landing
 from .header import FIELD_INCOMPATIBLE, INCOMPAT_CORRUPT
 from .lookup import NOT_PLAIN
 from .tables import (
@@ -58,8 +59,9 @@ class WriteMixin:
             self._track(offset, len(data))  # before any of the data lands
         if in_c + len(data) > self.cs or self.ext:
             return self._write_in_place(offset, data)
-        # Hot path: one standard cluster, allocated, COPIED, its table cached.  (A cluster in
-        # flight never has a plain COPIED entry, so no in-flight check is needed here.)
+        # Hot path: one standard cluster, allocated, COPIED, its table cached.  (A cluster being
+        # allocated never has a plain COPIED entry; one being landed has, and this write is just
+        # another unordered write to it: no in-flight check is needed here.)
         l1e = self.l1[offset >> self.l1_shift]
         e = self.cache.peek(self.l2kind, l1e & OFFSET_MASK) if l1e & COPIED else None
         ent = e.value[(offset >> self.cb) & self.l2_mask] if e is not None else 0
@@ -78,8 +80,52 @@ class WriteMixin:
         Pendings of the writes started, or None (having written nothing) if any part of the
         range needs metadata changes.
         """
+        pieces = self._in_place_pieces(offset, len(data))
+        if pieces is None:
+            return None
+        for host, _p, length in pieces:
+            self._guard(host, length)
+        started = []
+        for host, p, length in pieces:
+            w = self._write_data_at(data[p : p + length], offset + p, host)
+            if w is not None:
+                started.append(w)
+        return started
+
+    def landing(self, offset: int, length: int) -> Landing | None:
+        """Where clusters that ``_write_in_place`` would write land one run of file bytes (and
+        the file takes bytes by splice, the image is not encrypted, no write was refused): the
+        clusters are registered in ``_inflight`` until ``release`` (zeroing, trim and allocating
+        writes touching them wait there: nothing frees or moves them meanwhile) and the dirty
+        bitmaps marked.  Only while the lock is free: a locked section may already have checked
+        ``_inflight`` and be about to change these clusters."""
+        fd = self.storage.splice_fd
+        if fd is None or self.crypt is not None or self._refusal is not None or self.lock.locked():
+            return None
+        pieces = self._in_place_pieces(offset, length)
+        if pieces is None:
+            return None
+        host = pieces[0][0]
+        if any(h != host + p for h, p, _n in pieces) or self.meta.conflict(host, length, 0) is not None:
+            return None  # not one run; or over metadata, which ``write`` refuses and reports
+        clusters = range(offset >> self.cb, ((offset + length - 1) >> self.cb) + 1)
+        inflight = self._inflight
+        inflight.update(clusters)
+        if self._track is not None:
+            self._track(offset, length)
+
+        def release() -> None:
+            inflight.difference_update(clusters)
+            self._inflight_q.wake_all()
+
+        return Landing(fd, host, release)
+
+    def _in_place_pieces(self, offset: int, n: int) -> list[tuple[int, int, int]] | None:
+        """``(host offset, offset in the request, length)`` of each cluster piece of guest
+        ``[offset, offset + n)`` if every cluster is allocated, COPIED, uncompressed (all of its
+        subclusters in the range allocated), not in flight, its table cached; else None."""
         pieces = []
-        pos, n = 0, len(data)
+        pos = 0
         cb, cmask, l1, ext = self.cb, self.cmask, self.l1, self.ext
         inflight = self._inflight
         while pos < n:
@@ -113,14 +159,7 @@ class WriteMixin:
                 return None
             pieces.append((host + in_c, pos, chunk))
             pos += chunk
-        for host, _p, length in pieces:
-            self._guard(host, length)
-        started = []
-        for host, p, length in pieces:
-            w = self._write_data_at(data[p : p + length], offset + p, host)
-            if w is not None:
-                started.append(w)
-        return started
+        return pieces
 
     async def _write_slow(self, offset: int, data: memoryview, fua: bool) -> None:
         """``write`` where it must wait: in place if it can, else allocating span by span."""

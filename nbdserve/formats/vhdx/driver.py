@@ -29,8 +29,11 @@ already written, else it returns the coroutine that takes the lock.
 
 Locking: ``self.lock`` (one CoMutex) guards the BAT, the log, the headers and allocation.  Data
 I/O to FULLY_PRESENT blocks runs without it: its mapping is looked up and its storage I/O
-started with no await in between.  Allocation happens only with the lock held, after re-reading the entry, so two
-writers never allocate one block twice.  BAT pages live in the shared cluster cache and are
+started with no await in between.  A payload landing by splice (``landing``) spans loop turns
+instead: its blocks are counted in ``_landings`` until it ends, and zeroing and trim (the only
+changes of a FULLY_PRESENT block's state) wait for them under the lock (``_wait_landings``).
+Allocation happens only with the lock held, after re-reading the entry, so two writers never
+allocate one block twice.  BAT pages live in the shared cluster cache and are
 never dirty there: they are updated in memory and on disk together under the lock.
 """
 
@@ -44,7 +47,7 @@ from array import array
 
 from ...cache import ClusterCache
 from ...errors import CorruptImage, ImageError, NbdError, UnsupportedImage
-from ...locks import CoMutex
+from ...locks import CoMutex, CoQueue
 from ...storage.base import Pending, Storage, joined, read_at, settled, write_zero_bytes
 from ...storage.local import LocalFile
 from ..base import (
@@ -57,6 +60,7 @@ from ..base import (
     Extent,
     FormatDriver,
     InPlaceWrites,
+    Landing,
     Limits,
     OpenOptions,
     TableReads,
@@ -168,6 +172,8 @@ class VhdxDriver(TableReads, InPlaceWrites, FormatDriver):
         self._log_dirty = False  # the header names a log_guid that flush must clear
         self._log_pos = -1  # next write position in the current log cycle; -1: no cycle open
         self._log_seq = 0
+        self._landings: dict[int, int] = {}  # block -> payloads landing in it (see ``landing``)
+        self._landed = CoQueue()  # woken when a landing ends
 
     # -- open -------------------------------------------------------------------------------
 
@@ -494,6 +500,48 @@ class VhdxDriver(TableReads, InPlaceWrites, FormatDriver):
             pos += seg
         return start_writes(self.storage, data, plan)
 
+    def landing(self, offset: int, length: int) -> Landing | None:
+        """Where blocks that ``_write_in_place`` would write form one run of file bytes (and the
+        file takes bytes by splice): the blocks are counted in ``_landings`` until ``release``.
+        Only while the lock is free: a zeroing or trim that holds it may already have read these
+        blocks' entries and be about to change them."""
+        fd = self.storage.splice_fd
+        if fd is None or not self._visible or self.lock.locked():
+            return None
+        bs, cr = self._bs, self._cr
+        first, last = offset // bs, (offset + length - 1) // bs
+        host = -1
+        for block in range(first, last + 1):
+            e = self._peek(block + block // cr)
+            if e is None or e & B.STATE_MASK != B.FULLY_PRESENT:
+                return None
+            at = (e & B.OFFSET_MASK) - (block - first) * bs
+            if block == first:
+                host = at
+            elif at != host:
+                return None  # not one run of file bytes
+        blocks = range(first, last + 1)
+        landings = self._landings
+        for block in blocks:
+            landings[block] = landings.get(block, 0) + 1
+
+        def release() -> None:
+            for block in blocks:
+                n = landings.pop(block) - 1
+                if n:
+                    landings[block] = n
+            self._landed.wake_all()
+
+        return Landing(fd, host + offset - first * bs, release)
+
+    async def _wait_landings(self, offset: int, length: int) -> None:
+        """Until no payload lands in a block of ``[offset, offset + length)``.  Called with
+        self.lock held (and ``landing`` refuses while it is held, so none starts meanwhile)."""
+        self.lock.assert_locked()
+        first, last = offset // self._bs, (offset + length - 1) // self._bs
+        while any(first <= b <= last for b in self._landings):
+            await self._landed.wait(self.lock)
+
     async def _write_slow(self, offset: int, data: memoryview, fua: bool) -> None:
         """``write`` that allocates (or carries FUA): blocks that need it under the lock."""
         bs = self._bs
@@ -672,6 +720,7 @@ class VhdxDriver(TableReads, InPlaceWrites, FormatDriver):
         refuses (ENOTSUP, before any change) whatever needs data writes."""
         geo = self.geo
         async with self.lock:
+            await self._wait_landings(offset, length)
             plan = []
             for block, in_block, seg, whole in self._segments(offset, length):
                 e = await self._entry(geo.payload_index(block))
@@ -724,6 +773,7 @@ class VhdxDriver(TableReads, InPlaceWrites, FormatDriver):
             return
         geo = self.geo
         async with self.lock:
+            await self._wait_landings(offset, length)
             changes: dict[int, int] = {}
             freed: list[int] = []
             for block, _, _, whole in self._segments(offset, length):
