@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """How much a large WRITE payload costs to land in a file: received into memory, or spliced.
 
-The server receives a WRITE payload into a buffer (``recv_into``) and writes it to the image
-(``pwritev``): two copies per byte, socket to user memory and user memory to the page cache.
+A WRITE payload received into a buffer (``recv_into``) and written to the image (``pwritev``)
+costs two copies per byte, socket to user memory and user memory to the page cache.
 ``splice(2)`` moves the socket's pages into a pipe and from the pipe into the file, so the first
-copy goes away.  This script measures that difference alone, without NBD: a child process sends
+copy goes away (the server lands large payloads so where it can: docs/landing.md).  This script measures that difference alone, without NBD: a child process sends
 ``--size`` byte payloads over a Unix stream socket (default buffers, as libnbd leaves them), and
 this process lands each one at the next offset of a file on ``--workdir`` (tmpfs by default),
 one way or the other, alternating between the two ways for ``--runs`` rounds.  The last payload

@@ -381,6 +381,13 @@ def _tuning(p: ArgumentParser) -> None:
         "are not sent within SECONDS (default 30; 0: no limit)",
     )
     g.add_argument(
+        "--payload-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="cut off a client that sends nothing for SECONDS inside a large WRITE payload the server "
+        "is putting straight into the image file (that range is held meanwhile; default 30; 0: no limit)",
+    )
+    g.add_argument(
         "--max-options", type=int, metavar="N", help="options allowed per handshake (default 32 + 4 per export)"
     )
     g.add_argument(
@@ -574,6 +581,7 @@ def config_from_args(args: argparse.Namespace, qemu_nbd: bool = False) -> Server
         cache_size=args.cache_size,
         handshake_timeout=args.handshake_timeout,
         drain_timeout=args.drain_timeout,
+        payload_timeout=args.payload_timeout,
         max_options=args.max_options,
         max_option_length=args.max_option_length,
         workers=args.workers,

@@ -101,6 +101,7 @@ class ServerConfig:
     backing_dirs: tuple[str, ...] = ()
     handshake_timeout: float = 10.0
     drain_timeout: float = 30.0  # seconds a closing connection may take to reply and send; 0: no limit
+    payload_timeout: float = 30.0  # seconds a client may pause inside a landing WRITE payload; 0: no limit
     max_options: int = 0  # 0: 32 + 4 per export
     max_option_length: int = 64 << 10
     max_requests: int = 64  # requests in flight per connection
@@ -243,6 +244,7 @@ _SERVER_FIELDS = (
     "backing_dirs",
     "handshake_timeout",
     "drain_timeout",
+    "payload_timeout",
     "max_options",
     "max_option_length",
     "max_requests",
@@ -532,6 +534,8 @@ def _validate_running(cfg: ServerConfig) -> None:
         raise ConfigError(f"reload-grace must be >= 0, not {cfg.reload_grace}")
     if cfg.drain_timeout < 0:
         raise ConfigError(f"drain-timeout must be >= 0, not {cfg.drain_timeout}")
+    if cfg.payload_timeout < 0:
+        raise ConfigError(f"payload-timeout must be >= 0, not {cfg.payload_timeout}")
     if cfg.log_format not in LOG_FORMATS:
         raise ConfigError(f"log-format must be text or json, not {cfg.log_format!r}")
     if cfg.log not in DESTINATIONS and "/" not in cfg.log:

@@ -2,7 +2,8 @@
 
 Owns: reads and writes passed straight to the storage (``read``/``write`` return the storage's
 own Pending: None on a local file), runs of sequential writes as one storage write
-(``vectored``: a local file's one ``pwritev``), block status from the storage's ``extent`` (a
+(``vectored``: a local file's one ``pwritev``), landings at the same offsets in the file
+(``landing``, docs/landing.md), block status from the storage's ``extent`` (a
 host hole is ALLOCATED|ZERO: it reads as zeroes and no backing image sits below raw), TRIM by
 the storage's discard (punching holes), WRITE_ZEROES by its native zeroing (unmapping when
 allowed), "fast" only when that works.

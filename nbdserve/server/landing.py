@@ -26,6 +26,9 @@ Invariants:
     taken off the socket (and discarded), so the connection stays in step; ``done`` gets the
     first error, and the request's error reply follows.  A socket error or end of stream is
     ``done(ConnectionError)``: the session ends the connection.
+  * A landing holds its range (other writes and trims of it wait, see docs/landing.md), so a
+    client may not pause inside the payload for long: after ``stall`` seconds without a byte
+    (``--payload-timeout``) the landing ends with ``done(ConnectionError)`` too.
   * ``close`` (the connection is gone) removes the reader before anything else can run, so no
     byte is written after it; ``done`` is then never called.
 """
@@ -62,20 +65,33 @@ class Splicer:
         self._left = 0
         self._error: OSError | None = None
         self._done: Callable[[BaseException | None], None] | None = None
+        self._stall = 0.0
+        self._last = 0.0  # loop time of the last byte taken
+        self._timer: asyncio.TimerHandle | None = None
 
     @property
     def busy(self) -> bool:
         return self._done is not None
 
     def start(
-        self, dest: int, offset: int, received: memoryview, left: int, done: Callable[[BaseException | None], None]
+        self,
+        dest: int,
+        offset: int,
+        received: memoryview,
+        left: int,
+        done: Callable[[BaseException | None], None],
+        stall: float = 0.0,
     ) -> None:
         """Land a payload at ``offset`` of the file ``dest``: ``received`` (its first bytes,
         already read from the socket) now, then the ``left`` bytes that follow in the socket as
-        they arrive.  ``done(error)`` is called once, from the loop, when all of them are taken.
-        The caller has stopped its transport reading and keeps ``dest`` open until then."""
+        they arrive.  ``done(error)`` is called once, from the loop, when all of them are taken
+        (or none came for ``stall`` seconds; 0: no limit).  The caller has stopped its transport
+        reading and keeps ``dest`` open until then."""
         assert self._done is None, "one payload at a time"
         self._dest, self._offset, self._left, self._error, self._done = dest, offset, left, None, done
+        self._stall, self._last = stall, self.loop.time()
+        if stall > 0:
+            self._timer = self.loop.call_later(stall, self._check_stall)
         pos = 0
         while pos < len(received) and self._error is None:
             try:
@@ -98,6 +114,7 @@ class Splicer:
             if n == 0:
                 self._finish(ConnectionError("the client closed the connection inside a WRITE payload"))
                 return
+            self._last = self.loop.time()
             self._left -= n
             self._empty_pipe(n)
         self._finish(self._error)
@@ -117,7 +134,18 @@ class Splicer:
             self._offset += m
             n -= m
 
+    def _check_stall(self) -> None:
+        quiet = self.loop.time() - self._last
+        if quiet < self._stall:
+            self._timer = self.loop.call_later(self._stall - quiet, self._check_stall)
+            return
+        self._timer = None
+        self._finish(ConnectionError(f"no byte of a WRITE payload for {self._stall:g} s"))
+
     def _finish(self, error: BaseException | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self.loop.remove_reader(self._sock)
         done, self._done = self._done, None
         self._dest = -1
@@ -126,6 +154,9 @@ class Splicer:
 
     def close(self) -> None:
         """The connection is gone: stop (``done`` is not called) and release the descriptors."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self.loop.remove_reader(self._sock)
         self._done = None
         for fd in (self._sock, self._pipe_r, self._pipe_w):

@@ -35,7 +35,12 @@ The call chains (see ``nbdserve.image`` for the layers below):
     view of the receive buffer, or a large payload's own buffer), and the reply.  On an image
     that takes runs (``Image.vectored``: raw), sequential in-range plain WRITEs of one receive go
     down as one write of their payloads (one ``pwritev``).  A write that must wait keeps its view
-    of the receive buffer, so the parser is told to ``detach`` from that buffer.
+    of the receive buffer, so the parser is told to ``detach`` from that buffer.  A large payload
+    still arriving when its header is parsed may land instead: ``_pump`` -> ``next_event`` (None:
+    the payload is in progress) -> ``_land``: ``Image.landing`` says where the range lives in a
+    local file, and the rest of the payload goes from the socket into it by splice
+    (``server.landing``; docs/landing.md), the transport not reading meanwhile; the reply when
+    all of it is in.
 
 Invariants:
   * At most ``max_requests`` requests and ``max_inflight_bytes`` bytes are in flight per
@@ -702,7 +707,7 @@ class Session(asyncio.BufferedProtocol):
             elif not self._pumping:
                 self._pump()
 
-        self._splicer.start(target.fd, target.offset, received, left, landed)
+        self._splicer.start(target.fd, target.offset, received, left, landed, self.cfg.payload_timeout)
 
     def _wait(self, pending, req: Request, cost: int, reply, count: int = 1) -> None:
         """Drive ``pending`` (``coro.start``: no Task) with ``req`` counted in flight; then

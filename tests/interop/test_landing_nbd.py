@@ -17,7 +17,8 @@ clients over real sockets (Unix and TCP):
   * a file error in the middle of a landing (the server runs under RLIMIT_FSIZE, so the kernel
     refuses writes past that size with EFBIG) answers that request with an error, and the same
     connection goes on serving; the counter does not count it;
-  * a client that disconnects inside a payload ends only its connection;
+  * a client that disconnects inside a payload ends only its connection; one that pauses inside
+    it for `--payload-timeout` seconds is cut off, and what its landing held is free again;
   * direct I/O (``--cache=none``) and TLS never land (the counter stays 0) and write correctly.
 """
 
@@ -270,3 +271,29 @@ def test_vhdx_trim_waits_for_a_landing_in_its_block(tmp_path):
         f.seek(host)
         assert f.read(MiB) == bytes(MiB)  # punched after the landing, not landed in after the punch
     check_clean(img, "vhdx")
+
+
+def test_client_pausing_inside_a_landing_is_cut_off_and_its_range_freed(tmp_path):
+    """--payload-timeout: A stops inside a payload landing in qcow2 clusters; B's trim of them
+    waits, A is cut off after the timeout (one log line), and B's trim then completes."""
+    img = tmp_path / "t.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", img, str(16 * MiB))
+    qemu_io("qcow2", img, "write -P 0x11 0 1M")
+    port = free_port()
+    with serve(tmp_path, "--metrics", f"127.0.0.1:{port}", "--payload-timeout", "1", "-f", "qcow2", img) as srv:
+        b = nbd_connect(srv.uri)
+        assert b.pread(512, 0) == b"\x11" * 512
+        with raw.RawClient(srv.sock) as a:
+            a.greet()
+            a.go()
+            a.request(raw.CMD_WRITE, 1, 0, MiB, payload=b"\xaa" * (200 * 1024))
+            wait_in_flight(port, 1)
+            trim = b.aio_trim(MiB, 0)
+            assert a.wait_closed(timeout=30)
+        while b.aio_in_flight():
+            b.poll(-1)
+        assert b.aio_command_completed(trim)
+        assert b.pread(MiB, 0) == bytes(MiB)
+        assert srv.log_lines("no byte of a WRITE payload for 1 s")
+        b.shutdown()
+    check_clean(img, "qcow2")

@@ -170,3 +170,32 @@ def test_close_stops_the_landing_without_calling_done(tmp_path, loop):
         os.close(fd)
         a.close()
         b.close()
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_payload_that_stops_arriving_ends_after_the_stall_limit(tmp_path, loop):
+    path = tmp_path / "image"
+    path.write_bytes(bytes(1 << 20))
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    fd = os.open(path, os.O_RDWR)
+    try:
+
+        async def main():
+            finished = asyncio.get_running_loop().create_future()
+            splicer = Splicer(asyncio.get_running_loop(), a.fileno())
+            t0 = asyncio.get_running_loop().time()
+            splicer.start(fd, 0, memoryview(b""), 100_000, finished.set_result, stall=0.3)
+            b.sendall(b"\x04" * 1000)  # progress first: the limit counts from the last byte
+            err = await asyncio.wait_for(finished, 30)
+            splicer.close()
+            return err, asyncio.get_running_loop().time() - t0
+
+        err, took = run(loop, main)
+        assert isinstance(err, ConnectionError) and "no byte" in str(err)
+        assert took >= 0.3
+        assert path.read_bytes()[:1001] == b"\x04" * 1000 + b"\x00"
+    finally:
+        os.close(fd)
+        a.close()
+        b.close()

@@ -30,7 +30,10 @@ Locking (every mixin follows it):
     reads may wait) the planner (locked) registers each cluster it will change in
     ``self._inflight``; the data I/O (copy-on-write reads, writes) runs unlocked; the linker
     (locked) updates the L2 entries, unregisters and wakes ``self._inflight_q``.  A writer, zero
-    or trim touching an in-flight cluster waits there and looks the cluster up again.  Without a
+    or trim touching an in-flight cluster waits there and looks the cluster up again.
+  * A payload landing by splice (``landing``, docs/landing.md) registers its allocated COPIED
+    clusters in ``self._inflight`` too, while the lock is free, until the session releases it:
+    nothing frees or reallocates them while the payload still arrives.  Without a
     backing file nothing in the data phase can wait, so plan, data and link run in one critical
     section.
 
