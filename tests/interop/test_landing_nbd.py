@@ -203,6 +203,18 @@ def wait_in_flight(port: int, n: int) -> None:
     raise AssertionError(f"never {n} requests in flight")
 
 
+@contextlib.contextmanager
+def landing_begun(srv, port: int):
+    """A raw client ("A") that sent a 1 MiB WRITE at 0 and 200 KiB of its payload, once the
+    server shows it in flight (its landing has begun)."""
+    with raw.RawClient(srv.sock) as a:
+        a.greet()
+        a.go()
+        a.request(raw.CMD_WRITE, 1, 0, MiB, payload=b"\xaa" * (200 * 1024))
+        wait_in_flight(port, 1)
+        yield a
+
+
 def test_qcow2_trim_waits_for_a_landing_in_its_clusters(tmp_path):
     """Connection A sends a 1 MiB WRITE to allocated clusters and stops inside the payload (the
     landing has begun: the export shows one request in flight); B trims those clusters; C writes
@@ -216,11 +228,7 @@ def test_qcow2_trim_waits_for_a_landing_in_its_clusters(tmp_path):
     with serve(tmp_path, "--metrics", f"127.0.0.1:{port}", "-f", "qcow2", img) as srv:
         b, c = nbd_connect(srv.uri), nbd_connect(srv.uri)
         assert b.pread(512, 0) == b"\x11" * 512  # the L2 table cached: the clusters can take a landing
-        with raw.RawClient(srv.sock) as a:
-            a.greet()
-            a.go()
-            a.request(raw.CMD_WRITE, 1, 0, MiB, payload=b"\xaa" * (200 * 1024))
-            wait_in_flight(port, 1)  # A's landing has begun
+        with landing_begun(srv, port) as a:
             trim = b.aio_trim(MiB, 0)
             wait_in_flight(port, 2)  # and B's trim is waiting
             new = random.Random(4).randbytes(MiB)
@@ -252,11 +260,7 @@ def test_vhdx_trim_waits_for_a_landing_in_its_block(tmp_path):
     with serve(tmp_path, "--metrics", f"127.0.0.1:{port}", "-f", "vhdx", img) as srv:
         b = nbd_connect(srv.uri)
         b.pwrite(b"\x22", 4 * MiB)  # this session's header is written: present blocks take landings
-        with raw.RawClient(srv.sock) as a:
-            a.greet()
-            a.go()
-            a.request(raw.CMD_WRITE, 1, 0, MiB, payload=b"\xaa" * (200 * 1024))
-            wait_in_flight(port, 1)  # A's landing has begun
+        with landing_begun(srv, port) as a:
             trim = b.aio_trim(MiB, 0)
             wait_in_flight(port, 2)  # and B's trim is waiting
             a.send(b"\xaa" * (MiB - 200 * 1024))
@@ -283,11 +287,7 @@ def test_client_pausing_inside_a_landing_is_cut_off_and_its_range_freed(tmp_path
     with serve(tmp_path, "--metrics", f"127.0.0.1:{port}", "--payload-timeout", "1", "-f", "qcow2", img) as srv:
         b = nbd_connect(srv.uri)
         assert b.pread(512, 0) == b"\x11" * 512
-        with raw.RawClient(srv.sock) as a:
-            a.greet()
-            a.go()
-            a.request(raw.CMD_WRITE, 1, 0, MiB, payload=b"\xaa" * (200 * 1024))
-            wait_in_flight(port, 1)
+        with landing_begun(srv, port) as a:
             trim = b.aio_trim(MiB, 0)
             assert a.wait_closed(timeout=30)
         while b.aio_in_flight():

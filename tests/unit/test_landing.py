@@ -8,6 +8,7 @@ the payload (the next request, as far as the splicer knows) must stay in the soc
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import socket
@@ -60,18 +61,28 @@ async def land(sock: socket.socket, dest: int, offset: int, prefix: bytes, left:
         splicer.close()
 
 
+@contextlib.contextmanager
+def wired(path, content: bytes, flags: int = os.O_RDWR):
+    """(receiving socket, sending socket, descriptor of ``path`` holding ``content``)."""
+    path.write_bytes(content)
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    fd = os.open(path, flags)
+    try:
+        yield a, b, fd
+    finally:
+        os.close(fd)
+        a.close()
+        b.close()
+
+
 @pytest.mark.parametrize("loop", LOOPS)
 @pytest.mark.parametrize("offset", [0, 1, 4095, 1 << 20])
 def test_payload_lands_at_its_offset_and_nothing_after_it_is_taken(tmp_path, loop, offset):
     size, prefix_len = (3 << 20) + 7, 12345  # more than one pipe's worth
     payload = random.Random(offset).randbytes(size)
     old = random.Random(-1).randbytes(8 << 20)
-    path = tmp_path / "image"
-    path.write_bytes(old)
-    a, b = socket.socketpair()
-    a.setblocking(False)
-    fd = os.open(path, os.O_RDWR)
-    try:
+    with wired(tmp_path / "image", old) as (a, b, fd):
 
         async def main():
             sender = send_in_pieces(b, payload[prefix_len:] + NEXT, offset)
@@ -82,13 +93,9 @@ def test_payload_lands_at_its_offset_and_nothing_after_it_is_taken(tmp_path, loo
         assert run(loop, main) is None
         want = bytearray(old)
         want[offset : offset + size] = payload
-        assert path.read_bytes() == want
+        assert (tmp_path / "image").read_bytes() == want
         a.setblocking(True)
         assert a.recv(100) == NEXT
-    finally:
-        os.close(fd)
-        a.close()
-        b.close()
 
 
 @pytest.mark.parametrize("loop", LOOPS)
@@ -99,11 +106,7 @@ def test_file_error_still_takes_exactly_the_payload_off_the_socket(tmp_path, loo
     size = (2 << 20) + 3
     payload = random.Random(2).randbytes(size)
     path = tmp_path / "appending"
-    path.write_bytes(b"")
-    a, b = socket.socketpair()
-    a.setblocking(False)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
-    try:
+    with wired(path, b"", os.O_WRONLY | os.O_APPEND) as (a, b, fd):
 
         async def main():
             sender = send_in_pieces(b, payload[prefix_len:] + NEXT, 3)
@@ -116,42 +119,25 @@ def test_file_error_still_takes_exactly_the_payload_off_the_socket(tmp_path, loo
         assert path.stat().st_size == prefix_len  # nothing after the error was written
         a.setblocking(True)
         assert a.recv(100) == NEXT
-    finally:
-        os.close(fd)
-        a.close()
-        b.close()
 
 
 @pytest.mark.parametrize("loop", LOOPS)
 def test_peer_gone_inside_the_payload_is_a_connection_error(tmp_path, loop):
-    path = tmp_path / "image"
-    path.write_bytes(bytes(1 << 20))
-    a, b = socket.socketpair()
-    a.setblocking(False)
-    fd = os.open(path, os.O_RDWR)
-    try:
+    with wired(tmp_path / "image", bytes(1 << 20)) as (a, b, fd):
 
         async def main():
             b.sendall(b"\x01" * 5000)
-            b.close()
+            b.shutdown(socket.SHUT_WR)
             return await land(a, fd, 0, b"", 100_000)
 
         assert isinstance(run(loop, main), ConnectionError)
-        assert path.read_bytes()[:5001] == b"\x01" * 5000 + b"\x00"
-    finally:
-        os.close(fd)
-        a.close()
+        assert (tmp_path / "image").read_bytes()[:5001] == b"\x01" * 5000 + b"\x00"
 
 
 @pytest.mark.parametrize("loop", LOOPS)
 def test_close_stops_the_landing_without_calling_done(tmp_path, loop):
-    path = tmp_path / "image"
-    path.write_bytes(bytes(1 << 20))
-    a, b = socket.socketpair()
-    a.setblocking(False)
-    fd = os.open(path, os.O_RDWR)
     calls = []
-    try:
+    with wired(tmp_path / "image", bytes(1 << 20)) as (a, b, fd):
 
         async def main():
             splicer = Splicer(asyncio.get_running_loop(), a.fileno())
@@ -165,21 +151,12 @@ def test_close_stops_the_landing_without_calling_done(tmp_path, loop):
 
         run(loop, main)
         assert calls == []
-        assert b"\x03" not in path.read_bytes()
-    finally:
-        os.close(fd)
-        a.close()
-        b.close()
+        assert b"\x03" not in (tmp_path / "image").read_bytes()
 
 
 @pytest.mark.parametrize("loop", LOOPS)
 def test_a_payload_that_stops_arriving_ends_after_the_stall_limit(tmp_path, loop):
-    path = tmp_path / "image"
-    path.write_bytes(bytes(1 << 20))
-    a, b = socket.socketpair()
-    a.setblocking(False)
-    fd = os.open(path, os.O_RDWR)
-    try:
+    with wired(tmp_path / "image", bytes(1 << 20)) as (a, b, fd):
 
         async def main():
             finished = asyncio.get_running_loop().create_future()
@@ -194,8 +171,4 @@ def test_a_payload_that_stops_arriving_ends_after_the_stall_limit(tmp_path, loop
         err, took = run(loop, main)
         assert isinstance(err, ConnectionError) and "no byte" in str(err)
         assert took >= 0.3
-        assert path.read_bytes()[:1001] == b"\x04" * 1000 + b"\x00"
-    finally:
-        os.close(fd)
-        a.close()
-        b.close()
+        assert (tmp_path / "image").read_bytes()[:1001] == b"\x04" * 1000 + b"\x00"
