@@ -146,6 +146,8 @@ class RequestParser:
 
     def get_buffer(self) -> memoryview:
         if self._state == _PAYLOAD:
+            if self._pview is None:
+                self._take_prefix()
             return self._pview[self._pfill :]
         if self._buf is None:
             self._buf = self._take()
@@ -196,7 +198,7 @@ class RequestParser:
             req, self._ready = self._ready, None
             return req
         if self._state == _PAYLOAD:
-            return self._finish_payload() if self._pfill == len(self._pview) else None
+            return self._finish_payload() if self._pview is not None and self._pfill == len(self._pview) else None
         if self._state == _DRAIN:
             avail = self._end - self._start
             n = min(avail, self._drain)
@@ -243,14 +245,22 @@ class RequestParser:
             if not self._drain:
                 self._state = _HEADER
             return req
-        n = min(self._end - start, payload_len)
         self._pending = req
-        self._pview = memoryview(self._take_payload(payload_len))[:payload_len]
-        self._pview[:n] = self._view[start : start + n]
-        self._start = start + n
-        self._pfill = n
+        self._pfill = min(self._end - start, payload_len)
         self._state = _PAYLOAD
-        return self._finish_payload() if n == payload_len else None
+        if self._pfill < payload_len:
+            return None  # its first bytes stay in the receive buffer until _take_prefix
+        self._take_prefix()
+        return self._finish_payload()
+
+    def _take_prefix(self) -> None:
+        """Give the payload in progress its own buffer, holding the bytes of it received with its
+        header (until now left in the receive buffer, for ``payload_in_progress``)."""
+        n, length = self._pfill, self._pending.length
+        self._pview = memoryview(self._take_payload(length))[:length]
+        if n:  # (with none, the receive buffer may have been handed back: release_idle)
+            self._pview[:n] = self._view[self._start : self._start + n]
+            self._start += n
 
     def next_plain(
         self, *, max_count: int, max_bytes: int, max_read: int, writes: bool
@@ -291,11 +301,15 @@ class RequestParser:
         return out
 
     def payload_in_progress(self) -> tuple[Request, memoryview, int] | None:
-        """While a large payload is being received into its own buffer: its request, the payload
-        bytes received so far and the number still to come; else None."""
-        if self._state != _PAYLOAD or self._pfill == len(self._pview):
+        """While a large payload is being received: its request, the payload bytes received so
+        far (a view valid until the next ``get_buffer``, ``detach`` or ``release_idle``) and the
+        number still to come; else None."""
+        if self._state != _PAYLOAD:
             return None
-        return self._pending, self._pview[: self._pfill], len(self._pview) - self._pfill
+        req, n = self._pending, self._pfill
+        if self._pview is None:  # its first bytes are still where they were received
+            return req, self._view[self._start : self._start + n] if n else memoryview(b""), req.length - n
+        return (req, self._pview[:n], req.length - n) if n < req.length else None
 
     def payload_taken(self) -> Request:
         """The caller takes the rest of the payload in progress off the stream itself, and must
@@ -303,6 +317,8 @@ class RequestParser:
         ``payload`` None); the parser now expects the next header."""
         req = self._pending
         assert self._state == _PAYLOAD and req is not None
+        if self._pview is None:
+            self._start += self._pfill
         self._pending, self._pview = None, None
         self._state = _HEADER
         return req

@@ -679,7 +679,6 @@ class Session(asyncio.BufferedProtocol):
                 log.debug("%s: cannot splice: %s", self.peer, e)
                 target.release()
                 return
-        self.parser.payload_taken()
         self._landing = target
         self._update_reading()
         self.inflight += 1
@@ -708,6 +707,7 @@ class Session(asyncio.BufferedProtocol):
                 self._pump()
 
         self._splicer.start(target.fd, target.offset, received, left, landed, self.cfg.payload_timeout)
+        self.parser.payload_taken()  # (``received`` was a view of the receive buffer: written now)
 
     def _wait(self, pending, req: Request, cost: int, reply, count: int = 1) -> None:
         """Drive ``pending`` (``coro.start``: no Task) with ``req`` counted in flight; then

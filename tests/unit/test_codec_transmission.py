@@ -605,3 +605,22 @@ def test_next_plain_waits_while_a_payload_is_pending() -> None:
     parser.receive_data(h(f"6364 {PLAIN_READ_1}"))
     assert parser.next_plain(max_count=8, max_bytes=1 << 20, max_read=1 << 20, writes=True) == []  # the WRITE first
     assert fields(parser.next_event()) == (C.CMD_WRITE, 0, COOKIE, 0, 4, b"abcd", False)
+
+
+def test_large_payload_whose_header_came_alone_survives_the_buffer_handed_back() -> None:
+    """A WRITE header received without any of its (large) payload: the receive buffer holds no
+    unparsed byte, so ``release_idle`` hands it back; the payload is then received into its own
+    buffer, or taken by the caller, all the same."""
+    given = []
+    parser = RequestParser(inline_max=0x800, give_buffer=given.append)
+    parser.receive_data(h(f"{REQ} 0000 0001 {CK} 0000000000000000 00001000"))
+    assert parser.next_event() is None
+    parser.release_idle()
+    assert len(given) == 1
+    req, received, left = parser.payload_in_progress()
+    assert (req.length, bytes(received), left) == (0x1000, b"", 0x1000)
+    buf = parser.get_buffer()
+    assert len(buf) == 0x1000
+    buf[:] = b"\x09" * 0x1000
+    parser.buffer_updated(0x1000)
+    assert bytes(parser.next_event().payload) == b"\x09" * 0x1000
