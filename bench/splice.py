@@ -4,12 +4,13 @@
 A WRITE payload received into a buffer (``recv_into``) and written to the image (``pwritev``)
 costs two copies per byte, socket to user memory and user memory to the page cache.
 ``splice(2)`` moves the socket's pages into a pipe and from the pipe into the file, so the first
-copy goes away (the server lands large payloads so where it can: docs/landing.md).  This script measures that difference alone, without NBD: a child process sends
-``--size`` byte payloads over a Unix stream socket (default buffers, as libnbd leaves them), and
-this process lands each one at the next offset of a file on ``--workdir`` (tmpfs by default),
-one way or the other, alternating between the two ways for ``--runs`` rounds.  The last payload
-of each run is checked against what was sent.  It prints the receiver's throughput and CPU per
-MiB (user + system, from ``getrusage``) for each run.
+copy goes away (the server lands large payloads so where it can: docs/landing.md).  This script
+measures that difference alone, without NBD: a child process sends ``--size`` byte payloads over
+a Unix stream socket (default buffers, as libnbd leaves them), and this process lands each one at
+the next offset of a file on ``--workdir`` (tmpfs by default), one way or the other, alternating
+between the two ways for ``--runs`` rounds.  The last payload of each run is checked against what
+was sent.  It prints the receiver's throughput and CPU per MiB (user + system, from
+``getrusage``) for each run.
 
 Run from the repository: ``.venv/bin/python bench/splice.py`` (standard library only, Linux).
 """
