@@ -22,6 +22,13 @@ method, and a slow case that starts over after an await looks the tables up agai
 ``data`` belongs to the caller again once it has completed.  Only a driver with ``vectored`` set
 is given a list of buffers (one guest-contiguous run written as one ``storage.write``).
 
+Landings: a large WRITE payload may go from the socket straight into the image file instead of
+through ``write`` (docs/landing.md).  ``landing(offset, length)`` answers synchronously where the
+range lies, byte for byte, in a file that takes bytes by splice (``Landing``), and then keeps it
+there until ``Landing.release``, though many loop turns pass: raw (the identity), qcow2
+(allocated COPIED clusters, registered in flight so that zeroing, trim and allocation wait) and
+VHDX (FULLY_PRESENT blocks, which zeroing and trim wait for) answer; the others never do.
+
 Block status: ``block_status(offset, length)`` describes ONE run starting at ``offset`` (length
 ``<= length``); the image layer loops, merges runs and walks the backing chain.  ``offset`` and
 ``length`` are multiples of ``limits.align`` like every other call (the image layer widens an
@@ -71,7 +78,7 @@ synchronously or through its Pending.
 Locking: each driver documents, at every method that assumes it, which lock it holds.  Metadata
 (tables, refcounts, headers, allocation cursors) changes only under the driver's CoMutex; data I/O
 to allocated clusters happens outside it, its mapping looked up and its storage I/O started with
-no await in between.
+no await in between (a landing, which spans awaits, holds its range as said above).
 """
 
 from __future__ import annotations
