@@ -391,7 +391,17 @@ def make_image(fmt: str, data: Path, workdir: Path) -> Path:
         (workdir / KEY_FILE).write_bytes(b"nbdserve bench passphrase")
         secret = f"secret,id=benchkey,file={workdir / KEY_FILE}"
         opts = ["--object", secret, "-o", f"{KEYED[fmt]}=benchkey,iter-time=100", *opts]
-    run(["qemu-img", "convert", "-f", "raw", "-O", fmt, *opts, str(data), str(img)])
+    for _attempt in range(20):
+        try:
+            run(["qemu-img", "convert", "-f", "raw", "-O", fmt, *opts, str(data), str(img)])
+            break
+        except RuntimeError as e:
+            # QEMU's PBKDF benchmark times its first round with the thread's CPU clock and gives
+            # up when that clock has not moved, which a busy machine makes happen now and then.
+            if "accurate CPU usage" not in str(e):
+                raise
+    else:
+        raise RuntimeError(f"qemu-img convert -O {fmt}: its PBKDF benchmark failed 20 times")
     return img
 
 

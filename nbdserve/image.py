@@ -45,7 +45,7 @@ The call chains (session -> image -> driver -> storage):
     of the payload buffer, or of a run of payloads on a vectored image; slow case: a coroutine
     that allocates under the driver lock).  A large payload may land instead (docs/landing.md):
     ``Session._land`` -> ``Image.landing`` (whole sectors, the rwlock shared) ->
-    ``driver.landing`` (raw, qcow2, VHDX: where the range lies in the file, held there until
+    ``driver.landing`` (raw, qcow2, QED, VHDX: where the range lies in the file, held there until
     ``Landing.release``) -> splice into ``storage.splice_fd``.
   * BLOCK_STATUS: ``Session._block_status`` -> ``Image.runs`` -> ``driver.block_status`` (asked
     about whole sectors, answering in whole sectors) -> the cluster cache and ``storage.extent``.

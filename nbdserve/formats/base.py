@@ -26,8 +26,9 @@ Landings: a large WRITE payload may go from the socket straight into the image f
 through ``write`` (docs/landing.md).  ``landing(offset, length)`` answers synchronously where the
 range lies, byte for byte, in a file that takes bytes by splice (``Landing``), and then keeps it
 there until ``Landing.release``, though many loop turns pass: raw (the identity), qcow2
-(allocated COPIED clusters, registered in flight so that zeroing, trim and allocation wait) and
-VHDX (FULLY_PRESENT blocks, which zeroing and trim wait for) answer; the others never do.
+(allocated COPIED clusters, registered in flight so that zeroing, trim and allocation wait), QED
+(data clusters, which never move while the image is open) and VHDX (FULLY_PRESENT blocks, which
+zeroing and trim wait for) answer; the others never do.
 
 Block status: ``block_status(offset, length)`` describes ONE run starting at ``offset`` (length
 ``<= length``); the image layer loops, merges runs and walks the backing chain.  ``offset`` and

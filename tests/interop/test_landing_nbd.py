@@ -4,8 +4,8 @@ The landing is the WRITE route's case for a payload still arriving once its head
 Prometheus counter ``nbdserve_write_spliced_bytes`` shows it was taken.  Shown here, with real
 clients over real sockets (Unix and TCP):
   * libnbd writes of 128 KiB to 4 MiB at offsets of every alignment, many in flight at once,
-    land byte for byte in raw, in allocated qcow2 clusters and in present VHDX blocks (the image
-    equals the model:
+    land byte for byte in raw, in allocated qcow2 and QED clusters and in present VHDX blocks
+    (the image equals the model:
     compared by ``qemu-img compare``, checked by ``qemu-img check``; reads through NBD too),
     and qemu-io's writes as well; requests that follow a landed payload on the same connection
     are parsed in step;
@@ -19,6 +19,7 @@ clients over real sockets (Unix and TCP):
     connection goes on serving; the counter does not count it;
   * a client that disconnects inside a payload ends only its connection; one that pauses inside
     it for `--payload-timeout` seconds is cut off, and what its landing held is free again;
+  * compact and extended request headers both land (a raw client for the latter);
   * direct I/O (``--cache=none``) and TLS never land (the counter stays 0) and write correctly.
 """
 
@@ -64,7 +65,9 @@ def image(tmp_path: Path, size: int = SIZE, fmt: str = "raw") -> tuple[Path, byt
     return path, data
 
 
-@pytest.mark.parametrize(("fmt", "tcp"), [("raw", False), ("raw", True), ("qcow2", False), ("vhdx", False)])
+@pytest.mark.parametrize(
+    ("fmt", "tcp"), [("raw", False), ("raw", True), ("qcow2", False), ("qed", False), ("vhdx", False)]
+)
 def test_large_writes_at_every_alignment_land_exactly(tmp_path, fmt, tcp):
     path, model = image(tmp_path, fmt=fmt)
     port = free_port()
@@ -112,6 +115,26 @@ def test_large_writes_at_every_alignment_land_exactly(tmp_path, fmt, tcp):
         check_clean(path, fmt)
     qemu_img("compare", "-q", "-f", fmt, "-F", "raw", path, want)
     assert landed >= 1500000  # at least qemu-io's write was landed too (more than its first part)
+
+
+@pytest.mark.parametrize("extended", [False, True], ids=["compact", "extended"])
+def test_raw_client_landings_under_both_header_kinds(tmp_path, extended):
+    """Extended headers (which libnbd 1.14 does not speak) carry the payload length in the
+    header: landed writes at odd offsets, each followed at once by a READ of what it wrote."""
+    path, model = image(tmp_path, 8 * MiB)
+    port = free_port()
+    rng = random.Random(13)
+    with serve(tmp_path, "--metrics", f"127.0.0.1:{port}", "-f", "raw", path) as srv:
+        with raw.RawClient(srv.sock) as c:
+            c.greet()
+            c.go(extended=extended)
+            for off, n in ((1, MiB), (4097, 3 * MiB + 5), (7 * MiB - 300_001, 300_000)):
+                data = rng.randbytes(n)
+                assert c.pwrite(off, data).error == 0
+                model[off : off + n] = data
+                assert c.pread(off, n) == data
+        assert spliced(port) > 0
+    assert path.read_bytes() == model
 
 
 @contextlib.contextmanager

@@ -31,7 +31,8 @@ Zero clusters (L2 entry 1) read as zeroes.  A partial write into one fills the r
 cluster with zeroes, never with backing data (QEMU 7.2 copies backing data there; we follow the
 spec).  WRITE_ZEROES and TRIM turn whole unallocated or zero clusters into zero clusters and zero
 allocated clusters in place (punching host holes where allowed).  So a data cluster, once mapped,
-never moves or goes away while the image is open: ``map_now`` answers stay true.
+never moves or goes away while the image is open: ``map_now`` answers stay true, and a landing
+(``landing``, docs/landing.md) needs nothing held.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ from ..base import (
     Extent,
     FormatDriver,
     InPlaceWrites,
+    Landing,
     Limits,
     OpenOptions,
     TableReads,
@@ -359,6 +361,35 @@ class QedDriver(TableReads, InPlaceWrites, FormatDriver):
             await settled(joined(pendings))
         if fua:
             await self.storage.flush()
+
+    def landing(self, offset: int, length: int) -> Landing | None:
+        """Where clusters that ``_write_in_place`` would write form one run of file bytes (and the
+        file takes bytes by splice).  Nothing to hold: a data cluster never moves or goes away
+        while the image is open (see the module docstring)."""
+        fd = self.storage.splice_fd
+        if fd is None:
+            return None
+        end, pos, shift = offset + length, offset, self.l1_shift
+        first = -1
+        while pos < end:
+            l1_index = pos >> shift
+            table = self._peek_table(l1_index)
+            if table is None or table is NO_TABLE:
+                return None
+            try:
+                kind, run_end, host = self._run(table, pos, min(end, (l1_index + 1) << shift), True)
+            except NbdError:  # a bad entry: ``write`` reports it
+                return None
+            if kind != RUN_DATA or (first >= 0 and host != first + pos - offset):
+                return None
+            if first < 0:
+                first = host
+            pos = run_end
+        try:
+            self._guard(first, length)
+        except CorruptImage:  # over a table: ``write`` refuses it
+            return None
+        return Landing(fd, first)
 
     def _write_in_place(self, offset: int, data: memoryview) -> list | None:
         """Start the writes without the lock if every cluster is allocated and its L2 table cached
