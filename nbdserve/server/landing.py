@@ -40,7 +40,6 @@ import fcntl
 import os
 from collections.abc import Callable
 
-F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ from Python 3.10 on; spelled out for older ones
 PIPE_SIZE = 1 << 20  # asked for; the kernel caps it at /proc/sys/fs/pipe-max-size for the unprivileged
 _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 
@@ -57,7 +56,7 @@ class Splicer:
             os.close(self._sock)
             raise
         try:
-            self.capacity = fcntl.fcntl(self._pipe_w, F_SETPIPE_SZ, PIPE_SIZE)
+            self.capacity = fcntl.fcntl(self._pipe_w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
         except OSError:
             self.capacity = 1 << 16  # the kernel's default pipe size
         self._dest = -1
