@@ -13,15 +13,24 @@ only the pipe-to-file step copies.  ``bench/splice.py`` measures the difference 
 How: the session stops its transport reading (the rest of the payload waits in the kernel), the
 part of the payload already received is written with ``pwrite``, and a reader on the duplicated
 descriptor (the loop refuses a second reader on the transport's own) moves what the socket holds
-into the pipe (``SPLICE_F_NONBLOCK``: the pipe is empty before each move, so EAGAIN means the
-socket is drained) and from the pipe to the file at the next offset, until ``length`` bytes are
-in.  Then ``done(error)`` is called once and the session resumes its transport, whose next
-bytes are the next request's header.
+into the pipe (``SPLICE_F_NONBLOCK``) and from the pipe to the file at the next offset, until
+``length`` bytes are in.  Then ``done(error)`` is called once and the session resumes its
+transport, whose next bytes are the next request's header.
+
+Whole grains: the socket hands over bytes in pieces of any size, but the file is only ever
+written up to a multiple of ``GRAIN`` (4 KiB, by file offset; the payload's own end is the one
+exception).  The bytes after the last such boundary wait in the pipe for the next piece.  So a
+server killed between two moves leaves the payload's landed part ending on a page boundary of the
+file, where a killed ``pwrite`` would also stop (the kernel ends a buffered write early only
+between pages), and no guest sector is left torn: every format here places data at file offsets
+congruent to their guest offsets modulo 512 (modulo 4096 for 4 KiB-sector images).
 
 Invariants:
-  * The pipe is empty between moves, so every byte taken from the socket is either in the file at
-    its own offset or, after a file error, discarded; exactly the payload's bytes are taken from
-    the socket, never the next request's.
+  * Between moves the pipe holds fewer than ``GRAIN`` bytes, in one buffer (the rest is read
+    out and written back in one piece), so the next move always finds room and ``EAGAIN`` from
+    the socket side means the socket is drained.  Every byte taken from the socket is in the
+    pipe, in the file at its own offset, or, after a file error, discarded; exactly the payload's
+    bytes are taken from the socket, never the next request's.
   * A file error (ENOSPC, EIO) does not stop the landing: the rest of the payload is still
     taken off the socket (and discarded), so the connection stays in step; ``done`` gets the
     first error, and the request's error reply follows.  A socket error or end of stream is
@@ -42,6 +51,7 @@ from collections.abc import Callable
 
 PIPE_SIZE = 1 << 20  # asked for; the kernel caps it at /proc/sys/fs/pipe-max-size for the unprivileged
 _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+GRAIN = 4096  # the file is written up to multiples of this (see the module docstring); <= PIPE_BUF
 
 
 class Splicer:
@@ -60,8 +70,9 @@ class Splicer:
         except OSError:
             self.capacity = 1 << 16  # the kernel's default pipe size
         self._dest = -1
-        self._offset = 0
-        self._left = 0
+        self._offset = 0  # file offset of the first byte in the pipe
+        self._in_pipe = 0  # payload bytes in the pipe, not yet in the file (< GRAIN between moves)
+        self._left = 0  # payload bytes still in the socket
         self._error: OSError | None = None
         self._done: Callable[[BaseException | None], None] | None = None
         self._stall = 0.0
@@ -91,20 +102,24 @@ class Splicer:
         self._stall, self._last = stall, self.loop.time()
         if stall > 0:
             self._timer = self.loop.call_later(stall, self._check_stall)
+        cut = max(0, (offset + len(received)) // GRAIN * GRAIN - offset)  # whole grains end here
         pos = 0
-        while pos < len(received) and self._error is None:
+        while pos < cut and self._error is None:
             try:
-                pos += os.pwrite(dest, received[pos:], offset + pos)
+                pos += os.pwrite(dest, received[pos:cut], offset + pos)
             except OSError as e:
                 self._error = e
-        self._offset = offset + len(received)
+        self._offset = offset + cut
+        self._in_pipe = len(received) - cut  # < GRAIN: an empty pipe takes it whole
+        if self._in_pipe:
+            os.write(self._pipe_w, received[cut:])
         self.loop.add_reader(self._sock, self._move)
 
     def _move(self) -> None:
         """The socket is readable: move what it holds of the payload through the pipe."""
         while self._left:
             try:
-                n = os.splice(self._sock, self._pipe_w, min(self._left, self.capacity), flags=_SPLICE_FLAGS)
+                n = os.splice(self._sock, self._pipe_w, min(self._left, self.capacity - GRAIN), flags=_SPLICE_FLAGS)
             except BlockingIOError:
                 return
             except OSError as e:
@@ -115,23 +130,37 @@ class Splicer:
                 return
             self._last = self.loop.time()
             self._left -= n
-            self._empty_pipe(n)
+            self._in_pipe += n
+            self._empty_pipe()
         self._finish(self._error)
 
-    def _empty_pipe(self, n: int) -> None:
-        """Move the ``n`` bytes in the pipe to the file at the next offset (after a file error:
-        discard them)."""
+    def _empty_pipe(self) -> None:
+        """Move the pipe's bytes to the file at the next offset, up to the last grain boundary (all
+        of them once the payload is in; after a file error: discard them all).  What stays is
+        gathered into one pipe buffer."""
+        end = self._offset + self._in_pipe
+        if self._left and self._error is None:
+            end = max(self._offset, end // GRAIN * GRAIN)
+        n = end - self._offset if self._error is None else self._in_pipe
         while n:
             if self._error is None:
                 try:
                     m = os.splice(self._pipe_r, self._dest, n, offset_dst=self._offset)
                 except OSError as e:
                     self._error = e
+                    n = self._in_pipe
                     continue
             else:
                 m = len(os.read(self._pipe_r, n))
             self._offset += m
+            self._in_pipe -= m
             n -= m
+        if self._in_pipe:
+            # Bytes from many small socket reads sit in as many pipe buffers; a pipe with all its
+            # buffers taken would refuse the next move while the socket still holds data.
+            rest = os.read(self._pipe_r, self._in_pipe)
+            assert len(rest) == self._in_pipe
+            os.write(self._pipe_w, rest)
 
     def _check_stall(self) -> None:
         quiet = self.loop.time() - self._last

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 import random
 import socket
+import struct
+import termios
 import threading
 
 import pytest
 
-from nbdserve.server.landing import Splicer
+from nbdserve.server.landing import GRAIN, Splicer
 
 try:
     import uvloop
@@ -99,10 +102,10 @@ def test_payload_lands_at_its_offset_and_nothing_after_it_is_taken(tmp_path, loo
 
 
 @pytest.mark.parametrize("loop", LOOPS)
-@pytest.mark.parametrize("prefix_len", [0, 1000])
+@pytest.mark.parametrize("prefix_len", [0, 1000, 3 * GRAIN + 5])
 def test_file_error_still_takes_exactly_the_payload_off_the_socket(tmp_path, loop, prefix_len):
-    """splice(2) refuses a file opened for appending (EINVAL), after the prefix went in: the
-    rest of the payload is read and dropped, ``done`` gets the error, the next bytes stay."""
+    """splice(2) refuses a file opened for appending (EINVAL), after the prefix's whole grains went
+    in: the rest of the payload is read and dropped, ``done`` gets the error, the next bytes stay."""
     size = (2 << 20) + 3
     payload = random.Random(2).randbytes(size)
     path = tmp_path / "appending"
@@ -116,7 +119,7 @@ def test_file_error_still_takes_exactly_the_payload_off_the_socket(tmp_path, loo
 
         err = run(loop, main)
         assert isinstance(err, OSError) and not isinstance(err, ConnectionError)
-        assert path.stat().st_size == prefix_len  # nothing after the error was written
+        assert path.stat().st_size == prefix_len // GRAIN * GRAIN  # nothing after the error was written
         a.setblocking(True)
         assert a.recv(100) == NEXT
 
@@ -131,7 +134,8 @@ def test_peer_gone_inside_the_payload_is_a_connection_error(tmp_path, loop):
             return await land(a, fd, 0, b"", 100_000)
 
         assert isinstance(run(loop, main), ConnectionError)
-        assert (tmp_path / "image").read_bytes()[:5001] == b"\x01" * 5000 + b"\x00"
+        # the whole grain landed; the 904 bytes of the next one were dropped with the connection
+        assert (tmp_path / "image").read_bytes()[:5001] == b"\x01" * GRAIN + bytes(5001 - GRAIN)
 
 
 @pytest.mark.parametrize("loop", LOOPS)
@@ -163,7 +167,7 @@ def test_a_payload_that_stops_arriving_ends_after_the_stall_limit(tmp_path, loop
             splicer = Splicer(asyncio.get_running_loop(), a.fileno())
             t0 = asyncio.get_running_loop().time()
             splicer.start(fd, 0, memoryview(b""), 100_000, finished.set_result, stall=0.3)
-            b.sendall(b"\x04" * 1000)  # progress first: the limit counts from the last byte
+            b.sendall(b"\x04" * 5000)  # progress first: the limit counts from the last byte
             err = await asyncio.wait_for(finished, 30)
             splicer.close()
             return err, asyncio.get_running_loop().time() - t0
@@ -171,4 +175,56 @@ def test_a_payload_that_stops_arriving_ends_after_the_stall_limit(tmp_path, loop
         err, took = run(loop, main)
         assert isinstance(err, ConnectionError) and "no byte" in str(err)
         assert took >= 0.3
-        assert (tmp_path / "image").read_bytes()[:1001] == b"\x04" * 1000 + b"\x00"
+        assert (tmp_path / "image").read_bytes()[:5001] == b"\x04" * GRAIN + bytes(5001 - GRAIN)
+
+
+def _pending(sock: socket.socket) -> int:
+    return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize("offset", [0, 512, 3000])
+def test_the_file_is_written_in_whole_grains_until_the_payload_ends(tmp_path, loop, offset):
+    """Whatever sizes the socket delivers, what has landed before the payload's end ends on a
+    multiple of GRAIN in the file: a server killed between two moves tears no sector.  The first
+    300 pieces are single bytes, more than a pipe has buffers: the splicer must not stall on a
+    pipe full of tiny buffers.  Each piece is consumed before the next is sent, so every
+    intermediate state is seen."""
+    rng = random.Random(offset)
+    pieces = [1] * 300 + [rng.choice([17, 1000, 4095, 4096, 5000, 70_000]) for _ in range(60)]
+    size = sum(pieces) + 1234
+    pieces.append(1234)
+    payload = bytes(rng.randrange(1, 256) for _ in range(size))  # no zero byte: the file's is all zeros
+    prefix = payload[:777]
+    with wired(tmp_path / "image", bytes(size + 8192)) as (a, b, fd):
+
+        async def main():
+            loop = asyncio.get_running_loop()
+            finished: asyncio.Future = loop.create_future()
+            splicer = Splicer(loop, a.fileno())
+            ends = []
+            try:
+                splicer.start(fd, offset, memoryview(prefix), size - len(prefix), finished.set_result)
+                pos = len(prefix)
+                for n in pieces:
+                    b.sendall(payload[pos : pos + n])
+                    pos += n
+                    for _ in range(1000):  # loop turns, each running the reader once
+                        if not _pending(a) or finished.done():
+                            break
+                        await asyncio.sleep(0)
+                    else:
+                        raise AssertionError(f"the splicer stopped taking bytes after {pos - n}")
+                    landed = os.pread(fd, size, offset).rstrip(b"\0")
+                    assert landed == payload[: len(landed)]
+                    ends.append(offset + len(landed))
+                return await asyncio.wait_for(finished, 60), ends
+            finally:
+                splicer.close()
+
+        result, ends = run(loop, main)
+        assert result is None
+        assert ends[-1] == offset + size
+        torn = [e for e in ends[:-1] if e % GRAIN and e != offset]
+        assert not torn, torn
+        assert len(set(ends)) > 10  # it did land as it went, not all at the end
