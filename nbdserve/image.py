@@ -5,7 +5,9 @@ Owns, between the protocol and the drivers:
     ``write(offset, data, *, fua) -> Pending`` (``storage.base.Pending``: None when the request
     completed synchronously, else an awaitable to wait for);
   * alignment: read-modify-write for requests smaller than the driver's ``limits.align``
-    (serialised against other writes by the image rwlock; aligned writes share it);
+    (serialised against writes that overlap its covering sectors by the image's range lock,
+    ``locks.CoRangeLock``: aligned writes hold their range shared, a read-modify-write holds its
+    covering sectors exclusively, so it waits only for writes to those sectors);
   * splitting to ``limits.max_transfer``;
   * the mapping memo, inside ``read``: granule -> host offset for granules of plain data
     (``FormatDriver.map_now``), dropped whenever the driver says a mapping changed (see
@@ -40,11 +42,11 @@ The call chains (session -> image -> driver -> storage):
     ``Image.read`` -> ``driver.read`` (fast case: cached tables -> ``storage.read``; slow case: a
     coroutine that loads tables through the cluster cache, reads the backing image through
     ``read_backing`` -> the backing ``Image.read``, decompresses...).
-  * WRITE: ``Session._write`` -> ``Image.write`` (alignment, the rwlock of sector formats) ->
+  * WRITE: ``Session._write`` -> ``Image.write`` (alignment, the range lock of sector formats) ->
     ``driver.write`` (fast case: allocated, cached, no FUA -> ``storage.write``, one ``pwritev``
     of the payload buffer, or of a run of payloads on a vectored image; slow case: a coroutine
     that allocates under the driver lock).  A large payload may land instead (docs/landing.md):
-    ``Session._land`` -> ``Image.landing`` (whole sectors, the rwlock shared) ->
+    ``Session._land`` -> ``Image.landing`` (whole sectors, their range held shared) ->
     ``driver.landing`` (raw, qcow2, QED, VHDX: where the range lies in the file, held there until
     ``Landing.release``) -> splice into ``storage.splice_fd``.
   * BLOCK_STATUS: ``Session._block_status`` -> ``Image.runs`` -> ``driver.block_status`` (asked
@@ -53,7 +55,7 @@ The call chains (session -> image -> driver -> storage):
 The caller (the server) guarantees ``0 <= offset``, ``offset + length <= size`` and
 ``length > 0``; it also refuses writes to a read-only image.  Everything below is then trusted.
 
-Lock order: image rwlock (only when align > 1) -> driver CoMutex -> cache.
+Lock order: image range lock (only when align > 1) -> driver CoMutex -> cache.
 """
 
 from __future__ import annotations
@@ -72,7 +74,7 @@ from .formats import PROBE_SIZE, driver_for, identify, probe
 from .formats.base import ALLOCATED, DATA, ZERO, DirtyBitmapView, FormatDriver, Landing, OpenOptions
 from .formats.qcow2 import Qcow2Driver
 from .formats.qcow2.create import create_qcow2
-from .locks import CoRwLock
+from .locks import CoRangeLock
 from .protocol.constants import STATE_HOLE, STATE_ZERO
 from .storage import close_storage, open_storage
 from .storage.base import ZERO_CHUNK, Pending, joined, read_at, settled
@@ -131,7 +133,7 @@ class Image:
         # A run of buffers may be handed to the driver whole (see ``write``).
         self.vectored = driver.vectored and self.align == 1
         self._align_mask = self.align - 1
-        self._rmw = CoRwLock() if self.align > 1 else None
+        self._rmw = CoRangeLock() if self.align > 1 else None
         self._cleanup: list[str] = []  # files to remove at close (snapshot overlays)
         if backing is not None:
             driver.read_backing = self._read_backing
@@ -250,8 +252,9 @@ class Image:
         """Write ``data`` at ``offset``: the one way in for writes.  ``data`` may be a list of
         buffers (one guest-contiguous run) only when ``vectored``.
 
-        Whole sectors take the image rwlock shared (without waiting when it is free) for as long
-        as the driver's write runs; anything smaller is read-modify-write under it exclusively.
+        Whole sectors hold their range of the image's range lock shared (without waiting when
+        nothing conflicts) for as long as the driver's write runs; anything smaller is
+        read-modify-write with its covering sectors held exclusively.
         """
         if self.vectored and type(data) is list:
             return self.driver.write(offset, data, fua=fua)
@@ -263,59 +266,65 @@ class Image:
             return self.driver.write(offset, data, fua=fua)
         if (offset | n) & self._align_mask:
             return self._rmw_write(offset, data, fua)
-        if n > self.max_transfer or not rmw.try_rdlock():
+        token = None if n > self.max_transfer else rmw.try_shared(offset, offset + n)
+        if token is None:
             return self._write_shared(offset, data, fua)
         try:
             pending = self.driver.write(offset, data, fua=fua)
         except BaseException:
-            rmw.unlock()
+            rmw.unlock(token)
             raise
         if pending is None:
-            rmw.unlock()
+            rmw.unlock(token)
             return None
-        return self._unlock_after(pending)
+        return self._unlock_after(pending, token)
 
     def landing(self, offset: int, length: int) -> Landing | None:
         """Where a plain WRITE of ``[offset, offset + length)`` may be put byte for byte instead
         of calling ``write`` (``FormatDriver.landing``); None for a write ``write`` would split
-        or read-modify-write.  Whole sectors hold the rwlock shared until ``release``, as
-        ``write`` holds it while the driver's write runs (only when it is free: no waiting here)."""
+        or read-modify-write.  Whole sectors hold their range shared until ``release``, as
+        ``write`` holds it while the driver's write runs (only when nothing conflicts: no waiting
+        here), so a read-modify-write of those sectors waits for the landing and no other does."""
         if length > self.max_transfer:
             return None
         rmw = self._rmw
         if rmw is None:
             return self.driver.landing(offset, length)
-        if (offset | length) & self._align_mask or not rmw.try_rdlock():
+        if (offset | length) & self._align_mask:
+            return None
+        token = rmw.try_shared(offset, offset + length)
+        if token is None:
             return None
         target = self.driver.landing(offset, length)
         if target is None:
-            rmw.unlock()
+            rmw.unlock(token)
             return None
 
         def release() -> None:
             target.release()
-            rmw.unlock()
+            rmw.unlock(token)
 
         return target._replace(release=release)
 
-    async def _unlock_after(self, pending: Pending) -> None:
-        """Wait for a write started under the rwlock (shared), then release it."""
+    async def _unlock_after(self, pending: Pending, token: int) -> None:
+        """Wait for a write started with its range held shared (``token``), then release it."""
         try:
             await pending
         finally:
-            self._rmw.unlock()
+            self._rmw.unlock(token)
 
     async def _write_shared(self, offset: int, data: memoryview, fua: bool) -> None:
-        """Whole sectors, when the rwlock is contended or the write is split: take it shared."""
-        await self._rmw.rdlock()
+        """Whole sectors, when their range is contended or the write is split: wait to hold it
+        shared."""
+        token = await self._rmw.shared(offset, offset + len(data))
         try:
             await self._write_pieces(offset, data, fua)
         finally:
-            self._rmw.unlock()
+            self._rmw.unlock(token)
 
     async def _write_pieces(self, offset: int, data: memoryview, fua: bool) -> None:
         """The driver's write in pieces of at most ``max_transfer`` (FUA on the last).  Called with
-        the rwlock held (shared or exclusive) where there is one."""
+        the range held (shared or exclusive) where there is a range lock."""
         step = self.max_transfer
         for pos in range(0, len(data), step):
             last = pos + step >= len(data)
@@ -324,19 +333,20 @@ class Image:
     async def _rmw_write(self, offset: int, data: memoryview, fua: bool) -> None:
         """Sub-alignment write: read the covering aligned range, patch it, write it back.
 
-        Takes the image rwlock exclusively so no other write touches the covering sectors.
+        Holds the covering sectors exclusively, so no other write touches them meanwhile; writes
+        elsewhere go on.
         """
         align = self.align
         start = offset & ~(align - 1)
         end = -(-(offset + len(data)) // align) * align
-        await self._rmw.wrlock()
+        token = await self._rmw.exclusive(start, end)
         try:
             bounce = memoryview(bytearray(end - start))
             await settled(self.read(start, bounce))
             bounce[offset - start : offset - start + len(data)] = data
             await self._write_pieces(start, bounce, fua)
         finally:
-            self._rmw.unlock()
+            self._rmw.unlock(token)
 
     async def write_zeroes(self, offset: int, length: int, *, may_trim: bool, fast: bool, fua: bool) -> None:
         """Make the range read as zeroes.  ``fast``: fail with ENOTSUP unless metadata-only."""
@@ -353,15 +363,14 @@ class Image:
             await settled(self.write(tail_start, memoryview(ZERO_CHUNK)[: offset + length - tail_start], fua=False))
         if tail_start > head_end:
             if self.driver.caps.native_zero:
-                if self._rmw is not None:
-                    await self._rmw.rdlock()
+                token = await self._rmw.shared(head_end, tail_start) if self._rmw is not None else None
                 try:
                     await self.driver.pwrite_zeroes(
                         head_end, tail_start - head_end, may_trim=may_trim, fast=fast, fua=False
                     )
                 finally:
-                    if self._rmw is not None:
-                        self._rmw.unlock()
+                    if token is not None:
+                        self._rmw.unlock(token)
             else:
                 pos = head_end
                 while pos < tail_start:

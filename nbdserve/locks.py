@@ -1,16 +1,17 @@
-"""Coroutine locks modelled on QEMU's CoMutex, CoQueue and CoRwlock, on asyncio futures.
+"""Coroutine locks on asyncio futures: QEMU's CoMutex and CoQueue, and a range lock for the
+image layer (QEMU likewise makes a sub-alignment write wait only for requests that overlap it).
 
 Owns ``CoMutex`` (FIFO, owner-checked, ``assert_locked``), ``CoQueue`` (wait until woken, FIFO)
-and ``CoRwLock`` (many readers or one writer; a waiting writer blocks new readers, so writers are
-not starved).
+and ``CoRangeLock`` (shared or exclusive holds on ranges; overlapping holds conflict when either
+is exclusive, and a waiting request blocks later ones over its range, so none is starved).
 
 Lock order (never acquire against it):
-    image rwlock (RMW of sub-alignment writes)  ->  driver CoMutex (metadata)  ->  cache internals
+    image range lock (RMW of sub-alignment writes)  ->  driver CoMutex (metadata)  ->  cache internals
 The server's send path takes no lock that a driver holds while awaiting.
 
 Invariants:
   * A lock is handed directly to the first waiter on release (no barging), so waiters are
-    served in FIFO order.
+    served in FIFO order (for ``CoRangeLock``: in FIFO order among requests that overlap).
   * Only the owner (``coro.current_owner()``) may unlock a ``CoMutex``; violating that, or
     ``assert_locked`` failing, is a bug and raises ``AssertionError``.
   * Uncontended lock/unlock never suspends, so eagerly started requests stay synchronous.
@@ -108,67 +109,87 @@ class CoQueue:
                 fut.set_result(None)
 
 
-class CoRwLock:
-    """Many readers or one writer.  A queued writer makes later readers wait (no starvation)."""
+class CoRangeLock:
+    """Shared or exclusive holds on ranges ``[start, end)``: two holds conflict when they overlap
+    and either is exclusive.  A request waits while it conflicts with a hold or with an earlier
+    request still waiting (so an exclusive request is not starved by a stream of shared ones over
+    its range); requests that conflict with nothing are granted at once, whatever else waits.
 
-    __slots__ = ("_queue", "_readers", "_writer")
+    ``try_shared``/``shared``/``exclusive`` return a token; ``unlock(token)`` ends that hold.
+    Like every lock here, waiters are never cancelled (see ``coro``)."""
+
+    __slots__ = ("_exclusive", "_held", "_next", "_queue")
 
     def __init__(self) -> None:
-        self._readers = 0
-        self._writer = False
-        # FIFO of (future, is_writer); heads are granted in order as the lock allows.
-        self._queue: deque[tuple[asyncio.Future, bool]] = deque()
+        self._held: dict[int, tuple[int, int, bool]] = {}  # token -> (start, end, exclusive)
+        self._exclusive = 0  # exclusive holds in _held
+        self._next = 0  # the last token handed out
+        # FIFO of (start, end, exclusive, token, future): granted in order as holds allow.
+        self._queue: deque[tuple[int, int, bool, int, asyncio.Future]] = deque()
 
-    async def rdlock(self) -> None:
-        if not self._writer and not self._queue:
-            self._readers += 1
-            return
+    def try_shared(self, start: int, end: int) -> int | None:
+        """A shared hold if that needs no waiting (for synchronous fast paths), else None."""
+        if (self._exclusive or self._queue) and self._conflicts(start, end, False):
+            return None
+        return self._grant_now(start, end, False)
+
+    async def shared(self, start: int, end: int) -> int:
+        return await self._acquire(start, end, False)
+
+    async def exclusive(self, start: int, end: int) -> int:
+        return await self._acquire(start, end, True)
+
+    def unlock(self, token: int) -> None:
+        try:
+            _, _, exclusive = self._held.pop(token)
+        except KeyError:
+            raise AssertionError(f"CoRangeLock: unlock of a token not held ({token})") from None
+        if exclusive:
+            self._exclusive -= 1
+        if self._queue:
+            self._grant()
+
+    @property
+    def holds(self) -> list[tuple[int, int, bool]]:
+        """The holds now, as (start, end, exclusive)."""
+        return list(self._held.values())
+
+    async def _acquire(self, start: int, end: int, exclusive: bool) -> int:
+        if not self._conflicts(start, end, exclusive):
+            return self._grant_now(start, end, exclusive)
+        self._next += 1
         fut = asyncio.get_running_loop().create_future()
-        self._queue.append((fut, False))
-        await fut
+        self._queue.append((start, end, exclusive, self._next, fut))
+        return await fut
 
-    def try_rdlock(self) -> bool:
-        """Take a read lock if that needs no waiting (for synchronous fast paths)."""
-        if self._writer or self._queue:
-            return False
-        self._readers += 1
-        return True
+    def _grant_now(self, start: int, end: int, exclusive: bool) -> int:
+        self._next += 1
+        self._held[self._next] = (start, end, exclusive)
+        self._exclusive += exclusive
+        return self._next
 
-    async def wrlock(self) -> None:
-        if not self._writer and self._readers == 0 and not self._queue:
-            self._writer = True
-            return
-        fut = asyncio.get_running_loop().create_future()
-        self._queue.append((fut, True))
-        await fut
-
-    def unlock(self) -> None:
-        if self._writer:
-            self._writer = False
-        elif self._readers > 0:
-            self._readers -= 1
-        else:
-            raise AssertionError("CoRwLock: unlock of an unlocked lock")
-        self._grant()
+    def _conflicts(self, start: int, end: int, exclusive: bool) -> bool:
+        """Whether a request for ``[start, end)`` must wait: it conflicts with a hold or a waiter."""
+        return ((exclusive or self._exclusive) and _clash(start, end, exclusive, self._held.values())) or _clash(
+            start, end, exclusive, self._queue
+        )
 
     def _grant(self) -> None:
-        while self._queue and not self._writer:
-            fut, is_writer = self._queue[0]
-            if is_writer:
-                if self._readers:
-                    return
-                self._queue.popleft()
-                self._writer = True
-                fut.set_result(None)
-                return
-            self._queue.popleft()
-            self._readers += 1
-            fut.set_result(None)
+        """Grant, in order, every waiter that conflicts neither with a hold nor with an earlier
+        waiter that still waits."""
+        waiting: deque[tuple[int, int, bool, int, asyncio.Future]] = deque()
+        for item in self._queue:
+            start, end, exclusive, token, fut = item
+            if _clash(start, end, exclusive, waiting) or _clash(start, end, exclusive, self._held.values()):
+                waiting.append(item)
+                continue
+            self._held[token] = (start, end, exclusive)
+            self._exclusive += exclusive
+            fut.set_result(token)
+        self._queue = waiting
 
-    @property
-    def readers(self) -> int:
-        return self._readers
 
-    @property
-    def write_locked(self) -> bool:
-        return self._writer
+def _clash(start: int, end: int, exclusive: bool, others) -> bool:
+    """Whether ``[start, end)`` (exclusive or not) conflicts with any of ``others``, tuples that
+    begin (start, end, exclusive): they overlap and either is exclusive."""
+    return any(o[0] < end and start < o[1] and (exclusive or o[2]) for o in others)

@@ -13,7 +13,8 @@ clients over real sockets (Unix and TCP):
     (it would free them, and an allocating write could take them while the payload still
     arrives): the other connection's new data is never overwritten by the landing payload;
   * VHDX likewise: a TRIM of a block a payload is landing in waits, so the payload never lands in
-    space the trim already gave back (the block's old place in the file ends up a hole);
+    space the trim already gave back (the block's old place in the file ends up a hole); a write
+    smaller than a sector waits for a landing only when it touches the landing's sectors;
   * a file error in the middle of a landing (the server runs under RLIMIT_FSIZE, so the kernel
     refuses writes past that size with EFBIG) answers that request with an error, and the same
     connection goes on serving; the counter does not count it;
@@ -297,6 +298,45 @@ def test_vhdx_trim_waits_for_a_landing_in_its_block(tmp_path):
     with open(img, "rb") as f:
         f.seek(host)
         assert f.read(MiB) == bytes(MiB)  # punched after the landing, not landed in after the punch
+    check_clean(img, "vhdx")
+
+
+def test_vhdx_unaligned_writes_wait_for_a_landing_only_over_its_sectors(tmp_path):
+    """A pauses inside a payload landing in a VHDX block (512-byte sectors: the image layer's
+    range lock holds the landing's sectors shared).  B's write of 100 bytes inside A's range is a
+    read-modify-write of those sectors: it waits for A.  C's write of 100 bytes elsewhere is one
+    too, of other sectors: it completes while A still pauses (with one lock for the whole image it
+    waited for --payload-timeout).  Then A sends the rest; B's bytes are over A's."""
+    img = tmp_path / "t.vhdx"
+    qemu_img("create", "-q", "-f", "vhdx", "-o", "block_size=1M", img, str(16 * MiB))
+    qemu_io("vhdx", img, "write -P 0x11 0 1M")
+    port = free_port()
+    with serve(tmp_path, "--metrics", f"127.0.0.1:{port}", "-f", "vhdx", img) as srv:
+        b, c = nbd_connect(srv.uri), nbd_connect(srv.uri)
+        b.pwrite(b"\x22", 4 * MiB)  # this session's header is written: present blocks take landings
+        with landing_begun(srv, port) as a:
+            inside = b.aio_pwrite(b"\xbb" * 100, 1000)
+            wait_in_flight(port, 2)  # B's write is waiting
+            elsewhere = c.aio_pwrite(b"\xcc" * 100, 8 * MiB + 3)
+            for _ in range(100):  # bounded: the old lock held it for the payload timeout (30 s)
+                if c.aio_command_completed(elsewhere):
+                    break
+                c.poll(100)
+            else:
+                raise AssertionError("a write to other sectors waited for the paused landing")
+            assert not b.aio_command_completed(inside)
+            a.send(b"\xaa" * (MiB - 200 * 1024))
+            assert a.reply().error == 0
+            while b.aio_in_flight():
+                b.poll(-1)
+            assert b.aio_command_completed(inside)
+        assert spliced(port) == MiB
+        expect = bytearray(b"\xaa" * MiB)
+        expect[1000:1100] = b"\xbb" * 100
+        assert b.pread(MiB, 0) == expect
+        assert c.pread(106, 8 * MiB) == b"\0" * 3 + b"\xcc" * 100 + b"\0" * 3
+        b.shutdown()
+        c.shutdown()
     check_clean(img, "vhdx")
 
 

@@ -1,14 +1,16 @@
-"""CoMutex, CoQueue and CoRwLock: FIFO hand-off, owner checks, reader/writer exclusion, and the
-eager runner's owner identity."""
+"""CoMutex, CoQueue and CoRangeLock: FIFO hand-off, owner checks, shared/exclusive exclusion over
+ranges (with a model-based property test), and the eager runner's owner identity."""
 
 from __future__ import annotations
 
 import asyncio
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from nbdserve import coro
-from nbdserve.locks import CoMutex, CoQueue, CoRwLock
+from nbdserve.locks import CoMutex, CoQueue, CoRangeLock
 
 
 def run(main):
@@ -130,33 +132,90 @@ def test_queue_wait_releases_and_reacquires_mutex():
     run(main)
 
 
-def test_rwlock_readers_share_writer_excludes_and_is_not_starved():
+def test_range_lock_shares_excludes_overlaps_only_and_is_not_starved():
     async def main():
-        rw = CoRwLock()
-        await rw.rdlock()
-        await rw.rdlock()
-        assert rw.readers == 2
+        lock = CoRangeLock()
+        a = lock.try_shared(0, 100)
+        b = lock.try_shared(50, 150)  # shared holds may overlap
+        assert a is not None and b is not None
         events = []
 
-        async def writer():
-            await rw.wrlock()
-            events.append("w")
-            rw.unlock()
+        async def hold(name, start, end, exclusive):
+            token = await (lock.exclusive if exclusive else lock.shared)(start, end)
+            events.append(name)
+            lock.unlock(token)
 
-        async def late_reader():
-            await rw.rdlock()
-            events.append("r")
-            rw.unlock()
+        x = asyncio.create_task(hold("x", 90, 110, True))  # overlaps both shared holds: waits
+        await asyncio.sleep(0)
+        assert events == []
+        far = asyncio.create_task(hold("far", 200, 300, True))  # overlaps nothing: at once
+        await asyncio.sleep(0)
+        assert events == ["far"]
+        assert lock.try_shared(100, 120) is None  # overlaps the waiting exclusive: not before it
+        assert lock.try_shared(0, 10) is not None  # overlaps only shared holds: at once
+        late = asyncio.create_task(hold("late", 95, 96, False))  # behind x
+        await asyncio.sleep(0)
+        lock.unlock(a)
+        await asyncio.sleep(0)
+        assert events == ["far"]  # b still overlaps x
+        lock.unlock(b)
+        await asyncio.gather(x, far, late)
+        assert events == ["far", "x", "late"]
+        assert [h[:2] for h in lock.holds] == [(0, 10)]
 
-        w = asyncio.create_task(writer())
-        await asyncio.sleep(0)
-        r = asyncio.create_task(late_reader())
-        await asyncio.sleep(0)
-        assert events == []  # writer waits for readers; the late reader queues behind the writer
-        rw.unlock()
-        rw.unlock()
-        await asyncio.gather(w, r)
-        assert events == ["w", "r"]
-        assert rw.readers == 0 and not rw.write_locked
+    run(main)
+
+
+def test_range_lock_unlock_of_a_token_not_held_is_a_bug():
+    lock = CoRangeLock()
+    token = lock.try_shared(0, 1)
+    lock.unlock(token)
+    with pytest.raises(AssertionError):
+        lock.unlock(token)
+
+
+# A request: (start, length, exclusive); then the order in which holds are released.
+REQUESTS = st.lists(st.tuples(st.integers(0, 30), st.integers(1, 10), st.booleans()), min_size=1, max_size=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(REQUESTS, st.randoms(use_true_random=False))
+def test_range_lock_against_a_model(requests, rnd):
+    """Requests made in order, holds released in a random order: at every moment no two holds
+    conflict; a request is granted exactly when the model says nothing before it blocks it (no
+    conflicting hold, no conflicting earlier waiter); every request is granted in the end."""
+
+    def clash(p, q):
+        return p[0] < q[1] and q[0] < p[1] and (p[2] or q[2])
+
+    async def main():
+        lock = CoRangeLock()
+        granted: dict[int, int] = {}  # request index -> token
+        futures = {}
+        for i, (start, n, exclusive) in enumerate(requests):
+            futures[i] = asyncio.ensure_future((lock.exclusive if exclusive else lock.shared)(start, start + n))
+        done_ids: set[int] = set()
+        while len(done_ids) < len(requests):
+            await asyncio.sleep(0)
+            for i, f in futures.items():
+                if f.done() and i not in granted:
+                    granted[i] = f.result()
+            holds = lock.holds
+            assert not any(clash(p, q) for k, p in enumerate(holds) for q in holds[k + 1 :])
+            # The model: walking the requests in order, one is held exactly when it clashes with no
+            # earlier request that is held or waiting (released ones no longer count).
+            ahead = []
+            for i, (start, n, exclusive) in enumerate(requests):
+                if i in done_ids:
+                    continue
+                me = (start, start + n, exclusive)
+                assert (i in granted) == (not any(clash(me, o) for o in ahead)), (i, requests, done_ids)
+                ahead.append(me)
+            live = [i for i in granted if i not in done_ids]
+            assert live, "nothing held, yet requests wait"
+            i = rnd.choice(live)
+            lock.unlock(granted[i])
+            done_ids.add(i)
+        assert lock.holds == []
 
     run(main)
