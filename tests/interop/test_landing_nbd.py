@@ -239,15 +239,21 @@ def landing_begun(srv, port: int):
         yield a
 
 
+def first_mib_written(tmp_path: Path, fmt: str, options: str) -> Path:
+    """A 16 MiB image made by QEMU whose first MiB holds 0x11 (allocated: it can take landings)."""
+    img = tmp_path / f"t.{fmt}"
+    qemu_img("create", "-q", "-f", fmt, "-o", options, img, str(16 * MiB))
+    qemu_io(fmt, img, "write -P 0x11 0 1M")
+    return img
+
+
 def test_qcow2_trim_waits_for_a_landing_in_its_clusters(tmp_path):
     """Connection A sends a 1 MiB WRITE to allocated clusters and stops inside the payload (the
     landing has begun: the export shows one request in flight); B trims those clusters; C writes
     new data to unallocated clusters (an allocation, which would take freed clusters first).
     Then A sends the rest.  C's data must be intact and the image consistent: B's trim waited for
     A's landing, so the clusters A was landing in were never C's."""
-    img = tmp_path / "t.qcow2"
-    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=65536", img, str(16 * MiB))
-    qemu_io("qcow2", img, "write -P 0x11 0 1M")
+    img = first_mib_written(tmp_path, "qcow2", "cluster_size=65536")
     port = free_port()
     with serve(tmp_path, "--metrics", f"127.0.0.1:{port}", "-f", "qcow2", img) as srv:
         b, c = nbd_connect(srv.uri), nbd_connect(srv.uri)
@@ -275,9 +281,7 @@ def test_qcow2_trim_waits_for_a_landing_in_its_clusters(tmp_path):
 
 
 def test_vhdx_trim_waits_for_a_landing_in_its_block(tmp_path):
-    img = tmp_path / "t.vhdx"
-    qemu_img("create", "-q", "-f", "vhdx", "-o", "block_size=1M", img, str(16 * MiB))
-    qemu_io("vhdx", img, "write -P 0x11 0 1M")
+    img = first_mib_written(tmp_path, "vhdx", "block_size=1M")
     host = img.read_bytes().find(b"\x11" * MiB)  # the block's place in the file (QEMU maps no VHDX offsets)
     assert host > 0
     port = free_port()
@@ -307,9 +311,7 @@ def test_vhdx_unaligned_writes_wait_for_a_landing_only_over_its_sectors(tmp_path
     read-modify-write of those sectors: it waits for A.  C's write of 100 bytes elsewhere is one
     too, of other sectors: it completes while A still pauses (with one lock for the whole image it
     waited for --payload-timeout).  Then A sends the rest; B's bytes are over A's."""
-    img = tmp_path / "t.vhdx"
-    qemu_img("create", "-q", "-f", "vhdx", "-o", "block_size=1M", img, str(16 * MiB))
-    qemu_io("vhdx", img, "write -P 0x11 0 1M")
+    img = first_mib_written(tmp_path, "vhdx", "block_size=1M")
     port = free_port()
     with serve(tmp_path, "--metrics", f"127.0.0.1:{port}", "-f", "vhdx", img) as srv:
         b, c = nbd_connect(srv.uri), nbd_connect(srv.uri)
@@ -343,9 +345,7 @@ def test_vhdx_unaligned_writes_wait_for_a_landing_only_over_its_sectors(tmp_path
 def test_client_pausing_inside_a_landing_is_cut_off_and_its_range_freed(tmp_path):
     """--payload-timeout: A stops inside a payload landing in qcow2 clusters; B's trim of them
     waits, A is cut off after the timeout (one log line), and B's trim then completes."""
-    img = tmp_path / "t.qcow2"
-    qemu_img("create", "-q", "-f", "qcow2", img, str(16 * MiB))
-    qemu_io("qcow2", img, "write -P 0x11 0 1M")
+    img = first_mib_written(tmp_path, "qcow2", "cluster_size=65536")
     port = free_port()
     with serve(tmp_path, "--metrics", f"127.0.0.1:{port}", "--payload-timeout", "1", "-f", "qcow2", img) as srv:
         b = nbd_connect(srv.uri)
