@@ -100,6 +100,62 @@ def test_concurrent_unaligned_writes_into_one_sector_all_survive(tmp_path):
     asyncio.run(main())
 
 
+class GatedSectorRaw(SectorRaw):
+    """SectorRaw whose writes to sector 1 reach the file only once ``gate`` is opened, as a write
+    to storage that answers later (RBD, S3 overlays) does."""
+
+    def __init__(self, file, readonly):
+        super().__init__(file, readonly)
+        self.gate = asyncio.get_running_loop().create_future()
+
+    def write(self, offset, data, *, fua):
+        if offset != 512:
+            return super().write(offset, data, fua=fua)
+
+        async def later():
+            await self.gate
+            await settled(SectorRaw.write(self, offset, data, fua=fua))
+
+        return later()
+
+
+def test_read_modify_write_waits_only_for_writes_to_its_sectors(tmp_path):
+    """An aligned write of sector 1 is in flight.  A 100-byte write inside sector 1 waits for it
+    (reading the sector before that write lands and writing it back after would undo it); a
+    100-byte write inside sector 5 does not wait."""
+
+    async def main():
+        path = tmp_path / "r.img"
+        with open(path, "wb") as f:
+            f.truncate(SIZE)
+        drv = GatedSectorRaw(LocalFile(str(path), readonly=False), False)
+        img = Image(drv, None, ClusterCache(1 << 20))
+
+        async def write(offset, data):
+            await settled(img.write(offset, memoryview(data), fua=False))
+
+        aligned = asyncio.ensure_future(write(512, b"\xaa" * 512))
+        inside = asyncio.ensure_future(write(600, b"\xbb" * 100))
+        elsewhere = asyncio.ensure_future(write(5 * 512 + 7, b"\xcc" * 100))
+        for _ in range(100):  # bounded: turns of the loop, no clock
+            if elsewhere.done():
+                break
+            await asyncio.sleep(0)
+        assert elsewhere.done() and not aligned.done() and not inside.done()
+        drv.gate.set_result(None)
+        await asyncio.gather(aligned, inside, elsewhere)
+        out = bytearray(6 * 512)
+        await settled(img.read(0, memoryview(out)))
+        expect = bytearray(6 * 512)
+        expect[512:1024] = b"\xaa" * 512
+        expect[600:700] = b"\xbb" * 100  # written after the aligned write, over it
+        expect[5 * 512 + 7 : 5 * 512 + 107] = b"\xcc" * 100
+        assert out == expect
+        await img.close()
+
+    asyncio.run(main())
+
+
 def test_fast_zero_refused_for_partial_sectors(tmp_path):
     async def main():
         img = make_image(tmp_path / "z.img", align512=True)
