@@ -32,55 +32,40 @@ def _idle_references() -> int:
     """``sys.getrefcount`` of a pooled buffer nobody else holds, seen from ``ReplyBuffers.get``'s
     loop (measured the same way, so it holds on any interpreter version)."""
     pool = [bytearray(1)]
-    b = pool[0]
-    return sys.getrefcount(b)
+    for b in pool:
+        return sys.getrefcount(b)
+    raise AssertionError("unreachable")
 
 
 _IDLE = _idle_references()
 
 
 class ReplyBuffers:
-    """Buffers by exact size: up to ``keep_bytes`` of each of at most ``sizes`` sizes are kept
-    (at least one buffer); buffers under ``min_size`` bytes are simply allocated (cheap, and too
-    many to pool).  The budget is in bytes so that a deep queue of mid-sized requests (nbdcopy:
-    64 requests of 256 KiB per connection) finds its buffers pooled as 1 MiB requests do."""
+    """Buffers by exact size: at most ``per_size`` kept for each of at most ``sizes`` sizes;
+    buffers under ``min_size`` bytes are simply allocated (cheap, and too many to pool)."""
 
-    def __init__(self, *, min_size: int = 64 << 10, keep_bytes: int = 32 << 20, sizes: int = 2) -> None:
+    def __init__(self, *, min_size: int = 64 << 10, per_size: int = 8, sizes: int = 2) -> None:
         self.min_size = min_size
-        self.keep_bytes = keep_bytes
+        self.per_size = per_size
         self.sizes = sizes
         self._pools: dict[int, list[bytearray]] = {}
-        self._next: dict[int, int] = {}  # where the next search of each pool starts
 
     def get(self, size: int) -> bytearray:
-        """A buffer of ``size`` bytes: zeroed when new, else with unspecified contents.
-
-        The search for an idle buffer starts after the last one handed out: replies finish
-        sending in about the order they were made, so the next idle buffer is usually the
-        first one looked at, however many are in flight."""
+        """A buffer of ``size`` bytes: zeroed when new, else with unspecified contents."""
         if size < self.min_size:
             return bytearray(size)
         pool = self._pools.get(size)
         if pool is None:
             if len(self._pools) >= self.sizes:
-                old = next(iter(self._pools))  # the size used longest ago goes
-                del self._pools[old], self._next[old]
+                del self._pools[next(iter(self._pools))]  # the size used longest ago goes
             pool = self._pools[size] = []
         else:
-            n = len(pool)
-            i = self._next[size]
-            for _ in range(n):
-                if i >= n:
-                    i = 0
-                b = pool[i]
+            for b in pool:
                 if sys.getrefcount(b) == _IDLE:
-                    self._next[size] = i + 1
                     return b
-                i += 1
         b = bytearray(size)
-        if len(pool) < max(1, self.keep_bytes // size):
+        if len(pool) < self.per_size:
             pool.append(b)
-        self._next[size] = len(pool)
         return b
 
 

@@ -244,8 +244,8 @@ class Server:
         # Receive and reply buffers shared by every session (see Session: allocated on demand).
         self.handshake_buffer = memoryview(bytearray(64 << 10))
         self.receive_buffers = ReceiveBuffers(256 << 10)
-        self.reply_buffers = ReplyBuffers(min_size=SPARSE_READ_MIN)
-        self.payload_buffers = PayloadBuffers()
+        self.reply_buffers = ReplyBuffers(min_size=SPARSE_READ_MIN, per_size=32)
+        self.payload_buffers = PayloadBuffers(per_size=32)
         self.retired: list[Export] = []  # exports a reload took away, still with clients
         self._gone: dict[int, asyncio.Future] = {}  # id(retired export) -> resolved once closed
         self._servers: list[asyncio.AbstractServer] = []
