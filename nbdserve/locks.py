@@ -141,13 +141,13 @@ class CoRangeLock:
 
     def unlock(self, token: int) -> None:
         try:
-            _, _, exclusive = self._held.pop(token)
+            start, end, exclusive = self._held.pop(token)
         except KeyError:
             raise AssertionError(f"CoRangeLock: unlock of a token not held ({token})") from None
         if exclusive:
             self._exclusive -= 1
         if self._queue:
-            self._grant()
+            self._grant(start, end)
 
     @property
     def holds(self) -> list[tuple[int, int, bool]]:
@@ -170,17 +170,24 @@ class CoRangeLock:
 
     def _conflicts(self, start: int, end: int, exclusive: bool) -> bool:
         """Whether a request for ``[start, end)`` must wait: it conflicts with a hold or a waiter."""
-        return ((exclusive or self._exclusive) and _clash(start, end, exclusive, self._held.values())) or _clash(
-            start, end, exclusive, self._queue
-        )
+        if (exclusive or self._exclusive) and _clash(start, end, exclusive, self._held.values()):
+            return True
+        return _clash(start, end, exclusive, self._queue)
 
-    def _grant(self) -> None:
-        """Grant, in order, every waiter that conflicts neither with a hold nor with an earlier
-        waiter that still waits."""
+    def _grant(self, freed_start: int, freed_end: int) -> None:
+        """The hold of ``[freed_start, freed_end)`` ended: grant, in order, every waiter that
+        conflicts neither with a hold nor with an earlier waiter that still waits.  Only waiters
+        overlapping the freed range can have become free (whatever else blocks a waiter still
+        does: an earlier waiter granted now blocks it as a hold), so the others are passed over
+        without a search, and a release far from a queue of waiters costs one pass over it."""
         waiting: deque[tuple[int, int, bool, int, asyncio.Future]] = deque()
         for item in self._queue:
             start, end, exclusive, token, fut = item
-            if _clash(start, end, exclusive, waiting) or _clash(start, end, exclusive, self._held.values()):
+            if (
+                not (start < freed_end and freed_start < end)
+                or _clash(start, end, exclusive, waiting)
+                or _clash(start, end, exclusive, self._held.values())
+            ):
                 waiting.append(item)
                 continue
             self._held[token] = (start, end, exclusive)
