@@ -340,6 +340,8 @@ def test_vhdx_unaligned_writes_wait_for_a_landing_only_over_its_sectors(tmp_path
         b.shutdown()
         c.shutdown()
     check_clean(img, "vhdx")
+    qemu_io("vhdx", img, "read -P 0xaa 0 1000", "read -P 0xbb 1000 100", f"read -P 0xaa 1100 {MiB - 1100}")
+    qemu_io("vhdx", img, f"read -P 0 {8 * MiB} 3", f"read -P 0xcc {8 * MiB + 3} 100", f"read -P 0 {8 * MiB + 103} 3")
 
 
 def test_client_pausing_inside_a_landing_is_cut_off_and_its_range_freed(tmp_path):
