@@ -29,6 +29,7 @@ import hashlib
 import json
 import random
 import signal
+from pathlib import Path
 
 import pytest
 
@@ -121,6 +122,20 @@ def test_a_qemu_nbd_command_line_serves_qemus_rbd_spelling(admin, new_image, tmp
     fill(admin, loc, random.Random(2), [(MiB - 7, 3 * MiB)])
     with serve(tmp_path, "-t", "-f", "raw", qemu_rbd(loc), module="nbdserve.qemu_nbd") as srv:
         run("qemu-img", "compare", "-f", "raw", "-F", "raw", qemu_rbd(loc), srv.uri)
+
+
+def completion_threads(pid: int) -> int:
+    """How many librados completion threads (``io_context_pool``) process ``pid`` runs."""
+    tasks = Path(f"/proc/{pid}/task")
+    return sum((t / "comm").read_text().strip() == "io_context_pool" for t in tasks.iterdir())
+
+
+def test_one_librados_completion_thread_whatever_ceph_args_say(new_image, tmp_path):
+    """The backend's own settings (docs/ceph.md) hold over CEPH_ARGS: here, one completion thread."""
+    loc = new_image(4 * MiB)
+    with serve(tmp_path, "-f", "raw", spec(loc), env={"CEPH_ARGS": "--librados_thread_count=3"}) as srv:
+        assert int(run("nbdinfo", "--size", srv.uri).stdout) == 4 * MiB
+        assert completion_threads(srv.pid) == 1
 
 
 OPS = ("write", "write", "write", "zero", "zero-fast", "trim", "flush")
