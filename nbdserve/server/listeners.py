@@ -37,11 +37,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import quote
 
-from ..buffers import BufferPool, PayloadBuffers, ReceiveBuffers
 from ..cache import ClusterCache
 from ..config import DEFAULT_PORT, ConfigError, ServerConfig
 from ..protocol import constants as C
 from ..protocol import handshake as H
+from .buffers import PayloadBuffers, ReceiveBuffers, ReplyBuffers
 from .exports import Export, ExportTable
 from .metrics import ExportStats, Metrics
 from .options import Policy
@@ -244,7 +244,7 @@ class Server:
         # Receive and reply buffers shared by every session (see Session: allocated on demand).
         self.handshake_buffer = memoryview(bytearray(64 << 10))
         self.receive_buffers = ReceiveBuffers(256 << 10)
-        self.reply_buffers = BufferPool(min_size=SPARSE_READ_MIN, per_size=32)
+        self.reply_buffers = ReplyBuffers(min_size=SPARSE_READ_MIN, per_size=32)
         self.payload_buffers = PayloadBuffers(per_size=32)
         self.retired: list[Export] = []  # exports a reload took away, still with clients
         self._gone: dict[int, asyncio.Future] = {}  # id(retired export) -> resolved once closed

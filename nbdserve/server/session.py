@@ -330,7 +330,7 @@ class Session(asyncio.BufferedProtocol):
 
     # -- receiving --------------------------------------------------------------------------
 
-    # Buffers are the server's, lent only while needed (see nbdserve.buffers): during the handshake
+    # Buffers are the server's, lent only while needed (see server.buffers): during the handshake
     # every session receives into the one server-wide buffer (the codec copies the bytes out
     # before the next receive), and the parser hands its receive buffer back once idle.
 

@@ -29,7 +29,11 @@ Guarantees a backend gives:
     with ``0 < run_length <= length``; "not data" promises the run reads as zeroes.  Reporting
     data where there is a hole is always allowed; the reverse never is.
   * Errors are ``OSError`` (with an errno) or ``NbdError``; the request fails with that errno.
-  * No method keeps a reference to a caller's buffer after it completes.
+  * No method keeps a reference to a caller's buffer after it completes successfully.  A read
+    that failed (or whose waiter was cancelled) may still be filled by the backend afterwards
+    (librbd finishes a read we gave up on by timeout): the backend then keeps its reference
+    until that happens, so the memory stays alive, and the caller drops such a buffer without
+    reusing it for anything (a pooled buffer is judged free by its reference count).
 
 ``name`` is for messages (a path, ``rbd:pool/image``, ``s3://bucket/key``); ``readonly`` stores
 refuse every modifying call.  ``sync_io`` is True for backends whose ``read``/``write`` always

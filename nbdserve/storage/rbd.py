@@ -5,22 +5,23 @@ lock) and ``AllocationMap`` (which parts of the image hold data, learned from th
 librbd is reached through its C API (``storage.librbd``); the facts about librbd this relies on
 are written down in docs/ceph.md.
 
-I/O path: ``read``/``write``/``flush``/``discard``/``write_zeroes`` submit librbd ``aio_*`` calls
-tagged with their op's number and return an asyncio future.  librbd queues each completion and
-bumps the image's eventfd; the loop's reader on that eventfd (``_drain``) collects every queued
-completion in one call and resolves their futures, so no Python runs on librbd's threads.  A
-read lands in the op's own buffer and is copied into the caller's when it completes.  Calls that
-have no aio form (connect, open, lock, resize, the allocation fetch, close) run on a
-short-lived daemon thread, so the loop never blocks on Ceph.
+I/O path: ``read``/``write``/``flush``/``discard``/``write_zeroes`` submit librbd ``aio_*``
+calls tagged with their op's number and return an asyncio future. librbd queues each completion
+and bumps the image's eventfd; the loop's reader on that eventfd (``_drain``) collects every
+queued completion in one call and resolves their futures, so no Python runs on librbd's threads.
+A read lands straight in the caller's buffer; the op keeps a reference to that buffer (and so
+its memory alive) until librbd's completion is collected.  Calls that have no aio form (connect,
+open, lock, resize, the allocation fetch, close) run on a short-lived daemon thread, so the loop
+never blocks on Ceph.
 
 Outages: with ``on_outage="fail"`` a request still unanswered after ``timeout`` seconds fails
 with EIO (a sweep every ``timeout/4`` seconds finds them, so the bound is ``1.25 * timeout``).
-librbd keeps the operation and finishes it when the cluster is back: a failed read never writes
-into the caller's buffer afterwards (librbd writes the op's own buffer, kept alive until its
-completion arrives, and nothing is copied for an op that failed), and a write that failed may
-or may not have landed, as with any EIO.  With ``"wait"`` requests wait for as long
-as the outage lasts.  Either way nothing needs a restart: librbd resends to the OSDs once they
-are back.
+librbd keeps the operation and finishes it when the cluster is back: a failed read's buffer may
+still be written then, and stays referenced by its op until it is (the storage contract: the
+caller drops the buffer of a failed read; a pooled buffer is not handed out again while
+referenced), and a write that failed may or may not have landed, as with any EIO.  With
+``"wait"`` requests wait for as long as the outage lasts.  Either way nothing needs a restart:
+librbd resends to the OSDs once they are back.
 
 Locking: a writable open takes RBD's exclusive lock explicitly (``lock_acquire``), which also
 stops librbd from handing the lock to another client that asks for it; a second writer is
@@ -31,10 +32,10 @@ snapshot opens take no lock.
 Invariants:
   * ``self.size`` is the image size as of our last open/resize; reads past it return zeroes,
     writes past it grow the image first (one resize at a time, under ``_grow_lock``).
-  * A caller's buffer is written only while its op is pending, on the loop thread; completions
-    of ops that already failed by timeout, or whose caller cancelled, are dropped.
-  * Memory librbd may still write (a read op's own buffer) stays referenced until that op's
-    completion has been collected, or the image is closed.
+  * Memory librbd may still write (a read's buffer, with its ctypes export) stays referenced
+    until that op's completion has been collected, or the image is closed: also after the op
+    failed by timeout (``_orphans``) or its caller cancelled.
+  * A read that succeeded has filled its whole buffer: librbd's ``rv`` bytes, zeroes after.
   * ``AllocationMap`` never reports a hole where the image may hold data (see its docstring).
 """
 
@@ -52,7 +53,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ..buffers import BufferPool
 from ..errors import ImageError
 from . import librbd
 from .base import Buffer, Pending, Storage
@@ -113,10 +113,10 @@ def in_thread(
 
 
 class _Op:
-    """One aio call in flight, tagged ``tag``.  A read has ``buf`` (the caller's, dropped when
-    the op fails by timeout) and ``own`` (the memory librbd writes, with its export)."""
+    """One aio call in flight, tagged ``tag``.  A read has ``buf``: the caller's buffer that
+    librbd writes, and its export, held until the completion is collected."""
 
-    __slots__ = ("buf", "fut", "kind", "length", "offset", "own", "start", "tag")
+    __slots__ = ("buf", "fut", "kind", "length", "offset", "start", "tag")
 
     def __init__(self, tag: int, fut: asyncio.Future, kind: str, offset: int, length: int) -> None:
         self.tag = tag
@@ -124,8 +124,7 @@ class _Op:
         self.kind = kind
         self.offset = offset
         self.length = length
-        self.buf: memoryview | None = None
-        self.own: tuple[bytearray, Any] | None = None
+        self.buf: tuple[memoryview, Any] | None = None
         self.start = time.monotonic()
 
 
@@ -293,9 +292,6 @@ class RbdStorage(Storage):
         self._tags = itertools.count(1)
         self._ops: dict[int, _Op] = {}  # in flight by tag, oldest first
         self._orphans: dict[int, _Op] = {}  # reads failed by timeout whose memory librbd may still write
-        # What reads land in: reused once nothing refers to it (an op keeps its export until the
-        # completion is collected), so a 1 MiB read costs no memset and no page faults.
-        self._read_memory = BufferPool(min_size=64 << 10, max_size=1 << 20, per_size=16)
         self._sweeper: asyncio.TimerHandle | None = None
         self._grow_lock = asyncio.Lock()
         self._closed = False
@@ -390,10 +386,11 @@ class RbdStorage(Storage):
             if n:
                 buf[:] = bytes(n)
             return None
+        if length < n:
+            buf[length:] = bytes(n - length)
         op = self._start("read", offset, length)
-        own = self._read_memory.get(length)
-        where, _, export = librbd.address(own)
-        op.buf, op.own = buf, (own, export)
+        where, _, export = librbd.address(buf)
+        op.buf = (buf, export)
         self._submit(op, self._image.aio_read, offset, where, length)
         return op.fut
 
@@ -492,21 +489,17 @@ class RbdStorage(Storage):
             pass
         for tag, rv in self._image.poll():
             op = self._ops.pop(tag, None)
-            if op is None:  # already failed by timeout: its memory is no longer written
+            if op is None:  # failed by timeout earlier: librbd is done with its buffer now
                 self._orphans.pop(tag, None)
                 continue
             fut = op.fut
-            buf, op.buf = op.buf, None
-            if fut.done():  # the caller gave up (cancelled): its buffer is no longer ours
+            if fut.done():  # the caller gave up (cancelled)
                 continue
             if rv < 0:
                 fut.set_exception(OSError(_to_errno(-rv), f"{self.name}: {op.kind} at {op.offset}: {_why(-rv)}"))
                 continue
-            if buf is not None:  # a read: librbd filled the first ``rv`` bytes of its memory
-                n = min(rv, len(buf))
-                buf[:n] = memoryview(op.own[0])[:n]
-                if n < len(buf):
-                    buf[n:] = bytes(len(buf) - n)
+            if op.buf is not None and rv < op.length:  # a short read: the rest reads as zeroes
+                op.buf[0][rv : op.length] = bytes(op.length - rv)
             fut.set_result(None)
 
     def _sweep(self) -> None:
@@ -519,8 +512,7 @@ class RbdStorage(Storage):
             if op.start > deadline:
                 break
             del self._ops[op.tag]
-            op.buf = None
-            if op.own is not None:
+            if op.buf is not None:
                 self._orphans[op.tag] = op
             if not op.fut.done():
                 msg = f"{self.name}: {op.kind} at {op.offset}: no answer from Ceph in {self._timeout:g} s"

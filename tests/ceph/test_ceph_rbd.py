@@ -16,12 +16,14 @@ import random
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nbdserve.errors import ImageError
+from nbdserve.server.buffers import ReplyBuffers
 from nbdserve.storage.location import RbdLocation
 from nbdserve.storage.rbd import RbdStorage
 from tests.ceph.conftest import MiB, ground_truth_extents
@@ -294,22 +296,27 @@ def test_growth_short_tail_and_truncate(admin, new_image):
         assert img.size() == size == 9 * MiB
 
 
-def test_cancelled_read_never_writes_its_buffer(new_image):
-    """A caller that gives up on a read gets its buffer back untouched, even though librbd
-    still completes the read."""
+def test_a_cancelled_read_keeps_its_buffer_from_reuse_until_librbd_is_done(new_image):
+    """A caller that gives up on a read drops its buffer; librbd still fills it, so the backend
+    holds it until the completion arrives: the server's reply pool does not hand it out again
+    before that, and does after."""
     loc = new_image(8 * MiB)
+    pool = ReplyBuffers(min_size=1)
 
     async def scenario():
         stor = await RbdStorage.open(loc, readonly=False)
         try:
             await stor.write(0, b"\x11" * 65536)
-            buf = bytearray(b"\xee" * 65536)
+            buf = pool.get(65536)
+            buf_id = id(buf)
             stor.read(0, memoryview(buf)).cancel()  # before the loop can deliver anything
+            del buf
+            assert id(pool.get(65536)) != buf_id  # librbd may still write it
             for _ in range(10):  # later reads of the same object: the first one's answer arrives meanwhile
                 other = bytearray(65536)
                 await stor.read(0, memoryview(other))
                 assert other == b"\x11" * 65536
-            assert buf == b"\xee" * 65536
+            assert id(pool.get(65536)) == buf_id  # done: reusable
         finally:
             await stor.close()
 
@@ -491,7 +498,7 @@ def test_open_errors_are_one_line(ceph, new_image):
 
 def test_osd_killed_mid_io_fail_mode(ceph, new_image):
     """on-outage=fail: requests the dead OSD cannot answer fail with EIO after the timeout, a
-    failed read never writes its buffer later, and once the OSD is back the same open storage
+    failed read's buffer is not reused until librbd has filled it, and once the OSD is back the same open storage
     works again with every acknowledged write intact (failed writes: old or new bytes)."""
     loc = new_image(16 * MiB, timeout=1.5, on_outage="fail")
     rng = random.Random(3)
@@ -512,8 +519,11 @@ def test_osd_killed_mid_io_fail_mode(ceph, new_image):
             for i in range(8):
                 off, data = i * 2 * MiB + MiB + rng.randrange(1000), rng.randbytes(rng.randrange(1, 300_000))
                 writes.append((off, data, stor.write(off, data)))
-            sentinel = bytearray(b"\xee" * 65536)
+            pool = ReplyBuffers(min_size=1)
+            sentinel = pool.get(65536)
+            sentinel_id = id(sentinel)
             read = stor.read(5 * MiB + 3, memoryview(sentinel))
+            del sentinel  # as the server drops the buffer of a failed read
             results = await asyncio.gather(*(p for _, _, p in writes), read, stor.flush(), return_exceptions=True)
             for (off, data, _), r in zip(writes, results, strict=False):
                 if r is None:
@@ -524,11 +534,15 @@ def test_osd_killed_mid_io_fail_mode(ceph, new_image):
             read_result, flush_result = results[-2:]
             assert isinstance(read_result, OSError) and read_result.errno == errno.EIO
             assert isinstance(flush_result, OSError) and flush_result.errno == errno.EIO
+            assert id(pool.get(65536)) != sentinel_id  # librbd may still fill the failed read's buffer
             ceph.start_osd()
             ceph.wait_osd_up()
             await stor.flush()  # the same storage, no reopen
-            assert sentinel == b"\xee" * 65536  # the failed read's late answer was dropped
             got = await read_all(stor)
+            deadline = time.monotonic() + 60
+            while id(pool.get(65536)) != sentinel_id:  # librbd finishes the read, then it is free
+                assert time.monotonic() < deadline, "the failed read's buffer was never released"
+                await asyncio.sleep(0.05)
             return got
         finally:
             await stor.close()

@@ -1,23 +1,23 @@
-"""Reusable buffers: ``BufferPool`` (buffers by exact size, judged free by reference count),
-used by the server for large READ replies and by the RBD backend for the memory librbd reads
-into; ``PayloadBuffers`` for WRITE payloads too large to stay in the receive buffer; and
+"""Reusable buffers, shared by every connection of a server: ``ReplyBuffers`` for large READ
+replies, ``PayloadBuffers`` for WRITE payloads too large to stay in the receive buffer, and
 ``ReceiveBuffers`` for the request parsers' receive buffers.
 
-Users take buffers when they need them and give them back (receive buffers) or drop them (pooled
-buffers) when done, so an idle connection holds none: its memory is its Python objects and the
-kernel's socket buffers.
+Connections take buffers when they need them and give them back (receive buffers) or drop them
+(reply buffers, judged free by reference count) when done, so an idle connection holds none: its
+memory is its Python objects and the kernel's socket buffers.
 
-A fresh ``bytearray`` of a MiB costs a memset and, once several are alive, page faults for new
-heap memory: about a sixth of the CPU of a 1 MiB read, and more than that again where the
-buffer is filled by another thread and copied out (librbd).  Requests of the same size (clients
-use one request size: fio's bs, nbdcopy's 256 KiB, qemu-img's 2 MiB) reuse their buffers instead.
+A fresh ``bytearray`` of a MiB costs a memset and, once the transport holds several of them,
+page faults for new heap memory: about a sixth of the CPU of a 1 MiB read.  Replies of the same
+size (clients use one request size: fio's bs, nbdcopy's 256 KiB, qemu-img's 2 MiB) reuse their
+buffers instead.
 
 Invariant: a pooled buffer is handed out again only when nothing but the pool refers to it,
 judged by its reference count: the transport keeps a reference (a memoryview) to every reply it
-has not finished sending, a write in flight keeps one to its payload, and an RBD read keeps one
-(its ctypes export) until librbd's completion is collected, so a buffer in use is never
-overwritten.  A reused buffer holds stale bytes of an earlier request; callers overwrite all of
-it (reply header and data; a payload as it is received; what librbd reads).
+has not finished sending, a write in flight keeps one to its payload, and a storage backend
+keeps one to the buffer of a read it may still fill (an RBD read that failed by timeout, until
+librbd is done with it), so a buffer in use is never overwritten.  A reused buffer holds stale
+bytes of an earlier request; callers overwrite all of it (reply header and data; a payload as it
+is received).
 
 A payload over ``PayloadBuffers.large`` bytes gets an anonymous mapping of its own instead: its
 pages are committed only as the payload arrives, so a client that announces a large write and
@@ -31,7 +31,7 @@ import sys
 
 
 def _idle_references() -> int:
-    """``sys.getrefcount`` of a pooled buffer nobody else holds, seen from ``BufferPool.get``'s
+    """``sys.getrefcount`` of a pooled buffer nobody else holds, seen from ``ReplyBuffers.get``'s
     loop (measured the same way, so it holds on any interpreter version)."""
     pool = [bytearray(1)]
     for b in pool:
@@ -42,23 +42,19 @@ def _idle_references() -> int:
 _IDLE = _idle_references()
 
 
-class BufferPool:
+class ReplyBuffers:
     """Buffers by exact size: at most ``per_size`` kept for each of at most ``sizes`` sizes;
-    buffers under ``min_size`` bytes are simply allocated (cheap, and too many to pool), and so
-    are buffers over ``max_size`` (too large to keep)."""
+    buffers under ``min_size`` bytes are simply allocated (cheap, and too many to pool)."""
 
-    def __init__(
-        self, *, min_size: int = 64 << 10, max_size: int | None = None, per_size: int = 8, sizes: int = 2
-    ) -> None:
+    def __init__(self, *, min_size: int = 64 << 10, per_size: int = 8, sizes: int = 2) -> None:
         self.min_size = min_size
-        self.max_size = max_size
         self.per_size = per_size
         self.sizes = sizes
         self._pools: dict[int, list[bytearray]] = {}
 
     def get(self, size: int) -> bytearray:
         """A buffer of ``size`` bytes: zeroed when new, else with unspecified contents."""
-        if size < self.min_size or (self.max_size is not None and size > self.max_size):
+        if size < self.min_size:
             return bytearray(size)
         pool = self._pools.get(size)
         if pool is None:
@@ -75,7 +71,7 @@ class BufferPool:
         return b
 
 
-class PayloadBuffers(BufferPool):
+class PayloadBuffers(ReplyBuffers):
     """WRITE payload buffers: pooled by exact size up to ``large`` bytes, mapped above."""
 
     def __init__(self, *, large: int = 1 << 20, **kw: int) -> None:
