@@ -33,8 +33,9 @@ Invariants:
   * ``self.size`` is the image size as of our last open/resize; reads past it return zeroes,
     writes past it grow the image first (one resize at a time, under ``_grow_lock``).
   * Memory librbd may still write (a read's buffer, with its ctypes export) stays referenced
-    until that op's completion has been collected, or the image is closed: also after the op
-    failed by timeout (``_orphans``) or its caller cancelled.
+    until that op's completion has been collected or librbd's close of the image has returned,
+    also after the op failed by timeout (``_orphans``) or its caller cancelled, and after a
+    close we gave up on by timeout.  The eventfd stays open until that close returns too.
   * A read that succeeded has filled its whole buffer: librbd's ``rv`` bytes, zeroes after.
   * ``AllocationMap`` never reports a hole where the image may hold data (see its docstring).
 """
@@ -367,15 +368,23 @@ class RbdStorage(Storage):
             await asyncio.wait(pending, timeout=self._timeout)
         if self._sweeper is not None:
             self._sweeper.cancel()
-        try:
-            await in_thread(_close, self._image, timeout=self._timeout, what=f"{self.name}: close")
-        except OSError as e:
-            log.warning("%s", e)
-        # librbd is done with every op once the image is closed (or, if closing failed by
-        # timeout, this process has given up on it): its memory and our eventfd can go.
-        self._loop.remove_reader(self._efd)
-        os.close(self._efd)
+        # librbd is done with every op, and with our eventfd, once the image is closed: only then
+        # may the ops' memory (callers' read buffers) and the eventfd's number be used again.
+        efd, held = self._efd, [*self._ops.values(), *self._orphans.values()]
         self._orphans.clear()
+
+        def release(_closed: object = None) -> None:
+            os.close(efd)
+            held.clear()
+
+        try:
+            await in_thread(_close, self._image, timeout=self._timeout, what=f"{self.name}: close", abandon=release)
+        except OSError as e:  # still closing: ``release`` runs when librbd returns (never, if it fails)
+            log.warning("%s", e)
+            self._loop.remove_reader(efd)
+        else:
+            self._loop.remove_reader(efd)
+            release()
 
     # -- data ----------------------------------------------------------------------------------
 

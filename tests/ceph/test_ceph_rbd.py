@@ -554,6 +554,39 @@ def test_osd_killed_mid_io_fail_mode(ceph, new_image):
     assert got == model
 
 
+def test_a_close_given_up_on_keeps_read_memory_until_librbd_returns(ceph, new_image):
+    """The OSD is down with a read in flight: the read fails by timeout, and so does close
+    (librbd waits for the read).  The read's buffer is still not reused while librbd's close
+    runs, and is once the OSD is back and that close returns."""
+    loc = new_image(8 * MiB, timeout=1.0, on_outage="fail")
+    pool = ReplyBuffers(min_size=1)
+
+    async def scenario():
+        stor = await RbdStorage.open(loc, readonly=False)
+        await stor.write(0, b"\x22" * (2 * MiB))
+        await stor.flush()
+        ceph.stop_osd()
+        try:
+            buf = pool.get(65536)
+            buf_id = id(buf)
+            read = stor.read(MiB, memoryview(buf))
+            del buf  # as the server drops the buffer of a failed read
+            with pytest.raises(OSError) as failed:
+                await read
+            assert failed.value.errno == errno.EIO
+            await stor.close()  # gives up on librbd's close after the timeout
+            assert id(pool.get(65536)) != buf_id
+        finally:
+            ceph.start_osd()
+            ceph.wait_osd_up()
+        deadline = time.monotonic() + 60
+        while id(pool.get(65536)) != buf_id:  # librbd's close returns, then the buffer is free
+            assert time.monotonic() < deadline, "the read's buffer was never released"
+            await asyncio.sleep(0.05)
+
+    run(scenario())
+
+
 def test_osd_killed_wait_mode_requests_complete_after_restart(ceph, new_image):
     loc = new_image(8 * MiB, timeout=1, on_outage="wait")
 
