@@ -390,13 +390,11 @@ class RbdStorage(Storage):
 
     def read(self, offset: int, buf: memoryview) -> Pending:
         n = len(buf)
-        length = min(n, self.size - offset)
-        if length <= 0:
-            if n:
-                buf[:] = bytes(n)
-            return None
-        if length < n:
+        length = max(0, min(n, self.size - offset))
+        if length < n:  # past the end: zeroes
             buf[length:] = bytes(n - length)
+        if not length:
+            return None
         op = self._start("read", offset, length)
         where, _, export = librbd.address(buf)
         op.buf = (buf, export)

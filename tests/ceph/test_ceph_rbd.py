@@ -496,6 +496,14 @@ def test_open_errors_are_one_line(ceph, new_image):
 # -- outages ------------------------------------------------------------------------------------
 
 
+async def released(pool: ReplyBuffers, size: int, buf_id: int, timeout: float = 60) -> None:
+    """Wait until ``pool`` hands out the buffer ``buf_id`` again (nothing else refers to it)."""
+    deadline = time.monotonic() + timeout
+    while id(pool.get(size)) != buf_id:
+        assert time.monotonic() < deadline, "the failed read's buffer was never released"
+        await asyncio.sleep(0.05)
+
+
 def test_osd_killed_mid_io_fail_mode(ceph, new_image):
     """on-outage=fail: requests the dead OSD cannot answer fail with EIO after the timeout, a
     failed read's buffer is not reused until librbd has filled it, and once the OSD is back the same open storage
@@ -539,10 +547,7 @@ def test_osd_killed_mid_io_fail_mode(ceph, new_image):
             ceph.wait_osd_up()
             await stor.flush()  # the same storage, no reopen
             got = await read_all(stor)
-            deadline = time.monotonic() + 60
-            while id(pool.get(65536)) != sentinel_id:  # librbd finishes the read, then it is free
-                assert time.monotonic() < deadline, "the failed read's buffer was never released"
-                await asyncio.sleep(0.05)
+            await released(pool, 65536, sentinel_id)  # librbd finishes the read, then it is free
             return got
         finally:
             await stor.close()
@@ -579,10 +584,7 @@ def test_a_close_given_up_on_keeps_read_memory_until_librbd_returns(ceph, new_im
         finally:
             ceph.start_osd()
             ceph.wait_osd_up()
-        deadline = time.monotonic() + 60
-        while id(pool.get(65536)) != buf_id:  # librbd's close returns, then the buffer is free
-            assert time.monotonic() < deadline, "the read's buffer was never released"
-            await asyncio.sleep(0.05)
+        await released(pool, 65536, buf_id)  # librbd's close returns, then the buffer is free
 
     run(scenario())
 
