@@ -66,3 +66,45 @@ def test_concurrent_connections_match_model(tmp_path_factory, fmt):
         compare_with_model(img, model, tmp, fmt)
 
     check()
+
+
+def test_sub_sector_writes_of_many_connections_into_the_same_sectors_all_land(tmp_path):
+    """VHD has 512-byte sectors: a smaller write is a read-modify-write of its sector, holding
+    that sector exclusively in the image's range lock.  Four connections keep 64 requests each in
+    flight: 8-byte writes into slots of their own in the same five sectors (so read-modify-writes
+    of one sector, most for exactly the same range, queue behind each other), between aligned
+    4 KiB writes to the sectors after them (shared holds in the same neighbourhood).  Every slot
+    and every aligned write must be there afterwards, as QEMU reads the image: a lost update would
+    show as a slot of zeroes or of another connection's bytes."""
+    import nbd
+
+    from tests.util import nbd_connect
+
+    img = tmp_path / "p.vhd"
+    qemu_img("create", "-q", "-f", "vpc", "-o", "force_size=on", img, str(4 * MiB))
+    model = bytearray(4 * MiB)
+    slots, aligned = 64, 16  # per connection
+    with serve(tmp_path, "-f", "vpc", img) as srv:
+        handles = [nbd_connect(srv.uri) for _ in range(4)]
+        keep = []
+        for k in range(slots):
+            for c, h in enumerate(handles):
+                slot = 100 + 8 * (k * len(handles) + c)  # bytes 100..2147: sectors 0-4
+                data = bytes([(c * slots + k) % 255 + 1]) * 8
+                model[slot : slot + 8] = data
+                keep.append(nbd.Buffer.from_bytearray(bytearray(data)))
+                h.aio_pwrite(keep[-1], slot)
+                if k < aligned:
+                    at = 4096 * (1 + k * len(handles) + c)
+                    block = bytes([0x80 | c]) * 4096
+                    model[at : at + 4096] = block
+                    keep.append(nbd.Buffer.from_bytearray(bytearray(block)))
+                    h.aio_pwrite(keep[-1], at)
+        for h in handles:
+            while h.aio_in_flight():
+                h.poll(-1)
+            h.flush()
+        for h in handles:
+            assert h.pread(len(model), 0) == model
+            h.shutdown()
+    compare_with_model(img, model, tmp_path, "vpc")

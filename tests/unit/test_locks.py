@@ -174,48 +174,70 @@ def test_range_lock_unlock_of_a_token_not_held_is_a_bug():
         lock.unlock(token)
 
 
-# A request: (start, length, exclusive); then the order in which holds are released.
-REQUESTS = st.lists(st.tuples(st.integers(0, 30), st.integers(1, 10), st.booleans()), min_size=1, max_size=12)
+# A request: ((start, length), kind); then the order in which holds are released.  Some ranges
+# are drawn from a short list, so that requests for exactly one range pile up (followers).
+KINDS = st.sampled_from(["shared", "exclusive", "try_shared"])
+RANGES = st.one_of(st.tuples(st.integers(0, 30), st.integers(1, 10)), st.sampled_from([(0, 4), (2, 4), (0, 40)]))
+REQUESTS = st.lists(st.tuples(RANGES, KINDS), min_size=1, max_size=16)
+# The index's bucket size and wide limit: one bucket for everything, tiny buckets, wide ranges.
+GEOMETRY = st.sampled_from([(1 << 20, 64), (1, 64), (3, 2), (4, 1)])
 
 
-@settings(max_examples=300, deadline=None)
-@given(REQUESTS, st.randoms(use_true_random=False))
-def test_range_lock_against_a_model(requests, rnd):
+@settings(max_examples=400, deadline=None)
+@given(REQUESTS, GEOMETRY, st.randoms(use_true_random=False))
+def test_range_lock_against_a_model(requests, geometry, rnd):
     """Requests made in order, holds released in a random order: at every moment no two holds
     conflict; a request is granted exactly when the model says nothing before it blocks it (no
-    conflicting hold, no conflicting earlier waiter); every request is granted in the end."""
+    conflicting hold, no conflicting earlier waiter); ``try_shared`` returns None exactly when
+    ``shared`` would wait (and then asks for nothing); every request is granted in the end."""
 
     def clash(p, q):
         return p[0] < q[1] and q[0] < p[1] and (p[2] or q[2])
 
     async def main():
-        lock = CoRangeLock()
+        grain, wide = geometry
+        lock = CoRangeLock(grain=grain, wide=wide)
+
+        async def ask(start, end, kind):
+            if kind == "try_shared":
+                return lock.try_shared(start, end)
+            return await (lock.exclusive if kind == "exclusive" else lock.shared)(start, end)
+
+        futures = {i: asyncio.ensure_future(ask(s, s + n, kind)) for i, ((s, n), kind) in enumerate(requests)}
         granted: dict[int, int] = {}  # request index -> token
-        futures = {}
-        for i, (start, n, exclusive) in enumerate(requests):
-            futures[i] = asyncio.ensure_future((lock.exclusive if exclusive else lock.shared)(start, start + n))
-        done_ids: set[int] = set()
-        while len(done_ids) < len(requests):
-            await asyncio.sleep(0)
+        gone: set[int] = set()  # released, or a try_shared that got None
+        while len(gone) < len(requests):
+            await asyncio.sleep(0)  # every request is made (in order) in the first turn
+            refused = set()
             for i, f in futures.items():
-                if f.done() and i not in granted:
-                    granted[i] = f.result()
+                if f.done() and i not in granted and i not in gone:
+                    if f.result() is None:
+                        refused.add(i)
+                    else:
+                        granted[i] = f.result()
             holds = lock.holds
             assert not any(clash(p, q) for k, p in enumerate(holds) for q in holds[k + 1 :])
             # The model: walking the requests in order, one is held exactly when it clashes with no
-            # earlier request that is held or waiting (released ones no longer count).
+            # earlier request that is held or waiting (released or refused ones no longer count).
             ahead = []
-            for i, (start, n, exclusive) in enumerate(requests):
-                if i in done_ids:
+            for i, ((start, n), kind) in enumerate(requests):
+                if i in gone:
                     continue
-                me = (start, start + n, exclusive)
-                assert (i in granted) == (not any(clash(me, o) for o in ahead)), (i, requests, done_ids)
+                me = (start, start + n, kind == "exclusive")
+                blocked = any(clash(me, o) for o in ahead)
+                if i in refused:
+                    assert blocked, (i, requests)
+                    continue
+                assert (i in granted) == (not blocked), (i, requests, gone)
                 ahead.append(me)
-            live = [i for i in granted if i not in done_ids]
-            assert live, "nothing held, yet requests wait"
+            gone |= refused
+            live = [i for i in granted if i not in gone]
+            if not live:
+                assert len(gone) == len(requests), "nothing held, yet requests wait"
+                break
             i = rnd.choice(live)
             lock.unlock(granted[i])
-            done_ids.add(i)
+            gone.add(i)
         assert lock.holds == []
 
     run(main)
