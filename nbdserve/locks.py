@@ -226,21 +226,10 @@ class CoRangeLock:
     def _blocked(self, start: int, end: int, exclusive: bool, token: int) -> bool:
         """Whether ``[start, end)`` (exclusive or not) conflicts with a hold or with a waiter
         ahead of ``token`` (a waiter's own token; 0 for a new request, behind every waiter)."""
-        for r in self._held_x.near(start, end):
-            if r.start < end and start < r.end:
-                return True
-        for r in self._wait_x.near(start, end):
-            if r.start < end and start < r.end and (not token or r.token < token):
-                return True
-        if not exclusive:  # shared holds and waiters conflict only with exclusive ones
-            return False
-        for r in self._held_s.near(start, end):
-            if r.start < end and start < r.end:
-                return True
-        for r in self._wait_s.near(start, end):
-            if r.start < end and start < r.end and (not token or r.token < token):
-                return True
-        return False
+        if self._held_x.overlaps(start, end) or self._wait_x.overlaps(start, end, token):
+            return True
+        # shared holds and waiters conflict only with exclusive ones
+        return exclusive and (self._held_s.overlaps(start, end) or self._wait_s.overlaps(start, end, token))
 
     def _grant(self, freed_start: int, freed_end: int, freed_exclusive: bool) -> None:
         """A hold of ``[freed_start, freed_end)`` ended: grant, in FIFO order, every waiter that
@@ -306,6 +295,11 @@ class _Index:
             return self.all.values()
         buckets = self.buckets
         return itertools.chain(self.wide.values(), *(buckets[b].values() for b in span if b in buckets))
+
+    def overlaps(self, start: int, end: int, before: int = 0) -> bool:
+        """Whether a range here overlaps ``[start, end)``; with ``before``, only ranges whose token
+        is smaller count (the waiters ahead of a waiter)."""
+        return any(r.start < end and start < r.end and (not before or r.token < before) for r in self.near(start, end))
 
     def add(self, r: _Range) -> None:
         self.all[r.token] = r
