@@ -299,7 +299,12 @@ class _Index:
     def overlaps(self, start: int, end: int, before: int = 0) -> bool:
         """Whether a range here overlaps ``[start, end)``; with ``before``, only ranges whose token
         is smaller count (the waiters ahead of a waiter)."""
-        return any(r.start < end and start < r.end and (not before or r.token < before) for r in self.near(start, end))
+        # A loop, not any() over a generator: this is the lock's inner loop, and the generator
+        # made a release that frees many waiters take 1.7 times as long.
+        for r in self.near(start, end):  # noqa: SIM110
+            if r.start < end and start < r.end and (not before or r.token < before):
+                return True
+        return False
 
     def add(self, r: _Range) -> None:
         self.all[r.token] = r
