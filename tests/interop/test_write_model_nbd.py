@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from tests.conftest import SLOW
 from tests.imagetest import check_clean, compare_with_model, run_streams
-from tests.util import qemu_img, serve
+from tests.util import qemu_img, qemu_io, serve
 
 MiB = 1 << 20
 SIZE = 24 * MiB
@@ -73,19 +73,23 @@ def test_sub_sector_writes_of_many_connections_into_the_same_sectors_all_land(tm
     that sector exclusively in the image's range lock.  Four connections keep 64 requests each in
     flight: 8-byte writes into slots of their own in the same five sectors (so read-modify-writes
     of one sector, most for exactly the same range, queue behind each other), between aligned
-    4 KiB writes to the sectors after them (shared holds in the same neighbourhood).  Every slot
-    and every aligned write must be there afterwards, as QEMU reads the image: a lost update would
-    show as a slot of zeroes or of another connection's bytes."""
+    4 KiB writes to the sectors after them (shared holds in the same neighbourhood), while one
+    WRITE_ZEROES over the last 192 MiB holds a range too wide for the lock's buckets (every
+    search of the lock reads it).  Every slot, every aligned write and the zeroes must be there
+    afterwards, as QEMU reads the image: a lost update would show as a slot of zeroes or of
+    another connection's bytes."""
     import nbd
 
     from tests.util import nbd_connect
 
     img = tmp_path / "p.vhd"
-    qemu_img("create", "-q", "-f", "vpc", "-o", "force_size=on", img, str(4 * MiB))
-    model = bytearray(4 * MiB)
+    qemu_img("create", "-q", "-f", "vpc", "-o", "force_size=on", img, str(256 * MiB))
+    qemu_io("vpc", img, "write -P 0xee 100M 1M")
+    model = bytearray(256 * MiB)  # that megabyte is zeroed below
     slots, aligned = 64, 16  # per connection
     with serve(tmp_path, "-f", "vpc", img) as srv:
         handles = [nbd_connect(srv.uri) for _ in range(4)]
+        handles[0].aio_zero(192 * MiB, 64 * MiB)
         keep = []
         for k in range(slots):
             for c, h in enumerate(handles):
@@ -105,6 +109,7 @@ def test_sub_sector_writes_of_many_connections_into_the_same_sectors_all_land(tm
                 h.poll(-1)
             h.flush()
         for h in handles:
-            assert h.pread(len(model), 0) == model
+            assert h.pread(4 * MiB, 0) == model[: 4 * MiB]
+            assert h.pread(MiB, 100 * MiB) == bytes(MiB)
             h.shutdown()
     compare_with_model(img, model, tmp_path, "vpc")
