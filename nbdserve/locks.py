@@ -176,6 +176,8 @@ class CoRangeLock:
         tail = self._tails.get((start, end))
         if tail is not None:  # behind the hold or waiter of this very range: follow it
             fut = asyncio.get_running_loop().create_future()
+            if tail.followers is None:
+                tail.followers = deque()
             tail.followers.append((self._next, fut))
             self._waiting += 1
             return await fut  # unlock (then _grant) hands over the hold
@@ -265,7 +267,7 @@ class _Range:
 
     def __init__(self, start: int, end: int, exclusive: bool, token: int, waiter: asyncio.Future | None) -> None:
         self.start, self.end, self.exclusive, self.token, self.waiter = start, end, exclusive, token, waiter
-        self.followers: deque[tuple[int, asyncio.Future]] = deque()
+        self.followers: deque[tuple[int, asyncio.Future]] | None = None  # made by the first one
 
 
 class _Index:
